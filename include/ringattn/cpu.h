@@ -1,0 +1,30 @@
+// CPU feature detection and the instruction-set paths the kernels are built for.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace ringattn {
+
+struct CpuFeatures {
+  std::string vendor, model;
+  bool sse42 = false, avx = false, avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false, avx512_fp16 = false, avx512_vnni = false;
+  bool amx_tile = false, amx_bf16 = false;
+  bool os_avx = false, os_avx512 = false;  // XCR0 says the OS saves the registers
+  bool os_amx = false;  // tile state enabled and granted to this process
+  int logical_cpus = 0;
+};
+const CpuFeatures& cpu_features();
+
+// Kernel paths, from least to most capable.
+enum class Isa { generic, avx2, avx512, avx512_bf16, amx_bf16 };
+const char* isa_name(Isa i);
+Isa parse_isa(const std::string& s);  // throws Error listing the valid names
+bool isa_supported(Isa i);            // this CPU and OS can run it
+std::vector<Isa> supported_isas();    // every path this machine can run
+// The path used by default: the best supported one, or RINGATTN_ISA if set
+// (an unsupported RINGATTN_ISA is an error, not a silent fallback).
+Isa default_isa();
+
+}  // namespace ringattn

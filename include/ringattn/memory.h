@@ -1,0 +1,47 @@
+// Aligned owning buffers with process-wide accounting of the bytes ringattn holds
+// (current and peak), so every command can report peak memory per rank.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+namespace ringattn {
+
+inline constexpr size_t kAlignment = 64;  // one cache line / one zmm register
+
+void* aligned_alloc_tracked(size_t bytes);  // throws Error on failure
+void aligned_free_tracked(void* p, size_t bytes) noexcept;
+
+struct MemoryStats {
+  int64_t current_bytes;  // bytes held in Buffers now
+  int64_t peak_bytes;     // most ever held at once since the last reset
+};
+MemoryStats memory_stats();
+void reset_peak_memory();     // peak := current
+int64_t peak_rss_bytes();     // the process's peak resident set (getrusage)
+
+// Owning, 64-byte aligned, uninitialised storage.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t bytes) : data_(bytes ? aligned_alloc_tracked(bytes) : nullptr), bytes_(bytes) {}
+  ~Buffer() { aligned_free_tracked(data_, bytes_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  Buffer& operator=(Buffer&& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data_); }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+}  // namespace ringattn

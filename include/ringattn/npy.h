@@ -1,0 +1,15 @@
+// NumPy .npy files: little-endian float32, C order (format versions 1.0-3.0).
+#pragma once
+#include <string>
+
+#include "ringattn/tensor.h"
+
+namespace ringattn {
+
+// Reads a float32 array. Wrong magic, dtype, byte order, Fortran order, truncated
+// data or a missing file throw Error naming the file and the problem.
+Tensor load_npy(const std::string& path);
+// Writes t (any dtype, any strides) as a contiguous little-endian float32 array.
+void save_npy(const std::string& path, const TensorView& t);
+
+}  // namespace ringattn

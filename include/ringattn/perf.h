@@ -1,0 +1,21 @@
+// Timing and measured machine peaks (DESIGN.md §5: report ratios to peaks measured
+// in the same run on the same core).
+#pragma once
+#include <chrono>
+
+#include "ringattn/cpu.h"
+#include "ringattn/dtype.h"
+
+namespace ringattn {
+
+inline double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A register-resident FMA loop on the calling thread (fp32: vfmadd; bf16: the
+// widest bf16 dot product the path has, e.g. vdpbf16ps). GFLOP/s of one core.
+double measure_fma_peak_gflops(DType dtype, Isa isa, double seconds = 0.2);
+// oneDNN matmul rate on square n×n×n matrices on `threads` threads (0: default).
+double measure_gemm_gflops(DType dtype, int64_t n = 1024, int threads = 1, double seconds = 0.3);
+
+}  // namespace ringattn

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what ringattn needs on Debian 12 with apt-get, only what is missing.
+# Python helpers (tests, charts) use Debian's /usr/bin/python3 with python3-numpy,
+# not a pyenv/venv interpreter that may be first on PATH.
+set -euo pipefail
+
+PACKAGES=(build-essential cmake libdnnl-dev libcli11-dev nlohmann-json3-dev
+          libopenmpi-dev openmpi-bin libgtest-dev libbenchmark-dev python3-numpy)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install_deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+echo "install_deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+if ! $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
+  $SUDO apt-get update -q >&2
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi

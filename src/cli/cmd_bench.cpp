@@ -1,0 +1,187 @@
+// `ringattn bench kernel`: GFLOP/s of the fused kernels (DESIGN.md §5 FLOP
+// conventions) with ratios to the FMA peak and the oneDNN GEMM rate measured in
+// the same run, an unfused GEMM→softmax→GEMM baseline, and thread scaling.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <thread>
+
+#include "cli/commands.h"
+#include "ringattn/attention.h"
+#include "ringattn/error.h"
+#include "ringattn/gemm.h"
+#include "ringattn/perf.h"
+
+namespace ringattn::cli {
+namespace {
+
+struct BenchArgs {
+  int64_t batch = 1, seq = 4096, heads = 8, kv_heads = 0, dim = 128;
+  int threads = 1, scale_threads = 0, reps = 3;
+  std::string isa;
+  bool json = false, no_unfused = false, no_backward = false;
+};
+
+double best_time(int reps, const std::function<void()>& f) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = now_seconds();
+    f();
+    best = std::min(best, now_seconds() - t0);
+  }
+  return best;
+}
+
+void fill_random(const Tensor& t, std::mt19937_64& rng) {
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.ptr<void>(), t.dtype(), i, dist(rng));
+}
+
+struct Row {
+  std::string kernel, dtype, pass;
+  bool causal;
+  int threads;
+  double seconds, gflops, peak_ratio, gemm_ratio;
+};
+
+void run(const BenchArgs& a) {
+  const Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
+  const int64_t B = a.batch, L = a.seq, H = a.heads, Hkv = a.kv_heads > 0 ? a.kv_heads : a.heads, d = a.dim;
+  check(B > 0 && L > 0 && H > 0 && d > 0 && a.reps > 0 && a.threads > 0, "sizes, --reps and --threads must be positive");
+  const int scale_threads = a.scale_threads > 0 ? a.scale_threads : static_cast<int>(std::thread::hardware_concurrency());
+
+  progress("measuring peaks (FMA loop, oneDNN GEMM)...");
+  const double peak32 = measure_fma_peak_gflops(DType::f32, isa, 0.3);
+  const double peak16 = measure_fma_peak_gflops(DType::bf16, isa, 0.3);
+  const double gemm32 = measure_gemm_gflops(DType::f32, 1024, a.threads);
+  const double gemm16 = measure_gemm_gflops(DType::bf16, 1024, a.threads);
+
+  std::vector<Row> rows;
+  std::mt19937_64 rng(1);
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Tensor q(dt, {B, L, H, d}), k(dt, {B, L, Hkv, d}), v(dt, {B, L, Hkv, d}), dout(dt, {B, L, H, d});
+    for (auto* t : {&q, &k, &v, &dout}) fill_random(*t, rng);
+    Tensor o(DType::f32, {B, L, H, d}), lse(DType::f32, {B, H, L});
+    Tensor dq(DType::f32, {B, L, H, d}), dk(DType::f32, {B, L, Hkv, d}), dv(DType::f32, {B, L, Hkv, d});
+    const double peak = dt == DType::f32 ? peak32 : peak16, gemm_rate = dt == DType::f32 ? gemm32 : gemm16;
+    for (bool causal : {false, true}) {
+      const double flops = attention_forward_flops(B, H, L, L, d, causal);
+      auto add = [&](const char* kernel, const char* pass, int threads, double t, double f) {
+        const double g = f / t * 1e-9;
+        const double pk = peak * threads;
+        rows.push_back({kernel, dtype_name(dt), pass, causal, threads, t, g, g / pk, g / (gemm_rate * threads / a.threads)});
+      };
+      AttentionOptions opt;
+      opt.causal = causal;
+      opt.threads = a.threads;
+      opt.isa = &isa;
+      const std::string what = cat(dtype_name(dt), causal ? " causal" : "");
+      progress("fused " + what + " forward");
+      add("fused", "forward", a.threads, best_time(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }), flops);
+      if (!a.no_backward) {
+        progress("fused " + what + " backward");
+        add("fused", "backward", a.threads,
+            best_time(a.reps, [&] { attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); }), 2.5 * flops);
+      }
+      if (!a.no_unfused) {
+        progress("unfused " + what + " forward");
+        add("unfused", "forward", a.threads,
+            best_time(a.reps, [&] { attention_forward_unfused(q, k, v, o, lse, opt); }), flops);
+      }
+      if (scale_threads != a.threads) {
+        opt.threads = scale_threads;
+        progress(cat("fused ", what, " forward, ", scale_threads, " threads"));
+        add("fused", "forward", scale_threads, best_time(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }),
+            flops);
+      }
+    }
+  }
+  progress_done();
+
+  auto find = [&](const char* kernel, const char* dtype, const char* pass, bool causal, int threads) -> const Row* {
+    for (const Row& r : rows)
+      if (r.kernel == kernel && r.dtype == dtype && r.pass == pass && r.causal == causal && r.threads == threads) return &r;
+    return nullptr;
+  };
+  struct Target {
+    std::string what;
+    double value, goal;
+  };
+  std::vector<Target> targets;
+  const int t1 = a.threads;
+  if (auto* f = find("fused", "fp32", "forward", false, t1)) targets.push_back({"fp32 forward / FMA peak", f->peak_ratio, 0.75});
+  if (auto* f = find("fused", "fp32", "forward", false, t1); f)
+    if (auto* b = find("fused", "bf16", "forward", false, t1))
+      targets.push_back({"bf16 forward / fp32 forward", b->gflops / f->gflops, 1.7});
+  if (auto* f = find("fused", "fp32", "backward", false, t1)) targets.push_back({"fp32 backward / FMA peak", f->peak_ratio, 0.5});
+  if (auto* f = find("fused", "fp32", "forward", false, t1); f)
+    if (auto* u = find("unfused", "fp32", "forward", false, t1))
+      targets.push_back({"fused / unfused forward time ratio", u->seconds / f->seconds, 1.3});
+  if (auto* f = find("fused", "fp32", "forward", false, t1); f)
+    if (auto* c = find("fused", "fp32", "forward", true, t1))
+      targets.push_back({"non-causal / causal forward time", f->seconds / c->seconds, 1.8});
+  if (scale_threads != t1)
+    if (auto* f = find("fused", "fp32", "forward", false, t1); f)
+      if (auto* s = find("fused", "fp32", "forward", false, scale_threads))
+        targets.push_back({cat(scale_threads, " threads / ", t1, " thread speed-up"), f->seconds / s->seconds,
+                           1.85 * scale_threads / (2.0 * t1)});
+
+  if (a.json) {
+    nlohmann::json j;
+    j["shape"] = {{"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d}};
+    j["isa"] = isa_name(isa);
+    j["peaks_gflops_per_core"] = {{"fma_fp32", peak32}, {"fma_bf16", peak16}};
+    j["gemm_gflops"] = {{"fp32", gemm32}, {"bf16", gemm16}, {"threads", a.threads}};
+    j["rows"] = nlohmann::json::array();
+    for (const Row& r : rows)
+      j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
+                           {"threads", r.threads}, {"seconds", r.seconds}, {"gflops", r.gflops},
+                           {"peak_ratio", r.peak_ratio}, {"gemm_ratio", r.gemm_ratio}});
+    j["targets"] = nlohmann::json::array();
+    for (const Target& t : targets)
+      j["targets"].push_back({{"what", t.what}, {"value", t.value}, {"goal", t.goal}, {"met", t.value >= t.goal}});
+    return print_json(j);
+  }
+  std::printf("bench kernel  B=%lld L=%lld H=%lld Hkv=%lld d=%lld  path %s\n", static_cast<long long>(B),
+              static_cast<long long>(L), static_cast<long long>(H), static_cast<long long>(Hkv),
+              static_cast<long long>(d), isa_name(isa));
+  std::printf("measured per core: FMA peak fp32 %.1f GFLOP/s, bf16 %.1f GFLOP/s; oneDNN GEMM (n=1024, %d thr) "
+              "fp32 %.1f, bf16 %.1f GFLOP/s\n\n",
+              peak32, peak16, a.threads, gemm32, gemm16);
+  std::printf("%-8s %-5s %-6s %-9s %4s %11s %9s %8s %8s\n", "kernel", "dtype", "causal", "pass", "thr", "time [ms]",
+              "GFLOP/s", "of peak", "of GEMM");
+  for (const Row& r : rows)
+    std::printf("%-8s %-5s %-6s %-9s %4d %11.1f %9.1f %7.1f%% %7.1f%%\n", r.kernel.c_str(), r.dtype.c_str(),
+                r.causal ? "yes" : "no", r.pass.c_str(), r.threads, r.seconds * 1e3, r.gflops, 100 * r.peak_ratio,
+                100 * r.gemm_ratio);
+  std::printf("\n%-40s %8s %8s\n", "target", "measured", "goal");
+  for (const Target& t : targets)
+    std::printf("%-40s %8.2f %8.2f  %s\n", t.what.c_str(), t.value, t.goal, t.value >= t.goal ? "met" : "MISSED");
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "benchmarks (programs that print GFLOP/s and ratios to measured peaks)");
+  bench->require_subcommand(1);
+  auto a = std::make_shared<BenchArgs>();
+  auto* cmd = bench->add_subcommand("kernel", "fused attention kernels vs FMA peak, oneDNN GEMM and an unfused baseline");
+  cmd->add_option("--batch", a->batch, "batch")->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length (Lq = Lk)")->capture_default_str();
+  cmd->add_option("--heads", a->heads, "query heads")->capture_default_str();
+  cmd->add_option("--kv-heads", a->kv_heads, "key/value heads (default: --heads)");
+  cmd->add_option("--dim", a->dim, "head dim")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads for the main rows")->capture_default_str();
+  cmd->add_option("--scale-threads", a->scale_threads, "threads for the scaling row (default: all CPUs)");
+  cmd->add_option("--reps", a->reps, "repetitions; the best time is reported")->capture_default_str();
+  cmd->add_option("--isa", a->isa, "kernel path (default: best available)");
+  cmd->add_flag("--no-unfused", a->no_unfused, "skip the unfused baseline");
+  cmd->add_flag("--no-backward", a->no_backward, "skip the backward pass");
+  cmd->add_flag("--json", a->json, "machine-readable output");
+  cmd->callback([a] { run(*a); });
+}
+
+}  // namespace ringattn::cli

@@ -1,0 +1,20 @@
+// Subcommands of the `ringattn` command. Each registers its options on the app and
+// runs from a callback; errors are thrown as ringattn::Error and reported by main.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace ringattn::cli {
+
+void add_info(CLI::App& app);
+void add_attention(CLI::App& app);
+void add_bench(CLI::App& app);
+
+// Prints j (indented) to stdout.
+void print_json(const nlohmann::json& j);
+// A progress line on stderr (overwritten in place when stderr is a terminal).
+void progress(const std::string& msg);
+void progress_done();
+
+}  // namespace ringattn::cli

@@ -1,0 +1,11 @@
+// The fused kernels with AMX bf16 tiles for the bf16 forward (see flash_impl.h).
+#define RA_LEVEL 4
+#define RA_NS isa_amx
+#include "kernels/cpu/flash_impl.h"
+
+namespace ringattn::cpu {
+const KernelTable& kernels_amx() {
+  static const KernelTable table{Isa::amx_bf16, isa_amx::forward, isa_amx::backward, isa_amx::fma_peak};
+  return table;
+}
+}  // namespace ringattn::cpu

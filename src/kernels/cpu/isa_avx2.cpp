@@ -1,0 +1,11 @@
+// The fused kernels built for the avx2 instruction set (see flash_impl.h).
+#define RA_LEVEL 1
+#define RA_NS isa_avx2
+#include "kernels/cpu/flash_impl.h"
+
+namespace ringattn::cpu {
+const KernelTable& kernels_avx2() {
+  static const KernelTable table{Isa::avx2, isa_avx2::forward, isa_avx2::backward, isa_avx2::fma_peak};
+  return table;
+}
+}  // namespace ringattn::cpu

@@ -1,0 +1,11 @@
+// The fused kernels built for the avx512 instruction set (see flash_impl.h).
+#define RA_LEVEL 2
+#define RA_NS isa_avx512
+#include "kernels/cpu/flash_impl.h"
+
+namespace ringattn::cpu {
+const KernelTable& kernels_avx512() {
+  static const KernelTable table{Isa::avx512, isa_avx512::forward, isa_avx512::backward, isa_avx512::fma_peak};
+  return table;
+}
+}  // namespace ringattn::cpu

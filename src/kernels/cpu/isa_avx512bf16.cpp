@@ -1,0 +1,11 @@
+// The fused kernels built for the avx512bf16 instruction set (see flash_impl.h).
+#define RA_LEVEL 3
+#define RA_NS isa_avx512bf16
+#include "kernels/cpu/flash_impl.h"
+
+namespace ringattn::cpu {
+const KernelTable& kernels_avx512bf16() {
+  static const KernelTable table{Isa::avx512_bf16, isa_avx512bf16::forward, isa_avx512bf16::backward, isa_avx512bf16::fma_peak};
+  return table;
+}
+}  // namespace ringattn::cpu

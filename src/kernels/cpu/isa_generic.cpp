@@ -1,0 +1,11 @@
+// The fused kernels built for the generic instruction set (see flash_impl.h).
+#define RA_LEVEL 0
+#define RA_NS isa_generic
+#include "kernels/cpu/flash_impl.h"
+
+namespace ringattn::cpu {
+const KernelTable& kernels_generic() {
+  static const KernelTable table{Isa::generic, isa_generic::forward, isa_generic::backward, isa_generic::fma_peak};
+  return table;
+}
+}  // namespace ringattn::cpu

@@ -1,0 +1,66 @@
+// Plain argument blocks handed from the dispatcher (attention.cpp) to the
+// per-ISA kernels. No inline functions or STL here: the ISA translation units are
+// compiled with different -m flags and must not share code the linker could merge.
+#pragma once
+#include <cstdint>
+
+#include "ringattn/cpu.h"
+#include "ringattn/dtype.h"
+
+namespace ringattn::cpu {
+
+// A [B, L, H, d] operand: element (b, l, h, c) is at data[b*sb + l*sl + h*sh + c].
+struct Bshd {
+  const void* data;
+  DType dtype;
+  int64_t sb, sl, sh;
+};
+struct BshdOut {
+  void* data;
+  DType dtype;
+  int64_t sb, sl, sh;
+};
+// lse [B, H, L] fp32: element (b, h, l) at data[b*sb + h*sh + l*sl].
+struct Lse {
+  float* data;
+  int64_t sb, sh, sl;
+};
+
+struct AttnShape {
+  int64_t B, Lq, Lk, H, Hkv, d;
+  float scale;
+  bool causal;
+  const int64_t* q_pos;  // [Lq] global positions (always given by the dispatcher)
+  const int64_t* k_pos;  // [Lk]
+  int threads;
+};
+
+struct FwdArgs {
+  AttnShape s;
+  Bshd q, k, v;
+  BshdOut o;
+  Lse lse;
+};
+
+struct BwdArgs {
+  AttnShape s;
+  Bshd q, k, v, o, dout;
+  Lse lse;
+  BshdOut dq, dk, dv;
+};
+
+struct KernelTable {
+  Isa isa;
+  void (*forward)(const FwdArgs&);
+  void (*backward)(const BwdArgs&);
+  // GFLOP/s of a register-resident FMA (bf16=false) or bf16 dot (bf16=true) loop.
+  double (*fma_peak)(bool bf16, double seconds);
+};
+
+const KernelTable& kernels_generic();
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+const KernelTable& kernels_avx512bf16();
+const KernelTable& kernels_amx();
+
+}  // namespace ringattn::cpu

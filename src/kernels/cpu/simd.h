@@ -1,0 +1,120 @@
+// The vector vocabulary the fused kernels are written in, one definition per
+// instruction set. Included only from flash_impl.h inside an ISA namespace;
+// RA_LEVEL selects: 0 generic x86-64, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + BF16.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if RA_LEVEL >= 2
+struct Vf {
+  __m512 r;
+};
+inline constexpr int kW = 16;  // fp32 lanes
+static inline Vf vzero() { return {_mm512_setzero_ps()}; }
+static inline Vf vset1(float x) { return {_mm512_set1_ps(x)}; }
+static inline Vf vload(const float* p) { return {_mm512_load_ps(p)}; }
+static inline Vf vloadu(const float* p) { return {_mm512_loadu_ps(p)}; }
+static inline void vstore(float* p, Vf a) { _mm512_store_ps(p, a.r); }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
+static inline Vf vmul(Vf a, Vf b) { return {_mm512_mul_ps(a.r, b.r)}; }
+static inline Vf vadd(Vf a, Vf b) { return {_mm512_add_ps(a.r, b.r)}; }
+static inline Vf vsub(Vf a, Vf b) { return {_mm512_sub_ps(a.r, b.r)}; }
+static inline Vf vmax(Vf a, Vf b) { return {_mm512_max_ps(a.r, b.r)}; }
+static inline float vhmax(Vf a) { return _mm512_reduce_max_ps(a.r); }
+static inline float vhsum(Vf a) { return _mm512_reduce_add_ps(a.r); }
+static inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+// 2^n for integral n in [-127, 0]: n = -127 gives exactly 0.
+static inline Vf vpow2i(Vf n) {
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.r), _mm512_set1_epi32(127)), 23);
+  return {_mm512_castsi512_ps(e)};
+}
+#elif RA_LEVEL == 1
+struct Vf {
+  __m256 r;
+};
+inline constexpr int kW = 8;
+static inline Vf vzero() { return {_mm256_setzero_ps()}; }
+static inline Vf vset1(float x) { return {_mm256_set1_ps(x)}; }
+static inline Vf vload(const float* p) { return {_mm256_load_ps(p)}; }
+static inline Vf vloadu(const float* p) { return {_mm256_loadu_ps(p)}; }
+static inline void vstore(float* p, Vf a) { _mm256_store_ps(p, a.r); }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.r, b.r, c.r)}; }
+static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.r, b.r)}; }
+static inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.r, b.r)}; }
+static inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.r, b.r)}; }
+static inline Vf vmax(Vf a, Vf b) { return {_mm256_max_ps(a.r, b.r)}; }
+static inline float vhmax(Vf a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+static inline float vhsum(Vf a) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+static inline Vf vround(Vf a) { return {_mm256_round_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+static inline Vf vpow2i(Vf n) {
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.r), _mm256_set1_epi32(127)), 23);
+  return {_mm256_castsi256_ps(e)};
+}
+#else
+// Plain x86-64: 4-lane arrays the compiler maps onto SSE2.
+struct Vf {
+  float r[4];
+};
+inline constexpr int kW = 4;
+#define RA_MAP(expr)                              \
+  Vf out;                                         \
+  for (int i = 0; i < 4; ++i) out.r[i] = (expr); \
+  return out
+static inline Vf vzero() { RA_MAP(0.f); }
+static inline Vf vset1(float x) { RA_MAP(x); }
+static inline Vf vload(const float* p) { RA_MAP(p[i]); }
+static inline Vf vloadu(const float* p) { RA_MAP(p[i]); }
+static inline void vstore(float* p, Vf a) {
+  for (int i = 0; i < 4; ++i) p[i] = a.r[i];
+}
+static inline Vf vfma(Vf a, Vf b, Vf c) { RA_MAP(a.r[i] * b.r[i] + c.r[i]); }
+static inline Vf vmul(Vf a, Vf b) { RA_MAP(a.r[i] * b.r[i]); }
+static inline Vf vadd(Vf a, Vf b) { RA_MAP(a.r[i] + b.r[i]); }
+static inline Vf vsub(Vf a, Vf b) { RA_MAP(a.r[i] - b.r[i]); }
+static inline Vf vmax(Vf a, Vf b) { RA_MAP(a.r[i] > b.r[i] ? a.r[i] : b.r[i]); }
+static inline float vhmax(Vf a) {
+  float m = a.r[0];
+  for (int i = 1; i < 4; ++i) m = a.r[i] > m ? a.r[i] : m;
+  return m;
+}
+static inline float vhsum(Vf a) { return (a.r[0] + a.r[1]) + (a.r[2] + a.r[3]); }
+static inline Vf vround(Vf a) { RA_MAP(__builtin_nearbyintf(a.r[i])); }
+static inline Vf vpow2i(Vf n) {
+  Vf out;
+  for (int i = 0; i < 4; ++i) {
+    uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n.r[i]) + 127) << 23;
+    std::memcpy(&out.r[i], &e, 4);
+  }
+  return out;
+}
+#undef RA_MAP
+#endif
+
+// 2^x for x <= 0 (x = -inf gives 0): x = n + f, |f| <= 1/2, 2^f by its degree-7
+// Taylor series in f·ln2 (relative error < 1e-8, below fp32 rounding).
+static inline Vf vexp2(Vf x) {
+  x = vmax(x, vset1(-127.f));
+  Vf n = vround(x);
+  Vf f = vsub(x, n);
+  Vf p = vset1(1.5252733804059841e-05f);  // ln2^7/7!
+  p = vfma(p, f, vset1(1.5403530393381609e-04f));
+  p = vfma(p, f, vset1(1.3333558146428443e-03f));
+  p = vfma(p, f, vset1(9.6181291076284772e-03f));
+  p = vfma(p, f, vset1(5.5504108664821580e-02f));
+  p = vfma(p, f, vset1(2.4022650695910071e-01f));
+  p = vfma(p, f, vset1(6.9314718055994531e-01f));
+  p = vfma(p, f, vset1(1.f));
+  return vmul(p, vpow2i(n));
+}

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# End-to-end smoke test of the `ringattn` command against a NumPy float64 reference.
+#   usage: cli_test.sh /path/to/ringattn
+# Exit 0: pass; 1: failure; 77: skipped (no /usr/bin/python3 with numpy).
+set -u
+
+BIN=${1:?usage: cli_test.sh /path/to/ringattn}
+PY=/usr/bin/python3
+
+if [[ ! -x $PY ]] || ! $PY -c 'import numpy' 2>/dev/null; then
+  echo "SKIP: $PY with numpy is not available (Debian: apt-get install python3-numpy)"
+  exit 77
+fi
+if [[ ! -x $BIN ]]; then
+  echo "FAIL: $BIN is not an executable"
+  exit 1
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ringattn_cli.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK" || exit 1
+
+failures=0
+fail() {
+  echo "FAIL: $*"
+  failures=$((failures + 1))
+}
+
+# --- inputs and reference ----------------------------------------------------
+cat >ref.py <<'EOF'
+import json, sys
+import numpy as np
+
+def reference(q, k, v, causal, dout=None, scale=None):
+    """Exact attention in float64 with the semantics of attention.h:
+    GQA head h -> h // (H // Hkv); causal bottom-right (q_pos = i + Lk - Lq);
+    rows with no visible key: o = 0, lse = -inf, no gradient."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    B, Lq, H, d = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    g = H // Hkv
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if causal:
+        qpos = np.arange(Lq) + (Lk - Lq)
+        mask = np.arange(Lk)[None, :] <= qpos[:, None]
+        s = np.where(mask[None, None], s, -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = s.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.exp(s - m)
+        l = e.sum(axis=-1, keepdims=True)
+        lse = np.where(l > 0, m + np.log(np.where(l > 0, l, 1.0)), -np.inf)[..., 0]
+        p = np.where(l > 0, e / np.where(l > 0, l, 1.0), 0.0)
+    o = np.einsum("bhij,bjhd->bihd", p, vv)
+    out = {"o": o, "lse": lse}
+    if dout is not None:
+        dout = dout.astype(np.float64)
+        D = np.einsum("bihd,bihd->bhi", dout, o)
+        dv = np.einsum("bhij,bihd->bjhd", p, dout)
+        dp = np.einsum("bihd,bjhd->bhij", dout, vv)
+        ds = p * (dp - D[..., None])
+        dq = scale * np.einsum("bhij,bjhd->bihd", ds, kk)
+        dk = scale * np.einsum("bhij,bihd->bjhd", ds, q)
+        out["dq"] = dq
+        out["dk"] = dk.reshape(B, Lk, Hkv, g, d).sum(axis=3)
+        out["dv"] = dv.reshape(B, Lk, Hkv, g, d).sum(axis=3)
+    return out
+
+def make(prefix, B, Lq, Lk, H, Hkv, d, seed):
+    rng = np.random.default_rng(seed)
+    u = lambda *s: rng.uniform(-1, 1, size=s).astype(np.float32)
+    np.save(prefix + "q.npy", u(B, Lq, H, d))
+    np.save(prefix + "k.npy", u(B, Lk, Hkv, d))
+    np.save(prefix + "v.npy", u(B, Lk, Hkv, d))
+    np.save(prefix + "do.npy", u(B, Lq, H, d))
+
+def err(got, ref):
+    """Normalized max error max|got-ref| / max|ref| (-inf must match exactly)."""
+    if got.shape != ref.shape:
+        return float("inf"), "shape %s != %s" % (got.shape, ref.shape)
+    if np.isnan(got).any():
+        return float("inf"), "NaN in output"
+    ninf = np.isneginf(ref)
+    if not np.array_equal(ninf, np.isneginf(got)):
+        return float("inf"), "-inf entries differ"
+    fin = ~ninf
+    scale = max(np.abs(ref[fin]).max() if fin.any() else 0.0, 1e-30)
+    e = (np.abs(got[fin].astype(np.float64) - ref[fin]).max() if fin.any() else 0.0) / scale
+    return e, ""
+
+def check(prefix, causal, names, tol=1e-5):
+    q, k, v, do = (np.load(prefix + n + ".npy") for n in ("q", "k", "v", "do"))
+    ref = reference(q, k, v, causal, do if "dq" in names else None)
+    ok = True
+    for n in names:
+        got = np.load(prefix + n + ".npy")
+        if got.dtype != np.float32:
+            print("FAIL: %s%s.npy has dtype %s, want float32" % (prefix, n, got.dtype))
+            ok = False
+            continue
+        e, why = err(got, ref[n])
+        status = "ok" if e <= tol else "FAIL"
+        print("%s: %s%s normalized error %.3g %s" % (status, prefix, n, e, why))
+        ok &= e <= tol
+    return ok
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "make":
+        make(sys.argv[2], *map(int, sys.argv[3:10]))
+    elif cmd == "check":
+        prefix, causal, names = sys.argv[2], sys.argv[3] == "1", sys.argv[4].split(",")
+        sys.exit(0 if check(prefix, causal, names) else 1)
+    elif cmd == "json":
+        with open(sys.argv[2]) as f:
+            json.load(f)
+    elif cmd == "nan":
+        q = np.load(sys.argv[2])
+        q.flat[q.size // 2] = np.nan
+        np.save(sys.argv[3], q)
+    elif cmd == "badshape":
+        k = np.load(sys.argv[2])
+        np.save(sys.argv[3], k[..., : k.shape[-1] - 1])
+EOF
+
+# run_case PREFIX CAUSAL(0/1) B Lq Lk H Hkv d SEED
+run_case() {
+  local p=$1 causal=$2
+  shift 2
+  $PY ref.py make "$p" "$@" || { fail "could not create inputs $p"; return; }
+  local cflag=()
+  [[ $causal == 1 ]] && cflag=(--causal)
+  if ! "$BIN" attention --q "${p}q.npy" --k "${p}k.npy" --v "${p}v.npy" --out "${p}o.npy" --lse "${p}lse.npy" \
+      "${cflag[@]}" >"${p}fwd.log" 2>&1; then
+    fail "forward $p (causal=$causal) exited non-zero:"; cat "${p}fwd.log"; return
+  fi
+  $PY ref.py check "$p" "$causal" o,lse || fail "forward $p (causal=$causal) differs from the reference"
+  if ! "$BIN" attention --q "${p}q.npy" --k "${p}k.npy" --v "${p}v.npy" --out "${p}o.npy" --lse "${p}lse.npy" \
+      "${cflag[@]}" --dout "${p}do.npy" --dq "${p}dq.npy" --dk "${p}dk.npy" --dv "${p}dv.npy" \
+      >"${p}bwd.log" 2>&1; then
+    fail "backward $p (causal=$causal) exited non-zero:"; cat "${p}bwd.log"; return
+  fi
+  $PY ref.py check "$p" "$causal" o,lse,dq,dk,dv || fail "backward $p (causal=$causal) differs from the reference"
+}
+
+#          prefix causal B  Lq  Lk  H Hkv  d seed
+run_case   a_     1      2  37  37  4  2   32  1
+run_case   b_     0      1  20  45  4  1   64  2
+run_case   c_     1      1  45  20  2  2   40  3   # Lq > Lk: bottom-right, 25 rows see no key
+run_case   d_     1      1  16  50  8  4   16  4   # Lq < Lk
+
+# --- help and info -------------------------------------------------------------
+out=$("$BIN" --help 2>&1) || fail "ringattn --help exited non-zero"
+[[ -n $out ]] || fail "ringattn --help printed nothing"
+grep -q attention <<<"$out" || fail "ringattn --help does not mention the attention subcommand"
+out=$("$BIN" attention --help 2>&1) || fail "ringattn attention --help exited non-zero"
+grep -q -- "--q" <<<"$out" || fail "ringattn attention --help does not list --q"
+if "$BIN" info --json >info.json 2>info.err; then
+  $PY ref.py json info.json || fail "ringattn info --json is not valid JSON: $(head -c 500 info.json)"
+else
+  fail "ringattn info --json exited non-zero: $(cat info.err)"
+fi
+
+# --- errors: non-zero exit (not a crash) and a message on stderr ----------------
+# expect_error NAME CMD...
+expect_error() {
+  local name=$1
+  shift
+  "$@" >err.out 2>err.log
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then
+    fail "$name: exited 0"
+  elif [[ $rc -ge 128 ]]; then
+    fail "$name: crashed (exit $rc): $(cat err.log)"
+  elif [[ ! -s err.log ]]; then
+    fail "$name: exit $rc but nothing on stderr"
+  else
+    echo "ok: $name -> exit $rc: $(head -n 3 err.log)"
+  fi
+}
+
+$PY ref.py badshape a_k.npy bad_k.npy
+expect_error "wrong-shape k" "$BIN" attention --q a_q.npy --k bad_k.npy --v a_v.npy --out e.npy --lse el.npy
+expect_error "missing file" "$BIN" attention --q no_such_file.npy --k a_k.npy --v a_v.npy --out e.npy --lse el.npy
+$PY ref.py nan a_q.npy nan_q.npy
+expect_error "NaN input" "$BIN" attention --q nan_q.npy --k a_k.npy --v a_v.npy --out e.npy --lse el.npy
+printf 'not an npy file' >garbage.npy
+expect_error "garbage file" "$BIN" attention --q garbage.npy --k a_k.npy --v a_v.npy --out e.npy --lse el.npy
+expect_error "unknown subcommand" "$BIN" no-such-subcommand
+expect_error "unknown option" "$BIN" attention --no-such-option
+
+if [[ $failures -ne 0 ]]; then
+  echo "$failures check(s) failed"
+  exit 1
+fi
+echo "all CLI checks passed"
+exit 0
