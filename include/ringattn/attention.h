@@ -25,6 +25,11 @@ struct AttentionOptions {
   int threads = 0;                 // 0: the OpenMP default
   // Kernel path; empty means default_isa(). Tests use it to cross-check paths.
   const Isa* isa = nullptr;
+  // Called by the calling thread between tiles (every millisecond or so) so the
+  // caller can drive communication while the kernel computes, e.g. a ring's
+  // Communicator::progress(). Kernels themselves never communicate.
+  void (*progress)(void* ctx) = nullptr;
+  void* progress_ctx = nullptr;
 };
 
 // o, lse := attention(q, k, v). o may be any dtype; lse must be fp32.
@@ -43,8 +48,9 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 //   lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse} o_acc + e^{lse_part-lse} o_part
 // in place into (o_acc, lse_acc). o_acc: [B, Lq, H, d] fp32; o_part any dtype;
 // both lse fp32 [B, H, Lq]. Safe when either side is -inf (a row that saw no key).
+// threads: 0 for the OpenMP default.
 void attention_merge(const TensorView& o_acc, const TensorView& lse_acc,
-                     const TensorView& o_part, const TensorView& lse_part);
+                     const TensorView& o_part, const TensorView& lse_part, int threads = 0);
 
 // FLOPs of the forward pass by DESIGN.md §5: 4·B·H·d · (visible query-key pairs).
 double attention_forward_flops(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t d, bool causal);

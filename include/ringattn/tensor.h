@@ -34,6 +34,10 @@ struct TensorView {
   std::string shape_str() const;  // "[2, 128, 8, 64]"
   template <typename T>
   T* ptr() const { return static_cast<T*>(data); }
+  // The view of indices [start, start + len) along dimension dim.
+  TensorView slice(int dim, int64_t start, int64_t len) const;
+  // The view at index i of dimension dim, with that dimension removed.
+  TensorView select(int dim, int64_t i) const;
   // Offset (elements) of a multi-index.
   int64_t offset(std::initializer_list<int64_t> idx) const;
   float get(std::initializer_list<int64_t> idx) const { return load_as_f32(data, dtype, offset(idx)); }

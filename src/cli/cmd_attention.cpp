@@ -1,13 +1,17 @@
-// `ringattn attention`: the fused kernels on the user's own .npy data (or on
-// generated inputs), forward and optionally backward.
+// `ringattn attention`: exact attention on the user's own .npy data or on
+// generated inputs, forward and optionally backward; on one process with the
+// fused kernels, or under mpirun with --strategy ring|allgather|ulysses.
 #include <omp.h>
 
+#include <cmath>
 #include <cstdio>
 #include <optional>
 #include <random>
 
 #include "cli/commands.h"
 #include "ringattn/attention.h"
+#include "ringattn/comm.h"
+#include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
 #include "ringattn/npy.h"
@@ -18,19 +22,25 @@ namespace {
 
 struct AttentionArgs {
   std::string q, k, v, out, lse, dout, dq, dk, dv;
-  bool causal = false, backward = false;
+  bool causal = false, backward = false, check = false;
   std::optional<float> scale;
-  std::string dtype = "fp32";
-  std::string isa;
+  std::string dtype = "fp32", isa, strategy, layout = "contiguous";
   int threads = 0;
-  bool json = false;
-  int64_t batch = 1, seq = 1024, heads = 8, kv_heads = 0, dim = 64;
+  double timeout = 300;
+  bool json = false, no_overlap = false;
+  int64_t batch = 1, seq = 1024, kv_seq = 0, heads = 8, kv_heads = 0, dim = 64;
   uint64_t seed = 0;
 };
 
-Tensor load_input(const std::string& path, const char* what, int rank, const char* layout) {
+// Full-size fp32 inputs, as read or generated.
+struct Inputs {
+  Tensor q, k, v, dout;
+  bool backward = false;
+};
+
+Tensor load_input(const std::string& path, const char* what, const char* layout) {
   Tensor t = load_npy(path);
-  check(t.rank() == rank, what, " (", path, ") has shape ", t.view().shape_str(), " but must be ", layout);
+  check(t.rank() == 4, what, " (", path, ") has shape ", t.view().shape_str(), " but must be ", layout);
   check(all_finite(t.view()), what, " (", path, ") contains NaN or Inf values");
   return t;
 }
@@ -42,51 +52,71 @@ Tensor random_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng)
   return t;
 }
 
-// The same values stored as `dtype` (rounded for bf16/fp16).
-Tensor as_dtype(const Tensor& t, DType dtype) {
-  Tensor c(dtype, t.rank(), t.view().shape.data());
-  copy_into(c.view(), t.view());
+Tensor convert(const TensorView& t, DType dtype) {
+  Tensor c(dtype, t.rank, t.shape.data());
+  copy_into(c.view(), t);
   return c;
 }
 
-void run(const AttentionArgs& a) {
-  const DType dtype = parse_dtype(a.dtype);
+Tensor like(const TensorView& t, DType dtype) { return Tensor(dtype, t.rank, t.shape.data()); }
+
+Inputs read_inputs(const AttentionArgs& a) {
   const bool from_files = !a.q.empty();
   check(!from_files || (!a.k.empty() && !a.v.empty()), "--q needs --k and --v as well");
   check(from_files || (a.k.empty() && a.v.empty()), "--k/--v given without --q");
-  const bool backward = a.backward || !a.dout.empty();
   check(a.dout.empty() || from_files, "--dout needs --q/--k/--v files");
-  check(!from_files || backward || (a.dq.empty() && a.dk.empty() && a.dv.empty()),
+  Inputs in;
+  in.backward = a.backward || !a.dout.empty();
+  check(!from_files || in.backward || (a.dq.empty() && a.dk.empty() && a.dv.empty()),
         "--dq/--dk/--dv need --dout (the gradient of the output)");
   check(!from_files || !a.backward || !a.dout.empty(), "--backward on files needs --dout");
-
-  Tensor q32, k32, v32, do32;
   if (from_files) {
-    q32 = load_input(a.q, "q", 4, "[B, Lq, H, d]");
-    k32 = load_input(a.k, "k", 4, "[B, Lk, Hkv, d]");
-    v32 = load_input(a.v, "v", 4, "[B, Lk, Hkv, d]");
-    if (!a.dout.empty()) do32 = load_input(a.dout, "dout", 4, "[B, Lq, H, d]");
+    in.q = load_input(a.q, "q", "[B, Lq, H, d]");
+    in.k = load_input(a.k, "k", "[B, Lk, Hkv, d]");
+    in.v = load_input(a.v, "v", "[B, Lk, Hkv, d]");
+    if (!a.dout.empty()) {
+      in.dout = load_input(a.dout, "dout", "[B, Lq, H, d]");
+      check(in.dout.view().shape == in.q.view().shape, "dout ", in.dout.view().shape_str(),
+            " must have the shape of q ", in.q.view().shape_str());
+    }
   } else {
     const int64_t hkv = a.kv_heads > 0 ? a.kv_heads : a.heads;
-    check(a.batch > 0 && a.seq > 0 && a.heads > 0 && a.dim > 0, "--batch, --seq, --heads and --dim must be positive");
+    check(a.batch > 0 && a.seq > 0 && a.heads > 0 && a.dim > 0 && hkv > 0,
+          "--batch, --seq, --heads, --kv-heads and --dim must be positive");
+    const int64_t lk = a.kv_seq > 0 ? a.kv_seq : a.seq;
     std::mt19937_64 rng(a.seed);
-    q32 = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
-    k32 = random_tensor({a.batch, a.seq, hkv, a.dim}, rng);
-    v32 = random_tensor({a.batch, a.seq, hkv, a.dim}, rng);
-    if (backward) do32 = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
+    in.q = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
+    in.k = random_tensor({a.batch, lk, hkv, a.dim}, rng);
+    in.v = random_tensor({a.batch, lk, hkv, a.dim}, rng);
+    if (in.backward) in.dout = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
   }
-  const int64_t B = q32.dim(0), Lq = q32.dim(1), H = q32.dim(2), d = q32.dim(3), Lk = k32.dim(1);
-  if (!do32.view().empty())
-    check(do32.view().shape == q32.view().shape, "dout ", do32.view().shape_str(), " must have the shape of q ",
-          q32.view().shape_str());
+  return in;
+}
 
-  Tensor q = as_dtype(q32, dtype), k = as_dtype(k32, dtype), v = as_dtype(v32, dtype);
+// max |a − b| / max |b|: the relative error convention of the tests.
+double rel_error(const TensorView& got, const TensorView& ref) {
+  double num = 0, den = 0;
+  const int64_t n = ref.numel();
+  Tensor g = convert(got, DType::f32), r = convert(ref, DType::f32);
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g.ptr<float>()[i], y = r.ptr<float>()[i];
+    if (std::isinf(y) && x == y) continue;
+    num = std::max(num, static_cast<double>(std::fabs(x - y)));
+    if (std::isfinite(y)) den = std::max(den, static_cast<double>(std::fabs(y)));
+  }
+  return den > 0 ? num / den : num;
+}
+
+// ---- one process ----------------------------------------------------------------
+void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
+  const int64_t B = in.q.dim(0), Lq = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Lk = in.k.dim(1);
+  Tensor q = convert(in.q, dtype), k = convert(in.k, dtype), v = convert(in.v, dtype);
   Tensor o(DType::f32, {B, Lq, H, d}), lse(DType::f32, {B, H, Lq});
   AttentionOptions opt;
   opt.causal = a.causal;
   if (a.scale) opt.scale = *a.scale;
   opt.threads = a.threads;
-  Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
+  const Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
   opt.isa = &isa;
   const int threads = a.threads > 0 ? a.threads : omp_get_max_threads();
 
@@ -97,17 +127,15 @@ void run(const AttentionArgs& a) {
   const double flops = attention_forward_flops(B, H, Lq, Lk, d, a.causal);
 
   nlohmann::json j;
-  j["shape"] = {{"B", B}, {"Lq", Lq}, {"Lk", Lk}, {"H", H}, {"Hkv", k32.dim(2)}, {"d", d}};
+  j["shape"] = {{"B", B}, {"Lq", Lq}, {"Lk", Lk}, {"H", H}, {"Hkv", in.k.dim(2)}, {"d", d}};
   j["dtype"] = dtype_name(dtype);
   j["causal"] = a.causal;
   j["isa"] = isa_name(isa);
   j["threads"] = threads;
   j["forward"] = {{"seconds", t_fwd}, {"gflops", flops / t_fwd * 1e-9}};
-
-  if (backward) {
-    Tensor dout = as_dtype(do32, dtype);
-    Tensor dq(DType::f32, {B, Lq, H, d}), dk(DType::f32, k32.rank(), k32.view().shape.data()),
-        dv(DType::f32, v32.rank(), v32.view().shape.data());
+  if (in.backward) {
+    Tensor dout = convert(in.dout, dtype);
+    Tensor dq = like(in.q, DType::f32), dk = like(in.k, DType::f32), dv = like(in.v, DType::f32);
     t0 = now_seconds();
     attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt);
     const double t_bwd = now_seconds() - t0;
@@ -123,21 +151,229 @@ void run(const AttentionArgs& a) {
   if (a.json) return print_json(j);
   std::printf("attention  B=%lld Lq=%lld Lk=%lld H=%lld Hkv=%lld d=%lld  %s%s  path %s, %d thread(s)\n",
               static_cast<long long>(B), static_cast<long long>(Lq), static_cast<long long>(Lk),
-              static_cast<long long>(H), static_cast<long long>(k32.dim(2)), static_cast<long long>(d),
+              static_cast<long long>(H), static_cast<long long>(in.k.dim(2)), static_cast<long long>(d),
               dtype_name(dtype), a.causal ? " causal" : "", isa_name(isa), threads);
   std::printf("%-10s %12s %12s\n", "pass", "time [ms]", "GFLOP/s");
   std::printf("%-10s %12.3f %12.1f\n", "forward", t_fwd * 1e3, j["forward"]["gflops"].get<double>());
-  if (backward)
+  if (in.backward)
     std::printf("%-10s %12.3f %12.1f\n", "backward", j["backward"]["seconds"].get<double>() * 1e3,
                 j["backward"]["gflops"].get<double>());
   std::printf("peak memory held by ringattn: %.1f MiB\n", memory_stats().peak_bytes / 1048576.0);
+}
+
+// ---- under mpirun -----------------------------------------------------------------
+// Rank 0's inputs reach every rank: a status word first, so a rank-0 read error
+// becomes an error on every rank instead of a hang.
+void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
+  if (a.q.empty()) {  // generated: every rank draws the same tensors from the seed
+    in = read_inputs(a);
+    return;
+  }
+  std::string err;
+  if (comm.rank() == 0) {
+    try {
+      in = read_inputs(a);
+    } catch (const Error& e) {
+      err = e.what();
+    }
+  }
+  int64_t hdr[18] = {static_cast<int64_t>(err.size())};
+  if (comm.rank() == 0 && err.empty()) {
+    const Tensor* ts[] = {&in.q, &in.k, &in.v, &in.dout};
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < 4; ++i) hdr[1 + 4 * t + i] = ts[t]->rank() ? ts[t]->dim(i) : 0;
+    hdr[17] = in.backward;
+  }
+  comm.broadcast(hdr, sizeof(hdr), 0);
+  if (hdr[0] > 0) {
+    err.resize(static_cast<size_t>(hdr[0]));
+    comm.broadcast(err.data(), err.size(), 0);
+    throw Error(err);
+  }
+  Tensor* ts[] = {&in.q, &in.k, &in.v, &in.dout};
+  for (int t = 0; t < 4; ++t) {
+    if (hdr[1 + 4 * t] == 0) continue;
+    if (comm.rank() != 0) *ts[t] = Tensor(DType::f32, {hdr[1 + 4 * t], hdr[2 + 4 * t], hdr[3 + 4 * t], hdr[4 + 4 * t]});
+    comm.broadcast(ts[t]->ptr<void>(), ts[t]->bytes(), 0);
+  }
+  in.backward = hdr[17];
+}
+
+Tensor shard_of(const Tensor& full, Layout layout, int P, int p, DType dtype, int seq_dim = 1) {
+  std::vector<int64_t> shape(full.view().shape.begin(), full.view().shape.begin() + full.rank());
+  shape[seq_dim] /= P;
+  Tensor s(dtype, static_cast<int>(shape.size()), shape.data());
+  shard(full, s, layout, P, p, seq_dim);
+  return s;
+}
+
+// Every rank's shard of x gathered and put back in global order (on every rank).
+Tensor gather_full(Communicator& comm, const Tensor& x, Layout layout, int seq_dim = 1) {
+  const int P = comm.size();
+  Tensor all(x.dtype(), {static_cast<int64_t>(P) * x.numel()});
+  comm.all_gather(x.ptr<void>(), all.ptr<void>(), x.bytes());
+  std::vector<int64_t> shape(x.view().shape.begin(), x.view().shape.begin() + x.rank());
+  shape[seq_dim] *= P;
+  Tensor full(x.dtype(), static_cast<int>(shape.size()), shape.data());
+  for (int r = 0; r < P; ++r) {
+    TensorView part = x.view();
+    part.data = static_cast<char*>(all.ptr<void>()) + r * x.bytes();
+    unshard(part, full, layout, P, r, seq_dim);
+  }
+  return full;
+}
+
+void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
+  std::unique_ptr<Communicator> comm = mpi_world(a.timeout);
+  const int P = comm->size(), p = comm->rank();
+  DistAttentionOptions opt;
+  opt.strategy = parse_strategy(a.strategy);
+  opt.layout = parse_layout(a.layout);
+  opt.causal = a.causal;
+  if (a.scale) opt.scale = *a.scale;
+  opt.threads = a.threads;
+  opt.overlap = !a.no_overlap;
+  const Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
+  opt.isa = &isa;
+
+  share_inputs(*comm, a, in);
+  check(in.q.dim(1) == in.k.dim(1), "sequence parallel attention needs Lq == Lk, got ", in.q.dim(1), " and ",
+        in.k.dim(1));
+  const int64_t B = in.q.dim(0), L = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Hkv = in.k.dim(2);
+  check_layout(opt.layout, L, P);
+  Tensor q = shard_of(in.q, opt.layout, P, p, dtype), k = shard_of(in.k, opt.layout, P, p, dtype),
+         v = shard_of(in.v, opt.layout, P, p, dtype);
+  Tensor dout = in.backward ? shard_of(in.dout, opt.layout, P, p, dtype) : Tensor();
+  const bool keep_full = a.check && p == 0;
+  if (!keep_full) in = Inputs{Tensor(), Tensor(), Tensor(), Tensor(), in.backward};
+  Tensor o(DType::f32, {B, L / P, H, d}), lse(DType::f32, {B, H, L / P});
+  Tensor dq, dk, dv;
+  if (in.backward) dq = like(q, DType::f32), dk = like(k, DType::f32), dv = like(v, DType::f32);
+
+  comm->barrier();
+  comm->reset_stats();
+  reset_peak_memory();
+  DistStats fwd, bwd;
+  dist_attention_forward(*comm, q, k, v, o, lse, opt, &fwd);
+  if (in.backward) dist_attention_backward(*comm, q, k, v, o, lse, dout, dq, dk, dv, opt, &bwd);
+  const double peak = static_cast<double>(memory_stats().peak_bytes);
+
+  // Per-rank report rows, gathered everywhere.
+  constexpr int kCols = 12;
+  const double mine[kCols] = {fwd.seconds, fwd.compute_seconds, fwd.wait_seconds, double(fwd.bytes_sent),
+                              double(fwd.bytes_received), bwd.seconds, bwd.compute_seconds, bwd.wait_seconds,
+                              double(bwd.bytes_sent), double(bwd.bytes_received), peak, double(fwd.stages_skipped)};
+  std::vector<double> rows(static_cast<size_t>(P) * kCols);
+  comm->all_gather(mine, rows.data(), sizeof(mine));
+
+  // Results back in global order for --out/--check (every rank takes part).
+  const bool need_full = a.check || !a.out.empty() || !a.lse.empty() || !a.dq.empty() || !a.dk.empty() ||
+                         !a.dv.empty();
+  nlohmann::json errors;
+  if (need_full) {
+    Tensor o_full = gather_full(*comm, o, opt.layout), lse_full = gather_full(*comm, lse, opt.layout, 2);
+    Tensor dq_full, dk_full, dv_full;
+    if (in.backward) {
+      dq_full = gather_full(*comm, dq, opt.layout);
+      dk_full = gather_full(*comm, dk, opt.layout);
+      dv_full = gather_full(*comm, dv, opt.layout);
+    }
+    if (p == 0) {
+      if (!a.out.empty()) save_npy(a.out, o_full);
+      if (!a.lse.empty()) save_npy(a.lse, lse_full);
+      if (!a.dq.empty()) save_npy(a.dq, dq_full);
+      if (!a.dk.empty()) save_npy(a.dk, dk_full);
+      if (!a.dv.empty()) save_npy(a.dv, dv_full);
+      if (a.check) {  // against the fused kernels on one rank, same dtype and options
+        AttentionOptions lo;
+        lo.causal = a.causal;
+        if (a.scale) lo.scale = *a.scale;
+        lo.threads = a.threads;
+        lo.isa = &isa;
+        Tensor fq = convert(in.q, dtype), fk = convert(in.k, dtype), fv = convert(in.v, dtype);
+        Tensor ro = like(in.q, DType::f32), rl(DType::f32, {B, H, L});
+        attention_forward(fq, fk, fv, ro, rl, lo);
+        errors["o"] = rel_error(o_full, ro);
+        errors["lse"] = rel_error(lse_full, rl);
+        if (in.backward) {
+          Tensor rdq = like(in.q, DType::f32), rdk = like(in.k, DType::f32), rdv = like(in.v, DType::f32);
+          attention_backward(fq, fk, fv, ro, rl, convert(in.dout, dtype), rdq, rdk, rdv, lo);
+          errors["dq"] = rel_error(dq_full, rdq);
+          errors["dk"] = rel_error(dk_full, rdk);
+          errors["dv"] = rel_error(dv_full, rdv);
+        }
+      }
+    }
+  }
+  if (p != 0) return;
+
+  const double flops = attention_forward_flops(B, H, L, L, d, a.causal);
+  nlohmann::json j;
+  j["shape"] = {{"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d}};
+  j["ranks"] = P;
+  j["strategy"] = strategy_name(opt.strategy);
+  j["layout"] = layout_name(opt.layout);
+  j["dtype"] = dtype_name(dtype);
+  j["causal"] = a.causal;
+  j["isa"] = isa_name(isa);
+  j["per_rank"] = nlohmann::json::array();
+  for (int r = 0; r < P; ++r) {
+    const double* x = rows.data() + r * kCols;
+    nlohmann::json row = {{"rank", r},
+                          {"forward", {{"seconds", x[0]}, {"compute_seconds", x[1]}, {"wait_seconds", x[2]},
+                                       {"bytes_sent", x[3]}, {"bytes_received", x[4]},
+                                       {"gflops", flops / P / x[0] * 1e-9}, {"stages_skipped", x[11]}}},
+                          {"peak_memory_bytes", x[10]}};
+    if (in.backward)
+      row["backward"] = {{"seconds", x[5]}, {"compute_seconds", x[6]}, {"wait_seconds", x[7]},
+                         {"bytes_sent", x[8]}, {"bytes_received", x[9]}, {"gflops", 2.5 * flops / P / x[5] * 1e-9}};
+    j["per_rank"].push_back(row);
+  }
+  if (a.check) j["max_rel_error_vs_single_rank"] = errors;
+  if (a.json) return print_json(j);
+
+  std::printf("attention  B=%lld L=%lld H=%lld Hkv=%lld d=%lld  %s%s  strategy %s, layout %s, %d ranks, path %s\n",
+              static_cast<long long>(B), static_cast<long long>(L), static_cast<long long>(H),
+              static_cast<long long>(Hkv), static_cast<long long>(d), dtype_name(dtype), a.causal ? " causal" : "",
+              strategy_name(opt.strategy), layout_name(opt.layout), P, isa_name(isa));
+  std::printf("%4s %-8s %10s %10s %10s %9s %10s %10s %10s\n", "rank", "pass", "time [ms]", "GFLOP/s", "compute",
+              "wait", "sent MiB", "recv MiB", "peak MiB");
+  for (int r = 0; r < P; ++r) {
+    const double* x = rows.data() + r * kCols;
+    for (int pass = 0; pass < (in.backward ? 2 : 1); ++pass) {
+      const double* y = x + 5 * pass;
+      std::printf("%4d %-8s %10.2f %10.1f %10.2f %9.2f %10.2f %10.2f %10.1f\n", r, pass ? "backward" : "forward",
+                  y[0] * 1e3, (pass ? 2.5 : 1.0) * flops / P / y[0] * 1e-9, y[1] * 1e3, y[2] * 1e3, y[3] / 1048576.0,
+                  y[4] / 1048576.0, x[10] / 1048576.0);
+    }
+  }
+  if (a.check) {
+    std::printf("max relative error vs one rank:");
+    for (auto& [name, e] : errors.items()) std::printf("  %s %.2e", name.c_str(), e.get<double>());
+    std::printf("\n");
+  }
+}
+
+void run(const AttentionArgs& a) {
+  const DType dtype = parse_dtype(a.dtype);
+  if (!a.strategy.empty() || launched_by_mpi()) {
+    AttentionArgs b = a;
+    if (b.strategy.empty()) b.strategy = "ring";
+    Inputs in;
+    return run_distributed(b, in, dtype);
+  }
+  check(!a.check, "--check compares a distributed run with one rank: use it with --strategy under mpirun");
+  Inputs in = read_inputs(a);
+  run_local(a, in, dtype);
 }
 
 }  // namespace
 
 void add_attention(CLI::App& app) {
   auto a = std::make_shared<AttentionArgs>();
-  auto* cmd = app.add_subcommand("attention", "exact attention on .npy inputs (or generated ones), forward and backward");
+  auto* cmd = app.add_subcommand(
+      "attention", "exact attention on .npy inputs (or generated ones), forward and backward; under mpirun "
+                   "sequence-parallel with --strategy");
   cmd->add_option("--q", a->q, "queries, float32 .npy [B, Lq, H, d]");
   cmd->add_option("--k", a->k, "keys, float32 .npy [B, Lk, Hkv, d]");
   cmd->add_option("--v", a->v, "values, float32 .npy [B, Lk, Hkv, d]");
@@ -151,10 +387,19 @@ void add_attention(CLI::App& app) {
   cmd->add_flag("--causal", a->causal, "causal mask (bottom-right aligned when Lq != Lk)");
   cmd->add_option("--scale", a->scale, "softmax scale (default 1/sqrt(d))");
   cmd->add_option("--dtype", a->dtype, "storage dtype for the computation: fp32, bf16 or fp16")->capture_default_str();
-  cmd->add_option("--isa", a->isa, "kernel path: generic, avx2, avx512, avx512_bf16 (default: best available)");
-  cmd->add_option("--threads", a->threads, "threads (default: OpenMP's)");
+  cmd->add_option("--isa", a->isa, "kernel path: generic, avx2, avx512, avx512_bf16, amx_bf16 (default: best)");
+  cmd->add_option("--threads", a->threads, "threads per process (default: OpenMP's)");
+  cmd->add_option("--strategy", a->strategy, "distributed strategy under mpirun: ring, allgather, ulysses")
+      ->check(CLI::IsMember({"ring", "allgather", "ulysses"}));
+  cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
+      ->capture_default_str();
+  cmd->add_flag("--check", a->check, "compare the distributed result with one rank's (max relative error)");
+  cmd->add_flag("--no-overlap", a->no_overlap, "do not poll communication between compute tiles");
+  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
   cmd->add_option("--batch", a->batch, "generated inputs: batch")->capture_default_str();
   cmd->add_option("--seq", a->seq, "generated inputs: sequence length")->capture_default_str();
+  cmd->add_option("--kv-seq", a->kv_seq, "generated inputs: key/value length Lk (default: --seq; one process only)");
   cmd->add_option("--heads", a->heads, "generated inputs: query heads")->capture_default_str();
   cmd->add_option("--kv-heads", a->kv_heads, "generated inputs: key/value heads (default: --heads)");
   cmd->add_option("--dim", a->dim, "generated inputs: head dim")->capture_default_str();

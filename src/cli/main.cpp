@@ -3,9 +3,12 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <iostream>
+#include <optional>
 
 #include "cli/commands.h"
+#include "ringattn/comm.h"
 #include "ringattn/error.h"
 
 namespace ringattn::cli {
@@ -28,7 +31,28 @@ void progress_done() {
 
 }  // namespace ringattn::cli
 
+namespace {
+
+// MPI starts when mpirun launched us or a distributed option asks for it.
+bool wants_mpi(int argc, char** argv) {
+  if (ringattn::launched_by_mpi()) return true;
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--strategy", 10) == 0) return true;
+  return false;
+}
+
+// A failed rank ends the whole job (MPI_Abort) so no peer waits for it.
+int fail(const char* what, const char* msg) {
+  if (ringattn::MpiSession::active()) ringattn::abort_job(nullptr, msg, 1);
+  std::fprintf(stderr, "ringattn: %s: %s\n", what, msg);
+  return 1;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  std::optional<ringattn::MpiSession> mpi;
+  if (wants_mpi(argc, argv)) mpi.emplace(&argc, &argv);
   CLI::App app{"ringattn: exact attention over long sequences by Ring Attention + Sequence Parallelism"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ringattn 0.1.0");
@@ -41,11 +65,9 @@ int main(int argc, char** argv) {
     const int rc = app.exit(e);
     return rc == 0 ? 0 : 2;
   } catch (const ringattn::Error& e) {
-    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
-    return 1;
+    return fail("error", e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringattn: internal error: %s\n", e.what());
-    return 1;
+    return fail("internal error", e.what());
   }
   return 0;
 }

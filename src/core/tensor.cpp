@@ -101,6 +101,26 @@ TensorView::TensorView(void* data_, DType dtype_, int rank_, const int64_t* shap
   }
 }
 
+TensorView TensorView::slice(int dim, int64_t start, int64_t len) const {
+  check(dim >= 0 && dim < rank, "slice: dimension ", dim, " out of range for ", shape_str());
+  check(start >= 0 && len >= 0 && start + len <= shape[dim], "slice [", start, ", ", start + len, ") of dimension ",
+        dim, " is out of range for ", shape_str());
+  TensorView v = *this;
+  v.data = static_cast<char*>(data) + start * strides[dim] * static_cast<int64_t>(dtype_size(dtype));
+  v.shape[dim] = len;
+  return v;
+}
+
+TensorView TensorView::select(int dim, int64_t i) const {
+  TensorView v = slice(dim, i, 1);
+  for (int j = dim; j + 1 < rank; ++j) {
+    v.shape[j] = v.shape[j + 1];
+    v.strides[j] = v.strides[j + 1];
+  }
+  --v.rank;
+  return v;
+}
+
 int64_t TensorView::numel() const {
   int64_t n = 1;
   for (int i = 0; i < rank; ++i) n *= shape[i];

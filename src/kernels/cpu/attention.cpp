@@ -96,7 +96,8 @@ struct Problem {
     }
     check(opt.threads >= 0, "threads must be >= 0, got ", opt.threads);
     const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-    shape = {B, Lq, Lk, H, Hkv, d, scale, opt.causal, q_pos.data(), k_pos.data(), threads};
+    shape = {B, Lq, Lk, H, Hkv, d, scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress,
+             opt.progress_ctx};
     kernels = &table_for(opt.isa ? *opt.isa : default_isa());
   }
 };
@@ -136,7 +137,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 
 // lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse}·o_acc + e^{lse_part-lse}·o_part
 void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
-                     const TensorView& lse_part) {
+                     const TensorView& lse_part, int threads) {
   check_rank(o_acc, 4, "o_acc", "[B, Lq, H, d]");
   check_rank(lse_acc, 3, "lse_acc", "[B, H, Lq]");
   check_same_shape(o_part, o_acc, "o_part", "o_acc");
@@ -149,7 +150,8 @@ void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const T
   float* oa = o_acc.ptr<float>();
   float* la = lse_acc.ptr<float>();
   const float* lp = lse_part.ptr<float>();
-#pragma omp parallel for collapse(2) schedule(static)
+  check(threads >= 0, "threads must be >= 0, got ", threads);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < L; ++i)
       for (int64_t h = 0; h < H; ++h) {

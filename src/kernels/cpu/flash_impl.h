@@ -35,6 +35,10 @@ constexpr float kNegInf = -__builtin_inff();
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+// Lets the caller drive communication between tiles (thread 0 is the caller's thread).
+static inline void poll(const AttnShape& s) {
+  if (s.progress && omp_get_thread_num() == 0) s.progress(s.progress_ctx);
+}
 
 // Scratch memory counted by the library's peak-memory accounting.
 struct Scratch {
@@ -410,6 +414,7 @@ static void forward(const FwdArgs& a) {
 #endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_items; ++w) {
+      poll(s);
       const int64_t item = order[w];
       const int64_t it = item % nqt, h = (item / nqt) % s.H, b = item / (nqt * s.H);
       const int64_t hk = h / group;
@@ -582,6 +587,7 @@ static void backward(const BwdArgs& a) {
     for (int64_t w = 0; w < n_items; ++w) {
       const int64_t ch = w % chunks, hk = (w / chunks) % s.Hkv, b = w / (chunks * s.Hkv);
       for (int64_t jt = ch; jt < nkt; jt += chunks) {
+        poll(s);
         const int64_t k0 = jt * kBk, nk = imin(kBk, s.Lk - k0);
         const size_t tile_off = static_cast<size_t>(((b * s.Hkv + hk) * nkt + jt) * tile_elems);
         const float* Kt = ktp.as<float>() + tile_off;

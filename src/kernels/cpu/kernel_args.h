@@ -33,6 +33,8 @@ struct AttnShape {
   const int64_t* q_pos;  // [Lq] global positions (always given by the dispatcher)
   const int64_t* k_pos;  // [Lk]
   int threads;
+  void (*progress)(void*);  // may be null; called by OpenMP thread 0 between tiles
+  void* progress_ctx;
 };
 
 struct FwdArgs {

@@ -1,0 +1,60 @@
+// Exact attention over a sequence split across the ranks of a Communicator.
+//
+// Every rank passes its own shard (layout of layout.h, global length L = P·local):
+//   q: [B, L/P, H, d]   k, v: [B, L/P, Hkv, d]   o: [B, L/P, H, d]   lse: [B, H, L/P] fp32
+// and gets the rows of the full attention result that belong to its queries.
+//
+// Strategies:
+//   ring      RA+SP: P stages; at stage t rank p attends to the K/V block of rank
+//             (p − t) mod P while the next block is in flight; LSE merge in fp32.
+//             Backward: K, V travel with their dK, dV accumulators, which arrive
+//             home after the last stage.
+//   allgather all-gather K/V (and their positions), then local attention;
+//             backward reduce-scatters dK/dV to their owners.
+//   ulysses   all-to-all from sequence-sharded to head-sharded, local attention on
+//             the full sequence for H/P heads, all-to-all back (H and Hkv must be
+//             divisible by P).
+#pragma once
+#include <limits>
+#include <string>
+
+#include "ringattn/attention.h"
+#include "ringattn/comm.h"
+#include "ringattn/layout.h"
+
+namespace ringattn {
+
+enum class Strategy { ring, allgather, ulysses };
+const char* strategy_name(Strategy s);
+Strategy parse_strategy(const std::string& s);
+
+struct DistAttentionOptions {
+  Strategy strategy = Strategy::ring;
+  Layout layout = Layout::contiguous;
+  float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1/sqrt(d)
+  bool causal = false;
+  int threads = 0;
+  const Isa* isa = nullptr;
+  bool overlap = true;  // poll the communicator between compute tiles
+};
+
+// Per-call measurements on this rank.
+struct DistStats {
+  double seconds = 0;          // the whole call
+  double compute_seconds = 0;  // inside the local kernels and merges
+  double wait_seconds = 0;     // blocked on communication
+  int64_t bytes_sent = 0, bytes_received = 0;
+  int stages_skipped = 0;      // ring stages with no visible key (causal)
+};
+
+void dist_attention_forward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& o, const TensorView& lse, const DistAttentionOptions& opt,
+                            DistStats* stats = nullptr);
+
+// dq, dk, dv of this rank's shards, given o and lse from dist_attention_forward.
+void dist_attention_backward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                             const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                             const TensorView& dk, const TensorView& dv, const DistAttentionOptions& opt,
+                             DistStats* stats = nullptr);
+
+}  // namespace ringattn
