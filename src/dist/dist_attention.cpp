@@ -218,7 +218,7 @@ void ring_backward(Call& c, const TensorView& q, const TensorView& k, const Tens
   const std::initializer_list<int64_t> kv_shape = {2, c.B, c.Ll, c.Hkv, c.d};
   Tensor kv[2] = {Tensor(c.dtype, kv_shape), Tensor(c.dtype, kv_shape)};
   Tensor dkv[2] = {Tensor(DType::f32, kv_shape), Tensor(DType::f32, kv_shape)};
-  Tensor dkv_part(DType::f32, kv_shape), dkv_home(DType::f32, kv_shape);
+  Tensor dkv_part(DType::f32, kv_shape);
   Tensor dq_acc = Tensor::zeros(DType::f32, {c.B, c.Ll, c.H, c.d}), dq_part(DType::f32, {c.B, c.Ll, c.H, c.d});
   copy_into(kv_half(kv[0], 0), k);
   copy_into(kv_half(kv[0], 1), v);
@@ -255,9 +255,7 @@ void ring_backward(Call& c, const TensorView& q, const TensorView& k, const Tens
     } else {
       dkv[cur].fill_zero();
     }
-    if (c.P == 1) {
-      copy_into(dkv_home, dkv[cur]);
-    } else {
+    if (c.P > 1) {
       // To p+1: the next holder of this block, or (after the last stage) its owner.
       dkv_send[cur] = c.comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
       c.comm.wait(kv_send);
@@ -265,16 +263,20 @@ void ring_backward(Call& c, const TensorView& q, const TensorView& k, const Tens
     }
     cur = 1 - cur;
   }
+  // With one rank the block never left; otherwise its accumulator comes home
+  // from p−1 (into dkv_part, free now).
+  const Tensor* home = &dkv[1 - cur];
   if (c.P > 1) {
-    Request home = c.comm.irecv(dkv_home.ptr<void>(), dkv_home.bytes(), left, 2 * c.P + dkv_tag);
-    InFlight guard{c.comm, {&home}};
-    c.comm.wait(home);
-    for (Request& r : dkv_send)
-      if (r.pending()) c.comm.wait(r);
+    Request r = c.comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * c.P + dkv_tag);
+    InFlight guard{c.comm, {&r}};
+    c.comm.wait(r);
+    for (Request& q : dkv_send)
+      if (q.pending()) c.comm.wait(q);
+    home = &dkv_part;
   }
   copy_into(dq, dq_acc);
-  copy_into(dk, kv_half(dkv_home, 0));
-  copy_into(dv, kv_half(dkv_home, 1));
+  copy_into(dk, kv_half(*home, 0));
+  copy_into(dv, kv_half(*home, 1));
 }
 
 // ---- all-gather KV ------------------------------------------------------------------
