@@ -356,6 +356,7 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
 
 void run(const AttentionArgs& a) {
   const DType dtype = parse_dtype(a.dtype);
+  if (a.threads > 0) omp_set_num_threads(a.threads);  // copies and merges too, not only the kernels
   if (!a.strategy.empty() || launched_by_mpi()) {
     AttentionArgs b = a;
     if (b.strategy.empty()) b.strategy = "ring";

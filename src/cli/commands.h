@@ -10,6 +10,7 @@ namespace ringattn::cli {
 void add_info(CLI::App& app);
 void add_attention(CLI::App& app);
 void add_bench(CLI::App& app);
+void add_train(CLI::App& app);
 
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);

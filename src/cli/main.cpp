@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
   ringattn::cli::add_info(app);
   ringattn::cli::add_attention(app);
   ringattn::cli::add_bench(app);
+  ringattn::cli::add_train(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,113 @@
+// A dense pre-LayerNorm transformer (DESIGN.md §1), fp32, with hand-written
+// backward, an MSE loss and AdamW, that runs on one process or sequence-parallel
+// (RA+SP): every activation sharded by sequence, token-local layers on the local
+// shard with full weights, attention by the ring (or Ulysses / all-gather).
+//
+//   per layer:  a = LN1(x);  [q k v] = a·W_qkv + b_qkv;  o = attention(q, k, v)
+//               x1 = x + o·W_o + b_o;  c = LN2(x1);  x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "ringattn/comm.h"
+#include "ringattn/dist_attention.h"
+#include "ringattn/tensor.h"
+
+namespace ringattn {
+
+struct ModelConfig {
+  int64_t layers = 4, d_model = 256, heads = 4, kv_heads = 0, mlp_hidden = 0;
+  bool causal = true;
+  uint64_t seed = 1;
+
+  int64_t head_dim() const { return d_model / heads; }
+  int64_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
+  int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : 4 * d_model; }
+  int64_t qkv_width() const { return (heads + 2 * kv()) * head_dim(); }
+  void validate() const;  // throws Error naming the bad field
+};
+
+// One layer's parameters (or gradients): pointers into a flat fp32 array.
+struct LayerParams {
+  float *ln1_g, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o, *ln2_g, *ln2_b, *w_in, *b_in, *w_out, *b_out;
+};
+
+// Parameters and their gradients, each one flat fp32 array (one all-reduce, one
+// optimizer loop). Initialised from config.seed: identical on every rank.
+class Model {
+ public:
+  explicit Model(const ModelConfig& cfg);
+  const ModelConfig& config() const { return cfg_; }
+  int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
+  float* params() { return params_.data(); }
+  const float* params() const { return params_.data(); }
+  float* grads() { return grads_.data(); }
+  const float* grads() const { return grads_.data(); }
+  LayerParams layer(int l) { return view(params_.data(), l); }
+  LayerParams layer_grads(int l) { return view(grads_.data(), l); }
+  LayerParams layer(int l) const { return view(const_cast<float*>(params_.data()), l); }
+  void zero_grads();
+
+ private:
+  LayerParams view(float* base, int l) const;
+  ModelConfig cfg_;
+  int64_t per_layer_ = 0;
+  std::vector<float> params_, grads_;
+};
+
+// How attention runs: on this process alone (comm == nullptr), or sequence
+// parallel over comm with opt's strategy and layout (x holds this rank's tokens).
+struct SequenceParallel {
+  Communicator* comm = nullptr;
+  DistAttentionOptions attn;
+};
+
+// What the forward keeps for the backward.
+struct Activations {
+  int64_t B = 0, Ll = 0;
+  struct Layer {
+    Tensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
+  };
+  std::vector<Layer> layers;
+};
+
+// x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens).
+Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act);
+// dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
+// reduced across ranks) and returns dL/dx.
+Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp);
+
+// Mean squared error over the whole (global) batch: Σ (y − t)² / global_count,
+// summed over comm when given. Writes dL/dy for the local elements into dy.
+double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
+                int64_t global_count);
+
+struct AdamW {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
+  int64_t step = 0;
+  std::vector<float> m, v;
+  void update(Model& model);  // one step on model.params() with model.grads()
+};
+
+// A data × sequence parallel mesh over `world`: rank r has dp index r / sp and sp
+// index r % sp. The SP group (same dp index) splits the sequence; the DP group
+// (same sp index) splits the batch.
+struct Mesh {
+  int dp = 1, sp = 1;
+  Communicator* world = nullptr;
+  std::unique_ptr<Communicator> sp_comm, dp_comm;
+  // Throws Error (on every rank) unless dp·sp equals the number of ranks.
+  static Mesh build(Communicator& world, int dp, int sp);
+  int dp_index() const { return world->rank() / sp; }
+  int sp_index() const { return world->rank() % sp; }
+};
+
+// One training step: forward, MSE loss, backward, all-reduce of loss and weight
+// gradients over `reduce` (sum; the loss is normalised by the global element
+// count, so the sum is the gradient of the global mean), AdamW. reduce may be
+// null (one process) or the world of a DP × SP mesh. Returns the loss.
+double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
+                  int64_t global_count, Communicator* reduce);
+
+}  // namespace ringattn

@@ -1,0 +1,167 @@
+// `ringattn train`: the dense transformer trained with RA+SP (× data parallel)
+// on the local ranks: forward (prefill) and training-step throughput, loss,
+// peak memory and bytes moved per rank.
+#include <omp.h>
+
+#include <cstdio>
+#include <random>
+
+#include "cli/commands.h"
+#include "ringattn/error.h"
+#include "ringattn/memory.h"
+#include "ringattn/model.h"
+#include "ringattn/perf.h"
+
+namespace ringattn::cli {
+namespace {
+
+struct TrainArgs {
+  ModelConfig model;
+  int64_t batch = 1, seq = 2048;
+  int steps = 3, dp = 1, sp = 0, threads = 0;
+  std::string strategy = "ring", layout = "zigzag";
+  float lr = 1e-3f;
+  double timeout = 300;
+  bool json = false;
+};
+
+Tensor normal_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
+  Tensor t(DType::f32, shape);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = dist(rng);
+  return t;
+}
+
+void run(const TrainArgs& a) {
+  if (a.threads > 0) omp_set_num_threads(a.threads);  // GEMMs and layers too, not only attention
+  std::unique_ptr<Communicator> world;
+  if (MpiSession::active()) world = mpi_world(a.timeout);
+  const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
+  const int sp = a.sp > 0 ? a.sp : P / a.dp;
+  check(a.dp >= 1 && sp >= 1 && a.dp * sp == P, "--dp ", a.dp, " x --sp ", sp, " must equal the ", P,
+        " ranks (run under mpirun -np ", a.dp * sp, ")");
+  check(a.batch % a.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", a.dp);
+  check(a.steps >= 1, "--steps must be >= 1");
+  a.model.validate();
+  const Layout layout = parse_layout(a.layout);
+  check_layout(layout, a.seq, sp);
+  Mesh mesh;
+  if (world) mesh = Mesh::build(*world, a.dp, sp);
+
+  SequenceParallel spc;
+  spc.comm = world ? mesh.sp_comm.get() : nullptr;
+  spc.attn.strategy = parse_strategy(a.strategy);
+  spc.attn.layout = layout;
+  spc.attn.threads = a.threads;
+  const int64_t D = a.model.d_model, Bl = a.batch / a.dp, Ll = a.seq / sp;
+
+  // The same global data on every rank; each keeps its batch rows and tokens.
+  std::mt19937_64 rng(a.model.seed + 1);
+  Tensor x_full = normal_tensor({a.batch, a.seq, D}, rng), t_full = normal_tensor({a.batch, a.seq, D}, rng);
+  const int dpi = world ? mesh.dp_index() : 0, spi = world ? mesh.sp_index() : 0;
+  Tensor x(DType::f32, {Bl, Ll, D}), t(DType::f32, {Bl, Ll, D});
+  shard(x_full.view().slice(0, dpi * Bl, Bl), x, layout, sp, spi, 1);
+  shard(t_full.view().slice(0, dpi * Bl, Bl), t, layout, sp, spi, 1);
+  x_full = Tensor(), t_full = Tensor();
+
+  Model model(a.model);
+  AdamW opt;
+  opt.lr = a.lr;
+  if (world) world->barrier(), world->reset_stats();
+  reset_peak_memory();
+
+  // Forward only (prefill), activations kept as training would; the first run
+  // also warms up (GEMM primitives, pages), so the second is timed.
+  double t_fwd = 0, t0 = 0;
+  int64_t fwd_bytes = 0;
+  for (int rep = 0; rep < 2; ++rep) {
+    if (world) mesh.sp_comm->reset_stats();
+    Activations act;
+    t0 = now_seconds();
+    model_forward(model, x, spc, act);
+    t_fwd = now_seconds() - t0;
+    fwd_bytes = world ? mesh.sp_comm->stats().bytes_sent : 0;
+  }
+  if (world) world->reset_stats();
+  std::vector<double> losses, step_times;
+  for (int s = 0; s < a.steps; ++s) {
+    if (!a.json && rank == 0) progress(cat("step ", s + 1, "/", a.steps));
+    t0 = now_seconds();
+    losses.push_back(train_step(model, opt, x, t, spc, a.batch * a.seq * D, world ? mesh.world : nullptr));
+    step_times.push_back(now_seconds() - t0);
+  }
+  if (!a.json && rank == 0) progress_done();
+  double mine[3] = {static_cast<double>(memory_stats().peak_bytes),
+                    static_cast<double>(world ? world->stats().bytes_sent : 0), static_cast<double>(fwd_bytes)};
+  std::vector<double> all(3 * static_cast<size_t>(P));
+  if (world)
+    world->all_gather(mine, all.data(), sizeof(mine));
+  else
+    std::copy(mine, mine + 3, all.begin());
+  if (rank != 0) return;
+
+  double best_step = *std::min_element(step_times.begin(), step_times.end());
+  const double tokens = static_cast<double>(a.batch * a.seq);
+  nlohmann::json j;
+  j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
+                {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
+  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["ranks"] = P;
+  j["strategy"] = a.strategy, j["layout"] = a.layout;
+  j["forward_seconds"] = t_fwd;
+  j["forward_tokens_per_s"] = tokens / t_fwd;
+  j["train_step_seconds"] = step_times;
+  j["train_tokens_per_s"] = tokens / best_step;
+  j["loss"] = losses;
+  j["per_rank"] = nlohmann::json::array();
+  for (int r = 0; r < P; ++r)
+    j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
+                             {"forward_bytes_sent", all[3 * r + 2]}});
+  if (a.json) return print_json(j);
+  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d (%s, %s)\n",
+              static_cast<long long>(a.model.layers), static_cast<long long>(D),
+              static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
+              static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
+              static_cast<long long>(a.seq), a.dp, sp, a.strategy.c_str(), a.layout.c_str());
+  std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
+  std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
+  std::printf("loss by step:");
+  for (double l : losses) std::printf(" %.5f", l);
+  std::printf("\n%4s %12s %14s %18s\n", "rank", "peak MiB", "sent MiB", "sent MiB (forward)");
+  for (int r = 0; r < P; ++r)
+    std::printf("%4d %12.1f %14.1f %18.1f\n", r, all[3 * r] / 1048576.0, all[3 * r + 1] / 1048576.0,
+                all[3 * r + 2] / 1048576.0);
+}
+
+}  // namespace
+
+void add_train(CLI::App& app) {
+  auto a = std::make_shared<TrainArgs>();
+  auto* cmd = app.add_subcommand("train",
+                                 "train the dense transformer with RA+SP (x data parallel) under mpirun: throughput, "
+                                 "loss, memory, bytes");
+  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
+  cmd->add_option("--d-model", a->model.d_model, "model width")->capture_default_str();
+  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
+  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
+  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
+  cmd->add_option("--seed", a->model.seed, "weights and data seed")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "global batch")->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
+  cmd->add_option("--steps", a->steps, "training steps")->capture_default_str();
+  cmd->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
+  cmd->add_option("--dp", a->dp, "data-parallel groups")->capture_default_str();
+  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / dp)");
+  cmd->add_option("--strategy", a->strategy, "attention across the SP group: ring, allgather, ulysses")
+      ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
+      ->capture_default_str();
+  cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
+      ->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads per rank for every kernel (default: OpenMP's)");
+  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
+  cmd->add_flag("--json", a->json, "machine-readable output");
+  cmd->callback([a] { run(*a); });
+}
+
+}  // namespace ringattn::cli

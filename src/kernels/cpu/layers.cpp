@@ -1,0 +1,116 @@
+// Token-local layers (see layers.h): LayerNorm, GELU, linear. Row loops are
+// OpenMP-parallel; GEMMs go through the one oneDNN wrapper.
+#include "ringattn/layers.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ringattn/gemm.h"
+
+namespace ringattn {
+
+// x, y: [N, C]   gamma, beta: [C]   mean, rstd: [N]
+void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
+                       float* mean, float* rstd, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x + i * C;
+    double s = 0, s2 = 0;
+    for (int64_t c = 0; c < C; ++c) s += xi[c];
+    const float m = static_cast<float>(s / C);
+    for (int64_t c = 0; c < C; ++c) s2 += static_cast<double>(xi[c] - m) * (xi[c] - m);
+    const float r = 1.f / std::sqrt(static_cast<float>(s2 / C) + eps);
+    for (int64_t c = 0; c < C; ++c) y[i * C + c] = (xi[c] - m) * r * gamma[c] + beta[c];
+    mean[i] = m;
+    rstd[i] = r;
+  }
+}
+
+// x, dy, dx: [N, C]   gamma, dgamma, dbeta: [C]   mean, rstd: [N]
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) {
+  // Per-thread partial sums of dgamma, dbeta, added in thread order afterwards
+  // (static schedule: the same rows per thread every run, so results repeat bitwise).
+  const int T = omp_get_max_threads();
+  std::vector<double> part(static_cast<size_t>(T) * 2 * C, 0.0);
+#pragma omp parallel num_threads(T)
+  {
+    double* dg = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
+    double* db = dg + C;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      const float* xi = x + i * C;
+      const float* dyi = dy + i * C;
+      double a = 0, b = 0;  // Σ dŷ, Σ dŷ ∘ x̂
+      for (int64_t c = 0; c < C; ++c) {
+        const float xh = (xi[c] - mean[i]) * rstd[i];
+        const float dyh = dyi[c] * gamma[c];
+        a += dyh;
+        b += dyh * xh;
+        dg[c] += dyi[c] * xh;
+        db[c] += dyi[c];
+      }
+      const float ma = static_cast<float>(a / C), mb = static_cast<float>(b / C);
+      for (int64_t c = 0; c < C; ++c) {
+        const float xh = (xi[c] - mean[i]) * rstd[i];
+        dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - ma - xh * mb);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      dgamma[c] += static_cast<float>(part[static_cast<size_t>(t) * 2 * C + c]);
+      dbeta[c] += static_cast<float>(part[static_cast<size_t>(t) * 2 * C + C + c]);
+    }
+}
+
+namespace {
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
+}
+
+// x, y: [n]
+void gelu_forward(int64_t n, const float* x, float* y) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = kGeluC * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+    y[i] = 0.5f * x[i] * (1.f + std::tanh(u));
+  }
+}
+
+// dy/dx = ½(1 + tanh u) + ½ x (1 − tanh² u) · √(2/π)(1 + 3·0.044715 x²)
+void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = kGeluC * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+    const float t = std::tanh(u);
+    const float du = kGeluC * (1.f + 3.f * 0.044715f * x[i] * x[i]);
+    dx[i] = dy[i] * (0.5f * (1.f + t) + 0.5f * x[i] * (1.f - t * t) * du);
+  }
+}
+
+// x: [N, Cin]  W: [Cin, Cout]  b: [Cout]  ->  y: [N, Cout]
+void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* b, float* y) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < Cout; ++c) y[i * Cout + c] = b ? b[c] : 0.f;
+  gemm(false, false, N, Cout, Cin, 1.f, x, Cin, W, Cout, 1.f, y, Cout);
+}
+
+// dy: [N, Cout] -> dx: [N, Cin]; dW: [Cin, Cout] += xᵀ dy; db: [Cout] += Σ dy
+void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* dy, float* dx,
+                     float* dW, float* db) {
+  if (dx) gemm(false, true, N, Cin, Cout, 1.f, dy, Cout, W, Cout, 0.f, dx, Cin);
+  gemm(true, false, Cin, Cout, N, 1.f, x, Cin, dy, Cout, 1.f, dW, Cout);
+  if (db) {
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < Cout; ++c) {
+      double s = 0;
+      for (int64_t i = 0; i < N; ++i) s += dy[i * Cout + c];
+      db[c] += static_cast<float>(s);
+    }
+  }
+}
+
+}  // namespace ringattn

@@ -1,0 +1,248 @@
+// The dense transformer (see model.h): init, forward, hand-written backward,
+// MSE loss, AdamW, and the sequence-parallel training step.
+#include "ringattn/model.h"
+
+#include <cmath>
+#include <random>
+
+#include "ringattn/attention.h"
+#include "ringattn/error.h"
+#include "ringattn/layers.h"
+
+namespace ringattn {
+
+void ModelConfig::validate() const {
+  check(layers >= 1, "layers must be >= 1, got ", layers);
+  check(d_model >= 1 && heads >= 1, "d_model and heads must be >= 1");
+  check(d_model % heads == 0, "d_model=", d_model, " must be divisible by heads=", heads);
+  check(heads % kv() == 0, "heads=", heads, " must be a multiple of kv_heads=", kv());
+  check(hidden() >= 1, "mlp_hidden must be >= 1");
+}
+
+namespace {
+// Sizes of one layer's tensors, in LayerParams order.
+std::vector<int64_t> layer_sizes(const ModelConfig& c) {
+  const int64_t D = c.d_model, C = c.qkv_width(), A = c.heads * c.head_dim(), F = c.hidden();
+  return {D, D, D * C, C, A * D, D, D, D, D * F, F, F * D, D};
+}
+}  // namespace
+
+Model::Model(const ModelConfig& cfg) : cfg_(cfg) {
+  cfg_.validate();
+  for (int64_t s : layer_sizes(cfg_)) per_layer_ += s;
+  params_.assign(static_cast<size_t>(per_layer_ * cfg_.layers), 0.f);
+  grads_.assign(params_.size(), 0.f);
+  // N(0, 0.02) weights (output projections scaled by 1/sqrt(2·layers), as GPT-2),
+  // LayerNorm gains 1, biases 0; drawn in a fixed order from the seed.
+  std::mt19937_64 rng(cfg_.seed);
+  std::normal_distribution<float> normal(0.f, 0.02f);
+  const float out_scale = 1.f / std::sqrt(2.f * static_cast<float>(cfg_.layers));
+  for (int l = 0; l < cfg_.layers; ++l) {
+    LayerParams p = layer(l);
+    const int64_t D = cfg_.d_model, C = cfg_.qkv_width(), A = cfg_.heads * cfg_.head_dim(), F = cfg_.hidden();
+    for (int64_t i = 0; i < D; ++i) p.ln1_g[i] = p.ln2_g[i] = 1.f;
+    for (int64_t i = 0; i < D * C; ++i) p.w_qkv[i] = normal(rng);
+    for (int64_t i = 0; i < A * D; ++i) p.w_o[i] = normal(rng) * out_scale;
+    for (int64_t i = 0; i < D * F; ++i) p.w_in[i] = normal(rng);
+    for (int64_t i = 0; i < F * D; ++i) p.w_out[i] = normal(rng) * out_scale;
+  }
+}
+
+LayerParams Model::view(float* base, int l) const {
+  float* p = base + l * per_layer_;
+  std::vector<float*> ptrs;
+  for (int64_t s : layer_sizes(cfg_)) {
+    ptrs.push_back(p);
+    p += s;
+  }
+  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7], ptrs[8], ptrs[9], ptrs[10], ptrs[11]};
+}
+
+void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
+
+namespace {
+
+// q, k, v of a fused qkv activation [B, Ll, (H + 2Hkv)·dh] as [B, Ll, heads, dh] views.
+TensorView qkv_part(const Tensor& qkv, const ModelConfig& c, int64_t B, int64_t Ll, int which) {
+  const int64_t dh = c.head_dim(), C = c.qkv_width();
+  const int64_t heads = which == 0 ? c.heads : c.kv();
+  const int64_t off = which == 0 ? 0 : (which == 1 ? c.heads : c.heads + c.kv()) * dh;
+  const int64_t shape[4] = {B, Ll, heads, dh}, strides[4] = {Ll * C, C, dh, 1};
+  return TensorView(qkv.ptr<float>() + off, DType::f32, 4, shape, strides);
+}
+
+void attention_fwd(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q, const TensorView& k,
+                   const TensorView& v, const TensorView& o, const TensorView& lse) {
+  if (sp.comm) {
+    DistAttentionOptions opt = sp.attn;
+    opt.causal = c.causal;
+    dist_attention_forward(*sp.comm, q, k, v, o, lse, opt);
+  } else {
+    AttentionOptions opt;
+    opt.causal = c.causal;
+    opt.threads = sp.attn.threads;
+    opt.isa = sp.attn.isa;
+    attention_forward(q, k, v, o, lse, opt);
+  }
+}
+
+void attention_bwd(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q, const TensorView& k,
+                   const TensorView& v, const TensorView& o, const TensorView& lse, const TensorView& dout,
+                   const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  if (sp.comm) {
+    DistAttentionOptions opt = sp.attn;
+    opt.causal = c.causal;
+    dist_attention_backward(*sp.comm, q, k, v, o, lse, dout, dq, dk, dv, opt);
+  } else {
+    AttentionOptions opt;
+    opt.causal = c.causal;
+    opt.threads = sp.attn.threads;
+    opt.isa = sp.attn.isa;
+    attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt);
+  }
+}
+
+void add(float* x, const float* y, int64_t n) {
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace
+
+// x: [B, Ll, D] -> [B, Ll, D]
+Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act) {
+  const ModelConfig& c = m.config();
+  check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
+        "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
+  const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = c.qkv_width(), F = c.hidden();
+  const int64_t A = c.heads * c.head_dim();
+  act.B = B, act.Ll = Ll;
+  act.layers.clear();
+  act.layers.resize(static_cast<size_t>(c.layers));
+  Tensor cur(DType::f32, {B, Ll, D});
+  copy_into(cur, x);
+  for (int l = 0; l < c.layers; ++l) {
+    const LayerParams p = m.layer(l);
+    Activations::Layer& s = act.layers[l];
+    s.x = std::move(cur);
+    s.a = Tensor(DType::f32, {N, D}), s.mean1 = Tensor(DType::f32, {N}), s.rstd1 = Tensor(DType::f32, {N});
+    layernorm_forward(N, D, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
+                      s.rstd1.ptr<float>());
+    s.qkv = Tensor(DType::f32, {N, C});
+    linear_forward(N, D, C, s.a.ptr<float>(), p.w_qkv, p.b_qkv, s.qkv.ptr<float>());
+    s.o = Tensor(DType::f32, {B, Ll, c.heads, c.head_dim()}), s.lse = Tensor(DType::f32, {B, c.heads, Ll});
+    attention_fwd(sp, c, qkv_part(s.qkv, c, B, Ll, 0), qkv_part(s.qkv, c, B, Ll, 1), qkv_part(s.qkv, c, B, Ll, 2),
+                  s.o, s.lse);
+    s.x1 = Tensor(DType::f32, {N, D});
+    linear_forward(N, A, D, s.o.ptr<float>(), p.w_o, p.b_o, s.x1.ptr<float>());
+    add(s.x1.ptr<float>(), s.x.ptr<float>(), N * D);
+    s.c = Tensor(DType::f32, {N, D}), s.mean2 = Tensor(DType::f32, {N}), s.rstd2 = Tensor(DType::f32, {N});
+    layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
+                      s.rstd2.ptr<float>());
+    s.h = Tensor(DType::f32, {N, F}), s.g = Tensor(DType::f32, {N, F});
+    linear_forward(N, D, F, s.c.ptr<float>(), p.w_in, p.b_in, s.h.ptr<float>());
+    gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
+    cur = Tensor(DType::f32, {B, Ll, D});
+    linear_forward(N, F, D, s.g.ptr<float>(), p.w_out, p.b_out, cur.ptr<float>());
+    add(cur.ptr<float>(), s.x1.ptr<float>(), N * D);
+  }
+  return cur;
+}
+
+// dy: [B, Ll, D] -> dx: [B, Ll, D]; weight gradients accumulate into m.grads().
+Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp) {
+  const ModelConfig& c = m.config();
+  const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = c.qkv_width(), F = c.hidden();
+  const int64_t A = c.heads * c.head_dim();
+  check(dy.rank == 3 && dy.dim(0) == B && dy.dim(1) == Ll && dy.dim(2) == D, "model gradient must be [", B, ", ", Ll,
+        ", ", D, "], got ", dy.shape_str());
+  Tensor dcur(DType::f32, {B, Ll, D});
+  copy_into(dcur, dy);
+  Tensor dg(DType::f32, {N, F}), dh(DType::f32, {N, F}), dc(DType::f32, {N, D}), dtmp(DType::f32, {N, D});
+  Tensor dout(DType::f32, {B, Ll, c.heads, c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
+  for (int l = c.layers - 1; l >= 0; --l) {
+    const LayerParams p = m.layer(l);
+    const LayerParams gp = m.layer_grads(l);
+    const Activations::Layer& s = act.layers[l];
+    // x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
+    linear_backward(N, F, D, s.g.ptr<float>(), p.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out);
+    gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
+    linear_backward(N, D, F, s.c.ptr<float>(), p.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in);
+    layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
+                       dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
+    add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx1
+    // x1 = x + o·W_o + b_o
+    linear_backward(N, A, D, s.o.ptr<float>(), p.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o);
+    attention_bwd(sp, c, qkv_part(s.qkv, c, B, Ll, 0), qkv_part(s.qkv, c, B, Ll, 1), qkv_part(s.qkv, c, B, Ll, 2),
+                  s.o, s.lse, dout, qkv_part(dqkv, c, B, Ll, 0), qkv_part(dqkv, c, B, Ll, 1),
+                  qkv_part(dqkv, c, B, Ll, 2));
+    linear_backward(N, D, C, s.a.ptr<float>(), p.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv);
+    layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
+                       dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
+    add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx
+  }
+  return dcur;
+}
+
+double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
+                int64_t global_count) {
+  check(y.shape == target.shape && y.shape == dy.shape && y.rank == target.rank, "loss: output ", y.shape_str(),
+        " and target ", target.shape_str(), " differ");
+  check(y.is_contiguous() && target.is_contiguous() && dy.is_contiguous() && y.dtype == DType::f32 &&
+            target.dtype == DType::f32 && dy.dtype == DType::f32,
+        "loss takes contiguous fp32 tensors");
+  const int64_t n = y.numel();
+  const float* a = y.ptr<float>();
+  const float* t = target.ptr<float>();
+  float* g = dy.ptr<float>();
+  double sum = 0;
+  const float scale = 2.f / static_cast<float>(global_count);
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = a[i] - t[i];
+    sum += static_cast<double>(e) * e;
+    g[i] = scale * e;
+  }
+  if (comm) comm->all_reduce(&sum, 1, ReduceOp::sum);
+  return sum / static_cast<double>(global_count);
+}
+
+void AdamW::update(Model& model) {
+  const int64_t n = model.num_params();
+  if (m.empty()) m.assign(static_cast<size_t>(n), 0.f), v.assign(static_cast<size_t>(n), 0.f);
+  ++step;
+  const float c1 = 1.f - std::pow(beta1, static_cast<float>(step)), c2 = 1.f - std::pow(beta2, static_cast<float>(step));
+  float* w = model.params();
+  const float* g = model.grads();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    m[i] = beta1 * m[i] + (1.f - beta1) * g[i];
+    v[i] = beta2 * v[i] + (1.f - beta2) * g[i] * g[i];
+    w[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + weight_decay * w[i]);
+  }
+}
+
+Mesh Mesh::build(Communicator& world, int dp, int sp) {
+  check(dp >= 1 && sp >= 1 && dp * sp == world.size(), "mesh dp=", dp, " x sp=", sp, " = ", dp * sp,
+        " does not match the ", world.size(), " ranks");
+  Mesh m;
+  m.dp = dp, m.sp = sp, m.world = &world;
+  const int r = world.rank();
+  m.sp_comm = world.split(r / sp, r % sp);
+  m.dp_comm = world.split(r % sp, r / sp);
+  return m;
+}
+
+double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
+                  int64_t global_count, Communicator* reduce) {
+  Activations act;
+  Tensor y = model_forward(m, x, sp, act);
+  Tensor dy(DType::f32, y.rank(), y.view().shape.data());
+  const double loss = mse_loss(y, target, dy, reduce, global_count);
+  m.zero_grads();
+  model_backward(m, act, dy, sp);
+  if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
+  opt.update(m);
+  return loss;
+}
+
+}  // namespace ringattn
