@@ -34,11 +34,27 @@ struct LayerParams {
 };
 
 // Parameters and their gradients, each one flat fp32 array (one all-reduce, one
-// optimizer loop). Initialised from config.seed: identical on every rank.
+// optimizer loop). Initialised from config.seed: the same function on every rank
+// and for every parallel layout.
+//
+// Tensor parallelism (Megatron): with tp > 1 the model holds rank tp_rank's
+// slice: heads/tp query heads and kv_heads/tp key/value heads (columns of W_qkv,
+// b_qkv; rows of W_o) and hidden/tp MLP columns (columns of W_in, b_in; rows of
+// W_out). LayerNorms and the biases b_o, b_out are replicated. The slices are cut
+// from the full tp = 1 initialisation.
 class Model {
  public:
-  explicit Model(const ModelConfig& cfg);
+  explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0);
   const ModelConfig& config() const { return cfg_; }
+  int tp() const { return tp_; }
+  int tp_rank() const { return tp_rank_; }
+  int64_t local_heads() const { return cfg_.heads / tp_; }
+  int64_t local_kv() const { return cfg_.kv() / tp_; }
+  int64_t local_hidden() const { return cfg_.hidden() / tp_; }
+  int64_t local_qkv_width() const { return (local_heads() + 2 * local_kv()) * cfg_.head_dim(); }
+  // Copies this rank's slice of `full` (a tp = 1 model of the same config):
+  // parameters, or gradients when grads is true.
+  void copy_slice_from(const Model& full, bool grads);
   int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
   float* params() { return params_.data(); }
   const float* params() const { return params_.data(); }
@@ -51,16 +67,22 @@ class Model {
 
  private:
   LayerParams view(float* base, int l) const;
+  std::vector<int64_t> layer_sizes() const;
   ModelConfig cfg_;
+  int tp_ = 1, tp_rank_ = 0;
   int64_t per_layer_ = 0;
   std::vector<float> params_, grads_;
 };
 
-// How attention runs: on this process alone (comm == nullptr), or sequence
-// parallel over comm with opt's strategy and layout (x holds this rank's tokens).
+// How the layers run: attention on this process alone (comm == nullptr) or
+// sequence parallel over comm with attn's strategy and layout (x holds this
+// rank's tokens); with tp set, the model is a tensor-parallel slice and the
+// row-parallel outputs (W_o, W_out) and the input gradients of the
+// column-parallel layers (W_qkv, W_in) are all-reduced over tp.
 struct SequenceParallel {
   Communicator* comm = nullptr;
   DistAttentionOptions attn;
+  Communicator* tp = nullptr;
 };
 
 // What the forward keeps for the backward.
@@ -90,23 +112,27 @@ struct AdamW {
   void update(Model& model);  // one step on model.params() with model.grads()
 };
 
-// A data × sequence parallel mesh over `world`: rank r has dp index r / sp and sp
-// index r % sp. The SP group (same dp index) splits the sequence; the DP group
-// (same sp index) splits the batch.
+// A data × sequence × tensor parallel mesh over `world`: rank
+// r = (dp_index·sp + sp_index)·tp + tp_index. The SP group splits the sequence,
+// the DP group the batch, the TP group heads and MLP columns; the replica group
+// (same tp index) holds the same parameter slice and sums its gradients.
 struct Mesh {
-  int dp = 1, sp = 1;
+  int dp = 1, sp = 1, tp = 1;
   Communicator* world = nullptr;
-  std::unique_ptr<Communicator> sp_comm, dp_comm;
-  // Throws Error (on every rank) unless dp·sp equals the number of ranks.
-  static Mesh build(Communicator& world, int dp, int sp);
-  int dp_index() const { return world->rank() / sp; }
-  int sp_index() const { return world->rank() % sp; }
+  std::unique_ptr<Communicator> sp_comm, dp_comm, tp_comm, replica_comm;
+  // Throws Error (on every rank) unless dp·sp·tp equals the number of ranks.
+  static Mesh build(Communicator& world, int dp, int sp, int tp = 1);
+  int dp_index() const { return world->rank() / (sp * tp); }
+  int sp_index() const { return world->rank() / tp % sp; }
+  int tp_index() const { return world->rank() % tp; }
 };
 
 // One training step: forward, MSE loss, backward, all-reduce of loss and weight
 // gradients over `reduce` (sum; the loss is normalised by the global element
 // count, so the sum is the gradient of the global mean), AdamW. reduce may be
-// null (one process) or the world of a DP × SP mesh. Returns the loss.
+// null (one process) or a mesh's replica group (its world when tp = 1; the TP
+// ranks of a group hold the same outputs, so each replica group counts every
+// element once). Returns the loss.
 double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                   int64_t global_count, Communicator* reduce);
 

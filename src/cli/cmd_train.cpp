@@ -18,12 +18,23 @@ namespace {
 struct TrainArgs {
   ModelConfig model;
   int64_t batch = 1, seq = 2048;
-  int steps = 3, dp = 1, sp = 0, threads = 0;
+  int steps = 3, dp = 1, sp = 0, tp = 1, threads = 0;
   std::string strategy = "ring", layout = "zigzag";
   float lr = 1e-3f;
   double timeout = 300;
   bool json = false;
 };
+
+// Bytes this rank sent over every group of the mesh.
+int64_t mesh_bytes_sent(const Mesh& m) {
+  int64_t b = 0;
+  for (const auto* c : {&m.sp_comm, &m.dp_comm, &m.tp_comm, &m.replica_comm}) b += (*c)->stats().bytes_sent;
+  return b;
+}
+
+void reset_mesh_stats(Mesh& m) {
+  for (auto* c : {&m.sp_comm, &m.dp_comm, &m.tp_comm, &m.replica_comm}) (*c)->reset_stats();
+}
 
 Tensor normal_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
   Tensor t(DType::f32, shape);
@@ -37,19 +48,21 @@ void run(const TrainArgs& a) {
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
-  const int sp = a.sp > 0 ? a.sp : P / a.dp;
-  check(a.dp >= 1 && sp >= 1 && a.dp * sp == P, "--dp ", a.dp, " x --sp ", sp, " must equal the ", P,
-        " ranks (run under mpirun -np ", a.dp * sp, ")");
+  check(a.dp >= 1 && a.tp >= 1, "--dp and --tp must be >= 1");
+  const int sp = a.sp > 0 ? a.sp : P / (a.dp * a.tp);
+  check(sp >= 1 && a.dp * sp * a.tp == P, "--dp ", a.dp, " x --sp ", sp, " x --tp ", a.tp, " must equal the ", P,
+        " ranks (run under mpirun -np ", a.dp * std::max(sp, 1) * a.tp, ")");
   check(a.batch % a.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", a.dp);
   check(a.steps >= 1, "--steps must be >= 1");
   a.model.validate();
   const Layout layout = parse_layout(a.layout);
   check_layout(layout, a.seq, sp);
   Mesh mesh;
-  if (world) mesh = Mesh::build(*world, a.dp, sp);
+  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp);
 
   SequenceParallel spc;
   spc.comm = world ? mesh.sp_comm.get() : nullptr;
+  spc.tp = world && a.tp > 1 ? mesh.tp_comm.get() : nullptr;
   spc.attn.strategy = parse_strategy(a.strategy);
   spc.attn.layout = layout;
   spc.attn.threads = a.threads;
@@ -64,7 +77,7 @@ void run(const TrainArgs& a) {
   shard(t_full.view().slice(0, dpi * Bl, Bl), t, layout, sp, spi, 1);
   x_full = Tensor(), t_full = Tensor();
 
-  Model model(a.model);
+  Model model(a.model, a.tp, world ? mesh.tp_index() : 0);
   AdamW opt;
   opt.lr = a.lr;
   if (world) world->barrier(), world->reset_stats();
@@ -75,24 +88,24 @@ void run(const TrainArgs& a) {
   double t_fwd = 0, t0 = 0;
   int64_t fwd_bytes = 0;
   for (int rep = 0; rep < 2; ++rep) {
-    if (world) mesh.sp_comm->reset_stats();
+    if (world) reset_mesh_stats(mesh);
     Activations act;
     t0 = now_seconds();
     model_forward(model, x, spc, act);
     t_fwd = now_seconds() - t0;
-    fwd_bytes = world ? mesh.sp_comm->stats().bytes_sent : 0;
+    fwd_bytes = world ? mesh_bytes_sent(mesh) : 0;
   }
-  if (world) world->reset_stats();
+  if (world) reset_mesh_stats(mesh);
   std::vector<double> losses, step_times;
   for (int s = 0; s < a.steps; ++s) {
     if (!a.json && rank == 0) progress(cat("step ", s + 1, "/", a.steps));
     t0 = now_seconds();
-    losses.push_back(train_step(model, opt, x, t, spc, a.batch * a.seq * D, world ? mesh.world : nullptr));
+    losses.push_back(train_step(model, opt, x, t, spc, a.batch * a.seq * D, world ? mesh.replica_comm.get() : nullptr));
     step_times.push_back(now_seconds() - t0);
   }
   if (!a.json && rank == 0) progress_done();
   double mine[3] = {static_cast<double>(memory_stats().peak_bytes),
-                    static_cast<double>(world ? world->stats().bytes_sent : 0), static_cast<double>(fwd_bytes)};
+                    static_cast<double>(world ? mesh_bytes_sent(mesh) : 0), static_cast<double>(fwd_bytes)};
   std::vector<double> all(3 * static_cast<size_t>(P));
   if (world)
     world->all_gather(mine, all.data(), sizeof(mine));
@@ -105,7 +118,7 @@ void run(const TrainArgs& a) {
   nlohmann::json j;
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
-  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["ranks"] = P;
+  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
   j["strategy"] = a.strategy, j["layout"] = a.layout;
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
@@ -117,18 +130,18 @@ void run(const TrainArgs& a) {
     j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
                              {"forward_bytes_sent", all[3 * r + 2]}});
   if (a.json) return print_json(j);
-  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d (%s, %s)\n",
+  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d x tp=%d (%s, %s)\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(D),
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
               static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
-              static_cast<long long>(a.seq), a.dp, sp, a.strategy.c_str(), a.layout.c_str());
+              static_cast<long long>(a.seq), a.dp, sp, a.tp, a.strategy.c_str(), a.layout.c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
   std::printf("loss by step:");
   for (double l : losses) std::printf(" %.5f", l);
-  std::printf("\n%4s %12s %14s %18s\n", "rank", "peak MiB", "sent MiB", "sent MiB (forward)");
+  std::printf("\n%4s %12s %22s %18s\n", "rank", "peak MiB", "sent MiB (all steps)", "sent MiB (forward)");
   for (int r = 0; r < P; ++r)
-    std::printf("%4d %12.1f %14.1f %18.1f\n", r, all[3 * r] / 1048576.0, all[3 * r + 1] / 1048576.0,
+    std::printf("%4d %12.1f %22.1f %18.1f\n", r, all[3 * r] / 1048576.0, all[3 * r + 1] / 1048576.0,
                 all[3 * r + 2] / 1048576.0);
 }
 
@@ -137,7 +150,7 @@ void run(const TrainArgs& a) {
 void add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
   auto* cmd = app.add_subcommand("train",
-                                 "train the dense transformer with RA+SP (x data parallel) under mpirun: throughput, "
+                                 "train the dense transformer with RA+SP (x data x tensor parallel) under mpirun: throughput, "
                                  "loss, memory, bytes");
   cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
   cmd->add_option("--d-model", a->model.d_model, "model width")->capture_default_str();
@@ -151,7 +164,8 @@ void add_train(CLI::App& app) {
   cmd->add_option("--steps", a->steps, "training steps")->capture_default_str();
   cmd->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
   cmd->add_option("--dp", a->dp, "data-parallel groups")->capture_default_str();
-  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / dp)");
+  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))");
+  cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")->capture_default_str();
   cmd->add_option("--strategy", a->strategy, "attention across the SP group: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
       ->capture_default_str();

@@ -2,6 +2,7 @@
 // MSE loss, AdamW, and the sequence-parallel training step.
 #include "ringattn/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -19,19 +20,39 @@ void ModelConfig::validate() const {
   check(hidden() >= 1, "mlp_hidden must be >= 1");
 }
 
-namespace {
-// Sizes of one layer's tensors, in LayerParams order.
-std::vector<int64_t> layer_sizes(const ModelConfig& c) {
-  const int64_t D = c.d_model, C = c.qkv_width(), A = c.heads * c.head_dim(), F = c.hidden();
+// Sizes of one layer's tensors (this rank's slice), in LayerParams order.
+std::vector<int64_t> Model::layer_sizes() const {
+  const int64_t D = cfg_.d_model, C = local_qkv_width(), A = local_heads() * cfg_.head_dim(), F = local_hidden();
   return {D, D, D * C, C, A * D, D, D, D, D * F, F, F * D, D};
 }
+
+namespace {
+
+// Column c of this TP rank's W_qkv slice -> column of the full W_qkv: the local
+// q heads, then k heads, then v heads, each a contiguous run of the full layout.
+int64_t qkv_column(const ModelConfig& c, int tp, int r, int64_t col) {
+  const int64_t dh = c.head_dim(), hq = c.heads / tp * dh, hk = c.kv() / tp * dh;
+  if (col < hq) return r * hq + col;
+  if (col < hq + hk) return c.heads * dh + r * hk + (col - hq);
+  return (c.heads + c.kv()) * dh + r * hk + (col - hq - hk);
+}
+
 }  // namespace
 
-Model::Model(const ModelConfig& cfg) : cfg_(cfg) {
+Model::Model(const ModelConfig& cfg, int tp, int tp_rank) : cfg_(cfg), tp_(tp), tp_rank_(tp_rank) {
   cfg_.validate();
-  for (int64_t s : layer_sizes(cfg_)) per_layer_ += s;
+  check(tp >= 1 && tp_rank >= 0 && tp_rank < tp, "tensor-parallel rank ", tp_rank, " of ", tp, " is out of range");
+  check(cfg_.heads % tp == 0 && cfg_.kv() % tp == 0, "tensor parallelism splits heads: heads=", cfg_.heads,
+        " and kv_heads=", cfg_.kv(), " must both be divisible by tp=", tp);
+  check(cfg_.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", cfg_.hidden(),
+        " must be divisible by tp=", tp);
+  for (int64_t s : layer_sizes()) per_layer_ += s;
   params_.assign(static_cast<size_t>(per_layer_ * cfg_.layers), 0.f);
   grads_.assign(params_.size(), 0.f);
+  if (tp > 1) {
+    copy_slice_from(Model(cfg_), false);
+    return;
+  }
   // N(0, 0.02) weights (output projections scaled by 1/sqrt(2·layers), as GPT-2),
   // LayerNorm gains 1, biases 0; drawn in a fixed order from the seed.
   std::mt19937_64 rng(cfg_.seed);
@@ -48,10 +69,34 @@ Model::Model(const ModelConfig& cfg) : cfg_(cfg) {
   }
 }
 
+void Model::copy_slice_from(const Model& full, bool grads) {
+  check(full.tp() == 1, "copy_slice_from needs a full (tp = 1) model");
+  const ModelConfig& c = cfg_;
+  const int64_t D = c.d_model, Cf = c.qkv_width(), Cl = local_qkv_width(), dh = c.head_dim();
+  const int64_t Al = local_heads() * dh, Ff = c.hidden(), Fl = local_hidden();
+  for (int l = 0; l < c.layers; ++l) {
+    float* fb = const_cast<float*>(grads ? full.grads() : full.params());
+    const LayerParams f = full.view(fb, l);
+    const LayerParams p = view(grads ? grads_.data() : params_.data(), l);
+    std::copy_n(f.ln1_g, D, p.ln1_g), std::copy_n(f.ln1_b, D, p.ln1_b);
+    std::copy_n(f.ln2_g, D, p.ln2_g), std::copy_n(f.ln2_b, D, p.ln2_b);
+    std::copy_n(f.b_o, D, p.b_o), std::copy_n(f.b_out, D, p.b_out);
+    for (int64_t j = 0; j < Cl; ++j) {
+      const int64_t jf = qkv_column(c, tp_, tp_rank_, j);
+      p.b_qkv[j] = f.b_qkv[jf];
+      for (int64_t i = 0; i < D; ++i) p.w_qkv[i * Cl + j] = f.w_qkv[i * Cf + jf];
+    }
+    std::copy_n(f.w_o + tp_rank_ * Al * D, Al * D, p.w_o);  // rows of the local heads
+    for (int64_t i = 0; i < D; ++i) std::copy_n(f.w_in + i * Ff + tp_rank_ * Fl, Fl, p.w_in + i * Fl);
+    std::copy_n(f.b_in + tp_rank_ * Fl, Fl, p.b_in);
+    std::copy_n(f.w_out + tp_rank_ * Fl * D, Fl * D, p.w_out);  // rows of the local MLP columns
+  }
+}
+
 LayerParams Model::view(float* base, int l) const {
   float* p = base + l * per_layer_;
   std::vector<float*> ptrs;
-  for (int64_t s : layer_sizes(cfg_)) {
+  for (int64_t s : layer_sizes()) {
     ptrs.push_back(p);
     p += s;
   }
@@ -62,11 +107,12 @@ void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
 
 namespace {
 
-// q, k, v of a fused qkv activation [B, Ll, (H + 2Hkv)·dh] as [B, Ll, heads, dh] views.
-TensorView qkv_part(const Tensor& qkv, const ModelConfig& c, int64_t B, int64_t Ll, int which) {
-  const int64_t dh = c.head_dim(), C = c.qkv_width();
-  const int64_t heads = which == 0 ? c.heads : c.kv();
-  const int64_t off = which == 0 ? 0 : (which == 1 ? c.heads : c.heads + c.kv()) * dh;
+// q, k, v of a fused qkv activation [B, Ll, (H + 2Hkv)·dh] (local heads) as
+// [B, Ll, heads, dh] views.
+TensorView qkv_part(const Tensor& qkv, const Model& m, int64_t B, int64_t Ll, int which) {
+  const int64_t dh = m.config().head_dim(), C = m.local_qkv_width(), hq = m.local_heads(), hk = m.local_kv();
+  const int64_t heads = which == 0 ? hq : hk;
+  const int64_t off = which == 0 ? 0 : (which == 1 ? hq : hq + hk) * dh;
   const int64_t shape[4] = {B, Ll, heads, dh}, strides[4] = {Ll * C, C, dh, 1};
   return TensorView(qkv.ptr<float>() + off, DType::f32, 4, shape, strides);
 }
@@ -107,6 +153,23 @@ void add(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
+// y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
+// row-parallel linear (the bias is added once, after the sum).
+void row_parallel_linear(const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x, const float* W,
+                         const float* b, float* y) {
+  linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y);
+  if (!sp.tp) return;
+  sp.tp->all_reduce(y, N * D, ReduceOp::sum);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t c = 0; c < D; ++c) y[i * D + c] += b[c];
+}
+
+// The input gradient of a column-parallel linear is a partial sum over the TP group.
+void reduce_input_grad(const SequenceParallel& sp, float* dx, int64_t n) {
+  if (sp.tp) sp.tp->all_reduce(dx, n, ReduceOp::sum);
+}
+
 }  // namespace
 
 // x: [B, Ll, D] -> [B, Ll, D]
@@ -114,8 +177,10 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
   const ModelConfig& c = m.config();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
-  const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = c.qkv_width(), F = c.hidden();
-  const int64_t A = c.heads * c.head_dim();
+  check(!sp.tp || sp.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
+        sp.tp ? sp.tp->size() : 1, " ranks");
+  const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
+  const int64_t A = m.local_heads() * c.head_dim();
   act.B = B, act.Ll = Ll;
   act.layers.clear();
   act.layers.resize(static_cast<size_t>(c.layers));
@@ -130,11 +195,12 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
                       s.rstd1.ptr<float>());
     s.qkv = Tensor(DType::f32, {N, C});
     linear_forward(N, D, C, s.a.ptr<float>(), p.w_qkv, p.b_qkv, s.qkv.ptr<float>());
-    s.o = Tensor(DType::f32, {B, Ll, c.heads, c.head_dim()}), s.lse = Tensor(DType::f32, {B, c.heads, Ll});
-    attention_fwd(sp, c, qkv_part(s.qkv, c, B, Ll, 0), qkv_part(s.qkv, c, B, Ll, 1), qkv_part(s.qkv, c, B, Ll, 2),
+    s.o = Tensor(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
+    s.lse = Tensor(DType::f32, {B, m.local_heads(), Ll});
+    attention_fwd(sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
                   s.o, s.lse);
     s.x1 = Tensor(DType::f32, {N, D});
-    linear_forward(N, A, D, s.o.ptr<float>(), p.w_o, p.b_o, s.x1.ptr<float>());
+    row_parallel_linear(sp, N, A, D, s.o.ptr<float>(), p.w_o, p.b_o, s.x1.ptr<float>());
     add(s.x1.ptr<float>(), s.x.ptr<float>(), N * D);
     s.c = Tensor(DType::f32, {N, D}), s.mean2 = Tensor(DType::f32, {N}), s.rstd2 = Tensor(DType::f32, {N});
     layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
@@ -143,7 +209,7 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
     linear_forward(N, D, F, s.c.ptr<float>(), p.w_in, p.b_in, s.h.ptr<float>());
     gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
     cur = Tensor(DType::f32, {B, Ll, D});
-    linear_forward(N, F, D, s.g.ptr<float>(), p.w_out, p.b_out, cur.ptr<float>());
+    row_parallel_linear(sp, N, F, D, s.g.ptr<float>(), p.w_out, p.b_out, cur.ptr<float>());
     add(cur.ptr<float>(), s.x1.ptr<float>(), N * D);
   }
   return cur;
@@ -152,14 +218,14 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
 // dy: [B, Ll, D] -> dx: [B, Ll, D]; weight gradients accumulate into m.grads().
 Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp) {
   const ModelConfig& c = m.config();
-  const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = c.qkv_width(), F = c.hidden();
-  const int64_t A = c.heads * c.head_dim();
+  const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
+  const int64_t A = m.local_heads() * c.head_dim();
   check(dy.rank == 3 && dy.dim(0) == B && dy.dim(1) == Ll && dy.dim(2) == D, "model gradient must be [", B, ", ", Ll,
         ", ", D, "], got ", dy.shape_str());
   Tensor dcur(DType::f32, {B, Ll, D});
   copy_into(dcur, dy);
   Tensor dg(DType::f32, {N, F}), dh(DType::f32, {N, F}), dc(DType::f32, {N, D}), dtmp(DType::f32, {N, D});
-  Tensor dout(DType::f32, {B, Ll, c.heads, c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
+  Tensor dout(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
   for (int l = c.layers - 1; l >= 0; --l) {
     const LayerParams p = m.layer(l);
     const LayerParams gp = m.layer_grads(l);
@@ -168,15 +234,17 @@ Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, co
     linear_backward(N, F, D, s.g.ptr<float>(), p.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out);
     gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
     linear_backward(N, D, F, s.c.ptr<float>(), p.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in);
+    reduce_input_grad(sp, dc.ptr<float>(), N * D);
     layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
                        dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
     add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx1
     // x1 = x + o·W_o + b_o
     linear_backward(N, A, D, s.o.ptr<float>(), p.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o);
-    attention_bwd(sp, c, qkv_part(s.qkv, c, B, Ll, 0), qkv_part(s.qkv, c, B, Ll, 1), qkv_part(s.qkv, c, B, Ll, 2),
-                  s.o, s.lse, dout, qkv_part(dqkv, c, B, Ll, 0), qkv_part(dqkv, c, B, Ll, 1),
-                  qkv_part(dqkv, c, B, Ll, 2));
+    attention_bwd(sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
+                  s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
+                  qkv_part(dqkv, m, B, Ll, 2));
     linear_backward(N, D, C, s.a.ptr<float>(), p.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv);
+    reduce_input_grad(sp, da.ptr<float>(), N * D);
     layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
                        dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
     add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx
@@ -221,14 +289,16 @@ void AdamW::update(Model& model) {
   }
 }
 
-Mesh Mesh::build(Communicator& world, int dp, int sp) {
-  check(dp >= 1 && sp >= 1 && dp * sp == world.size(), "mesh dp=", dp, " x sp=", sp, " = ", dp * sp,
-        " does not match the ", world.size(), " ranks");
+Mesh Mesh::build(Communicator& world, int dp, int sp, int tp) {
+  check(dp >= 1 && sp >= 1 && tp >= 1 && dp * sp * tp == world.size(), "mesh dp=", dp, " x sp=", sp, " x tp=", tp,
+        " = ", dp * sp * tp, " does not match the ", world.size(), " ranks");
   Mesh m;
-  m.dp = dp, m.sp = sp, m.world = &world;
-  const int r = world.rank();
-  m.sp_comm = world.split(r / sp, r % sp);
-  m.dp_comm = world.split(r % sp, r / sp);
+  m.dp = dp, m.sp = sp, m.tp = tp, m.world = &world;
+  const int r = world.rank(), di = m.dp_index(), si = m.sp_index(), ti = m.tp_index();
+  m.sp_comm = world.split(di * tp + ti, si);
+  m.dp_comm = world.split(si * tp + ti, di);
+  m.tp_comm = world.split(di * sp + si, ti);
+  m.replica_comm = world.split(ti, r);
   return m;
 }
 
