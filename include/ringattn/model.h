@@ -40,20 +40,24 @@ struct LayerParams {
 // Tensor parallelism (Megatron): with tp > 1 the model holds rank tp_rank's
 // slice: heads/tp query heads and kv_heads/tp key/value heads (columns of W_qkv,
 // b_qkv; rows of W_o) and hidden/tp MLP columns (columns of W_in, b_in; rows of
-// W_out). LayerNorms and the biases b_o, b_out are replicated. The slices are cut
-// from the full tp = 1 initialisation.
+// W_out). LayerNorms and the biases b_o, b_out are replicated.
+// Pipeline parallelism: with pp > 1 the model holds the layers of stage
+// pp_stage only (layers/pp consecutive layers). Slices are cut from the full
+// initialisation.
 class Model {
  public:
-  explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0);
+  explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0, int pp = 1, int pp_stage = 0);
   const ModelConfig& config() const { return cfg_; }
   int tp() const { return tp_; }
   int tp_rank() const { return tp_rank_; }
+  int num_layers() const { return num_layers_; }    // layers held here
+  int first_layer() const { return first_layer_; }  // global index of layer 0 here
   int64_t local_heads() const { return cfg_.heads / tp_; }
   int64_t local_kv() const { return cfg_.kv() / tp_; }
   int64_t local_hidden() const { return cfg_.hidden() / tp_; }
   int64_t local_qkv_width() const { return (local_heads() + 2 * local_kv()) * cfg_.head_dim(); }
-  // Copies this rank's slice of `full` (a tp = 1 model of the same config):
-  // parameters, or gradients when grads is true.
+  // Copies this rank's slice of `full` (a tp = 1, pp = 1 model of the same
+  // config): parameters, or gradients when grads is true.
   void copy_slice_from(const Model& full, bool grads);
   int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
   float* params() { return params_.data(); }
@@ -69,7 +73,7 @@ class Model {
   LayerParams view(float* base, int l) const;
   std::vector<int64_t> layer_sizes() const;
   ModelConfig cfg_;
-  int tp_ = 1, tp_rank_ = 0;
+  int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
   std::vector<float> params_, grads_;
 };
@@ -112,17 +116,19 @@ struct AdamW {
   void update(Model& model);  // one step on model.params() with model.grads()
 };
 
-// A data × sequence × tensor parallel mesh over `world`: rank
-// r = (dp_index·sp + sp_index)·tp + tp_index. The SP group splits the sequence,
-// the DP group the batch, the TP group heads and MLP columns; the replica group
-// (same tp index) holds the same parameter slice and sums its gradients.
+// A data × pipeline × sequence × tensor parallel mesh over `world`: rank
+// r = ((dp_index·pp + pp_index)·sp + sp_index)·tp + tp_index. The DP group splits
+// the batch, the PP group the layers, the SP group the sequence, the TP group
+// heads and MLP columns; the replica group (same pp and tp index) holds the same
+// parameter slice and sums its gradients.
 struct Mesh {
-  int dp = 1, sp = 1, tp = 1;
+  int dp = 1, pp = 1, sp = 1, tp = 1;
   Communicator* world = nullptr;
-  std::unique_ptr<Communicator> sp_comm, dp_comm, tp_comm, replica_comm;
-  // Throws Error (on every rank) unless dp·sp·tp equals the number of ranks.
-  static Mesh build(Communicator& world, int dp, int sp, int tp = 1);
-  int dp_index() const { return world->rank() / (sp * tp); }
+  std::unique_ptr<Communicator> dp_comm, pp_comm, sp_comm, tp_comm, replica_comm;
+  // Throws Error (on every rank) unless dp·pp·sp·tp equals the number of ranks.
+  static Mesh build(Communicator& world, int dp, int sp, int tp = 1, int pp = 1);
+  int dp_index() const { return world->rank() / (pp * sp * tp); }
+  int pp_index() const { return world->rank() / (sp * tp) % pp; }
   int sp_index() const { return world->rank() / tp % sp; }
   int tp_index() const { return world->rank() % tp; }
 };
@@ -135,5 +141,15 @@ struct Mesh {
 // element once). Returns the loss.
 double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                   int64_t global_count, Communicator* reduce);
+
+// The pipeline-parallel version over the stages of `pp` (this rank holds stage
+// pp.rank()): x and target [B, Ll, D] are split into micro_batches along B and
+// run with the 1F1B schedule (stage s does pp.size() − s − 1 forwards, then
+// alternates one forward and one backward); activations and their gradients move
+// between neighbouring stages. With train = false only the forwards run
+// (inference/prefill) and the loss is still reported. Returns the loss on every
+// stage.
+double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
+                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train);
 
 }  // namespace ringattn

@@ -39,17 +39,23 @@ int64_t qkv_column(const ModelConfig& c, int tp, int r, int64_t col) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, int tp, int tp_rank) : cfg_(cfg), tp_(tp), tp_rank_(tp_rank) {
+Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage)
+    : cfg_(cfg), tp_(tp), tp_rank_(tp_rank) {
   cfg_.validate();
+  check(pp >= 1 && pp_stage >= 0 && pp_stage < pp, "pipeline stage ", pp_stage, " of ", pp, " is out of range");
+  check(cfg_.layers % pp == 0, "pipeline parallelism splits layers: layers=", cfg_.layers,
+        " must be divisible by pp=", pp);
+  num_layers_ = static_cast<int>(cfg_.layers / pp);
+  first_layer_ = pp_stage * num_layers_;
   check(tp >= 1 && tp_rank >= 0 && tp_rank < tp, "tensor-parallel rank ", tp_rank, " of ", tp, " is out of range");
   check(cfg_.heads % tp == 0 && cfg_.kv() % tp == 0, "tensor parallelism splits heads: heads=", cfg_.heads,
         " and kv_heads=", cfg_.kv(), " must both be divisible by tp=", tp);
   check(cfg_.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", cfg_.hidden(),
         " must be divisible by tp=", tp);
   for (int64_t s : layer_sizes()) per_layer_ += s;
-  params_.assign(static_cast<size_t>(per_layer_ * cfg_.layers), 0.f);
+  params_.assign(static_cast<size_t>(per_layer_ * num_layers_), 0.f);
   grads_.assign(params_.size(), 0.f);
-  if (tp > 1) {
+  if (tp > 1 || pp > 1) {
     copy_slice_from(Model(cfg_), false);
     return;
   }
@@ -70,13 +76,13 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank) : cfg_(cfg), tp_(tp), 
 }
 
 void Model::copy_slice_from(const Model& full, bool grads) {
-  check(full.tp() == 1, "copy_slice_from needs a full (tp = 1) model");
+  check(full.tp() == 1 && full.num_layers() == cfg_.layers, "copy_slice_from needs a full (tp = 1, pp = 1) model");
   const ModelConfig& c = cfg_;
   const int64_t D = c.d_model, Cf = c.qkv_width(), Cl = local_qkv_width(), dh = c.head_dim();
   const int64_t Al = local_heads() * dh, Ff = c.hidden(), Fl = local_hidden();
-  for (int l = 0; l < c.layers; ++l) {
+  for (int l = 0; l < num_layers_; ++l) {
     float* fb = const_cast<float*>(grads ? full.grads() : full.params());
-    const LayerParams f = full.view(fb, l);
+    const LayerParams f = full.view(fb, first_layer_ + l);
     const LayerParams p = view(grads ? grads_.data() : params_.data(), l);
     std::copy_n(f.ln1_g, D, p.ln1_g), std::copy_n(f.ln1_b, D, p.ln1_b);
     std::copy_n(f.ln2_g, D, p.ln2_g), std::copy_n(f.ln2_b, D, p.ln2_b);
@@ -183,10 +189,10 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
   const int64_t A = m.local_heads() * c.head_dim();
   act.B = B, act.Ll = Ll;
   act.layers.clear();
-  act.layers.resize(static_cast<size_t>(c.layers));
+  act.layers.resize(static_cast<size_t>(m.num_layers()));
   Tensor cur(DType::f32, {B, Ll, D});
   copy_into(cur, x);
-  for (int l = 0; l < c.layers; ++l) {
+  for (int l = 0; l < m.num_layers(); ++l) {
     const LayerParams p = m.layer(l);
     Activations::Layer& s = act.layers[l];
     s.x = std::move(cur);
@@ -226,7 +232,7 @@ Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, co
   copy_into(dcur, dy);
   Tensor dg(DType::f32, {N, F}), dh(DType::f32, {N, F}), dc(DType::f32, {N, D}), dtmp(DType::f32, {N, D});
   Tensor dout(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
-  for (int l = c.layers - 1; l >= 0; --l) {
+  for (int l = m.num_layers() - 1; l >= 0; --l) {
     const LayerParams p = m.layer(l);
     const LayerParams gp = m.layer_grads(l);
     const Activations::Layer& s = act.layers[l];
@@ -289,16 +295,18 @@ void AdamW::update(Model& model) {
   }
 }
 
-Mesh Mesh::build(Communicator& world, int dp, int sp, int tp) {
-  check(dp >= 1 && sp >= 1 && tp >= 1 && dp * sp * tp == world.size(), "mesh dp=", dp, " x sp=", sp, " x tp=", tp,
-        " = ", dp * sp * tp, " does not match the ", world.size(), " ranks");
+Mesh Mesh::build(Communicator& world, int dp, int sp, int tp, int pp) {
+  check(dp >= 1 && pp >= 1 && sp >= 1 && tp >= 1 && dp * pp * sp * tp == world.size(), "mesh dp=", dp, " x pp=", pp,
+        " x sp=", sp, " x tp=", tp, " = ", dp * pp * sp * tp, " does not match the ", world.size(), " ranks");
   Mesh m;
-  m.dp = dp, m.sp = sp, m.tp = tp, m.world = &world;
-  const int r = world.rank(), di = m.dp_index(), si = m.sp_index(), ti = m.tp_index();
-  m.sp_comm = world.split(di * tp + ti, si);
-  m.dp_comm = world.split(si * tp + ti, di);
-  m.tp_comm = world.split(di * sp + si, ti);
-  m.replica_comm = world.split(ti, r);
+  m.dp = dp, m.pp = pp, m.sp = sp, m.tp = tp, m.world = &world;
+  const int r = world.rank(), di = m.dp_index(), pi = m.pp_index(), si = m.sp_index(), ti = m.tp_index();
+  // color = the indices the group shares, key = the index it runs over
+  m.dp_comm = world.split((pi * sp + si) * tp + ti, di);
+  m.pp_comm = world.split((di * sp + si) * tp + ti, pi);
+  m.sp_comm = world.split((di * pp + pi) * tp + ti, si);
+  m.tp_comm = world.split((di * pp + pi) * sp + si, ti);
+  m.replica_comm = world.split(pi * tp + ti, r);
   return m;
 }
 
@@ -312,6 +320,74 @@ double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& t
   model_backward(m, act, dy, sp);
   if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
   opt.update(m);
+  return loss;
+}
+
+// 1F1B over the stages of pp: activations forward to stage s+1 (tag 2i), their
+// gradients back to stage s−1 (tag 2i+1), i = micro-batch. Sends stay in flight
+// until the end of the step, so two neighbours sending to each other never
+// block on one another.
+double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
+                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
+  const int S = pp.size(), s = pp.rank(), M = micro_batches;
+  check(x.rank == 3 && target.shape == x.shape, "pipeline input and target must be [B, L, D] of the same shape");
+  const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
+  check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
+  check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/",
+        S, " for a pipeline of ", S, " stages");
+  const int64_t Bm = B / M;
+  std::vector<Activations> acts(static_cast<size_t>(M));
+  std::vector<Tensor> dys(static_cast<size_t>(M)), sent;
+  std::vector<Request> sends;
+  double loss = 0;
+  auto micro = [&](const TensorView& t, int i) { return t.slice(0, i * Bm, Bm); };
+  auto recv = [&](int from, int tag) {
+    Tensor t(DType::f32, {Bm, Ll, D});
+    Request r = pp.irecv(t.ptr<void>(), t.bytes(), from, tag);
+    pp.wait(r);
+    return t;
+  };
+  auto send = [&](Tensor t, int to, int tag) {
+    sends.push_back(pp.isend(t.ptr<void>(), t.bytes(), to, tag));
+    sent.push_back(std::move(t));
+  };
+  auto forward = [&](int i) {
+    Tensor in = s == 0 ? Tensor(DType::f32, {Bm, Ll, D}) : recv(s - 1, 2 * i);
+    if (s == 0) copy_into(in, micro(x, i));
+    Tensor out = model_forward(m, in, sp, acts[i]);
+    if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
+    Tensor t(DType::f32, {Bm, Ll, D});
+    copy_into(t, micro(target, i));
+    dys[i] = Tensor(DType::f32, {Bm, Ll, D});
+    loss += mse_loss(out, t, dys[i], nullptr, global_count);
+  };
+  auto backward = [&](int i) {
+    Tensor dy = s + 1 < S ? recv(s + 1, 2 * i + 1) : std::move(dys[i]);
+    Tensor dx = model_backward(m, acts[i], dy, sp);
+    acts[i] = Activations();
+    if (s > 0) send(std::move(dx), s - 1, 2 * i + 1);
+  };
+  if (train) m.zero_grads();
+  if (!train) {
+    for (int i = 0; i < M; ++i) forward(i);
+  } else {
+    const int warm = std::min(S - s - 1, M);
+    int f = 0, b = 0;
+    while (f < warm) forward(f++);
+    while (f < M) forward(f++), backward(b++);
+    while (b < M) backward(b++);
+  }
+  for (Request& r : sends) pp.wait(r);
+  // The loss lives on the last stage (and, summed over the replica group, covers
+  // the whole batch and sequence); every stage reports it.
+  if (s + 1 < S) loss = 0;
+  if (reduce) reduce->all_reduce(&loss, 1, ReduceOp::sum);
+  pp.all_reduce(&loss, 1, ReduceOp::sum);
+  if (train) {
+    if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
+    check(opt != nullptr, "a training pipeline step needs an optimizer");
+    opt->update(m);
+  }
   return loss;
 }
 
