@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One command on a fresh Debian 12 machine: install what is missing, build, and run
-# the main job. Until the transformer comparison exists, the main job is a checked
-# ring-attention run on 2 local ranks and the kernel benchmark (extra arguments go
-# to `ringattn bench kernel`).
+# the main job: the paper's comparison (`ringattn compare`: RA+SP vs Ulysses,
+# all-gather, TP, PP on the local ranks) with its chart. Extra arguments go to
+# `ringattn compare` (e.g. ./run.sh --seq 16384 --ranks 4).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install_deps.sh
 cmake --preset release >/dev/null
 cmake --build --preset release -j "$(nproc)"
-./build/release/ringattn info
+./build/release/ringattn info --no-measure
 echo "== ring attention on 2 local ranks, checked against one rank =="
 mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
   ./build/release/ringattn attention --strategy ring --layout zigzag --seq 4096 --heads 8 --dim 128 \
   --causal --backward --check --threads 1
-echo "== kernel benchmark =="
-./build/release/ringattn bench kernel "$@"
+echo "== the comparison: 4-layer dense transformer, d_model 512 (4 heads x 128), MLP 2048, seq 8192 =="
+./build/release/ringattn compare --seq 8192 --json-out build/compare.json "$@"
+/usr/bin/python3 scripts/plot_compare.py build/compare.json build/compare.png >/dev/null
+echo "chart written to $(pwd)/build/compare.png"

@@ -37,7 +37,7 @@ namespace {
 bool wants_mpi(int argc, char** argv) {
   if (ringattn::launched_by_mpi()) return true;
   for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--strategy", 10) == 0) return true;
+    if (std::strncmp(argv[i], "--strategy", 10) == 0 || std::strncmp(argv[i], "--method", 8) == 0) return true;
   return false;
 }
 
@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
   ringattn::cli::add_attention(app);
   ringattn::cli::add_bench(app);
   ringattn::cli::add_train(app);
+  ringattn::cli::add_compare(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

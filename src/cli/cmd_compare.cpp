@@ -1,0 +1,292 @@
+// `ringattn compare`: the paper's experiment scaled to this machine. One dense
+// transformer (same weights for every method) run on the local ranks with RA+SP,
+// Ulysses, all-gather KV, TP, PP and TP × PP: forward (prefill) and training-step
+// throughput, peak memory and bytes moved per rank, in one table.
+//
+// `ringattn compare` is a launcher: it starts one `mpirun -np R ringattn compare
+// --method M --json` per method, so every method is measured in fresh processes
+// (allocator and cache state left by one method measurably slowed the next when
+// they shared a process), and a method that fails does not take the others down.
+#include <omp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "cli/commands.h"
+#include "ringattn/error.h"
+#include "ringattn/memory.h"
+#include "ringattn/model.h"
+#include "ringattn/perf.h"
+
+namespace ringattn::cli {
+namespace {
+
+struct CompareArgs {
+  ModelConfig model{4, 512, 4, 0, 0, true, 1};  // 4 heads x 128, MLP 4 x d_model
+  int64_t batch = 2, seq = 8192;
+  int threads = 1, ranks = 0;
+  std::string dtype = "fp32", json_out, only, method, launcher;
+  double timeout = 600;
+  bool json = false;
+};
+
+struct Method {
+  std::string id, name;
+  int pp, sp, tp;
+  Strategy strategy;
+};
+
+std::vector<Method> methods_for(int P) {
+  std::vector<Method> m = {{"ring", "RA+SP (ring, zigzag)", 1, P, 1, Strategy::ring},
+                           {"ulysses", "Ulysses", 1, P, 1, Strategy::ulysses},
+                           {"allgather", "all-gather KV", 1, P, 1, Strategy::allgather},
+                           {"tp", "TP", 1, 1, P, Strategy::ring},
+                           {"pp", "PP", P, 1, 1, Strategy::ring}};
+  if (P >= 4 && P % 2 == 0) m.push_back({"tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring});
+  return m;
+}
+
+struct Result {
+  std::string name, why_skipped;
+  int pp = 1, sp = 1, tp = 1;
+  double fwd_s = 0, train_s = 0, loss = 0;
+  double peak_bytes = 0, fwd_bytes = 0, train_bytes = 0;
+};
+
+int64_t mesh_bytes(const Mesh& m) {
+  int64_t b = 0;
+  for (const auto* c : {&m.dp_comm, &m.pp_comm, &m.sp_comm, &m.tp_comm, &m.replica_comm}) b += (*c)->stats().bytes_sent;
+  return b;
+}
+void reset_mesh(Mesh& m) {
+  for (auto* c : {&m.dp_comm, &m.pp_comm, &m.sp_comm, &m.tp_comm, &m.replica_comm}) (*c)->reset_stats();
+}
+
+// Why a method cannot run with this model on P ranks ("" when it can).
+std::string unsupported(const Method& m, const ModelConfig& c, int64_t seq, int64_t batch) {
+  if (c.heads % m.tp || c.kv() % m.tp || c.hidden() % m.tp) return cat("heads/kv-heads/mlp not divisible by tp=", m.tp);
+  if (c.layers % m.pp) return cat("layers not divisible by pp=", m.pp);
+  if (m.pp > 1 && batch < m.pp) return cat("needs batch >= pp=", m.pp, " for micro-batches");
+  if (m.strategy == Strategy::ulysses && (c.heads % m.sp || c.kv() % m.sp))
+    return cat("heads not divisible by sp=", m.sp);
+  if (seq % (2 * m.sp)) return cat("seq not divisible by 2·sp=", 2 * m.sp);
+  return "";
+}
+
+Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
+  Result r;
+  r.name = me.name, r.pp = me.pp, r.sp = me.sp, r.tp = me.tp;
+  r.why_skipped = unsupported(me, a.model, a.seq, a.batch);
+  if (!r.why_skipped.empty()) return r;
+  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp);
+  SequenceParallel spc;
+  spc.comm = me.sp > 1 ? mesh.sp_comm.get() : nullptr;
+  spc.tp = me.tp > 1 ? mesh.tp_comm.get() : nullptr;
+  spc.attn.strategy = me.strategy;
+  spc.attn.layout = Layout::zigzag;
+  spc.attn.threads = a.threads;
+  const int64_t D = a.model.d_model, Ll = a.seq / me.sp;
+  Tensor x(DType::f32, {a.batch, Ll, D}), t(DType::f32, {a.batch, Ll, D});
+  {
+    std::mt19937_64 rng(a.model.seed + 1);
+    std::normal_distribution<float> dist(0.f, 1.f);
+    Tensor xf(DType::f32, {a.batch, a.seq, D}), tf(DType::f32, {a.batch, a.seq, D});
+    for (int64_t i = 0; i < xf.numel(); ++i) xf.ptr<float>()[i] = dist(rng);
+    for (int64_t i = 0; i < tf.numel(); ++i) tf.ptr<float>()[i] = dist(rng);
+    shard(xf, x, Layout::zigzag, me.sp, mesh.sp_index(), 1);
+    shard(tf, t, Layout::zigzag, me.sp, mesh.sp_index(), 1);
+  }
+  Model model(a.model, me.tp, mesh.tp_index(), me.pp, mesh.pp_index());
+  AdamW opt;
+  const int micro = me.pp > 1 ? static_cast<int>(a.batch) : 1;
+  const int64_t count = a.batch * a.seq * D;
+  world.barrier();
+  reset_peak_memory();
+  // The first run of each pass warms up (GEMM primitives, pages); the best of the
+  // next two is reported (the slowest rank's time, the busiest rank's bytes).
+  auto timed = [&](bool train, double* seconds, double* bytes) {
+    *seconds = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      world.barrier();
+      reset_mesh(mesh);
+      const double t0 = now_seconds();
+      r.loss = pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, micro, count,
+                             mesh.replica_comm.get(), train);
+      double dt = now_seconds() - t0, b = static_cast<double>(mesh_bytes(mesh));
+      world.all_reduce(&dt, 1, ReduceOp::max);
+      world.all_reduce(&b, 1, ReduceOp::max);
+      if (rep > 0) *seconds = std::min(*seconds, dt);
+      *bytes = b;
+    }
+  };
+  timed(false, &r.fwd_s, &r.fwd_bytes);
+  timed(true, &r.train_s, &r.train_bytes);
+  r.peak_bytes = static_cast<double>(memory_stats().peak_bytes);
+  world.all_reduce(&r.peak_bytes, 1, ReduceOp::max);
+  return r;
+}
+
+nlohmann::json result_json(const Result& r, double tokens) {
+  nlohmann::json m = {{"method", r.name}, {"pp", r.pp}, {"sp", r.sp}, {"tp", r.tp}};
+  if (!r.why_skipped.empty()) {
+    m["skipped"] = r.why_skipped;
+    return m;
+  }
+  m["forward_seconds"] = r.fwd_s;
+  m["train_step_seconds"] = r.train_s;
+  m["forward_tokens_per_s"] = tokens / r.fwd_s;
+  m["train_tokens_per_s"] = tokens / r.train_s;
+  m["time_per_output_token_ms"] = nullptr;  // needs the decode path (issue 5)
+  m["peak_memory_bytes_per_rank"] = r.peak_bytes;
+  m["forward_bytes_per_rank"] = r.fwd_bytes;
+  m["train_step_bytes_per_rank"] = r.train_bytes;
+  m["loss"] = r.loss;
+  return m;
+}
+
+// Under mpirun: measure one method, rank 0 prints its JSON.
+void run_method(const CompareArgs& a) {
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  std::unique_ptr<Communicator> world = mpi_world(a.timeout);
+  const std::vector<Method> all = methods_for(world->size());
+  auto it = std::find_if(all.begin(), all.end(), [&](const Method& m) { return m.id == a.method; });
+  check(it != all.end(), "unknown --method '", a.method, "' for ", world->size(),
+        " ranks: use ring, ulysses, allgather, tp, pp or tpxpp (4+ ranks)");
+  const Result r = measure(*world, a, *it);
+  if (world->rank() == 0) print_json(result_json(r, static_cast<double>(a.batch * a.seq)));
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+// Runs cmd, returns its stdout; throws Error with the exit status on failure.
+std::string capture(const std::string& cmd) {
+  FILE* p = popen(cmd.c_str(), "r");
+  check(p != nullptr, "could not start: ", cmd);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int status = pclose(p);
+  check(status == 0, "exit status ", WEXITSTATUS(status), " from: ", cmd);
+  return out;
+}
+
+// The launcher: one mpirun per method, then one table.
+void run(const CompareArgs& a) {
+  check(a.dtype == "fp32", "--dtype ", a.dtype,
+        ": the model runs in fp32 so far (bf16 mixed precision is not implemented yet); use --dtype fp32");
+  a.model.validate();
+  if (!a.method.empty()) {
+    check(MpiSession::active(), "--method is the per-method run that `ringattn compare` starts under mpirun");
+    return run_method(a);
+  }
+  check(!MpiSession::active() || mpi_world(a.timeout)->size() == 1,
+        "run `ringattn compare` directly (not under mpirun): it starts mpirun itself, once per method, with --ranks");
+  const int P = a.ranks > 0 ? a.ranks : static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
+  std::string launcher = a.launcher;
+  if (launcher.empty()) {
+    launcher = "mpirun --bind-to none --mca btl self,vader";
+    if (geteuid() == 0) launcher += " --allow-run-as-root";
+    if (P > static_cast<int>(std::thread::hardware_concurrency())) launcher += " --oversubscribe";
+  }
+  char self[4096] = {};
+  check(readlink("/proc/self/exe", self, sizeof(self) - 1) > 0, "cannot find the ringattn executable");
+  const std::string common =
+      cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
+          " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
+          " --threads ", a.threads, " --timeout ", a.timeout);
+  std::vector<Method> methods = methods_for(P);
+  if (!a.only.empty())
+    std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
+  check(!methods.empty(), "--only '", a.only, "' matches no method");
+
+  nlohmann::json j;
+  j["model"] = {{"layers", a.model.layers}, {"d_model", a.model.d_model}, {"heads", a.model.heads},
+                {"head_dim", a.model.head_dim()}, {"kv_heads", a.model.kv()}, {"mlp_hidden", a.model.hidden()},
+                {"causal", a.model.causal}};
+  j["batch"] = a.batch, j["seq"] = a.seq, j["ranks"] = P, j["threads_per_rank"] = a.threads, j["dtype"] = a.dtype;
+  j["launcher"] = launcher;
+  j["methods"] = nlohmann::json::array();
+  for (size_t i = 0; i < methods.size(); ++i) {
+    if (!a.json) progress(cat("[", i + 1, "/", methods.size(), "] ", methods[i].name, " on ", P, " ranks ..."));
+    const std::string cmd =
+        cat(launcher, " -np ", P, " ", shell_quote(self), common, " --method ", methods[i].id);
+    try {
+      j["methods"].push_back(nlohmann::json::parse(capture(cmd)));
+    } catch (const std::exception& e) {
+      j["methods"].push_back({{"method", methods[i].name}, {"pp", methods[i].pp}, {"sp", methods[i].sp},
+                              {"tp", methods[i].tp}, {"failed", e.what()}});
+    }
+  }
+  if (!a.json) progress_done();
+  if (!a.json_out.empty()) {
+    std::ofstream f(a.json_out);
+    check(f.good(), "cannot write ", a.json_out);
+    f << j.dump(2) << "\n";
+  }
+  if (a.json) return print_json(j);
+  std::printf("compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
+              "%d ranks x %d thread(s), fp32\n\n",
+              static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
+              static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
+              static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()),
+              static_cast<long long>(a.batch), static_cast<long long>(a.seq), P, a.threads);
+  std::printf("%-22s %-12s %13s %13s %8s %14s %14s %14s\n", "method", "pp x sp x tp", "fwd tok/s", "train tok/s",
+              "TPOT", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank");
+  for (const auto& m : j["methods"]) {
+    const std::string mesh = cat(m["pp"].get<int>(), " x ", m["sp"].get<int>(), " x ", m["tp"].get<int>());
+    const std::string name = m["method"].get<std::string>();
+    if (m.contains("skipped") || m.contains("failed")) {
+      std::printf("%-22s %-12s %s: %s\n", name.c_str(), mesh.c_str(), m.contains("failed") ? "FAILED" : "skipped",
+                  (m.contains("failed") ? m["failed"] : m["skipped"]).get<std::string>().c_str());
+      continue;
+    }
+    std::printf("%-22s %-12s %13.0f %13.0f %8s %14.1f %14.1f %14.1f\n", name.c_str(), mesh.c_str(),
+                m["forward_tokens_per_s"].get<double>(), m["train_tokens_per_s"].get<double>(), "n/a",
+                m["peak_memory_bytes_per_rank"].get<double>() / 1048576.0,
+                m["forward_bytes_per_rank"].get<double>() / 1048576.0,
+                m["train_step_bytes_per_rank"].get<double>() / 1048576.0);
+  }
+  std::printf("\nTPOT (time per output token) needs the decode path with a sharded KV cache (issue 5).\n");
+  if (!a.json_out.empty()) std::printf("results written to %s\n", a.json_out.c_str());
+}
+
+}  // namespace
+
+void add_compare(CLI::App& app) {
+  auto a = std::make_shared<CompareArgs>();
+  auto* cmd = app.add_subcommand("compare",
+                                 "the paper's comparison on the local ranks: RA+SP vs Ulysses, all-gather, TP, PP, "
+                                 "TP x PP (starts mpirun itself, once per method)");
+  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
+  cmd->add_option("--d-model", a->model.d_model, "model width (= heads x head dim)")->capture_default_str();
+  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
+  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
+  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  cmd->add_option("--batch", a->batch, "sequences per step (PP uses one micro-batch per sequence)")
+      ->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
+  cmd->add_option("--dtype", a->dtype, "fp32 (bf16 mixed precision is not implemented yet)")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads per rank")->capture_default_str();
+  cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)");
+  cmd->add_option("--launcher", a->launcher,
+                  "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
+                  "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
+  cmd->add_option("--method", a->method, "(internal) measure one method under mpirun: ring, ulysses, allgather, tp, "
+                                         "pp, tpxpp");
+  cmd->add_option("--only", a->only, "run only the method with this id (ring, ulysses, ...) or whose name contains it");
+  cmd->add_option("--json-out", a->json_out, "also write the results as JSON to this file (for scripts/plot_compare.py)");
+  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
+  cmd->add_flag("--json", a->json, "machine-readable output on stdout");
+  cmd->callback([a] { run(*a); });
+}
+
+}  // namespace ringattn::cli
