@@ -13,7 +13,7 @@ echo "== ring attention on 2 local ranks, checked against one rank =="
 mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
   ./build/release/ringattn attention --strategy ring --layout zigzag --seq 4096 --heads 8 --dim 128 \
   --causal --backward --check --threads 1
-echo "== the comparison: 4-layer dense transformer, d_model 512 (4 heads x 128), MLP 2048, seq 8192 =="
+echo "== the comparison: 4-layer dense transformer, d_model 256 (4 heads x 64), MLP 1024, batch 2 x seq 8192 =="
 ./build/release/ringattn compare --seq 8192 --json-out build/compare.json "$@"
 /usr/bin/python3 scripts/plot_compare.py build/compare.json build/compare.png >/dev/null
 echo "chart written to $(pwd)/build/compare.png"

@@ -26,9 +26,9 @@ namespace ringattn::cli {
 namespace {
 
 struct CompareArgs {
-  ModelConfig model{4, 512, 4, 0, 0, true, 1};  // 4 heads x 128, MLP 4 x d_model
+  ModelConfig model{4, 256, 4, 0, 0, true, 1};  // 4 heads x 64, MLP 4 x d_model
   int64_t batch = 2, seq = 8192;
-  int threads = 1, ranks = 0;
+  int threads = 1, ranks = 0, reps = 1;
   std::string dtype = "fp32", json_out, only, method, launcher;
   double timeout = 600;
   bool json = false;
@@ -107,10 +107,10 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   world.barrier();
   reset_peak_memory();
   // The first run of each pass warms up (GEMM primitives, pages); the best of the
-  // next two is reported (the slowest rank's time, the busiest rank's bytes).
+  // next `reps` is reported (the slowest rank's time, the busiest rank's bytes).
   auto timed = [&](bool train, double* seconds, double* bytes) {
     *seconds = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
+    for (int rep = 0; rep <= a.reps; ++rep) {
       world.barrier();
       reset_mesh(mesh);
       const double t0 = now_seconds();
@@ -202,7 +202,7 @@ void run(const CompareArgs& a) {
   const std::string common =
       cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
           " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
-          " --threads ", a.threads, " --timeout ", a.timeout);
+          " --threads ", a.threads, " --reps ", a.reps, " --timeout ", a.timeout);
   std::vector<Method> methods = methods_for(P);
   if (!a.only.empty())
     std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
@@ -276,6 +276,9 @@ void add_compare(CLI::App& app) {
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32 (bf16 mixed precision is not implemented yet)")->capture_default_str();
   cmd->add_option("--threads", a->threads, "threads per rank")->capture_default_str();
+  cmd->add_option("--reps", a->reps, "timed runs per pass after one warm-up; the best is reported")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)");
   cmd->add_option("--launcher", a->launcher,
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
