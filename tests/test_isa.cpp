@@ -21,12 +21,6 @@
 namespace ringattn::testing {
 namespace {
 
-// Every value of enum class Isa (keep in sync with include/ringattn/cpu.h).
-const std::vector<Isa>& all_isas() {
-  static const std::vector<Isa> v{Isa::generic, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::amx_bf16};
-  return v;
-}
-
 // Stable storage for the Isa values AttentionOptions::isa points to.
 const Isa* isa_ptr(Isa i) {
   const auto& v = all_isas();

@@ -342,5 +342,11 @@ inline std::vector<int64_t> iota_pos(int64_t n, int64_t start = 0, int64_t step 
 
 namespace ringattn {
 // GoogleTest prints Isa parameters by name.
+// Every value of enum class Isa (keep in sync with include/ringattn/cpu.h).
+inline const std::vector<Isa>& all_isas() {
+  static const std::vector<Isa> v{Isa::generic, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::amx_bf16};
+  return v;
+}
+
 inline void PrintTo(Isa i, std::ostream* os) { *os << isa_name(i); }
 }  // namespace ringattn

@@ -32,7 +32,11 @@ struct AttentionOptions {
   void* progress_ctx = nullptr;
 };
 
-// o, lse := attention(q, k, v). o may be any dtype; lse must be fp32.
+// o, lse := attention(q, k, v). o may be any dtype; lse must be fp32. With at most
+// kDecodeRows query rows per GQA group (Lq·H/Hkv, e.g. decoding one token) a
+// flash-decoding kernel runs instead of the tiled one: it reads each K/V row once,
+// in place, in parallel over key chunks (memory-bound, like decoding itself).
+inline constexpr int64_t kDecodeRows = 32;
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const TensorView& o, const TensorView& lse, const AttentionOptions& opt = {});
 

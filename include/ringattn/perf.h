@@ -2,6 +2,7 @@
 // in the same run on the same core).
 #pragma once
 #include <chrono>
+#include <cstddef>
 
 #include "ringattn/cpu.h"
 #include "ringattn/dtype.h"
@@ -15,6 +16,10 @@ inline double now_seconds() {
 // A register-resident FMA loop on the calling thread (fp32: vfmadd; bf16: the
 // widest bf16 dot product the path has, e.g. vdpbf16ps). GFLOP/s of one core.
 double measure_fma_peak_gflops(DType dtype, Isa isa, double seconds = 0.2);
+// Streaming read bandwidth (GB/s) of `threads` threads summing a buffer of
+// `bytes` (far larger than the caches): the peak of memory-bound kernels such as
+// decoding.
+double measure_read_bandwidth_gbs(int threads = 1, size_t bytes = size_t{512} << 20, double seconds = 0.3);
 // oneDNN matmul rate on square n×n×n matrices on `threads` threads (0: default).
 double measure_gemm_gflops(DType dtype, int64_t n = 1024, int threads = 1, double seconds = 0.3);
 

@@ -1,6 +1,8 @@
 // `ringattn bench kernel`: GFLOP/s of the fused kernels (DESIGN.md §5 FLOP
 // conventions) with ratios to the FMA peak and the oneDNN GEMM rate measured in
-// the same run, an unfused GEMM→softmax→GEMM baseline, and thread scaling.
+// the same run, an unfused GEMM→softmax→GEMM baseline, thread scaling, and the
+// decode kernel (one query row per head against the L-token cache) against the
+// streaming read bandwidth measured in the same run.
 #include <omp.h>
 
 #include <algorithm>
@@ -40,6 +42,12 @@ void fill_random(const Tensor& t, std::mt19937_64& rng) {
   for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.ptr<void>(), t.dtype(), i, dist(rng));
 }
 
+struct DecodeRow {
+  std::string dtype;
+  int threads;
+  double seconds, gbs, bw_ratio;
+};
+
 struct Row {
   std::string kernel, dtype, pass;
   bool causal;
@@ -58,8 +66,10 @@ void run(const BenchArgs& a) {
   const double peak16 = measure_fma_peak_gflops(DType::bf16, isa, 0.3);
   const double gemm32 = measure_gemm_gflops(DType::f32, 1024, a.threads);
   const double gemm16 = measure_gemm_gflops(DType::bf16, 1024, a.threads);
+  const double bw1 = measure_read_bandwidth_gbs(a.threads), bwn = measure_read_bandwidth_gbs(scale_threads);
 
   std::vector<Row> rows;
+  std::vector<DecodeRow> decode_rows;
   std::mt19937_64 rng(1);
   for (DType dt : {DType::f32, DType::bf16}) {
     Tensor q(dt, {B, L, H, d}), k(dt, {B, L, Hkv, d}), v(dt, {B, L, Hkv, d}), dout(dt, {B, L, H, d});
@@ -90,6 +100,20 @@ void run(const BenchArgs& a) {
         progress("unfused " + what + " forward");
         add("unfused", "forward", a.threads,
             best_time(a.reps, [&] { attention_forward_unfused(q, k, v, o, lse, opt); }), flops);
+      }
+      if (causal) {  // decode: the last token's query row against the whole cache
+        std::vector<int> counts{a.threads};
+        if (scale_threads != a.threads) counts.push_back(scale_threads);
+        for (int threads : counts) {
+          progress(cat(dtype_name(dt), " decode, ", threads, " threads"));
+          const TensorView q1 = q.view().slice(1, L - 1, 1), o1 = o.view().slice(1, L - 1, 1);
+          const TensorView lse1 = lse.view().slice(2, L - 1, 1);
+          opt.threads = threads;
+          const double t = best_time(a.reps, [&] { attention_forward(q1, k, v, o1, lse1, opt); });
+          const double gbs = 2.0 * static_cast<double>(k.bytes()) / t * 1e-9;  // K and V read once
+          decode_rows.push_back({dtype_name(dt), threads, t, gbs, gbs / (threads == a.threads ? bw1 : bwn)});
+        }
+        opt.threads = a.threads;
       }
       if (scale_threads != a.threads) {
         opt.threads = scale_threads;
@@ -129,6 +153,9 @@ void run(const BenchArgs& a) {
         targets.push_back({cat(scale_threads, " threads / ", t1, " thread speed-up"), f->seconds / s->seconds,
                            1.85 * scale_threads / (2.0 * t1)});
 
+  for (const DecodeRow& r : decode_rows)
+    if (r.dtype == "fp32" && r.threads == t1) targets.push_back({"fp32 decode / read bandwidth", r.bw_ratio, 0.6});
+
   if (a.json) {
     nlohmann::json j;
     j["shape"] = {{"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d}};
@@ -140,6 +167,11 @@ void run(const BenchArgs& a) {
       j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
                            {"threads", r.threads}, {"seconds", r.seconds}, {"gflops", r.gflops},
                            {"peak_ratio", r.peak_ratio}, {"gemm_ratio", r.gemm_ratio}});
+    j["read_bandwidth_gbs"] = {{"threads", a.threads}, {"gbs", bw1}, {"scale_threads", scale_threads}, {"scale_gbs", bwn}};
+    j["decode"] = nlohmann::json::array();
+    for (const DecodeRow& r : decode_rows)
+      j["decode"].push_back({{"dtype", r.dtype}, {"threads", r.threads}, {"seconds", r.seconds}, {"gbs", r.gbs},
+                             {"bandwidth_ratio", r.bw_ratio}});
     j["targets"] = nlohmann::json::array();
     for (const Target& t : targets)
       j["targets"].push_back({{"what", t.what}, {"value", t.value}, {"goal", t.goal}, {"met", t.value >= t.goal}});
@@ -157,6 +189,13 @@ void run(const BenchArgs& a) {
     std::printf("%-8s %-5s %-6s %-9s %4d %11.1f %9.1f %7.1f%% %7.1f%%\n", r.kernel.c_str(), r.dtype.c_str(),
                 r.causal ? "yes" : "no", r.pass.c_str(), r.threads, r.seconds * 1e3, r.gflops, 100 * r.peak_ratio,
                 100 * r.gemm_ratio);
+  std::printf("\ndecode: 1 query row per head against the %lld-token K/V cache; read bandwidth measured "
+              "%.1f GB/s (%d thr), %.1f GB/s (%d thr)\n",
+              static_cast<long long>(L), bw1, a.threads, bwn, scale_threads);
+  std::printf("%-5s %4s %11s %9s %8s\n", "dtype", "thr", "time [ms]", "GB/s", "of BW");
+  for (const DecodeRow& r : decode_rows)
+    std::printf("%-5s %4d %11.3f %9.1f %7.1f%%\n", r.dtype.c_str(), r.threads, r.seconds * 1e3, r.gbs,
+                100 * r.bw_ratio);
   std::printf("\n%-40s %8s %8s\n", "target", "measured", "goal");
   for (const Target& t : targets)
     std::printf("%-40s %8.2f %8.2f  %s\n", t.what.c_str(), t.value, t.goal, t.value >= t.goal ? "met" : "MISSED");

@@ -116,7 +116,11 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   check_same_shape(o, q, "o", "q");
   check(o.strides[3] == 1, "o must have a contiguous last dimension, got strides of ", o.shape_str());
   RowContiguous qc(q), kc(k), vc(v);
-  p.kernels->forward({p.shape, bshd(qc.view), bshd(kc.view), bshd(vc.view), bshd_out(o), lse_of(lse)});
+  const cpu::FwdArgs args{p.shape, bshd(qc.view), bshd(kc.view), bshd(vc.view), bshd_out(o), lse_of(lse)};
+  // Up to kDecodeRows query rows per GQA group (decoding) run the decode kernel,
+  // which reads K/V once in place instead of packing them.
+  const int64_t rows_per_group = q.dim(1) * (q.dim(2) / k.dim(2));
+  (rows_per_group <= kDecodeRows ? p.kernels->decode : p.kernels->forward)(args);
 }
 
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -25,8 +26,8 @@ namespace ringattn::cpu::RA_NS {
 
 constexpr int kMR = 6;                              // micro-kernel rows
 constexpr int kNV = (RA_LEVEL == 1) ? 2 : 4;        // micro-kernel vectors per row
-constexpr int64_t kBq = 96;  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)  // query tile (forward)                         // query tile (forward)
-constexpr int64_t kBk = 64;  // key tile  // key tile  // key tile  // key tile  // key tile  // key tile  // key tile                         // key tile
+constexpr int64_t kBq = 96;                         // query tile (forward)
+constexpr int64_t kBk = 64;                         // key tile
 constexpr int64_t kBqB = 64;                        // query tile (backward)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -86,6 +87,9 @@ static inline void load_row(const Bshd& t, int64_t b, int64_t l, int64_t h, int6
   const int64_t base = b * t.sb + l * t.sl + h * t.sh;
   if (t.dtype == DType::f32) {
     std::memcpy(dst, static_cast<const float*>(t.data) + base, d * sizeof(float));
+  } else if (t.dtype == DType::bf16) {  // bf16 is the top half of an fp32
+    const uint16_t* src = static_cast<const uint16_t*>(t.data) + base;
+    for (int64_t c = 0; c < d; ++c) dst[c] = std::bit_cast<float>(static_cast<uint32_t>(src[c]) << 16);
   } else {
     for (int64_t c = 0; c < d; ++c) dst[c] = ld(t.data, t.dtype, base + c);
   }
@@ -509,6 +513,104 @@ static void forward(const FwdArgs& a) {
 #if RA_LEVEL >= 4
     if (use_amx) _tile_release();
 #endif
+  }
+}
+
+// ---- decode -----------------------------------------------------------------------
+// A few query rows against a long K/V cache (flash-decoding). The keys are split
+// into chunks of kDk, run in parallel over b × chunk; a chunk reads its K/V rows of
+// every kv head once, in memory order, for all R = H·Lq query rows (the rows of a
+// GQA group share each row read), and leaves a partial (O, m, l) per row in the
+// log2 domain. The partials are merged in chunk order, so the result does not
+// depend on the thread count.
+//   q: [B, Lq, H, d]   k, v: [B, Lk, Hkv, d]   ->   o: [B, Lq, H, d], lse: [B, H, Lq]
+// Query row r = h·Lq + i (head h, query i) attends with kv head h / (H/Hkv).
+constexpr int64_t kDk = 256;  // keys per decode chunk
+static void decode(const FwdArgs& a) {
+  const AttnShape& s = a.s;
+  const int64_t d = s.d, dp = round_up(d, kW), G = s.H / s.Hkv, R = s.H * s.Lq, RG = G * s.Lq;
+  const int64_t nch = (s.Lk + kDk - 1) / kDk;
+  const float c = s.scale * kLog2e;
+  // fp32 rows of exactly dp elements are read in place; others are converted into a buffer.
+  const bool in_place = a.k.dtype == DType::f32 && a.v.dtype == DType::f32 && d == dp;
+  // Partials of (b, chunk, row): O [dp], then m and l.
+  Scratch part_o(static_cast<size_t>(s.B * nch * R * dp) * sizeof(float));
+  Scratch part_ml(static_cast<size_t>(s.B * nch * R * 2) * sizeof(float));
+#pragma omp parallel num_threads(s.threads)
+  {
+    Scratch qbuf(R * dp * sizeof(float)), sbuf(R * kDk * sizeof(float)), rowbuf(dp * sizeof(float));
+    float* Q = qbuf.as<float>();
+    float* S = sbuf.as<float>();
+    auto row = [&](const Bshd& t, int64_t b, int64_t j, int64_t hk) -> const float* {
+      if (in_place) return static_cast<const float*>(t.data) + b * t.sb + j * t.sl + hk * t.sh;
+      load_row(t, b, j, hk, d, dp, rowbuf.as<float>());
+      return rowbuf.as<float>();
+    };
+#pragma omp for schedule(static)
+    for (int64_t w = 0; w < s.B * nch; ++w) {
+      poll(s);
+      const int64_t ch = w % nch, b = w / nch;
+      const int64_t j0 = ch * kDk, nk = imin(kDk, s.Lk - j0);
+      for (int64_t r = 0; r < R; ++r) load_row(a.q, b, r % s.Lq, r / s.Lq, d, dp, Q + r * dp);
+      // S = c · Q Kᵀ, -inf where masked or past the last key.
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t jj = nk; jj < kDk; ++jj) S[r * kDk + jj] = kNegInf;
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        const int64_t j = j0 + jj;
+        for (int64_t hk = 0; hk < s.Hkv; ++hk) {
+          const float* kr = row(a.k, b, j, hk);
+          for (int64_t r = hk * RG; r < (hk + 1) * RG; ++r) {
+            Vf acc = vzero();
+            for (int64_t cc = 0; cc < dp; cc += kW) acc = vfma(vload(Q + r * dp + cc), vloadu(kr + cc), acc);
+            const bool visible = !s.causal || s.k_pos[j] <= s.q_pos[r % s.Lq];
+            S[r * kDk + jj] = visible ? vhsum(acc) * c : kNegInf;
+          }
+        }
+      }
+      // P = 2^(S − m) (exactly 0 where masked), l = Σ P, O = P · V.
+      float* O = part_o.as<float>() + w * R * dp;
+      float* ml = part_ml.as<float>() + w * R * 2;
+      for (int64_t r = 0; r < R; ++r) {
+        float* x = S + r * kDk;
+        Vf mx = vset1(kNegInf);
+        for (int64_t jj = 0; jj < kDk; jj += kW) mx = vmax(mx, vload(x + jj));
+        const float m = vhmax(mx);
+        ml[2 * r] = m;
+        ml[2 * r + 1] = m == kNegInf ? 0.f : exp2_row(x, kDk, 1.f, m);  // vexp2(−inf) is exactly 0
+        if (m == kNegInf) std::memset(x, 0, kDk * sizeof(float));
+      }
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        for (int64_t hk = 0; hk < s.Hkv; ++hk) {
+          const float* vr = row(a.v, b, j0 + jj, hk);
+          for (int64_t r = hk * RG; r < (hk + 1) * RG; ++r) {
+            const Vf p = vset1(S[r * kDk + jj]);
+            for (int64_t cc = 0; cc < dp; cc += kW)
+              vstore(O + r * dp + cc, vfma(p, vloadu(vr + cc), vload(O + r * dp + cc)));
+          }
+        }
+      }
+    }
+  }
+  // Merge the chunks: M = max m_c, l = Σ l_c·2^(m_c − M), o = Σ O_c·2^(m_c − M) / l.
+#pragma omp parallel for schedule(static) num_threads(s.threads)
+  for (int64_t br = 0; br < s.B * R; ++br) {
+    const int64_t r = br % R, b = br / R, i = r % s.Lq, h = r / s.Lq;
+    const float* ml = part_ml.as<float>();
+    const float* po = part_o.as<float>();
+    float M = kNegInf;
+    for (int64_t ch = 0; ch < nch; ++ch) M = std::fmax(M, ml[((b * nch + ch) * R + r) * 2]);
+    float acc[1024 + 32] = {};
+    float l = 0;
+    for (int64_t ch = 0; ch < nch && M != kNegInf; ++ch) {
+      const int64_t part = (b * nch + ch) * R + r;
+      if (ml[2 * part + 1] == 0.f) continue;
+      const float alpha = std::exp2(ml[2 * part] - M);
+      l += alpha * ml[2 * part + 1];
+      for (int64_t cc = 0; cc < d; ++cc) acc[cc] += alpha * po[part * dp + cc];
+    }
+    const bool empty = l == 0.f;
+    store_row(a.o, b, i, h, d, acc, empty ? 0.f : 1.f / l);
+    a.lse.data[b * a.lse.sb + h * a.lse.sh + i * a.lse.sl] = empty ? kNegInf : (M + std::log2(l)) * kLn2;
   }
 }
 

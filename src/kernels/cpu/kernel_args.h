@@ -55,6 +55,7 @@ struct KernelTable {
   Isa isa;
   void (*forward)(const FwdArgs&);
   void (*backward)(const BwdArgs&);
+  void (*decode)(const FwdArgs&);  // the forward for a few query rows (flash-decoding)
   // GFLOP/s of a register-resident FMA (bf16=false) or bf16 dot (bf16=true) loop.
   double (*fma_peak)(bool bf16, double seconds);
 };

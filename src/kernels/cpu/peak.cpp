@@ -23,6 +23,28 @@ double measure_fma_peak_gflops(DType dtype, Isa isa, double seconds) {
   return t.fma_peak(dtype == DType::bf16, seconds);
 }
 
+double measure_read_bandwidth_gbs(int threads, size_t bytes, double seconds) {
+  check(threads >= 1, "threads must be >= 1, got ", threads);
+  const int64_t n = static_cast<int64_t>(bytes / sizeof(float));
+  Tensor buf(DType::f32, {n});
+  float* x = buf.ptr<float>();
+#pragma omp parallel for simd schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) x[i] = 1.f;  // first touch by the reading threads
+  double best = 1e30, total = 0;
+  volatile float sink = 0;
+  while (total < seconds || best == 1e30) {
+    const double t0 = now_seconds();
+    float sum = 0;
+#pragma omp parallel for simd schedule(static) num_threads(threads) reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += x[i];
+    const double dt = now_seconds() - t0;
+    sink = sink + sum;
+    best = std::min(best, dt);
+    total += dt;
+  }
+  return static_cast<double>(n) * sizeof(float) / best * 1e-9;
+}
+
 double measure_gemm_gflops(DType dtype, int64_t n, int threads, double seconds) {
   check(dtype == DType::f32 || dtype == DType::bf16, "GEMM rate is measured for fp32 and bf16 only");
   Tensor a(dtype, {n, n}), b(dtype, {n, n});
