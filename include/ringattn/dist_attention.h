@@ -57,4 +57,13 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
                              const TensorView& dk, const TensorView& dv, const DistAttentionOptions& opt,
                              DistStats* stats = nullptr);
 
+// Exact merge of every rank's partial result for the same queries (decoding
+// against a sequence-sharded KV cache, DESIGN.md §4 over P parts at once):
+//   lse = m + log Σ_p e^{lse_p − m},  o = Σ_p e^{lse_p − m}·o_p / Σ_p e^{lse_p − m},  m = max_p lse_p
+// in place on every rank by two all-reduces (the max of lse, then the sums); the
+// cache itself never moves. o [B, Lq, H, d] and lse [B, H, Lq], fp32 contiguous,
+// the same shapes on every rank (the caller checks). Rows that no rank saw a key
+// for stay o = 0, lse = −inf.
+void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse);
+
 }  // namespace ringattn

@@ -7,6 +7,7 @@
 //               x1 = x + o·W_o + b_o;  c = LN2(x1);  x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -89,17 +90,30 @@ struct SequenceParallel {
   Communicator* tp = nullptr;
 };
 
-// What the forward keeps for the backward.
+// What the forward keeps for the backward. With keep = false (inference) each
+// layer's tensors are freed as soon as the next layer has its input.
 struct Activations {
   int64_t B = 0, Ll = 0;
+  bool keep = true;
   struct Layer {
     Tensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
   };
   std::vector<Layer> layers;
 };
 
+// The attention of layer `layer` (index among the layers held here) on this
+// rank's tokens: q [B, Ll, heads, dh], k, v [B, Ll, kv_heads, dh] (local heads
+// under TP) -> o [B, Ll, heads, dh], lse [B, heads, Ll]. Inference uses it to fill
+// and read the KV cache; empty means the SequenceParallel's attention.
+using AttentionHook = std::function<void(int layer, const TensorView& q, const TensorView& k, const TensorView& v,
+                                         const TensorView& o, const TensorView& lse)>;
+
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens).
-Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act);
+Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+                     const AttentionHook& attention = {});
+// The attention of the forward without a hook: local, or distributed over sp.comm.
+void sequence_parallel_attention(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+                                 const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse);
 // dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
 // reduced across ranks) and returns dL/dx.
 Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp);

@@ -429,4 +429,34 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
   }
 }
 
+void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse) {
+  check(o.rank == 4 && lse.rank == 3 && o.dtype == DType::f32 && lse.dtype == DType::f32 && o.is_contiguous() &&
+            lse.is_contiguous(),
+        "dist_merge takes contiguous fp32 o [B, Lq, H, d] and lse [B, H, Lq], got ", o.shape_str(), " and ",
+        lse.shape_str());
+  const int64_t B = o.dim(0), Lq = o.dim(1), H = o.dim(2), d = o.dim(3), rows = B * Lq * H;
+  check(lse.dim(0) == B && lse.dim(1) == H && lse.dim(2) == Lq, "lse ", lse.shape_str(), " does not match o ",
+        o.shape_str());
+  float* out = o.ptr<float>();
+  float* l = lse.ptr<float>();
+  auto lse_at = [&](int64_t r) -> float& {  // row r = (b·Lq + i)·H + h of o
+    const int64_t h = r % H, i = (r / H) % Lq, b = r / (H * Lq);
+    return l[(b * H + h) * Lq + i];
+  };
+  std::vector<float> m(static_cast<size_t>(rows)), sums(static_cast<size_t>(rows * (d + 1)));
+  for (int64_t r = 0; r < rows; ++r) m[r] = lse_at(r);
+  comm.all_reduce(m.data(), rows, ReduceOp::max);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float w = m[r] == -INFINITY || lse_at(r) == -INFINITY ? 0.f : std::exp(lse_at(r) - m[r]);
+    for (int64_t c = 0; c < d; ++c) sums[r * (d + 1) + c] = w * out[r * d + c];
+    sums[r * (d + 1) + d] = w;
+  }
+  comm.all_reduce(sums.data(), rows * (d + 1), ReduceOp::sum);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float den = sums[r * (d + 1) + d];
+    for (int64_t c = 0; c < d; ++c) out[r * d + c] = den > 0.f ? sums[r * (d + 1) + c] / den : 0.f;
+    lse_at(r) = den > 0.f ? m[r] + std::log(den) : -INFINITY;
+  }
+}
+
 }  // namespace ringattn

@@ -123,8 +123,10 @@ TensorView qkv_part(const Tensor& qkv, const Model& m, int64_t B, int64_t Ll, in
   return TensorView(qkv.ptr<float>() + off, DType::f32, 4, shape, strides);
 }
 
-void attention_fwd(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q, const TensorView& k,
-                   const TensorView& v, const TensorView& o, const TensorView& lse) {
+}  // namespace
+
+void sequence_parallel_attention(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+                                 const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse) {
   if (sp.comm) {
     DistAttentionOptions opt = sp.attn;
     opt.causal = c.causal;
@@ -137,6 +139,8 @@ void attention_fwd(const SequenceParallel& sp, const ModelConfig& c, const Tenso
     attention_forward(q, k, v, o, lse, opt);
   }
 }
+
+namespace {
 
 void attention_bwd(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q, const TensorView& k,
                    const TensorView& v, const TensorView& o, const TensorView& lse, const TensorView& dout,
@@ -179,7 +183,8 @@ void reduce_input_grad(const SequenceParallel& sp, float* dx, int64_t n) {
 }  // namespace
 
 // x: [B, Ll, D] -> [B, Ll, D]
-Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act) {
+Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+                     const AttentionHook& attention) {
   const ModelConfig& c = m.config();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
@@ -203,8 +208,12 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
     linear_forward(N, D, C, s.a.ptr<float>(), p.w_qkv, p.b_qkv, s.qkv.ptr<float>());
     s.o = Tensor(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
     s.lse = Tensor(DType::f32, {B, m.local_heads(), Ll});
-    attention_fwd(sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
-                  s.o, s.lse);
+    const TensorView q = qkv_part(s.qkv, m, B, Ll, 0), k = qkv_part(s.qkv, m, B, Ll, 1),
+                     v = qkv_part(s.qkv, m, B, Ll, 2);
+    if (attention)
+      attention(l, q, k, v, s.o, s.lse);
+    else
+      sequence_parallel_attention(sp, c, q, k, v, s.o, s.lse);
     s.x1 = Tensor(DType::f32, {N, D});
     row_parallel_linear(sp, N, A, D, s.o.ptr<float>(), p.w_o, p.b_o, s.x1.ptr<float>());
     add(s.x1.ptr<float>(), s.x.ptr<float>(), N * D);
@@ -217,6 +226,7 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
     cur = Tensor(DType::f32, {B, Ll, D});
     row_parallel_linear(sp, N, F, D, s.g.ptr<float>(), p.w_out, p.b_out, cur.ptr<float>());
     add(cur.ptr<float>(), s.x1.ptr<float>(), N * D);
+    if (!act.keep) s = Activations::Layer();
   }
   return cur;
 }

@@ -1,0 +1,88 @@
+// Long-context inference: prefill the prompt into a KV cache that stays where it
+// was computed, then decode one token per sequence per step (DESIGN.md §1, §4).
+//
+//   SP (RA+SP)  the cache is sharded by sequence: rank p of the SP group holds the
+//               K/V of its prompt tokens (the layout's positions) and of the decoded
+//               tokens it owns. A decode step runs the token-local layers for the
+//               new token on every SP rank (one token cannot be split), each rank
+//               attends its shard and dist_merge combines the (o_p, lse_p) exactly
+//               by all-reduce: the cache never moves.
+//               Append policy: the token at global position t goes to rank t mod P,
+//               so shards of an evenly split prompt never differ by more than one.
+//   TP          every rank holds all tokens for its heads; the row-parallel
+//               projections all-reduce as in training.
+//   PP          every stage holds all tokens for its layers; activations pass
+//               stage to stage, the last stage's output is broadcast to all stages.
+//   SP × TP     both at once (the SP group of each TP rank shards its heads' cache).
+// Attention is causal by global position throughout; the decode kernel is
+// attention_forward's (flash-decoding) path.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "ringattn/model.h"
+
+namespace ringattn {
+
+class KVCache {
+ public:
+  // The cache of the layers and kv heads `m` holds, for `batch` sequences and up
+  // to `capacity` entries per sequence on this rank; shared by the P ranks of an
+  // SP group, of which this is rank p (P = 1 without SP).
+  KVCache(const Model& m, int64_t batch, int64_t capacity, int P = 1, int p = 0);
+
+  int64_t batch() const { return batch_; }
+  int64_t capacity() const { return capacity_; }
+  int ranks() const { return P_; }
+  int rank() const { return p_; }
+  // Tokens of sequence b so far (prompt + decoded), the same on every rank.
+  int64_t length(int64_t b) const { return length_[static_cast<size_t>(b)]; }
+  // Entries of sequence b held by SP rank r (every rank tracks every rank's).
+  int64_t held(int64_t b, int r) const { return held_[static_cast<size_t>(b * P_ + r)]; }
+  // The SP rank that stores the token at global position t.
+  int owner(int64_t t) const { return static_cast<int>(t % P_); }
+  // Layer l's keys / values of sequence b here: [1, held(b, p), kv_heads, dh].
+  TensorView keys(int l, int64_t b) const { return entries(k_, l, b); }
+  TensorView values(int l, int64_t b) const { return entries(v_, l, b); }
+  // Global positions of those entries.
+  std::span<const int64_t> positions(int64_t b) const {
+    return {pos_.data() + b * capacity_, static_cast<size_t>(held(b, p_))};
+  }
+  int64_t bytes() const;  // K, V and positions allocated on this rank
+
+ private:
+  friend Tensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const SequenceParallel&, Communicator*);
+  friend Tensor decode_step(const Model&, KVCache&, const TensorView&, const SequenceParallel&, Communicator*);
+  TensorView entries(const std::vector<Tensor>& t, int l, int64_t b) const {
+    return t[static_cast<size_t>(l)].view().slice(0, b, 1).slice(1, 0, held(b, p_));
+  }
+  int64_t batch_, capacity_;
+  int P_, p_;
+  std::vector<Tensor> k_, v_;         // per layer held: [batch, capacity, kv_heads, dh]
+  std::vector<int64_t> pos_;          // [batch, capacity]
+  std::vector<int64_t> length_;       // [batch]
+  std::vector<int64_t> held_;         // [batch, P]
+  bool checked_ = false;              // decode shapes agreed across ranks
+};
+
+// Runs the forward over the prompts of sequences first .. first + Bp − 1 (one
+// prompt length L for all of them) and stores every layer's K/V and global
+// positions in the cache; those sequences must be empty.
+//   x: this rank's prompt tokens [Bp, Ll, D]: Ll = L/P in sp.attn.layout under SP
+//      (attention by sp.attn.strategy), Ll = L otherwise. Under PP (pp = the
+//      stages, this rank's model holds stage pp->rank()) stage 0 reads x, the
+//      others receive the previous stage's output (x still gives the shape).
+// Returns y [Bp, Ll, D], this rank's tokens; under PP on the last stage only
+// (an empty tensor elsewhere).
+Tensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+               Communicator* pp = nullptr);
+
+// One decode step for every sequence of the cache: x [B, 1, D] is the next token
+// of each (the same on every rank); returns y [B, 1, D] on every rank. The new
+// token's K/V are appended to its owner's shard. Throws Error, on every rank, when
+// a sequence has no prompt yet or the owner's shard of a sequence is full.
+Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+                   Communicator* pp = nullptr);
+
+}  // namespace ringattn

@@ -1,0 +1,180 @@
+// Prefill into a KV cache and decode (see inference.h).
+#include "ringattn/inference.h"
+
+#include <cmath>
+
+#include "ringattn/attention.h"
+#include "ringattn/dist_attention.h"
+#include "ringattn/error.h"
+#include "ringattn/layout.h"
+
+namespace ringattn {
+
+KVCache::KVCache(const Model& m, int64_t batch, int64_t capacity, int P, int p)
+    : batch_(batch), capacity_(capacity), P_(P), p_(p) {
+  check(batch >= 1, "the KV cache needs batch >= 1, got ", batch);
+  check(capacity >= 1, "the KV cache needs a capacity >= 1 entry per sequence, got ", capacity);
+  check(P >= 1 && p >= 0 && p < P, "KV cache rank ", p, " of ", P, " is out of range");
+  const int64_t kv = m.local_kv(), dh = m.config().head_dim();
+  for (int l = 0; l < m.num_layers(); ++l) {
+    k_.push_back(Tensor::zeros(DType::f32, {batch, capacity, kv, dh}));
+    v_.push_back(Tensor::zeros(DType::f32, {batch, capacity, kv, dh}));
+  }
+  pos_.assign(static_cast<size_t>(batch * capacity), 0);
+  length_.assign(static_cast<size_t>(batch), 0);
+  held_.assign(static_cast<size_t>(batch * P), 0);
+}
+
+int64_t KVCache::bytes() const {
+  int64_t n = static_cast<int64_t>(pos_.size() * sizeof(int64_t));
+  for (const Tensor& t : k_) n += static_cast<int64_t>(t.bytes());
+  for (const Tensor& t : v_) n += static_cast<int64_t>(t.bytes());
+  return n;
+}
+
+namespace {
+
+// Every group the step communicates over agrees on `values` (else Error on every rank).
+void agree(const SequenceParallel& sp, Communicator* pp, std::span<const int64_t> values, const char* what) {
+  for (Communicator* c : {sp.comm, sp.tp, pp})
+    if (c) check_same_on_all_ranks(*c, values, what);
+}
+
+// Stage s of a pipeline receives its input from s − 1 (stage 0 reads x) and hands
+// its output to s + 1.
+Tensor stage_input(const TensorView& x, Communicator* pp, int tag) {
+  Tensor in(DType::f32, x.rank, x.shape.data());
+  if (!pp || pp->rank() == 0) {
+    copy_into(in, x);
+  } else {
+    Request r = pp->irecv(in.ptr<void>(), in.bytes(), pp->rank() - 1, tag);
+    pp->wait(r);
+  }
+  return in;
+}
+void stage_output(const Tensor& y, Communicator* pp, int tag) {
+  if (!pp || pp->rank() + 1 == pp->size()) return;
+  Request r = pp->isend(y.ptr<void>(), y.bytes(), pp->rank() + 1, tag);
+  pp->wait(r);
+}
+
+constexpr int kPrefillTag = 40, kDecodeTag = 41;
+
+}  // namespace
+
+Tensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+               Communicator* pp) {
+  const ModelConfig& c = m.config();
+  check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
+        "the prompt must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
+  const int64_t Bp = x.dim(0), Ll = x.dim(1);
+  const int P = sp.comm ? sp.comm->size() : 1, p = sp.comm ? sp.comm->rank() : 0;
+  const int64_t L = Ll * P;
+  const int64_t agreed[] = {Bp, Ll, first};
+  agree(sp, pp, agreed, "the prefill's batch, prompt length or first sequence");
+  check(cache.ranks() == P && cache.rank() == p, "the KV cache is for rank ", cache.rank(), " of ", cache.ranks(),
+        " but the SP group has this rank as ", p, " of ", P);
+  check(first >= 0 && first + Bp <= cache.batch(), "sequences ", first, "..", first + Bp - 1,
+        " are outside the cache's batch of ", cache.batch());
+  check(Ll <= cache.capacity(), "a prompt of ", L, " tokens puts ", Ll, " entries on each rank, more than the KV "
+        "cache's capacity of ", cache.capacity(), " per rank");
+  for (int64_t b = first; b < first + Bp; ++b)
+    check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
+  if (sp.comm) check_layout(sp.attn.layout, L, P);
+  const std::vector<int64_t> pos = sp.comm ? shard_positions(sp.attn.layout, L, P, p) : [&] {
+    std::vector<int64_t> v(static_cast<size_t>(L));
+    for (int64_t i = 0; i < L; ++i) v[static_cast<size_t>(i)] = i;
+    return v;
+  }();
+
+  // The attention of each layer, then its K/V into the cache.
+  const AttentionHook store = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& o, const TensorView& lse) {
+    sequence_parallel_attention(sp, c, q, k, v, o, lse);
+    for (int64_t b = 0; b < Bp; ++b) {
+      copy_into(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
+      copy_into(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
+    }
+  };
+  Activations act;
+  act.keep = false;
+  Tensor y = model_forward(m, stage_input(x, pp, kPrefillTag), sp, act, store);
+  stage_output(y, pp, kPrefillTag);
+  for (int64_t b = first; b < first + Bp; ++b) {
+    std::copy(pos.begin(), pos.end(), cache.pos_.begin() + b * cache.capacity_);
+    cache.length_[b] = L;
+    for (int r = 0; r < P; ++r) cache.held_[b * P + r] = Ll;
+  }
+  return pp && pp->rank() + 1 < pp->size() ? Tensor() : std::move(y);
+}
+
+Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+                   Communicator* pp) {
+  const ModelConfig& c = m.config();
+  const int64_t B = cache.batch(), H = m.local_heads(), dh = c.head_dim();
+  const int P = cache.ranks(), p = cache.rank();
+  if (!cache.checked_) {
+    const int64_t agreed[] = {x.rank, x.dim(0), x.dim(1), x.dim(2), B, cache.capacity()};
+    agree(sp, pp, agreed, "the decode input's shape or the KV cache's batch and capacity");
+    cache.checked_ = true;
+  }
+  check(c.causal, "decoding needs a causal model (this one is bidirectional)");
+  check(x.rank == 3 && x.dim(0) == B && x.dim(1) == 1 && x.dim(2) == c.d_model && x.dtype == DType::f32,
+        "a decode step takes fp32 [B=", B, ", 1, d_model=", c.d_model, "], got ", x.shape_str());
+  check(P == (sp.comm ? sp.comm->size() : 1), "the KV cache is sharded over ", P, " ranks but the SP group has ",
+        sp.comm ? sp.comm->size() : 1);
+  // Every rank checks every owner's shard, so all fail together.
+  for (int64_t b = 0; b < B; ++b) {
+    check(cache.length(b) > 0, "sequence ", b, " has no prompt: prefill it before decoding");
+    const int o = cache.owner(cache.length(b));
+    check(cache.held(b, o) < cache.capacity(), "the KV cache is full: sequence ", b, " has ", cache.length(b),
+          " tokens and its next one (position ", cache.length(b), ") belongs to rank ", o, ", which already holds ",
+          cache.held(b, o), " of its capacity of ", cache.capacity(), " entries; give the cache a larger capacity");
+  }
+
+  // Per layer: append the new K/V to the owner's shard, attend the local shard of
+  // every sequence (its own length), merge the partials over the SP group.
+  const AttentionHook attend = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
+                                   const TensorView& o, const TensorView& lse) {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = cache.length(b);
+      if (cache.owner(t) == p) {
+        const int64_t slot = cache.held(b, p);
+        copy_into(cache.k_[l].view().slice(0, b, 1).slice(1, slot, 1), k.slice(0, b, 1));
+        copy_into(cache.v_[l].view().slice(0, b, 1).slice(1, slot, 1), v.slice(0, b, 1));
+        cache.pos_[b * cache.capacity_ + slot] = t;
+      }
+      const int64_t n = cache.held(b, p) + (cache.owner(t) == p ? 1 : 0);
+      const TensorView ob = o.slice(0, b, 1), lb = lse.slice(0, b, 1);
+      if (n == 0) {  // nothing of this sequence here: an empty partial
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t e = 0; e < dh; ++e) ob.set({0, 0, h, e}, 0.f);
+          lb.set({0, h, 0}, -INFINITY);
+        }
+        continue;
+      }
+      AttentionOptions opt;
+      opt.causal = true;
+      opt.threads = sp.attn.threads;
+      opt.isa = sp.attn.isa;
+      const int64_t qp[1] = {t};
+      opt.q_pos = qp;
+      opt.k_pos = std::span<const int64_t>(cache.pos_.data() + b * cache.capacity_, static_cast<size_t>(n));
+      attention_forward(q.slice(0, b, 1), cache.k_[l].view().slice(0, b, 1).slice(1, 0, n),
+                        cache.v_[l].view().slice(0, b, 1).slice(1, 0, n), ob, lb, opt);
+    }
+    if (sp.comm) dist_merge(*sp.comm, o, lse);
+  };
+  Activations act;
+  act.keep = false;
+  Tensor y = model_forward(m, stage_input(x, pp, kDecodeTag), sp, act, attend);
+  stage_output(y, pp, kDecodeTag);
+  if (pp) pp->broadcast(y.ptr<void>(), y.bytes(), pp->size() - 1);
+  for (int64_t b = 0; b < B; ++b) {
+    ++cache.held_[b * P + cache.owner(cache.length(b))];
+    ++cache.length_[b];
+  }
+  return y;
+}
+
+}  // namespace ringattn
