@@ -145,6 +145,11 @@ struct Mesh {
   int pp_index() const { return world->rank() / (sp * tp) % pp; }
   int sp_index() const { return world->rank() / tp % sp; }
   int tp_index() const { return world->rank() % tp; }
+  // World rank of the given indices.
+  int rank_of(int dp_i, int pp_i, int sp_i, int tp_i) const { return ((dp_i * pp + pp_i) * sp + sp_i) * tp + tp_i; }
+  // Bytes this rank sent over the mesh's groups since the last reset_stats().
+  int64_t bytes_sent() const;
+  void reset_stats();
 };
 
 // One training step: forward, MSE loss, backward, all-reduce of loss and weight

@@ -1,7 +1,8 @@
 // `ringattn compare`: the paper's experiment scaled to this machine. One dense
 // transformer (same weights for every method) run on the local ranks with RA+SP,
 // Ulysses, all-gather KV, TP, PP and TP × PP: forward (prefill) and training-step
-// throughput, peak memory and bytes moved per rank, in one table.
+// throughput, time per output token (prefill into a KV cache, then decode: see
+// `ringattn generate`), peak memory and bytes moved per rank, in one table.
 //
 // `ringattn compare` is a launcher: it starts one `mpirun -np R ringattn compare
 // --method M --json` per method, so every method is measured in fresh processes
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "cli/generation.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
 #include "ringattn/model.h"
@@ -28,7 +30,7 @@ namespace {
 struct CompareArgs {
   ModelConfig model{4, 256, 4, 0, 0, true, 1};  // 4 heads x 64, MLP 4 x d_model
   int64_t batch = 2, seq = 8192;
-  int threads = 1, ranks = 0, reps = 1;
+  int threads = 1, ranks = 0, reps = 1, new_tokens = 16;
   std::string dtype = "fp32", json_out, only, method, launcher;
   double timeout = 600;
   bool json = false;
@@ -55,16 +57,8 @@ struct Result {
   int pp = 1, sp = 1, tp = 1;
   double fwd_s = 0, train_s = 0, loss = 0;
   double peak_bytes = 0, fwd_bytes = 0, train_bytes = 0;
+  double tpot_s = 0, tpot_p99_s = 0, step_bytes = 0, cache_bytes = 0;
 };
-
-int64_t mesh_bytes(const Mesh& m) {
-  int64_t b = 0;
-  for (const auto* c : {&m.dp_comm, &m.pp_comm, &m.sp_comm, &m.tp_comm, &m.replica_comm}) b += (*c)->stats().bytes_sent;
-  return b;
-}
-void reset_mesh(Mesh& m) {
-  for (auto* c : {&m.dp_comm, &m.pp_comm, &m.sp_comm, &m.tp_comm, &m.replica_comm}) (*c)->reset_stats();
-}
 
 // Why a method cannot run with this model on P ranks ("" when it can).
 std::string unsupported(const Method& m, const ModelConfig& c, int64_t seq, int64_t batch) {
@@ -112,11 +106,11 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
     *seconds = 1e30;
     for (int rep = 0; rep <= a.reps; ++rep) {
       world.barrier();
-      reset_mesh(mesh);
+      mesh.reset_stats();
       const double t0 = now_seconds();
       r.loss = pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, micro, count,
                              mesh.replica_comm.get(), train);
-      double dt = now_seconds() - t0, b = static_cast<double>(mesh_bytes(mesh));
+      double dt = now_seconds() - t0, b = static_cast<double>(mesh.bytes_sent());
       world.all_reduce(&dt, 1, ReduceOp::max);
       world.all_reduce(&b, 1, ReduceOp::max);
       if (rep > 0) *seconds = std::min(*seconds, dt);
@@ -127,6 +121,21 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   timed(true, &r.train_s, &r.train_bytes);
   r.peak_bytes = static_cast<double>(memory_stats().peak_bytes);
   world.all_reduce(&r.peak_bytes, 1, ReduceOp::max);
+  // Inference: prefill the batch's sequences into a KV cache, then decode.
+  x = Tensor(), t = Tensor();
+  std::vector<Tensor> prompts;
+  {
+    std::mt19937_64 rng(a.model.seed + 2);
+    std::normal_distribution<float> dist(0.f, 1.f);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, a.seq, D});
+      for (int64_t i = 0; i < prompts.back().numel(); ++i) prompts.back().ptr<float>()[i] = dist(rng);
+    }
+  }
+  const GenerationRun g = run_generation(world, mesh, model, spc, prompts, a.new_tokens,
+                                         needed_capacity(a.seq, a.new_tokens, me.sp));
+  r.tpot_s = percentile(g.step_seconds, 50), r.tpot_p99_s = percentile(g.step_seconds, 99);
+  r.step_bytes = g.step_bytes, r.cache_bytes = g.cache_bytes;
   return r;
 }
 
@@ -140,7 +149,10 @@ nlohmann::json result_json(const Result& r, double tokens) {
   m["train_step_seconds"] = r.train_s;
   m["forward_tokens_per_s"] = tokens / r.fwd_s;
   m["train_tokens_per_s"] = tokens / r.train_s;
-  m["time_per_output_token_ms"] = nullptr;  // needs the decode path (issue 5)
+  m["time_per_output_token_ms"] = r.tpot_s * 1e3;
+  m["time_per_output_token_p99_ms"] = r.tpot_p99_s * 1e3;
+  m["decode_bytes_per_step_per_rank"] = r.step_bytes;
+  m["kv_cache_bytes_per_rank"] = r.cache_bytes;
   m["peak_memory_bytes_per_rank"] = r.peak_bytes;
   m["forward_bytes_per_rank"] = r.fwd_bytes;
   m["train_step_bytes_per_rank"] = r.train_bytes;
@@ -202,7 +214,7 @@ void run(const CompareArgs& a) {
   const std::string common =
       cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
           " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
-          " --threads ", a.threads, " --reps ", a.reps, " --timeout ", a.timeout);
+          " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens, " --timeout ", a.timeout);
   std::vector<Method> methods = methods_for(P);
   if (!a.only.empty())
     std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
@@ -239,8 +251,8 @@ void run(const CompareArgs& a) {
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
               static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()),
               static_cast<long long>(a.batch), static_cast<long long>(a.seq), P, a.threads);
-  std::printf("%-22s %-12s %13s %13s %8s %14s %14s %14s\n", "method", "pp x sp x tp", "fwd tok/s", "train tok/s",
-              "TPOT", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank");
+  std::printf("%-22s %-12s %11s %11s %9s %13s %13s %13s %13s\n", "method", "pp x sp x tp", "fwd tok/s",
+              "train tok/s", "TPOT ms", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank", "KiB/rank/step");
   for (const auto& m : j["methods"]) {
     const std::string mesh = cat(m["pp"].get<int>(), " x ", m["sp"].get<int>(), " x ", m["tp"].get<int>());
     const std::string name = m["method"].get<std::string>();
@@ -249,13 +261,18 @@ void run(const CompareArgs& a) {
                   (m.contains("failed") ? m["failed"] : m["skipped"]).get<std::string>().c_str());
       continue;
     }
-    std::printf("%-22s %-12s %13.0f %13.0f %8s %14.1f %14.1f %14.1f\n", name.c_str(), mesh.c_str(),
-                m["forward_tokens_per_s"].get<double>(), m["train_tokens_per_s"].get<double>(), "n/a",
+    std::printf("%-22s %-12s %11.0f %11.0f %9.2f %13.1f %13.1f %13.1f %13.1f\n", name.c_str(), mesh.c_str(),
+                m["forward_tokens_per_s"].get<double>(), m["train_tokens_per_s"].get<double>(),
+                m["time_per_output_token_ms"].get<double>(),
                 m["peak_memory_bytes_per_rank"].get<double>() / 1048576.0,
                 m["forward_bytes_per_rank"].get<double>() / 1048576.0,
-                m["train_step_bytes_per_rank"].get<double>() / 1048576.0);
+                m["train_step_bytes_per_rank"].get<double>() / 1048576.0,
+                m["decode_bytes_per_step_per_rank"].get<double>() / 1024.0);
   }
-  std::printf("\nTPOT (time per output token) needs the decode path with a sharded KV cache (issue 5).\n");
+  std::printf("\nTPOT: median time per output token over %d decode steps of all %lld sequences after prefilling "
+              "them into a KV cache (RA+SP, Ulysses, all-gather: sharded by sequence; TP: by head; PP: by layer).\n"
+              "peak MiB/rank: through the training step; KiB/rank/step: sent per decode step.\n",
+              a.new_tokens, static_cast<long long>(a.batch));
   if (!a.json_out.empty()) std::printf("results written to %s\n", a.json_out.c_str());
 }
 
@@ -279,6 +296,7 @@ void add_compare(CLI::App& app) {
   cmd->add_option("--reps", a->reps, "timed runs per pass after one warm-up; the best is reported")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  cmd->add_option("--new-tokens", a->new_tokens, "decode steps for the TPOT column")->capture_default_str();
   cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)");
   cmd->add_option("--launcher", a->launcher,
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "

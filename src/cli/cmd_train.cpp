@@ -25,17 +25,6 @@ struct TrainArgs {
   bool json = false;
 };
 
-// Bytes this rank sent over every group of the mesh.
-int64_t mesh_bytes_sent(const Mesh& m) {
-  int64_t b = 0;
-  for (const auto* c : {&m.sp_comm, &m.dp_comm, &m.tp_comm, &m.replica_comm}) b += (*c)->stats().bytes_sent;
-  return b;
-}
-
-void reset_mesh_stats(Mesh& m) {
-  for (auto* c : {&m.sp_comm, &m.dp_comm, &m.tp_comm, &m.replica_comm}) (*c)->reset_stats();
-}
-
 Tensor normal_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
   Tensor t(DType::f32, shape);
   std::normal_distribution<float> dist(0.f, 1.f);
@@ -88,14 +77,14 @@ void run(const TrainArgs& a) {
   double t_fwd = 0, t0 = 0;
   int64_t fwd_bytes = 0;
   for (int rep = 0; rep < 2; ++rep) {
-    if (world) reset_mesh_stats(mesh);
+    if (world) mesh.reset_stats();
     Activations act;
     t0 = now_seconds();
     model_forward(model, x, spc, act);
     t_fwd = now_seconds() - t0;
-    fwd_bytes = world ? mesh_bytes_sent(mesh) : 0;
+    fwd_bytes = world ? mesh.bytes_sent() : 0;
   }
-  if (world) reset_mesh_stats(mesh);
+  if (world) mesh.reset_stats();
   std::vector<double> losses, step_times;
   for (int s = 0; s < a.steps; ++s) {
     if (!a.json && rank == 0) progress(cat("step ", s + 1, "/", a.steps));
@@ -105,7 +94,7 @@ void run(const TrainArgs& a) {
   }
   if (!a.json && rank == 0) progress_done();
   double mine[3] = {static_cast<double>(memory_stats().peak_bytes),
-                    static_cast<double>(world ? mesh_bytes_sent(mesh) : 0), static_cast<double>(fwd_bytes)};
+                    static_cast<double>(world ? mesh.bytes_sent() : 0), static_cast<double>(fwd_bytes)};
   std::vector<double> all(3 * static_cast<size_t>(P));
   if (world)
     world->all_gather(mine, all.data(), sizeof(mine));

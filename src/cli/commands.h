@@ -12,6 +12,7 @@ void add_attention(CLI::App& app);
 void add_bench(CLI::App& app);
 void add_train(CLI::App& app);
 void add_compare(CLI::App& app);
+void add_generate(CLI::App& app);
 
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);

@@ -33,11 +33,14 @@ void progress_done() {
 
 namespace {
 
-// MPI starts when mpirun launched us or a distributed option asks for it.
+// MPI starts when mpirun launched us, for `generate` (a one-rank job without
+// mpirun), or when a distributed option asks for it.
 bool wants_mpi(int argc, char** argv) {
   if (ringattn::launched_by_mpi()) return true;
   for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--strategy", 10) == 0 || std::strncmp(argv[i], "--method", 8) == 0) return true;
+    if (std::strcmp(argv[i], "generate") == 0 || std::strncmp(argv[i], "--strategy", 10) == 0 ||
+        std::strncmp(argv[i], "--method", 8) == 0)
+      return true;
   return false;
 }
 
@@ -61,6 +64,7 @@ int main(int argc, char** argv) {
   ringattn::cli::add_bench(app);
   ringattn::cli::add_train(app);
   ringattn::cli::add_compare(app);
+  ringattn::cli::add_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -320,6 +320,18 @@ Mesh Mesh::build(Communicator& world, int dp, int sp, int tp, int pp) {
   return m;
 }
 
+int64_t Mesh::bytes_sent() const {
+  int64_t b = 0;
+  for (const auto* c : {&dp_comm, &pp_comm, &sp_comm, &tp_comm, &replica_comm})
+    if (*c) b += (*c)->stats().bytes_sent;
+  return b;
+}
+
+void Mesh::reset_stats() {
+  for (auto* c : {&dp_comm, &pp_comm, &sp_comm, &tp_comm, &replica_comm})
+    if (*c) (*c)->reset_stats();
+}
+
 double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                   int64_t global_count, Communicator* reduce) {
   Activations act;

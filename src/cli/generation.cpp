@@ -1,0 +1,107 @@
+// Prefill + decode on a mesh with timings (see generation.h).
+#include "cli/generation.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "ringattn/error.h"
+#include "ringattn/layout.h"
+#include "ringattn/perf.h"
+
+namespace ringattn::cli {
+
+int64_t needed_capacity(int64_t longest_prompt, int steps, int sp) {
+  return longest_prompt / sp + (steps + sp - 1) / sp;
+}
+
+double percentile(std::vector<double> xs, double p) {
+  if (xs.empty()) return 0;
+  std::sort(xs.begin(), xs.end());
+  const size_t i = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(xs.size())));
+  return xs[std::min(xs.size() - 1, i == 0 ? 0 : i - 1)];
+}
+
+namespace {
+
+struct Pass {
+  KVCache cache;
+  Tensor x;  // the next decode input [B, 1, D]
+};
+
+// Prefills every prompt into a fresh cache; x gets each prompt's last output,
+// broadcast from the world rank that holds it.
+Pass prefill_all(Communicator& world, Mesh& mesh, const Model& m, const SequenceParallel& sp,
+                 const std::vector<Tensor>& prompts, int64_t capacity) {
+  const int64_t B = static_cast<int64_t>(prompts.size()), D = m.config().d_model;
+  const int P = mesh.sp, p = mesh.sp_index();
+  Communicator* pp = mesh.pp > 1 ? mesh.pp_comm.get() : nullptr;
+  Pass s{KVCache(m, B, capacity, P, p), Tensor(DType::f32, {B, 1, D})};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = prompts[static_cast<size_t>(b)].dim(1), Ll = L / P;
+    Tensor x(DType::f32, {1, Ll, D});
+    shard(prompts[static_cast<size_t>(b)], x, sp.attn.layout, P, p);
+    Tensor y = prefill(m, s.cache, x, b, sp, pp);
+    // The last position's owner: its SP rank, TP rank 0, the last stage.
+    int owner_sp = 0;
+    for (int r = 0; r < P; ++r) {
+      const std::vector<int64_t> pr = shard_positions(sp.attn.layout, L, P, r);
+      if (std::find(pr.begin(), pr.end(), L - 1) != pr.end()) owner_sp = r;
+    }
+    const int root = mesh.rank_of(0, mesh.pp - 1, owner_sp, 0);
+    Tensor row(DType::f32, {1, 1, D});
+    if (world.rank() == root) {
+      const std::vector<int64_t> mine = shard_positions(sp.attn.layout, L, P, p);
+      const int64_t i = std::find(mine.begin(), mine.end(), L - 1) - mine.begin();
+      copy_into(row, y.view().slice(1, i, 1));
+    }
+    world.broadcast(row.ptr<void>(), row.bytes(), root);
+    copy_into(s.x.view().slice(0, b, 1), row);
+  }
+  return s;
+}
+
+}  // namespace
+
+GenerationRun run_generation(Communicator& world, Mesh& mesh, const Model& m, const SequenceParallel& sp,
+                             const std::vector<Tensor>& prompts, int steps, int64_t capacity,
+                             const std::function<void(int)>& tick) {
+  check(!prompts.empty() && steps >= 1, "generation needs at least one prompt and one new token");
+  const int64_t B = static_cast<int64_t>(prompts.size()), D = m.config().d_model;
+  Communicator* pp = mesh.pp > 1 ? mesh.pp_comm.get() : nullptr;
+  {  // warm-up: the same batch and shapes per decode step, a short prompt
+    std::vector<Tensor> short_prompts;
+    for (int64_t b = 0; b < B; ++b) {
+      short_prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, 2 * mesh.sp, D});
+      copy_into(short_prompts.back(), prompts[static_cast<size_t>(b)].view().slice(1, 0, 2 * mesh.sp));
+    }
+    Pass w = prefill_all(world, mesh, m, sp, short_prompts, needed_capacity(2 * mesh.sp, 2, mesh.sp));
+    for (int j = 0; j < 2; ++j) w.x = decode_step(m, w.cache, w.x, sp, pp);
+  }
+  GenerationRun r;
+  world.barrier();
+  mesh.reset_stats();
+  world.reset_stats();
+  double t0 = now_seconds();
+  Pass s = prefill_all(world, mesh, m, sp, prompts, capacity);
+  r.prefill_seconds = now_seconds() - t0;
+  r.prefill_bytes = static_cast<double>(mesh.bytes_sent() + world.stats().bytes_sent);
+  r.first_inputs.assign(s.x.ptr<float>(), s.x.ptr<float>() + B * D);
+  world.barrier();
+  mesh.reset_stats();
+  for (int j = 0; j < steps; ++j) {
+    if (tick) tick(j);
+    t0 = now_seconds();
+    s.x = decode_step(m, s.cache, s.x, sp, pp);
+    r.step_seconds.push_back(now_seconds() - t0);
+    r.outputs.insert(r.outputs.end(), s.x.ptr<float>(), s.x.ptr<float>() + B * D);
+  }
+  r.step_bytes = static_cast<double>(mesh.bytes_sent()) / steps;
+  r.cache_bytes = static_cast<double>(s.cache.bytes());
+  world.all_reduce(r.step_seconds.data(), steps, ReduceOp::max);
+  double maxes[4] = {r.prefill_seconds, r.prefill_bytes, r.step_bytes, r.cache_bytes};
+  world.all_reduce(maxes, 4, ReduceOp::max);
+  r.prefill_seconds = maxes[0], r.prefill_bytes = maxes[1], r.step_bytes = maxes[2], r.cache_bytes = maxes[3];
+  return r;
+}
+
+}  // namespace ringattn::cli
