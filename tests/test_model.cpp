@@ -604,5 +604,45 @@ TEST(Model, TrainStepReducesTheLossAndRepeatsBitwise) {
       << "two identical runs must give bitwise identical parameters";
 }
 
+// bf16 mixed precision: GEMM operands and attention inputs rounded to bf16, fp32
+// accumulation and master weights. Stays near the fp32 model, trains, and its bf16
+// working copy of the weights follows every parameter update.
+TEST(ModelBf16, StaysNearFp32AndTrains) {
+  ModelConfig cfg = tiny_config({2, true});
+  cfg.d_model = 64, cfg.mlp_hidden = 128;
+  const int64_t B = 2, L = 33, D = cfg.d_model;
+  Model m32(cfg);
+  cfg.dtype = DType::bf16;
+  Model m16(cfg);
+  perturb(m32, 131), perturb(m16, 131);
+  std::vector<float> x = randn(B * L * D, 132);
+  Activations a32, a16;
+  const TensorView xv(x.data(), DType::f32, {B, L, D});
+  const Tensor y32 = model_forward(m32, xv, one_process(), a32), y16 = model_forward(m16, xv, one_process(), a16);
+  double den = 0;
+  for (int64_t i = 0; i < y32.numel(); ++i) den = std::max(den, std::fabs(static_cast<double>(y32.ptr<float>()[i])));
+  const double err = max_abs_diff(y16, y32) / den;
+  if (verbose()) std::printf("[bf16] forward vs fp32: %.3g\n", err);
+  EXPECT_GT(err, 0.0) << "bf16 should round something";
+  EXPECT_LE(err, 2e-2);
+  Model t16(cfg);
+  const std::vector<double> losses = train(t16, 20);
+  EXPECT_LT(losses.back(), 0.7 * losses.front()) << "bf16 loss " << losses.front() << " -> " << losses.back();
+}
+
+TEST(ModelBf16, WorkingCopyFollowsParameterUpdates) {
+  ModelConfig cfg = tiny_config({2, true});
+  cfg.dtype = DType::bf16;
+  const int64_t B = 1, L = 8, D = cfg.d_model;
+  std::vector<float> x = randn(B * L * D, 141);
+  const TensorView xv(x.data(), DType::f32, {B, L, D});
+  Model a(cfg), b(cfg);
+  Activations act;
+  model_forward(a, xv, one_process(), act);  // rounds a's working copy
+  perturb(a, 142), perturb(b, 142);          // then both change the same way
+  const Tensor ya = model_forward(a, xv, one_process(), act), yb = model_forward(b, xv, one_process(), act);
+  EXPECT_TRUE(bitwise_equal(ya, yb)) << "a stale bf16 copy of the weights was used after the parameters changed";
+}
+
 }  // namespace
 }  // namespace ringattn::testing

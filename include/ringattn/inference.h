@@ -59,7 +59,7 @@ class KVCache {
   }
   int64_t batch_, capacity_;
   int P_, p_;
-  std::vector<Tensor> k_, v_;         // per layer held: [batch, capacity, kv_heads, dh]
+  std::vector<Tensor> k_, v_;         // per layer held: [batch, capacity, kv_heads, dh], model dtype
   std::vector<int64_t> pos_;          // [batch, capacity]
   std::vector<int64_t> length_;       // [batch]
   std::vector<int64_t> held_;         // [batch, P]

@@ -6,6 +6,8 @@
 #pragma once
 #include <cstdint>
 
+#include "ringattn/dtype.h"
+
 namespace ringattn {
 
 // y = (x − mean) · rstd · gamma + beta over each row; saves mean, rstd [N].
@@ -20,10 +22,13 @@ void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma
 void gelu_forward(int64_t n, const float* x, float* y);
 void gelu_backward(int64_t n, const float* x, const float* dy, float* dx);
 
-// y[N, Cout] = x[N, Cin] · W[Cin, Cout] + b   (oneDNN GEMM)
-void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* b, float* y);
+// y[N, Cout] = x[N, Cin] · W[Cin, Cout] + b   (oneDNN GEMM). W is in the compute
+// dtype: fp32, or bf16 for mixed precision (x is then rounded to bf16 and the
+// products accumulate in fp32); x, b, y, dx, dW and db are fp32.
+void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b, float* y,
+                    DType compute = DType::f32);
 // dx = dy · Wᵀ (skipped when dx is null); dW += xᵀ · dy; db += Σ_rows dy.
-void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* dy, float* dx,
-                     float* dW, float* db);
+void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy, float* dx,
+                     float* dW, float* db, DType compute = DType::f32);
 
 }  // namespace ringattn

@@ -1,4 +1,4 @@
-// A dense pre-LayerNorm transformer (DESIGN.md §1), fp32, with hand-written
+// A dense pre-LayerNorm transformer (DESIGN.md §1), fp32 or bf16 mixed precision, with hand-written
 // backward, an MSE loss and AdamW, that runs on one process or sequence-parallel
 // (RA+SP): every activation sharded by sequence, token-local layers on the local
 // shard with full weights, attention by the ring (or Ulysses / all-gather).
@@ -21,6 +21,10 @@ struct ModelConfig {
   int64_t layers = 4, d_model = 256, heads = 4, kv_heads = 0, mlp_hidden = 0;
   bool causal = true;
   uint64_t seed = 1;
+  // Compute dtype: fp32, or bf16 mixed precision (GEMM operands and attention
+  // q, k, v, KV cache in bf16; fp32 accumulation, activations between layers,
+  // LayerNorm, GELU, gradients, master weights and AdamW in fp32).
+  DType dtype = DType::f32;
 
   int64_t head_dim() const { return d_model / heads; }
   int64_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
@@ -32,6 +36,11 @@ struct ModelConfig {
 // One layer's parameters (or gradients): pointers into a flat fp32 array.
 struct LayerParams {
   float *ln1_g, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o, *ln2_g, *ln2_b, *w_in, *b_in, *w_out, *b_out;
+};
+
+// The weight matrices the GEMMs read, in the model's compute dtype.
+struct LayerWeights {
+  const void *w_qkv, *w_o, *w_in, *w_out;
 };
 
 // Parameters and their gradients, each one flat fp32 array (one all-reduce, one
@@ -61,13 +70,18 @@ class Model {
   // config): parameters, or gradients when grads is true.
   void copy_slice_from(const Model& full, bool grads);
   int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
-  float* params() { return params_.data(); }
+  // Non-const access may change the parameters: the bf16 working copy is
+  // re-rounded before the next use.
+  float* params() { return shadow_stale_ = true, params_.data(); }
   const float* params() const { return params_.data(); }
   float* grads() { return grads_.data(); }
   const float* grads() const { return grads_.data(); }
-  LayerParams layer(int l) { return view(params_.data(), l); }
+  LayerParams layer(int l) { return shadow_stale_ = true, view(params_.data(), l); }
   LayerParams layer_grads(int l) { return view(grads_.data(), l); }
   LayerParams layer(int l) const { return view(const_cast<float*>(params_.data()), l); }
+  // Layer l's weights for the GEMMs: the fp32 parameters, or (bf16) their
+  // bf16-rounded working copy, kept in step with the fp32 master parameters.
+  LayerWeights weights(int l) const;
   void zero_grads();
 
  private:
@@ -77,6 +91,8 @@ class Model {
   int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
   std::vector<float> params_, grads_;
+  mutable std::vector<uint16_t> shadow_;  // bf16 copy of params_ (bf16 models)
+  mutable bool shadow_stale_ = true;
 };
 
 // How the layers run: attention on this process alone (comm == nullptr) or

@@ -193,8 +193,6 @@ std::string capture(const std::string& cmd) {
 
 // The launcher: one mpirun per method, then one table.
 void run(const CompareArgs& a) {
-  check(a.dtype == "fp32", "--dtype ", a.dtype,
-        ": the model runs in fp32 so far (bf16 mixed precision is not implemented yet); use --dtype fp32");
   a.model.validate();
   if (!a.method.empty()) {
     check(MpiSession::active(), "--method is the per-method run that `ringattn compare` starts under mpirun");
@@ -214,7 +212,7 @@ void run(const CompareArgs& a) {
   const std::string common =
       cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
           " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
-          " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens, " --timeout ", a.timeout);
+          " --dtype ", a.dtype, " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens, " --timeout ", a.timeout);
   std::vector<Method> methods = methods_for(P);
   if (!a.only.empty())
     std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
@@ -246,11 +244,11 @@ void run(const CompareArgs& a) {
   }
   if (a.json) return print_json(j);
   std::printf("compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
-              "%d ranks x %d thread(s), fp32\n\n",
+              "%d ranks x %d thread(s), %s\n\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
               static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()),
-              static_cast<long long>(a.batch), static_cast<long long>(a.seq), P, a.threads);
+              static_cast<long long>(a.batch), static_cast<long long>(a.seq), P, a.threads, a.dtype.c_str());
   std::printf("%-22s %-12s %11s %11s %9s %13s %13s %13s %13s\n", "method", "pp x sp x tp", "fwd tok/s",
               "train tok/s", "TPOT ms", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank", "KiB/rank/step");
   for (const auto& m : j["methods"]) {
@@ -291,7 +289,10 @@ void add_compare(CLI::App& app) {
   cmd->add_option("--batch", a->batch, "sequences per step (PP uses one micro-batch per sequence)")
       ->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
-  cmd->add_option("--dtype", a->dtype, "fp32 (bf16 mixed precision is not implemented yet)")->capture_default_str();
+  cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
+      ->capture_default_str();
   cmd->add_option("--threads", a->threads, "threads per rank")->capture_default_str();
   cmd->add_option("--reps", a->reps, "timed runs per pass after one warm-up; the best is reported")
       ->check(CLI::PositiveNumber)

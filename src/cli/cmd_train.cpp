@@ -19,7 +19,7 @@ struct TrainArgs {
   ModelConfig model;
   int64_t batch = 1, seq = 2048;
   int steps = 3, dp = 1, sp = 0, tp = 1, threads = 0;
-  std::string strategy = "ring", layout = "zigzag";
+  std::string strategy = "ring", layout = "zigzag", dtype = "fp32";
   float lr = 1e-3f;
   double timeout = 300;
   bool json = false;
@@ -108,7 +108,7 @@ void run(const TrainArgs& a) {
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
   j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
-  j["strategy"] = a.strategy, j["layout"] = a.layout;
+  j["strategy"] = a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
   j["train_step_seconds"] = step_times;
@@ -119,11 +119,11 @@ void run(const TrainArgs& a) {
     j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
                              {"forward_bytes_sent", all[3 * r + 2]}});
   if (a.json) return print_json(j);
-  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d x tp=%d (%s, %s)\n",
+  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d x tp=%d (%s, %s, %s)\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(D),
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
               static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
-              static_cast<long long>(a.seq), a.dp, sp, a.tp, a.strategy.c_str(), a.layout.c_str());
+              static_cast<long long>(a.seq), a.dp, sp, a.tp, a.strategy.c_str(), a.layout.c_str(), a.dtype.c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
   std::printf("loss by step:");
@@ -148,6 +148,10 @@ void add_train(CLI::App& app) {
   cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
   cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
   cmd->add_option("--seed", a->model.seed, "weights and data seed")->capture_default_str();
+  cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
+      ->capture_default_str();
   cmd->add_option("--batch", a->batch, "global batch")->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
   cmd->add_option("--steps", a->steps, "training steps")->capture_default_str();

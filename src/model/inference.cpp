@@ -16,9 +16,9 @@ KVCache::KVCache(const Model& m, int64_t batch, int64_t capacity, int P, int p)
   check(capacity >= 1, "the KV cache needs a capacity >= 1 entry per sequence, got ", capacity);
   check(P >= 1 && p >= 0 && p < P, "KV cache rank ", p, " of ", P, " is out of range");
   const int64_t kv = m.local_kv(), dh = m.config().head_dim();
-  for (int l = 0; l < m.num_layers(); ++l) {
-    k_.push_back(Tensor::zeros(DType::f32, {batch, capacity, kv, dh}));
-    v_.push_back(Tensor::zeros(DType::f32, {batch, capacity, kv, dh}));
+  for (int l = 0; l < m.num_layers(); ++l) {  // in the model's compute dtype
+    k_.push_back(Tensor::zeros(m.config().dtype, {batch, capacity, kv, dh}));
+    v_.push_back(Tensor::zeros(m.config().dtype, {batch, capacity, kv, dh}));
   }
   pos_.assign(static_cast<size_t>(batch * capacity), 0);
   length_.assign(static_cast<size_t>(batch), 0);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 
 #include "ringattn/attention.h"
 #include "ringattn/error.h"
@@ -18,6 +19,7 @@ void ModelConfig::validate() const {
   check(d_model % heads == 0, "d_model=", d_model, " must be divisible by heads=", heads);
   check(heads % kv() == 0, "heads=", heads, " must be a multiple of kv_heads=", kv());
   check(hidden() >= 1, "mlp_hidden must be >= 1");
+  check(dtype == DType::f32 || dtype == DType::bf16, "the model computes in fp32 or bf16, not ", dtype_name(dtype));
 }
 
 // Sizes of one layer's tensors (this rank's slice), in LayerParams order.
@@ -76,6 +78,7 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage)
 }
 
 void Model::copy_slice_from(const Model& full, bool grads) {
+  shadow_stale_ = true;
   check(full.tp() == 1 && full.num_layers() == cfg_.layers, "copy_slice_from needs a full (tp = 1, pp = 1) model");
   const ModelConfig& c = cfg_;
   const int64_t D = c.d_model, Cf = c.qkv_width(), Cl = local_qkv_width(), dh = c.head_dim();
@@ -109,6 +112,20 @@ LayerParams Model::view(float* base, int l) const {
   return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7], ptrs[8], ptrs[9], ptrs[10], ptrs[11]};
 }
 
+LayerWeights Model::weights(int l) const {
+  const LayerParams p = layer(l);
+  if (cfg_.dtype == DType::f32) return {p.w_qkv, p.w_o, p.w_in, p.w_out};
+  if (shadow_stale_) {
+    shadow_.resize(params_.size());
+    const int64_t n = static_cast<int64_t>(params_.size());
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) shadow_[static_cast<size_t>(i)] = f32_to_bf16(params_[static_cast<size_t>(i)]);
+    shadow_stale_ = false;
+  }
+  auto at = [&](const float* w) { return static_cast<const void*>(shadow_.data() + (w - params_.data())); };
+  return {at(p.w_qkv), at(p.w_o), at(p.w_in), at(p.w_out)};
+}
+
 void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
 
 namespace {
@@ -120,7 +137,8 @@ TensorView qkv_part(const Tensor& qkv, const Model& m, int64_t B, int64_t Ll, in
   const int64_t heads = which == 0 ? hq : hk;
   const int64_t off = which == 0 ? 0 : (which == 1 ? hq : hq + hk) * dh;
   const int64_t shape[4] = {B, Ll, heads, dh}, strides[4] = {Ll * C, C, dh, 1};
-  return TensorView(qkv.ptr<float>() + off, DType::f32, 4, shape, strides);
+  return TensorView(qkv.ptr<char>() + off * static_cast<int64_t>(dtype_size(qkv.dtype())), qkv.dtype(), 4, shape,
+                    strides);
 }
 
 }  // namespace
@@ -165,9 +183,9 @@ void add(float* x, const float* y, int64_t n) {
 
 // y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
 // row-parallel linear (the bias is added once, after the sum).
-void row_parallel_linear(const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x, const float* W,
-                         const float* b, float* y) {
-  linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y);
+void row_parallel_linear(const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x, const void* W,
+                         const float* b, float* y, DType compute) {
+  linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y, compute);
   if (!sp.tp) return;
   sp.tp->all_reduce(y, N * D, ReduceOp::sum);
 #pragma omp parallel for schedule(static)
@@ -199,13 +217,20 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
   copy_into(cur, x);
   for (int l = 0; l < m.num_layers(); ++l) {
     const LayerParams p = m.layer(l);
+    const LayerWeights w = m.weights(l);
     Activations::Layer& s = act.layers[l];
     s.x = std::move(cur);
     s.a = Tensor(DType::f32, {N, D}), s.mean1 = Tensor(DType::f32, {N}), s.rstd1 = Tensor(DType::f32, {N});
     layernorm_forward(N, D, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
                       s.rstd1.ptr<float>());
-    s.qkv = Tensor(DType::f32, {N, C});
-    linear_forward(N, D, C, s.a.ptr<float>(), p.w_qkv, p.b_qkv, s.qkv.ptr<float>());
+    s.qkv = Tensor(c.dtype, {N, C});  // bf16: the attention's inputs are rounded once
+    if (c.dtype == DType::f32) {
+      linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, s.qkv.ptr<float>());
+    } else {
+      Tensor qkv(DType::f32, {N, C});
+      linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, qkv.ptr<float>(), c.dtype);
+      copy_into(s.qkv, qkv);
+    }
     s.o = Tensor(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
     s.lse = Tensor(DType::f32, {B, m.local_heads(), Ll});
     const TensorView q = qkv_part(s.qkv, m, B, Ll, 0), k = qkv_part(s.qkv, m, B, Ll, 1),
@@ -215,16 +240,16 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
     else
       sequence_parallel_attention(sp, c, q, k, v, s.o, s.lse);
     s.x1 = Tensor(DType::f32, {N, D});
-    row_parallel_linear(sp, N, A, D, s.o.ptr<float>(), p.w_o, p.b_o, s.x1.ptr<float>());
+    row_parallel_linear(sp, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
     add(s.x1.ptr<float>(), s.x.ptr<float>(), N * D);
     s.c = Tensor(DType::f32, {N, D}), s.mean2 = Tensor(DType::f32, {N}), s.rstd2 = Tensor(DType::f32, {N});
     layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
                       s.rstd2.ptr<float>());
     s.h = Tensor(DType::f32, {N, F}), s.g = Tensor(DType::f32, {N, F});
-    linear_forward(N, D, F, s.c.ptr<float>(), p.w_in, p.b_in, s.h.ptr<float>());
+    linear_forward(N, D, F, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
     gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
     cur = Tensor(DType::f32, {B, Ll, D});
-    row_parallel_linear(sp, N, F, D, s.g.ptr<float>(), p.w_out, p.b_out, cur.ptr<float>());
+    row_parallel_linear(sp, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
     add(cur.ptr<float>(), s.x1.ptr<float>(), N * D);
     if (!act.keep) s = Activations::Layer();
   }
@@ -243,23 +268,26 @@ Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, co
   Tensor dg(DType::f32, {N, F}), dh(DType::f32, {N, F}), dc(DType::f32, {N, D}), dtmp(DType::f32, {N, D});
   Tensor dout(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
   for (int l = m.num_layers() - 1; l >= 0; --l) {
-    const LayerParams p = m.layer(l);
+    const LayerParams p = std::as_const(m).layer(l);
+    const LayerWeights w = m.weights(l);
     const LayerParams gp = m.layer_grads(l);
     const Activations::Layer& s = act.layers[l];
     // x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
-    linear_backward(N, F, D, s.g.ptr<float>(), p.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out);
+    linear_backward(N, F, D, s.g.ptr<float>(), w.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out,
+                    c.dtype);
     gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
-    linear_backward(N, D, F, s.c.ptr<float>(), p.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in);
+    linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in, c.dtype);
     reduce_input_grad(sp, dc.ptr<float>(), N * D);
     layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
                        dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
     add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx1
     // x1 = x + o·W_o + b_o
-    linear_backward(N, A, D, s.o.ptr<float>(), p.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o);
+    linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o, c.dtype);
     attention_bwd(sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
                   s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
                   qkv_part(dqkv, m, B, Ll, 2));
-    linear_backward(N, D, C, s.a.ptr<float>(), p.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv);
+    linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
+                    c.dtype);
     reduce_input_grad(sp, da.ptr<float>(), N * D);
     layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
                        dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);

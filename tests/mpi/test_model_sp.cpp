@@ -62,6 +62,7 @@ namespace ringattn::testing {
 namespace {
 
 constexpr double kTolSp = 1e-5;        // y, loss, dx, gradients, and parameters after a step
+constexpr double kTolSpBf16 = 2e-2;    // bf16 mixed precision: RA+SP vs one process in bf16
 constexpr double kSteadyGrad = 1e-5;   // |g| above which an AdamW step-1 update is well-conditioned
 constexpr double kCommTimeout = 60;
 constexpr int64_t kB = 2, kL = 48;     // L = 48 splits in every layout for P in {1, 2, 3, 4, 8}
@@ -361,6 +362,43 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
 
 INSTANTIATE_TEST_SUITE_P(All, ModelSpMatrix, ::testing::ValuesIn(sp_cases()),
                          [](const ::testing::TestParamInfo<SpCase>& i) { return i.param.name(); });
+
+// bf16 mixed precision: RA+SP equals one process computing in bf16 (the same
+// roundings of the same values; only fp32 summation orders differ, which can move
+// a bf16 rounding by one step), and stays near the fp32 model.
+TEST_F(ModelSp, Bf16MixedPrecisionMatchesSingleProcess) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  const SpCase c{Strategy::ring, Layout::zigzag, 2, true};
+  if (!c.fits(P)) GTEST_SKIP() << c.name() << " does not run on " << P << " ranks";
+  ModelConfig cfg = config(c.kv, c.causal);
+  const int64_t D = cfg.d_model, count = kB * kL * D;
+  const FullData f(kB, D, 300);
+  SequenceParallel one;
+  one.attn.threads = 1;
+  const Result ref32 = run(cfg, f.x, f.t, one, count);
+  cfg.dtype = DType::bf16;
+  const Result ref = run(cfg, f.x, f.t, one, count);
+  const Tensor xl = shard_of(f.x, c.layout, P, p), tl = shard_of(f.t, c.layout, P, p);
+  const Result got = run(cfg, xl, tl, sp_of(comm.get(), c), count);
+  const Tensor y = gather_full(*comm, got.y, kL, c.layout), dx = gather_full(*comm, got.dx, kL, c.layout);
+  const ErrReport ry = compare(y, ref.y), rdx = compare(dx, ref.dx);
+  const ErrReport rg = compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
+  const ErrReport ry32 = compare(ref.y, ref32.y);
+  const ErrReport rg32 =
+      compare(as_double(ref.grads.data(), ref.grads.size()), as_double(ref32.grads.data(), ref32.grads.size()));
+  const std::vector<double> e = max_over_ranks(
+      *comm, {std::abs(got.loss - ref.loss) / std::abs(ref.loss), ry.err, rdx.err, rg.err, ry32.err, rg32.err});
+  EXPECT_LE(e[0], 1e-3) << "loss " << got.loss << " vs " << ref.loss;
+  EXPECT_LE(e[1], kTolSpBf16) << "y: " << ry;
+  EXPECT_LE(e[2], kTolSpBf16) << "dx: " << rdx;
+  EXPECT_LE(e[3], kTolSpBf16) << "grads: " << rg;
+  EXPECT_LE(e[4], 2e-2) << "bf16 vs fp32 model y: " << ry32;
+  EXPECT_LE(e[5], 5e-2) << "bf16 vs fp32 model grads: " << rg32;
+  if (std::getenv("RINGATTN_TEST_VERBOSE") && p == 0)
+    std::printf("[model sp bf16] P=%d loss %.2g y %.2g dx %.2g grads %.2g | bf16 vs fp32: y %.2g grads %.2g\n", P,
+                e[0], e[1], e[2], e[3], e[4], e[5]);
+}
 
 // ---- 2. bitwise reproducible with the same rank count ---------------------------------------
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ringattn/error.h"
 #include "ringattn/gemm.h"
 
 namespace ringattn {
@@ -90,19 +91,43 @@ void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) {
   }
 }
 
+namespace {
+
+// An activation operand of n elements in the compute dtype: x itself for fp32,
+// else a bf16-rounded copy.
+struct Operand {
+  std::vector<uint16_t> rounded;
+  const void* p;
+  Operand(const float* x, int64_t n, DType compute) : p(x) {
+    if (compute == DType::f32) return;
+    rounded.resize(static_cast<size_t>(n));
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) rounded[static_cast<size_t>(i)] = f32_to_bf16(x[i]);
+    p = rounded.data();
+  }
+};
+
+}  // namespace
+
 // x: [N, Cin]  W: [Cin, Cout]  b: [Cout]  ->  y: [N, Cout]
-void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* b, float* y) {
+void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b, float* y,
+                    DType compute) {
+  check(compute == DType::f32 || compute == DType::bf16, "linear layers compute in fp32 or bf16");
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i)
     for (int64_t c = 0; c < Cout; ++c) y[i * Cout + c] = b ? b[c] : 0.f;
-  gemm(false, false, N, Cout, Cin, 1.f, x, Cin, W, Cout, 1.f, y, Cout);
+  const Operand xo(x, N * Cin, compute);
+  gemm(false, false, N, Cout, Cin, 1.f, xo.p, Cin, W, Cout, 1.f, y, Cout, compute);
 }
 
 // dy: [N, Cout] -> dx: [N, Cin]; dW: [Cin, Cout] += xᵀ dy; db: [Cout] += Σ dy
-void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const float* W, const float* dy, float* dx,
-                     float* dW, float* db) {
-  if (dx) gemm(false, true, N, Cin, Cout, 1.f, dy, Cout, W, Cout, 0.f, dx, Cin);
-  gemm(true, false, Cin, Cout, N, 1.f, x, Cin, dy, Cout, 1.f, dW, Cout);
+void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy, float* dx,
+                     float* dW, float* db, DType compute) {
+  check(compute == DType::f32 || compute == DType::bf16, "linear layers compute in fp32 or bf16");
+  const Operand dyo(dy, N * Cout, compute);
+  if (dx) gemm(false, true, N, Cin, Cout, 1.f, dyo.p, Cout, W, Cout, 0.f, dx, Cin, compute);
+  const Operand xo(x, N * Cin, compute);
+  gemm(true, false, Cin, Cout, N, 1.f, xo.p, Cin, dyo.p, Cout, 1.f, dW, Cout, compute);
   if (db) {
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < Cout; ++c) {
