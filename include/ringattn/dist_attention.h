@@ -14,6 +14,11 @@
 //   ulysses   all-to-all from sequence-sharded to head-sharded, local attention on
 //             the full sequence for H/P heads, all-to-all back (H and Hkv must be
 //             divisible by P).
+//   hybrid    Ulysses × ring (2D sequence parallelism): P = U·R ranks, rank
+//             r·U + u is member u of Ulysses group r and member r of ring group u.
+//             All-to-all inside the Ulysses group (U·L/P tokens, H/U heads), the
+//             ring over the ring group, all-to-all back. The all-to-all stays in a
+//             small (e.g. intra-node) group; the ring crosses the slower links.
 #pragma once
 #include <limits>
 #include <string>
@@ -24,7 +29,7 @@
 
 namespace ringattn {
 
-enum class Strategy { ring, allgather, ulysses };
+enum class Strategy { ring, allgather, ulysses, hybrid };
 const char* strategy_name(Strategy s);
 Strategy parse_strategy(const std::string& s);
 
@@ -36,6 +41,9 @@ struct DistAttentionOptions {
   int threads = 0;
   const Isa* isa = nullptr;
   bool overlap = true;  // poll the communicator between compute tiles
+  // hybrid only: the two sub-groups of the communicator (Mesh builds them).
+  Communicator* ulysses_group = nullptr;
+  Communicator* ring_group = nullptr;
 };
 
 // Per-call measurements on this rank.

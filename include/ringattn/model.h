@@ -150,13 +150,18 @@ struct AdamW {
 // r = ((dp_index·pp + pp_index)·sp + sp_index)·tp + tp_index. The DP group splits
 // the batch, the PP group the layers, the SP group the sequence, the TP group
 // heads and MLP columns; the replica group (same pp and tp index) holds the same
-// parameter slice and sums its gradients.
+// parameter slice and sums its gradients. With ulysses = U > 1 the SP group is
+// also cut for the Ulysses × ring attention: SP rank s is member s mod U of
+// Ulysses group s / U and member s / U of ring group s mod U.
 struct Mesh {
-  int dp = 1, pp = 1, sp = 1, tp = 1;
+  int dp = 1, pp = 1, sp = 1, tp = 1, ulysses = 1;
   Communicator* world = nullptr;
-  std::unique_ptr<Communicator> dp_comm, pp_comm, sp_comm, tp_comm, replica_comm;
-  // Throws Error (on every rank) unless dp·pp·sp·tp equals the number of ranks.
-  static Mesh build(Communicator& world, int dp, int sp, int tp = 1, int pp = 1);
+  std::unique_ptr<Communicator> dp_comm, pp_comm, sp_comm, tp_comm, replica_comm, ulysses_comm, ring_comm;
+  // Throws Error (on every rank) unless dp·pp·sp·tp equals the number of ranks
+  // and ulysses divides sp.
+  static Mesh build(Communicator& world, int dp, int sp, int tp = 1, int pp = 1, int ulysses = 1);
+  // Sets o to the Ulysses × ring strategy over this mesh's SP sub-groups.
+  void use_hybrid(DistAttentionOptions& o) const;
   int dp_index() const { return world->rank() / (pp * sp * tp); }
   int pp_index() const { return world->rank() / (sp * tp) % pp; }
   int sp_index() const { return world->rank() / tp % sp; }

@@ -48,7 +48,10 @@ std::vector<Method> methods_for(int P) {
                            {"allgather", "all-gather KV", 1, P, 1, Strategy::allgather},
                            {"tp", "TP", 1, 1, P, Strategy::ring},
                            {"pp", "PP", P, 1, 1, Strategy::ring}};
-  if (P >= 4 && P % 2 == 0) m.push_back({"tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring});
+  if (P >= 4 && P % 2 == 0) {
+    m.push_back({"tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring});
+    m.push_back({"hybrid", "Ulysses(2) x ring", 1, P, 1, Strategy::hybrid});
+  }
   return m;
 }
 
@@ -67,6 +70,7 @@ std::string unsupported(const Method& m, const ModelConfig& c, int64_t seq, int6
   if (m.pp > 1 && batch < m.pp) return cat("needs batch >= pp=", m.pp, " for micro-batches");
   if (m.strategy == Strategy::ulysses && (c.heads % m.sp || c.kv() % m.sp))
     return cat("heads not divisible by sp=", m.sp);
+  if (m.strategy == Strategy::hybrid && (c.heads % 2 || c.kv() % 2)) return "heads not divisible by 2";
   if (seq % (2 * m.sp)) return cat("seq not divisible by 2·sp=", 2 * m.sp);
   return "";
 }
@@ -76,13 +80,14 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   r.name = me.name, r.pp = me.pp, r.sp = me.sp, r.tp = me.tp;
   r.why_skipped = unsupported(me, a.model, a.seq, a.batch);
   if (!r.why_skipped.empty()) return r;
-  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp);
+  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp, me.strategy == Strategy::hybrid ? 2 : 1);
   SequenceParallel spc;
   spc.comm = me.sp > 1 ? mesh.sp_comm.get() : nullptr;
   spc.tp = me.tp > 1 ? mesh.tp_comm.get() : nullptr;
   spc.attn.strategy = me.strategy;
   spc.attn.layout = Layout::zigzag;
   spc.attn.threads = a.threads;
+  if (me.strategy == Strategy::hybrid) mesh.use_hybrid(spc.attn);
   const int64_t D = a.model.d_model, Ll = a.seq / me.sp;
   Tensor x(DType::f32, {a.batch, Ll, D}), t(DType::f32, {a.batch, Ll, D});
   {
@@ -167,7 +172,7 @@ void run_method(const CompareArgs& a) {
   const std::vector<Method> all = methods_for(world->size());
   auto it = std::find_if(all.begin(), all.end(), [&](const Method& m) { return m.id == a.method; });
   check(it != all.end(), "unknown --method '", a.method, "' for ", world->size(),
-        " ranks: use ring, ulysses, allgather, tp, pp or tpxpp (4+ ranks)");
+        " ranks: use ring, ulysses, allgather, tp, pp, or (4+ ranks) tpxpp, hybrid");
   const Result r = measure(*world, a, *it);
   if (world->rank() == 0) print_json(result_json(r, static_cast<double>(a.batch * a.seq)));
 }
@@ -303,7 +308,7 @@ void add_compare(CLI::App& app) {
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
                   "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
   cmd->add_option("--method", a->method, "(internal) measure one method under mpirun: ring, ulysses, allgather, tp, "
-                                         "pp, tpxpp");
+                                         "pp, tpxpp, hybrid");
   cmd->add_option("--only", a->only, "run only the method with this id (ring, ulysses, ...) or whose name contains it");
   cmd->add_option("--json-out", a->json_out, "also write the results as JSON to this file (for scripts/plot_compare.py)");
   cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();

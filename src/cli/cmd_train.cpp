@@ -18,7 +18,7 @@ namespace {
 struct TrainArgs {
   ModelConfig model;
   int64_t batch = 1, seq = 2048;
-  int steps = 3, dp = 1, sp = 0, tp = 1, threads = 0;
+  int steps = 3, dp = 1, sp = 0, tp = 1, ulysses = 1, threads = 0;
   std::string strategy = "ring", layout = "zigzag", dtype = "fp32";
   float lr = 1e-3f;
   double timeout = 300;
@@ -47,7 +47,8 @@ void run(const TrainArgs& a) {
   const Layout layout = parse_layout(a.layout);
   check_layout(layout, a.seq, sp);
   Mesh mesh;
-  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp);
+  check(a.ulysses >= 1 && sp % a.ulysses == 0, "--ulysses ", a.ulysses, " must divide the SP group of ", sp, " ranks");
+  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp, 1, a.ulysses);
 
   SequenceParallel spc;
   spc.comm = world ? mesh.sp_comm.get() : nullptr;
@@ -55,6 +56,7 @@ void run(const TrainArgs& a) {
   spc.attn.strategy = parse_strategy(a.strategy);
   spc.attn.layout = layout;
   spc.attn.threads = a.threads;
+  if (world && a.ulysses > 1) mesh.use_hybrid(spc.attn);
   const int64_t D = a.model.d_model, Bl = a.batch / a.dp, Ll = a.seq / sp;
 
   // The same global data on every rank; each keeps its batch rows and tokens.
@@ -108,7 +110,7 @@ void run(const TrainArgs& a) {
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
   j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
-  j["strategy"] = a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
+  j["strategy"] = a.ulysses > 1 ? cat("ulysses(", a.ulysses, ") x ring") : a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
   j["train_step_seconds"] = step_times;
@@ -159,6 +161,9 @@ void add_train(CLI::App& app) {
   cmd->add_option("--dp", a->dp, "data-parallel groups")->capture_default_str();
   cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))");
   cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")->capture_default_str();
+  cmd->add_option("--ulysses", a->ulysses,
+                  "Ulysses x ring: all-to-all inside groups of this many SP ranks, the ring across them")
+      ->capture_default_str();
   cmd->add_option("--strategy", a->strategy, "attention across the SP group: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
       ->capture_default_str();

@@ -19,14 +19,15 @@ const char* strategy_name(Strategy s) {
   switch (s) {
     case Strategy::ring: return "ring";
     case Strategy::allgather: return "allgather";
-    default: return "ulysses";
+    case Strategy::ulysses: return "ulysses";
+    default: return "hybrid";
   }
 }
 
 Strategy parse_strategy(const std::string& s) {
-  for (Strategy x : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
+  for (Strategy x : {Strategy::ring, Strategy::allgather, Strategy::ulysses, Strategy::hybrid})
     if (s == strategy_name(x)) return x;
-  throw Error(cat("unknown strategy '", s, "': valid strategies are ring, allgather, ulysses"));
+  throw Error(cat("unknown strategy '", s, "': valid strategies are ring, allgather, ulysses, hybrid"));
 }
 
 namespace {
@@ -43,6 +44,7 @@ struct Call {
   DType dtype;
   double t_start, compute = 0;
   CommStats comm0;
+  std::vector<std::pair<Communicator*, CommStats>> groups;  // hybrid: the sub-groups' traffic counts too
 
   // q, k, v, o, lse, then (backward) dout, dq, dk, dv.
   Call(Communicator& c, const DistAttentionOptions& o, DistStats* s, std::initializer_list<const TensorView*> ts)
@@ -91,11 +93,24 @@ struct Call {
             "dk and dv must have the shape of k ", k.shape_str());
     }
     check_layout(opt.layout, L, P);
+    if (opt.strategy == Strategy::hybrid) {
+      check(opt.ulysses_group && opt.ring_group, "the hybrid strategy needs its Ulysses and ring groups");
+      const int U = opt.ulysses_group->size(), R = opt.ring_group->size();
+      check(U * R == P && opt.ring_group->rank() * U + opt.ulysses_group->rank() == p,
+            "the hybrid strategy's groups must tile the ranks: rank = ring rank x ", U, " + Ulysses rank, got ring ",
+            opt.ring_group->rank(), " of ", R, " and Ulysses ", opt.ulysses_group->rank(), " of ", U, " for rank ",
+            p, " of ", P);
+      check(H % U == 0 && Hkv % U == 0, "the hybrid strategy splits heads over its Ulysses group: H=", H,
+            " and Hkv=", Hkv, " must both be divisible by ", U);
+      for (Communicator* g : {opt.ulysses_group, opt.ring_group}) groups.emplace_back(g, g->stats());
+    }
     comm0 = comm.stats();
     t_start = now_seconds();
   }
 
-  AttentionOptions local(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos) const {
+  // Polls `poll` (the group whose transfers are in flight) between tiles.
+  AttentionOptions local(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos,
+                         Communicator* poll = nullptr) const {
     AttentionOptions a;
     a.scale = opt.scale;
     a.causal = opt.causal;
@@ -105,7 +120,7 @@ struct Call {
     a.isa = opt.isa;
     if (opt.overlap) {
       a.progress = poll_comm;
-      a.progress_ctx = &comm;
+      a.progress_ctx = poll ? poll : &comm;
     }
     return a;
   }
@@ -125,6 +140,11 @@ struct Call {
     out->wait_seconds = c.wait_seconds - comm0.wait_seconds;
     out->bytes_sent = c.bytes_sent - comm0.bytes_sent;
     out->bytes_received = c.bytes_received - comm0.bytes_received;
+    for (const auto& [g, s0] : groups) {
+      out->wait_seconds += g->stats().wait_seconds - s0.wait_seconds;
+      out->bytes_sent += g->stats().bytes_sent - s0.bytes_sent;
+      out->bytes_received += g->stats().bytes_received - s0.bytes_received;
+    }
   }
 };
 
@@ -168,39 +188,58 @@ bool sees_any(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos) {
 TensorView kv_half(const Tensor& kv, int i) { return kv.view().select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
 
 // ---- ring (RA+SP) -----------------------------------------------------------------
+// The group the K/V blocks travel round and the global positions of the tokens
+// each member holds (its layout shard, or under the hybrid the shards of its
+// Ulysses group).
+struct Ring {
+  Communicator& comm;
+  std::vector<std::vector<int64_t>> pos;
+  int P() const { return comm.size(); }
+  int p() const { return comm.rank(); }
+};
+
+Ring plain_ring(const Call& c) {
+  Ring r{c.comm, {}};
+  for (int m = 0; m < c.P; ++m) r.pos.push_back(shard_positions(c.opt.layout, c.L, c.P, m));
+  return r;
+}
+
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
 // the block it holds to p+1 and receiving the next from p−1.
-void ring_forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                  const TensorView& lse) {
-  const int right = (c.p + 1) % c.P, left = (c.p - 1 + c.P) % c.P;
-  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
-  Tensor kv[2] = {Tensor(c.dtype, {2, c.B, c.Ll, c.Hkv, c.d}), Tensor(c.dtype, {2, c.B, c.Ll, c.Hkv, c.d})};
+//   q, o: [B, Lr, H, d]   k, v: [B, Lr, Hkv, d]   lse: [B, H, Lr]   (Lr = the member's tokens)
+void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& o, const TensorView& lse) {
+  const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  const std::vector<int64_t>& q_pos = ring.pos[p];
+  Tensor kv[2] = {Tensor(c.dtype, {2, B, Lr, Hkv, d}), Tensor(c.dtype, {2, B, Lr, Hkv, d})};
   copy_into(kv_half(kv[0], 0), k);
   copy_into(kv_half(kv[0], 1), v);
-  Tensor o_acc = Tensor::zeros(DType::f32, {c.B, c.Ll, c.H, c.d}), lse_acc(DType::f32, {c.B, c.H, c.Ll});
-  Tensor o_part(DType::f32, {c.B, c.Ll, c.H, c.d}), lse_part(DType::f32, {c.B, c.H, c.Ll});
+  Tensor o_acc = Tensor::zeros(DType::f32, {B, Lr, H, d}), lse_acc(DType::f32, {B, H, Lr});
+  Tensor o_part(DType::f32, {B, Lr, H, d}), lse_part(DType::f32, {B, H, Lr});
   std::fill_n(lse_acc.ptr<float>(), lse_acc.numel(), -INFINITY);
   int cur = 0;
-  for (int t = 0; t < c.P; ++t) {
-    const int src = (c.p - t + c.P) % c.P;
+  for (int t = 0; t < P; ++t) {
+    const int src = (p - t + P) % P;
     Request send, recv;
-    InFlight guard{c.comm, {&send, &recv}};
-    if (t < c.P - 1) {
-      send = c.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
-      recv = c.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
+    InFlight guard{ring.comm, {&send, &recv}};
+    if (t < P - 1) {
+      send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
+      recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
     }
-    const std::vector<int64_t> k_pos = shard_positions(c.opt.layout, c.L, c.P, src);
+    const std::vector<int64_t>& k_pos = ring.pos[src];
     if (c.opt.causal && !sees_any(q_pos, k_pos)) {
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part, c.local(q_pos, k_pos));
+        attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part,
+                          c.local(q_pos, k_pos, &ring.comm));
         attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
-    if (t < c.P - 1) {
-      c.comm.wait(send);
-      c.comm.wait(recv);
+    if (t < P - 1) {
+      ring.comm.wait(send);
+      ring.comm.wait(recv);
     }
     cur = 1 - cur;
   }
@@ -210,68 +249,70 @@ void ring_forward(Call& c, const TensorView& q, const TensorView& k, const Tenso
 
 // Q, dO, O, lse and dQ stay home; each K/V block travels with its dK/dV
 // accumulator, which reaches its owner one hop after the last stage.
-void ring_backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                   const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                   const TensorView& dv) {
-  const int right = (c.p + 1) % c.P, left = (c.p - 1 + c.P) % c.P;
-  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
-  const std::initializer_list<int64_t> kv_shape = {2, c.B, c.Ll, c.Hkv, c.d};
+void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                   const TensorView& dk, const TensorView& dv) {
+  const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  Communicator& comm = ring.comm;
+  const std::vector<int64_t>& q_pos = ring.pos[p];
+  const std::initializer_list<int64_t> kv_shape = {2, B, Lr, Hkv, d};
   Tensor kv[2] = {Tensor(c.dtype, kv_shape), Tensor(c.dtype, kv_shape)};
   Tensor dkv[2] = {Tensor(DType::f32, kv_shape), Tensor(DType::f32, kv_shape)};
   Tensor dkv_part(DType::f32, kv_shape);
-  Tensor dq_acc = Tensor::zeros(DType::f32, {c.B, c.Ll, c.H, c.d}), dq_part(DType::f32, {c.B, c.Ll, c.H, c.d});
+  Tensor dq_acc = Tensor::zeros(DType::f32, {B, Lr, H, d}), dq_part(DType::f32, {B, Lr, H, d});
   copy_into(kv_half(kv[0], 0), k);
   copy_into(kv_half(kv[0], 1), v);
   Request dkv_send[2];
-  InFlight send_guard{c.comm, {&dkv_send[0], &dkv_send[1]}};
+  InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
   const int kv_tag = 0, dkv_tag = 1;  // tags 2t + kind
   int cur = 0;
-  for (int t = 0; t < c.P; ++t) {
-    const int src = (c.p - t + c.P) % c.P;
+  for (int t = 0; t < P; ++t) {
+    const int src = (p - t + P) % P;
     Request kv_send, kv_recv, dkv_recv;
-    InFlight guard{c.comm, {&kv_send, &kv_recv, &dkv_recv}};
-    if (t < c.P - 1) {
-      kv_send = c.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
-      kv_recv = c.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
+    InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
+    if (t < P - 1) {
+      kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
+      kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
     }
-    if (dkv_send[cur].pending()) c.comm.wait(dkv_send[cur]);  // buffer sent two stages ago
-    if (t > 0) dkv_recv = c.comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
-    const std::vector<int64_t> k_pos = shard_positions(c.opt.layout, c.L, c.P, src);
+    if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
+    if (t > 0) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
+    const std::vector<int64_t>& k_pos = ring.pos[src];
     const bool visible = !c.opt.causal || sees_any(q_pos, k_pos);
     if (visible) {
       c.timed([&] {
         attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part,
-                           kv_half(dkv_part, 0), kv_half(dkv_part, 1), c.local(q_pos, k_pos));
+                           kv_half(dkv_part, 0), kv_half(dkv_part, 1), c.local(q_pos, k_pos, &comm));
         add_into(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
       ++c.out->stages_skipped;
     }
     if (t > 0) {
-      c.comm.wait(dkv_recv);
+      comm.wait(dkv_recv);
       if (visible) c.timed([&] { add_into(dkv[cur], dkv_part, c.opt.threads); });
     } else if (visible) {
       copy_into(dkv[cur], dkv_part);
     } else {
       dkv[cur].fill_zero();
     }
-    if (c.P > 1) {
+    if (P > 1) {
       // To p+1: the next holder of this block, or (after the last stage) its owner.
-      dkv_send[cur] = c.comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
-      c.comm.wait(kv_send);
-      c.comm.wait(kv_recv);
+      dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+      comm.wait(kv_send);
+      comm.wait(kv_recv);
     }
     cur = 1 - cur;
   }
   // With one rank the block never left; otherwise its accumulator comes home
   // from p−1 (into dkv_part, free now).
   const Tensor* home = &dkv[1 - cur];
-  if (c.P > 1) {
-    Request r = c.comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * c.P + dkv_tag);
-    InFlight guard{c.comm, {&r}};
-    c.comm.wait(r);
+  if (P > 1) {
+    Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * P + dkv_tag);
+    InFlight guard{comm, {&r}};
+    comm.wait(r);
     for (Request& q : dkv_send)
-      if (q.pending()) c.comm.wait(q);
+      if (q.pending()) comm.wait(q);
     home = &dkv_part;
   }
   copy_into(dq, dq_acc);
@@ -330,35 +371,51 @@ void allgather_backward(Call& c, const TensorView& q, const TensorView& k, const
 }
 
 // ---- Ulysses ----------------------------------------------------------------------
-// Sequence-sharded [B, L/P, Hx, d] -> head-sharded [B, L, Hx/P, d] (tokens in rank
-// order), by one all-to-all.
-Tensor seq_to_heads(Call& c, const TensorView& x) {
-  const int64_t B = x.dim(0), Ll = x.dim(1), Hp = x.dim(2) / c.P, d = x.dim(3);
-  Tensor send(x.dtype, {c.P, B, Ll, Hp, d}), recv(x.dtype, {c.P, B, Ll, Hp, d});
-  for (int r = 0; r < c.P; ++r) {
+// Over the G ranks of group g: sequence-sharded [B, Ll, Hx, d] -> head-sharded
+// [B, G·Ll, Hx/G, d] (tokens in group-rank order), by one all-to-all.
+Tensor seq_to_heads(Communicator& g, const TensorView& x) {
+  const int G = g.size();
+  const int64_t B = x.dim(0), Ll = x.dim(1), Hp = x.dim(2) / G, d = x.dim(3);
+  Tensor send(x.dtype, {G, B, Ll, Hp, d}), recv(x.dtype, {G, B, Ll, Hp, d});
+  for (int r = 0; r < G; ++r) {
     copy_into(send.view().select(0, r), x.slice(2, r * Hp, Hp));
   }
-  c.comm.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / c.P);
-  Tensor out(x.dtype, {B, Ll * c.P, Hp, d});
-  for (int r = 0; r < c.P; ++r) {
+  g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
+  Tensor out(x.dtype, {B, Ll * G, Hp, d});
+  for (int r = 0; r < G; ++r) {
     copy_into(out.view().slice(1, r * Ll, Ll), recv.view().select(0, r));
   }
   return out;
 }
 
-// The inverse: head-sharded x [.., L along seq_dim, Hx/P along head_dim, ..] back
-// to sequence-sharded out (Hx heads, L/P tokens).
-void heads_to_seq(Call& c, const TensorView& x, const TensorView& out, int seq_dim, int head_dim) {
-  const int64_t Ll = x.dim(seq_dim) / c.P, Hp = x.dim(head_dim);
+// The inverse: head-sharded x [.., G·Ll along seq_dim, Hx/G along head_dim, ..]
+// back to sequence-sharded out (Hx heads, Ll tokens).
+void heads_to_seq(Communicator& g, const TensorView& x, const TensorView& out, int seq_dim, int head_dim) {
+  const int G = g.size();
+  const int64_t Ll = x.dim(seq_dim) / G, Hp = x.dim(head_dim);
   std::vector<int64_t> bshape(x.shape.begin(), x.shape.begin() + x.rank);
   bshape[seq_dim] = Ll;
-  std::vector<int64_t> full_shape = {c.P};
+  std::vector<int64_t> full_shape = {G};
   full_shape.insert(full_shape.end(), bshape.begin(), bshape.end());
   Tensor send(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
   Tensor recv(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
-  for (int r = 0; r < c.P; ++r) copy_into(send.view().select(0, r), x.slice(seq_dim, r * Ll, Ll));
-  c.comm.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / c.P);
-  for (int r = 0; r < c.P; ++r) copy_into(out.slice(head_dim, r * Hp, Hp), recv.view().select(0, r));
+  for (int r = 0; r < G; ++r) copy_into(send.view().select(0, r), x.slice(seq_dim, r * Ll, Ll));
+  g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
+  for (int r = 0; r < G; ++r) copy_into(out.slice(head_dim, r * Hp, Hp), recv.view().select(0, r));
+}
+
+// lse [B, H, Ll] -> [B, H/G, G·Ll]: as [B, Ll, H, 1] through the same all-to-all.
+Tensor lse_to_heads(Communicator& g, const TensorView& lse) {
+  const int G = g.size();
+  const int64_t B = lse.dim(0), H = lse.dim(1), Ll = lse.dim(2), Hp = H / G, L = Ll * G;
+  Tensor lse_t(DType::f32, {B, Ll, H, 1});
+  copy_into(lse_t.view(), TensorView(lse.data, lse.dtype, 4, std::array<int64_t, 4>{B, Ll, H, 1}.data(),
+                                      std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
+  Tensor lseh_t = seq_to_heads(g, lse_t);  // [B, L, H/G, 1]
+  Tensor lseh(DType::f32, {B, Hp, L});
+  copy_into(lseh.view(), TensorView(lseh_t.ptr<void>(), DType::f32, 3, std::array<int64_t, 3>{B, Hp, L}.data(),
+                                    std::array<int64_t, 3>{L * Hp, 1, Hp}.data()));
+  return lseh;
 }
 
 void check_ulysses(const Call& c) {
@@ -367,39 +424,90 @@ void check_ulysses(const Call& c) {
         c.Hkv);
 }
 
-void ulysses_forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                     const TensorView& lse) {
-  check_ulysses(c);
-  const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
-  Tensor qh = seq_to_heads(c, q), kh = seq_to_heads(c, k), vh = seq_to_heads(c, v);
-  Tensor oh(DType::f32, {c.B, c.L, c.H / c.P, c.d}), lseh(DType::f32, {c.B, c.H / c.P, c.L});
-  c.timed([&] { attention_forward(qh, kh, vh, oh, lseh, c.local(pos, pos)); });
-  heads_to_seq(c, oh, o, 1, 2);
-  heads_to_seq(c, lseh, lse, 2, 1);
+// Ulysses over group g (all ranks, or the hybrid's Ulysses group): q, k, v to
+// head-sharded [B, G·Ll, H/G, d], attention over those tokens by `attend` (local,
+// or the hybrid's ring), results back to sequence-sharded.
+template <typename Attend>
+void ulysses_forward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& o, const TensorView& lse, Attend&& attend) {
+  const int64_t G = g.size(), Lg = c.Ll * G;
+  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
+  Tensor oh(DType::f32, {c.B, Lg, c.H / G, c.d}), lseh(DType::f32, {c.B, c.H / G, Lg});
+  attend(qh, kh, vh, oh, lseh);
+  heads_to_seq(g, oh, o, 1, 2);
+  heads_to_seq(g, lseh, lse, 2, 1);
 }
 
-void ulysses_backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                      const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                      const TensorView& dv) {
-  check_ulysses(c);
-  const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
-  Tensor qh = seq_to_heads(c, q), kh = seq_to_heads(c, k), vh = seq_to_heads(c, v);
-  Tensor oh = seq_to_heads(c, o), doh = seq_to_heads(c, dout);
-  // lse [B, H, L/P] -> [B, H/P, L]: as [B, L/P, H, 1] through the same all-to-all.
-  Tensor lse_t(DType::f32, {c.B, c.Ll, c.H, 1});
-  copy_into(lse_t.view(), TensorView(lse.data, lse.dtype, 4, std::array<int64_t, 4>{c.B, c.Ll, c.H, 1}.data(),
-                                      std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
-  Tensor lseh_t = seq_to_heads(c, lse_t);  // [B, L, H/P, 1]
-  const int64_t Hp = c.H / c.P;
-  Tensor lseh(DType::f32, {c.B, Hp, c.L});
-  copy_into(lseh.view(), TensorView(lseh_t.ptr<void>(), DType::f32, 3, std::array<int64_t, 3>{c.B, Hp, c.L}.data(),
-                                    std::array<int64_t, 3>{c.L * Hp, 1, Hp}.data()));
-  Tensor dqh(DType::f32, {c.B, c.L, Hp, c.d}), dkh(DType::f32, {c.B, c.L, c.Hkv / c.P, c.d}),
-      dvh(DType::f32, {c.B, c.L, c.Hkv / c.P, c.d});
-  c.timed([&] { attention_backward(qh, kh, vh, oh, lseh, doh, dqh, dkh, dvh, c.local(pos, pos)); });
-  heads_to_seq(c, dqh, dq, 1, 2);
-  heads_to_seq(c, dkh, dk, 1, 2);
-  heads_to_seq(c, dvh, dv, 1, 2);
+template <typename Attend>
+void ulysses_backward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                      const TensorView& dk, const TensorView& dv, Attend&& attend) {
+  const int64_t G = g.size(), Lg = c.Ll * G, Hp = c.H / G;
+  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
+  Tensor oh = seq_to_heads(g, o), doh = seq_to_heads(g, dout), lseh = lse_to_heads(g, lse);
+  Tensor dqh(DType::f32, {c.B, Lg, Hp, c.d}), dkh(DType::f32, {c.B, Lg, c.Hkv / G, c.d}),
+      dvh(DType::f32, {c.B, Lg, c.Hkv / G, c.d});
+  attend(qh, kh, vh, oh, lseh, doh, dqh, dkh, dvh);
+  heads_to_seq(g, dqh, dq, 1, 2);
+  heads_to_seq(g, dkh, dk, 1, 2);
+  heads_to_seq(g, dvh, dv, 1, 2);
+}
+
+// The hybrid (Ulysses × ring): ring member m holds the tokens of the Ulysses
+// group of ranks m·U .. m·U + U − 1 (in that order) after the all-to-all.
+Ring hybrid_ring(const Call& c) {
+  const int U = c.opt.ulysses_group->size(), R = c.opt.ring_group->size();
+  Ring r{*c.opt.ring_group, {}};
+  for (int m = 0; m < R; ++m) {
+    std::vector<int64_t> pos;
+    for (int u = 0; u < U; ++u) {
+      const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u);
+      pos.insert(pos.end(), s.begin(), s.end());
+    }
+    r.pos.push_back(std::move(pos));
+  }
+  return r;
+}
+
+void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+             const TensorView& lse) {
+  switch (c.opt.strategy) {
+    case Strategy::ring: return ring_forward(c, plain_ring(c), q, k, v, o, lse);
+    case Strategy::allgather: return allgather_forward(c, q, k, v, o, lse);
+    case Strategy::ulysses: {
+      check_ulysses(c);
+      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      return ulysses_forward(c, c.comm, q, k, v, o, lse, [&](auto&... t) {
+        c.timed([&] { attention_forward(t..., c.local(pos, pos)); });
+      });
+    }
+    case Strategy::hybrid: {
+      const Ring ring = hybrid_ring(c);
+      return ulysses_forward(c, *c.opt.ulysses_group, q, k, v, o, lse,
+                             [&](auto&... t) { ring_forward(c, ring, t...); });
+    }
+  }
+}
+
+void backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv) {
+  switch (c.opt.strategy) {
+    case Strategy::ring: return ring_backward(c, plain_ring(c), q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::allgather: return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::ulysses: {
+      check_ulysses(c);
+      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv, [&](auto&... t) {
+        c.timed([&] { attention_backward(t..., c.local(pos, pos)); });
+      });
+    }
+    case Strategy::hybrid: {
+      const Ring ring = hybrid_ring(c);
+      return ulysses_backward(c, *c.opt.ulysses_group, q, k, v, o, lse, dout, dq, dk, dv,
+                              [&](auto&... t) { ring_backward(c, ring, t...); });
+    }
+  }
 }
 
 }  // namespace
@@ -409,11 +517,7 @@ void dist_attention_forward(Communicator& comm, const TensorView& q, const Tenso
                             DistStats* stats) {
   if (stats) *stats = {};
   Call c(comm, opt, stats, {&q, &k, &v, &o, &lse});
-  switch (opt.strategy) {
-    case Strategy::ring: return ring_forward(c, q, k, v, o, lse);
-    case Strategy::allgather: return allgather_forward(c, q, k, v, o, lse);
-    case Strategy::ulysses: return ulysses_forward(c, q, k, v, o, lse);
-  }
+  forward(c, q, k, v, o, lse);
 }
 
 void dist_attention_backward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -422,11 +526,7 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
                              DistStats* stats) {
   if (stats) *stats = {};
   Call c(comm, opt, stats, {&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv});
-  switch (opt.strategy) {
-    case Strategy::ring: return ring_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
-    case Strategy::allgather: return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
-    case Strategy::ulysses: return ulysses_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
-  }
+  backward(c, q, k, v, o, lse, dout, dq, dk, dv);
 }
 
 void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse) {

@@ -455,6 +455,51 @@ TEST_P(DistMatrix, MatchesSingleRankKernels) {
 INSTANTIATE_TEST_SUITE_P(All, DistMatrix, ::testing::ValuesIn(matrix_cases()),
                          [](const ::testing::TestParamInfo<DistCase>& i) { return i.param.name(); });
 
+// Ulysses × ring at every factorisation P = U·R (U = 1 is the plain ring over R
+// ranks, U = P Ulysses inside one group): forward and backward equal the
+// single-rank kernels; U not dividing the kv heads is an error on every rank.
+TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  uint32_t seed = 900;
+  for (int U = 1; U <= P; ++U) {
+    if (P % U) continue;
+    auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+      for (bool causal : {false, true})
+        for (DType dt : {DType::f32, DType::bf16}) {
+          DistCase c;
+          c.strategy = Strategy::hybrid, c.layout = l, c.causal = causal, c.dt = dt, c.seed = ++seed;
+          c.B = 2, c.L = 48, c.H = 8, c.Hkv = 4, c.d = 32;
+          if (!c.layout_fits(P)) continue;
+          SCOPED_TRACE(cat(c.name(), " U=", U, " R=", P / U));
+          const FullProblem f = make_full(c);
+          LocalProblem s = make_local(c, f, P, p);
+          DistAttentionOptions o = c.dist_options();
+          o.ulysses_group = ug.get(), o.ring_group = rg.get();
+          if (c.Hkv % U) {
+            expect_error_everywhere(
+                *comm, [&] { dist_attention_forward(*comm, s.q, s.k, s.v, s.o, s.lse, o); }, {"divisible"},
+                "hybrid forward");
+            continue;
+          }
+          dist_attention_forward(*comm, s.q, s.k, s.v, s.o, s.lse, o);
+          dist_attention_backward(*comm, s.q, s.k, s.v, s.o_in, s.lse_in, s.dout, s.dq, s.dk, s.dv, o);
+          const Gathered g = gather_all(*comm, c, s, true);
+          const FiveErrors e =
+              errors_vs(g, to_double(f.o), to_double(f.lse), to_double(f.dq), to_double(f.dk), to_double(f.dv));
+          const std::vector<double> all = max_over_ranks(*comm, e.errs());
+          for (int i = 0; i < 5; ++i) {
+            const double tol = c.dt == DType::f32 || i == 1 ? kTolDistF32 : kTolDistBf16;
+            EXPECT_LE(all[i], tol) << kNames[i] << " at U=" << U << "; rank " << p << ": " << e.r[i];
+          }
+          if (p == 0 && verbose())
+            std::printf("[dist hybrid] P=%d U=%d %-52s o %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", P, U,
+                        c.name().c_str(), all[0], all[1], all[2], all[3], all[4]);
+        }
+  }
+}
+
 // ---- 2. errors vs the double reference do not grow with P -----------------------------
 
 class DistErrorGrowth : public ::testing::TestWithParam<DistCase> {};

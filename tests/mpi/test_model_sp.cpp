@@ -486,6 +486,37 @@ TEST_F(ModelSp, DataTimesSequenceParallelMatchesSingleProcess) {
   }
 }
 
+// Ulysses × ring inside the model: every factorisation sp = U·R of the ranks
+// gives the one-process loss and gradients (causal zigzag, GQA).
+TEST_F(ModelSp, UlyssesTimesRingMatchesSingleProcess) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  const ModelConfig cfg = config(2, true);
+  const int64_t D = cfg.d_model, count = kB * kL * D;
+  const FullData f(kB, D, 500);
+  SequenceParallel one;
+  one.attn.threads = 1;
+  const Result ref = run(cfg, f.x, f.t, one, count);
+  for (int U = 1; U <= P; ++U) {
+    if (P % U || cfg.kv() % U) continue;
+    Mesh mesh = Mesh::build(*comm, 1, P, 1, 1, U);
+    SequenceParallel sp = sp_of(mesh.sp_comm.get(), {Strategy::ring, Layout::zigzag, 2, true});
+    if (U > 1) mesh.use_hybrid(sp.attn);
+    const Tensor xl = shard_of(f.x, Layout::zigzag, P, p), tl = shard_of(f.t, Layout::zigzag, P, p);
+    const Result got = run(cfg, xl, tl, sp, count);
+    const Tensor y = gather_full(*comm, got.y, kL, Layout::zigzag);
+    const ErrReport ry = compare(y, ref.y);
+    const ErrReport rg =
+        compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
+    const std::vector<double> e = max_over_ranks(*comm, {std::abs(got.loss - ref.loss) / std::abs(ref.loss), ry.err, rg.err});
+    EXPECT_LE(e[0], kTolSp) << "U=" << U << " loss";
+    EXPECT_LE(e[1], kTolSp) << "U=" << U << " y: " << ry;
+    EXPECT_LE(e[2], kTolSp) << "U=" << U << " grads: " << rg;
+    if (std::getenv("RINGATTN_TEST_VERBOSE") && p == 0)
+      std::printf("[model hybrid] P=%d U=%d R=%d loss %.2g y %.2g grads %.2g\n", P, U, P / U, e[0], e[1], e[2]);
+  }
+}
+
 TEST_F(ModelSp, MeshThatDoesNotMatchTheRanksThrowsEverywhere) {
   auto comm = world();
   const int P = comm->size();
