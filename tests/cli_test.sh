@@ -163,6 +163,20 @@ else
   fail "ringattn info --json exited non-zero: $(cat info.err)"
 fi
 
+for sub in "train" "compare" "generate" "bench kernel"; do
+  out=$("$BIN" $sub --help 2>&1) || fail "ringattn $sub --help exited non-zero"
+  grep -q -- "--json" <<<"$out" || fail "ringattn $sub --help does not list --json"
+done
+
+# --- generate on one rank (no mpirun): --check recomputes from scratch ----------
+if "$BIN" generate --prompt-len 64,32 --new-tokens 12 --layers 2 --d-model 32 --heads 4 --kv-heads 2 \
+  --check --json >gen.json 2>gen.err; then
+  $PY ref.py json gen.json || fail "ringattn generate --json is not valid JSON: $(head -c 500 gen.json)"
+  grep -q '"max_rel_error_vs_one_process"' gen.json || fail "generate --check --json has no error field"
+else
+  fail "ringattn generate --check exited non-zero: $(cat gen.err)"
+fi
+
 # --- errors: non-zero exit (not a crash) and a message on stderr ----------------
 # expect_error NAME CMD...
 expect_error() {
@@ -190,6 +204,8 @@ printf 'not an npy file' >garbage.npy
 expect_error "garbage file" "$BIN" attention --q garbage.npy --k a_k.npy --v a_v.npy --out e.npy --lse el.npy
 expect_error "unknown subcommand" "$BIN" no-such-subcommand
 expect_error "unknown option" "$BIN" attention --no-such-option
+expect_error "KV cache too small" "$BIN" generate --prompt-len 64 --new-tokens 8 --capacity 66 --layers 1 --d-model 32 --heads 4
+expect_error "prompt beyond the cache" "$BIN" generate --prompt-len 64 --new-tokens 1 --capacity 32 --layers 1 --d-model 32 --heads 4
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
