@@ -68,13 +68,14 @@ GenerationRun run_generation(Communicator& world, Mesh& mesh, const Model& m, co
   check(!prompts.empty() && steps >= 1, "generation needs at least one prompt and one new token");
   const int64_t B = static_cast<int64_t>(prompts.size()), D = m.config().d_model;
   Communicator* pp = mesh.pp > 1 ? mesh.pp_comm.get() : nullptr;
-  {  // warm-up: the same batch and shapes per decode step, a short prompt
+  {  // warm-up: the same batch and shapes per decode step, the shortest prompt the layout allows
+    const int64_t Lw = (sp.attn.layout == Layout::zigzag ? 2 : 1) * mesh.sp;
     std::vector<Tensor> short_prompts;
     for (int64_t b = 0; b < B; ++b) {
-      short_prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, 2 * mesh.sp, D});
-      copy_into(short_prompts.back(), prompts[static_cast<size_t>(b)].view().slice(1, 0, 2 * mesh.sp));
+      short_prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, Lw, D});
+      copy_into(short_prompts.back(), prompts[static_cast<size_t>(b)].view().slice(1, 0, Lw));
     }
-    Pass w = prefill_all(world, mesh, m, sp, short_prompts, needed_capacity(2 * mesh.sp, 2, mesh.sp));
+    Pass w = prefill_all(world, mesh, m, sp, short_prompts, needed_capacity(Lw, 2, mesh.sp));
     for (int j = 0; j < 2; ++j) w.x = decode_step(m, w.cache, w.x, sp, pp);
   }
   GenerationRun r;

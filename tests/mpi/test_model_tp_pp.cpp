@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "ringattn/comm.h"
@@ -61,11 +62,16 @@ TEST_F(ThreadsOne, TensorAndPipelineParallelMatchOneProcess) {
   const int P = world->size();
   ModelConfig c;
   c.layers = 4, c.d_model = 32, c.heads = 4, c.kv_heads = 2, c.mlp_hidden = 64, c.seed = 7;
+  // fp32 causal and bidirectional; bf16 mixed precision (causal) against one
+  // process in bf16: the same roundings, only fp32 summation orders differ.
+  const std::pair<DType, bool> variants[] = {{DType::f32, true}, {DType::f32, false}, {DType::bf16, true}};
   for (const MeshShape& ms : shapes(P)) {
-    for (bool causal : {true, false}) {
-      c.causal = causal;
+    for (const auto& [dtype, causal] : variants) {
+      c.causal = causal, c.dtype = dtype;
+      const bool bf16 = dtype == DType::bf16;
       const int64_t B = 2 * ms.dp * ms.pp, L = 16, D = c.d_model;  // micro-batches = pp per DP group
-      SCOPED_TRACE(cat("dp ", ms.dp, " pp ", ms.pp, " sp ", ms.sp, " tp ", ms.tp, causal ? " causal" : ""));
+      SCOPED_TRACE(cat("dp ", ms.dp, " pp ", ms.pp, " sp ", ms.sp, " tp ", ms.tp, causal ? " causal" : "",
+                       bf16 ? " bf16" : ""));
       std::mt19937 rng(11);
       std::normal_distribution<float> nd(0.f, 1.f);
       Tensor x(DType::f32, {B, L, D}), t(DType::f32, {B, L, D});
@@ -101,9 +107,9 @@ TEST_F(ThreadsOne, TensorAndPipelineParallelMatchOneProcess) {
       double errs[3] = {std::fabs(loss - loss_ref) / loss_ref, std::fabs(loss_fwd - loss_ref) / loss_ref,
                         max_rel(part.grads(), ref.grads(), part.num_params())};
       world->all_reduce(errs, 3, ReduceOp::max);
-      EXPECT_LE(errs[0], 1e-6) << "training loss";
-      EXPECT_LE(errs[1], 1e-6) << "forward-only loss";
-      EXPECT_LE(errs[2], 1e-5) << "gradients";
+      EXPECT_LE(errs[0], bf16 ? 1e-3 : 1e-6) << "training loss";
+      EXPECT_LE(errs[1], bf16 ? 1e-3 : 1e-6) << "forward-only loss";
+      EXPECT_LE(errs[2], bf16 ? 2e-2 : 1e-5) << "gradients";
     }
   }
 }
