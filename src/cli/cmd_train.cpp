@@ -18,7 +18,7 @@ namespace {
 struct TrainArgs {
   ModelConfig model;
   int64_t batch = 1, seq = 2048;
-  int steps = 3, dp = 1, sp = 0, tp = 1, ulysses = 1, threads = 0;
+  int steps = 3, dp = 1, sp = 0, tp = 1, pp = 1, ulysses = 1, threads = 0;
   std::string strategy = "ring", layout = "zigzag", dtype = "fp32";
   float lr = 1e-3f;
   double timeout = 300;
@@ -37,18 +37,20 @@ void run(const TrainArgs& a) {
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
-  check(a.dp >= 1 && a.tp >= 1, "--dp and --tp must be >= 1");
-  const int sp = a.sp > 0 ? a.sp : P / (a.dp * a.tp);
-  check(sp >= 1 && a.dp * sp * a.tp == P, "--dp ", a.dp, " x --sp ", sp, " x --tp ", a.tp, " must equal the ", P,
-        " ranks (run under mpirun -np ", a.dp * std::max(sp, 1) * a.tp, ")");
+  check(a.dp >= 1 && a.tp >= 1 && a.pp >= 1, "--dp, --tp and --pp must be >= 1");
+  const int sp = a.sp > 0 ? a.sp : P / (a.dp * a.tp * a.pp);
+  check(sp >= 1 && a.dp * a.pp * sp * a.tp == P, "--dp ", a.dp, " x --pp ", a.pp, " x --sp ", sp, " x --tp ", a.tp,
+        " must equal the ", P, " ranks (run under mpirun -np ", a.dp * a.pp * std::max(sp, 1) * a.tp, ")");
   check(a.batch % a.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", a.dp);
+  check(a.batch / a.dp % a.pp == 0, "--batch ", a.batch, " / --dp ", a.dp, " must be divisible by --pp ", a.pp,
+        " (one micro-batch per pipeline stage)");
   check(a.steps >= 1, "--steps must be >= 1");
   a.model.validate();
   const Layout layout = parse_layout(a.layout);
   check_layout(layout, a.seq, sp);
   Mesh mesh;
   check(a.ulysses >= 1 && sp % a.ulysses == 0, "--ulysses ", a.ulysses, " must divide the SP group of ", sp, " ranks");
-  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp, 1, a.ulysses);
+  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp, a.pp, a.ulysses);
 
   SequenceParallel spc;
   spc.comm = world ? mesh.sp_comm.get() : nullptr;
@@ -68,9 +70,21 @@ void run(const TrainArgs& a) {
   shard(t_full.view().slice(0, dpi * Bl, Bl), t, layout, sp, spi, 1);
   x_full = Tensor(), t_full = Tensor();
 
-  Model model(a.model, a.tp, world ? mesh.tp_index() : 0);
+  Model model(a.model, a.tp, world ? mesh.tp_index() : 0, a.pp, world ? mesh.pp_index() : 0);
   AdamW opt;
   opt.lr = a.lr;
+  const int64_t count = a.batch * a.seq * D;
+  Communicator* replicas = world ? mesh.replica_comm.get() : nullptr;
+  // One step (or, train = false, the forward alone): 1F1B over the pipeline
+  // stages under MPI (the plain step when pp = 1), train_step on one process.
+  auto step = [&](bool train) {
+    if (world) return pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, a.pp, count, replicas,
+                                    train);
+    if (train) return train_step(model, opt, x, t, spc, count, nullptr);
+    Activations act;
+    model_forward(model, x, spc, act);
+    return 0.0;
+  };
   if (world) world->barrier(), world->reset_stats();
   reset_peak_memory();
 
@@ -80,9 +94,8 @@ void run(const TrainArgs& a) {
   int64_t fwd_bytes = 0;
   for (int rep = 0; rep < 2; ++rep) {
     if (world) mesh.reset_stats();
-    Activations act;
     t0 = now_seconds();
-    model_forward(model, x, spc, act);
+    step(false);
     t_fwd = now_seconds() - t0;
     fwd_bytes = world ? mesh.bytes_sent() : 0;
   }
@@ -91,7 +104,7 @@ void run(const TrainArgs& a) {
   for (int s = 0; s < a.steps; ++s) {
     if (!a.json && rank == 0) progress(cat("step ", s + 1, "/", a.steps));
     t0 = now_seconds();
-    losses.push_back(train_step(model, opt, x, t, spc, a.batch * a.seq * D, world ? mesh.replica_comm.get() : nullptr));
+    losses.push_back(step(true));
     step_times.push_back(now_seconds() - t0);
   }
   if (!a.json && rank == 0) progress_done();
@@ -109,7 +122,7 @@ void run(const TrainArgs& a) {
   nlohmann::json j;
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
-  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
+  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["pp"] = a.pp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
   j["strategy"] = a.ulysses > 1 ? cat("ulysses(", a.ulysses, ") x ring") : a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
@@ -121,11 +134,13 @@ void run(const TrainArgs& a) {
     j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
                              {"forward_bytes_sent", all[3 * r + 2]}});
   if (a.json) return print_json(j);
-  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x sp=%d x tp=%d (%s, %s, %s)\n",
+  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x pp=%d x sp=%d x tp=%d "
+              "(%s, %s, %s)\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(D),
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
               static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
-              static_cast<long long>(a.seq), a.dp, sp, a.tp, a.strategy.c_str(), a.layout.c_str(), a.dtype.c_str());
+              static_cast<long long>(a.seq), a.dp, a.pp, sp, a.tp, j["strategy"].get<std::string>().c_str(),
+              a.layout.c_str(), a.dtype.c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
   std::printf("loss by step:");
@@ -161,6 +176,8 @@ void add_train(CLI::App& app) {
   cmd->add_option("--dp", a->dp, "data-parallel groups")->capture_default_str();
   cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))");
   cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")->capture_default_str();
+  cmd->add_option("--pp", a->pp, "pipeline stages (layers split, 1F1B over --pp micro-batches per DP group)")
+      ->capture_default_str();
   cmd->add_option("--ulysses", a->ulysses,
                   "Ulysses x ring: all-to-all inside groups of this many SP ranks, the ring across them")
       ->capture_default_str();
