@@ -336,6 +336,22 @@ void expect_error_everywhere(Communicator& comm, F&& f, std::initializer_list<co
 
 // ---- 1. every strategy x layout x causal x dtype x GQA vs the single-rank kernels ----
 
+// The gathered outputs against the single-rank kernels' (max over ranks), each
+// within the dtype's bound (lse is fp32 on both sides whatever the storage dtype).
+// Returns the five errors o, lse, dq, dk, dv.
+std::vector<double> expect_matches_single_rank(Communicator& comm, const DistCase& c, const Gathered& g,
+                                               const FullProblem& f, const std::string& where) {
+  const FiveErrors e =
+      errors_vs(g, to_double(f.o), to_double(f.lse), to_double(f.dq), to_double(f.dk), to_double(f.dv));
+  const std::vector<double> all = max_over_ranks(comm, e.errs());
+  for (int i = 0; i < 5; ++i) {
+    const double tol = c.dt == DType::f32 || i == 1 ? kTolDistF32 : kTolDistBf16;
+    EXPECT_LE(all[i], tol) << kNames[i] << " at " << where << " (max over ranks); rank " << comm.rank() << ": "
+                           << e.r[i];
+  }
+  return all;
+}
+
 std::vector<DistCase> matrix_cases() {
   std::vector<DistCase> cs;
   uint32_t seed = 100;
@@ -409,15 +425,8 @@ TEST_P(DistMatrix, MatchesSingleRankKernels) {
       EXPECT_EQ(count_padding_changes(*t), 0) << "an output was written outside its view";
   }
   const Gathered g = gather_all(*comm, c, s, true);
-  const FiveErrors e =
-      errors_vs(g, to_double(f.o), to_double(f.lse), to_double(f.dq), to_double(f.dk), to_double(f.dv));
-  const std::vector<double> all = max_over_ranks(*comm, e.errs());
-  // lse is fp32 on both sides whatever the storage dtype.
-  for (int i = 0; i < 5; ++i) {
-    const double tol = c.dt == DType::f32 || i == 1 ? kTolDistF32 : kTolDistBf16;
-    EXPECT_LE(all[i], tol) << kNames[i] << " at P=" << P << " (max over ranks); rank " << p << ": " << e.r[i];
-    RecordProperty(cat("err_", kNames[i]), cat(all[i]));
-  }
+  const std::vector<double> all = expect_matches_single_rank(*comm, c, g, f, cat("P=", P));
+  for (int i = 0; i < 5; ++i) RecordProperty(cat("err_", kNames[i]), cat(all[i]));
   if (c.dt == DType::bf16) {
     // Stronger for the gradients: every bf16 element of dq, dk, dv is within one
     // rounding flip of the single-rank kernel's. The backward recomputes
@@ -486,13 +495,7 @@ TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
           dist_attention_forward(*comm, s.q, s.k, s.v, s.o, s.lse, o);
           dist_attention_backward(*comm, s.q, s.k, s.v, s.o_in, s.lse_in, s.dout, s.dq, s.dk, s.dv, o);
           const Gathered g = gather_all(*comm, c, s, true);
-          const FiveErrors e =
-              errors_vs(g, to_double(f.o), to_double(f.lse), to_double(f.dq), to_double(f.dk), to_double(f.dv));
-          const std::vector<double> all = max_over_ranks(*comm, e.errs());
-          for (int i = 0; i < 5; ++i) {
-            const double tol = c.dt == DType::f32 || i == 1 ? kTolDistF32 : kTolDistBf16;
-            EXPECT_LE(all[i], tol) << kNames[i] << " at U=" << U << "; rank " << p << ": " << e.r[i];
-          }
+          const std::vector<double> all = expect_matches_single_rank(*comm, c, g, f, cat("U=", U));
           if (p == 0 && verbose())
             std::printf("[dist hybrid] P=%d U=%d %-52s o %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", P, U,
                         c.name().c_str(), all[0], all[1], all[2], all[3], all[4]);
@@ -605,7 +608,8 @@ struct Traffic {
   int64_t fwd, bwd;
 };
 
-Traffic expected_traffic(const DistCase& c, int P) {
+// U: the hybrid's Ulysses group size (its ring has P / U members).
+Traffic expected_traffic(const DistCase& c, int P, int U = 1) {
   const int64_t Ll = c.L / P, es = static_cast<int64_t>(dtype_size(c.dt));
   const int64_t q = c.B * Ll * c.H * c.d * es;       // q / o / dout shard, storage dtype
   const int64_t kv = c.B * Ll * c.Hkv * c.d * es;    // k or v shard, storage dtype
@@ -624,6 +628,14 @@ Traffic expected_traffic(const DistCase& c, int P) {
       // fwd: q, k, v to heads; o (fp32) and lse back. bwd: q, k, v, o, dout and lse to
       // heads; dq, dk, dv (fp32) back. Each all-to-all keeps 1/P at home.
       return {(P - 1) * (q + 2 * kv + q32 + lse) / P, (P - 1) * (3 * q + 2 * kv + lse + q32 + 2 * kv32) / P};
+    case Strategy::hybrid: {
+      // Ulysses over U ranks around a ring over R = P/U members whose K/V blocks
+      // (U·Ll tokens of Hkv/U heads) are the size of one k or v shard.
+      const int R = P / U;
+      return {(U - 1) * (q + 2 * kv + q32 + lse) / U + (R - 1) * 2 * kv,
+              (U - 1) * (3 * q + 2 * kv + lse + q32 + 2 * kv32) / U + (R - 1) * 2 * kv +
+                  (R > 1 ? R * 2 * kv32 : 0)};
+    }
   }
   return {0, 0};
 }
@@ -631,7 +643,10 @@ Traffic expected_traffic(const DistCase& c, int P) {
 TEST(DistAttention, BytesMovedPerRank) {
   auto comm = world();
   const int P = comm->size(), p = comm->rank();
-  for (Strategy strat : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
+  // The hybrid with Ulysses groups of 2 (when P is even).
+  const int U = P % 2 == 0 ? 2 : 1;
+  auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
+  for (Strategy strat : {Strategy::ring, Strategy::allgather, Strategy::ulysses, Strategy::hybrid})
     for (DType dt : {DType::f32, DType::bf16}) {
       DistCase c;
       c.strategy = strat, c.layout = Layout::zigzag, c.causal = true, c.dt = dt;
@@ -640,10 +655,12 @@ TEST(DistAttention, BytesMovedPerRank) {
       if (strat != Strategy::ulysses) c.H = 4, c.Hkv = 2;
       const FullProblem f = make_full(c, false);
       LocalProblem s = make_local(c, f, P, p);
+      DistAttentionOptions o = c.dist_options();
+      o.ulysses_group = ug.get(), o.ring_group = rg.get();
       DistStats fs, bs;
-      run_forward(*comm, c, s, &fs);
-      run_backward(*comm, c, s, &bs);
-      const Traffic want = expected_traffic(c, P);
+      dist_attention_forward(*comm, s.q, s.k, s.v, s.o, s.lse, o, &fs);
+      dist_attention_backward(*comm, s.q, s.k, s.v, s.o_in, s.lse_in, s.dout, s.dq, s.dk, s.dv, o, &bs);
+      const Traffic want = expected_traffic(c, P, U);
       EXPECT_EQ(fs.bytes_sent, want.fwd) << c.name() << " forward, rank " << p;
       EXPECT_EQ(fs.bytes_received, want.fwd) << c.name() << " forward, rank " << p;
       EXPECT_EQ(bs.bytes_sent, want.bwd) << c.name() << " backward, rank " << p;
