@@ -25,6 +25,7 @@
 
 #include "ringattn/attention.h"
 #include "ringattn/comm.h"
+#include "ringattn/device.h"
 #include "ringattn/layout.h"
 
 namespace ringattn {
@@ -41,6 +42,10 @@ struct DistAttentionOptions {
   int threads = 0;
   const Isa* isa = nullptr;
   bool overlap = true;  // poll the communicator between compute tiles
+  // Where q, k, v, o, lse (and the gradients) live and the kernels run; nullptr:
+  // the host. A CUDA device needs a communicator for its memory (cuda.h) and
+  // the ring strategy.
+  Device* device = nullptr;
   // hybrid only: the two sub-groups of the communicator (Mesh builds them).
   Communicator* ulysses_group = nullptr;
   Communicator* ring_group = nullptr;

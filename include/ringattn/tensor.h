@@ -68,6 +68,14 @@ class Tensor {
   TensorView view_;
 };
 
+// Same rank and extents (the entries of shape past the rank are not compared).
+inline bool same_shape(const TensorView& a, const TensorView& b) {
+  if (a.rank != b.rank) return false;
+  for (int i = 0; i < a.rank; ++i)
+    if (a.shape[i] != b.shape[i]) return false;
+  return true;
+}
+
 // Copies src into dst elementwise (any strides, converting dtypes). Shapes must match.
 void copy_into(const TensorView& dst, const TensorView& src);
 // Largest |a - b| over all elements (0 where both are the same infinity; NaN if either has a NaN).

@@ -13,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "ringattn/attention.h"
+#include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/gemm.h"
 #include "ringattn/perf.h"
@@ -23,7 +24,7 @@ namespace {
 struct BenchArgs {
   int64_t batch = 1, seq = 4096, heads = 8, kv_heads = 0, dim = 128;
   int threads = 1, scale_threads = 0, reps = 3;
-  std::string isa;
+  std::string isa, device = "cpu";
   bool json = false, no_unfused = false, no_backward = false;
 };
 
@@ -201,6 +202,71 @@ void run(const BenchArgs& a) {
     std::printf("%-40s %8.2f %8.2f  %s\n", t.what.c_str(), t.value, t.goal, t.value >= t.goal ? "met" : "MISSED");
 }
 
+// The same measurement on GPU 0: the flash kernels in bf16 and fp16 against the
+// bf16 GEMM rate of cuBLAS measured in the same run (median times, host clock
+// around a device synchronize; inputs uniform in [-1, 1)).
+void run_cuda(const BenchArgs& a) {
+  const int64_t B = a.batch, L = a.seq, H = a.heads, Hkv = a.kv_heads > 0 ? a.kv_heads : a.heads, d = a.dim;
+  check(B > 0 && L > 0 && H > 0 && d > 0 && a.reps > 0, "sizes and --reps must be positive");
+  auto dev = make_cuda_device(0);
+  progress("measuring the cuBLAS bf16 GEMM rate...");
+  const double gemm = cublas_bf16_gemm_tflops(*dev, 8192, std::max(a.reps, 5));
+  auto median_time = [&](const std::function<void()>& f) {
+    f();
+    dev->synchronize();
+    std::vector<double> t;
+    for (int r = 0; r < std::max(a.reps, 5); ++r) {
+      const double t0 = now_seconds();
+      f();
+      dev->synchronize();
+      t.push_back(now_seconds() - t0);
+    }
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    return t[t.size() / 2];
+  };
+  std::vector<Row> rows;
+  std::mt19937_64 rng(1);
+  for (DType dt : {DType::bf16, DType::f16}) {
+    progress(cat("timing the ", dtype_name(dt), " kernels..."));
+    Tensor hq(dt, {B, L, H, d}), hk(dt, {B, L, Hkv, d});
+    fill_random(hq, rng);
+    fill_random(hk, rng);
+    DeviceTensor q = dev->upload(hq), k = dev->upload(hk), v = dev->upload(hk), dout = dev->upload(hq);
+    DeviceTensor o = dev->alloc(dt, {B, L, H, d}), lse = dev->alloc(DType::f32, {B, H, L});
+    DeviceTensor dq = dev->alloc(dt, {B, L, H, d}), dk = dev->alloc(dt, {B, L, Hkv, d}),
+                 dv = dev->alloc(dt, {B, L, Hkv, d});
+    for (bool causal : {false, true}) {
+      AttentionOptions opt;
+      opt.causal = causal;
+      const double f = attention_forward_flops(B, H, L, L, d, causal);
+      const double tf = median_time([&] { dev->attention_forward(q, k, v, o, lse, opt); });
+      rows.push_back({"flash", dtype_name(dt), "forward", causal, 0, tf, f / tf / 1e9, 0, f / tf / 1e12 / gemm});
+      if (a.no_backward) continue;
+      const double tb = median_time([&] { dev->attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); });
+      rows.push_back(
+          {"flash", dtype_name(dt), "backward", causal, 0, tb, 2.5 * f / tb / 1e9, 0, 2.5 * f / tb / 1e12 / gemm});
+    }
+  }
+  progress_done();
+  if (a.json) {
+    nlohmann::json j = {{"device", dev->name()}, {"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d},
+                        {"cublas_bf16_gemm_tflops", gemm}, {"rows", nlohmann::json::array()}};
+    for (const Row& r : rows)
+      j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
+                           {"seconds", r.seconds}, {"tflops", r.gflops / 1e3}, {"gemm_ratio", r.gemm_ratio}});
+    print_json(j);
+    return;
+  }
+  std::printf("bench kernel --device cuda  %s  B=%lld L=%lld H=%lld Hkv=%lld d=%lld\n", dev->name().c_str(),
+              static_cast<long long>(B), static_cast<long long>(L), static_cast<long long>(H),
+              static_cast<long long>(Hkv), static_cast<long long>(d));
+  std::printf("cuBLAS bf16 GEMM 8192^3: %.1f TFLOP/s (the ceiling below)\n\n", gemm);
+  std::printf("%-5s %-6s %-9s %11s %9s %9s\n", "dtype", "causal", "pass", "time [ms]", "TFLOP/s", "of GEMM");
+  for (const Row& r : rows)
+    std::printf("%-5s %-6s %-9s %11.3f %9.1f %8.1f%%\n", r.dtype.c_str(), r.causal ? "yes" : "no", r.pass.c_str(),
+                r.seconds * 1e3, r.gflops / 1e3, 100 * r.gemm_ratio);
+}
+
 }  // namespace
 
 void add_bench(CLI::App& app) {
@@ -219,8 +285,11 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--isa", a->isa, "kernel path (default: best available)");
   cmd->add_flag("--no-unfused", a->no_unfused, "skip the unfused baseline");
   cmd->add_flag("--no-backward", a->no_backward, "skip the backward pass");
+  cmd->add_option("--device", a->device, "cpu, or cuda (GPU 0: bf16/fp16 kernels vs cuBLAS)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cmd->add_flag("--json", a->json, "machine-readable output");
-  cmd->callback([a] { run(*a); });
+  cmd->callback([a] { a->device == "cuda" ? run_cuda(*a) : run(*a); });
 }
 
 }  // namespace ringattn::cli

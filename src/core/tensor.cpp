@@ -118,6 +118,7 @@ TensorView TensorView::select(int dim, int64_t i) const {
     v.strides[j] = v.strides[j + 1];
   }
   --v.rank;
+  v.shape[v.rank] = v.strides[v.rank] = 0;  // entries past the rank stay zero, as in a new view
   return v;
 }
 

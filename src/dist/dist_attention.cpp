@@ -2,14 +2,13 @@
 // baselines, all-gather KV and Ulysses (see dist_attention.h).
 #include "ringattn/dist_attention.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "ringattn/device.h"
 #include "ringattn/error.h"
 #include "ringattn/perf.h"
 
@@ -38,6 +37,7 @@ void poll_comm(void* c) { static_cast<Communicator*>(c)->progress(); }
 struct Call {
   Communicator& comm;
   const DistAttentionOptions& opt;
+  Device& dev;  // where the tensors live and the kernels run
   DistStats* out;
   int P, p;
   int64_t B, Ll, H, Hkv, d, L;
@@ -48,7 +48,7 @@ struct Call {
 
   // q, k, v, o, lse, then (backward) dout, dq, dk, dv.
   Call(Communicator& c, const DistAttentionOptions& o, DistStats* s, std::initializer_list<const TensorView*> ts)
-      : comm(c), opt(o), out(s), P(c.size()), p(c.rank()) {
+      : comm(c), opt(o), dev(o.device ? *o.device : cpu_device()), out(s), P(c.size()), p(c.rank()) {
     const std::vector<const TensorView*> t(ts);
     const TensorView &q = *t[0], &k = *t[1], &v = *t[2], &o_ = *t[3], &lse = *t[4];
     // Every rank must agree on the problem before anyone communicates, and before
@@ -78,21 +78,23 @@ struct Call {
     dtype = q.dtype;
     check(k.dim(1) == Ll, "sequence parallel attention needs q and k shards of the same length, got ", q.shape_str(),
           " and ", k.shape_str());
-    check(k.dim(0) == B && k.dim(3) == d && v.shape == k.shape && v.rank == 4, "k ", k.shape_str(), " and v ",
+    check(k.dim(0) == B && k.dim(3) == d && same_shape(v, k) && v.rank == 4, "k ", k.shape_str(), " and v ",
           v.shape_str(), " shards must be [B, L/P, Hkv, d] with q's B and d ", q.shape_str());
     check(H % Hkv == 0, "query heads H=", H, " must be a multiple of key/value heads Hkv=", Hkv);
     check(q.dtype == k.dtype && q.dtype == v.dtype, "q, k and v must share a dtype");
-    check(o_.rank == 4 && o_.shape == q.shape, "o must have the shape of q ", q.shape_str(), ", got ", o_.shape_str());
+    check(o_.rank == 4 && same_shape(o_, q), "o must have the shape of q ", q.shape_str(), ", got ", o_.shape_str());
     check(lse.dtype == DType::f32 && lse.dim(0) == B && lse.dim(1) == H && lse.dim(2) == Ll,
           "lse must be fp32 [B, H, L/P] = [", B, ", ", H, ", ", Ll, "], got ", lse.shape_str());
     if (t.size() > 5) {
       const TensorView &dout = *t[5], &dq = *t[6], &dk = *t[7], &dv = *t[8];
-      check(dout.rank == 4 && dout.shape == q.shape, "dout must have the shape of q ", q.shape_str());
-      check(dq.rank == 4 && dq.shape == q.shape, "dq must have the shape of q ", q.shape_str());
-      check(dk.rank == 4 && dk.shape == k.shape && dv.rank == 4 && dv.shape == k.shape,
+      check(dout.rank == 4 && same_shape(dout, q), "dout must have the shape of q ", q.shape_str());
+      check(dq.rank == 4 && same_shape(dq, q), "dq must have the shape of q ", q.shape_str());
+      check(dk.rank == 4 && same_shape(dk, k) && dv.rank == 4 && same_shape(dv, k),
             "dk and dv must have the shape of k ", k.shape_str());
     }
     check_layout(opt.layout, L, P);
+    check(dev.is_host() || opt.strategy == Strategy::ring, "strategy '", strategy_name(opt.strategy),
+          "' runs on the host only; on ", dev.name(), " use the ring");
     if (opt.strategy == Strategy::hybrid) {
       check(opt.ulysses_group && opt.ring_group, "the hybrid strategy needs its Ulysses and ring groups");
       const int U = opt.ulysses_group->size(), R = opt.ring_group->size();
@@ -162,15 +164,6 @@ struct InFlight {
   }
 };
 
-// x += y elementwise (fp32, same shape, contiguous).
-void add_into(const Tensor& x, const Tensor& y, int threads) {
-  float* a = x.ptr<float>();
-  const float* b = y.ptr<float>();
-  const int64_t n = x.numel();
-#pragma omp parallel for simd schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
-  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
-}
-
 std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
   std::vector<int64_t> pos;
   pos.reserve(static_cast<size_t>(L));
@@ -185,39 +178,49 @@ bool sees_any(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos) {
   return *std::min_element(k_pos.begin(), k_pos.end()) <= *std::max_element(q_pos.begin(), q_pos.end());
 }
 
-TensorView kv_half(const Tensor& kv, int i) { return kv.view().select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
+TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
 
 // ---- ring (RA+SP) -----------------------------------------------------------------
 // The group the K/V blocks travel round and the global positions of the tokens
 // each member holds (its layout shard, or under the hybrid the shards of its
-// Ulysses group).
+// Ulysses group), on the host and where the device's kernels read them.
 struct Ring {
   Communicator& comm;
+  Device& dev;
   std::vector<std::vector<int64_t>> pos;
+  std::vector<std::shared_ptr<const int64_t>> dev_pos;
+  Ring(Communicator& c, Device& d, std::vector<std::vector<int64_t>> p) : comm(c), dev(d), pos(std::move(p)) {
+    for (const auto& x : pos) dev_pos.push_back(dev.upload_positions(x));
+  }
   int P() const { return comm.size(); }
   int p() const { return comm.rank(); }
+  std::span<const int64_t> positions(int member) const { return {dev_pos[member].get(), pos[member].size()}; }
 };
 
 Ring plain_ring(const Call& c) {
-  Ring r{c.comm, {}};
-  for (int m = 0; m < c.P; ++m) r.pos.push_back(shard_positions(c.opt.layout, c.L, c.P, m));
-  return r;
+  std::vector<std::vector<int64_t>> pos;
+  for (int m = 0; m < c.P; ++m) pos.push_back(shard_positions(c.opt.layout, c.L, c.P, m));
+  return Ring(c.comm, c.dev, std::move(pos));
 }
 
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
-// the block it holds to p+1 and receiving the next from p−1.
+// the block it holds to p+1 and receiving the next from p−1. One schedule for
+// every device: on a GPU the kernels and the transfers are queued on two streams
+// and wait() orders them, on the CPU the kernels poll the communicator.
 //   q, o: [B, Lr, H, d]   k, v: [B, Lr, Hkv, d]   lse: [B, H, Lr]   (Lr = the member's tokens)
 void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& o, const TensorView& lse) {
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
   const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  Device& dev = ring.dev;
   const std::vector<int64_t>& q_pos = ring.pos[p];
-  Tensor kv[2] = {Tensor(c.dtype, {2, B, Lr, Hkv, d}), Tensor(c.dtype, {2, B, Lr, Hkv, d})};
-  copy_into(kv_half(kv[0], 0), k);
-  copy_into(kv_half(kv[0], 1), v);
-  Tensor o_acc = Tensor::zeros(DType::f32, {B, Lr, H, d}), lse_acc(DType::f32, {B, H, Lr});
-  Tensor o_part(DType::f32, {B, Lr, H, d}), lse_part(DType::f32, {B, H, Lr});
-  std::fill_n(lse_acc.ptr<float>(), lse_acc.numel(), -INFINITY);
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lr, Hkv, d}), dev.alloc(c.dtype, {2, B, Lr, Hkv, d})};
+  dev.copy(kv_half(kv[0], 0), k);
+  dev.copy(kv_half(kv[0], 1), v);
+  DeviceTensor o_acc = dev.alloc(DType::f32, {B, Lr, H, d}), lse_acc = dev.alloc(DType::f32, {B, H, Lr});
+  DeviceTensor o_part = dev.alloc(DType::f32, {B, Lr, H, d}), lse_part = dev.alloc(DType::f32, {B, H, Lr});
+  dev.fill(o_acc, 0.f);
+  dev.fill(lse_acc, -INFINITY);
   int cur = 0;
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P;
@@ -226,15 +229,15 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
     if (t < P - 1) {
       send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
       recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
+      ring.comm.progress();  // start them (a stream-ordered backend launches what was posted)
     }
-    const std::vector<int64_t>& k_pos = ring.pos[src];
-    if (c.opt.causal && !sees_any(q_pos, k_pos)) {
+    if (c.opt.causal && !sees_any(q_pos, ring.pos[src])) {
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part,
-                          c.local(q_pos, k_pos, &ring.comm));
-        attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
+        dev.attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part,
+                              c.local(ring.positions(p), ring.positions(src), &ring.comm));
+        dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
     if (t < P - 1) {
@@ -243,8 +246,8 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
     }
     cur = 1 - cur;
   }
-  copy_into(o, o_acc);
-  copy_into(lse, lse_acc);
+  dev.copy(o, o_acc);
+  dev.copy(lse, lse_acc);
 }
 
 // Q, dO, O, lse and dQ stay home; each K/V block travels with its dK/dV
@@ -255,14 +258,16 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
   const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
   Communicator& comm = ring.comm;
+  Device& dev = ring.dev;
   const std::vector<int64_t>& q_pos = ring.pos[p];
   const std::initializer_list<int64_t> kv_shape = {2, B, Lr, Hkv, d};
-  Tensor kv[2] = {Tensor(c.dtype, kv_shape), Tensor(c.dtype, kv_shape)};
-  Tensor dkv[2] = {Tensor(DType::f32, kv_shape), Tensor(DType::f32, kv_shape)};
-  Tensor dkv_part(DType::f32, kv_shape);
-  Tensor dq_acc = Tensor::zeros(DType::f32, {B, Lr, H, d}), dq_part(DType::f32, {B, Lr, H, d});
-  copy_into(kv_half(kv[0], 0), k);
-  copy_into(kv_half(kv[0], 1), v);
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, kv_shape), dev.alloc(c.dtype, kv_shape)};
+  DeviceTensor dkv[2] = {dev.alloc(DType::f32, kv_shape), dev.alloc(DType::f32, kv_shape)};
+  DeviceTensor dkv_part = dev.alloc(DType::f32, kv_shape);
+  DeviceTensor dq_acc = dev.alloc(DType::f32, {B, Lr, H, d}), dq_part = dev.alloc(DType::f32, {B, Lr, H, d});
+  dev.fill(dq_acc, 0.f);
+  dev.copy(kv_half(kv[0], 0), k);
+  dev.copy(kv_half(kv[0], 1), v);
   Request dkv_send[2];
   InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
   const int kv_tag = 0, dkv_tag = 1;  // tags 2t + kind
@@ -271,34 +276,38 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
     const int src = (p - t + P) % P;
     Request kv_send, kv_recv, dkv_recv;
     InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
+    // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
+    // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
+    if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
+    if (t > 0) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
     if (t < P - 1) {
       kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
       kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
     }
-    if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
-    if (t > 0) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
-    const std::vector<int64_t>& k_pos = ring.pos[src];
-    const bool visible = !c.opt.causal || sees_any(q_pos, k_pos);
+    comm.progress();
+    const bool visible = !c.opt.causal || sees_any(q_pos, ring.pos[src]);
     if (visible) {
       c.timed([&] {
-        attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part,
-                           kv_half(dkv_part, 0), kv_half(dkv_part, 1), c.local(q_pos, k_pos, &comm));
-        add_into(dq_acc, dq_part, c.opt.threads);
+        dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part,
+                               kv_half(dkv_part, 0), kv_half(dkv_part, 1),
+                               c.local(ring.positions(p), ring.positions(src), &comm));
+        dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
       ++c.out->stages_skipped;
     }
     if (t > 0) {
       comm.wait(dkv_recv);
-      if (visible) c.timed([&] { add_into(dkv[cur], dkv_part, c.opt.threads); });
+      if (visible) c.timed([&] { dev.add(dkv[cur], dkv_part, c.opt.threads); });
     } else if (visible) {
-      copy_into(dkv[cur], dkv_part);
+      dev.copy(dkv[cur], dkv_part);
     } else {
-      dkv[cur].fill_zero();
+      dev.fill(dkv[cur], 0.f);
     }
     if (P > 1) {
       // To p+1: the next holder of this block, or (after the last stage) its owner.
       dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+      comm.progress();
       comm.wait(kv_send);
       comm.wait(kv_recv);
     }
@@ -306,7 +315,7 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   }
   // With one rank the block never left; otherwise its accumulator comes home
   // from p−1 (into dkv_part, free now).
-  const Tensor* home = &dkv[1 - cur];
+  const DeviceTensor* home = &dkv[1 - cur];
   if (P > 1) {
     Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * P + dkv_tag);
     InFlight guard{comm, {&r}};
@@ -315,9 +324,9 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
       if (q.pending()) comm.wait(q);
     home = &dkv_part;
   }
-  copy_into(dq, dq_acc);
-  copy_into(dk, kv_half(*home, 0));
-  copy_into(dv, kv_half(*home, 1));
+  dev.copy(dq, dq_acc);
+  dev.copy(dk, kv_half(*home, 0));
+  dev.copy(dv, kv_half(*home, 1));
 }
 
 // ---- all-gather KV ------------------------------------------------------------------
@@ -457,16 +466,16 @@ void ulysses_backward(Call& c, Communicator& g, const TensorView& q, const Tenso
 // group of ranks m·U .. m·U + U − 1 (in that order) after the all-to-all.
 Ring hybrid_ring(const Call& c) {
   const int U = c.opt.ulysses_group->size(), R = c.opt.ring_group->size();
-  Ring r{*c.opt.ring_group, {}};
+  std::vector<std::vector<int64_t>> members;
   for (int m = 0; m < R; ++m) {
     std::vector<int64_t> pos;
     for (int u = 0; u < U; ++u) {
       const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u);
       pos.insert(pos.end(), s.begin(), s.end());
     }
-    r.pos.push_back(std::move(pos));
+    members.push_back(std::move(pos));
   }
-  return r;
+  return Ring(*c.opt.ring_group, c.dev, std::move(members));
 }
 
 void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,

@@ -298,7 +298,7 @@ Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, co
 
 double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
                 int64_t global_count) {
-  check(y.shape == target.shape && y.shape == dy.shape && y.rank == target.rank, "loss: output ", y.shape_str(),
+  check(same_shape(y, target) && same_shape(y, dy) && y.rank == target.rank, "loss: output ", y.shape_str(),
         " and target ", target.shape_str(), " differ");
   check(y.is_contiguous() && target.is_contiguous() && dy.is_contiguous() && y.dtype == DType::f32 &&
             target.dtype == DType::f32 && dy.dtype == DType::f32,
@@ -392,7 +392,7 @@ double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& t
 double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                      Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
   const int S = pp.size(), s = pp.rank(), M = micro_batches;
-  check(x.rank == 3 && target.shape == x.shape, "pipeline input and target must be [B, L, D] of the same shape");
+  check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
   const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
   check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
   check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/",

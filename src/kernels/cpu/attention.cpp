@@ -104,7 +104,7 @@ struct Problem {
 
 void check_same_shape(const TensorView& t, const TensorView& like, const char* name, const char* like_name) {
   check(!t.empty(), name, " is missing");
-  check(t.rank == like.rank && t.shape == like.shape, name, " must have the shape of ", like_name, " ",
+  check(t.rank == like.rank && same_shape(t, like), name, " must have the shape of ", like_name, " ",
         like.shape_str(), ", got ", t.shape_str());
 }
 

@@ -17,7 +17,7 @@ void attention_forward_unfused(const TensorView& q, const TensorView& k, const T
   check(q.rank == 4 && k.rank == 4 && v.rank == 4 && o.rank == 4 && lse.rank == 3,
         "unfused attention takes q, k, v, o [B, L, H, d] and lse [B, H, Lq]");
   const int64_t B = q.dim(0), Lq = q.dim(1), H = q.dim(2), d = q.dim(3), Lk = k.dim(1), Hkv = k.dim(2);
-  check(H % Hkv == 0 && k.dim(3) == d && v.shape == k.shape && o.shape == q.shape, "unfused attention: shapes ",
+  check(H % Hkv == 0 && k.dim(3) == d && same_shape(v, k) && same_shape(o, q), "unfused attention: shapes ",
         q.shape_str(), ", ", k.shape_str(), ", ", v.shape_str(), ", ", o.shape_str(), " do not fit together");
   const DType dt = q.dtype;
   check((dt == DType::f32 || dt == DType::bf16) && k.dtype == dt && v.dtype == dt,

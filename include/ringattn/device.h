@@ -1,0 +1,85 @@
+// Where tensors live and kernels run. The ring schedule (src/dist) is written
+// once over this interface and the Communicator (comm.h): the CPU device runs the
+// CPU kernels on host memory in the calling thread; the CUDA device (cuda.h) runs
+// the CUDA kernels on one GPU, queued in order on its compute stream, while its
+// communicators move data on a second stream.
+//
+// Every TensorView handed to a Device method must point into that device's
+// memory (alloc/upload), and AttentionOptions' q_pos/k_pos must too
+// (upload_positions). Methods are asynchronous on devices with streams: results
+// are visible to the host only after download() or synchronize().
+#pragma once
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "ringattn/attention.h"
+#include "ringattn/tensor.h"
+
+namespace ringattn {
+
+// Owning, contiguous storage on one device, with its view.
+class DeviceTensor {
+ public:
+  DeviceTensor() = default;
+  DeviceTensor(std::shared_ptr<void> storage, const TensorView& view) : storage_(std::move(storage)), view_(view) {}
+  const TensorView& view() const { return view_; }
+  operator const TensorView&() const { return view_; }
+  int64_t dim(int i) const { return view_.shape[i]; }
+  int64_t numel() const { return view_.numel(); }
+  size_t bytes() const { return static_cast<size_t>(view_.numel()) * dtype_size(view_.dtype); }
+  template <typename T>
+  T* ptr() const { return view_.ptr<T>(); }
+
+ private:
+  std::shared_ptr<void> storage_;
+  TensorView view_;
+};
+
+class Device {
+ public:
+  virtual ~Device() = default;
+  virtual std::string name() const = 0;  // "cpu", "cuda:0 NVIDIA H100 80GB HBM3"
+  virtual bool is_host() const = 0;      // its memory is the host's (no copies needed)
+
+  virtual DeviceTensor alloc(DType dtype, std::span<const int64_t> shape) = 0;
+  DeviceTensor alloc(DType dtype, std::initializer_list<int64_t> shape) {
+    return alloc(dtype, std::span<const int64_t>(shape.begin(), shape.size()));
+  }
+  // A contiguous device copy of a host tensor / a host copy of a device tensor
+  // (both complete before returning).
+  virtual DeviceTensor upload(const TensorView& host) = 0;
+  virtual void download(const TensorView& host_dst, const TensorView& src) = 0;
+  // Global token positions where this device's kernels read them (kept alive by
+  // the returned pointer).
+  virtual std::shared_ptr<const int64_t> upload_positions(std::span<const int64_t> host) = 0;
+
+  // dst := src (same shape, any strides, dtype conversion).
+  virtual void copy(const TensorView& dst, const TensorView& src) = 0;
+  // Every element of x := value.
+  virtual void fill(const TensorView& x, float value) = 0;
+  // acc += x elementwise: acc fp32 contiguous, x any dtype of the same shape,
+  // contiguous. threads: CPU threads (0: the OpenMP default); other devices ignore it.
+  virtual void add(const TensorView& acc, const TensorView& x, int threads = 0) = 0;
+
+  // The kernel contracts of attention.h on this device's memory.
+  virtual void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                 const TensorView& lse, const AttentionOptions& opt) = 0;
+  virtual void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& o, const TensorView& lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionOptions& opt) = 0;
+  virtual void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
+                               const TensorView& lse_part, int threads) = 0;
+
+  // The host waits until everything queued on this device is done (bounded: a
+  // device that does not finish within timeout_seconds throws Error).
+  virtual void synchronize(double timeout_seconds = 300) = 0;
+};
+
+// The host: CPU kernels (attention.h) in the calling thread.
+Device& cpu_device();
+
+}  // namespace ringattn

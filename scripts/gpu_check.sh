@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check, run on a machine with an NVIDIA GPU from a build made elsewhere
+# (scripts/build_gpu.sh): the CUDA tests, then `bench kernel --device cuda`.
+# Finds NCCL and cuBLAS wherever the machine has them (CUDA toolkit or the
+# nvidia-* Python wheels) and the host libraries carried in .devlibs/.
+# Writes logs to $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+BUILD=${BUILD:-build/gpu}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+libdirs=$(pwd)/.devlibs
+for lib in libnccl.so.2 libcublas.so.13 libcublasLt.so.13; do
+  f=$(find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -1)
+  [ -n "$f" ] && libdirs="$libdirs:$(dirname "$f")" && echo "found $f"
+done
+export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
+ldd "$BUILD/tests/ringattn_cuda_tests" | grep "not found" && echo "MISSING LIBRARIES"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# Kernels first, then the ring and NCCL (a hang there must not hide the kernels' results).
+for part in kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' ring:'CudaRing.*:CudaNccl.*'; do
+  name=${part%%:*}
+  timeout ${TEST_TIMEOUT:-180} stdbuf -oL -eL "$BUILD/tests/ringattn_cuda_tests" --gtest_filter="${part#*:}" \
+    >"$OUT/tests_$name.log" 2>&1
+  echo "tests $name exit $?"
+  grep -E "^\[ ring|FAILED|PASSED|SKIPPED|rror|Failure|err " "$OUT/tests_$name.log" | head -60
+done
+for d in ${BENCH_DIMS:-128}; do
+  timeout ${BENCH_TIMEOUT:-180} "$BUILD/ringattn" bench kernel --device cuda --seq ${BENCH_SEQ:-16384} \
+    --heads ${BENCH_HEADS:-16} --dim "$d" --reps 10 >"$OUT/bench_d$d.txt" 2>"$OUT/bench_d$d.err"
+  echo "bench d=$d exit $?"
+  cat "$OUT/bench_d$d.txt"; tail -3 "$OUT/bench_d$d.err"
+done
+if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $tool --error-exitcode 9 \
+      "$BUILD/tests/ringattn_cuda_tests" --gtest_filter="${SANITIZE_FILTER:-Shapes/*B2_Lq77*bf16_causal_ofp32:CudaMerge.*}" \
+      >"$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit $?"
+    grep -E "ERROR SUMMARY|Invalid|Race|PASSED|FAILED" "$OUT/sanitize_$tool.log" | head -8
+  done
+fi

@@ -1,0 +1,84 @@
+// The host as a Device: Tensors in host memory, the CPU kernels of attention.h,
+// nothing queued (every call is complete when it returns).
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ringattn/device.h"
+#include "ringattn/error.h"
+
+namespace ringattn {
+namespace {
+
+class CpuDevice final : public Device {
+ public:
+  std::string name() const override { return "cpu"; }
+  bool is_host() const override { return true; }
+
+  DeviceTensor alloc(DType dtype, std::span<const int64_t> shape) override {
+    check(shape.size() <= static_cast<size_t>(kMaxRank), "tensors have at most ", kMaxRank, " dimensions");
+    auto t = std::make_shared<Tensor>(dtype, static_cast<int>(shape.size()), shape.data());
+    const TensorView view = t->view();
+    return DeviceTensor(std::move(t), view);
+  }
+  DeviceTensor upload(const TensorView& host) override {
+    DeviceTensor d = alloc(host.dtype, std::span<const int64_t>(host.shape.data(), host.rank));
+    copy_into(d, host);
+    return d;
+  }
+  void download(const TensorView& host_dst, const TensorView& src) override { copy_into(host_dst, src); }
+  std::shared_ptr<const int64_t> upload_positions(std::span<const int64_t> host) override {
+    auto v = std::make_shared<std::vector<int64_t>>(host.begin(), host.end());
+    return std::shared_ptr<const int64_t>(v, v->data());
+  }
+  void copy(const TensorView& dst, const TensorView& src) override { copy_into(dst, src); }
+  void fill(const TensorView& x, float value) override {
+    if (x.is_contiguous() && x.dtype == DType::f32) {
+      std::fill_n(x.ptr<float>(), x.numel(), value);
+      return;
+    }
+    Tensor v(x.dtype, x.rank, x.shape.data());
+    const int64_t n = v.numel();
+    for (int64_t i = 0; i < n; ++i) store_from_f32(v.ptr<void>(), v.dtype(), i, value);
+    copy_into(x, v);
+  }
+  void add(const TensorView& acc, const TensorView& x, int threads) override {
+    check(acc.dtype == DType::f32 && acc.is_contiguous() && x.is_contiguous() && same_shape(acc, x),
+          "add: acc must be contiguous fp32 and x contiguous of the same shape, got ", acc.shape_str(), " and ",
+          x.shape_str());
+    float* a = acc.ptr<float>();
+    const int64_t n = acc.numel();
+    if (x.dtype == DType::f32) {
+      const float* b = x.ptr<float>();
+#pragma omp parallel for simd schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+      for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+    } else {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
+      for (int64_t i = 0; i < n; ++i) a[i] += load_as_f32(x.data, x.dtype, i);
+    }
+  }
+  void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                         const TensorView& lse, const AttentionOptions& opt) override {
+    ringattn::attention_forward(q, k, v, o, lse, opt);
+  }
+  void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                          const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                          const TensorView& dv, const AttentionOptions& opt) override {
+    ringattn::attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt);
+  }
+  void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
+                       const TensorView& lse_part, int threads) override {
+    ringattn::attention_merge(o_acc, lse_acc, o_part, lse_part, threads);
+  }
+  void synchronize(double) override {}
+};
+
+}  // namespace
+
+Device& cpu_device() {
+  static CpuDevice dev;
+  return dev;
+}
+
+}  // namespace ringattn

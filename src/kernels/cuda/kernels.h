@@ -1,0 +1,34 @@
+// The CUDA kernels' host entry points (src/kernels/cuda/*.cu). Each checks its
+// preconditions with an Error that says what to fix, then queues its kernels on
+// `stream`. Views point to device memory; positions (opt.q_pos/k_pos) too.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "ringattn/attention.h"
+#include "ringattn/tensor.h"
+
+namespace ringattn::cuda {
+
+// q: [B, Lq, H, d]  k, v: [B, Lk, Hkv, d]  (bf16 or fp16, last dim contiguous, d in {64, 128})
+// o: [B, Lq, H, d] fp32 or q's dtype   lse: [B, H, Lq] fp32
+void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                   const TensorView& lse, const AttentionOptions& opt, cudaStream_t stream);
+
+// FlashAttention-2 backward: dq, dk, dv (fp32 or q's dtype) from q, k, v, o, lse, dout.
+void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                    const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                    const TensorView& dv, const AttentionOptions& opt, cudaStream_t stream);
+
+// (o_acc, lse_acc) := exact LSE merge with (o_part, lse_part); o_acc fp32.
+void merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part, const TensorView& lse_part,
+           cudaStream_t stream);
+
+// Elementwise: dst := src (any strides, dtype conversion); x := value; acc += x.
+void copy(const TensorView& dst, const TensorView& src, cudaStream_t stream);
+void fill(const TensorView& x, float value, cudaStream_t stream);
+void add(const TensorView& acc, const TensorView& x, cudaStream_t stream);
+// x := uniform in [lo, hi) from a counter-based hash of (seed, index): benchmark
+// inputs without a host round trip.
+void fill_uniform(const TensorView& x, uint64_t seed, float lo, float hi, cudaStream_t stream);
+
+}  // namespace ringattn::cuda
