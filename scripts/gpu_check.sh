@@ -28,9 +28,9 @@ for part in kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' ring:'CudaRing.*:CudaNcc
 done
 for d in ${BENCH_DIMS:-128}; do
   timeout ${BENCH_TIMEOUT:-180} "$BUILD/ringattn" bench kernel --device cuda --seq ${BENCH_SEQ:-16384} \
-    --heads ${BENCH_HEADS:-16} --dim "$d" --reps 10 >"$OUT/bench_d$d.txt" 2>"$OUT/bench_d$d.err"
+    --heads ${BENCH_HEADS:-16} --dim "$d" --reps 10 >"$OUT/bench_d$d.txt" 2>&1
   echo "bench d=$d exit $?"
-  cat "$OUT/bench_d$d.txt"; tail -3 "$OUT/bench_d$d.err"
+  grep -v "^measuring\|^timing" "$OUT/bench_d$d.txt"
 done
 if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do

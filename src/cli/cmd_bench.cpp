@@ -14,6 +14,7 @@
 #include "cli/commands.h"
 #include "ringattn/attention.h"
 #include "ringattn/cuda.h"
+#include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/gemm.h"
 #include "ringattn/perf.h"
@@ -23,7 +24,7 @@ namespace {
 
 struct BenchArgs {
   int64_t batch = 1, seq = 4096, heads = 8, kv_heads = 0, dim = 128;
-  int threads = 1, scale_threads = 0, reps = 3;
+  int threads = 1, scale_threads = 0, reps = 3, ring_ranks = 4;
   std::string isa, device = "cpu";
   bool json = false, no_unfused = false, no_backward = false;
 };
@@ -247,6 +248,50 @@ void run_cuda(const BenchArgs& a) {
           {"flash", dtype_name(dt), "backward", causal, 0, tb, 2.5 * f / tb / 1e9, 0, 2.5 * f / tb / 1e12 / gemm});
     }
   }
+  // The ring (zigzag layout) with ring_ranks ranks sharing this GPU against one
+  // kernel over the whole sequence: what the schedule costs (smaller kernels,
+  // the copies round the ring, the merges) when the ranks cannot run in parallel.
+  struct RingRow {
+    std::string dtype;
+    bool causal;
+    double seconds, single_seconds;
+  };
+  std::vector<RingRow> ring_rows;
+  const int P = a.ring_ranks;
+  if (P > 1) {
+    check(L % (2 * P) == 0, "--seq must be divisible by 2 x --ring-ranks for the zigzag ring, got ", L, " and ", P);
+    const DType dt = DType::bf16;
+    progress(cat("timing the ring on ", P, " ranks sharing the GPU..."));
+    Tensor hq(dt, {B, L / P, H, d}), hk(dt, {B, L / P, Hkv, d});
+    fill_random(hq, rng);
+    fill_random(hk, rng);
+    for (bool causal : {false, true}) {
+      std::vector<double> t(P);
+      run_device_local_group(P, 0, [&](int p, Device& rdev, Communicator& comm) {
+        DeviceTensor q = rdev.upload(hq), k = rdev.upload(hk);
+        DeviceTensor o = rdev.alloc(DType::f32, {B, L / P, H, d}), lse = rdev.alloc(DType::f32, {B, H, L / P});
+        DistAttentionOptions opt;
+        opt.layout = Layout::zigzag;
+        opt.causal = causal;
+        opt.device = &rdev;
+        std::vector<double> times;
+        for (int r = 0; r <= std::max(a.reps, 5); ++r) {
+          comm.barrier();
+          const double t0 = now_seconds();
+          dist_attention_forward(comm, q, k, k, o, lse, opt);
+          rdev.synchronize();
+          comm.barrier();
+          if (r > 0) times.push_back(now_seconds() - t0);  // the first is a warm-up
+        }
+        std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+        t[p] = times[times.size() / 2];
+      });
+      const Row* single = nullptr;
+      for (const Row& r : rows)
+        if (r.dtype == dtype_name(dt) && r.pass == "forward" && r.causal == causal) single = &r;
+      ring_rows.push_back({dtype_name(dt), causal, *std::max_element(t.begin(), t.end()), single->seconds});
+    }
+  }
   progress_done();
   if (a.json) {
     nlohmann::json j = {{"device", dev->name()}, {"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d},
@@ -254,6 +299,10 @@ void run_cuda(const BenchArgs& a) {
     for (const Row& r : rows)
       j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
                            {"seconds", r.seconds}, {"tflops", r.gflops / 1e3}, {"gemm_ratio", r.gemm_ratio}});
+    for (const RingRow& r : ring_rows)
+      j["ring"].push_back({{"ranks", P}, {"layout", "zigzag"}, {"dtype", r.dtype}, {"causal", r.causal},
+                           {"seconds", r.seconds}, {"single_kernel_seconds", r.single_seconds},
+                           {"efficiency", r.single_seconds / r.seconds}});
     print_json(j);
     return;
   }
@@ -265,6 +314,12 @@ void run_cuda(const BenchArgs& a) {
   for (const Row& r : rows)
     std::printf("%-5s %-6s %-9s %11.3f %9.1f %8.1f%%\n", r.dtype.c_str(), r.causal ? "yes" : "no", r.pass.c_str(),
                 r.seconds * 1e3, r.gflops / 1e3, 100 * r.gemm_ratio);
+  if (ring_rows.empty()) return;
+  std::printf("\nring forward, %d ranks sharing the GPU (zigzag), vs one kernel over the sequence\n", P);
+  std::printf("%-5s %-6s %11s %11s %11s\n", "dtype", "causal", "ring [ms]", "kernel [ms]", "efficiency");
+  for (const RingRow& r : ring_rows)
+    std::printf("%-5s %-6s %11.3f %11.3f %10.1f%%\n", r.dtype.c_str(), r.causal ? "yes" : "no", r.seconds * 1e3,
+                r.single_seconds * 1e3, 100 * r.single_seconds / r.seconds);
 }
 
 }  // namespace
@@ -285,6 +340,8 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--isa", a->isa, "kernel path (default: best available)");
   cmd->add_flag("--no-unfused", a->no_unfused, "skip the unfused baseline");
   cmd->add_flag("--no-backward", a->no_backward, "skip the backward pass");
+  cmd->add_option("--ring-ranks", a->ring_ranks, "with --device cuda: ranks of the one-GPU ring row (0: none)")
+      ->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, or cuda (GPU 0: bf16/fp16 kernels vs cuBLAS)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
