@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "ringattn/atomic_file.h"
 #include "ringattn/error.h"
 #include "ringattn/npy.h"
 #include "ringattn/tensor.h"
@@ -258,6 +259,28 @@ TEST_F(Npy, SaveToUnwritablePathThrows) {
   Tensor t(DType::f32, {2});
   fill_uniform(t, 1);
   EXPECT_THROW(save_npy(path("no_such_dir/x.npy"), t), Error);
+}
+
+// A write that fails part-way leaves the earlier file whole and no temporary file.
+TEST_F(Npy, FailedWriteLeavesTheEarlierFileWhole) {
+  const std::string p = path("out.npy");
+  Tensor t(DType::f32, {3, 5});
+  fill_uniform(t, 2);
+  save_npy(p, t);
+  const std::string before = read_file(p);
+  try {
+    write_file_atomically(p, [](std::FILE* f) {
+      std::fputs("half a result", f);
+      errno = ENOSPC;
+      return false;
+    });
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("No space left"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_file(p), before);
+  for (const auto& entry : fs::directory_iterator(fs::path(p).parent_path()))
+    EXPECT_EQ(entry.path().filename().string().find(".tmp."), std::string::npos) << entry.path();
 }
 
 }  // namespace

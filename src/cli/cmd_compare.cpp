@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "ringattn/atomic_file.h"
 #include "cli/generation.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
@@ -243,9 +244,8 @@ void run(const CompareArgs& a) {
   }
   if (!a.json) progress_done();
   if (!a.json_out.empty()) {
-    std::ofstream f(a.json_out);
-    check(f.good(), "cannot write ", a.json_out);
-    f << j.dump(2) << "\n";
+    const std::string text = j.dump(2) + "\n";
+    write_file_atomically(a.json_out, [&](std::FILE* f) { return std::fputs(text.c_str(), f) >= 0; });
   }
   if (a.json) return print_json(j);
   std::printf("compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "ringattn/atomic_file.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
@@ -271,24 +272,15 @@ void save_npy(const std::string& path, const TensorView& t) {
     data = converted.ptr<float>();
   }
 
-  File f(std::fopen(path.c_str(), "wb"));
-  if (!f) fail(path, cat("cannot open for writing: ", std::strerror(errno)));
   const unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
                                  static_cast<unsigned char>(header.size() & 0xff),
                                  static_cast<unsigned char>(header.size() >> 8)};
   const size_t data_bytes = static_cast<size_t>(n) * 4;
-  bool ok = std::fwrite(pre, 1, sizeof pre, f.get()) == sizeof pre &&
-            std::fwrite(header.data(), 1, header.size(), f.get()) == header.size() &&
-            (data_bytes == 0 || std::fwrite(data, 1, data_bytes, f.get()) == data_bytes);
-  int err = ok ? 0 : errno;
-  if (std::fclose(f.release()) != 0 && ok) {
-    ok = false;
-    err = errno;
-  }
-  if (!ok) {
-    std::remove(path.c_str());
-    fail(path, cat("write failed: ", std::strerror(err)));
-  }
+  write_file_atomically(path, [&](std::FILE* f) {
+    return std::fwrite(pre, 1, sizeof pre, f) == sizeof pre &&
+           std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+           (data_bytes == 0 || std::fwrite(data, 1, data_bytes, f) == data_bytes);
+  });
 }
 
 }  // namespace ringattn
