@@ -206,6 +206,13 @@ expect_error "unknown subcommand" "$BIN" no-such-subcommand
 expect_error "unknown option" "$BIN" attention --no-such-option
 expect_error "KV cache too small" "$BIN" generate --prompt-len 64 --new-tokens 8 --capacity 66 --layers 1 --d-model 32 --heads 4
 expect_error "prompt beyond the cache" "$BIN" generate --prompt-len 64 --new-tokens 1 --capacity 32 --layers 1 --d-model 32 --heads 4
+expect_error "zero sequence length" "$BIN" attention --seq 0
+expect_error "negative head dim" "$BIN" attention --dim -64
+# Absurd sizes fail up front against the available memory, naming it (no allocation, no OOM kill).
+expect_error "absurd sequence length" "$BIN" attention --seq 100000000000 --heads 8 --dim 128
+grep -q "GiB available" err.log || fail "absurd sequence length: the error does not name the available memory: $(cat err.log)"
+expect_error "absurd KV cache" "$BIN" generate --prompt-len 64 --capacity 1000000000000 --layers 1 --d-model 32 --heads 4
+grep -q "GiB available" err.log || fail "absurd KV cache: the error does not name the available memory: $(cat err.log)"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 namespace ringattn {
@@ -19,6 +20,11 @@ struct MemoryStats {
 MemoryStats memory_stats();
 void reset_peak_memory();     // peak := current
 int64_t peak_rss_bytes();     // the process's peak resident set (getrusage)
+int64_t available_memory_bytes();  // MemAvailable of /proc/meminfo (-1: unknown)
+// Throws Error "<what> needs at least X GiB but this machine has Y GiB available"
+// when bytes exceed the available memory: absurd sizes fail up front, clearly,
+// instead of in an allocation (or, with overcommit, the OOM killer) later.
+void check_fits_in_memory(double bytes, const std::string& what);
 
 // Owning, 64-byte aligned, uninitialised storage.
 class Buffer {

@@ -76,7 +76,7 @@ Inputs read_inputs(const AttentionArgs& a) {
     in.v = load_input(a.v, "v", "[B, Lk, Hkv, d]");
     if (!a.dout.empty()) {
       in.dout = load_input(a.dout, "dout", "[B, Lq, H, d]");
-      check(in.dout.view().shape == in.q.view().shape, "dout ", in.dout.view().shape_str(),
+      check(same_shape(in.dout, in.q), "dout ", in.dout.view().shape_str(),
             " must have the shape of q ", in.q.view().shape_str());
     }
   } else {
@@ -84,6 +84,11 @@ Inputs read_inputs(const AttentionArgs& a) {
     check(a.batch > 0 && a.seq > 0 && a.heads > 0 && a.dim > 0 && hkv > 0,
           "--batch, --seq, --heads, --kv-heads and --dim must be positive");
     const int64_t lk = a.kv_seq > 0 ? a.kv_seq : a.seq;
+    // q, o (and dout, dq) of [B, Lq, H, d], k, v (and dk, dv) of [B, Lk, Hkv, d], fp32:
+    // the least the run holds at once (double: no overflow for absurd sizes).
+    const double per = in.backward ? 2 : 1;
+    check_fits_in_memory(4.0 * per * (2.0 * a.batch * a.seq * a.heads * a.dim + 2.0 * a.batch * lk * hkv * a.dim),
+                         cat("attention of B=", a.batch, " L=", a.seq, " H=", a.heads, " d=", a.dim));
     std::mt19937_64 rng(a.seed);
     in.q = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
     in.k = random_tensor({a.batch, lk, hkv, a.dim}, rng);

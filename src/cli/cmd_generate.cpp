@@ -86,6 +86,11 @@ void run(const GenerateArgs& a) {
   const int64_t B = static_cast<int64_t>(lens.size()), D = a.model.d_model;
   const int64_t longest = *std::max_element(lens.begin(), lens.end());
   const int64_t capacity = a.capacity > 0 ? a.capacity : needed_capacity(longest, a.new_tokens, sp);
+  // The KV cache of this rank: K and V of its layers, sequences, entries and kv heads.
+  const ModelConfig& mc = a.model;
+  check_fits_in_memory(2.0 * (double(mc.layers) / pp) * double(B) * double(capacity) * (double(mc.kv()) / tp) *
+                           double(mc.head_dim()) * double(dtype_size(mc.dtype)),
+                       cat("the KV cache (", capacity, " entries per sequence and rank)"));
 
   Mesh mesh = Mesh::build(*world, 1, sp, tp, pp);
   Model model(a.model, tp, mesh.tp_index(), pp, mesh.pp_index());

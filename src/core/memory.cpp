@@ -2,6 +2,7 @@
 #include "ringattn/memory.h"
 
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdint>
@@ -62,6 +63,27 @@ MemoryStats memory_stats() {
 
 void reset_peak_memory() {
   g_peak_bytes.store(g_current_bytes.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
+
+int64_t available_memory_bytes() {
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    long long kib = -1;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %lld kB", &kib) == 1) break;
+    std::fclose(f);
+    if (kib >= 0) return static_cast<int64_t>(kib) * 1024;
+  }
+  const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : -1;
+}
+
+void check_fits_in_memory(double bytes, const std::string& what) {
+  const int64_t avail = available_memory_bytes();
+  if (avail < 0) return;  // unknown: let the allocations decide
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  check(bytes <= static_cast<double>(avail), what, " needs at least ", bytes / kGiB, " GiB but this machine has ",
+        static_cast<double>(avail) / kGiB, " GiB available: use a smaller size or more ranks");
 }
 
 int64_t peak_rss_bytes() {

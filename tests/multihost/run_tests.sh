@@ -70,7 +70,8 @@ inject() {
 
 faults() {
   inject sigkill KILL "process rank 1 .* exited on signal 9"
-  inject sigstop STOP "error on rank [0-9]+: rank [0-9]+: timed out after ${RINGATTN_TIMEOUT} s waiting for .* rank 1"
+  # The others time out in a transfer with rank 1 or, if it stopped between phases, in a barrier.
+  inject sigstop STOP "error on rank [0-9]+: rank [0-9]+: timed out after ${RINGATTN_TIMEOUT} s (waiting for .* rank 1|in barrier)"
   inject linkdown link "lost communication with a remote daemon|timed out after"
 }
 

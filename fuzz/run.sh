@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets with clang (AddressSanitizer + UBSan) and runs
+# each: first every input kept in fuzz/regressions/<target>/ (crashes found
+# earlier, fixed, kept so they stay fixed), then fuzzing from fuzz/corpus/<target>/
+# for FUZZ_SECONDS (default 30). Exit 77 (skipped) without clang's libFuzzer.
+#   fuzz/run.sh BUILD_DIR
+set -uo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$src/build/fuzz}
+CXX=${FUZZ_CXX:-clang++}
+command -v "$CXX" >/dev/null || { echo "fuzz: skipped: $CXX is not installed (Debian: clang)"; exit 77; }
+mkdir -p "$out"
+echo 'extern "C" int LLVMFuzzerTestOneInput(const char*, unsigned long) { return 0; }' >"$out/probe.cpp"
+if ! "$CXX" -fsanitize=fuzzer "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
+  echo "fuzz: skipped: $CXX cannot link -fsanitize=fuzzer (libFuzzer missing)"; exit 77
+fi
+flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+       -I"$src/include")
+"$CXX" "${flags[@]}" "$src/fuzz/fuzz_npy.cpp" "$src/src/io/npy.cpp" "$src/src/io/atomic_file.cpp" \
+  "$src/src/core/tensor.cpp" "$src/src/core/dtype.cpp" "$src/src/core/memory.cpp" -o "$out/fuzz_npy" || exit 1
+fail=0
+for target in npy; do
+  bin=$out/fuzz_$target
+  reg=$src/fuzz/regressions/$target
+  if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then
+    "$bin" "$reg"/* >"$out/regressions_$target.log" 2>&1 || { tail -30 "$out/regressions_$target.log"; fail=1; }
+    echo "fuzz_$target: $(ls "$reg" | wc -l) regression inputs pass"
+  fi
+  work=$out/corpus_$target
+  mkdir -p "$work"
+  cp -n "$src/fuzz/corpus/$target"/* "$work"/ 2>/dev/null
+  "$bin" -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=1024 -max_len=4096 -artifact_prefix="$out/crash_${target}_" \
+    "$work" >"$out/fuzz_$target.log" 2>&1
+  rc=$?
+  echo "fuzz_$target: $(grep -a -o 'Done [0-9]* runs in [0-9]* second(s)' "$out/fuzz_$target.log" | tail -1), corpus $(ls "$work" | wc -l) inputs, exit $rc"
+  if [ $rc -ne 0 ]; then
+    grep -a -A15 "ERROR:" "$out/fuzz_$target.log" | head -30
+    echo "the crashing input is in $out/crash_${target}_*: fix it, then keep it in fuzz/regressions/$target/"
+    fail=1
+  fi
+done
+exit $fail
