@@ -3,10 +3,13 @@
 # each: first every input kept in fuzz/regressions/<target>/ (crashes found
 # earlier, fixed, kept so they stay fixed), then fuzzing from fuzz/corpus/<target>/
 # for FUZZ_SECONDS (default 30). Exit 77 (skipped) without clang's libFuzzer.
-#   fuzz/run.sh BUILD_DIR
+# The command-line target (fuzz_cli) links the release build's libraries, so it
+# is built only when RELEASE_BUILD_DIR (with `ringattn` built) is given.
+#   fuzz/run.sh OUT_DIR [RELEASE_BUILD_DIR]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$src/build/fuzz}
+release=${2:-}
 CXX=${FUZZ_CXX:-clang++}
 command -v "$CXX" >/dev/null || { echo "fuzz: skipped: $CXX is not installed (Debian: clang)"; exit 77; }
 mkdir -p "$out"
@@ -18,8 +21,23 @@ flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -I"$src/include")
 "$CXX" "${flags[@]}" "$src/fuzz/fuzz_npy.cpp" "$src/src/io/npy.cpp" "$src/src/io/atomic_file.cpp" \
   "$src/src/core/tensor.cpp" "$src/src/core/dtype.cpp" "$src/src/core/memory.cpp" -o "$out/fuzz_npy" || exit 1
+targets=(npy)
+link=${release:+$release/CMakeFiles/ringattn.dir/link.txt}
+if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; then
+  # The CLI sources compiled (and instrumented) here, everything below them from
+  # the release build: its link line after `-o ringattn`, its libraries by path.
+  libs=$(sed -e 's/.* -o ringattn //' "$link")
+  libs=${libs//libringattn_cuda.a/$release/libringattn_cuda.a}
+  libs=${libs//libringattn_core.a/$release/libringattn_core.a}
+  # shellcheck disable=SC2086
+  "$CXX" "${flags[@]}" -I"$src/src" "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" "$src/src/cli/output.cpp" \
+    $libs -o "$out/fuzz_cli" || exit 1
+  targets+=(cli)
+else
+  echo "fuzz: fuzz_cli not built (no release build given)"
+fi
 fail=0
-for target in npy; do
+for target in "${targets[@]}"; do
   bin=$out/fuzz_$target
   reg=$src/fuzz/regressions/$target
   if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then

@@ -1,35 +1,12 @@
 // ringattn — exact attention over long sequences (Ring Attention + Sequence
 // Parallelism). Exit codes: 0 success, 1 runtime error, 2 usage error.
-#include <unistd.h>
-
 #include <cstdio>
 #include <cstring>
-#include <iostream>
 #include <optional>
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
-
-namespace ringattn::cli {
-
-void print_json(const nlohmann::json& j) { std::cout << j.dump(2) << std::endl; }
-
-void progress(const std::string& msg) {
-  static const bool tty = isatty(STDERR_FILENO);
-  if (tty)
-    std::fprintf(stderr, "\r\033[K%s", msg.c_str());
-  else
-    std::fprintf(stderr, "%s\n", msg.c_str());
-  std::fflush(stderr);
-}
-
-void progress_done() {
-  static const bool tty = isatty(STDERR_FILENO);
-  if (tty) std::fprintf(stderr, "\r\033[K");
-}
-
-}  // namespace ringattn::cli
 
 namespace {
 
