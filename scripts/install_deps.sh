@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(build-essential cmake libdnnl-dev libcli11-dev nlohmann-json3-dev
-          libopenmpi-dev openmpi-bin iproute2 clang libclang-rt-14-dev libgtest-dev libbenchmark-dev python3-numpy python3-matplotlib)
+          libopenmpi-dev openmpi-bin iproute2 clang libclang-rt-14-dev libomp-14-dev libgtest-dev libbenchmark-dev python3-numpy python3-matplotlib)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -153,7 +153,7 @@ __attribute__((target("f16c"))) uint16_t hw_f32_to_f16(float f) {
 __attribute__((target("f16c"))) float hw_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 
 TEST(DtypeF16, MatchesF16cHardware) {
-  if (!__builtin_cpu_supports("f16c")) GTEST_SKIP() << "no F16C on this CPU";
+  if (!cpu_features().f16c) GTEST_SKIP() << "no F16C on this CPU";
   for (uint32_t h = 0; h < 65536; ++h) {
     const float a = f16_to_f32(static_cast<uint16_t>(h)), b = hw_f16_to_f32(static_cast<uint16_t>(h));
     if (std::isnan(b)) {
