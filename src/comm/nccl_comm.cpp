@@ -60,19 +60,8 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// A CUDA event without timing, destroyed with its last owner (CUDA releases it
-// once a record still pending on a stream completes).
-class Event {
- public:
-  Event() { cuda::check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming), "cudaEventCreateWithFlags"); }
-  ~Event() { cudaEventDestroy(e_); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  cudaEvent_t get() const { return e_; }
-
- private:
-  cudaEvent_t e_ = nullptr;
-};
+using cuda::Event;
+using cuda::is_device_pointer;
 
 // Device memory allocated on `stream`, freed there (after whatever uses it on
 // that stream) when this goes out of scope.
@@ -90,16 +79,6 @@ class Scratch {
   void* ptr_ = nullptr;
   cudaStream_t stream_;
 };
-
-// True when p is device (or managed) memory; host memory, pinned or not, is not.
-bool is_device_pointer(const void* p) {
-  cudaPointerAttributes a{};
-  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-    cudaGetLastError();  // older runtimes report plain host pointers as an error: clear it
-    return false;
-  }
-  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
-}
 
 template <typename T>
 ncclDataType_t nccl_type();

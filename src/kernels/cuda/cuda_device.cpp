@@ -29,6 +29,15 @@ void wait_event_bounded(cudaEvent_t event, double timeout_seconds, const char* w
   }
 }
 
+bool is_device_pointer(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // older runtimes report plain host pointers as an error: clear it
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
 CudaDevice::CudaDevice(int ordinal) : ordinal_(ordinal) {
   int n = 0;
   check(cudaGetDeviceCount(&n), "counting GPUs");

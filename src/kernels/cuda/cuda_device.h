@@ -56,4 +56,21 @@ CudaDevice& as_cuda(Device& dev);
 // `what` after timeout_seconds.
 void wait_event_bounded(cudaEvent_t event, double timeout_seconds, const char* what);
 
+// A CUDA event without timing, destroyed with its last owner (CUDA releases it
+// once a record still pending on a stream completes).
+class Event {
+ public:
+  Event() { check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming), "cudaEventCreateWithFlags"); }
+  ~Event() { cudaEventDestroy(e_); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
+// True when p is device (or managed) memory; host memory, pinned or not, is not.
+bool is_device_pointer(const void* p);
+
 }  // namespace ringattn::cuda
