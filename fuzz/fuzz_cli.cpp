@@ -35,12 +35,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   CLI::App app{"ringattn"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ringattn");
-  ringattn::cli::add_info(app);
-  ringattn::cli::add_attention(app);
-  ringattn::cli::add_bench(app);
-  ringattn::cli::add_train(app);
-  ringattn::cli::add_compare(app);
-  ringattn::cli::add_generate(app);
+  ringattn::cli::add_all(app);
   app.parse_complete_callback([] { throw Parsed{}; });
   try {
     app.parse(static_cast<int>(argv.size()), argv.data());

@@ -30,7 +30,7 @@ if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; the
   libs=${libs//libringattn_cuda.a/$release/libringattn_cuda.a}
   libs=${libs//libringattn_core.a/$release/libringattn_core.a}
   # shellcheck disable=SC2086
-  "$CXX" "${flags[@]}" -I"$src/src" "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" "$src/src/cli/output.cpp" \
+  "$CXX" "${flags[@]}" -I"$src/src" "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp" \
     $libs -o "$out/fuzz_cli" || exit 1
   targets+=(cli)
 else

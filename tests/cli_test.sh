@@ -214,6 +214,33 @@ grep -q "GiB available" err.log || fail "absurd sequence length: the error does 
 expect_error "absurd KV cache" "$BIN" generate --prompt-len 64 --capacity 1000000000000 --layers 1 --d-model 32 --heads 4
 grep -q "GiB available" err.log || fail "absurd KV cache: the error does not name the available memory: $(cat err.log)"
 
+# --- plan: the performance model over a built-in hardware file --------------------
+paper=(--hardware h100-sxm --world 16 --layers 4 --d-model 8192 --heads 16 --mlp 32768 --seq 10000 --batch 1024 --dtype fp16)
+if "$BIN" plan "${paper[@]}" --json >plan.json 2>plan.err; then
+  $PY - plan.json <<'PYEOF' || fail "plan --json: $(cat plan.err)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+ls = j["layouts"]
+assert len(ls) > 20, len(ls)
+assert all(l["dp"] * l["pp"] * l["sp"] * l["tp"] == 16 for l in ls)
+assert any(l["sp"] == 16 and l["strategy"] == "ring" for l in ls)
+assert any(l["tp"] == 8 and l["pp"] == 2 for l in ls)
+fit = [l["train_tokens_per_s"] for l in ls if l["fits_train"]]
+assert fit == sorted(fit, reverse=True), "not ranked"
+PYEOF
+else
+  fail "ringattn plan exited non-zero: $(cat plan.err)"
+fi
+"$BIN" plan "${paper[@]}" --mesh sp=16 --mesh tp=8,pp=2 --claim 1.45e6 >plan.txt 2>&1 || fail "plan --mesh: $(cat plan.txt)"
+grep -q "RA+SP(16)" plan.txt && grep -q "TP(8) x PP(2)" plan.txt && grep -q "claim" plan.txt ||
+  fail "plan --mesh --claim: missing rows: $(cat plan.txt)"
+expect_error "plan: mesh of the wrong size" "$BIN" plan "${paper[@]}" --mesh sp=8
+expect_error "plan: unknown mesh key" "$BIN" plan "${paper[@]}" --mesh sq=16
+expect_error "plan: unknown hardware" "$BIN" plan --hardware no-such-gpu
+grep -q "h100-sxm" err.log || fail "plan: unknown hardware: the error does not list the files: $(cat err.log)"
+echo '{"name": "x", "devices_per_node": 0}' >bad_hw.json
+expect_error "plan: bad hardware file" "$BIN" plan --hardware bad_hw.json
+
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
   exit 1

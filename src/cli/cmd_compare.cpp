@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "cli/launch.h"
 #include "ringattn/atomic_file.h"
 #include "cli/generation.h"
 #include "ringattn/error.h"
@@ -178,25 +179,6 @@ void run_method(const CompareArgs& a) {
   if (world->rank() == 0) print_json(result_json(r, static_cast<double>(a.batch * a.seq)));
 }
 
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-// Runs cmd, returns its stdout; throws Error with the exit status on failure.
-std::string capture(const std::string& cmd) {
-  FILE* p = popen(cmd.c_str(), "r");
-  check(p != nullptr, "could not start: ", cmd);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  const int status = pclose(p);
-  check(status == 0, "exit status ", WEXITSTATUS(status), " from: ", cmd);
-  return out;
-}
-
 // The launcher: one mpirun per method, then one table.
 void run(const CompareArgs& a) {
   a.model.validate();
@@ -207,14 +189,8 @@ void run(const CompareArgs& a) {
   check(!MpiSession::active() || mpi_world(a.timeout)->size() == 1,
         "run `ringattn compare` directly (not under mpirun): it starts mpirun itself, once per method, with --ranks");
   const int P = a.ranks > 0 ? a.ranks : static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
-  std::string launcher = a.launcher;
-  if (launcher.empty()) {
-    launcher = "mpirun --bind-to none --mca btl self,vader";
-    if (geteuid() == 0) launcher += " --allow-run-as-root";
-    if (P > static_cast<int>(std::thread::hardware_concurrency())) launcher += " --oversubscribe";
-  }
-  char self[4096] = {};
-  check(readlink("/proc/self/exe", self, sizeof(self) - 1) > 0, "cannot find the ringattn executable");
+  const std::string launcher = a.launcher.empty() ? default_launcher(P) : a.launcher;
+  const std::string self = self_executable();
   const std::string common =
       cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
           " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,

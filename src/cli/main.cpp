@@ -36,12 +36,7 @@ int main(int argc, char** argv) {
   CLI::App app{"ringattn: exact attention over long sequences by Ring Attention + Sequence Parallelism"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "ringattn 0.1.0");
-  ringattn::cli::add_info(app);
-  ringattn::cli::add_attention(app);
-  ringattn::cli::add_bench(app);
-  ringattn::cli::add_train(app);
-  ringattn::cli::add_compare(app);
-  ringattn::cli::add_generate(app);
+  ringattn::cli::add_all(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

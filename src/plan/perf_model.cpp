@@ -1,0 +1,482 @@
+// The performance model of plan.h: what one training step, forward and decode
+// step of a layout cost on a Hardware, following what src/model and src/dist do.
+#include <algorithm>
+#include <cmath>
+
+#include "ringattn/error.h"
+#include "ringattn/plan.h"
+
+namespace ringattn {
+
+namespace {
+
+double dbytes(DType t) { return static_cast<double>(dtype_size(t)); }
+
+}  // namespace
+
+namespace {
+
+// Log-linear interpolation in x between the points, clamped at the ends.
+double interpolate(const std::vector<std::pair<double, double>>& pts, double x) {
+  if (x <= pts.front().first) return pts.front().second;
+  for (size_t i = 1; i < pts.size(); ++i)
+    if (x <= pts[i].first) {
+      const double f = std::log(x / pts[i - 1].first) / std::log(pts[i].first / pts[i - 1].first);
+      return pts[i - 1].second + f * (pts[i].second - pts[i - 1].second);
+    }
+  return pts.back().second;
+}
+
+const std::vector<std::pair<double, double>>& curve(const std::map<std::string, std::vector<std::pair<double, double>>>& m,
+                                                     DType dt, const std::string& hw, const char* what) {
+  auto it = m.find(dtype_name(dt));
+  check(it != m.end() && !it->second.empty(), "hardware '", hw, "' has no ", what, " rate for ", dtype_name(dt),
+        ": add it to the hardware file (or calibrate)");
+  return it->second;
+}
+
+}  // namespace
+
+double Hardware::gemm_rate(DType dt, double m, double n, double k, bool backward) const {
+  const bool own = backward && !gemm_backward.empty();
+  return interpolate(curve(own ? gemm_backward : gemm, dt, name, own ? "GEMM backward" : "GEMM"), std::min({m, n, k}));
+}
+
+double Hardware::attention_rate(DType dt, bool backward, double head_dim) const {
+  return interpolate(curve(backward ? attention_backward : attention_forward, dt, name,
+                           backward ? "attention backward" : "attention forward"),
+                     head_dim);
+}
+
+double Hardware::peak_rate(DType dt) const {
+  auto it = peak.find(dtype_name(dt));
+  return it == peak.end() ? 0 : it->second;
+}
+
+int Cluster::nodes_for(const Hardware& h) const {
+  return nodes > 0 ? nodes : (world + h.devices_per_node - 1) / h.devices_per_node;
+}
+
+std::string Candidate::name() const {
+  std::vector<std::string> parts;
+  if (dp > 1) parts.push_back(cat("DP(", dp, ")"));
+  if (sp > 1) {
+    switch (strategy) {
+      case Strategy::ring: parts.push_back(cat("RA+SP(", sp, ")")); break;
+      case Strategy::ulysses: parts.push_back(cat("Ulysses(", sp, ")")); break;
+      case Strategy::allgather: parts.push_back(cat("all-gather(", sp, ")")); break;
+      case Strategy::hybrid: parts.push_back(cat("Ulysses(", ulysses, ") x ring(", sp / ulysses, ")")); break;
+    }
+  }
+  if (tp > 1) parts.push_back(cat("TP(", tp, ")"));
+  if (pp > 1) parts.push_back(cat("PP(", pp, ")"));
+  if (parts.empty()) return "single device";
+  std::string s = parts[0];
+  for (size_t i = 1; i < parts.size(); ++i) s += " x " + parts[i];
+  return s;
+}
+
+double forward_flops_per_layer_per_token_gemm(const ModelConfig& m) {
+  const double D = static_cast<double>(m.d_model), C = static_cast<double>(m.qkv_width()),
+               F = static_cast<double>(m.hidden());
+  return 2 * (D * C + D * D + 2 * D * F);
+}
+
+double forward_flops(const Workload& w) {
+  const ModelConfig& m = w.model;
+  const double L = static_cast<double>(w.seq), B = static_cast<double>(w.batch);
+  const double pairs = m.causal ? L * (L + 1) / 2 : L * L;
+  const double attn = 4 * B * static_cast<double>(m.heads) * pairs * static_cast<double>(m.head_dim());
+  return static_cast<double>(m.layers) * (B * L * forward_flops_per_layer_per_token_gemm(m) + attn);
+}
+
+// Visible (query, key) pairs of the busiest rank over its (L/P) × L block.
+double causal_busiest_fraction(Layout l, int P, int64_t L) {
+  const double Ld = static_cast<double>(L), p = P;
+  switch (l) {
+    case Layout::contiguous: return 1 - 1 / (2 * p) + 1 / (2 * Ld);  // the last rank
+    case Layout::zigzag: return 0.5 + 1 / (2 * Ld);                   // every rank
+    case Layout::striped: return (Ld + p) / (2 * Ld);                 // the last rank
+  }
+  return 1;
+}
+
+double pipeline_bubble(int stages, int micro_batches) {
+  return static_cast<double>(stages - 1) / (micro_batches + stages - 1);
+}
+
+double cost_send(const LinkSpec& link, double bytes) { return link.latency_s + bytes / link.bandwidth; }
+
+double cost_all_reduce(const LinkSpec& link, int g, double bytes) {
+  if (g <= 1) return 0;
+  return 2.0 * (g - 1) * link.latency_s + 2.0 * (g - 1) / g * bytes / link.bandwidth;
+}
+
+double cost_all_gather(const LinkSpec& link, int g, double total_bytes) {
+  if (g <= 1) return 0;
+  return (g - 1) * link.latency_s + static_cast<double>(g - 1) / g * total_bytes / link.bandwidth;
+}
+
+double cost_all_to_all(const LinkSpec& link, int g, double total_bytes) { return cost_all_gather(link, g, total_bytes); }
+double cost_reduce_scatter(const LinkSpec& link, int g, double total_bytes) {
+  return cost_all_gather(link, g, total_bytes);
+}
+
+namespace {
+
+// A group of the layout: its size and the block of consecutive ranks it lives in
+// (size × the stride between members; Mesh's order puts tp innermost, then sp,
+// pp, dp). Its traffic stays inside a node when the blocks tile the nodes.
+struct Group {
+  int size = 1;
+  int64_t block = 1;
+};
+
+const LinkSpec& link_of(const Group& g, const Hardware& h, int ranks_per_node) {
+  const bool within = g.block <= ranks_per_node && ranks_per_node % g.block == 0;
+  return g.size <= 1 || within ? h.intra_node : h.inter_node;
+}
+
+// Accumulates one step's time, split into compute and exposed/hidden transfers.
+struct Clock {
+  double compute = 0, comm = 0, hidden = 0;
+  double bytes = 0, intra = 0, inter = 0;
+  double total() const { return compute + comm - hidden; }
+  void traffic(double b, bool inter_link) { bytes += b, (inter_link ? inter : intra) += b; }
+};
+
+struct Cost {
+  const Workload& w;
+  const Candidate& c;
+  const Hardware& h;
+  double share = 1;  // > 1: ranks time-share a device (applied by predict, not here)
+  int ranks_per_node = 1;
+  DType dt;
+  double e, L, D, dh, Hl, Hkvl, Fl, A, C, Ls;
+  Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
+
+  Cost(const Workload& w_, const Candidate& c_, const Hardware& h_, const Cluster& cl) : w(w_), c(c_), h(h_) {
+    const ModelConfig& m = w.model;
+    dt = m.dtype;
+    e = dbytes(dt);
+    L = static_cast<double>(w.seq), D = static_cast<double>(m.d_model), dh = static_cast<double>(m.head_dim());
+    Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
+    Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
+    Ls = static_cast<double>(m.layers / c.pp);
+    const int nodes = cl.nodes_for(h);
+    ranks_per_node = (cl.world + nodes - 1) / nodes;
+    share = std::max(1.0, static_cast<double>(ranks_per_node) / h.devices_per_node);
+    const int64_t spt = static_cast<int64_t>(c.sp) * c.tp;
+    tp_g = {c.tp, c.tp}, sp_g = {c.sp, spt}, pp_g = {c.pp, spt * c.pp};
+    uly_g = {c.ulysses, static_cast<int64_t>(c.ulysses) * c.tp}, ring_g = {c.sp / c.ulysses, spt};
+    if (c.strategy != Strategy::hybrid) uly_g = sp_g, ring_g = sp_g;
+    replica_g = {c.dp * c.sp, c.dp > 1 ? spt * c.pp * c.dp : spt};
+  }
+
+  const LinkSpec& link(const Group& g) const { return link_of(g, h, ranks_per_node); }
+  bool inter(const Group& g) const { return &link(g) == &h.inter_node; }
+  // A linear layer [m, k] x [k, n]: forward 2·m·k·n FLOPs, backward (dx, dW) twice that.
+  double gemm_s(double m, double k, double n, bool bwd = false) const {
+    return (bwd ? 4 : 2) * m * k * n / h.gemm_rate(dt, m, n, k, bwd);
+  }
+  double elem_s(double bytes) const { return bytes / h.elementwise_bandwidth; }
+  double ops_s(double n) const { return n * h.op_overhead_s; }
+  double gelu_s(double elements, bool bwd) const {
+    const double rate = bwd ? h.gelu_backward_rate : h.gelu_forward_rate;
+    return rate > 0 ? elements / rate : elements * (bwd ? 12 : 8) / h.elementwise_bandwidth;
+  }
+  double attn_s(double flops, bool bwd) const {
+    return flops / (h.attention_rate(dt, bwd, dh) * (w.model.causal ? h.causal_efficiency : 1.0));
+  }
+  // Busiest-rank attention FLOPs of Bm sequences, Hh heads, Lq queries against Lk
+  // keys (the fraction of visible pairs given).
+  double attn_flops(double Bm, double Hh, double Lq, double Lk, double frac) const {
+    return 4 * Bm * Hh * Lq * Lk * dh * frac;
+  }
+  double full_frac() const { return w.model.causal ? (L + 1) / (2 * L) : 1.0; }
+  double layout_frac(int P) const { return w.model.causal ? causal_busiest_fraction(c.layout, P, w.seq) : 1.0; }
+
+  // The ring over group g of R members (each holding Lr tokens and Hh heads):
+  // R stages, the K/V block (and in the backward its fp32 dK/dV) in flight
+  // during each stage's attention; the accumulators' last hop home is exposed.
+  void ring(Clock& k, const Group& g, double Bm, double Lr, double Hh, double Hkvh, double frac, bool bwd) const {
+    const int R = g.size;
+    const double flops = attn_flops(Bm, Hh, Lr, Lr * R, frac) * (bwd ? 2.5 : 1.0);
+    const double stage = attn_s(flops, bwd) / R;
+    const double kv = 2 * Bm * Lr * Hkvh * dh * e, dkv = 2 * Bm * Lr * Hkvh * dh * 4;
+    const LinkSpec& l = link(g);
+    const double merge = bwd ? 0 : elem_s((R - 1) * 4 * Bm * Lr * Hh * dh * 4);
+    k.compute += R * stage + merge + ops_s(2.0 * R);
+    if (R == 1) return;
+    const double per_stage = bwd ? kv + dkv : kv;
+    for (int t = 0; t + 1 < R; ++t) {
+      const double x = (cost_send(l, per_stage));
+      k.comm += x;
+      if (l.overlaps_compute) k.hidden += std::min(x, stage);
+    }
+    if (bwd) k.comm += (cost_send(l, dkv));  // home hop
+    k.traffic((R - 1) * per_stage + (bwd ? dkv : 0), inter(g));
+  }
+
+  // An un-overlapped collective.
+  void collective(Clock& k, const Group& g, double t, double bytes) const {
+    if (g.size <= 1) return;
+    k.comm += t;
+    k.traffic(bytes, inter(g));
+  }
+  void all_to_all(Clock& k, const Group& g, double total) const {
+    collective(k, g, cost_all_to_all(link(g), g.size, total), total * (g.size - 1) / g.size);
+  }
+  void all_reduce(Clock& k, const Group& g, double bytes) const {
+    collective(k, g, cost_all_reduce(link(g), g.size, bytes), 2.0 * (g.size - 1) / g.size * bytes);
+  }
+
+  // One layer's attention, forward or backward, for Bm sequences on this device.
+  void attention(Clock& k, double Bm, bool bwd) const {
+    const double Ll = L / c.sp, mult = bwd ? 2.5 : 1.0;
+    if (c.sp == 1) {
+      k.compute += attn_s(attn_flops(Bm, Hl, L, L, full_frac()) * mult, bwd) + ops_s(1);
+      return;
+    }
+    const double qkv_b = Bm * Ll * C * e, o_b = Bm * Ll * A * 4, lse_b = Bm * Ll * Hl * 4;
+    switch (c.strategy) {
+      case Strategy::ring: ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd); break;
+      case Strategy::allgather: {
+        const double kv_all = 2 * Bm * L * Hkvl * dh;
+        collective(k, sp_g, cost_all_gather(link(sp_g), c.sp, kv_all * e), kv_all * e * (c.sp - 1) / c.sp);
+        k.compute += attn_s(attn_flops(Bm, Hl, Ll, L, layout_frac(c.sp)) * mult, bwd) + ops_s(1);
+        if (bwd) all_to_all(k, sp_g, kv_all * 4);  // reduce-scatter of dK, dV
+        break;
+      }
+      case Strategy::ulysses:
+      case Strategy::hybrid: {
+        const int U = uly_g.size;
+        // to heads: q, k, v (+ o, dO, lse in the backward); back: o, lse (dq, dk, dv)
+        all_to_all(k, uly_g, qkv_b + (bwd ? 2 * o_b + lse_b : 0));
+        if (c.strategy == Strategy::ulysses)
+          k.compute += attn_s(attn_flops(Bm, Hl / U, L, L, full_frac()) * mult, bwd) + ops_s(1);
+        else
+          ring(k, ring_g, Bm, Ll * U, Hl / U, Hkvl / U, layout_frac(ring_g.size), bwd);
+        all_to_all(k, uly_g, bwd ? Bm * Ll * C * 4 : o_b + lse_b);
+        break;
+      }
+    }
+  }
+
+  // One layer forward or backward on Bm sequences (N tokens here).
+  void layer(Clock& k, double Bm, bool bwd) const {
+    const double N = Bm * L / c.sp, x = bwd ? 2 : 1;
+    k.compute += gemm_s(N, D, C, bwd) + gemm_s(N, A, D, bwd) + gemm_s(N, D, Fl, bwd) + gemm_s(N, Fl, D, bwd);
+    // fp32 passes over [N, D]: LayerNorms (read x, write y) and residual adds (2
+    // reads, 1 write), under TP the bias adds after the all-reduces; the backward
+    // reads x, dy and the saved statistics, writes dx, and sums the bias grads.
+    // (The linear layers' bias and bf16 operand rounding are in the GEMM rates,
+    // which are measured through the same linear_forward/backward.)
+    double bytes = 4 * N * D * (bwd ? 20 : 10);
+    if (c.tp > 1) bytes += 4 * N * 4 * D;
+    if (dt != DType::f32 && !bwd) bytes += 6 * N * C;  // q, k, v rounded to bf16 once
+    k.compute += elem_s(bytes) + gelu_s(N * Fl, bwd) + ops_s(12 * x);
+    attention(k, Bm, bwd);
+    for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * 4);  // W_o and W_out outputs / W_qkv and W_in input grads
+  }
+
+  double params_local() const {
+    const ModelConfig& m = w.model;
+    const double per_layer = 4 * D + D * C + C + A * D + 2 * D + D * Fl + Fl + Fl * D;
+    (void)m;
+    return per_layer * Ls;
+  }
+
+  // Sequences per micro-batch on this replica.
+  double Bm() const { return static_cast<double>(w.batch) / c.dp / c.micro_batches; }
+};
+
+}  // namespace
+
+Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, const Cluster& cl) {
+  Prediction p;
+  p.c = c;
+  const ModelConfig& m = w.model;
+  const int world = c.dp * c.pp * c.sp * c.tp;
+  check(world == cl.world, "layout ", c.name(), " has ", world, " ranks, the cluster ", cl.world);
+  auto invalid = [&](std::string why) {
+    p.invalid = std::move(why);
+    return p;
+  };
+  if (m.heads % c.tp || m.kv() % c.tp || m.hidden() % c.tp)
+    return invalid(cat("heads/kv-heads/MLP not divisible by tp=", c.tp));
+  if (m.layers % c.pp) return invalid(cat("layers not divisible by pp=", c.pp));
+  if (w.batch % c.dp) return invalid(cat("batch not divisible by dp=", c.dp));
+  if ((w.batch / c.dp) % c.micro_batches) return invalid(cat("batch/dp not divisible by ", c.micro_batches, " micro-batches"));
+  if (c.sp > 1 && w.seq % (c.layout == Layout::zigzag ? 2 * c.sp : c.sp))
+    return invalid(cat("seq not divisible by ", c.layout == Layout::zigzag ? 2 * c.sp : c.sp));
+  if (c.sp > 1 && c.strategy == Strategy::ulysses && ((m.heads / c.tp) % c.sp || (m.kv() / c.tp) % c.sp))
+    return invalid(cat("heads/tp not divisible by sp=", c.sp));
+  if (c.strategy == Strategy::hybrid &&
+      (c.ulysses < 2 || c.sp % c.ulysses || (m.heads / c.tp) % c.ulysses || (m.kv() / c.tp) % c.ulysses))
+    return invalid(cat("hybrid needs ulysses | sp and ulysses | heads/tp (ulysses=", c.ulysses, ")"));
+
+  const Cost md(w, c, h, cl);
+  const double Bm = md.Bm(), M = c.micro_batches, S = c.pp;
+  const double Nm = Bm * md.L / c.sp;  // tokens of one micro-batch here
+  const bool pp_inter = md.inter(md.pp_g);
+  const LinkSpec& pp_link = md.link(md.pp_g);
+
+  // One micro-batch through this stage's layers, forward and backward.
+  Clock f, b;
+  for (int l = 0; l < md.Ls; ++l) md.layer(f, Bm, false), md.layer(b, Bm, true);
+  f.compute += md.elem_s(8 * Nm * md.D);  // the stage's input copy
+  const double act_b = Nm * md.D * 4;
+  const double hop = S > 1 ? cost_send(pp_link, act_b) : 0;
+  // 1F1B: the bubble is (p−1) micro-batch slots; a hop per slot boundary.
+  const double slots = M + S - 1;
+  // Ranks that time-share a device (share > 1) take the longer of the critical
+  // path at full speed and their device's total work: a pipeline stage in its
+  // bubble leaves the device to the others.
+  const double share = md.share;
+  p.forward_s = std::max(slots * (f.total() + hop), share * M * f.total());
+  Clock step;
+  const double params = md.params_local();
+  md.all_reduce(step, md.replica_g, params * 4);  // the weight gradients
+  step.compute += md.elem_s(params * (32 + (md.dt != DType::f32 ? 6 : 0))) + md.ops_s(3);  // zero grads, AdamW
+  p.train_s = std::max(slots * (f.total() + b.total() + 2 * hop) + step.total(),
+                       share * (M * (f.total() + b.total()) + step.total()));
+
+  const double tokens = static_cast<double>(w.batch * w.seq);
+  p.forward_tokens_per_s = tokens / p.forward_s;
+  p.train_tokens_per_s = tokens / p.train_s;
+  const double fl = forward_flops(w), peak = h.peak_rate(md.dt) * world;
+  if (peak > 0) p.forward_mfu = fl / p.forward_s / peak, p.train_mfu = 3 * fl / p.train_s / peak;
+
+  const double steps = M;  // micro-batches per step per stage
+  p.forward_bytes_sent = steps * (f.bytes + (S > 1 ? act_b : 0));
+  p.train_bytes_sent = steps * (f.bytes + b.bytes + (S > 1 ? 2 * act_b : 0)) + step.bytes;
+  p.inter_bytes = steps * (f.inter + b.inter + (S > 1 && pp_inter ? 2 * act_b : 0)) + step.inter;
+  p.intra_bytes = p.train_bytes_sent - p.inter_bytes;
+  p.comm_s = slots * (f.comm + b.comm + 2 * hop) + step.comm;
+  p.comm_hidden_s = slots * (f.hidden + b.hidden);
+
+  // Memory per device (the busiest stage, 0, holds min(m, p) micro-batches in flight).
+  const double D = md.D, A = md.A, C = md.C, Fl = md.Fl, Hl = md.Hl, Hkvl = md.Hkvl, dh = md.dh, L = md.L;
+  const double weights = params * (16 + (md.dt != DType::f32 ? 2 : 0));
+  const double act_token = 4 * (4 * D + 4 + A + 2 * Fl + Hl) + C * md.e;
+  const double in_flight = S > 1 ? std::min(M, S) : 1;
+  const double kept = md.Ls * Nm * act_token * in_flight;
+  const double inputs = 2 * (static_cast<double>(w.batch) / c.dp) * (L / c.sp) * D * 4 + 2 * Nm * D * 4;
+  const double bwd_bufs = 4 * Nm * (2 * Fl + 4 * D + A + C);
+  double attn_bufs = 0;
+  const double kv_local = 2 * Nm * Hkvl * dh;
+  if (c.sp > 1) switch (c.strategy) {
+      case Strategy::ring: attn_bufs = kv_local * (2 * md.e + 3 * 4); break;
+      case Strategy::allgather: attn_bufs = kv_local * c.sp * (md.e + 4); break;
+      case Strategy::ulysses: attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4); break;
+      case Strategy::hybrid:
+        attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4) + kv_local * (2 * md.e + 3 * 4); break;
+    }
+  p.peak_train_bytes = weights + kept + inputs + bwd_bufs + attn_bufs;
+  p.capacity_bytes = h.memory_bytes / md.share;
+  p.fits_train = p.peak_train_bytes <= p.capacity_bytes;
+
+  // Decode: one new token for each of the replica's B/dp sequences against a cache of
+  // seq tokens sharded over sp (by sequence), tp (by head) and pp (by layer).
+  const double Bd = static_cast<double>(w.batch) / c.dp;
+  const double cache_e = md.e;
+  p.kv_cache_bytes = Bd * (L / c.sp) * Hkvl * dh * 2 * cache_e * md.Ls;
+  const double weight_read = params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
+  double stage_s = 0, decode_bytes = 0;
+  const double decode_bw = h.decode_bandwidth;
+  for (int l = 0; l < md.Ls; ++l) {
+    const double flops = 2 * Bd * (params / md.Ls);
+    stage_s += std::max(flops / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), weight_read / decode_bw);
+    stage_s += p.kv_cache_bytes / md.Ls / decode_bw + md.ops_s(14);
+    if (c.sp > 1) {  // the LSE merge: max, then sums of B·H·(d+1)
+      stage_s += cost_all_reduce(md.link(md.sp_g), c.sp, Bd * Hl * 4) +
+                 cost_all_reduce(md.link(md.sp_g), c.sp, Bd * Hl * (dh + 1) * 4);
+      decode_bytes += 2.0 * (c.sp - 1) / c.sp * Bd * Hl * (dh + 2) * 4;
+    }
+    if (c.tp > 1) {
+      stage_s += 2 * cost_all_reduce(md.link(md.tp_g), c.tp, Bd * D * 4);
+      decode_bytes += 2 * 2.0 * (c.tp - 1) / c.tp * Bd * D * 4;
+    }
+  }
+  p.decode_step_s = std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * 4), share * stage_s);
+  p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * 4 : 0);
+  p.peak_inference_bytes = params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes +
+                           Nm * (act_token + 4 * (2 * Fl + C)) + attn_bufs / 2;
+  p.fits_inference = p.peak_inference_bytes <= p.capacity_bytes;
+  return p;
+}
+
+namespace {
+
+std::vector<int> divisors(int64_t n, int64_t cap) {
+  std::vector<int> d;
+  for (int64_t i = 1; i <= std::min(n, cap); ++i)
+    if (n % i == 0) d.push_back(static_cast<int>(i));
+  return d;
+}
+
+}  // namespace
+
+std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster& cl, bool keep_invalid) {
+  check(cl.world >= 1, "the world size must be >= 1, got ", cl.world);
+  std::vector<Prediction> out;
+  const ModelConfig& m = w.model;
+  for (int dp : divisors(cl.world, cl.world))
+    for (int pp : divisors(cl.world / dp, cl.world))
+      for (int tp : divisors(cl.world / dp / pp, cl.world)) {
+        const int sp = cl.world / dp / pp / tp;
+        std::vector<Candidate> attn;
+        Candidate base;
+        base.dp = dp, base.pp = pp, base.tp = tp, base.sp = sp;
+        if (sp == 1) {
+          attn.push_back(base);
+        } else {
+          for (Layout l : {Layout::zigzag, Layout::contiguous}) {
+            if (!m.causal && l == Layout::contiguous) continue;  // balanced anyway
+            Candidate r = base;
+            r.strategy = Strategy::ring, r.layout = l;
+            attn.push_back(r);
+          }
+          for (Strategy s : {Strategy::ulysses, Strategy::allgather}) {
+            Candidate r = base;
+            r.strategy = s;
+            attn.push_back(r);
+          }
+          for (int u : divisors(sp, sp / 2))
+            if (u > 1) {
+              Candidate r = base;
+              r.strategy = Strategy::hybrid, r.ulysses = u;
+              attn.push_back(r);
+            }
+        }
+        for (const Candidate& a : attn) {
+          Prediction best;
+          bool have = false;
+          const int64_t per_replica = w.batch % dp ? 0 : w.batch / dp;
+          std::vector<int> ms = per_replica > 0 ? divisors(per_replica, per_replica) : std::vector<int>{1};
+          for (int mb : ms) {
+            Candidate cand = a;
+            cand.micro_batches = mb;
+            Prediction p = predict(w, cand, h, cl);
+            if (!p.invalid.empty()) {
+              if (!have) best = p;
+              break;  // invalid for a reason the micro-batches do not change
+            }
+            const bool better = !have || !best.invalid.empty() ||
+                                (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
+                                (!p.fits_train && !best.fits_train && p.peak_train_bytes < best.peak_train_bytes);
+            if (better) best = p, have = true;
+          }
+          if (best.invalid.empty() || keep_invalid) out.push_back(best);
+        }
+      }
+  std::stable_sort(out.begin(), out.end(), [](const Prediction& a, const Prediction& b) {
+    if (a.invalid.empty() != b.invalid.empty()) return a.invalid.empty();
+    if (a.fits_train != b.fits_train) return a.fits_train;
+    return a.train_tokens_per_s > b.train_tokens_per_s;
+  });
+  return out;
+}
+
+}  // namespace ringattn

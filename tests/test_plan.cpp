@@ -1,0 +1,258 @@
+// The performance model (plan.h): hand-computed FLOPs, collective costs, bubbles
+// and whole predictions on toy hardware; the causal fractions against a brute-force
+// count over the real layouts; properties (more bandwidth is never slower, more SP
+// ranks never need more memory per device); hardware files.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "ringattn/error.h"
+#include "ringattn/plan.h"
+
+namespace ringattn {
+namespace {
+
+ModelConfig tiny(bool causal) {
+  ModelConfig m;
+  m.layers = 2, m.d_model = 8, m.heads = 2, m.mlp_hidden = 32, m.causal = causal;
+  return m;
+}
+
+TEST(PlanFlops, HandComputed) {
+  Workload w;
+  w.model = tiny(false), w.seq = 4, w.batch = 1;
+  // per token per layer: 2·(D·C + D·D + 2·D·F) = 2·(8·24 + 64 + 512) = 1536
+  EXPECT_DOUBLE_EQ(forward_flops_per_layer_per_token_gemm(w.model), 1536);
+  // 2 layers × (4 tokens × 1536 + 4·B·H·L²·dh = 4·1·2·16·4 = 512)
+  EXPECT_DOUBLE_EQ(forward_flops(w), 2 * (4 * 1536 + 512));
+  w.model.causal = true;  // visible pairs L(L+1)/2 = 10 of 16
+  EXPECT_DOUBLE_EQ(forward_flops(w), 2 * (4 * 1536 + 4 * 2 * 10 * 4));
+}
+
+TEST(PlanCosts, Collectives) {
+  const LinkSpec l{1e-6, 1e9, true};
+  EXPECT_DOUBLE_EQ(cost_send(l, 4e6), 1e-6 + 4e-3);
+  EXPECT_DOUBLE_EQ(cost_all_reduce(l, 4, 4e6), 2 * 3 * 1e-6 + 2.0 * 3 / 4 * 4e-3);
+  EXPECT_DOUBLE_EQ(cost_all_gather(l, 4, 4e6), 3e-6 + 3e-3);
+  EXPECT_DOUBLE_EQ(cost_all_to_all(l, 8, 8e6), 7e-6 + 7e-3);
+  EXPECT_DOUBLE_EQ(cost_reduce_scatter(l, 2, 2e6), 1e-6 + 1e-3);
+  EXPECT_EQ(cost_all_reduce(l, 1, 4e6), 0);
+}
+
+TEST(PlanCosts, PipelineBubble) {
+  EXPECT_DOUBLE_EQ(pipeline_bubble(2, 8), 1.0 / 9);
+  EXPECT_DOUBLE_EQ(pipeline_bubble(4, 4), 3.0 / 7);
+  EXPECT_DOUBLE_EQ(pipeline_bubble(1, 5), 0);
+}
+
+// The busiest rank's visible (query, key) pairs, counted over the real shards.
+TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (int P : {1, 2, 3, 4, 8})
+      for (int64_t L : {int64_t{48}, int64_t{96}}) {
+        if (L % (2 * P)) continue;
+        double busiest = 0;
+        for (int p = 0; p < P; ++p) {
+          double pairs = 0;
+          for (int64_t i : shard_positions(l, L, P, p)) pairs += static_cast<double>(i + 1);
+          busiest = std::max(busiest, pairs);
+        }
+        const double expect = busiest / (static_cast<double>(L) / P * static_cast<double>(L));
+        EXPECT_NEAR(causal_busiest_fraction(l, P, L), expect, 1e-12) << layout_name(l) << " P=" << P << " L=" << L;
+      }
+}
+
+// Toy hardware: constant rates, free elementwise work, no per-op cost.
+Hardware toy(double bandwidth = 1e30, bool overlap = true) {
+  Hardware h;
+  h.name = "toy";
+  h.devices_per_node = 64;
+  h.memory_bytes = 1e15, h.memory_bandwidth = 1e30, h.elementwise_bandwidth = 1e30, h.decode_bandwidth = 1e12;
+  h.gemm["fp32"] = {{1, 1e9}};
+  h.attention_forward["fp32"] = {{1, 5e8}};
+  h.attention_backward["fp32"] = {{1, 2.5e8}};
+  h.peak["fp32"] = 2e9;
+  h.intra_node = h.inter_node = {0, bandwidth, overlap};
+  return h;
+}
+
+TEST(PlanPredict, SingleDeviceIsFlopsOverRates) {
+  Workload w;
+  w.model = tiny(false), w.seq = 64, w.batch = 2;
+  const Hardware h = toy();
+  Cluster cl;
+  const Prediction p = predict(w, Candidate{}, h, cl);
+  ASSERT_EQ(p.invalid, "");
+  const double gemm = 64 * 2 * 1536.0, attn = 4 * 2 * 2 * 64 * 64 * 4.0;  // per layer
+  EXPECT_NEAR(p.forward_s, 2 * (gemm / 1e9 + attn / 5e8), 1e-15);
+  // backward: GEMMs twice, attention 2.5× the FLOPs at the backward rate
+  EXPECT_NEAR(p.train_s, 2 * (3 * gemm / 1e9 + attn / 5e8 + 2.5 * attn / 2.5e8), 1e-15);
+  EXPECT_NEAR(p.forward_mfu, forward_flops(w) / p.forward_s / 2e9, 1e-12);
+  EXPECT_EQ(p.train_bytes_sent, 0);
+}
+
+TEST(PlanPredict, TensorParallelAddsItsAllReduces) {
+  Workload w;
+  w.model = tiny(false), w.seq = 64, w.batch = 2;
+  const double beta = 1e8;
+  const Hardware fast = toy(), slow = toy(beta);
+  Cluster cl;
+  cl.world = 2;
+  Candidate c;
+  c.tp = 2;
+  const Prediction a = predict(w, c, fast, cl), b = predict(w, c, slow, cl);
+  // 2 layers × 2 all-reduces of N·D fp32 in the forward: each 2(T−1)/T·n/β
+  const double n = 2 * 64 * 8 * 4.0;
+  EXPECT_NEAR(b.forward_s - a.forward_s, 2 * 2 * (n / beta), 1e-12);
+  EXPECT_NEAR(b.forward_bytes_sent, 2 * 2 * n, 1e-6);
+  EXPECT_EQ(b.comm_hidden_s, 0);  // TP all-reduces are on the critical path
+}
+
+TEST(PlanPredict, RingTransfersHideBehindAttention) {
+  Workload w;
+  w.model = tiny(false), w.seq = 256, w.batch = 1;
+  Cluster cl;
+  cl.world = 4;
+  Candidate c;
+  c.sp = 4;
+  const Prediction fast = predict(w, c, toy(1e12), cl);
+  EXPECT_GT(fast.comm_s, 0);
+  // Every transfer is shorter than a stage, so all are hidden but the backward's
+  // last hop home of dK/dV; per layer 3 K/V blocks of 4096 B (forward), 3 of K/V +
+  // dK/dV (8192 B), 1 home hop (4096 B); the gradient all-reduce (1744 params) is exposed.
+  EXPECT_NEAR(fast.comm_hidden_s, 2 * (3 * 4096 + 3 * 8192) / 1e12, 1e-20);
+  EXPECT_NEAR(fast.comm_s, (2 * (3 * 4096 + 3 * 8192 + 4096) + 1.5 * 1744 * 4) / 1e12, 1e-20);
+  const Prediction copy = predict(w, c, toy(1e12, false), cl);
+  EXPECT_EQ(copy.comm_hidden_s, 0);  // a core that copies cannot compute meanwhile
+  EXPECT_GT(copy.train_s, fast.train_s);
+  // forward: (P−1) K/V blocks of 2·(L/P)·Hkv·dh fp32 per layer
+  EXPECT_NEAR(fast.forward_bytes_sent, 2 * 3 * (2 * 64 * 2 * 4 * 4.0), 1e-6);
+}
+
+Workload paper_like() {
+  Workload w;
+  w.model.layers = 4, w.model.d_model = 2048, w.model.heads = 16, w.model.mlp_hidden = 8192;
+  w.model.dtype = DType::bf16;
+  w.seq = 16384, w.batch = 8;
+  return w;
+}
+
+Hardware gpu_like() {
+  Hardware h;
+  h.name = "gpu-like";
+  h.devices_per_node = 8;
+  h.memory_bytes = 80e9, h.memory_bandwidth = 3e12, h.elementwise_bandwidth = 2.5e12, h.decode_bandwidth = 2.5e12;
+  h.op_overhead_s = 5e-6;
+  h.gemm["bf16"] = {{256, 3e14}, {4096, 7e14}};
+  h.attention_forward["bf16"] = {{128, 3.5e14}};
+  h.attention_backward["bf16"] = {{128, 3e14}};
+  h.peak["bf16"] = 1e15;
+  h.intra_node = {4e-6, 3.7e11, true};
+  h.inter_node = {1e-5, 4.7e10, true};
+  return h;
+}
+
+TEST(PlanProperties, MoreBandwidthIsNeverSlower) {
+  const Workload w = paper_like();
+  const Hardware h = gpu_like();
+  Hardware faster = h;
+  faster.intra_node.bandwidth *= 4, faster.inter_node.bandwidth *= 4, faster.decode_bandwidth *= 4;
+  faster.elementwise_bandwidth *= 4;
+  Cluster cl;
+  cl.world = 16;
+  int checked = 0;
+  for (const Prediction& p : plan(w, h, cl)) {
+    const Prediction q = predict(w, p.c, faster, cl);
+    EXPECT_LE(q.forward_s, p.forward_s * (1 + 1e-12)) << p.c.name();
+    EXPECT_LE(q.train_s, p.train_s * (1 + 1e-12)) << p.c.name();
+    EXPECT_LE(q.decode_step_s, p.decode_step_s * (1 + 1e-12)) << p.c.name();
+    ++checked;
+  }
+  EXPECT_GT(checked, 30);
+}
+
+TEST(PlanProperties, MoreSequenceRanksNeverNeedMoreMemory) {
+  const Workload w = paper_like();
+  const Hardware h = gpu_like();
+  for (Strategy s : {Strategy::ring, Strategy::ulysses, Strategy::allgather}) {
+    double prev = 1e300;
+    for (int P : {1, 2, 4, 8, 16}) {
+      Candidate c;
+      c.sp = P, c.strategy = s;
+      Cluster cl;
+      cl.world = P;
+      const Prediction p = predict(w, c, h, cl);
+      ASSERT_EQ(p.invalid, "") << strategy_name(s) << " P=" << P;
+      EXPECT_LE(p.peak_train_bytes, prev) << strategy_name(s) << " P=" << P;
+      prev = p.peak_train_bytes;
+    }
+  }
+}
+
+TEST(PlanEnumerate, EveryLayoutIsValidAndRanked) {
+  const Workload w = paper_like();
+  Cluster cl;
+  cl.world = 16;
+  const std::vector<Prediction> ps = plan(w, gpu_like(), cl);
+  ASSERT_FALSE(ps.empty());
+  bool saw_ring = false, saw_tpxpp = false, saw_hybrid = false;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Candidate& c = ps[i].c;
+    EXPECT_EQ(c.dp * c.pp * c.sp * c.tp, 16);
+    EXPECT_EQ(ps[i].invalid, "");
+    if (i > 0 && ps[i].fits_train == ps[i - 1].fits_train) {
+      EXPECT_LE(ps[i].train_tokens_per_s, ps[i - 1].train_tokens_per_s);
+    }
+    saw_ring |= c.sp == 16 && c.strategy == Strategy::ring;
+    saw_tpxpp |= c.tp == 8 && c.pp == 2;
+    saw_hybrid |= c.strategy == Strategy::hybrid;
+  }
+  EXPECT_TRUE(saw_ring && saw_tpxpp && saw_hybrid);
+  // 16 heads: Ulysses over 32 ranks is impossible, and says why.
+  Cluster big;
+  big.world = 32;
+  Candidate u;
+  u.sp = 32, u.strategy = Strategy::ulysses;
+  EXPECT_NE(predict(w, u, gpu_like(), big).invalid.find("heads"), std::string::npos);
+}
+
+TEST(PlanHardware, JsonRoundTripAndErrors) {
+  const Hardware h = gpu_like();
+  const Hardware back = hardware_from_json(hardware_to_json(h), "test");
+  EXPECT_EQ(back.name, h.name);
+  EXPECT_DOUBLE_EQ(back.gemm_rate(DType::bf16, 1e5, 1e5, 1e5), 7e14);
+  EXPECT_DOUBLE_EQ(back.gemm_rate(DType::bf16, 100, 1e5, 1e5), 3e14);  // clamped below
+  // log-linear: 1024 is half-way between 256 and 4096
+  EXPECT_NEAR(back.gemm_rate(DType::bf16, 1024, 1e5, 1e5), 5e14, 1e3);
+  EXPECT_DOUBLE_EQ(back.intra_node.bandwidth, 3.7e11);
+  auto fails = [](const std::string& text, const std::string& needle) {
+    try {
+      hardware_from_json(text, "x.json");
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      return;
+    }
+    ADD_FAILURE() << "accepted: " << text;
+  };
+  fails("{", "not valid JSON");
+  fails(R"({"name": "a"})", "devices_per_node");
+  fails(R"({"name": "a", "devicesPerNode": 8})", "unknown field 'devicesPerNode'");
+  std::string text = hardware_to_json(h);
+  text.replace(text.find("\"memory_bytes\": 80000000000.0"), 29, "\"memory_bytes\": -1");
+  fails(text, "memory_bytes");
+  EXPECT_THROW(back.attention_rate(DType::f32, false, 64), Error);  // no fp32 rate: says so
+}
+
+TEST(PlanHardware, BuiltInFilesLoad) {
+  for (const std::string name : {"h100-sxm", "h200-sxm", "a100-sxm"}) {
+    const Hardware h = load_hardware(name);
+    EXPECT_EQ(h.devices_per_node, 8) << name;
+    EXPECT_GT(h.attention_rate(DType::f16, false, 128), 1e14) << name;
+    EXPECT_GT(h.peak_rate(DType::f16), h.gemm_rate(DType::f16, 8192, 8192, 8192)) << name;
+    EXPECT_GT(h.sources.size(), 10u) << name;
+  }
+  EXPECT_THROW(load_hardware("no-such-gpu"), Error);
+}
+
+}  // namespace
+}  // namespace ringattn
