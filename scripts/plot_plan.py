@@ -29,8 +29,10 @@ def main():
     fig, ax = plt.subplots(figsize=(10, 6))
     for name, pts in sorted(families.items()):
         pts.sort()
-        style = dict(linewidth=3, color="tab:red") if name == "RA+SP" else dict(linewidth=1.5)
-        if name == "TP x PP":
+        style = dict(linewidth=1.5, linestyle="--" if "DP/TP/PP" in name else "-")
+        if name == "RA+SP":
+            style = dict(linewidth=3, color="tab:red")
+        elif name == "TP x PP":
             style = dict(linewidth=3, color="tab:blue")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)
     ax.set_xscale("log", base=2)

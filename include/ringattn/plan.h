@@ -90,7 +90,9 @@ std::vector<std::string> builtin_hardware_names();
 struct Workload {
   ModelConfig model;
   int64_t seq = 8192, batch = 1;
-  int64_t new_tokens = 16;  // decode steps (TPOT uses the cache at seq tokens)
+  // Storage of the activations between layers and of the TP/PP transfers: fp32 as
+  // ringattn keeps them; fp16/bf16 as Megatron-style systems do.
+  DType activations = DType::f32;
 };
 
 // One layout of the world: ranks = dp·pp·sp·tp, rank order as in Mesh (tp

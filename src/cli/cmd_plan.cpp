@@ -26,7 +26,7 @@ namespace {
 struct PlanArgs {
   ModelConfig model{4, 256, 4, 0, 0, true, 1};
   int64_t seq = 8192, batch = 2;
-  std::string dtype = "fp32", hardware = "this-machine", objective = "train", out, png, sweep;
+  std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep;
   int world = 2, nodes = 0, top = 15, threads = 1;
   bool json = false, all = false, fa3 = false, calibrate = false, pingpong = false, non_causal = false;
   double claim = 0;
@@ -39,6 +39,7 @@ Workload workload(const PlanArgs& a) {
   w.model.dtype = parse_dtype(a.dtype);
   w.model.causal = !a.non_causal;
   w.seq = a.seq, w.batch = a.batch;
+  w.activations = parse_dtype(a.activations);
   check(w.model.layers >= 1 && w.model.d_model >= 1 && w.model.heads >= 1 && w.model.d_model % w.model.heads == 0 &&
             w.model.heads % w.model.kv() == 0 && w.model.hidden() >= 1,
         "model: layers, d_model, heads >= 1, d_model divisible by heads, heads by kv-heads");
@@ -88,13 +89,14 @@ Candidate parse_mesh(const std::string& spec) {
     else if (k == "layout") c.layout = parse_layout(v);
     else throw Error(cat("--mesh '", spec, "': unknown key '", k, "' (dp, pp, sp, tp, strategy, ulysses, layout, micro)"));
   }
-  if (!micro && c.pp > 1) c.micro_batches = 0;  // chosen below: the best that fits
+  if (!micro) c.micro_batches = 0;  // chosen by predict_mesh: the best that fits
   return c;
 }
 
 // The candidate's micro-batch count when it was left open: the best that fits.
 Prediction predict_mesh(const Workload& w, Candidate c, const Hardware& h, const Cluster& cl) {
   if (c.micro_batches > 0) return predict(w, c, h, cl);
+  if (w.batch % c.dp) return c.micro_batches = 1, predict(w, c, h, cl);  // invalid: says why
   Prediction best;
   for (int64_t m = 1; m <= w.batch / c.dp; ++m) {
     if ((w.batch / c.dp) % m) continue;
@@ -329,18 +331,15 @@ void run_validate(const PlanArgs& a) {
   std::printf("  all: %d of %d significant pairs ordered right, best picked in %d of %d\n", agree, pairs, best, n);
 }
 
-// The chart's families: the best layout of each kind at each sequence length.
+// The chart's families: each sequence-parallel attention alone (all ranks in SP)
+// and combined with DP/TP/PP, TP x PP alone, and the best layout without SP.
 std::string family(const Candidate& c) {
-  std::string f;
-  if (c.dp > 1) f += "DP x ";
-  if (c.sp > 1)
-    f += c.strategy == Strategy::ring        ? "RA+SP"
-         : c.strategy == Strategy::ulysses   ? "Ulysses"
-         : c.strategy == Strategy::allgather ? "all-gather"
-                                             : "Ulysses x ring";
-  if (c.tp > 1) f += std::string(c.sp > 1 ? " x " : "") + "TP";
-  if (c.pp > 1) f += std::string(c.sp > 1 || c.tp > 1 ? " x " : "") + "PP";
-  return f.empty() ? "single device" : f;
+  if (c.sp == 1) return c.tp > 1 && c.pp > 1 && c.dp == 1 ? "TP x PP" : "no SP (DP/TP/PP)";
+  const std::string s = c.strategy == Strategy::ring        ? "RA+SP"
+                        : c.strategy == Strategy::ulysses   ? "Ulysses"
+                        : c.strategy == Strategy::allgather ? "all-gather"
+                                                            : "Ulysses x ring";
+  return c.dp == 1 && c.tp == 1 && c.pp == 1 ? s : s + " x DP/TP/PP";
 }
 
 void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const Cluster& cl) {
@@ -385,7 +384,7 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
   for (const auto& p : j["points"])
     if (std::find(fams.begin(), fams.end(), p["family"].get<std::string>()) == fams.end())
       fams.push_back(p["family"].get<std::string>());
-  for (const auto& f : fams) std::printf(" %16.16s", f.c_str());
+  for (const auto& f : fams) std::printf(" %22.22s", f.c_str());
   std::printf("\n");
   for (int64_t L : seqs) {
     std::printf("%-8lld", static_cast<long long>(L));
@@ -393,8 +392,8 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
       double v = 0;
       for (const auto& p : j["points"])
         if (p["seq"].get<int64_t>() == L && p["family"] == f) v = p["value"].get<double>();
-      if (v > 0) std::printf(" %16.4g", v);
-      else std::printf(" %16s", "-");
+      if (v > 0) std::printf(" %22.4g", v);
+      else std::printf(" %22s", "-");
     }
     std::printf("\n");
   }
@@ -491,6 +490,11 @@ void add_plan(CLI::App& app) {
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences per step")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32, bf16, fp16")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+      ->capture_default_str();
+  cmd->add_option("--activations", a->activations,
+                  "dtype of the activations between layers and of TP/PP transfers: fp32 (ringattn today), or "
+                  "fp16/bf16 (Megatron-style systems)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
   cmd->add_flag("--non-causal", a->non_causal, "bidirectional attention (default: causal)");

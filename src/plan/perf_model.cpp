@@ -152,13 +152,13 @@ struct Cost {
   double share = 1;  // > 1: ranks time-share a device (applied by predict, not here)
   int ranks_per_node = 1;
   DType dt;
-  double e, L, D, dh, Hl, Hkvl, Fl, A, C, Ls;
+  double e, ab, L, D, dh, Hl, Hkvl, Fl, A, C, Ls;
   Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
 
   Cost(const Workload& w_, const Candidate& c_, const Hardware& h_, const Cluster& cl) : w(w_), c(c_), h(h_) {
     const ModelConfig& m = w.model;
     dt = m.dtype;
-    e = dbytes(dt);
+    e = dbytes(dt), ab = dbytes(w.activations);
     L = static_cast<double>(w.seq), D = static_cast<double>(m.d_model), dh = static_cast<double>(m.head_dim());
     Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
     Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
@@ -238,7 +238,7 @@ struct Cost {
       k.compute += attn_s(attn_flops(Bm, Hl, L, L, full_frac()) * mult, bwd) + ops_s(1);
       return;
     }
-    const double qkv_b = Bm * Ll * C * e, o_b = Bm * Ll * A * 4, lse_b = Bm * Ll * Hl * 4;
+    const double qkv_b = Bm * Ll * C * e, o_b = Bm * Ll * A * ab, lse_b = Bm * Ll * Hl * 4;
     switch (c.strategy) {
       case Strategy::ring: ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd); break;
       case Strategy::allgather: {
@@ -257,7 +257,7 @@ struct Cost {
           k.compute += attn_s(attn_flops(Bm, Hl / U, L, L, full_frac()) * mult, bwd) + ops_s(1);
         else
           ring(k, ring_g, Bm, Ll * U, Hl / U, Hkvl / U, layout_frac(ring_g.size), bwd);
-        all_to_all(k, uly_g, bwd ? Bm * Ll * C * 4 : o_b + lse_b);
+        all_to_all(k, uly_g, bwd ? Bm * Ll * C * ab : o_b + lse_b);
         break;
       }
     }
@@ -272,12 +272,12 @@ struct Cost {
     // reads x, dy and the saved statistics, writes dx, and sums the bias grads.
     // (The linear layers' bias and bf16 operand rounding are in the GEMM rates,
     // which are measured through the same linear_forward/backward.)
-    double bytes = 4 * N * D * (bwd ? 20 : 10);
-    if (c.tp > 1) bytes += 4 * N * 4 * D;
+    double bytes = ab * N * D * (bwd ? 20 : 10);
+    if (c.tp > 1) bytes += 4 * N * ab * D;
     if (dt != DType::f32 && !bwd) bytes += 6 * N * C;  // q, k, v rounded to bf16 once
     k.compute += elem_s(bytes) + gelu_s(N * Fl, bwd) + ops_s(12 * x);
     attention(k, Bm, bwd);
-    for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * 4);  // W_o and W_out outputs / W_qkv and W_in input grads
+    for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * ab);  // W_o and W_out outputs / W_qkv and W_in input grads
   }
 
   double params_local() const {
@@ -326,7 +326,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   Clock f, b;
   for (int l = 0; l < md.Ls; ++l) md.layer(f, Bm, false), md.layer(b, Bm, true);
   f.compute += md.elem_s(8 * Nm * md.D);  // the stage's input copy
-  const double act_b = Nm * md.D * 4;
+  const double act_b = Nm * md.D * md.ab;
   const double hop = S > 1 ? cost_send(pp_link, act_b) : 0;
   // 1F1B: the bubble is (p−1) micro-batch slots; a hop per slot boundary.
   const double slots = M + S - 1;
@@ -359,11 +359,11 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // Memory per device (the busiest stage, 0, holds min(m, p) micro-batches in flight).
   const double D = md.D, A = md.A, C = md.C, Fl = md.Fl, Hl = md.Hl, Hkvl = md.Hkvl, dh = md.dh, L = md.L;
   const double weights = params * (16 + (md.dt != DType::f32 ? 2 : 0));
-  const double act_token = 4 * (4 * D + 4 + A + 2 * Fl + Hl) + C * md.e;
+  const double ab = md.ab, act_token = ab * (4 * D + A + 2 * Fl) + 4 * (4 + Hl) + C * md.e;
   const double in_flight = S > 1 ? std::min(M, S) : 1;
   const double kept = md.Ls * Nm * act_token * in_flight;
-  const double inputs = 2 * (static_cast<double>(w.batch) / c.dp) * (L / c.sp) * D * 4 + 2 * Nm * D * 4;
-  const double bwd_bufs = 4 * Nm * (2 * Fl + 4 * D + A + C);
+  const double inputs = 2 * Nm * D * ab * in_flight + 2 * Nm * D * ab;  // x, target in flight; y, dy
+  const double bwd_bufs = ab * Nm * (2 * Fl + 4 * D + A + C);
   double attn_bufs = 0;
   const double kv_local = 2 * Nm * Hkvl * dh;
   if (c.sp > 1) switch (c.strategy) {
@@ -395,14 +395,14 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
       decode_bytes += 2.0 * (c.sp - 1) / c.sp * Bd * Hl * (dh + 2) * 4;
     }
     if (c.tp > 1) {
-      stage_s += 2 * cost_all_reduce(md.link(md.tp_g), c.tp, Bd * D * 4);
-      decode_bytes += 2 * 2.0 * (c.tp - 1) / c.tp * Bd * D * 4;
+      stage_s += 2 * cost_all_reduce(md.link(md.tp_g), c.tp, Bd * D * ab);
+      decode_bytes += 2 * 2.0 * (c.tp - 1) / c.tp * Bd * D * ab;
     }
   }
-  p.decode_step_s = std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * 4), share * stage_s);
-  p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * 4 : 0);
+  p.decode_step_s = std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * stage_s);
+  p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * ab : 0);
   p.peak_inference_bytes = params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes +
-                           Nm * (act_token + 4 * (2 * Fl + C)) + attn_bufs / 2;
+                           Nm * (act_token + ab * (2 * Fl + C)) + attn_bufs / 2;
   p.fits_inference = p.peak_inference_bytes <= p.capacity_bytes;
   return p;
 }
@@ -432,8 +432,8 @@ std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster
         if (sp == 1) {
           attn.push_back(base);
         } else {
-          for (Layout l : {Layout::zigzag, Layout::contiguous}) {
-            if (!m.causal && l == Layout::contiguous) continue;  // balanced anyway
+          for (Layout l : {Layout::zigzag, Layout::striped, Layout::contiguous}) {
+            if (!m.causal && l != Layout::zigzag) continue;  // every layout is balanced
             Candidate r = base;
             r.strategy = Strategy::ring, r.layout = l;
             attn.push_back(r);

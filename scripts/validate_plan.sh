@@ -1,0 +1,20 @@
+#!/bin/bash
+# Validates the performance model on this machine (docs/benchmarks.md, "The
+# performance model"): calibrates hardware/this-machine.json, measures every
+# `compare` method at three sequence lengths on 2 ranks (batch 2) and on 4 ranks
+# (batch 4, time-sharing the 2 cores), then prints predicted vs measured.
+# Run it on a quiet machine (no builds): ~20 minutes on 2 cores.
+# Usage: scripts/validate_plan.sh [build/release/ringattn] [out-dir]
+set -euo pipefail
+bin=${1:-build/release/ringattn}
+out=${2:-build/plan-validation}
+mkdir -p "$out"
+"$bin" plan --calibrate >/dev/null
+for ranks in 2 4; do
+  batch=$ranks
+  for seq in 2048 4096 8192; do
+    echo "compare: $ranks ranks, seq $seq" >&2
+    "$bin" compare --ranks "$ranks" --batch "$batch" --seq "$seq" --json-out "$out/compare_p${ranks}_l${seq}.json" >/dev/null
+  done
+done
+"$bin" plan --validate "$out"/compare_p*.json
