@@ -2,7 +2,9 @@
 # Validates the performance model on this machine (docs/benchmarks.md, "The
 # performance model"): calibrates hardware/this-machine.json, measures every
 # `compare` method at three sequence lengths on 2 ranks (batch 2) and on 4 ranks
-# (batch 4, time-sharing the 2 cores), then prints predicted vs measured.
+# (batch 4, time-sharing the 2 cores), prints predicted vs measured, then
+# calibrates again into OUT/after.json and prints the summary against that too
+# (how much the machine drifted while the runs took place).
 # Run it on a quiet machine (no builds): ~20 minutes on 2 cores.
 # Usage: scripts/validate_plan.sh [build/release/ringattn] [out-dir]
 set -euo pipefail
@@ -17,4 +19,7 @@ for ranks in 2 4; do
     "$bin" compare --ranks "$ranks" --batch "$batch" --seq "$seq" --json-out "$out/compare_p${ranks}_l${seq}.json" >/dev/null
   done
 done
-"$bin" plan --validate "$out"/compare_p*.json
+"$bin" plan --calibrate --out "$out/after.json" >/dev/null
+"$bin" plan --validate "$out"/compare_p*.json | tee "$out/validate.txt"
+echo "--- against the calibration taken after the runs ($out/after.json):"
+"$bin" plan --hardware "$out/after.json" --validate "$out"/compare_p*.json | tail -n 11 | tee "$out/validate_after.txt"

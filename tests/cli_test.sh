@@ -186,8 +186,8 @@ expect_error() {
   local rc=$?
   if [[ $rc -eq 0 ]]; then
     fail "$name: exited 0"
-  elif [[ $rc -ge 128 ]]; then
-    fail "$name: crashed (exit $rc): $(cat err.log)"
+  elif [[ $rc -ge 126 ]]; then
+    fail "$name: crashed or did not run (exit $rc): $(cat err.log)"
   elif [[ ! -s err.log ]]; then
     fail "$name: exit $rc but nothing on stderr"
   else

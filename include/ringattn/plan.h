@@ -72,6 +72,9 @@ struct Hardware {
   // once, from memory (CPUs: caches far beyond the last-level cache).
   double decode_bandwidth = 0;
   double op_overhead_s = 0;          // fixed cost of each kernel/operation
+  // More ranks than devices on a node: the extra cost of each blocking wait for a
+  // peer, which may be descheduled (0: not measured; GPUs never time-share).
+  double timeshare_wait_s = 0;
   LinkSpec intra_node, inter_node;
   std::map<std::string, std::string> sources;
 
@@ -150,13 +153,18 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
 // among those that fit (the least memory when none fits).
 std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster& cl, bool keep_invalid = false);
 
-// Measures this machine with `threads` threads per rank (one rank per `threads`
-// cores): GEMM rates at several sizes, the attention kernels at head dims 64 and
-// 128, the elementwise and decode bandwidths, the per-operation overhead; the link
-// is the point-to-point α, β given (from measure_pingpong under mpirun).
-// progress(msg) reports each measurement.
-Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
+// Measures this machine: every rank of comm (one per device: `threads` cores)
+// runs the same measurement at the same time and the figure is the mean over the
+// ranks, a device's rate while all are busy, as in a run. GEMM rates at several
+// sizes (linear_forward/backward), the attention kernels at head dims 64 and 128
+// and causal, the elementwise and decode bandwidths, the per-operation overhead,
+// and the link's α, β by ping-pong between ranks 0 and 1. Rank 0 calls progress.
+Hardware calibrate_this_machine(Communicator& comm, int threads,
                                 const std::function<void(const std::string&)>& progress);
+// The timeshare_wait_s of this machine: comm has more ranks than cores; every rank
+// runs the same compute steps, alone and then each followed by an all-reduce of
+// one number; the extra time per step. Every rank calls it.
+double measure_timeshare_wait(Communicator& comm);
 // Point-to-point α (half the round trip of 8 bytes) and β (bytes/s of 64 MiB
 // messages) between ranks 0 and 1 of comm, by ping-pong; every rank calls it.
 std::pair<double, double> measure_pingpong(Communicator& comm);

@@ -3,11 +3,14 @@
 // this machine into a hardware file; `--validate` puts the model against measured
 // `ringattn compare --json-out` files; `--sweep` predicts over sequence lengths
 // (and draws them with `--png`).
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "cli/commands.h"
 #include "cli/launch.h"
@@ -28,7 +31,7 @@ struct PlanArgs {
   int64_t seq = 8192, batch = 2;
   std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep;
   int world = 2, nodes = 0, top = 15, threads = 1;
-  bool json = false, all = false, fa3 = false, calibrate = false, pingpong = false, non_causal = false;
+  bool json = false, all = false, fa3 = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
   double claim = 0;
   std::vector<std::string> validate, meshes;
 };
@@ -175,27 +178,43 @@ void print_table(const std::vector<Prediction>& ps, size_t top) {
   if (ps.size() > top) std::printf("... %zu more (--top N, --json)\n", ps.size() - top);
 }
 
+// Starts one rank per device (CPUs / --threads, at least 2) under mpirun; they
+// measure together and rank 0 prints the description, written here.
 void run_calibrate(const PlanArgs& a) {
-  progress("MPI ping-pong between 2 ranks");
-  const std::string cmd =
-      cat(default_launcher(2), " -np 2 ", shell_quote(self_executable()), " plan --pingpong --json");
-  const nlohmann::json pp = nlohmann::json::parse(capture(cmd));
-  Hardware h = calibrate_this_machine(a.threads, pp["latency_s"].get<double>(), pp["bandwidth"].get<double>(),
-                                      [](const std::string& m) { progress(m); });
+  check(a.threads >= 1, "--threads must be >= 1");
+  const int ranks = std::max(2, static_cast<int>(std::thread::hardware_concurrency()) / a.threads);
+  const std::string cmd = cat(default_launcher(ranks), " -np ", ranks, " ", shell_quote(self_executable()),
+                              " plan --calibrate-rank --threads ", a.threads);
+  Hardware h = hardware_from_json(capture(cmd), "the calibration");  // checks what the ranks measured
+  // Twice as many ranks as devices: the cost of waiting on a time-shared peer.
+  progress(cat("time-sharing: ", 2 * ranks, " ranks on ", ranks, " devices"));
+  const std::string ts = cat(default_launcher(2 * ranks), " -np ", 2 * ranks, " ",
+                             shell_quote(self_executable()), " plan --timeshare-rank --threads ", a.threads);
+  h.timeshare_wait_s = nlohmann::json::parse(capture(ts))["timeshare_wait_s"].get<double>();
+  h.sources["timeshare_wait_s"] = cat(2 * ranks, " ranks on ", ranks, " devices: 400 steps of ~0.5 ms of LayerNorm "
+                                      "each, alone and each followed by an all-reduce of one number; extra time per step");
+  const std::string text = hardware_to_json(h);
   progress_done();
   const std::string out = a.out.empty() ? std::string(RINGATTN_SOURCE_DIR) + "/hardware/this-machine.json" : a.out;
-  const std::string text = hardware_to_json(h);
   write_file_atomically(out, [&](std::FILE* f) { return std::fputs(text.c_str(), f) >= 0; });
   if (a.json) return print_json(nlohmann::json::parse(text));
   std::printf("%s", text.c_str());
-  std::printf("written to %s\n", out.c_str());
+  std::printf("%s: %d devices per node; written to %s\n", h.name.c_str(), h.devices_per_node, out.c_str());
 }
 
-// Under mpirun: rank 0 prints the ping-pong's α and β.
-void run_pingpong(const PlanArgs&) {
-  std::unique_ptr<Communicator> world = mpi_world(60);
-  const auto [alpha, beta] = measure_pingpong(*world);
-  if (world->rank() == 0) print_json({{"latency_s", alpha}, {"bandwidth", beta}});
+// Under mpirun, more ranks than devices: rank 0 prints the time-shared wait cost.
+void run_timeshare_rank(const PlanArgs& a) {
+  omp_set_num_threads(a.threads);
+  std::unique_ptr<Communicator> world = mpi_world(600);
+  const double tau = measure_timeshare_wait(*world);
+  if (world->rank() == 0) print_json({{"timeshare_wait_s", tau}});
+}
+
+// Under mpirun: every rank measures; rank 0 prints the hardware JSON.
+void run_calibrate_rank(const PlanArgs& a) {
+  std::unique_ptr<Communicator> world = mpi_world(600);
+  const Hardware h = calibrate_this_machine(*world, a.threads, [](const std::string& m) { progress(m); });
+  if (world->rank() == 0) std::fputs(hardware_to_json(h).c_str(), stdout);
 }
 
 // compare's methods as layouts.
@@ -401,7 +420,8 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
 }
 
 void run(const PlanArgs& a) {
-  if (a.pingpong) return run_pingpong(a);
+  if (a.calibrate_rank) return run_calibrate_rank(a);
+  if (a.timeshare_rank) return run_timeshare_rank(a);
   if (a.calibrate) return run_calibrate(a);
   if (!a.validate.empty()) return run_validate(a);
   const Workload w = workload(a);
@@ -518,13 +538,16 @@ void add_plan(CLI::App& app) {
   cmd->add_option("--sweep", a->sweep, "comma-separated sequence lengths: the best layout of each kind at each");
   cmd->add_option("--png", a->png, "with --sweep: draw the sweep (scripts/plot_plan.py, Debian's python3-matplotlib)");
   cmd->add_flag("--calibrate", a->calibrate,
-                "measure this machine (kernels, GEMMs, bandwidths, MPI ping-pong) into hardware/this-machine.json");
-  cmd->add_option("--threads", a->threads, "with --calibrate: threads per rank")->capture_default_str();
+                "measure this machine (kernels, GEMMs, bandwidths, MPI ping-pong; one rank per device, all at once, "
+                "under mpirun) into hardware/this-machine.json");
+  cmd->add_option("--threads", a->threads, "with --calibrate: threads per rank (one rank per that many CPUs)")
+      ->capture_default_str();
   cmd->add_option("--out", a->out, "with --calibrate: write here instead of hardware/this-machine.json");
   cmd->add_option("--validate", a->validate,
                   "`ringattn compare --json-out` files: predicted vs measured for every method, the error table")
       ->expected(1, -1);
-  cmd->add_flag("--pingpong", a->pingpong, "(internal) the MPI ping-pong of --calibrate, under mpirun");
+  cmd->add_flag("--calibrate-rank", a->calibrate_rank, "(internal) one rank of --calibrate, under mpirun");
+  cmd->add_flag("--timeshare-rank", a->timeshare_rank, "(internal) the time-sharing measurement of --calibrate");
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });
 }

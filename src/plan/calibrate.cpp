@@ -12,6 +12,7 @@
 #include "ringattn/cpu.h"
 #include "ringattn/error.h"
 #include "ringattn/layers.h"
+#include "ringattn/layout.h"
 #include "ringattn/perf.h"
 #include "ringattn/plan.h"
 #include "ringattn/tensor.h"
@@ -74,36 +75,80 @@ std::pair<double, double> measure_pingpong(Communicator& comm) {
   return {alpha, static_cast<double>(big) / std::max(t - alpha, 1e-9)};
 }
 
-Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
+double measure_timeshare_wait(Communicator& comm) {
+  // One step: a LayerNorm over [64, 256] repeated until ~0.5 ms alone.
+  const int64_t N = 64, D = 256;
+  std::vector<float> x(N * D, 1.f), y(N * D), g(D, 1.f), b(D, 0.f), mean(N), rstd(N);
+  auto work = [&](int reps) {
+    for (int i = 0; i < reps; ++i)
+      layernorm_forward(N, D, x.data(), g.data(), b.data(), y.data(), mean.data(), rstd.data());
+  };
+  const double t0 = now_seconds();
+  work(100);
+  const int reps = std::max(1, static_cast<int>(0.5e-3 / ((now_seconds() - t0) / 100)));
+  const int steps = 400;
+  auto phase = [&](bool sync) {
+    comm.barrier();
+    const double start = now_seconds();
+    for (int s = 0; s < steps; ++s) {
+      work(reps);
+      if (sync) {
+        double v = 1;
+        comm.all_reduce(&v, 1, ReduceOp::sum);
+      }
+    }
+    double t = now_seconds() - start;
+    comm.all_reduce(&t, 1, ReduceOp::max);
+    return t;
+  };
+  const double alone = phase(false), synced = phase(true);
+  return std::max(0.0, (synced - alone) / steps);
+}
+
+Hardware calibrate_this_machine(Communicator& comm, int threads,
                                 const std::function<void(const std::string&)>& progress) {
   check(threads >= 1, "threads must be >= 1");
+  check(comm.size() >= 2, "calibration runs one rank per device, at least 2 (for the ping-pong); got ", comm.size());
   omp_set_num_threads(threads);
   const unsigned cpus = std::max(1u, std::thread::hardware_concurrency());
+  const int ranks = comm.size();
+  // Every rank measures the same thing at the same time; the figure is the mean
+  // over the ranks: a device's rate while all devices are busy, as in a run.
+  auto together = [&](const std::string& what) {
+    if (comm.rank() == 0) progress(what);
+    comm.barrier();
+  };
+  auto mean_of_ranks = [&](double x) {
+    comm.all_reduce(&x, 1, ReduceOp::sum);
+    return x / ranks;
+  };
   Hardware h;
   const CpuFeatures& f = cpu_features();
   h.name = "this-machine";
   h.description = cat(f.model.empty() ? f.vendor : f.model, ", ", cpus, " CPUs; one rank per ", threads,
                       " thread(s), shared-memory MPI (measured by ringattn plan --calibrate)");
-  h.devices_per_node = static_cast<int>(std::max(1u, cpus / static_cast<unsigned>(threads)));
+  h.devices_per_node = ranks;
   h.memory_bytes = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE)) /
                    h.devices_per_node;
   h.sources["memory_bytes"] = "physical memory / devices_per_node";
-  h.sources["devices_per_node"] = cat(cpus, " CPUs / ", threads, " thread(s) per rank");
+  h.sources["devices_per_node"] = cat("the ranks of the calibration: ", cpus, " CPUs / ", threads, " thread(s) per rank");
   std::mt19937_64 rng(7);
 
-  progress("peaks (FMA loops) and read bandwidth");
-  h.peak["fp32"] = measure_fma_peak_gflops(DType::f32, default_isa()) * 1e9 * threads;
-  h.peak["bf16"] = measure_fma_peak_gflops(DType::bf16, default_isa()) * 1e9 * threads;
-  h.memory_bandwidth = measure_read_bandwidth_gbs(threads) * 1e9;
-  h.sources["peak"] = cat("register-resident FMA loops (", isa_name(default_isa()), ") x ", threads, " thread(s)");
-  h.sources["memory_bandwidth"] = "streaming read of 512 MiB";
+  together("peaks (FMA loops) and read bandwidth");
+  h.peak["fp32"] = mean_of_ranks(measure_fma_peak_gflops(DType::f32, default_isa()) * 1e9 * threads);
+  h.peak["bf16"] = mean_of_ranks(measure_fma_peak_gflops(DType::bf16, default_isa()) * 1e9 * threads);
+  comm.barrier();
+  h.memory_bandwidth = mean_of_ranks(measure_read_bandwidth_gbs(threads, size_t{256} << 20) * 1e9);
+  h.sources["peak"] = cat("register-resident FMA loops (", isa_name(default_isa()), ") x ", threads,
+                          " thread(s), every rank at once");
+  h.sources["memory_bandwidth"] = "streaming read of 256 MiB per rank, every rank at once";
 
   // The linear layers as the model runs them (linear_forward / linear_backward:
   // bias, bf16 operand rounding, fresh outputs): [M, n] x [n, n] with many rows.
   const int64_t M = 8192;
   for (DType dt : {DType::f32, DType::bf16}) {
     for (int64_t n : {64, 128, 256, 512, 1024, 2048}) {
-      progress(cat("linear ", dtype_name(dt), " ", M, " x ", n, " x ", n));
+      together(cat("linear ", dtype_name(dt), " ", M, " x ", n, " x ", n));
       Tensor x = random_tensor(DType::f32, {M, n}, rng), dy = random_tensor(DType::f32, {M, n}, rng);
       Tensor w = random_tensor(dt, {n, n}, rng), b = random_tensor(DType::f32, {n}, rng);
       Tensor dw(DType::f32, {n, n}), db(DType::f32, {n});
@@ -116,8 +161,8 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
         linear_backward(M, n, n, x.ptr<float>(), w.ptr<void>(), dy.ptr<float>(), dx.ptr<float>(), dw.ptr<float>(),
                         db.ptr<float>(), dt);
       });
-      h.gemm[dtype_name(dt)].push_back({static_cast<double>(n), 2.0 * M * n * n / tf});
-      h.gemm_backward[dtype_name(dt)].push_back({static_cast<double>(n), 4.0 * M * n * n / tb});
+      h.gemm[dtype_name(dt)].push_back({static_cast<double>(n), mean_of_ranks(2.0 * M * n * n / tf)});
+      h.gemm_backward[dtype_name(dt)].push_back({static_cast<double>(n), mean_of_ranks(4.0 * M * n * n / tb)});
     }
   }
   h.sources["gemm"] = cat("linear_forward (oneDNN matmul + bias) [8192, n] x [n, n] into fresh outputs, best of 3, ",
@@ -129,7 +174,7 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
   const int64_t L = 2048, H = 4;
   for (DType dt : {DType::f32, DType::bf16}) {
     for (int64_t d : {64, 128}) {
-      progress(cat("attention ", dtype_name(dt), " d=", d));
+      together(cat("attention ", dtype_name(dt), " d=", d));
       Tensor q = random_tensor(dt, {1, L, H, d}, rng), k = random_tensor(dt, {1, L, H, d}, rng),
              v = random_tensor(dt, {1, L, H, d}, rng), dout = random_tensor(DType::f32, {1, L, H, d}, rng);
       Tensor o(DType::f32, {1, L, H, d}), lse(DType::f32, {1, H, L});
@@ -139,21 +184,30 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
       const double flops = 4.0 * H * L * L * d;
       const double tf = best_of(3, [&] { attention_forward(q, k, v, o, lse, opt); });
       const double tb = best_of(2, [&] { attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); });
-      h.attention_forward[dtype_name(dt)].push_back({static_cast<double>(d), flops / tf});
-      h.attention_backward[dtype_name(dt)].push_back({static_cast<double>(d), 2.5 * flops / tb});
+      h.attention_forward[dtype_name(dt)].push_back({static_cast<double>(d), mean_of_ranks(flops / tf)});
+      h.attention_backward[dtype_name(dt)].push_back({static_cast<double>(d), mean_of_ranks(2.5 * flops / tb)});
     }
   }
-  {  // causal: the rate on the visible pairs (fp32, d = 64) against the non-causal one
-    const int64_t d = 64;
-    Tensor q = random_tensor(DType::f32, {1, L, H, d}, rng), k = random_tensor(DType::f32, {1, L, H, d}, rng),
+  {  // causal, as the sequence-parallel strategies run it: one zigzag shard of two
+     // ranks (L/2 queries at scattered positions) against all L keys, fp32, d = 64;
+     // the rate on the visible pairs against the non-causal rate
+    const int64_t d = 64, Lq = L / 2;
+    const std::vector<int64_t> q_pos = shard_positions(Layout::zigzag, L, 2, 0);
+    std::vector<int64_t> k_pos(static_cast<size_t>(L));
+    for (int64_t i = 0; i < L; ++i) k_pos[static_cast<size_t>(i)] = i;
+    Tensor q = random_tensor(DType::f32, {1, Lq, H, d}, rng), k = random_tensor(DType::f32, {1, L, H, d}, rng),
            v = random_tensor(DType::f32, {1, L, H, d}, rng);
-    Tensor o(DType::f32, {1, L, H, d}), lse(DType::f32, {1, H, L});
+    Tensor o(DType::f32, {1, Lq, H, d}), lse(DType::f32, {1, H, Lq});
     AttentionOptions opt;
-    opt.threads = threads, opt.causal = true;
+    opt.threads = threads, opt.causal = true, opt.q_pos = q_pos, opt.k_pos = k_pos;
+    double pairs = 0;
+    for (int64_t p : q_pos) pairs += static_cast<double>(p + 1);
+    together("causal attention");
     const double t = best_of(3, [&] { attention_forward(q, k, v, o, lse, opt); });
-    const double rate = 4.0 * H * (L * (L + 1) / 2) * d / t;
-    h.causal_efficiency = rate / h.attention_forward["fp32"].front().second;
-    h.sources["causal_efficiency"] = "causal fp32 forward, L=2048, d=64, FLOPs of the visible pairs, / non-causal rate";
+    h.causal_efficiency = mean_of_ranks(4.0 * H * pairs * d / t) / h.attention_forward["fp32"].front().second;
+    h.sources["causal_efficiency"] =
+        "causal fp32 forward of a zigzag shard (L/2 = 1024 queries of L = 2048) against all keys, d=64, FLOPs of "
+        "the visible pairs, / the non-causal rate";
   }
   h.sources["attention"] = cat("ringattn's fused kernels (", isa_name(default_isa()),
                                "), non-causal, B=1, H=4, L=2048, d=64 and 128");
@@ -161,8 +215,7 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
   // Token-local kernels on fresh buffers, as the model allocates them, on every
   // core at once (each rank gets its share of the memory system).
   {
-    progress("elementwise (LayerNorm, adds) and GELU");
-    omp_set_num_threads(static_cast<int>(cpus));
+    together("elementwise (LayerNorm, adds) and GELU");
     const int64_t N = 16384, D = 256, F = 1024;
     Tensor x = random_tensor(DType::f32, {N, D}, rng), dy = random_tensor(DType::f32, {N, D}, rng);
     Tensor g(DType::f32, {D}), b(DType::f32, {D}), dg(DType::f32, {D}), db(DType::f32, {D});
@@ -180,44 +233,42 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
 #pragma omp parallel for simd schedule(static)
       for (int64_t i = 0; i < N * D; ++i) d[i] += yy[i];
     });
-    h.elementwise_bandwidth = 36.0 * N * D / t / h.devices_per_node;
+    h.elementwise_bandwidth = mean_of_ranks(36.0 * N * D / t);
     h.sources["elementwise_bandwidth"] =
-        cat("LayerNorm forward + backward and an add over fresh fp32 [16384, 256] buffers on all ", cpus,
-            " CPUs (36 B per element), / devices_per_node");
+        "LayerNorm forward + backward and an add over fresh fp32 [16384, 256] buffers (36 B per element), every "
+        "rank at once";
     Tensor hx = random_tensor(DType::f32, {N, F}, rng), hdy = random_tensor(DType::f32, {N, F}, rng);
+    comm.barrier();
     const double tf = best_of(3, [&] {
       Tensor y(DType::f32, {N, F});
       gelu_forward(N * F, hx.ptr<float>(), y.ptr<float>());
     });
+    comm.barrier();
     const double tb = best_of(3, [&] {
       Tensor dx(DType::f32, {N, F});
       gelu_backward(N * F, hx.ptr<float>(), hdy.ptr<float>(), dx.ptr<float>());
     });
-    h.gelu_forward_rate = static_cast<double>(N * F) / tf / h.devices_per_node;
-    h.gelu_backward_rate = static_cast<double>(N * F) / tb / h.devices_per_node;
-    h.sources["gelu_rate"] = cat("GELU forward / backward over fresh fp32 [16384, 1024] on all ", cpus,
-                                 " CPUs, elements/s / devices_per_node");
+    h.gelu_forward_rate = mean_of_ranks(static_cast<double>(N * F) / tf);
+    h.gelu_backward_rate = mean_of_ranks(static_cast<double>(N * F) / tb);
+    h.sources["gelu_rate"] = "GELU forward / backward over fresh fp32 [16384, 1024], elements/s, every rank at once";
   }
-  // The decode kernel on every core at once over a cache far beyond the
-  // last-level cache (one query row, 4 heads x 64, fp32).
+  // The decode kernel over a cache far beyond the last-level cache (one query
+  // row, 4 heads x 64, fp32, 256 MiB per rank).
   {
-    progress("decode against a 262144-token cache");
-    omp_set_num_threads(static_cast<int>(cpus));
-    const int64_t Lc = 262144, d = 64;
+    together("decode against a 131072-token cache");
+    const int64_t Lc = 131072, d = 64;
     Tensor q = random_tensor(DType::f32, {1, 1, H, d}, rng), k = random_tensor(DType::f32, {1, Lc, H, d}, rng),
            v = random_tensor(DType::f32, {1, Lc, H, d}, rng);
     Tensor o(DType::f32, {1, 1, H, d}), lse(DType::f32, {1, H, 1});
     AttentionOptions opt;
-    opt.threads = static_cast<int>(cpus);
+    opt.threads = threads;
     const double t = best_of(5, [&] { attention_forward(q, k, v, o, lse, opt); });
-    h.decode_bandwidth = 2.0 * static_cast<double>(k.bytes()) / t / h.devices_per_node;
-    omp_set_num_threads(threads);
-    h.sources["decode_bandwidth"] = cat("decode kernel on all ", cpus,
-                                        " CPUs over an fp32 K/V cache of 262144 tokens x 4 heads x 64 (512 MiB), "
-                                        "/ devices_per_node");
+    h.decode_bandwidth = mean_of_ranks(2.0 * static_cast<double>(k.bytes()) / t);
+    h.sources["decode_bandwidth"] =
+        "decode kernel over an fp32 K/V cache of 131072 tokens x 4 heads x 64 (256 MiB), every rank at once";
   }
   {
-    progress("per-operation overhead");
+    together("per-operation overhead");
     const int64_t n = 64;
     Tensor x = random_tensor(DType::f32, {1, n}, rng), w = random_tensor(DType::f32, {n, n}, rng);
     Tensor y(DType::f32, {1, n}), mean(DType::f32, {1}), rstd(DType::f32, {1});
@@ -229,9 +280,11 @@ Hardware calibrate_this_machine(int threads, double latency_s, double bandwidth,
                           rstd.ptr<float>());
       }
     });
-    h.op_overhead_s = t / (2.0 * reps);
+    h.op_overhead_s = mean_of_ranks(t / (2.0 * reps));
     h.sources["op_overhead_s"] = "a 1-row linear and a 1-row LayerNorm, averaged";
   }
+  together("MPI ping-pong between ranks 0 and 1");
+  const auto [latency_s, bandwidth] = measure_pingpong(comm);
   h.intra_node = {latency_s, bandwidth, false};
   h.inter_node = h.intra_node;
   h.sources["links.intra_node"] =

@@ -96,7 +96,7 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   static const std::set<std::string> known = {
       "name", "description", "devices_per_node", "memory_bytes", "memory_bandwidth", "peak", "gemm", "gemm_backward",
       "attention_forward", "attention_backward", "attention_forward_fa3", "attention_backward_fa3",
-      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "causal_efficiency", "op_overhead_s", "links", "sources", "measured"};
+      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured"};
   for (auto& [k, v] : j.items()) check(known.count(k), origin, ": unknown field '", k, "'");
   Hardware h;
   check(j.contains("name") && j["name"].is_string(), origin, ": missing string 'name'");
@@ -116,6 +116,8 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   if (j.contains("gelu_backward_rate")) h.gelu_backward_rate = positive(j, "gelu_backward_rate", origin);
   h.op_overhead_s = j.value("op_overhead_s", 0.0);
   check(h.op_overhead_s >= 0, origin, ": 'op_overhead_s' must be >= 0");
+  h.timeshare_wait_s = j.value("timeshare_wait_s", 0.0);
+  check(h.timeshare_wait_s >= 0, origin, ": 'timeshare_wait_s' must be >= 0");
   for (const char* k : {"gemm", "attention_forward", "attention_backward"})
     check(j.contains(k), origin, ": missing field '", k, "'");
   h.gemm = curves(j, "gemm", origin);
@@ -155,6 +157,7 @@ std::string hardware_to_json(const Hardware& h) {
   if (h.gelu_backward_rate > 0) j["gelu_backward_rate"] = h.gelu_backward_rate;
   j["causal_efficiency"] = h.causal_efficiency;
   j["op_overhead_s"] = h.op_overhead_s;
+  if (h.timeshare_wait_s > 0) j["timeshare_wait_s"] = h.timeshare_wait_s;
   for (const auto& [k, l] : {std::pair{"intra_node", h.intra_node}, std::pair{"inter_node", h.inter_node}})
     j["links"][k] = {{"latency_s", l.latency_s}, {"bandwidth", l.bandwidth}, {"overlaps_compute", l.overlaps_compute}};
   j["sources"] = h.sources;

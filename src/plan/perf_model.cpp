@@ -140,6 +140,7 @@ const LinkSpec& link_of(const Group& g, const Hardware& h, int ranks_per_node) {
 // Accumulates one step's time, split into compute and exposed/hidden transfers.
 struct Clock {
   double compute = 0, comm = 0, hidden = 0;
+  double waits = 0;  // blocking waits for a peer (collectives, ring stages, hops)
   double bytes = 0, intra = 0, inter = 0;
   double total() const { return compute + comm - hidden; }
   void traffic(double b, bool inter_link) { bytes += b, (inter_link ? inter : intra) += b; }
@@ -210,18 +211,18 @@ struct Cost {
     if (R == 1) return;
     const double per_stage = bwd ? kv + dkv : kv;
     for (int t = 0; t + 1 < R; ++t) {
-      const double x = (cost_send(l, per_stage));
-      k.comm += x;
+      const double x = cost_send(l, per_stage);
+      k.comm += x, k.waits += 1;
       if (l.overlaps_compute) k.hidden += std::min(x, stage);
     }
-    if (bwd) k.comm += (cost_send(l, dkv));  // home hop
+    if (bwd) k.comm += cost_send(l, dkv), k.waits += 1;  // home hop
     k.traffic((R - 1) * per_stage + (bwd ? dkv : 0), inter(g));
   }
 
   // An un-overlapped collective.
   void collective(Clock& k, const Group& g, double t, double bytes) const {
     if (g.size <= 1) return;
-    k.comm += t;
+    k.comm += t, k.waits += 1;
     k.traffic(bytes, inter(g));
   }
   void all_to_all(Clock& k, const Group& g, double total) const {
@@ -334,13 +335,17 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // path at full speed and their device's total work: a pipeline stage in its
   // bubble leaves the device to the others.
   const double share = md.share;
-  p.forward_s = std::max(slots * (f.total() + hop), share * M * f.total());
+  // Time-shared, every blocking wait may find its peer descheduled: it costs the
+  // hardware's timeshare_wait_s on top (hops: one per micro-batch and direction).
+  const double tau = share > 1 ? h.timeshare_wait_s : 0, hop_waits = S > 1 ? M : 0;
+  p.forward_s = std::max(slots * (f.total() + hop), share * M * f.total()) + tau * (M * f.waits + hop_waits);
   Clock step;
   const double params = md.params_local();
   md.all_reduce(step, md.replica_g, params * 4);  // the weight gradients
   step.compute += md.elem_s(params * (32 + (md.dt != DType::f32 ? 6 : 0))) + md.ops_s(3);  // zero grads, AdamW
   p.train_s = std::max(slots * (f.total() + b.total() + 2 * hop) + step.total(),
-                       share * (M * (f.total() + b.total()) + step.total()));
+                       share * (M * (f.total() + b.total()) + step.total())) +
+              tau * (M * (f.waits + b.waits) + 2 * hop_waits + step.waits);
 
   const double tokens = static_cast<double>(w.batch * w.seq);
   p.forward_tokens_per_s = tokens / p.forward_s;
@@ -383,7 +388,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   const double cache_e = md.e;
   p.kv_cache_bytes = Bd * (L / c.sp) * Hkvl * dh * 2 * cache_e * md.Ls;
   const double weight_read = params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
-  double stage_s = 0, decode_bytes = 0;
+  double stage_s = 0, decode_bytes = 0, decode_waits = S - 1;
   const double decode_bw = h.decode_bandwidth;
   for (int l = 0; l < md.Ls; ++l) {
     const double flops = 2 * Bd * (params / md.Ls);
@@ -393,13 +398,16 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
       stage_s += cost_all_reduce(md.link(md.sp_g), c.sp, Bd * Hl * 4) +
                  cost_all_reduce(md.link(md.sp_g), c.sp, Bd * Hl * (dh + 1) * 4);
       decode_bytes += 2.0 * (c.sp - 1) / c.sp * Bd * Hl * (dh + 2) * 4;
+      decode_waits += 2;
     }
     if (c.tp > 1) {
       stage_s += 2 * cost_all_reduce(md.link(md.tp_g), c.tp, Bd * D * ab);
       decode_bytes += 2 * 2.0 * (c.tp - 1) / c.tp * Bd * D * ab;
+      decode_waits += 2;
     }
   }
-  p.decode_step_s = std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * stage_s);
+  p.decode_step_s =
+      std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * stage_s) + tau * decode_waits;
   p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * ab : 0);
   p.peak_inference_bytes = params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes +
                            Nm * (act_token + ab * (2 * Fl + C)) + attn_bufs / 2;
