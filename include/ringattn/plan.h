@@ -148,6 +148,9 @@ double cost_all_to_all(const LinkSpec& link, int g, double total_bytes);   // ea
 double cost_reduce_scatter(const LinkSpec& link, int g, double total_bytes);
 
 Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, const Cluster& cl);
+// The layout with the micro-batch count (a divisor of batch/dp) that gives the best
+// training rate among those that fit (the least memory when none fits).
+Prediction predict_best_micro_batches(const Workload& w, Candidate c, const Hardware& h, const Cluster& cl);
 // Every valid layout of cl.world ranks (and the invalid ones with their reason when
 // keep_invalid), for each mesh the micro-batch count with the best training rate
 // among those that fit (the least memory when none fits).

@@ -97,20 +97,8 @@ Candidate parse_mesh(const std::string& spec) {
 }
 
 // The candidate's micro-batch count when it was left open: the best that fits.
-Prediction predict_mesh(const Workload& w, Candidate c, const Hardware& h, const Cluster& cl) {
-  if (c.micro_batches > 0) return predict(w, c, h, cl);
-  if (w.batch % c.dp) return c.micro_batches = 1, predict(w, c, h, cl);  // invalid: says why
-  Prediction best;
-  for (int64_t m = 1; m <= w.batch / c.dp; ++m) {
-    if ((w.batch / c.dp) % m) continue;
-    c.micro_batches = static_cast<int>(m);
-    Prediction p = predict(w, c, h, cl);
-    if (!p.invalid.empty()) return p;
-    if (m == 1 || (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
-        (!best.fits_train && !p.fits_train && p.peak_train_bytes < best.peak_train_bytes))
-      best = p;
-  }
-  return best;
+Prediction predict_mesh(const Workload& w, const Candidate& c, const Hardware& h, const Cluster& cl) {
+  return c.micro_batches > 0 ? predict(w, c, h, cl) : predict_best_micro_batches(w, c, h, cl);
 }
 
 double objective(const Prediction& p, const std::string& o) {

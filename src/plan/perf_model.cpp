@@ -426,6 +426,21 @@ std::vector<int> divisors(int64_t n, int64_t cap) {
 
 }  // namespace
 
+Prediction predict_best_micro_batches(const Workload& w, Candidate c, const Hardware& h, const Cluster& cl) {
+  if (w.batch % c.dp) return c.micro_batches = 1, predict(w, c, h, cl);  // invalid: says why
+  Prediction best;
+  bool have = false;
+  for (int m : divisors(w.batch / c.dp, w.batch / c.dp)) {
+    c.micro_batches = m;
+    Prediction p = predict(w, c, h, cl);
+    if (!p.invalid.empty()) return p;  // invalid for a reason the micro-batches do not change
+    const bool better = !have || (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
+                        (!p.fits_train && !best.fits_train && p.peak_train_bytes < best.peak_train_bytes);
+    if (better) best = p, have = true;
+  }
+  return best;
+}
+
 std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster& cl, bool keep_invalid) {
   check(cl.world >= 1, "the world size must be >= 1, got ", cl.world);
   std::vector<Prediction> out;
@@ -459,24 +474,8 @@ std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster
             }
         }
         for (const Candidate& a : attn) {
-          Prediction best;
-          bool have = false;
-          const int64_t per_replica = w.batch % dp ? 0 : w.batch / dp;
-          std::vector<int> ms = per_replica > 0 ? divisors(per_replica, per_replica) : std::vector<int>{1};
-          for (int mb : ms) {
-            Candidate cand = a;
-            cand.micro_batches = mb;
-            Prediction p = predict(w, cand, h, cl);
-            if (!p.invalid.empty()) {
-              if (!have) best = p;
-              break;  // invalid for a reason the micro-batches do not change
-            }
-            const bool better = !have || !best.invalid.empty() ||
-                                (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
-                                (!p.fits_train && !best.fits_train && p.peak_train_bytes < best.peak_train_bytes);
-            if (better) best = p, have = true;
-          }
-          if (best.invalid.empty() || keep_invalid) out.push_back(best);
+          Prediction best = predict_best_micro_batches(w, a, h, cl);
+          if (best.invalid.empty() || keep_invalid) out.push_back(std::move(best));
         }
       }
   std::stable_sort(out.begin(), out.end(), [](const Prediction& a, const Prediction& b) {
