@@ -1,8 +1,10 @@
 // Timing and measured machine peaks (DESIGN.md §5: report ratios to peaks measured
 // in the same run on the same core).
 #pragma once
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <functional>
 
 #include "ringattn/cpu.h"
 #include "ringattn/dtype.h"
@@ -11,6 +13,18 @@ namespace ringattn {
 
 inline double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The shortest of `reps` timed runs of f, after `warmups` untimed ones.
+inline double best_seconds(int reps, const std::function<void()>& f, int warmups = 0) {
+  for (int i = 0; i < warmups; ++i) f();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = now_seconds();
+    f();
+    best = std::min(best, now_seconds() - t0);
+  }
+  return best;
 }
 
 // A register-resident FMA loop on the calling thread (fp32: vfmadd; bf16: the

@@ -29,16 +29,6 @@ struct BenchArgs {
   bool json = false, no_unfused = false, no_backward = false;
 };
 
-double best_time(int reps, const std::function<void()>& f) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = now_seconds();
-    f();
-    best = std::min(best, now_seconds() - t0);
-  }
-  return best;
-}
-
 void fill_random(const Tensor& t, std::mt19937_64& rng) {
   std::normal_distribution<float> dist(0.f, 1.f);
   for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.ptr<void>(), t.dtype(), i, dist(rng));
@@ -92,16 +82,16 @@ void run(const BenchArgs& a) {
       opt.isa = &isa;
       const std::string what = cat(dtype_name(dt), causal ? " causal" : "");
       progress("fused " + what + " forward");
-      add("fused", "forward", a.threads, best_time(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }), flops);
+      add("fused", "forward", a.threads, best_seconds(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }), flops);
       if (!a.no_backward) {
         progress("fused " + what + " backward");
         add("fused", "backward", a.threads,
-            best_time(a.reps, [&] { attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); }), 2.5 * flops);
+            best_seconds(a.reps, [&] { attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); }), 2.5 * flops);
       }
       if (!a.no_unfused) {
         progress("unfused " + what + " forward");
         add("unfused", "forward", a.threads,
-            best_time(a.reps, [&] { attention_forward_unfused(q, k, v, o, lse, opt); }), flops);
+            best_seconds(a.reps, [&] { attention_forward_unfused(q, k, v, o, lse, opt); }), flops);
       }
       if (causal) {  // decode: the last token's query row against the whole cache
         std::vector<int> counts{a.threads};
@@ -111,7 +101,7 @@ void run(const BenchArgs& a) {
           const TensorView q1 = q.view().slice(1, L - 1, 1), o1 = o.view().slice(1, L - 1, 1);
           const TensorView lse1 = lse.view().slice(2, L - 1, 1);
           opt.threads = threads;
-          const double t = best_time(a.reps, [&] { attention_forward(q1, k, v, o1, lse1, opt); });
+          const double t = best_seconds(a.reps, [&] { attention_forward(q1, k, v, o1, lse1, opt); });
           const double gbs = 2.0 * static_cast<double>(k.bytes()) / t * 1e-9;  // K and V read once
           decode_rows.push_back({dtype_name(dt), threads, t, gbs, gbs / (threads == a.threads ? bw1 : bwn)});
         }
@@ -120,7 +110,7 @@ void run(const BenchArgs& a) {
       if (scale_threads != a.threads) {
         opt.threads = scale_threads;
         progress(cat("fused ", what, " forward, ", scale_threads, " threads"));
-        add("fused", "forward", scale_threads, best_time(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }),
+        add("fused", "forward", scale_threads, best_seconds(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); }),
             flops);
       }
     }

@@ -262,11 +262,7 @@ void add_compare(CLI::App& app) {
   auto* cmd = app.add_subcommand("compare",
                                  "the paper's comparison on the local ranks: RA+SP vs Ulysses, all-gather, TP, PP, "
                                  "TP x PP (starts mpirun itself, once per method)");
-  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
-  cmd->add_option("--d-model", a->model.d_model, "model width (= heads x head dim)")->capture_default_str();
-  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
-  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  add_model_options(cmd, a->model);
   cmd->add_option("--batch", a->batch, "sequences per step (PP uses one micro-batch per sequence)")
       ->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();

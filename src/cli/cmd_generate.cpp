@@ -196,11 +196,7 @@ void add_generate(CLI::App& app) {
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
       ->capture_default_str();
   cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)");
-  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
-  cmd->add_option("--d-model", a->model.d_model, "model width (= heads x head dim)")->capture_default_str();
-  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
-  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  add_model_options(cmd, a->model);
   cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (bf16 KV cache)")
       ->check(CLI::IsMember({"fp32", "bf16"}))

@@ -490,11 +490,7 @@ void add_plan(CLI::App& app) {
       "plan", "predict every parallel layout (DP x PP x TP x SP, ring/Ulysses/all-gather/hybrid) of a model on a "
               "cluster from a hardware description, rank them; --calibrate measures this machine, --validate checks "
               "the model against measured `compare` runs");
-  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
-  cmd->add_option("--d-model", a->model.d_model, "model width (= heads x head dim)")->capture_default_str();
-  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
-  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  add_model_options(cmd, a->model);
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences per step")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32, bf16, fp16")

@@ -158,11 +158,7 @@ void add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand("train",
                                  "train the dense transformer with RA+SP (x data x tensor parallel) under mpirun: throughput, "
                                  "loss, memory, bytes");
-  cmd->add_option("--layers", a->model.layers, "transformer layers")->capture_default_str();
-  cmd->add_option("--d-model", a->model.d_model, "model width")->capture_default_str();
-  cmd->add_option("--heads", a->model.heads, "attention heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->model.kv_heads, "key/value heads (default: --heads)");
-  cmd->add_option("--mlp", a->model.mlp_hidden, "MLP hidden width (default: 4 x d_model)");
+  add_model_options(cmd, a->model);
   cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
   cmd->add_option("--seed", a->model.seed, "weights and data seed")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")

@@ -5,6 +5,8 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "ringattn/model.h"
+
 namespace ringattn::cli {
 
 void add_info(CLI::App& app);
@@ -17,6 +19,10 @@ void add_plan(CLI::App& app);
 // Every subcommand above, in the order `ringattn --help` lists them (main and the
 // command-line fuzzer register the same set).
 void add_all(CLI::App& app);
+
+// --layers, --d-model, --heads, --kv-heads, --mlp: the model's shape, the same on
+// every subcommand that builds or models a transformer.
+void add_model_options(CLI::App* cmd, ModelConfig& m);
 
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);

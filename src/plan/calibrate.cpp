@@ -22,17 +22,7 @@ namespace ringattn {
 namespace {
 
 // Best of `reps` runs after one warm-up.
-template <typename F>
-double best_of(int reps, F&& f) {
-  f();
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = now_seconds();
-    f();
-    best = std::min(best, now_seconds() - t0);
-  }
-  return best;
-}
+double best_of(int reps, const std::function<void()>& f) { return best_seconds(reps, f, 1); }
 
 Tensor random_tensor(DType dt, std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
   Tensor t(dt, shape);
