@@ -281,12 +281,8 @@ struct Cost {
     for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * ab);  // W_o and W_out outputs / W_qkv and W_in input grads
   }
 
-  double params_local() const {
-    const ModelConfig& m = w.model;
-    const double per_layer = 4 * D + D * C + C + A * D + 2 * D + D * Fl + Fl + Fl * D;
-    (void)m;
-    return per_layer * Ls;
-  }
+  // This device's parameters: its layers' LayerNorms, biases and weight slices.
+  double params_local() const { return (4 * D + D * C + C + A * D + 2 * D + D * Fl + Fl + Fl * D) * Ls; }
 
   // Sequences per micro-batch on this replica.
   double Bm() const { return static_cast<double>(w.batch) / c.dp / c.micro_batches; }
