@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh
 cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DRINGATTN_CUDA=ON \
-  -DRINGATTN_CUDA_ARCHITECTURES="${ARCH:-90}" >/dev/null
+  -DRINGATTN_CUDA_ARCHITECTURES="${ARCH:-90a-real}" >/dev/null
 cmake --build build/gpu -j "$(nproc)" --target ringattn ringattn_cuda_tests

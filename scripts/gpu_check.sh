@@ -18,19 +18,33 @@ done
 export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
 ldd "$BUILD/tests/ringattn_cuda_tests" | grep "not found" && echo "MISSING LIBRARIES"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-# Kernels first, then the ring and NCCL (a hang there must not hide the kernels' results).
-for part in kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' ring:'CudaRing.*:CudaNccl.*'; do
+# The Hopper forward must run on the warpgroup tensor-core path: HGMMA in its machine code.
+if command -v cuobjdump >/dev/null; then
+  cuobjdump --dump-sass "$BUILD/ringattn" 2>/dev/null |
+    awk '/Function :/ {f=$3} /HGMMA/ {n[f]++} END {for (k in n) print n[k], "HGMMA in", k}' | tee "$OUT/hgmma.txt"
+fi
+# The wgmma building blocks, the kernels (the default forward: wgmma on Hopper),
+# the kernels again with the portable forward, then the ring and NCCL (a hang
+# there must not hide the kernels' results).
+for part in wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' portable:'Shapes/*' \
+  ring:'CudaRing.*:CudaNccl.*'; do
   name=${part%%:*}
-  timeout ${TEST_TIMEOUT:-180} stdbuf -oL -eL "$BUILD/tests/ringattn_cuda_tests" --gtest_filter="${part#*:}" \
-    >"$OUT/tests_$name.log" 2>&1
-  echo "tests $name exit $?"
-  grep -E "^\[ ring|FAILED|PASSED|SKIPPED|rror|Failure|err " "$OUT/tests_$name.log" | head -60
+  fwd=auto
+  [ "$name" = portable ] && fwd=portable
+  RINGATTN_CUDA_FORWARD=$fwd timeout ${TEST_TIMEOUT:-180} stdbuf -oL -eL "$BUILD/tests/ringattn_cuda_tests" \
+    --gtest_filter="${part#*:}" >"$OUT/tests_$name.log" 2>&1
+  echo "tests $name (forward $fwd) exit $?"
+  grep -E "^\[ ring|FAILED|PASSED|SKIPPED|rror|Failure|err |expected" "$OUT/tests_$name.log" | head -40
 done
-for d in ${BENCH_DIMS:-128}; do
-  timeout ${BENCH_TIMEOUT:-180} "$BUILD/ringattn" bench kernel --device cuda --seq ${BENCH_SEQ:-16384} \
-    --heads ${BENCH_HEADS:-16} --dim "$d" --reps 10 >"$OUT/bench_d$d.txt" 2>&1
-  echo "bench d=$d exit $?"
-  grep -v "^measuring\|^timing" "$OUT/bench_d$d.txt"
+# Speed: the default forward at each head dim, then the portable one at d = 128.
+for run in ${BENCH_RUNS:-auto:128 auto:64 portable:128}; do
+  fwd=${run%%:*} d=${run#*:}
+  extra=""
+  [ "$fwd" = portable ] && extra="--no-backward --ring-ranks 0"
+  RINGATTN_CUDA_FORWARD=$fwd timeout ${BENCH_TIMEOUT:-180} "$BUILD/ringattn" bench kernel --device cuda \
+    --seq ${BENCH_SEQ:-16384} --heads ${BENCH_HEADS:-16} --dim "$d" --reps 10 $extra >"$OUT/bench_${fwd}_d$d.txt" 2>&1
+  echo "bench $fwd d=$d exit $?"
+  grep -v "^measuring\|^timing" "$OUT/bench_${fwd}_d$d.txt"
 done
 if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do

@@ -20,6 +20,9 @@ int cuda_device_count();  // GPUs visible to this process (0 without the CUDA pa
 // bf16 and fp16 (fp32 accumulation; fp32 o/lse outputs allowed), head dims 64
 // and 128, causal by global positions, GQA.
 std::unique_ptr<Device> make_cuda_device(int ordinal);
+// The forward kernel attention_forward uses on the current GPU: "wgmma" (Hopper,
+// sm_90a build) or "mma.sync" (any other GPU, or RINGATTN_CUDA_FORWARD=portable).
+std::string cuda_forward_kernel();
 
 // NCCL across processes, one GPU per rank: rank 0 makes the unique id, which is
 // broadcast over `bootstrap` (e.g. the MPI world); ranks and size are bootstrap's.

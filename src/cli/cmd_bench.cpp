@@ -217,6 +217,7 @@ void run_cuda(const BenchArgs& a) {
   };
   std::vector<Row> rows;
   std::mt19937_64 rng(1);
+  const std::string fwd_kernel = cuda_forward_kernel();
   for (DType dt : {DType::bf16, DType::f16}) {
     progress(cat("timing the ", dtype_name(dt), " kernels..."));
     Tensor hq(dt, {B, L, H, d}), hk(dt, {B, L, Hkv, d});
@@ -231,11 +232,11 @@ void run_cuda(const BenchArgs& a) {
       opt.causal = causal;
       const double f = attention_forward_flops(B, H, L, L, d, causal);
       const double tf = median_time([&] { dev->attention_forward(q, k, v, o, lse, opt); });
-      rows.push_back({"flash", dtype_name(dt), "forward", causal, 0, tf, f / tf / 1e9, 0, f / tf / 1e12 / gemm});
+      rows.push_back({fwd_kernel, dtype_name(dt), "forward", causal, 0, tf, f / tf / 1e9, 0, f / tf / 1e12 / gemm});
       if (a.no_backward) continue;
       const double tb = median_time([&] { dev->attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); });
       rows.push_back(
-          {"flash", dtype_name(dt), "backward", causal, 0, tb, 2.5 * f / tb / 1e9, 0, 2.5 * f / tb / 1e12 / gemm});
+          {"mma.sync", dtype_name(dt), "backward", causal, 0, tb, 2.5 * f / tb / 1e9, 0, 2.5 * f / tb / 1e12 / gemm});
     }
   }
   // The ring (zigzag layout) with ring_ranks ranks sharing this GPU against one
@@ -300,10 +301,11 @@ void run_cuda(const BenchArgs& a) {
               static_cast<long long>(B), static_cast<long long>(L), static_cast<long long>(H),
               static_cast<long long>(Hkv), static_cast<long long>(d));
   std::printf("cuBLAS bf16 GEMM 8192^3: %.1f TFLOP/s (the ceiling below)\n\n", gemm);
-  std::printf("%-5s %-6s %-9s %11s %9s %9s\n", "dtype", "causal", "pass", "time [ms]", "TFLOP/s", "of GEMM");
+  std::printf("%-9s %-5s %-6s %-9s %11s %9s %9s\n", "kernel", "dtype", "causal", "pass", "time [ms]", "TFLOP/s",
+              "of GEMM");
   for (const Row& r : rows)
-    std::printf("%-5s %-6s %-9s %11.3f %9.1f %8.1f%%\n", r.dtype.c_str(), r.causal ? "yes" : "no", r.pass.c_str(),
-                r.seconds * 1e3, r.gflops / 1e3, 100 * r.gemm_ratio);
+    std::printf("%-9s %-5s %-6s %-9s %11.3f %9.1f %8.1f%%\n", r.kernel.c_str(), r.dtype.c_str(),
+                r.causal ? "yes" : "no", r.pass.c_str(), r.seconds * 1e3, r.gflops / 1e3, 100 * r.gemm_ratio);
   if (ring_rows.empty()) return;
   std::printf("\nring forward, %d ranks sharing the GPU (zigzag), vs one kernel over the sequence\n", P);
   std::printf("%-5s %-6s %11s %11s %11s\n", "dtype", "causal", "ring [ms]", "kernel [ms]", "efficiency");

@@ -13,6 +13,7 @@ namespace {
 
 bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
+std::string cuda_forward_kernel() { not_built(); }
 std::unique_ptr<Device> make_cuda_device(int) { not_built(); }
 std::unique_ptr<Communicator> nccl_communicator(Communicator&, Device&) { not_built(); }
 void run_device_local_group(int, int, const std::function<void(int, Device&, Communicator&)>&) { not_built(); }

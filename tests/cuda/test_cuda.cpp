@@ -69,7 +69,9 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 std::vector<Case> cases() {
   const Shape shapes[] = {{2, 77, 131, 4, 2, 64, false},   {1, 131, 77, 2, 1, 128, false},
                           {1, 200, 200, 2, 2, 128, false}, {2, 1, 300, 4, 1, 128, false},
-                          {1, 130, 64, 4, 4, 64, true},    {1, 96, 160, 2, 1, 128, true}};
+                          {1, 130, 64, 4, 4, 64, true},    {1, 96, 160, 2, 1, 128, true},
+                          // many key tiles and query blocks (the pipelined stages; causal tiles skipped)
+                          {1, 600, 600, 2, 1, 128, false}, {1, 77, 1000, 2, 2, 64, true}};
   std::vector<Case> out;
   for (const Shape& s : shapes)
     for (DType dt : {DType::bf16, DType::f16})

@@ -19,41 +19,23 @@
 // 2t+9; B holds k rows 2t, 2t+1, 2t+8, 2t+9 of column g; C holds rows g, g+8,
 // columns 2t, 2t+1. A C tile of two n8 blocks is an A fragment, which is how
 // P and dS feed the second product without leaving registers.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/cuda/attention_common.cuh"
 #include "kernels/cuda/kernels.h"
 #include "ringattn/error.h"
 
 namespace ringattn::cuda {
 namespace {
+using namespace fa;
 
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kBM = 64;        // query rows per forward block / per backward query tile
 constexpr int kBN = 64;        // keys per forward tile / per backward block
 constexpr int kPad = 8;        // elements added to each shared-memory row: conflict-free fragment loads
-constexpr float kLn2 = 0.693147180559945309f;
-constexpr float kLog2e = 1.442695040888963407f;
-constexpr int64_t kNoPos = INT64_MIN;   // a padding query row: sees nothing
-constexpr int64_t kFarPos = INT64_MAX;  // a padding key: seen by nothing
 
 // ---- device helpers -----------------------------------------------------------
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // .x = a in the low half
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
 
 // c += a·b for one m16n8k16 tile.
 template <typename T>
@@ -73,10 +55,6 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Four 8x8 b16 matrices, transposed: lanes 8m..8m+7 give the row addresses of
 // matrix m; r[m] holds M_m[2t][g], M_m[2t+1][g] (a B fragment when rows are k).
 __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* row_ptr) {
@@ -93,14 +71,6 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row_ptr) {
                : "r"(smem_addr(row_ptr)));
 }
 
-// 16 bytes global -> shared, asynchronous; zero-filled when !valid.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // Rows [row0, row0 + ROWS) of a [rows, D] matrix (row stride `ld` elements) into
@@ -113,73 +83,6 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64
     const bool valid = row0 + r < nrows;
     cp_async16(smem + r * (D + kPad) + col, valid ? g + (row0 + r) * ld + col : g, valid);
   }
-}
-
-__device__ __forceinline__ int64_t warp_max(int64_t x) {
-  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ int64_t warp_min(int64_t x) {
-  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-// Across the 4 lanes of a quad (the lanes holding one row of a C fragment).
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// Stores fp32 x as element i of a buffer of dtype `dt` (0 f32, 1 bf16, 2 f16).
-__device__ __forceinline__ void store_as(void* p, int dt, int64_t i, float x) {
-  if (dt == 0)
-    static_cast<float*>(p)[i] = x;
-  else if (dt == 1)
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
-  else
-    static_cast<__half*>(p)[i] = __float2half_rn(x);
-}
-__device__ __forceinline__ float load_as(const void* p, int dt, int64_t i) {
-  if (dt == 0) return static_cast<const float*>(p)[i];
-  if (dt == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  return __half2float(static_cast<const __half*>(p)[i]);
-}
-
-// A [B, L, H, d] view: element strides of b, l, h (d is contiguous).
-struct Bshd {
-  const void* p;
-  int64_t sb, sl, sh;
-  int dt;
-};
-
-struct Positions {
-  const int64_t* q;  // nullptr: i + (Lk − Lq)
-  const int64_t* k;  // nullptr: j
-  int64_t Lq, Lk;
-  __device__ __forceinline__ int64_t query(int64_t i) const {
-    return i >= Lq ? kNoPos : (q ? q[i] : i + (Lk - Lq));
-  }
-  __device__ __forceinline__ int64_t key(int64_t j) const { return j >= Lk ? kFarPos : (k ? k[j] : j); }
-};
-
-struct FwdArgs {
-  Bshd q, k, v, o;
-  float* lse;
-  int64_t lse_sb, lse_sh, lse_sl;
-  int64_t B, Lq, Lk, H, Hkv;
-  Positions pos;
-  float scale_log2;  // softmax scale · log2(e)
-  bool causal;
-};
-
-// The smallest and largest key position of keys [n0, n0 + kBN) (the same in every warp).
-__device__ __forceinline__ void key_range(const Positions& pos, int64_t n0, int lane, int64_t& kmin, int64_t& kmax) {
-  const int64_t a = pos.key(n0 + lane), b = pos.key(n0 + 32 + lane);
-  kmax = warp_max(max(a == kFarPos ? INT64_MIN : a, b == kFarPos ? INT64_MIN : b));
-  kmin = warp_min(min(a, b));
 }
 
 // ---- forward --------------------------------------------------------------------
@@ -218,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
   int64_t kmin = 0, kmax = 0;
   auto next_tile = [&](int64_t from) {
     for (int64_t tile = from; tile < n_tiles; ++tile) {
-      key_range(pos, tile * kBN, lane, kmin, kmax);
+      key_range<kBN>(pos, tile * kBN, lane, kmin, kmax);
       if (!a.causal || kmin <= bq_max) return tile;
     }
     return n_tiles;
@@ -415,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const BwdArgs 
   const int64_t c_a = n0 + warp * 16 + g, c_b = c_a + 8;
   const int64_t kp_a = pos.key(c_a), kp_b = pos.key(c_b);
   int64_t kmin, kmax;
-  key_range(pos, n0, lane, kmin, kmax);
+  key_range<kBN>(pos, n0, lane, kmin, kmax);
 
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
@@ -597,10 +500,6 @@ __global__ void merge_kernel(Bshd o_acc, float* lse_acc, int64_t la_sb, int64_t 
 int dt_code(DType t) { return t == DType::f32 ? 0 : t == DType::bf16 ? 1 : 2; }
 Bshd bshd(const TensorView& t) { return {t.data, t.strides[0], t.strides[1], t.strides[2], dt_code(t.dtype)}; }
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(cat("CUDA ", what, ": ", cudaGetErrorString(e)));
-}
-
 // Shapes, dtypes and alignment of one attention call; fills the shared arguments.
 struct Checked {
   int64_t B, Lq, Lk, H, Hkv, d;
@@ -680,7 +579,9 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
   FwdArgs a{bshd(q), bshd(k), bshd(v), bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2],
             c.B, c.Lq, c.Lk, c.H, c.Hkv, c.positions(opt), c.scale * kLog2e, opt.causal};
   const bool bf = q.dtype == DType::bf16;
-  if (c.d == 64)
+  if (sm90_forward_available())
+    forward_sm90(a, bf, static_cast<int>(c.d), stream);
+  else if (c.d == 64)
     bf ? forward_t<__nv_bfloat16, 64>(a, stream) : forward_t<__half, 64>(a, stream);
   else
     bf ? forward_t<__nv_bfloat16, 128>(a, stream) : forward_t<__half, 128>(a, stream);

@@ -192,6 +192,8 @@ CudaDevice& as_cuda(Device& dev) {
 
 bool cuda_built() { return true; }
 
+std::string cuda_forward_kernel() { return cuda::sm90_forward_available() ? "wgmma" : "mma.sync"; }
+
 int cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

@@ -14,6 +14,11 @@ namespace ringattn::cuda {
 void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                    const TensorView& lse, const AttentionOptions& opt, cudaStream_t stream);
 
+// Whether flash_forward runs the Hopper kernel (attention_sm90.cu): a compute
+// capability 9.0 GPU, a build with sm_90a code, and RINGATTN_CUDA_FORWARD not
+// "portable" (auto, sm90 or portable; anything else is an error).
+bool sm90_forward_available();
+
 // FlashAttention-2 backward: dq, dk, dv (fp32 or q's dtype) from q, k, v, o, lse, dout.
 void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                     const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
