@@ -33,8 +33,14 @@ for part in wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' port
   [ "$name" = portable ] && fwd=portable
   RINGATTN_CUDA_FORWARD=$fwd timeout ${TEST_TIMEOUT:-180} stdbuf -oL -eL "$BUILD/tests/ringattn_cuda_tests" \
     --gtest_filter="${part#*:}" >"$OUT/tests_$name.log" 2>&1
-  echo "tests $name (forward $fwd) exit $?"
+  rc=$?
+  echo "tests $name (forward $fwd) exit $rc"
   grep -E "^\[ ring|FAILED|PASSED|SKIPPED|rror|Failure|err |expected" "$OUT/tests_$name.log" | head -40
+  if [ $rc = 124 ]; then
+    echo "a hang: the remaining parts would hang too"
+    tail -5 "$OUT/tests_$name.log"
+    exit 1
+  fi
 done
 # Speed: the default forward at each head dim, then the portable one at d = 128.
 for run in ${BENCH_RUNS:-auto:128 auto:64 portable:128}; do

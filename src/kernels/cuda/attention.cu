@@ -579,9 +579,8 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
   FwdArgs a{bshd(q), bshd(k), bshd(v), bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2],
             c.B, c.Lq, c.Lk, c.H, c.Hkv, c.positions(opt), c.scale * kLog2e, opt.causal};
   const bool bf = q.dtype == DType::bf16;
-  if (sm90_forward_available())
-    forward_sm90(a, bf, static_cast<int>(c.d), stream);
-  else if (c.d == 64)
+  if (sm90_forward_available() && forward_sm90(a, bf, static_cast<int>(c.d), stream)) return;
+  if (c.d == 64)
     bf ? forward_t<__nv_bfloat16, 64>(a, stream) : forward_t<__half, 64>(a, stream);
   else
     bf ? forward_t<__nv_bfloat16, 128>(a, stream) : forward_t<__half, 128>(a, stream);

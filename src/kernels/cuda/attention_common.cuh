@@ -124,6 +124,8 @@ inline void check_cuda(cudaError_t e, const char* what) {
 
 // The Hopper forward (attention_sm90.cu): q, k, v bf16 (bf16 = true) or fp16,
 // head dim d in {64, 128}. Queued on `stream`; the caller has checked the arguments.
-void forward_sm90(const FwdArgs& a, bool bf16, int d, cudaStream_t stream);
+// False (nothing queued) when the driver cannot map q, k or v for the TMA (their
+// strides): the caller then runs the portable kernel.
+bool forward_sm90(const FwdArgs& a, bool bf16, int d, cudaStream_t stream);
 
 }  // namespace ringattn::cuda::fa

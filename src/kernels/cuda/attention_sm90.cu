@@ -1,22 +1,28 @@
 // Flash attention forward on Hopper (sm_90a): warpgroup MMAs (wgmma) from
-// swizzled shared memory, with FlashAttention-3's overlap of one tile's softmax
-// with the tensor cores' work inside each warpgroup.
+// swizzled shared memory filled by the tensor memory accelerator (TMA), two
+// warpgroups taking turns on the tensor cores (FlashAttention-3's ping-pong).
 //
 // A block of 2 warpgroups (256 threads) owns 128 query rows of one (batch, head);
 // each warpgroup owns 64 of them. S = Q·Kᵀ reads Q and K from shared memory; P
 // stays in registers as the A operand of O += P·V. Tiles of 128 keys come in by
-// cp.async, two stages each of K and V. Step i of a warpgroup:
-//   wait for K_i and V_{i−1}; prefetch K_{i+1} and V_i
-//   issue S = Q·K_iᵀ; issue O += P_{i−1}·V_{i−1}
-//   wait for S; mask, row max m_i, S := exp2(S − m_i)        (tensor cores busy with P·V)
-//   wait for P·V; O ·= exp2(m_{i−1} − m_i); P_i := S in 16 bits
-// and after the last tile O += P·V once more. Masking by global positions, GQA,
-// the skipped tiles and the outputs (o, lse in natural log) are those of
-// attention.cu's portable kernel (DESIGN.md §4).
+// TMA (issued by thread 0) into three stages each of K and V, each stage with a
+// "full" mbarrier (the copy landed) and an "empty" one (all 8 warps are done with
+// it). Step i of a warpgroup:
+//   wait for K_i and V_{i−1}; wait for its turn (named barrier)
+//   issue S = Q·K_iᵀ; O ·= exp2(m_{i−2} − m_{i−1}); issue O += P_{i−1}·V_{i−1}; pass the turn
+//   wait for S; mask, row max m_i, S := exp2(S·scale − m_i)
+//   wait for P·V; P_i := S in 16 bits; release K_i and V_{i−1}
+// and after the last tile O += P·V once more. While one warpgroup does its
+// softmax the other's products keep the tensor cores busy. Masking by global
+// positions, GQA, the skipped tiles and the outputs (o, lse in natural log) are
+// those of attention.cu's portable kernel (DESIGN.md §4).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include "kernels/cuda/attention_common.cuh"
 #include "kernels/cuda/kernels.h"
@@ -31,64 +37,76 @@ constexpr int kThreads = 128 * kWarpgroups;
 constexpr int kBM = 64 * kWarpgroups;  // query rows per block
 constexpr int kBN = 128;               // keys per tile
 
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ float ex2(float x) {  // 2^x; 2^−inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
 
-// Copies rows [row0, row0 + 128) of a [rows, D] matrix (row stride `ld` elements)
-// into a swizzled [128][D] tile (wgmma.cuh) by cp.async; rows past nrows are zero.
-// Thread x moves the 16-byte chunks x, x + 256, ...: the same column and, since
-// 256 / (D / 8) rows apart is a multiple of 8 rows, the same swizzle for all of
-// them, so each copy costs an add and a compare.
-template <typename T, int D>
-struct TileLoader {
-  static constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks, kCopies = kBN / kRowStep;
-  static_assert(kRowStep % 8 == 0 && kBN % kRowStep == 0 && kBM == kBN);
-  int r0, col;
-  uint32_t offset;  // byte offset of (r0, col) in the tile
-  __device__ TileLoader()
-      : r0(threadIdx.x / kChunks), col(threadIdx.x % kChunks * 8), offset(wg::swizzled(r0, col, kBN)) {}
-  __device__ __forceinline__ void operator()(unsigned char* tile, const T* g, int64_t ld, int64_t row0,
-                                             int64_t nrows) const {
-    const T* src = g + (row0 + r0) * ld + col;
-    const int64_t step = int64_t(kRowStep) * ld;
-    const int rows_left = static_cast<int>(min(max(nrows - row0 - r0, int64_t(0)), int64_t(kBN)));
-    const uint32_t dst = smem_addr(tile) + offset;
-#pragma unroll
-    for (int j = 0; j < kCopies; ++j, src += step) {
-      const bool valid = j * kRowStep < rows_left;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + j * kRowStep * 128),
-                   "l"(valid ? src : g), "r"(valid ? 16 : 0));
-    }
-  }
-};
+constexpr int kStages = 3;  // K and V tiles in flight
 
-// q: [B, Lq, H, D]  k, v: [B, Lk, Hkv, D]  o: [B, Lq, H, D]  lse: [B, H, Lq]
-// grid (⌈Lq/128⌉, H, B), 256 threads; shared memory: Q [128][D], K and V [2][128][D], swizzled.
+// mbarriers (PTX ISA §9.7.13.15) in shared memory, by their shared-window address.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+}
+// A [64 columns × 128 rows] box of a [B, L, H, d] tensor (coordinates d, h, l, b) into a
+// swizzled column block at `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int d0, int h, int l0, int b,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(d0), "r"(h), "r"(l0), "r"(b), "r"(bar)
+      : "memory");
+}
+// Named barriers 1 and 2: warpgroup w waits on 1 + w for its turn and passes it on 2 − w.
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads)); }
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads));
+}
+
+// q: [B, Lq, H, D]  k, v: [B, Lk, Hkv, D]  o: [B, Lq, H, D]  lse: [B, H, Lq]; tq, tk, tv: TMA maps of
+// q, k, v (dims d, heads, L, B; boxes of 64 × 1 × 128 × 1, 128-byte swizzle).
+// grid (⌈Lq/128⌉, H, B), 256 threads; shared memory: Q [128][D], K and V [3][128][D], swizzled.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const FwdArgs a) {
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_forward_sm90_kernel(const FwdArgs a, const __grid_constant__ CUtensorMap tq,
+                              const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   constexpr uint32_t kQBytes = kBM * D * 2, kKVBytes = kBN * D * 2;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* Qs = smem_raw + (1024 - smem_addr(smem_raw) % 1024) % 1024;  // swizzle atoms: 1024-byte aligned
-  unsigned char* Ks = Qs + kQBytes;                                           // [2 stages]
-  unsigned char* Vs = Ks + 2 * kKVBytes;                                      // [2 stages]
+  unsigned char* Ks = Qs + kQBytes;                                           // [kStages]
+  unsigned char* Vs = Ks + kStages * kKVBytes;                                // [kStages]
+  // mbarriers: Q full; K full, V full, K empty, V empty per stage.
+  __shared__ __align__(8) uint64_t bars[1 + 4 * kStages];
   __shared__ int64_t warp_qmax[kThreads / 32];
+  const uint32_t q_full = smem_addr(&bars[0]);
+  auto k_full = [&](int st) { return smem_addr(&bars[1 + st]); };
+  auto v_full = [&](int st) { return smem_addr(&bars[1 + kStages + st]); };
+  auto k_empty = [&](int st) { return smem_addr(&bars[1 + 2 * kStages + st]); };
+  auto v_empty = [&](int st) { return smem_addr(&bars[1 + 3 * kStages + st]); };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wgroup = warp / 4;
+  const bool producer = threadIdx.x == 0;  // issues the TMA copies
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = int64_t(blockIdx.x) * kBM;
-  const T* qg = static_cast<const T*>(a.q.p) + b * a.q.sb + h * a.q.sh;
-  const T* kg = static_cast<const T*>(a.k.p) + b * a.k.sb + hk * a.k.sh;
-  const T* vg = static_cast<const T*>(a.v.p) + b * a.v.sb + hk * a.v.sh;
   const Positions& pos = a.pos;
 
   // This thread's rows (r_a, r_b = r_a + 8: warp w owns rows 16w..16w+15) and the warp's and block's query range.
@@ -97,13 +115,34 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
   const int64_t wq_max = warp_max(max(pos_a, pos_b));
   const int64_t wq_min = warp_min(min(pos_a == kNoPos ? INT64_MAX : pos_a, pos_b == kNoPos ? INT64_MAX : pos_b));
   if (lane == 0) warp_qmax[warp] = wq_max;
-
-  const TileLoader<T, D> load;
-  load(Qs, qg, a.q.sl, m0, a.Lq);
+  if (producer) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(k_full(st), 1);
+      mbar_init(v_full(st), 1);
+      mbar_init(k_empty(st), kThreads / 32);
+      mbar_init(v_empty(st), kThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
   __syncthreads();
   int64_t bq_max = warp_qmax[0];
 #pragma unroll
   for (int w = 1; w < kThreads / 32; ++w) bq_max = max(bq_max, warp_qmax[w]);
+
+  // Tile j of the visible ones (key tile `kt`) into stage j % kStages, once the tile kStages before it
+  // has left the stage.
+  auto load = [&](bool is_k, int j, int64_t kt) {
+    const int st = j % kStages;
+    if (j >= kStages) mbar_wait(is_k ? k_empty(st) : v_empty(st), (j / kStages - 1) & 1);
+    const uint32_t full = is_k ? k_full(st) : v_full(st);
+    mbar_expect_tx(full, kKVBytes);
+    const uint32_t dst = smem_addr((is_k ? Ks : Vs) + st * kKVBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+      tma_load(dst + c * kBN * 128, is_k ? &tk : &tv, c * 64, static_cast<int>(hk), static_cast<int>(kt * kBN),
+               static_cast<int>(b), full);
+  };
 
   // The next key tile at or after `from` that some query of the block sees.
   const int64_t n_tiles = (a.Lk + kBN - 1) / kBN;
@@ -118,12 +157,18 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
 
   // tile = t_i (this step's), next = t_{i+1}; their largest key positions.
   int64_t tile = next_tile(0), tile_kmax = kmax;
-  if (tile < n_tiles) load(Ks, kg, a.k.sl, tile * kBN, a.Lk);
-  cp_async_commit();  // group: Q, K_0
   int64_t next = tile < n_tiles ? next_tile(tile + 1) : n_tiles, next_kmax = kmax;
-  if (next < n_tiles) load(Ks + kKVBytes, kg, a.k.sl, next * kBN, a.Lk);
-  if (tile < n_tiles) load(Vs, vg, a.v.sl, tile * kBN, a.Lk);
-  cp_async_commit();  // group: K_1, V_0
+  if (producer && tile < n_tiles) {
+    mbar_expect_tx(q_full, kQBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+      tma_load(smem_addr(Qs) + c * kBM * 128, &tq, c * 64, static_cast<int>(h), static_cast<int>(m0),
+               static_cast<int>(b), q_full);
+    load(true, 0, tile);
+    load(false, 0, tile);
+    if (next < n_tiles) load(true, 1, next);
+  }
+  __syncwarp();
 
   const uint32_t q_addr = smem_addr(Qs) + wgroup * 64 * 128;  // this warpgroup's 64 rows
   float o[D / 2] = {};      // O accumulator m64nD
@@ -131,9 +176,9 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
   uint32_t p[kBN / 16][4];  // P_{i−1}: A fragments of the k-steps of P·V
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // running max (base-2 units), per-lane sums
 
-  // Queues S = Q·K_iᵀ (K_i in stage i % 2) and O += P·V_j (V_j in stage j % 2).
+  // Queues S = Q·K_iᵀ and O += P·V_j (tile j in stage j % kStages).
   auto issue_s = [&](int i) {
-    const uint32_t k_addr = smem_addr(Ks + (i & 1) * kKVBytes);
+    const uint32_t k_addr = smem_addr(Ks + (i % kStages) * kKVBytes);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
       wg::mma_ss_n128<kBf16>(s, wg::desc(q_addr + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024),
@@ -141,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
     wg::commit();
   };
   auto issue_pv = [&](int j) {
-    const uint32_t v_addr = smem_addr(Vs + (j & 1) * kKVBytes);
+    const uint32_t v_addr = smem_addr(Vs + (j % kStages) * kKVBytes);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) wg::mma_rs_t<kBf16>(o, p[kk], wg::desc(v_addr + kk * 16 * 128, kBN * 128, 1024));
     wg::commit();
@@ -223,54 +268,74 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
     }
   };
 
+  // The ping-pong: warpgroup w waits on named barrier 1 + w before queueing its products and then
+  // lets the other go (barrier 2 − w); warpgroup 1 starts by letting warpgroup 0 go first.
+  auto my_turn = [&] { named_sync(1 + wgroup); };
+  auto pass_turn = [&] { named_arrive(2 - wgroup); };
+  // Each warp tells the producer it is done with K_i and V_j.
+  auto release = [&](int i, int j) {
+    if (lane == 0) {
+      mbar_arrive(k_empty(i % kStages));
+      if (j >= 0) mbar_arrive(v_empty(j % kStages));
+    }
+  };
+  auto wait_k = [&](int i) { mbar_wait(k_full(i % kStages), (i / kStages) & 1); };
+  auto wait_v = [&](int j) { mbar_wait(v_full(j % kStages), (j / kStages) & 1); };
+
   if (tile < n_tiles) {
+    if (wgroup == 1) pass_turn();
     // Step 0: S_0 and its softmax (O is still zero).
-    cp_async_wait<1>();
-    wg::fence_smem_to_async();
-    __syncthreads();
+    mbar_wait(q_full, 0);
+    wait_k(0);
     visibility();
+    my_turn();
     wg::fence();
     issue_s(0);
+    pass_turn();
     wg::wait<0>();
     wg::hold(s);
     float alpha_a, alpha_b;  // O's rescale from the last softmax, applied before P·V adds that step's P
     softmax(alpha_a, alpha_b);
     pack_p();
+    release(0, -1);
     advance();
     int i = 1;
     for (; tile < n_tiles; ++i) {
-      cp_async_wait<0>();
-      wg::fence_smem_to_async();
-      __syncthreads();  // K_i, V_{i−1} in place; every warpgroup is done with K_{i−1}, V_{i−2}
-      if (next < n_tiles) load(Ks + ((i + 1) & 1) * kKVBytes, kg, a.k.sl, next * kBN, a.Lk);
-      load(Vs + (i & 1) * kKVBytes, vg, a.v.sl, tile * kBN, a.Lk);
-      cp_async_commit();
+      if (producer) {
+        if (next < n_tiles) load(true, i + 1, next);
+        load(false, i, tile);
+      }
+      __syncwarp();  // warp 0 whole again before its barriers and MMAs
+      wait_k(i);
+      wait_v(i - 1);
       visibility();
+      my_turn();
       wg::fence();
       issue_s(i);
       rescale_o(alpha_a, alpha_b);  // O in m_{i−1} units, ready for P_{i−1}·V_{i−1}
       wg::fence();
       issue_pv(i - 1);
+      pass_turn();
       wg::wait<1>();
       wg::hold(s);
-      softmax(alpha_a, alpha_b);  // while the tensor cores do P·V
+      softmax(alpha_a, alpha_b);  // while the tensor cores do P·V and the other warpgroup's products
       wg::wait<0>();
       wg::hold(o);
       wg::hold(reinterpret_cast<uint32_t(&)[kBN / 4]>(p));
       pack_p();
+      release(i, i - 1);
       advance();
     }
-    // The last tile's P·V.
-    cp_async_wait<0>();
-    wg::fence_smem_to_async();
-    __syncthreads();
+    // The last tile's P·V (warpgroup 1 has nobody left to pass the turn to).
+    wait_v(i - 1);
     rescale_o(alpha_a, alpha_b);
+    my_turn();
     wg::fence();
     issue_pv(i - 1);
+    if (wgroup == 0) pass_turn();
     wg::wait<0>();
     wg::hold(o);
   }
-  cp_async_wait<0>();
 
   // o /= l, lse = m + log l (natural log); rows that saw nothing: o = 0, lse = −inf.
   l_a = quad_sum(l_a);
@@ -298,25 +363,56 @@ __global__ void __launch_bounds__(kThreads, 1) flash_forward_sm90_kernel(const F
 #endif
 }
 
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The TMA map of a [B, L, H, d] view: dims (d, H, L, B), boxes of 64 × 1 × 128 × 1 elements into the
+// 128-byte swizzle, rows past L read as zeros. False when the driver refuses the strides.
+bool tensor_map(CUtensorMap& map, const Bshd& x, int64_t B, int64_t L, int64_t H, int d, bool bf16) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
+  if (!encode) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(H), cuuint64_t(L), cuuint64_t(B)};
+  const cuuint64_t strides[3] = {cuuint64_t(x.sh) * 2, cuuint64_t(x.sl) * 2, cuuint64_t(x.sb) * 2};
+  const cuuint32_t box[4] = {64, 1, kBN, 1}, elem[4] = {1, 1, 1, 1};
+  return encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                const_cast<void*>(x.p), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int D>
-void launch(const FwdArgs& a, cudaStream_t stream) {
-  const size_t smem = 1024 + size_t(kBM + 4 * kBN) * D * 2;
+bool launch(const FwdArgs& a, cudaStream_t stream) {
+  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  CUtensorMap tq, tk, tv;
+  if (a.Lq >= INT32_MAX || a.Lk >= INT32_MAX || !tensor_map(tq, a.q, a.B, a.Lq, a.H, D, bf16) ||
+      !tensor_map(tk, a.k, a.B, a.Lk, a.Hkv, D, bf16) || !tensor_map(tv, a.v, a.B, a.Lk, a.Hkv, D, bf16))
+    return false;
+  const size_t smem = 1024 + size_t(kBM + 2 * kStages * kBN) * D * 2;
   auto kernel = flash_forward_sm90_kernel<T, D>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "raising the Hopper forward kernel's shared memory limit");
   const dim3 grid(static_cast<unsigned>((a.Lq + kBM - 1) / kBM), static_cast<unsigned>(a.H),
                   static_cast<unsigned>(a.B));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, kThreads, smem, stream>>>(a, tq, tk, tv);
   check_cuda(cudaGetLastError(), "launching the Hopper flash forward kernel");
+  return true;
 }
 
 }  // namespace
 
-void forward_sm90(const FwdArgs& a, bool bf16, int d, cudaStream_t stream) {
-  if (d == 64)
-    bf16 ? launch<__nv_bfloat16, 64>(a, stream) : launch<__half, 64>(a, stream);
-  else
-    bf16 ? launch<__nv_bfloat16, 128>(a, stream) : launch<__half, 128>(a, stream);
+bool forward_sm90(const FwdArgs& a, bool bf16, int d, cudaStream_t stream) {
+  if (d == 64) return bf16 ? launch<__nv_bfloat16, 64>(a, stream) : launch<__half, 64>(a, stream);
+  return bf16 ? launch<__nv_bfloat16, 128>(a, stream) : launch<__half, 128>(a, stream);
 }
 
 }  // namespace ringattn::cuda::fa
