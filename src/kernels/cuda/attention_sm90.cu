@@ -106,7 +106,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int wgroup = warp / 4;
   const bool producer = threadIdx.x == 0;  // issues the TMA copies
-  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = int64_t(blockIdx.x) * kBM;
+  // Causal: the last query blocks (the most key tiles) first, so that the short ones fill the tail.
+  const int64_t mb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = mb * kBM;
   const Positions& pos = a.pos;
 
   // This thread's rows (r_a, r_b = r_a + 8: warp w owns rows 16w..16w+15) and the warp's and block's query range.
@@ -148,6 +150,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t n_tiles = (a.Lk + kBN - 1) / kBN;
   int64_t kmin = 0, kmax = 0;
   auto next_tile = [&](int64_t from) {
+    if (!pos.k) {  // key j at position j: the visible tiles are a prefix
+      if (from >= n_tiles || (a.causal && from * kBN > bq_max)) return n_tiles;
+      kmin = from * kBN;
+      kmax = min(kmin + kBN, a.Lk) - 1;
+      return from;
+    }
     for (int64_t tile = from; tile < n_tiles; ++tile) {
       key_range<kBN>(pos, tile * kBN, lane, kmin, kmax);
       if (!a.causal || kmin <= bq_max) return tile;
@@ -188,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_pv = [&](int j) {
     const uint32_t v_addr = smem_addr(Vs + (j % kStages) * kKVBytes);
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wg::mma_rs_t<kBf16>(o, p[kk], wg::desc(v_addr + kk * 16 * 128, kBN * 128, 1024));
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wg::mma_rs_t<kBf16>(o, p[kk], wg::desc(v_addr + kk * 16 * 128, kBN * 128, 1024));
     wg::commit();
   };
   // Which of this thread's 32 key columns of the current tile (bit c: column 8·(c / 2) + 2t + c % 2) rows
@@ -427,8 +436,8 @@ bool sm90_forward_available() {
         "RINGATTN_CUDA_FORWARD must be auto, sm90 or portable, got '", env, "'");
   int dev = 0, major = 0, minor = 0;
   fa::check_cuda(cudaGetDevice(&dev), "reading the current device");
-  fa::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "reading the compute capability");
-  fa::check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "reading the compute capability");
+  fa::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "reading the GPU's version");
+  fa::check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "reading the GPU's version");
   return major == 9 && minor == 0;
 #else
   return false;
