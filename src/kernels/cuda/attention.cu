@@ -12,7 +12,8 @@
 // and keeps their dK, dV accumulators in registers, looping over the query heads
 // of its GQA group and over 64-row query tiles: Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse),
 // dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q; dS goes through
-// shared memory for dQ += dS·K, added atomically into an fp32 buffer.
+// shared memory for dQ += dS·K, added atomically into an fp32 buffer (two
+// adjacent values per request on Hopper).
 //
 // Fragment layouts are those of the PTX ISA for mma.m16n8k16 (.row.col): with
 // g = lane/4 and t = lane%4, A holds rows g, g+8 and columns 2t, 2t+1, 2t+8,
