@@ -240,29 +240,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
     cur_kmax = next_kmax;
   }
 
-  // o /= l, lse = m + log l (natural log); rows that saw nothing: o = 0, lse = −inf.
-  l_a = quad_sum(l_a);
-  l_b = quad_sum(l_b);
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  void* o = const_cast<void*>(a.o.p);
-  const int64_t ob = b * a.o.sb + h * a.o.sh;
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = dt * 8 + 2 * t;
-    if (r_a < a.Lq) {
-      store_as(o, a.o.dt, ob + r_a * a.o.sl + col, o_acc[dt][0] * inv_a);
-      store_as(o, a.o.dt, ob + r_a * a.o.sl + col + 1, o_acc[dt][1] * inv_a);
-    }
-    if (r_b < a.Lq) {
-      store_as(o, a.o.dt, ob + r_b * a.o.sl + col, o_acc[dt][2] * inv_b);
-      store_as(o, a.o.dt, ob + r_b * a.o.sl + col + 1, o_acc[dt][3] * inv_b);
-    }
-  }
-  if (t == 0) {
-    float* lse = a.lse + b * a.lse_sb + h * a.lse_sh;
-    if (r_a < a.Lq) lse[r_a * a.lse_sl] = l_a > 0.f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
-    if (r_b < a.Lq) lse[r_b * a.lse_sl] = l_b > 0.f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
-  }
+  store_forward_rows<D>(a, b, h, r_a, r_b, t, reinterpret_cast<const float(&)[D / 2]>(o_acc), m_a, m_b, l_a, l_b);
 }
 
 // ---- backward --------------------------------------------------------------------

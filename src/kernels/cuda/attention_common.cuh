@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "ringattn/error.h"
@@ -116,6 +117,39 @@ __device__ __forceinline__ void key_range(const Positions& pos, int64_t n0, int 
   }
   kmax = warp_max(hi);
   kmin = warp_min(lo);
+}
+
+// The forward's outputs for this thread's rows r_a and r_b of (b, h): o = acc / l and
+// lse = (m + log2 l)·ln 2, with acc in the C-fragment layout (acc[4j + e]: row r_a
+// for e < 2, else r_b; column 8j + 2t + e % 2), m the running max in base-2 units and
+// l this lane's partial sums (added over the quad here). Rows that saw nothing:
+// o = 0, lse = −inf.
+template <int D>
+__device__ __forceinline__ void store_forward_rows(const FwdArgs& a, int64_t b, int64_t h, int64_t r_a, int64_t r_b,
+                                                   int t, const float (&acc)[D / 2], float m_a, float m_b, float l_a,
+                                                   float l_b) {
+  l_a = quad_sum(l_a);
+  l_b = quad_sum(l_b);
+  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+  void* o = const_cast<void*>(a.o.p);
+  const int64_t ob = b * a.o.sb + h * a.o.sh;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int col = j * 8 + 2 * t;
+    if (r_a < a.Lq) {
+      store_as(o, a.o.dt, ob + r_a * a.o.sl + col, acc[4 * j] * inv_a);
+      store_as(o, a.o.dt, ob + r_a * a.o.sl + col + 1, acc[4 * j + 1] * inv_a);
+    }
+    if (r_b < a.Lq) {
+      store_as(o, a.o.dt, ob + r_b * a.o.sl + col, acc[4 * j + 2] * inv_b);
+      store_as(o, a.o.dt, ob + r_b * a.o.sl + col + 1, acc[4 * j + 3] * inv_b);
+    }
+  }
+  if (t == 0) {
+    float* lse = a.lse + b * a.lse_sb + h * a.lse_sh;
+    if (r_a < a.Lq) lse[r_a * a.lse_sl] = l_a > 0.f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
+    if (r_b < a.Lq) lse[r_b * a.lse_sl] = l_b > 0.f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
+  }
 }
 
 inline void check_cuda(cudaError_t e, const char* what) {

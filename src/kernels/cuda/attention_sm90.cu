@@ -37,13 +37,15 @@ constexpr int kThreads = 128 * kWarpgroups;
 constexpr int kBM = 64 * kWarpgroups;  // query rows per block
 constexpr int kBN = 128;               // keys per tile
 
+constexpr int kStages = 3;  // K and V tiles in flight
+
+// The device helpers exist only in the sm_90a pass (the kernel body is empty in the others).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ float ex2(float x) {  // 2^x; 2^−inf = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-
-constexpr int kStages = 3;  // K and V tiles in flight
 
 // mbarriers (PTX ISA §9.7.13.15) in shared memory, by their shared-window address.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -79,6 +81,7 @@ __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 
 __device__ __forceinline__ void named_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads));
 }
+#endif
 
 // q: [B, Lq, H, D]  k, v: [B, Lk, Hkv, D]  o: [B, Lq, H, D]  lse: [B, H, Lq]; tq, tk, tv: TMA maps of
 // q, k, v (dims d, heads, L, B; boxes of 64 × 1 × 128 × 1, 128-byte swizzle).
@@ -346,29 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wg::hold(o);
   }
 
-  // o /= l, lse = m + log l (natural log); rows that saw nothing: o = 0, lse = −inf.
-  l_a = quad_sum(l_a);
-  l_b = quad_sum(l_b);
-  const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f, inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
-  void* out = const_cast<void*>(a.o.p);
-  const int64_t ob = b * a.o.sb + h * a.o.sh;
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int col = dt * 8 + 2 * t;
-    if (r_a < a.Lq) {
-      store_as(out, a.o.dt, ob + r_a * a.o.sl + col, o[4 * dt] * inv_a);
-      store_as(out, a.o.dt, ob + r_a * a.o.sl + col + 1, o[4 * dt + 1] * inv_a);
-    }
-    if (r_b < a.Lq) {
-      store_as(out, a.o.dt, ob + r_b * a.o.sl + col, o[4 * dt + 2] * inv_b);
-      store_as(out, a.o.dt, ob + r_b * a.o.sl + col + 1, o[4 * dt + 3] * inv_b);
-    }
-  }
-  if (t == 0) {
-    float* lse = a.lse + b * a.lse_sb + h * a.lse_sh;
-    if (r_a < a.Lq) lse[r_a * a.lse_sl] = l_a > 0.f ? (m_a + log2f(l_a)) * kLn2 : -INFINITY;
-    if (r_b < a.Lq) lse[r_b * a.lse_sl] = l_b > 0.f ? (m_b + log2f(l_b)) * kLn2 : -INFINITY;
-  }
+  store_forward_rows<D>(a, b, h, r_a, r_b, t, o, m_a, m_b, l_a, l_b);
 #endif
 }
 
