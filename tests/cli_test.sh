@@ -16,6 +16,7 @@ if [[ ! -x $BIN ]]; then
   exit 1
 fi
 
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ringattn_cli.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK" || exit 1
@@ -240,6 +241,13 @@ expect_error "plan: unknown hardware" "$BIN" plan --hardware no-such-gpu
 grep -q "h100-sxm" err.log || fail "plan: unknown hardware: the error does not list the files: $(cat err.log)"
 echo '{"name": "x", "devices_per_node": 0}' >bad_hw.json
 expect_error "plan: bad hardware file" "$BIN" plan --hardware bad_hw.json
+
+# The run-to-run spread of the committed validation runs (docs/benchmarks.md quotes it).
+runs=$SRC/docs/results/plan-2026-11-26
+$PY "$SRC/scripts/compare_spread.py" "$runs/run2" "$runs/run3" >spread.txt 2>&1 &&
+  grep -q "108 figures measured in 2+ runs" spread.txt && grep -q "max 105 %" spread.txt ||
+  fail "compare_spread.py: $(cat spread.txt)"
+expect_error "compare_spread.py: one folder" "$PY" "$SRC/scripts/compare_spread.py" "$runs/run2"
 
 if [[ $failures -ne 0 ]]; then
   echo "$failures check(s) failed"
