@@ -54,13 +54,19 @@ struct Hardware {
   // The same for the backward of a linear layer (dx and dW GEMMs, 4·m·n·k FLOPs);
   // empty: the forward rate.
   std::map<std::string, std::vector<std::pair<double, double>>> gemm_backward;
-  // dtype -> [(head dim, FLOP/s)] of the fused attention kernels (non-causal,
-  // long sequences; interpolated like the GEMM rate).
+  // dtype -> [(head dim, FLOP/s)] of the fused attention kernels the file takes by
+  // default (non-causal, long sequences; interpolated like the GEMM rate).
   std::map<std::string, std::vector<std::pair<double, double>>> attention_forward, attention_backward;
-  // Optional: the same for a newer kernel generation (FlashAttention-3 on Hopper);
-  // use_fa3() swaps them in.
-  std::map<std::string, std::vector<std::pair<double, double>>> attention_forward_fa3, attention_backward_fa3;
-  void use_fa3();  // throws Error when the file has no FA3 rates
+  // Other attention kernels' rates by name (the GPU files: "fa3", FlashAttention-3;
+  // "ringattn", this project's own kernels as measured), each with its causal
+  // efficiency (0: the file's). use_attention_kernels(name) swaps a set in.
+  struct AttentionKernels {
+    std::map<std::string, std::vector<std::pair<double, double>>> forward, backward;
+    double causal_efficiency = 0;
+  };
+  std::map<std::string, AttentionKernels> attention_kernels;
+  std::string attention_kernels_used;  // the name swapped in; empty: the defaults
+  void use_attention_kernels(const std::string& name);  // throws Error listing the file's names
   // Causal attention's rate on its visible pairs relative to the non-causal rate
   // (diagonal tiles computed whole, shorter rows): 1 when not given.
   double causal_efficiency = 1;

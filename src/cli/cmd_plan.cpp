@@ -29,9 +29,10 @@ namespace {
 struct PlanArgs {
   ModelConfig model{4, 256, 4, 0, 0, true, 1};
   int64_t seq = 8192, batch = 2;
-  std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep;
+  std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep,
+      attention_kernels;
   int world = 2, nodes = 0, top = 15, threads = 1;
-  bool json = false, all = false, fa3 = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
+  bool json = false, all = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
   double claim = 0;
   std::vector<std::string> validate, meshes;
 };
@@ -59,7 +60,7 @@ Hardware hardware(const PlanArgs& a) {
       throw Error(cat(e.what(), "\n(run `ringattn plan --calibrate` first to measure this machine)"));
     throw;
   }
-  if (a.fa3) h.use_fa3();
+  if (!a.attention_kernels.empty()) h.use_attention_kernels(a.attention_kernels);
   return h;
 }
 
@@ -454,6 +455,7 @@ void run(const PlanArgs& a) {
                         {"seq", w.seq}, {"batch", w.batch}, {"dtype", dtype_name(w.model.dtype)},
                         {"forward_flops", flops}, {"forward_flops_per_token", flops / tokens},
                         {"objective", a.objective}, {"layouts", nlohmann::json::array()}};
+    if (!h.attention_kernels_used.empty()) j["attention_kernels"] = h.attention_kernels_used;
     for (const Prediction& p : ps) j["layouts"].push_back(prediction_json(p));
     if (!claim.is_null()) j["claim"] = claim;
     return print_json(j);
@@ -466,6 +468,8 @@ void run(const PlanArgs& a) {
               dtype_name(w.model.dtype), static_cast<long long>(w.batch), static_cast<long long>(w.seq),
               w.model.causal ? ", causal" : "", a.world, h.name.c_str(), h.devices_per_node, cl.nodes_for(h),
               a.objective == "decode" ? "decode" : a.objective.c_str());
+  if (!h.attention_kernels_used.empty())
+    std::printf("      attention at the hardware file's %s rates\n", h.attention_kernels_used.c_str());
   std::printf("      model FLOPs: forward %s per token (training 3x)\n\n", si(flops / tokens, "FLOP").c_str());
   print_table(ps, static_cast<size_t>(a.top));
   std::printf("\nmicro: pipeline micro-batches (PP) or gradient-accumulation steps per replica, the best that fits; "
@@ -508,7 +512,9 @@ void add_plan(CLI::App& app) {
   cmd->add_option("--hardware", a->hardware,
                   "a file in hardware/ by name (this-machine, h100-sxm, h200-sxm, a100-sxm) or a JSON path")
       ->capture_default_str();
-  cmd->add_flag("--fa3", a->fa3, "use the hardware file's FlashAttention-3 attention rates");
+  cmd->add_option("--attention-kernels", a->attention_kernels,
+                  "use the hardware file's rates for these attention kernels instead of its defaults (GPU files: "
+                  "fa3 = FlashAttention-3, ringattn = this project's kernels as measured; defaults FlashAttention-2)");
   cmd->add_option("--mesh", a->meshes,
                   "only these layouts, e.g. sp=16 or tp=8,pp=2 or sp=8,strategy=hybrid,ulysses=2,dp=2,micro=4 "
                   "(repeatable)");

@@ -79,10 +79,17 @@ json curves_json(const Curves& c) {
 
 }  // namespace
 
-void Hardware::use_fa3() {
-  check(!attention_forward_fa3.empty() && !attention_backward_fa3.empty(), "hardware '", name,
-        "' has no FlashAttention-3 rates (attention_forward_fa3, attention_backward_fa3)");
-  attention_forward = attention_forward_fa3, attention_backward = attention_backward_fa3;
+void Hardware::use_attention_kernels(const std::string& kernels) {
+  const auto it = attention_kernels.find(kernels);
+  if (it == attention_kernels.end()) {
+    std::string have;
+    for (const auto& [k, v] : attention_kernels) have += (have.empty() ? "" : ", ") + k;
+    throw Error(cat("hardware '", name, "' has no rates for attention kernels '", kernels, "' (it has: ",
+                    have.empty() ? "none besides its defaults" : have, ")"));
+  }
+  attention_forward = it->second.forward, attention_backward = it->second.backward;
+  if (it->second.causal_efficiency > 0) causal_efficiency = it->second.causal_efficiency;
+  attention_kernels_used = kernels;
 }
 
 Hardware hardware_from_json(const std::string& text, const std::string& origin) {
@@ -95,7 +102,7 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   check(j.is_object(), origin, ": a hardware description is a JSON object");
   static const std::set<std::string> known = {
       "name", "description", "devices_per_node", "memory_bytes", "memory_bandwidth", "peak", "gemm", "gemm_backward",
-      "attention_forward", "attention_backward", "attention_forward_fa3", "attention_backward_fa3",
+      "attention_forward", "attention_backward", "attention_kernels",
       "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured"};
   for (auto& [k, v] : j.items()) check(known.count(k), origin, ": unknown field '", k, "'");
   Hardware h;
@@ -124,8 +131,24 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   if (j.contains("gemm_backward")) h.gemm_backward = curves(j, "gemm_backward", origin);
   h.attention_forward = curves(j, "attention_forward", origin);
   h.attention_backward = curves(j, "attention_backward", origin);
-  if (j.contains("attention_forward_fa3")) h.attention_forward_fa3 = curves(j, "attention_forward_fa3", origin);
-  if (j.contains("attention_backward_fa3")) h.attention_backward_fa3 = curves(j, "attention_backward_fa3", origin);
+  if (j.contains("attention_kernels")) {
+    check(j["attention_kernels"].is_object(), origin, ": 'attention_kernels' must be an object of name -> rates");
+    for (auto& [name, k] : j["attention_kernels"].items()) {
+      const std::string o = origin + ": attention_kernels." + name;
+      check(k.is_object() && k.contains("forward") && k.contains("backward"), o,
+            " must be an object with 'forward' and 'backward' rates");
+      for (auto& [f, v] : k.items())
+        check(f == "forward" || f == "backward" || f == "causal_efficiency", o, ": unknown field '", f, "'");
+      Hardware::AttentionKernels ak;
+      ak.forward = curves(k, "forward", o);
+      ak.backward = curves(k, "backward", o);
+      if (k.contains("causal_efficiency")) {
+        ak.causal_efficiency = positive(k, "causal_efficiency", o);
+        check(ak.causal_efficiency <= 1.5, o, ": 'causal_efficiency' is a ratio near 1");
+      }
+      h.attention_kernels[name] = ak;
+    }
+  }
   if (j.contains("peak")) {
     check(j["peak"].is_object(), origin, ": 'peak' must be an object of dtype -> FLOP/s");
     for (auto& [dt, v] : j["peak"].items()) {
@@ -150,8 +173,10 @@ std::string hardware_to_json(const Hardware& h) {
   if (!h.gemm_backward.empty()) j["gemm_backward"] = curves_json(h.gemm_backward);
   j["attention_forward"] = curves_json(h.attention_forward);
   j["attention_backward"] = curves_json(h.attention_backward);
-  if (!h.attention_forward_fa3.empty()) j["attention_forward_fa3"] = curves_json(h.attention_forward_fa3);
-  if (!h.attention_backward_fa3.empty()) j["attention_backward_fa3"] = curves_json(h.attention_backward_fa3);
+  for (const auto& [name, k] : h.attention_kernels) {
+    j["attention_kernels"][name] = {{"forward", curves_json(k.forward)}, {"backward", curves_json(k.backward)}};
+    if (k.causal_efficiency > 0) j["attention_kernels"][name]["causal_efficiency"] = k.causal_efficiency;
+  }
   j["elementwise_bandwidth"] = h.elementwise_bandwidth, j["decode_bandwidth"] = h.decode_bandwidth;
   if (h.gelu_forward_rate > 0) j["gelu_forward_rate"] = h.gelu_forward_rate;
   if (h.gelu_backward_rate > 0) j["gelu_backward_rate"] = h.gelu_backward_rate;
