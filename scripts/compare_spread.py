@@ -27,10 +27,12 @@ def main(dirs):
         if not files:
             sys.exit(f"{d}: no compare_*.json files")
         for f in files:
-            run = json.load(open(f))
+            with open(f) as fh:
+                run = json.load(fh)
             for m in run["methods"]:
                 for k in METRICS:
-                    figures.setdefault((run["ranks"], run["seq"], m["method"], k), {})[d] = m[k]
+                    if m.get(k):  # a method may lack a figure (or measure 0)
+                        figures.setdefault((run["ranks"], run["seq"], m["method"], k), {})[d] = m[k]
     spread = []
     for key, by_dir in figures.items():
         vals = list(by_dir.values())
@@ -44,6 +46,8 @@ def main(dirs):
           f"> 30 %: {sum(s > 0.30 for s, _, _ in spread)}, > 20 %: {sum(s > 0.20 for s, _, _ in spread)}")
     for k in METRICS:
         s = [x for x, key, _ in spread if key[3] == k]
+        if not s:
+            continue
         print(f"  {k}: median {100 * statistics.median(s):.1f} %, max {100 * max(s):.0f} %, "
               f"> 30 %: {sum(x > 0.30 for x in s)} of {len(s)}")
     print("above 30 %:")

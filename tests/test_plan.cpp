@@ -257,21 +257,23 @@ TEST(PlanHardware, BuiltInFilesLoad) {
 TEST(PlanHardware, AttentionKernelSetsSwapIn) {
   Hardware h = load_hardware("h100-sxm");
   const double fa2 = h.attention_rate(DType::bf16, false, 128), causal = h.causal_efficiency;
-  h.use_attention_kernels("ringattn");  // measured: 500 TFLOP/s forward, 163 backward at d = 128
-  EXPECT_NEAR(h.attention_rate(DType::bf16, false, 128), 5.005e14, 1e11);
+  h.use_attention_kernels("ringattn");  // measured: 491 TFLOP/s forward, 163 backward at d = 128
+  EXPECT_NEAR(h.attention_rate(DType::bf16, false, 128), 4.911e14, 1e11);
   EXPECT_NEAR(h.attention_rate(DType::bf16, true, 128), 1.625e14, 1e11);
   // linear in log(head dim) between the measured 64 and 128
-  EXPECT_NEAR(h.attention_rate(DType::bf16, false, 96), 2.995e14 + std::log(1.5) / std::log(2.0) * 2.01e14, 1e11);
-  EXPECT_DOUBLE_EQ(h.causal_efficiency, 0.96);
+  EXPECT_NEAR(h.attention_rate(DType::bf16, false, 96), 2.995e14 + std::log(1.5) / std::log(2.0) * 1.916e14, 1e11);
+  EXPECT_DOUBLE_EQ(h.causal_efficiency, 0.98);
   EXPECT_NE(h.attention_rate(DType::bf16, false, 128), fa2);
   EXPECT_EQ(h.attention_kernels_used, "ringattn");
+  EXPECT_THROW(h.use_attention_kernels("fa3"), Error);  // one choice: the file's causal efficiency is gone
+  EXPECT_THROW(hardware_to_json(h), Error);             // would save ringattn's rates as the defaults
   // Written and read back with its sets.
   Hardware back = hardware_from_json(hardware_to_json(load_hardware("h100-sxm")), "test");
   back.use_attention_kernels("fa3");
   EXPECT_NEAR(back.attention_rate(DType::f16, false, 128), 6.48e14, 1e11);
   EXPECT_DOUBLE_EQ(back.causal_efficiency, causal);  // fa3 gives none: the file's stays
   try {
-    back.use_attention_kernels("fa9");
+    load_hardware("h100-sxm").use_attention_kernels("fa9");
     ADD_FAILURE() << "an unknown set was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("fa3, ringattn"), std::string::npos) << e.what();

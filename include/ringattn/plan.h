@@ -66,7 +66,8 @@ struct Hardware {
   };
   std::map<std::string, AttentionKernels> attention_kernels;
   std::string attention_kernels_used;  // the name swapped in; empty: the defaults
-  void use_attention_kernels(const std::string& name);  // throws Error listing the file's names
+  // Throws Error listing the file's names for an unknown one, and when a set was chosen already.
+  void use_attention_kernels(const std::string& name);
   // Causal attention's rate on its visible pairs relative to the non-causal rate
   // (diagonal tiles computed whole, shorter rows): 1 when not given.
   double causal_efficiency = 1;
@@ -90,7 +91,7 @@ struct Hardware {
 };
 
 Hardware hardware_from_json(const std::string& text, const std::string& origin);  // throws Error naming the field
-std::string hardware_to_json(const Hardware& h);
+std::string hardware_to_json(const Hardware& h);  // throws Error after use_attention_kernels
 // A name from the hardware/ folder ("h100-sxm") or a path to a JSON file.
 Hardware load_hardware(const std::string& name_or_path);
 std::vector<std::string> builtin_hardware_names();

@@ -513,8 +513,9 @@ void add_plan(CLI::App& app) {
                   "a file in hardware/ by name (this-machine, h100-sxm, h200-sxm, a100-sxm) or a JSON path")
       ->capture_default_str();
   cmd->add_option("--attention-kernels", a->attention_kernels,
-                  "use the hardware file's rates for these attention kernels instead of its defaults (GPU files: "
-                  "fa3 = FlashAttention-3, ringattn = this project's kernels as measured; defaults FlashAttention-2)");
+                  "use the hardware file's rates for these attention kernels instead of its defaults (the GPU "
+                  "files: fa3 = FlashAttention-3, ringattn = this project's kernels as measured on an H100; their "
+                  "defaults are FlashAttention-2's)");
   cmd->add_option("--mesh", a->meshes,
                   "only these layouts, e.g. sp=16 or tp=8,pp=2 or sp=8,strategy=hybrid,ulysses=2,dp=2,micro=4 "
                   "(repeatable)");

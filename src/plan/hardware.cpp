@@ -80,6 +80,8 @@ json curves_json(const Curves& c) {
 }  // namespace
 
 void Hardware::use_attention_kernels(const std::string& kernels) {
+  check(attention_kernels_used.empty(), "hardware '", name, "': attention kernels '", attention_kernels_used,
+        "' were chosen already");
   const auto it = attention_kernels.find(kernels);
   if (it == attention_kernels.end()) {
     std::string have;
@@ -144,7 +146,7 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
       ak.backward = curves(k, "backward", o);
       if (k.contains("causal_efficiency")) {
         ak.causal_efficiency = positive(k, "causal_efficiency", o);
-        check(ak.causal_efficiency <= 1.5, o, ": 'causal_efficiency' is a ratio near 1");
+        check(ak.causal_efficiency <= 1.5, o, ": 'causal_efficiency' is a ratio near 1, got ", ak.causal_efficiency);
       }
       h.attention_kernels[name] = ak;
     }
@@ -165,6 +167,8 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
 }
 
 std::string hardware_to_json(const Hardware& h) {
+  check(h.attention_kernels_used.empty(), "hardware '", h.name, "': write it before choosing attention kernels ('",
+        h.attention_kernels_used, "' would be saved as its defaults)");
   json j;
   j["name"] = h.name, j["description"] = h.description, j["devices_per_node"] = h.devices_per_node;
   j["memory_bytes"] = h.memory_bytes, j["memory_bandwidth"] = h.memory_bandwidth;

@@ -71,7 +71,9 @@ std::vector<Case> cases() {
                           {1, 200, 200, 2, 2, 128, false}, {2, 1, 300, 4, 1, 128, false},
                           {1, 130, 64, 4, 4, 64, true},    {1, 96, 160, 2, 1, 128, true},
                           // many key tiles and query blocks (the pipelined stages; causal tiles skipped)
-                          {1, 600, 600, 2, 1, 128, false}, {1, 77, 1000, 2, 2, 64, true}};
+                          {1, 600, 600, 2, 1, 128, false}, {1, 77, 1000, 2, 2, 64, true},
+                          // causal: whole 128-row query blocks that see no key at all
+                          {1, 300, 100, 2, 1, 128, false}};
   std::vector<Case> out;
   for (const Shape& s : shapes)
     for (DType dt : {DType::bf16, DType::f16})

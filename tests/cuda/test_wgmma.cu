@@ -163,7 +163,7 @@ bool hopper() {
 
 #define REQUIRE_HOPPER()                                                                                   \
   do {                                                                                                     \
-    if (!hopper()) GTEST_SKIP() << "no GPU visible, or not a compute capability 9.0 GPU with sm_90a code"; \
+    if (!hopper()) GTEST_SKIP() << "not a Hopper GPU with sm_90a code (or none at all)";                  \
   } while (0)
 
 TEST(CudaWgmma, ProductsBf16D128) {
@@ -177,6 +177,10 @@ TEST(CudaWgmma, ProductsBf16D64) {
 TEST(CudaWgmma, ProductsF16D128) {
   REQUIRE_HOPPER();
   check_products<__half, 128>();
+}
+TEST(CudaWgmma, ProductsF16D64) {
+  REQUIRE_HOPPER();
+  check_products<__half, 64>();
 }
 
 }  // namespace

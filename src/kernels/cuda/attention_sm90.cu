@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include <cuda.h>
@@ -410,19 +411,23 @@ bool forward_sm90(const FwdArgs& a, bool bf16, int d, cudaStream_t stream) {
 namespace ringattn::cuda {
 
 bool sm90_forward_available() {
-#ifdef RINGATTN_HAVE_SM90A
   const char* env = std::getenv("RINGATTN_CUDA_FORWARD");
-  if (env && std::strcmp(env, "portable") == 0) return false;
-  check(!env || !*env || std::strcmp(env, "auto") == 0 || std::strcmp(env, "sm90") == 0,
-        "RINGATTN_CUDA_FORWARD must be auto, sm90 or portable, got '", env, "'");
+  const std::string mode = env && *env ? env : "auto";
+  check(mode == "auto" || mode == "sm90" || mode == "portable",
+        "RINGATTN_CUDA_FORWARD must be auto, sm90 or portable, got '", mode, "'");
+  if (mode == "portable") return false;
+  bool hopper = false;
+#ifdef RINGATTN_HAVE_SM90A
   int dev = 0, major = 0, minor = 0;
   fa::check_cuda(cudaGetDevice(&dev), "reading the current device");
   fa::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "reading the GPU's version");
   fa::check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "reading the GPU's version");
-  return major == 9 && minor == 0;
-#else
-  return false;
+  hopper = major == 9 && minor == 0 && fa::encode_tiled() != nullptr;
 #endif
+  check(hopper || mode == "auto",
+        "RINGATTN_CUDA_FORWARD=sm90: the Hopper forward needs a compute capability 9.0 GPU, a build with sm_90a code "
+        "(RINGATTN_CUDA_ARCHITECTURES) and a driver that has cuTensorMapEncodeTiled");
+  return hopper;
 }
 
 }  // namespace ringattn::cuda

@@ -15,8 +15,10 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
                    const TensorView& lse, const AttentionOptions& opt, cudaStream_t stream);
 
 // Whether flash_forward runs the Hopper kernel (attention_sm90.cu): a compute
-// capability 9.0 GPU, a build with sm_90a code, and RINGATTN_CUDA_FORWARD not
-// "portable" (auto, sm90 or portable; anything else is an error).
+// capability 9.0 GPU, a build with sm_90a code, a driver with the TMA map encoder,
+// and RINGATTN_CUDA_FORWARD not "portable". RINGATTN_CUDA_FORWARD: auto (default),
+// portable, or sm90 (an error where the Hopper kernel cannot run); anything else
+// is an error.
 bool sm90_forward_available();
 
 // FlashAttention-2 backward: dq, dk, dv (fp32 or q's dtype) from q, k, v, o, lse, dout.
