@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, run on a machine with an NVIDIA GPU from a build made elsewhere
-# (scripts/build_gpu.sh): the CUDA tests, then `bench kernel --device cuda`.
+# (scripts/build_gpu.sh): the CUDA tests, then `bench kernel --device cuda`, then
+# the transformer on the GPU (`train` and `generate --device cuda`).
 # Finds NCCL and cuBLAS wherever the machine has them (CUDA toolkit or the
 # nvidia-* Python wheels) and the host libraries carried in .devlibs/.
-# Writes logs to $OUT (or ./gpu-out).
+# Writes logs to $OUT (or ./gpu-out), packed into one gpu-logs.tgz at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -26,8 +27,8 @@ fi
 # The wgmma building blocks, the kernels (the default forward: wgmma on Hopper),
 # the kernels again with the portable forward, then the ring and NCCL (a hang
 # there must not hide the kernels' results).
-for part in wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' portable:'Shapes/*' \
-  ring:'CudaRing.*:CudaNccl.*'; do
+for part in ${TEST_PARTS:-wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' \
+  model:'CudaLayers.*:CudaModel.*' portable:'Shapes/*' ring:'CudaRing.*:CudaNccl.*'}; do
   name=${part%%:*}
   fwd=auto
   [ "$name" = portable ] && fwd=portable
@@ -35,7 +36,8 @@ for part in wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' port
     --gtest_filter="${part#*:}" >"$OUT/tests_$name.log" 2>&1
   rc=$?
   echo "tests $name (forward $fwd) exit $rc"
-  grep -E "^\[ ring|FAILED|PASSED|SKIPPED|rror|Failure|err |expected" "$OUT/tests_$name.log" | head -40
+  grep -E "^\[ (ring|model|decode)|FAILED|PASSED|SKIPPED|rror|Failure|err |expected" "$OUT/tests_$name.log" |
+    head -40
   if [ $rc = 124 ]; then
     echo "a hang: the remaining parts would hang too"
     tail -5 "$OUT/tests_$name.log"
@@ -61,3 +63,22 @@ if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then
     grep -E "ERROR SUMMARY|Invalid|Race|PASSED|FAILED" "$OUT/sanitize_$tool.log" | head -8
   done
 fi
+# The transformer on the GPU (bf16, one rank): a training step and generation at
+# a long sequence, then a small generation checked against the CPU model.
+model="--dtype bf16 --layers 4 --d-model 2048 --heads 16 --mlp 8192"
+if [ "${MODEL_RUNS:-1}" = 1 ]; then
+  timeout ${MODEL_TIMEOUT:-240} "$BUILD/ringattn" train --device cuda $model --seq ${MODEL_SEQ:-16384} --steps 5 \
+    --lr ${MODEL_LR:-1e-4} \
+    >"$OUT/train.txt" 2>&1
+  echo "train exit $?"
+  cat "$OUT/train.txt"
+  timeout ${MODEL_TIMEOUT:-240} "$BUILD/ringattn" generate --device cuda $model --prompt-len ${MODEL_SEQ:-16384} \
+    --new-tokens 64 >"$OUT/generate.txt" 2>&1
+  echo "generate exit $?"
+  cat "$OUT/generate.txt"
+  timeout 120 "$BUILD/ringattn" generate --device cuda --dtype bf16 --layers 2 --d-model 256 --heads 2 \
+    --prompt-len 512 --new-tokens 8 --check >"$OUT/generate_check.txt" 2>&1
+  echo "generate --check exit $?"
+  tail -3 "$OUT/generate_check.txt"
+fi
+(cd "$OUT" && tar czf /tmp/gpu-logs.tgz --exclude gpu-logs.tgz . && rm -f ./*.txt ./*.log && mv /tmp/gpu-logs.tgz .)

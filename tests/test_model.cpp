@@ -365,14 +365,14 @@ TEST_P(ModelGrad, BackwardMatchesFiniteDifferences) {
 
   auto loss = [&] {
     Activations act;
-    Tensor y = model_forward(m, xv, sp, act);
+    DeviceTensor y = model_forward(m, xv, sp, act);
     return dot(y.ptr<float>(), w.data(), w.size());
   };
   Activations act;
-  Tensor y = model_forward(m, xv, sp, act);
+  DeviceTensor y = model_forward(m, xv, sp, act);
   ASSERT_TRUE(all_finite(y));
   m.zero_grads();
-  Tensor dx = model_backward(m, act, wv, sp);
+  DeviceTensor dx = model_backward(m, act, wv, sp);
   ASSERT_EQ(dx.dim(0), B);
   ASSERT_EQ(dx.dim(1), L);
   ASSERT_EQ(dx.dim(2), D);
@@ -405,9 +405,9 @@ TEST_P(ModelGrad, BackwardAccumulatesIntoGrads) {
   Activations act;
   model_forward(m, xv, sp, act);
   m.zero_grads();
-  Tensor dx1 = model_backward(m, act, wv, sp);
+  DeviceTensor dx1 = model_backward(m, act, wv, sp);
   const std::vector<float> g1(m.grads(), m.grads() + m.num_params());
-  Tensor dx2 = model_backward(m, act, wv, sp);
+  DeviceTensor dx2 = model_backward(m, act, wv, sp);
   EXPECT_TRUE(bitwise_equal(dx1, dx2)) << "the input gradient is returned, not accumulated";
   std::vector<double> twice(g1.size());
   for (size_t i = 0; i < g1.size(); ++i) twice[i] = 2.0 * g1[i];
@@ -458,9 +458,9 @@ TEST(Model, CausalOutputIgnoresLaterTokens) {
   perturb(m, 91);
   std::vector<float> x = randn(B * L * D, 92);
   Activations act;
-  Tensor y1 = model_forward(m, TensorView(x.data(), DType::f32, {B, L, D}), one_process(), act);
+  DeviceTensor y1 = model_forward(m, TensorView(x.data(), DType::f32, {B, L, D}), one_process(), act);
   for (int64_t i = 5 * D; i < L * D; ++i) x[i] += 1.f;  // change tokens 5..8
-  Tensor y2 = model_forward(m, TensorView(x.data(), DType::f32, {B, L, D}), one_process(), act);
+  DeviceTensor y2 = model_forward(m, TensorView(x.data(), DType::f32, {B, L, D}), one_process(), act);
   EXPECT_TRUE(bitwise_equal(y1.view().slice(1, 0, 5), y2.view().slice(1, 0, 5)));
   EXPECT_FALSE(bitwise_equal(y1.view().slice(1, 5, 4), y2.view().slice(1, 5, 4)));
 }
@@ -618,7 +618,7 @@ TEST(ModelBf16, StaysNearFp32AndTrains) {
   std::vector<float> x = randn(B * L * D, 132);
   Activations a32, a16;
   const TensorView xv(x.data(), DType::f32, {B, L, D});
-  const Tensor y32 = model_forward(m32, xv, one_process(), a32), y16 = model_forward(m16, xv, one_process(), a16);
+  const DeviceTensor y32 = model_forward(m32, xv, one_process(), a32), y16 = model_forward(m16, xv, one_process(), a16);
   double den = 0;
   for (int64_t i = 0; i < y32.numel(); ++i) den = std::max(den, std::fabs(static_cast<double>(y32.ptr<float>()[i])));
   const double err = max_abs_diff(y16, y32) / den;
@@ -640,7 +640,7 @@ TEST(ModelBf16, WorkingCopyFollowsParameterUpdates) {
   Activations act;
   model_forward(a, xv, one_process(), act);  // rounds a's working copy
   perturb(a, 142), perturb(b, 142);          // then both change the same way
-  const Tensor ya = model_forward(a, xv, one_process(), act), yb = model_forward(b, xv, one_process(), act);
+  const DeviceTensor ya = model_forward(a, xv, one_process(), act), yb = model_forward(b, xv, one_process(), act);
   EXPECT_TRUE(bitwise_equal(ya, yb)) << "a stale bf16 copy of the weights was used after the parameters changed";
 }
 

@@ -19,6 +19,8 @@ int cuda_device_count();  // GPUs visible to this process (0 without the CUDA pa
 // communicators. Kernels: flash-attention forward/backward and the merge for
 // bf16 and fp16 (fp32 accumulation; fp32 o/lse outputs allowed), head dims 64
 // and 128, causal by global positions, GQA.
+// Freed memory is kept for reuse (cudaFree would stall the host on every
+// temporary) and given back when an allocation fails or the device goes.
 std::unique_ptr<Device> make_cuda_device(int ordinal);
 // The forward kernel attention_forward uses on the current GPU: "wgmma" (Hopper,
 // sm_90a build) or "mma.sync" (any other GPU, or RINGATTN_CUDA_FORWARD=portable).

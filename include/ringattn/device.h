@@ -74,6 +74,31 @@ class Device {
   virtual void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                                const TensorView& lse_part, int threads) = 0;
 
+  // The token-local layers of layers.h on this device's memory, same contracts
+  // (row-major [N, C], fp32 activations, W in the compute dtype, weight
+  // gradients accumulated, activation gradients overwritten; b, db, dx may be null).
+  virtual void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta,
+                                 float* y, float* mean, float* rstd) = 0;
+  virtual void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                                  const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) = 0;
+  virtual void gelu_forward(int64_t n, const float* x, float* y) = 0;
+  virtual void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) = 0;
+  virtual void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b,
+                              float* y, DType compute) = 0;
+  virtual void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
+                               float* dx, float* dW, float* db, DType compute) = 0;
+  // y[N, D] += b[D] on every row.
+  virtual void add_bias(int64_t N, int64_t D, float* y, const float* b) = 0;
+  // Σ (y − t)² over n elements (returned to the host, summed in double) and
+  // dy = scale · (y − t).
+  virtual double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) = 0;
+  // One AdamW step over n parameters (model.h's AdamW: bias-corrected moments
+  // m, v, decoupled weight decay); c1, c2 = 1 − β1^step, 1 − β2^step.
+  struct AdamWStep {
+    float lr, beta1, beta2, eps, weight_decay, c1, c2;
+  };
+  virtual void adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) = 0;
+
   // The host waits until everything queued on this device is done (bounded: a
   // device that does not finish within timeout_seconds throws Error).
   virtual void synchronize(double timeout_seconds = 300) = 0;

@@ -42,7 +42,8 @@ class KVCache {
   int64_t held(int64_t b, int r) const { return held_[static_cast<size_t>(b * P_ + r)]; }
   // The SP rank that stores the token at global position t.
   int owner(int64_t t) const { return static_cast<int>(t % P_); }
-  // Layer l's keys / values of sequence b here: [1, held(b, p), kv_heads, dh].
+  // Layer l's keys / values of sequence b here: [1, held(b, p), kv_heads, dh],
+  // in the model's device memory.
   TensorView keys(int l, int64_t b) const { return entries(k_, l, b); }
   TensorView values(int l, int64_t b) const { return entries(v_, l, b); }
   // Global positions of those entries.
@@ -52,14 +53,16 @@ class KVCache {
   int64_t bytes() const;  // K, V and positions allocated on this rank
 
  private:
-  friend Tensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const SequenceParallel&, Communicator*);
-  friend Tensor decode_step(const Model&, KVCache&, const TensorView&, const SequenceParallel&, Communicator*);
-  TensorView entries(const std::vector<Tensor>& t, int l, int64_t b) const {
+  friend DeviceTensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const SequenceParallel&,
+                              Communicator*);
+  friend DeviceTensor decode_step(const Model&, KVCache&, const TensorView&, const SequenceParallel&, Communicator*);
+  TensorView entries(const std::vector<DeviceTensor>& t, int l, int64_t b) const {
     return t[static_cast<size_t>(l)].view().slice(0, b, 1).slice(1, 0, held(b, p_));
   }
   int64_t batch_, capacity_;
   int P_, p_;
-  std::vector<Tensor> k_, v_;         // per layer held: [batch, capacity, kv_heads, dh], model dtype
+  Device* dev_;                       // the model's
+  std::vector<DeviceTensor> k_, v_;   // per layer held: [batch, capacity, kv_heads, dh], model dtype
   std::vector<int64_t> pos_;          // [batch, capacity]
   std::vector<int64_t> length_;       // [batch]
   std::vector<int64_t> held_;         // [batch, P]
@@ -73,16 +76,17 @@ class KVCache {
 //      (attention by sp.attn.strategy), Ll = L otherwise. Under PP (pp = the
 //      stages, this rank's model holds stage pp->rank()) stage 0 reads x, the
 //      others receive the previous stage's output (x still gives the shape).
+// x and y are in the model's device memory.
 // Returns y [Bp, Ll, D], this rank's tokens; under PP on the last stage only
 // (an empty tensor elsewhere).
-Tensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
                Communicator* pp = nullptr);
 
 // One decode step for every sequence of the cache: x [B, 1, D] is the next token
 // of each (the same on every rank); returns y [B, 1, D] on every rank. The new
 // token's K/V are appended to its owner's shard. Throws Error, on every rank, when
 // a sequence has no prompt yet or the owner's shard of a sequence is full.
-Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
                    Communicator* pp = nullptr);
 
 }  // namespace ringattn

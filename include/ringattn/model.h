@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ringattn/comm.h"
+#include "ringattn/device.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/tensor.h"
 
@@ -54,10 +55,21 @@ struct LayerWeights {
 // Pipeline parallelism: with pp > 1 the model holds the layers of stage
 // pp_stage only (layers/pp consecutive layers). Slices are cut from the full
 // initialisation.
+// Device: parameters, gradients, activations and every layer's work live on
+// `device` (nullptr: the host). The initialisation is made on the host and
+// copied there, so a model is the same on every device. A model on a GPU
+// computes in bf16 (the CUDA attention kernels take bf16/fp16) and runs
+// sequence parallelism only (TP and PP move activations through host memory).
 class Model {
  public:
-  explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0, int pp = 1, int pp_stage = 0);
+  explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0, int pp = 1, int pp_stage = 0,
+                 Device* device = nullptr);
+  Model(const Model&) = delete;  // the storage may be a GPU's: no implicit copies
+  Model& operator=(const Model&) = delete;
+  Model(Model&&) = default;
+  Model& operator=(Model&&) = default;
   const ModelConfig& config() const { return cfg_; }
+  Device& device() const { return *dev_; }
   int tp() const { return tp_; }
   int tp_rank() const { return tp_rank_; }
   int num_layers() const { return num_layers_; }    // layers held here
@@ -67,18 +79,22 @@ class Model {
   int64_t local_hidden() const { return cfg_.hidden() / tp_; }
   int64_t local_qkv_width() const { return (local_heads() + 2 * local_kv()) * cfg_.head_dim(); }
   // Copies this rank's slice of `full` (a tp = 1, pp = 1 model of the same
-  // config): parameters, or gradients when grads is true.
+  // config): parameters, or gradients when grads is true. Both on the host.
   void copy_slice_from(const Model& full, bool grads);
-  int64_t num_params() const { return static_cast<int64_t>(params_.size()); }
+  int64_t num_params() const { return params_.numel(); }
+  // Parameters and gradients in the device's memory (the host's for the CPU).
   // Non-const access may change the parameters: the bf16 working copy is
   // re-rounded before the next use.
-  float* params() { return shadow_stale_ = true, params_.data(); }
-  const float* params() const { return params_.data(); }
-  float* grads() { return grads_.data(); }
-  const float* grads() const { return grads_.data(); }
-  LayerParams layer(int l) { return shadow_stale_ = true, view(params_.data(), l); }
-  LayerParams layer_grads(int l) { return view(grads_.data(), l); }
-  LayerParams layer(int l) const { return view(const_cast<float*>(params_.data()), l); }
+  float* params() { return shadow_stale_ = true, params_.ptr<float>(); }
+  const float* params() const { return params_.ptr<float>(); }
+  float* grads() { return grads_.ptr<float>(); }
+  const float* grads() const { return grads_.ptr<float>(); }
+  // Host copies of both, from any device.
+  std::vector<float> host_params() const;
+  std::vector<float> host_grads() const;
+  LayerParams layer(int l) { return shadow_stale_ = true, view(params(), l); }
+  LayerParams layer_grads(int l) { return view(grads(), l); }
+  LayerParams layer(int l) const { return view(const_cast<float*>(params()), l); }
   // Layer l's weights for the GEMMs: the fp32 parameters, or (bf16) their
   // bf16-rounded working copy, kept in step with the fp32 master parameters.
   LayerWeights weights(int l) const;
@@ -86,12 +102,14 @@ class Model {
 
  private:
   LayerParams view(float* base, int l) const;
+  void init_full();  // the tp = 1, pp = 1 initialisation from cfg_.seed, on the host
   std::vector<int64_t> layer_sizes() const;
   ModelConfig cfg_;
   int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
-  std::vector<float> params_, grads_;
-  mutable std::vector<uint16_t> shadow_;  // bf16 copy of params_ (bf16 models)
+  Device* dev_;
+  DeviceTensor params_, grads_;     // fp32 [num_params] on dev_
+  mutable DeviceTensor shadow_;     // bf16 copy of params_ (bf16 models)
   mutable bool shadow_stale_ = true;
 };
 
@@ -106,13 +124,14 @@ struct SequenceParallel {
   Communicator* tp = nullptr;
 };
 
-// What the forward keeps for the backward. With keep = false (inference) each
-// layer's tensors are freed as soon as the next layer has its input.
+// What the forward keeps for the backward, on the model's device. With keep =
+// false (inference) each layer's tensors are freed as soon as the next layer has
+// its input.
 struct Activations {
   int64_t B = 0, Ll = 0;
   bool keep = true;
   struct Layer {
-    Tensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
+    DeviceTensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
   };
   std::vector<Layer> layers;
 };
@@ -124,25 +143,27 @@ struct Activations {
 using AttentionHook = std::function<void(int layer, const TensorView& q, const TensorView& k, const TensorView& v,
                                          const TensorView& o, const TensorView& lse)>;
 
-// x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens).
-Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+// x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
+DeviceTensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
                      const AttentionHook& attention = {});
-// The attention of the forward without a hook: local, or distributed over sp.comm.
-void sequence_parallel_attention(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+// The attention of the forward without a hook: local, or distributed over sp.comm,
+// on `dev`.
+void sequence_parallel_attention(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
                                  const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse);
 // dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
-// reduced across ranks) and returns dL/dx.
-Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp);
+// reduced across ranks) and returns dL/dx (on the model's device).
+DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp);
 
 // Mean squared error over the whole (global) batch: Σ (y − t)² / global_count,
-// summed over comm when given. Writes dL/dy for the local elements into dy.
+// summed over comm when given. Writes dL/dy for the local elements into dy. The
+// tensors are in dev's memory.
 double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
-                int64_t global_count);
+                int64_t global_count, Device& dev = cpu_device());
 
 struct AdamW {
   float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
   int64_t step = 0;
-  std::vector<float> m, v;
+  DeviceTensor m, v;          // the moments, on the model's device after the first step
   void update(Model& model);  // one step on model.params() with model.grads()
 };
 

@@ -13,6 +13,7 @@
 
 #include "cli/commands.h"
 #include "cli/generation.h"
+#include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
 #include "ringattn/memory.h"
@@ -26,7 +27,7 @@ struct GenerateArgs {
   std::vector<int64_t> prompt_len{8192};
   int64_t batch = 0, capacity = 0;
   int new_tokens = 32, tp = 1, threads = 0;
-  std::string strategy = "sp", layout = "zigzag", attention = "ring", dtype = "fp32";
+  std::string strategy = "sp", layout = "zigzag", attention = "ring", dtype = "fp32", device = "cpu";
   double timeout = 300;
   bool json = false, check = false;
 };
@@ -48,7 +49,7 @@ double check_against_one_process(const ModelConfig& c, const std::vector<Tensor>
     }
     Activations act;
     act.keep = false;
-    const Tensor ref = model_forward(full, seq, SequenceParallel{}, act);
+    const DeviceTensor ref = model_forward(full, seq, SequenceParallel{}, act);
     double num = 0, den = 0;
     for (int j = 0; j < steps; ++j)
       for (int64_t e = 0; e < D; ++e) {
@@ -61,10 +62,10 @@ double check_against_one_process(const ModelConfig& c, const std::vector<Tensor>
   return worst;
 }
 
-void run(const GenerateArgs& a) {
+void run_on(const GenerateArgs& a, Communicator& world_comm) {
   if (a.threads > 0) omp_set_num_threads(a.threads);
   a.model.validate();
-  std::unique_ptr<Communicator> world = mpi_world(a.timeout);
+  Communicator* world = &world_comm;
   const int P = world->size(), rank = world->rank();
   check(a.strategy == "sp" || a.strategy == "tp" || a.strategy == "pp", "--strategy ", a.strategy,
         ": use sp (RA+SP), tp or pp");
@@ -93,9 +94,21 @@ void run(const GenerateArgs& a) {
                        cat("the KV cache (", capacity, " entries per sequence and rank)"));
 
   Mesh mesh = Mesh::build(*world, 1, sp, tp, pp);
-  Model model(a.model, tp, mesh.tp_index(), pp, mesh.pp_index());
+  // --device cuda: one GPU per rank (rank mod the GPUs visible), the SP group over
+  // NCCL, model and KV cache on the GPU.
+  std::unique_ptr<Device> gpu;
+  std::unique_ptr<Communicator> nccl;
+  if (a.device == "cuda") {
+    check(a.strategy == "sp" && a.tp == 1, "--device cuda generates with RA+SP alone: --strategy sp, --tp 1");
+    check(cuda_built(), "--device cuda: this ringattn was built without the CUDA path");
+    check(cuda_device_count() > 0, "--device cuda: no GPU is visible to this process");
+    gpu = make_cuda_device(rank % cuda_device_count());
+    if (sp > 1) nccl = nccl_communicator(*world, *gpu);
+  }
+  Model model(a.model, tp, mesh.tp_index(), pp, mesh.pp_index(), gpu.get());
   SequenceParallel spc;
-  spc.comm = sp > 1 ? mesh.sp_comm.get() : nullptr;
+  spc.comm = gpu ? nccl.get() : sp > 1 ? mesh.sp_comm.get() : nullptr;
+  spc.attn.device = gpu.get();
   spc.tp = tp > 1 ? mesh.tp_comm.get() : nullptr;
   spc.attn.strategy = parse_strategy(a.attention);
   spc.attn.layout = layout;
@@ -144,6 +157,7 @@ void run(const GenerateArgs& a) {
   const double limit = a.model.dtype == DType::bf16 ? 2e-2 : 1e-5;
   if (a.check) j["max_rel_error_vs_one_process"] = err;
   j["dtype"] = a.dtype;
+  j["device"] = model.device().name();
   const bool ok = !a.check || err <= limit;
   if (a.json) {
     print_json(j);
@@ -155,6 +169,7 @@ void run(const GenerateArgs& a) {
                 static_cast<long long>(a.model.kv()), a.dtype.c_str(), a.strategy.c_str(), sp, tp, pp,
                 a.attention.c_str(),
                 a.layout.c_str(), P);
+    if (gpu) std::printf("device %s (peak below counts host memory only)\n", gpu->name().c_str());
     std::printf("prompts %lld x ", static_cast<long long>(B));
     for (size_t i = 0; i < lens.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(lens[i]));
     std::printf(" tokens, %d new tokens each\n\n", a.new_tokens);
@@ -170,6 +185,13 @@ void run(const GenerateArgs& a) {
                   limit, ok ? "ok" : "FAILED");
   }
   check(ok, "generate --check: the decoded outputs differ from one process by ", err, " (limit ", limit, ")");
+}
+
+// Under MPI (mpirun, or a one-rank job MPI starts itself); `--device cuda`
+// without mpirun runs its one rank in this process (no MPI needed on a GPU machine).
+void run(const GenerateArgs& a) {
+  if (MpiSession::active()) return run_on(a, *mpi_world(a.timeout));
+  run_device_local_group(1, 0, [&](int, Device&, Communicator& world) { run_on(a, world); });
 }
 
 }  // namespace
@@ -201,6 +223,10 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (bf16 KV cache)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
+      ->capture_default_str();
+  cmd->add_option("--device", a->device,
+                  "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_option("--threads", a->threads, "threads per rank (default: OpenMP's)");
   cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();

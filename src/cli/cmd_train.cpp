@@ -7,6 +7,7 @@
 #include <random>
 
 #include "cli/commands.h"
+#include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
 #include "ringattn/model.h"
@@ -19,7 +20,7 @@ struct TrainArgs {
   ModelConfig model;
   int64_t batch = 1, seq = 2048;
   int steps = 3, dp = 1, sp = 0, tp = 1, pp = 1, ulysses = 1, threads = 0;
-  std::string strategy = "ring", layout = "zigzag", dtype = "fp32";
+  std::string strategy = "ring", layout = "zigzag", dtype = "fp32", device = "cpu";
   float lr = 1e-3f;
   double timeout = 300;
   bool json = false;
@@ -59,6 +60,20 @@ void run(const TrainArgs& a) {
   spc.attn.layout = layout;
   spc.attn.threads = a.threads;
   if (world && a.ulysses > 1) mesh.use_hybrid(spc.attn);
+  // --device cuda: one GPU per rank (rank mod the GPUs visible), the SP group over
+  // NCCL, model, activations and data on the GPU.
+  std::unique_ptr<Device> gpu;
+  std::unique_ptr<Communicator> nccl;
+  if (a.device == "cuda") {
+    check(a.dp == 1 && a.tp == 1 && a.pp == 1 && a.ulysses == 1,
+          "--device cuda trains with RA+SP alone: --dp, --tp, --pp and --ulysses must be 1");
+    check(cuda_built(), "--device cuda: this ringattn was built without the CUDA path");
+    check(cuda_device_count() > 0, "--device cuda: no GPU is visible to this process");
+    gpu = make_cuda_device(rank % cuda_device_count());
+    if (world && P > 1) nccl = nccl_communicator(*world, *gpu);
+    spc.comm = nccl.get();
+    spc.attn.device = gpu.get();
+  }
   const int64_t D = a.model.d_model, Bl = a.batch / a.dp, Ll = a.seq / sp;
 
   // The same global data on every rank; each keeps its batch rows and tokens.
@@ -70,20 +85,29 @@ void run(const TrainArgs& a) {
   shard(t_full.view().slice(0, dpi * Bl, Bl), t, layout, sp, spi, 1);
   x_full = Tensor(), t_full = Tensor();
 
-  Model model(a.model, a.tp, world ? mesh.tp_index() : 0, a.pp, world ? mesh.pp_index() : 0);
+  Model model(a.model, a.tp, world ? mesh.tp_index() : 0, a.pp, world ? mesh.pp_index() : 0, gpu.get());
+  Device& dev = model.device();
+  auto on_device = [&](const Tensor& h) { return dev.is_host() ? DeviceTensor(nullptr, h.view()) : dev.upload(h); };
+  const DeviceTensor xd = on_device(x), td = on_device(t);
   AdamW opt;
   opt.lr = a.lr;
   const int64_t count = a.batch * a.seq * D;
-  Communicator* replicas = world ? mesh.replica_comm.get() : nullptr;
-  // One step (or, train = false, the forward alone): 1F1B over the pipeline
-  // stages under MPI (the plain step when pp = 1), train_step on one process.
+  Communicator* replicas = gpu ? nccl.get() : world ? mesh.replica_comm.get() : nullptr;
+  // One step (or, train = false, the forward alone), complete on the device when
+  // it returns: 1F1B over the pipeline stages under MPI on the host (the plain
+  // step when pp = 1), train_step on one process or a GPU.
   auto step = [&](bool train) {
-    if (world) return pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, a.pp, count, replicas,
-                                    train);
-    if (train) return train_step(model, opt, x, t, spc, count, nullptr);
-    Activations act;
-    model_forward(model, x, spc, act);
-    return 0.0;
+    if (world && !gpu)
+      return pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, a.pp, count, replicas, train);
+    double loss = 0;
+    if (train) {
+      loss = train_step(model, opt, xd, td, spc, count, replicas);
+    } else {
+      Activations act;
+      model_forward(model, xd, spc, act);
+    }
+    dev.synchronize();
+    return loss;
   };
   if (world) world->barrier(), world->reset_stats();
   reset_peak_memory();
@@ -124,6 +148,7 @@ void run(const TrainArgs& a) {
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
   j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["pp"] = a.pp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
   j["strategy"] = a.ulysses > 1 ? cat("ulysses(", a.ulysses, ") x ring") : a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
+  j["device"] = dev.name();
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
   j["train_step_seconds"] = step_times;
@@ -141,6 +166,7 @@ void run(const TrainArgs& a) {
               static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
               static_cast<long long>(a.seq), a.dp, a.pp, sp, a.tp, j["strategy"].get<std::string>().c_str(),
               a.layout.c_str(), a.dtype.c_str());
+  if (gpu) std::printf("device %s (peak MiB below counts host memory only)\n", dev.name().c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
   std::printf("loss by step:");
@@ -182,6 +208,10 @@ void add_train(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
       ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
+      ->capture_default_str();
+  cmd->add_option("--device", a->device,
+                  "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_option("--threads", a->threads, "threads per rank for every kernel (default: OpenMP's)");
   cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();

@@ -25,7 +25,7 @@ namespace {
 
 struct Pass {
   KVCache cache;
-  Tensor x;  // the next decode input [B, 1, D]
+  DeviceTensor x;  // the next decode input [B, 1, D], on the model's device
 };
 
 // Prefills every prompt into a fresh cache; x gets each prompt's last output,
@@ -35,12 +35,13 @@ Pass prefill_all(Communicator& world, Mesh& mesh, const Model& m, const Sequence
   const int64_t B = static_cast<int64_t>(prompts.size()), D = m.config().d_model;
   const int P = mesh.sp, p = mesh.sp_index();
   Communicator* pp = mesh.pp > 1 ? mesh.pp_comm.get() : nullptr;
-  Pass s{KVCache(m, B, capacity, P, p), Tensor(DType::f32, {B, 1, D})};
+  Device& dev = m.device();
+  Pass s{KVCache(m, B, capacity, P, p), dev.alloc(DType::f32, {B, 1, D})};
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = prompts[static_cast<size_t>(b)].dim(1), Ll = L / P;
     Tensor x(DType::f32, {1, Ll, D});
     shard(prompts[static_cast<size_t>(b)], x, sp.attn.layout, P, p);
-    Tensor y = prefill(m, s.cache, x, b, sp, pp);
+    const DeviceTensor y = prefill(m, s.cache, dev.upload(x), b, sp, pp);
     // The last position's owner: its SP rank, TP rank 0, the last stage.
     int owner_sp = 0;
     for (int r = 0; r < P; ++r) {
@@ -52,10 +53,10 @@ Pass prefill_all(Communicator& world, Mesh& mesh, const Model& m, const Sequence
     if (world.rank() == root) {
       const std::vector<int64_t> mine = shard_positions(sp.attn.layout, L, P, p);
       const int64_t i = std::find(mine.begin(), mine.end(), L - 1) - mine.begin();
-      copy_into(row, y.view().slice(1, i, 1));
+      dev.download(row, y.view().slice(1, i, 1));
     }
     world.broadcast(row.ptr<void>(), row.bytes(), root);
-    copy_into(s.x.view().slice(0, b, 1), row);
+    dev.copy(s.x.view().slice(0, b, 1), dev.upload(row));
   }
   return s;
 }
@@ -79,24 +80,34 @@ GenerationRun run_generation(Communicator& world, Mesh& mesh, const Model& m, co
     for (int j = 0; j < 2; ++j) w.x = decode_step(m, w.cache, w.x, sp, pp);
   }
   GenerationRun r;
+  // Bytes sent: the mesh's groups and the world, and a GPU's own SP communicator.
+  Communicator* own = sp.attn.device ? sp.comm : nullptr;
+  auto sent = [&] { return mesh.bytes_sent() + (own ? own->stats().bytes_sent : 0); };
+  auto reset = [&] {
+    mesh.reset_stats();
+    if (own) own->reset_stats();
+  };
   world.barrier();
-  mesh.reset_stats();
+  reset();
   world.reset_stats();
   double t0 = now_seconds();
   Pass s = prefill_all(world, mesh, m, sp, prompts, capacity);
   r.prefill_seconds = now_seconds() - t0;
-  r.prefill_bytes = static_cast<double>(mesh.bytes_sent() + world.stats().bytes_sent);
-  r.first_inputs.assign(s.x.ptr<float>(), s.x.ptr<float>() + B * D);
+  r.prefill_bytes = static_cast<double>(sent() + world.stats().bytes_sent);
+  Tensor out(DType::f32, {B, 1, D});
+  m.device().download(out, s.x);
+  r.first_inputs.assign(out.ptr<float>(), out.ptr<float>() + B * D);
   world.barrier();
-  mesh.reset_stats();
+  reset();
   for (int j = 0; j < steps; ++j) {
     if (tick) tick(j);
     t0 = now_seconds();
     s.x = decode_step(m, s.cache, s.x, sp, pp);
+    m.device().download(out, s.x);  // the step ends when its token is on the host
     r.step_seconds.push_back(now_seconds() - t0);
-    r.outputs.insert(r.outputs.end(), s.x.ptr<float>(), s.x.ptr<float>() + B * D);
+    r.outputs.insert(r.outputs.end(), out.ptr<float>(), out.ptr<float>() + B * D);
   }
-  r.step_bytes = static_cast<double>(mesh.bytes_sent()) / steps;
+  r.step_bytes = static_cast<double>(sent()) / steps;
   r.cache_bytes = static_cast<double>(s.cache.bytes());
   world.all_reduce(r.step_seconds.data(), steps, ReduceOp::max);
   double maxes[4] = {r.prefill_seconds, r.prefill_bytes, r.step_bytes, r.cache_bytes};

@@ -11,14 +11,19 @@
 namespace {
 
 // MPI starts when mpirun launched us, for `generate` (a one-rank job without
-// mpirun), or when a distributed option asks for it.
+// mpirun; not with --device cuda, whose one rank runs in-process), or when a
+// distributed option asks for it.
 bool wants_mpi(int argc, char** argv) {
   if (ringattn::launched_by_mpi()) return true;
-  for (int i = 1; i < argc; ++i)
-    if (std::strcmp(argv[i], "generate") == 0 || std::strncmp(argv[i], "--strategy", 10) == 0 ||
-        std::strncmp(argv[i], "--method", 8) == 0)
-      return true;
-  return false;
+  bool generate = false, cuda = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "generate") == 0) generate = true;
+    if (std::strcmp(argv[i], "--device=cuda") == 0 ||
+        (std::strcmp(argv[i], "--device") == 0 && i + 1 < argc && std::strcmp(argv[i + 1], "cuda") == 0))
+      cuda = true;
+    if (std::strncmp(argv[i], "--strategy", 10) == 0 || std::strncmp(argv[i], "--method", 8) == 0) return true;
+  }
+  return generate && !cuda;
 }
 
 // A failed rank ends the whole job (MPI_Abort) so no peer waits for it.

@@ -11,14 +11,16 @@
 namespace ringattn {
 
 KVCache::KVCache(const Model& m, int64_t batch, int64_t capacity, int P, int p)
-    : batch_(batch), capacity_(capacity), P_(P), p_(p) {
+    : batch_(batch), capacity_(capacity), P_(P), p_(p), dev_(&m.device()) {
   check(batch >= 1, "the KV cache needs batch >= 1, got ", batch);
   check(capacity >= 1, "the KV cache needs a capacity >= 1 entry per sequence, got ", capacity);
   check(P >= 1 && p >= 0 && p < P, "KV cache rank ", p, " of ", P, " is out of range");
   const int64_t kv = m.local_kv(), dh = m.config().head_dim();
   for (int l = 0; l < m.num_layers(); ++l) {  // in the model's compute dtype
-    k_.push_back(Tensor::zeros(m.config().dtype, {batch, capacity, kv, dh}));
-    v_.push_back(Tensor::zeros(m.config().dtype, {batch, capacity, kv, dh}));
+    k_.push_back(dev_->alloc(m.config().dtype, {batch, capacity, kv, dh}));
+    v_.push_back(dev_->alloc(m.config().dtype, {batch, capacity, kv, dh}));
+    dev_->fill(k_.back(), 0.f);
+    dev_->fill(v_.back(), 0.f);
   }
   pos_.assign(static_cast<size_t>(batch * capacity), 0);
   length_.assign(static_cast<size_t>(batch), 0);
@@ -27,8 +29,8 @@ KVCache::KVCache(const Model& m, int64_t batch, int64_t capacity, int P, int p)
 
 int64_t KVCache::bytes() const {
   int64_t n = static_cast<int64_t>(pos_.size() * sizeof(int64_t));
-  for (const Tensor& t : k_) n += static_cast<int64_t>(t.bytes());
-  for (const Tensor& t : v_) n += static_cast<int64_t>(t.bytes());
+  for (const DeviceTensor& t : k_) n += static_cast<int64_t>(t.bytes());
+  for (const DeviceTensor& t : v_) n += static_cast<int64_t>(t.bytes());
   return n;
 }
 
@@ -41,18 +43,18 @@ void agree(const SequenceParallel& sp, Communicator* pp, std::span<const int64_t
 }
 
 // Stage s of a pipeline receives its input from s − 1 (stage 0 reads x) and hands
-// its output to s + 1.
-Tensor stage_input(const TensorView& x, Communicator* pp, int tag) {
-  Tensor in(DType::f32, x.rank, x.shape.data());
+// its output to s + 1 (pipelines run on the host, see Model).
+DeviceTensor stage_input(Device& dev, const TensorView& x, Communicator* pp, int tag) {
+  DeviceTensor in = dev.alloc(DType::f32, std::span<const int64_t>(x.shape.data(), x.rank));
   if (!pp || pp->rank() == 0) {
-    copy_into(in, x);
+    dev.copy(in, x);
   } else {
     Request r = pp->irecv(in.ptr<void>(), in.bytes(), pp->rank() - 1, tag);
     pp->wait(r);
   }
   return in;
 }
-void stage_output(const Tensor& y, Communicator* pp, int tag) {
+void stage_output(const DeviceTensor& y, Communicator* pp, int tag) {
   if (!pp || pp->rank() + 1 == pp->size()) return;
   Request r = pp->isend(y.ptr<void>(), y.bytes(), pp->rank() + 1, tag);
   pp->wait(r);
@@ -60,11 +62,25 @@ void stage_output(const Tensor& y, Communicator* pp, int tag) {
 
 constexpr int kPrefillTag = 40, kDecodeTag = 41;
 
+// dist_merge of partials o [B, 1, H, dh], lse [B, H, 1] (contiguous fp32) in dev's
+// memory: through host copies on a GPU (a few KiB per layer and step).
+void merge_partials(Device& dev, Communicator& comm, const TensorView& o, const TensorView& lse) {
+  if (dev.is_host()) return dist_merge(comm, o, lse);
+  Tensor ho(DType::f32, o.rank, o.shape.data()), hl(DType::f32, lse.rank, lse.shape.data());
+  dev.download(ho, o);
+  dev.download(hl, lse);
+  dist_merge(comm, ho, hl);
+  dev.copy(o, dev.upload(ho));
+  dev.copy(lse, dev.upload(hl));
+}
+
 }  // namespace
 
-Tensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
-               Communicator* pp) {
+DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+                     Communicator* pp) {
   const ModelConfig& c = m.config();
+  Device& dev = m.device();
+  check(cache.dev_ == &dev, "the KV cache is on ", cache.dev_->name(), " but the model on ", dev.name());
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "the prompt must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
   const int64_t Bp = x.dim(0), Ll = x.dim(1);
@@ -90,28 +106,30 @@ Tensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t firs
   // The attention of each layer, then its K/V into the cache.
   const AttentionHook store = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& o, const TensorView& lse) {
-    sequence_parallel_attention(sp, c, q, k, v, o, lse);
+    sequence_parallel_attention(dev, sp, c, q, k, v, o, lse);
     for (int64_t b = 0; b < Bp; ++b) {
-      copy_into(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
-      copy_into(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
+      dev.copy(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
+      dev.copy(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
     }
   };
   Activations act;
   act.keep = false;
-  Tensor y = model_forward(m, stage_input(x, pp, kPrefillTag), sp, act, store);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), sp, act, store);
   stage_output(y, pp, kPrefillTag);
   for (int64_t b = first; b < first + Bp; ++b) {
     std::copy(pos.begin(), pos.end(), cache.pos_.begin() + b * cache.capacity_);
     cache.length_[b] = L;
     for (int r = 0; r < P; ++r) cache.held_[b * P + r] = Ll;
   }
-  return pp && pp->rank() + 1 < pp->size() ? Tensor() : std::move(y);
+  return pp && pp->rank() + 1 < pp->size() ? DeviceTensor() : std::move(y);
 }
 
-Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
-                   Communicator* pp) {
+DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+                         Communicator* pp) {
   const ModelConfig& c = m.config();
-  const int64_t B = cache.batch(), H = m.local_heads(), dh = c.head_dim();
+  Device& dev = m.device();
+  check(cache.dev_ == &dev, "the KV cache is on ", cache.dev_->name(), " but the model on ", dev.name());
+  const int64_t B = cache.batch();
   const int P = cache.ranks(), p = cache.rank();
   if (!cache.checked_) {
     const int64_t agreed[] = {x.rank, x.dim(0), x.dim(1), x.dim(2), B, cache.capacity()};
@@ -132,6 +150,19 @@ Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const Se
           cache.held(b, o), " of its capacity of ", cache.capacity(), " entries; give the cache a larger capacity");
   }
 
+  // The global positions of each sequence's new token and of its entries here
+  // after this step's append, where the device's kernels read them (every layer
+  // shares them).
+  std::vector<std::shared_ptr<const int64_t>> q_pos(static_cast<size_t>(B)), k_pos(static_cast<size_t>(B));
+  std::vector<int64_t> n_here(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = cache.length(b), held = cache.held(b, p);
+    std::vector<int64_t> kp(cache.pos_.begin() + b * cache.capacity_, cache.pos_.begin() + b * cache.capacity_ + held);
+    if (cache.owner(t) == p) kp.push_back(t);
+    n_here[b] = static_cast<int64_t>(kp.size());
+    q_pos[b] = dev.upload_positions(std::span<const int64_t>(&t, 1));
+    if (!kp.empty()) k_pos[b] = dev.upload_positions(kp);
+  }
   // Per layer: append the new K/V to the owner's shard, attend the local shard of
   // every sequence (its own length), merge the partials over the SP group.
   const AttentionHook attend = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -140,38 +171,36 @@ Tensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const Se
       const int64_t t = cache.length(b);
       if (cache.owner(t) == p) {
         const int64_t slot = cache.held(b, p);
-        copy_into(cache.k_[l].view().slice(0, b, 1).slice(1, slot, 1), k.slice(0, b, 1));
-        copy_into(cache.v_[l].view().slice(0, b, 1).slice(1, slot, 1), v.slice(0, b, 1));
-        cache.pos_[b * cache.capacity_ + slot] = t;
+        dev.copy(cache.k_[l].view().slice(0, b, 1).slice(1, slot, 1), k.slice(0, b, 1));
+        dev.copy(cache.v_[l].view().slice(0, b, 1).slice(1, slot, 1), v.slice(0, b, 1));
       }
-      const int64_t n = cache.held(b, p) + (cache.owner(t) == p ? 1 : 0);
+      const int64_t n = n_here[b];
       const TensorView ob = o.slice(0, b, 1), lb = lse.slice(0, b, 1);
       if (n == 0) {  // nothing of this sequence here: an empty partial
-        for (int64_t h = 0; h < H; ++h) {
-          for (int64_t e = 0; e < dh; ++e) ob.set({0, 0, h, e}, 0.f);
-          lb.set({0, h, 0}, -INFINITY);
-        }
+        dev.fill(ob, 0.f);
+        dev.fill(lb, -INFINITY);
         continue;
       }
       AttentionOptions opt;
       opt.causal = true;
       opt.threads = sp.attn.threads;
       opt.isa = sp.attn.isa;
-      const int64_t qp[1] = {t};
-      opt.q_pos = qp;
-      opt.k_pos = std::span<const int64_t>(cache.pos_.data() + b * cache.capacity_, static_cast<size_t>(n));
-      attention_forward(q.slice(0, b, 1), cache.k_[l].view().slice(0, b, 1).slice(1, 0, n),
-                        cache.v_[l].view().slice(0, b, 1).slice(1, 0, n), ob, lb, opt);
+      opt.q_pos = std::span<const int64_t>(q_pos[b].get(), 1);
+      opt.k_pos = std::span<const int64_t>(k_pos[b].get(), static_cast<size_t>(n));
+      dev.attention_forward(q.slice(0, b, 1), cache.k_[l].view().slice(0, b, 1).slice(1, 0, n),
+                            cache.v_[l].view().slice(0, b, 1).slice(1, 0, n), ob, lb, opt);
     }
-    if (sp.comm) dist_merge(*sp.comm, o, lse);
+    if (sp.comm) merge_partials(dev, *sp.comm, o, lse);
   };
   Activations act;
   act.keep = false;
-  Tensor y = model_forward(m, stage_input(x, pp, kDecodeTag), sp, act, attend);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kDecodeTag), sp, act, attend);
   stage_output(y, pp, kDecodeTag);
   if (pp) pp->broadcast(y.ptr<void>(), y.bytes(), pp->size() - 1);
   for (int64_t b = 0; b < B; ++b) {
-    ++cache.held_[b * P + cache.owner(cache.length(b))];
+    const int64_t t = cache.length(b);
+    if (cache.owner(t) == p) cache.pos_[b * cache.capacity_ + cache.held(b, p)] = t;
+    ++cache.held_[b * P + cache.owner(t)];
     ++cache.length_[b];
   }
   return y;

@@ -41,8 +41,8 @@ int64_t qkv_column(const ModelConfig& c, int tp, int r, int64_t col) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage)
-    : cfg_(cfg), tp_(tp), tp_rank_(tp_rank) {
+Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, Device* device)
+    : cfg_(cfg), tp_(tp), tp_rank_(tp_rank), dev_(&cpu_device()) {
   cfg_.validate();
   check(pp >= 1 && pp_stage >= 0 && pp_stage < pp, "pipeline stage ", pp_stage, " of ", pp, " is out of range");
   check(cfg_.layers % pp == 0, "pipeline parallelism splits layers: layers=", cfg_.layers,
@@ -54,15 +54,31 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage)
         " and kv_heads=", cfg_.kv(), " must both be divisible by tp=", tp);
   check(cfg_.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", cfg_.hidden(),
         " must be divisible by tp=", tp);
-  for (int64_t s : layer_sizes()) per_layer_ += s;
-  params_.assign(static_cast<size_t>(per_layer_ * num_layers_), 0.f);
-  grads_.assign(params_.size(), 0.f);
-  if (tp > 1 || pp > 1) {
-    copy_slice_from(Model(cfg_), false);
-    return;
+  if (device && !device->is_host()) {
+    check(cfg_.dtype == DType::bf16, "a model on ", device->name(),
+          " computes in bf16 (its attention kernels take bf16/fp16): use --dtype bf16");
+    check(tp == 1 && pp == 1, "a model on ", device->name(), " runs sequence parallelism only, not tp=", tp,
+          " x pp=", pp);
   }
-  // N(0, 0.02) weights (output projections scaled by 1/sqrt(2·layers), as GPT-2),
-  // LayerNorm gains 1, biases 0; drawn in a fixed order from the seed.
+  for (int64_t s : layer_sizes()) per_layer_ += s;
+  params_ = dev_->alloc(DType::f32, {per_layer_ * num_layers_});
+  grads_ = dev_->alloc(DType::f32, {per_layer_ * num_layers_});
+  dev_->fill(params_, 0.f);
+  dev_->fill(grads_, 0.f);
+  if (tp > 1 || pp > 1)
+    copy_slice_from(Model(cfg_), false);
+  else
+    init_full();
+  if (device && device != dev_) {
+    params_ = device->upload(params_);
+    grads_ = device->upload(grads_);
+    dev_ = device;
+  }
+}
+
+// N(0, 0.02) weights (output projections scaled by 1/sqrt(2·layers), as GPT-2),
+// LayerNorm gains 1, biases 0; drawn in a fixed order from the seed.
+void Model::init_full() {
   std::mt19937_64 rng(cfg_.seed);
   std::normal_distribution<float> normal(0.f, 0.02f);
   const float out_scale = 1.f / std::sqrt(2.f * static_cast<float>(cfg_.layers));
@@ -79,6 +95,7 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage)
 
 void Model::copy_slice_from(const Model& full, bool grads) {
   shadow_stale_ = true;
+  check(dev_->is_host() && full.device().is_host(), "copy_slice_from copies between host models");
   check(full.tp() == 1 && full.num_layers() == cfg_.layers, "copy_slice_from needs a full (tp = 1, pp = 1) model");
   const ModelConfig& c = cfg_;
   const int64_t D = c.d_model, Cf = c.qkv_width(), Cl = local_qkv_width(), dh = c.head_dim();
@@ -86,7 +103,7 @@ void Model::copy_slice_from(const Model& full, bool grads) {
   for (int l = 0; l < num_layers_; ++l) {
     float* fb = const_cast<float*>(grads ? full.grads() : full.params());
     const LayerParams f = full.view(fb, first_layer_ + l);
-    const LayerParams p = view(grads ? grads_.data() : params_.data(), l);
+    const LayerParams p = view(grads ? grads_.ptr<float>() : params_.ptr<float>(), l);
     std::copy_n(f.ln1_g, D, p.ln1_g), std::copy_n(f.ln1_b, D, p.ln1_b);
     std::copy_n(f.ln2_g, D, p.ln2_g), std::copy_n(f.ln2_b, D, p.ln2_b);
     std::copy_n(f.b_o, D, p.b_o), std::copy_n(f.b_out, D, p.b_out);
@@ -116,82 +133,92 @@ LayerWeights Model::weights(int l) const {
   const LayerParams p = layer(l);
   if (cfg_.dtype == DType::f32) return {p.w_qkv, p.w_o, p.w_in, p.w_out};
   if (shadow_stale_) {
-    shadow_.resize(params_.size());
-    const int64_t n = static_cast<int64_t>(params_.size());
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) shadow_[static_cast<size_t>(i)] = f32_to_bf16(params_[static_cast<size_t>(i)]);
+    if (shadow_.numel() != params_.numel()) shadow_ = dev_->alloc(DType::bf16, {params_.numel()});
+    dev_->copy(shadow_, params_);
     shadow_stale_ = false;
   }
-  auto at = [&](const float* w) { return static_cast<const void*>(shadow_.data() + (w - params_.data())); };
+  auto at = [&](const float* w) { return static_cast<const void*>(shadow_.ptr<uint16_t>() + (w - params())); };
   return {at(p.w_qkv), at(p.w_o), at(p.w_in), at(p.w_out)};
 }
 
-void Model::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.f); }
+std::vector<float> Model::host_params() const {
+  std::vector<float> h(static_cast<size_t>(num_params()));
+  dev_->download(TensorView(h.data(), DType::f32, {num_params()}), params_);
+  return h;
+}
+
+std::vector<float> Model::host_grads() const {
+  std::vector<float> h(static_cast<size_t>(num_params()));
+  dev_->download(TensorView(h.data(), DType::f32, {num_params()}), grads_);
+  return h;
+}
+
+void Model::zero_grads() { dev_->fill(grads_, 0.f); }
 
 namespace {
 
 // q, k, v of a fused qkv activation [B, Ll, (H + 2Hkv)·dh] (local heads) as
 // [B, Ll, heads, dh] views.
-TensorView qkv_part(const Tensor& qkv, const Model& m, int64_t B, int64_t Ll, int which) {
+TensorView qkv_part(const TensorView& qkv, const Model& m, int64_t B, int64_t Ll, int which) {
   const int64_t dh = m.config().head_dim(), C = m.local_qkv_width(), hq = m.local_heads(), hk = m.local_kv();
   const int64_t heads = which == 0 ? hq : hk;
   const int64_t off = which == 0 ? 0 : (which == 1 ? hq : hq + hk) * dh;
   const int64_t shape[4] = {B, Ll, heads, dh}, strides[4] = {Ll * C, C, dh, 1};
-  return TensorView(qkv.ptr<char>() + off * static_cast<int64_t>(dtype_size(qkv.dtype())), qkv.dtype(), 4, shape,
+  return TensorView(qkv.ptr<char>() + off * static_cast<int64_t>(dtype_size(qkv.dtype)), qkv.dtype, 4, shape,
                     strides);
+}
+
+// The options of the distributed attention on dev: sp's, with the model's mask.
+DistAttentionOptions dist_options(Device& dev, const SequenceParallel& sp, const ModelConfig& c) {
+  check(!sp.attn.device || sp.attn.device == &dev, "the sequence-parallel attention runs on ",
+        sp.attn.device ? sp.attn.device->name() : "", " but the model is on ", dev.name());
+  DistAttentionOptions opt = sp.attn;
+  opt.causal = c.causal;
+  opt.device = dev.is_host() ? nullptr : &dev;
+  return opt;
+}
+
+AttentionOptions local_options(const SequenceParallel& sp, const ModelConfig& c) {
+  AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.threads = sp.attn.threads;
+  opt.isa = sp.attn.isa;
+  return opt;
 }
 
 }  // namespace
 
-void sequence_parallel_attention(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+void sequence_parallel_attention(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
                                  const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse) {
-  if (sp.comm) {
-    DistAttentionOptions opt = sp.attn;
-    opt.causal = c.causal;
-    dist_attention_forward(*sp.comm, q, k, v, o, lse, opt);
-  } else {
-    AttentionOptions opt;
-    opt.causal = c.causal;
-    opt.threads = sp.attn.threads;
-    opt.isa = sp.attn.isa;
-    attention_forward(q, k, v, o, lse, opt);
-  }
+  if (sp.comm)
+    dist_attention_forward(*sp.comm, q, k, v, o, lse, dist_options(dev, sp, c));
+  else
+    dev.attention_forward(q, k, v, o, lse, local_options(sp, c));
 }
 
 namespace {
 
-void attention_bwd(const SequenceParallel& sp, const ModelConfig& c, const TensorView& q, const TensorView& k,
-                   const TensorView& v, const TensorView& o, const TensorView& lse, const TensorView& dout,
-                   const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-  if (sp.comm) {
-    DistAttentionOptions opt = sp.attn;
-    opt.causal = c.causal;
-    dist_attention_backward(*sp.comm, q, k, v, o, lse, dout, dq, dk, dv, opt);
-  } else {
-    AttentionOptions opt;
-    opt.causal = c.causal;
-    opt.threads = sp.attn.threads;
-    opt.isa = sp.attn.isa;
-    attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt);
-  }
-}
-
-void add(float* x, const float* y, int64_t n) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+void attention_bwd(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+                   const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
+                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
+  if (sp.comm)
+    dist_attention_backward(*sp.comm, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, sp, c));
+  else
+    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(sp, c));
 }
 
 // y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
 // row-parallel linear (the bias is added once, after the sum).
-void row_parallel_linear(const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x, const void* W,
-                         const float* b, float* y, DType compute) {
-  linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y, compute);
+void row_parallel_linear(Device& dev, const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x,
+                         const void* W, const float* b, float* y, DType compute) {
+  dev.linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y, compute);
   if (!sp.tp) return;
   sp.tp->all_reduce(y, N * D, ReduceOp::sum);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t c = 0; c < D; ++c) y[i * D + c] += b[c];
+  dev.add_bias(N, D, y, b);
 }
+
+// An fp32 [B, Ll, D] activation as the [N, D] rows of the token-local layers.
+TensorView flat(const DeviceTensor& t, int64_t N, int64_t D) { return TensorView(t.ptr<float>(), DType::f32, {N, D}); }
 
 // The input gradient of a column-parallel linear is a partial sum over the TP group.
 void reduce_input_grad(const SequenceParallel& sp, float* dx, int64_t n) {
@@ -201,9 +228,10 @@ void reduce_input_grad(const SequenceParallel& sp, float* dx, int64_t n) {
 }  // namespace
 
 // x: [B, Ll, D] -> [B, Ll, D]
-Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
-                     const AttentionHook& attention) {
+DeviceTensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+                           const AttentionHook& attention) {
   const ModelConfig& c = m.config();
+  Device& dev = m.device();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
   check(!sp.tp || sp.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
@@ -213,124 +241,119 @@ Tensor model_forward(const Model& m, const TensorView& x, const SequenceParallel
   act.B = B, act.Ll = Ll;
   act.layers.clear();
   act.layers.resize(static_cast<size_t>(m.num_layers()));
-  Tensor cur(DType::f32, {B, Ll, D});
-  copy_into(cur, x);
+  DeviceTensor cur = dev.alloc(DType::f32, {B, Ll, D});
+  dev.copy(cur, x);
   for (int l = 0; l < m.num_layers(); ++l) {
     const LayerParams p = m.layer(l);
     const LayerWeights w = m.weights(l);
     Activations::Layer& s = act.layers[l];
     s.x = std::move(cur);
-    s.a = Tensor(DType::f32, {N, D}), s.mean1 = Tensor(DType::f32, {N}), s.rstd1 = Tensor(DType::f32, {N});
-    layernorm_forward(N, D, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
-                      s.rstd1.ptr<float>());
-    s.qkv = Tensor(c.dtype, {N, C});  // bf16: the attention's inputs are rounded once
+    s.a = dev.alloc(DType::f32, {N, D}), s.mean1 = dev.alloc(DType::f32, {N}), s.rstd1 = dev.alloc(DType::f32, {N});
+    dev.layernorm_forward(N, D, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
+                          s.rstd1.ptr<float>());
+    s.qkv = dev.alloc(c.dtype, {N, C});  // bf16: the attention's inputs are rounded once
     if (c.dtype == DType::f32) {
-      linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, s.qkv.ptr<float>());
+      dev.linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, s.qkv.ptr<float>(), c.dtype);
     } else {
-      Tensor qkv(DType::f32, {N, C});
-      linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, qkv.ptr<float>(), c.dtype);
-      copy_into(s.qkv, qkv);
+      DeviceTensor qkv = dev.alloc(DType::f32, {N, C});
+      dev.linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, qkv.ptr<float>(), c.dtype);
+      dev.copy(s.qkv, qkv);
     }
-    s.o = Tensor(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
-    s.lse = Tensor(DType::f32, {B, m.local_heads(), Ll});
+    s.o = dev.alloc(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
+    s.lse = dev.alloc(DType::f32, {B, m.local_heads(), Ll});
     const TensorView q = qkv_part(s.qkv, m, B, Ll, 0), k = qkv_part(s.qkv, m, B, Ll, 1),
                      v = qkv_part(s.qkv, m, B, Ll, 2);
     if (attention)
       attention(l, q, k, v, s.o, s.lse);
     else
-      sequence_parallel_attention(sp, c, q, k, v, s.o, s.lse);
-    s.x1 = Tensor(DType::f32, {N, D});
-    row_parallel_linear(sp, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
-    add(s.x1.ptr<float>(), s.x.ptr<float>(), N * D);
-    s.c = Tensor(DType::f32, {N, D}), s.mean2 = Tensor(DType::f32, {N}), s.rstd2 = Tensor(DType::f32, {N});
-    layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
-                      s.rstd2.ptr<float>());
-    s.h = Tensor(DType::f32, {N, F}), s.g = Tensor(DType::f32, {N, F});
-    linear_forward(N, D, F, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
-    gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
-    cur = Tensor(DType::f32, {B, Ll, D});
-    row_parallel_linear(sp, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
-    add(cur.ptr<float>(), s.x1.ptr<float>(), N * D);
+      sequence_parallel_attention(dev, sp, c, q, k, v, s.o, s.lse);
+    s.x1 = dev.alloc(DType::f32, {N, D});
+    row_parallel_linear(dev, sp, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
+    dev.add(s.x1, flat(s.x, N, D));
+    s.c = dev.alloc(DType::f32, {N, D}), s.mean2 = dev.alloc(DType::f32, {N}), s.rstd2 = dev.alloc(DType::f32, {N});
+    dev.layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
+                          s.rstd2.ptr<float>());
+    s.h = dev.alloc(DType::f32, {N, F}), s.g = dev.alloc(DType::f32, {N, F});
+    dev.linear_forward(N, D, F, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
+    dev.gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
+    cur = dev.alloc(DType::f32, {B, Ll, D});
+    row_parallel_linear(dev, sp, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
+    dev.add(flat(cur, N, D), s.x1);
     if (!act.keep) s = Activations::Layer();
   }
   return cur;
 }
 
 // dy: [B, Ll, D] -> dx: [B, Ll, D]; weight gradients accumulate into m.grads().
-Tensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp) {
+DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp) {
   const ModelConfig& c = m.config();
+  Device& dev = m.device();
   const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
   const int64_t A = m.local_heads() * c.head_dim();
   check(dy.rank == 3 && dy.dim(0) == B && dy.dim(1) == Ll && dy.dim(2) == D, "model gradient must be [", B, ", ", Ll,
         ", ", D, "], got ", dy.shape_str());
-  Tensor dcur(DType::f32, {B, Ll, D});
-  copy_into(dcur, dy);
-  Tensor dg(DType::f32, {N, F}), dh(DType::f32, {N, F}), dc(DType::f32, {N, D}), dtmp(DType::f32, {N, D});
-  Tensor dout(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}), dqkv(DType::f32, {N, C}), da(DType::f32, {N, D});
+  DeviceTensor dcur = dev.alloc(DType::f32, {B, Ll, D});
+  dev.copy(dcur, dy);
+  const TensorView dcur_rows = flat(dcur, N, D);
+  DeviceTensor dg = dev.alloc(DType::f32, {N, F}), dh = dev.alloc(DType::f32, {N, F}),
+               dc = dev.alloc(DType::f32, {N, D}), dtmp = dev.alloc(DType::f32, {N, D}),
+               dout = dev.alloc(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}),
+               dqkv = dev.alloc(DType::f32, {N, C}), da = dev.alloc(DType::f32, {N, D});
   for (int l = m.num_layers() - 1; l >= 0; --l) {
     const LayerParams p = std::as_const(m).layer(l);
     const LayerWeights w = m.weights(l);
     const LayerParams gp = m.layer_grads(l);
     const Activations::Layer& s = act.layers[l];
     // x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
-    linear_backward(N, F, D, s.g.ptr<float>(), w.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out,
-                    c.dtype);
-    gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
-    linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in, c.dtype);
+    dev.linear_backward(N, F, D, s.g.ptr<float>(), w.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out,
+                        c.dtype);
+    dev.gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
+    dev.linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in,
+                        c.dtype);
     reduce_input_grad(sp, dc.ptr<float>(), N * D);
-    layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
-                       dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
-    add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx1
+    dev.layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
+                           dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
+    dev.add(dcur_rows, dtmp);  // dL/dx1
     // x1 = x + o·W_o + b_o
-    linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o, c.dtype);
-    attention_bwd(sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
-                  s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
-                  qkv_part(dqkv, m, B, Ll, 2));
-    linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
-                    c.dtype);
+    dev.linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o,
+                        c.dtype);
+    attention_bwd(dev, sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
+                  qkv_part(s.qkv, m, B, Ll, 2), s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0),
+                  qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2));
+    dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
+                        c.dtype);
     reduce_input_grad(sp, da.ptr<float>(), N * D);
-    layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
-                       dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
-    add(dcur.ptr<float>(), dtmp.ptr<float>(), N * D);  // dL/dx
+    dev.layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(),
+                           da.ptr<float>(), dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
+    dev.add(dcur_rows, dtmp);  // dL/dx
   }
   return dcur;
 }
 
 double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
-                int64_t global_count) {
+                int64_t global_count, Device& dev) {
   check(same_shape(y, target) && same_shape(y, dy) && y.rank == target.rank, "loss: output ", y.shape_str(),
         " and target ", target.shape_str(), " differ");
   check(y.is_contiguous() && target.is_contiguous() && dy.is_contiguous() && y.dtype == DType::f32 &&
             target.dtype == DType::f32 && dy.dtype == DType::f32,
         "loss takes contiguous fp32 tensors");
-  const int64_t n = y.numel();
-  const float* a = y.ptr<float>();
-  const float* t = target.ptr<float>();
-  float* g = dy.ptr<float>();
-  double sum = 0;
-  const float scale = 2.f / static_cast<float>(global_count);
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = a[i] - t[i];
-    sum += static_cast<double>(e) * e;
-    g[i] = scale * e;
-  }
+  double sum = dev.squared_error(y.numel(), y.ptr<float>(), target.ptr<float>(), dy.ptr<float>(),
+                                 2.f / static_cast<float>(global_count));
   if (comm) comm->all_reduce(&sum, 1, ReduceOp::sum);
   return sum / static_cast<double>(global_count);
 }
 
 void AdamW::update(Model& model) {
+  Device& dev = model.device();
   const int64_t n = model.num_params();
-  if (m.empty()) m.assign(static_cast<size_t>(n), 0.f), v.assign(static_cast<size_t>(n), 0.f);
+  if (m.numel() != n) {
+    m = dev.alloc(DType::f32, {n}), v = dev.alloc(DType::f32, {n});
+    dev.fill(m, 0.f), dev.fill(v, 0.f);
+  }
   ++step;
   const float c1 = 1.f - std::pow(beta1, static_cast<float>(step)), c2 = 1.f - std::pow(beta2, static_cast<float>(step));
-  float* w = model.params();
-  const float* g = model.grads();
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    m[i] = beta1 * m[i] + (1.f - beta1) * g[i];
-    v[i] = beta2 * v[i] + (1.f - beta2) * g[i] * g[i];
-    w[i] -= lr * ((m[i] / c1) / (std::sqrt(v[i] / c2) + eps) + weight_decay * w[i]);
-  }
+  dev.adamw(n, model.params(), model.grads(), m.ptr<float>(), v.ptr<float>(),
+            {lr, beta1, beta2, eps, weight_decay, c1, c2});
 }
 
 Mesh Mesh::build(Communicator& world, int dp, int sp, int tp, int pp, int ulysses) {
@@ -375,9 +398,10 @@ void Mesh::reset_stats() {
 double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                   int64_t global_count, Communicator* reduce) {
   Activations act;
-  Tensor y = model_forward(m, x, sp, act);
-  Tensor dy(DType::f32, y.rank(), y.view().shape.data());
-  const double loss = mse_loss(y, target, dy, reduce, global_count);
+  Device& dev = m.device();
+  DeviceTensor y = model_forward(m, x, sp, act);
+  DeviceTensor dy = dev.alloc(DType::f32, {y.dim(0), y.dim(1), y.dim(2)});
+  const double loss = mse_loss(y, target, dy, reduce, global_count, dev);
   m.zero_grads();
   model_backward(m, act, dy, sp);
   if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
@@ -392,6 +416,8 @@ double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& t
 double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
                      Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
   const int S = pp.size(), s = pp.rank(), M = micro_batches;
+  Device& dev = m.device();
+  check(dev.is_host(), "pipeline parallelism runs on the host, not on ", dev.name());
   check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
   const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
   check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
@@ -399,33 +425,33 @@ double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView
         S, " for a pipeline of ", S, " stages");
   const int64_t Bm = B / M;
   std::vector<Activations> acts(static_cast<size_t>(M));
-  std::vector<Tensor> dys(static_cast<size_t>(M)), sent;
+  std::vector<DeviceTensor> dys(static_cast<size_t>(M)), sent;
   std::vector<Request> sends;
   double loss = 0;
   auto micro = [&](const TensorView& t, int i) { return t.slice(0, i * Bm, Bm); };
   auto recv = [&](int from, int tag) {
-    Tensor t(DType::f32, {Bm, Ll, D});
+    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
     Request r = pp.irecv(t.ptr<void>(), t.bytes(), from, tag);
     pp.wait(r);
     return t;
   };
-  auto send = [&](Tensor t, int to, int tag) {
+  auto send = [&](DeviceTensor t, int to, int tag) {
     sends.push_back(pp.isend(t.ptr<void>(), t.bytes(), to, tag));
     sent.push_back(std::move(t));
   };
   auto forward = [&](int i) {
-    Tensor in = s == 0 ? Tensor(DType::f32, {Bm, Ll, D}) : recv(s - 1, 2 * i);
+    DeviceTensor in = s == 0 ? dev.alloc(DType::f32, {Bm, Ll, D}) : recv(s - 1, 2 * i);
     if (s == 0) copy_into(in, micro(x, i));
-    Tensor out = model_forward(m, in, sp, acts[i]);
+    DeviceTensor out = model_forward(m, in, sp, acts[i]);
     if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
-    Tensor t(DType::f32, {Bm, Ll, D});
+    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
     copy_into(t, micro(target, i));
-    dys[i] = Tensor(DType::f32, {Bm, Ll, D});
+    dys[i] = dev.alloc(DType::f32, {Bm, Ll, D});
     loss += mse_loss(out, t, dys[i], nullptr, global_count);
   };
   auto backward = [&](int i) {
-    Tensor dy = s + 1 < S ? recv(s + 1, 2 * i + 1) : std::move(dys[i]);
-    Tensor dx = model_backward(m, acts[i], dy, sp);
+    DeviceTensor dy = s + 1 < S ? recv(s + 1, 2 * i + 1) : std::move(dys[i]);
+    DeviceTensor dx = model_backward(m, acts[i], dy, sp);
     acts[i] = Activations();
     if (s > 0) send(std::move(dx), s - 1, 2 * i + 1);
   };

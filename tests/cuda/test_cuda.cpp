@@ -14,29 +14,12 @@
 #include "ringattn/cuda.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/layout.h"
+#include "cuda/gpu_test_util.h"
 #include "reference.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
 namespace {
-
-#define REQUIRE_GPU()                                                                          \
-  do {                                                                                         \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible: the CUDA tests need one"; \
-  } while (0)
-
-// A host tensor of random values in dtype dt.
-Tensor host_random(DType dt, std::initializer_list<int64_t> shape, uint32_t seed) {
-  Tensor t(dt, shape);
-  fill_uniform(t.view(), seed);
-  return t;
-}
-
-Tensor download(Device& dev, const TensorView& x) {
-  Tensor h(x.dtype, x.rank, x.shape.data());
-  dev.download(h.view(), x);
-  return h;
-}
 
 double tol_fwd(DType dt) { return dt == DType::bf16 ? kTolBf16 : kTolF16; }
 double tol_bwd(DType dt) { return dt == DType::bf16 ? kTolBf16Bwd : 5e-3; }

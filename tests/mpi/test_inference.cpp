@@ -60,7 +60,7 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
   }
   // One process, from scratch.
   Model full(c);
-  std::vector<Tensor> ref;
+  std::vector<DeviceTensor> ref;
   for (const Tensor& s : seq) {
     Activations act;
     ref.push_back(model_forward(full, s, SequenceParallel{}, act));
@@ -82,7 +82,7 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
     Tensor x(DType::f32, {1, Ll, D}), want(DType::f32, {1, Ll, D});
     shard(seq[b].view().slice(1, 0, L), x, layout, sp, mesh.sp_index());
     shard(ref[b].view().slice(1, 0, L), want, layout, sp, mesh.sp_index());
-    Tensor y = prefill(part, cache, x, b, spc, ppc);
+    DeviceTensor y = prefill(part, cache, x, b, spc, ppc);
     if (!y.view().empty()) e.prefill = std::max(e.prefill, rel(y, want));
   }
   for (int j = 0; j < kSteps; ++j) {
@@ -92,7 +92,7 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
       copy_into(x.view().slice(0, b, 1), seq[b].view().slice(1, t, 1));
       copy_into(want.view().slice(0, b, 1), ref[b].view().slice(1, t, 1));
     }
-    Tensor y = decode_step(part, cache, x, spc, ppc);
+    DeviceTensor y = decode_step(part, cache, x, spc, ppc);
     e.decode = std::max(e.decode, rel(y, want));
     if (outputs) outputs->insert(outputs->end(), y.ptr<float>(), y.ptr<float>() + y.numel());
   }

@@ -220,7 +220,7 @@ SequenceParallel sp_of(Communicator* comm, const SpCase& c) {
 
 struct Result {
   double loss = 0;
-  Tensor y, dx;                // full (reference) or this rank's shard (SP)
+  DeviceTensor y, dx;          // full (reference) or this rank's shard (SP)
   std::vector<float> grads;    // reduced over the SP group
 };
 

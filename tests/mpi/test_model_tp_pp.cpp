@@ -79,7 +79,7 @@ TEST_F(ThreadsOne, TensorAndPipelineParallelMatchOneProcess) {
       // One process.
       Model full(c);
       Activations act;
-      Tensor y = model_forward(full, x, SequenceParallel{}, act);
+      DeviceTensor y = model_forward(full, x, SequenceParallel{}, act);
       Tensor dy(DType::f32, {B, L, D});
       const double loss_ref = mse_loss(y, t, dy, nullptr, x.numel());
       full.zero_grads();

@@ -3,10 +3,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ringattn/device.h"
 #include "ringattn/error.h"
+#include "ringattn/layers.h"
 
 namespace ringattn {
 namespace {
@@ -70,6 +72,48 @@ class CpuDevice final : public Device {
   void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                        const TensorView& lse_part, int threads) override {
     ringattn::attention_merge(o_acc, lse_acc, o_part, lse_part, threads);
+  }
+  void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
+                         float* mean, float* rstd) override {
+    ringattn::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd);
+  }
+  void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                          const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) override {
+    ringattn::layernorm_backward(N, C, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+  }
+  void gelu_forward(int64_t n, const float* x, float* y) override { ringattn::gelu_forward(n, x, y); }
+  void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) override {
+    ringattn::gelu_backward(n, x, dy, dx);
+  }
+  void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b, float* y,
+                      DType compute) override {
+    ringattn::linear_forward(N, Cin, Cout, x, W, b, y, compute);
+  }
+  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
+                       float* dx, float* dW, float* db, DType compute) override {
+    ringattn::linear_backward(N, Cin, Cout, x, W, dy, dx, dW, db, compute);
+  }
+  void add_bias(int64_t N, int64_t D, float* y, const float* b) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < D; ++c) y[i * D + c] += b[c];
+  }
+  double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) override {
+    double sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = y[i] - t[i];
+      sum += static_cast<double>(e) * e;
+      dy[i] = scale * e;
+    }
+    return sum;
+  }
+  void adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) override {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = s.beta1 * m[i] + (1.f - s.beta1) * g[i];
+      v[i] = s.beta2 * v[i] + (1.f - s.beta2) * g[i] * g[i];
+      w[i] -= s.lr * ((m[i] / s.c1) / (std::sqrt(v[i] / s.c2) + s.eps) + s.weight_decay * w[i]);
+    }
   }
   void synchronize(double) override {}
 };

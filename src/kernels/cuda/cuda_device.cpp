@@ -3,7 +3,10 @@
 #include "kernels/cuda/cuda_device.h"
 
 #include <chrono>
+#include <mutex>
 #include <thread>
+#include <unordered_map>
+#include <vector>
 
 #include "kernels/cuda/kernels.h"
 #include "ringattn/cuda.h"
@@ -38,7 +41,64 @@ bool is_device_pointer(const void* p) {
   return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
 }
 
-CudaDevice::CudaDevice(int ordinal) : ordinal_(ordinal) {
+// Freed blocks kept for reuse, by size: cudaFree synchronizes the whole device,
+// which would stall the host after every layer's temporaries. A freed block
+// remembers where its device's two streams were (events); whoever takes it again
+// makes the compute stream wait for those points, and anything the
+// communication stream does with it is queued after the compute stream's work
+// (the communicators' rule), so no stream reuses memory still in use. Blocks are
+// given back to CUDA when an allocation fails and when the device is destroyed.
+struct CudaDevice::Pool {
+  struct Block {
+    void* p;
+    cudaEvent_t compute_done, comm_done;
+  };
+  std::mutex mu;
+  int ordinal = 0;
+  cudaStream_t compute = nullptr, comm = nullptr;
+  bool open = true;
+  std::unordered_map<size_t, std::vector<Block>> free;
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = free.find(bytes);
+    if (it == free.end() || it->second.empty()) return nullptr;
+    const Block b = it->second.back();
+    it->second.pop_back();
+    cudaStreamWaitEvent(compute, b.compute_done, 0);
+    cudaStreamWaitEvent(compute, b.comm_done, 0);
+    cudaEventDestroy(b.compute_done);
+    cudaEventDestroy(b.comm_done);
+    return b.p;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    cudaSetDevice(ordinal);
+    Block b{p, nullptr, nullptr};
+    if (!open || cudaEventCreateWithFlags(&b.compute_done, cudaEventDisableTiming) != cudaSuccess ||
+        cudaEventCreateWithFlags(&b.comm_done, cudaEventDisableTiming) != cudaSuccess) {
+      cudaFree(p);  // synchronizes the device
+      return;
+    }
+    cudaEventRecord(b.compute_done, compute);
+    cudaEventRecord(b.comm_done, comm);
+    free[bytes].push_back(b);
+  }
+  // Every cached block back to CUDA (cudaFree waits for the device).
+  void release() {
+    std::lock_guard<std::mutex> lock(mu);
+    cudaSetDevice(ordinal);
+    for (auto& [size, blocks] : free)
+      for (const Block& b : blocks) {
+        cudaFree(b.p);
+        cudaEventDestroy(b.compute_done);
+        cudaEventDestroy(b.comm_done);
+      }
+    free.clear();
+  }
+};
+
+CudaDevice::CudaDevice(int ordinal, bool cache) : ordinal_(ordinal) {
   int n = 0;
   check(cudaGetDeviceCount(&n), "counting GPUs");
   ringattn::check(ordinal >= 0 && ordinal < n, "GPU ", ordinal, " does not exist: this process sees ", n, " GPU(s)");
@@ -46,12 +106,24 @@ CudaDevice::CudaDevice(int ordinal) : ordinal_(ordinal) {
   check(cudaGetDeviceProperties(&props_, ordinal), "reading the GPU's properties");
   check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "creating the compute stream");
   check(cudaStreamCreateWithFlags(&comm_, cudaStreamNonBlocking), "creating the communication stream");
+  if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas_, compute_) != CUBLAS_STATUS_SUCCESS)
+    throw Error(cat("cuBLAS could not be initialised on GPU ", ordinal));
+  if (cache) {
+    pool_ = std::make_shared<Pool>();
+    pool_->ordinal = ordinal, pool_->compute = compute_, pool_->comm = comm_;
+  }
 }
 
 CudaDevice::~CudaDevice() {
   cudaSetDevice(ordinal_);
   cudaStreamSynchronize(comm_);
   cudaStreamSynchronize(compute_);
+  if (pool_) {
+    pool_->release();
+    std::lock_guard<std::mutex> lock(pool_->mu);
+    pool_->open = false;  // blocks still held are freed directly when they go
+  }
+  cublasDestroy(blas_);
   cudaStreamDestroy(comm_);
   cudaStreamDestroy(compute_);
 }
@@ -70,19 +142,25 @@ DeviceTensor CudaDevice::alloc(DType dtype, std::span<const int64_t> shape) {
   make_current();
   void* p = nullptr;
   const size_t bytes = static_cast<size_t>(n) * dtype_size(dtype);
-  if (bytes) {
-    const cudaError_t e = cudaMalloc(&p, bytes);
+  if (bytes && pool_) p = pool_->take(bytes);
+  if (bytes && !p) {
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess && pool_) {  // give the cached blocks back, then try once more
+      cudaGetLastError();
+      pool_->release();
+      e = cudaMalloc(&p, bytes);
+    }
     if (e != cudaSuccess) {
       cudaGetLastError();  // clear the sticky-free allocation error
       throw Error(cat("CUDA out of memory allocating ", bytes, " bytes on ", name(), ": ", cudaGetErrorString(e)));
     }
   }
   const int ord = ordinal_;
-  std::shared_ptr<void> storage(p, [ord](void* q) {
-    if (q) {
-      cudaSetDevice(ord);
-      cudaFree(q);
-    }
+  std::shared_ptr<void> storage(p, [ord, pool = pool_, bytes](void* q) {
+    if (!q) return;
+    if (pool) return pool->give(q, bytes);
+    cudaSetDevice(ord);
+    cudaFree(q);
   });
   int64_t dims[kMaxRank];
   for (size_t i = 0; i < shape.size(); ++i) dims[i] = shape[i];
@@ -159,12 +237,101 @@ void CudaDevice::attention_backward(const TensorView& q, const TensorView& k, co
                                     const TensorView& dq, const TensorView& dk, const TensorView& dv,
                                     const AttentionOptions& opt) {
   make_current();
-  flash_backward(q, k, v, o, lse, dout, dq, dk, dv, opt, compute_);
+  if (dout.dtype == q.dtype) return flash_backward(q, k, v, o, lse, dout, dq, dk, dv, opt, compute_);
+  // The kernel reads dout in q's dtype (the CPU kernels take any dtype).
+  DeviceTensor d = alloc(q.dtype, std::span<const int64_t>(dout.shape.data(), dout.rank));
+  cuda::copy(d, dout, compute_);
+  flash_backward(q, k, v, o, lse, d, dq, dk, dv, opt, compute_);
 }
 void CudaDevice::attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                                  const TensorView& lse_part, int) {
   make_current();
   merge(o_acc, lse_acc, o_part, lse_part, compute_);
+}
+
+void CudaDevice::layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta,
+                                   float* y, float* mean, float* rstd) {
+  make_current();
+  cuda::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd, compute_);
+}
+void CudaDevice::layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                                    const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) {
+  make_current();
+  cuda::layernorm_backward(N, C, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, compute_);
+}
+void CudaDevice::gelu_forward(int64_t n, const float* x, float* y) {
+  make_current();
+  cuda::gelu_forward(n, x, y, compute_);
+}
+void CudaDevice::gelu_backward(int64_t n, const float* x, const float* dy, float* dx) {
+  make_current();
+  cuda::gelu_backward(n, x, dy, dx, compute_);
+}
+void CudaDevice::add_bias(int64_t N, int64_t D, float* y, const float* b) {
+  make_current();
+  cuda::add_bias(N, D, y, b, compute_);
+}
+double CudaDevice::squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) {
+  make_current();
+  return cuda::squared_error(n, y, t, dy, scale, compute_);
+}
+void CudaDevice::adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) {
+  make_current();
+  cuda::adamw(n, w, g, m, v, s, compute_);
+}
+
+void CudaDevice::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
+                      const void* B, int64_t ldb, float beta, float* C, int64_t ldc, DType ab) {
+  constexpr int64_t kIntMax = 2147483647;
+  ringattn::check(M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax &&
+                      ldc <= kIntMax,
+                  "GEMM dimensions ", M, " x ", N, " x ", K, " exceed cuBLAS's 32-bit sizes");
+  if (M == 0 || N == 0) return;
+  const float alpha = 1.f;
+  const cudaDataType t = ab == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasStatus_t st =
+      cublasGemmEx(blas_, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, int(M), int(N),
+                   int(K), &alpha, A, t, int(lda), B, t, int(ldb), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F,
+                   CUBLAS_GEMM_DEFAULT);
+  if (st != CUBLAS_STATUS_SUCCESS)
+    throw Error(cat("cuBLAS GEMM ", M, " x ", N, " x ", K, " (", dtype_name(ab), "): ", cublasGetStatusString(st)));
+}
+
+// Row-major y[N, Cout] = x[N, Cin]·W[Cin, Cout] is column-major yᵀ = Wᵀ·xᵀ, where
+// the row-major buffers already are Wᵀ [Cout, Cin] and xᵀ [Cin, N]. For bf16 the
+// activation is rounded to bf16 first (as on the CPU).
+void CudaDevice::linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b,
+                                float* y, DType compute) {
+  ringattn::check(compute == DType::f32 || compute == DType::bf16, "linear layers compute in fp32 or bf16");
+  make_current();
+  DeviceTensor xb;
+  const void* xo = x;
+  if (compute == DType::bf16) {
+    xb = alloc(DType::bf16, {N, Cin});
+    cuda::copy(xb, TensorView(const_cast<float*>(x), DType::f32, {N, Cin}), compute_);
+    xo = xb.ptr<void>();
+  }
+  gemm(false, false, Cout, N, Cin, W, Cout, xo, Cin, 0.f, y, Cout, compute);
+  if (b) cuda::add_bias(N, Cout, y, b, compute_);
+}
+
+// dx = dy·Wᵀ: column-major dxᵀ [Cin, N] = W·dyᵀ, i.e. (Wᵀ)ᵀ·dyᵀ;
+// dW += xᵀ·dy: column-major dWᵀ [Cout, Cin] = dyᵀ·(xᵀ)ᵀ; db += Σ_rows dy.
+void CudaDevice::linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W,
+                                 const float* dy, float* dx, float* dW, float* db, DType compute) {
+  ringattn::check(compute == DType::f32 || compute == DType::bf16, "linear layers compute in fp32 or bf16");
+  make_current();
+  DeviceTensor xb, dyb;
+  const void *xo = x, *dyo = dy;
+  if (compute == DType::bf16) {
+    xb = alloc(DType::bf16, {N, Cin}), dyb = alloc(DType::bf16, {N, Cout});
+    cuda::copy(xb, TensorView(const_cast<float*>(x), DType::f32, {N, Cin}), compute_);
+    cuda::copy(dyb, TensorView(const_cast<float*>(dy), DType::f32, {N, Cout}), compute_);
+    xo = xb.ptr<void>(), dyo = dyb.ptr<void>();
+  }
+  if (dx) gemm(true, false, Cin, N, Cout, W, Cout, dyo, Cout, 0.f, dx, Cin, compute);
+  gemm(false, true, Cout, Cin, N, dyo, Cout, xo, Cin, 1.f, dW, Cout, compute);
+  if (db) cuda::bias_grad(N, Cout, dy, db, compute_);
 }
 
 void CudaDevice::synchronize(double timeout_seconds) {
@@ -203,6 +370,8 @@ int cuda_device_count() {
   return n;
 }
 
-std::unique_ptr<Device> make_cuda_device(int ordinal) { return std::make_unique<cuda::CudaDevice>(ordinal); }
+std::unique_ptr<Device> make_cuda_device(int ordinal) {
+  return std::make_unique<cuda::CudaDevice>(ordinal, /*cache=*/true);
+}
 
 }  // namespace ringattn

@@ -1,8 +1,10 @@
 // The CUDA Device (cuda.h) as the CUDA-side code sees it: its streams, and the
 // error check every CUDA call goes through.
 #pragma once
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <string>
 
 #include "ringattn/device.h"
@@ -14,7 +16,9 @@ void check(cudaError_t e, const char* what);
 
 class CudaDevice final : public Device {
  public:
-  explicit CudaDevice(int ordinal);
+  // cache: keep freed memory for reuse (see Pool). Only for a device whose memory
+  // no other device's streams touch (not the ranks of run_device_local_group).
+  explicit CudaDevice(int ordinal, bool cache = false);
   ~CudaDevice() override;
   CudaDevice(const CudaDevice&) = delete;
   CudaDevice& operator=(const CudaDevice&) = delete;
@@ -27,6 +31,7 @@ class CudaDevice final : public Device {
 
   std::string name() const override;
   bool is_host() const override { return false; }
+  using Device::alloc;
   DeviceTensor alloc(DType dtype, std::span<const int64_t> shape) override;
   DeviceTensor upload(const TensorView& host) override;
   void download(const TensorView& host_dst, const TensorView& src) override;
@@ -41,12 +46,32 @@ class CudaDevice final : public Device {
                           const TensorView& dv, const AttentionOptions& opt) override;
   void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                        const TensorView& lse_part, int threads) override;
+  void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
+                         float* mean, float* rstd) override;
+  void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                          const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) override;
+  void gelu_forward(int64_t n, const float* x, float* y) override;
+  void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) override;
+  void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b, float* y,
+                      DType compute) override;
+  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
+                       float* dx, float* dW, float* db, DType compute) override;
+  void add_bias(int64_t N, int64_t D, float* y, const float* b) override;
+  double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) override;
+  void adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) override;
   void synchronize(double timeout_seconds = 300) override;
 
  private:
+  // C[M, N] (fp32, column-major, ldc) = op(A)·op(B) + beta·C by cuBLAS with fp32
+  // accumulation, A and B of dtype ab (fp32 or bf16).
+  void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, const void* B,
+            int64_t ldb, float beta, float* C, int64_t ldc, DType ab);
+  struct Pool;
   int ordinal_;
   cudaDeviceProp props_{};
   cudaStream_t compute_ = nullptr, comm_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  std::shared_ptr<Pool> pool_;  // null: cudaMalloc / cudaFree every time
 };
 
 // The CudaDevice behind dev; throws Error naming dev when it is another kind.

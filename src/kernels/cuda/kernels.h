@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "ringattn/attention.h"
+#include "ringattn/device.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn::cuda {
@@ -37,5 +38,20 @@ void add(const TensorView& acc, const TensorView& x, cudaStream_t stream);
 // x := uniform in [lo, hi) from a counter-based hash of (seed, index): benchmark
 // inputs without a host round trip.
 void fill_uniform(const TensorView& x, uint64_t seed, float lo, float hi, cudaStream_t stream);
+
+// The token-local layers (layers.cu), layers.h's contracts on device pointers.
+void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
+                       float* mean, float* rstd, cudaStream_t stream);
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
+                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta,
+                        cudaStream_t stream);
+void gelu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
+void gelu_backward(int64_t n, const float* x, const float* dy, float* dx, cudaStream_t stream);
+// y[N, D] += b[D];  db[D] += Σ_rows dy[N, D]
+void add_bias(int64_t N, int64_t D, float* y, const float* b, cudaStream_t stream);
+void bias_grad(int64_t N, int64_t D, const float* dy, float* db, cudaStream_t stream);
+// Σ (y − t)² (waits for the stream), dy = scale·(y − t).
+double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale, cudaStream_t stream);
+void adamw(int64_t n, float* w, const float* g, float* m, float* v, const Device::AdamWStep& s, cudaStream_t stream);
 
 }  // namespace ringattn::cuda
