@@ -56,7 +56,10 @@ std::vector<Case> cases() {
                           // many key tiles and query blocks (the pipelined stages; causal tiles skipped)
                           {1, 600, 600, 2, 1, 128, false}, {1, 77, 1000, 2, 2, 64, true},
                           // causal: whole 128-row query blocks that see no key at all
-                          {1, 300, 100, 2, 1, 128, false}};
+                          {1, 300, 100, 2, 1, 128, false},
+                          // decoding: few query rows, many keys (keys split over blocks, then merged)
+                          {3, 1, 777, 2, 2, 64, false}, {1, 5, 2048, 2, 1, 64, false},
+                          {2, 1, 3000, 4, 2, 128, true}};
   std::vector<Case> out;
   for (const Shape& s : shapes)
     for (DType dt : {DType::bf16, DType::f16})

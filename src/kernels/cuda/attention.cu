@@ -88,7 +88,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t ld, int64
 
 // ---- forward --------------------------------------------------------------------
 // q: [B, Lq, H, D]  k, v: [B, Lk, Hkv, D]  o: [B, Lq, H, D]  lse: [B, H, Lq]
-// grid (⌈Lq/64⌉, H, B), 128 threads.
+// grid (⌈Lq/64⌉, H, B · splits), 128 threads (splits > 1: see FwdArgs::split_tiles,
+// o and lse are then [B · splits, ...] partials).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a) {
   constexpr int ld = D + kPad;
@@ -99,7 +100,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
   __shared__ int64_t warp_qmax[4];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = int64_t(blockIdx.x) * kBM;
+  const int64_t splits = gridDim.z / a.B, b = blockIdx.z / splits, split = blockIdx.z % splits;
+  const int64_t h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = int64_t(blockIdx.x) * kBM;
   const T* qg = static_cast<const T*>(a.q.p) + b * a.q.sb + h * a.q.sh;
   const T* kg = static_cast<const T*>(a.k.p) + b * a.k.sb + hk * a.k.sh;
   const T* vg = static_cast<const T*>(a.v.p) + b * a.v.sb + hk * a.v.sh;
@@ -117,8 +119,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
   __syncthreads();
   const int64_t bq_max = max(max(warp_qmax[0], warp_qmax[1]), max(warp_qmax[2], warp_qmax[3]));
 
-  // The next key tile at or after `from` that some query of the block sees.
-  const int64_t n_tiles = (a.Lk + kBN - 1) / kBN;
+  // The next key tile at or after `from` (in this block's split) that some query
+  // of the block sees.
+  const int64_t all_tiles = (a.Lk + kBN - 1) / kBN, first_tile = split * a.split_tiles;
+  const int64_t n_tiles = a.split_tiles ? min(all_tiles, first_tile + a.split_tiles) : all_tiles;
   int64_t kmin = 0, kmax = 0;
   auto next_tile = [&](int64_t from) {
     for (int64_t tile = from; tile < n_tiles; ++tile) {
@@ -128,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
     return n_tiles;
   };
 
-  int64_t tile = next_tile(0);
+  int64_t tile = next_tile(first_tile);
   int64_t cur_kmax = kmax;
   if (tile < n_tiles) {
     load_tile<T, kBN, D>(Ks, kg, a.k.sl, tile * kBN, a.Lk);
@@ -240,7 +244,34 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
     cur_kmax = next_kmax;
   }
 
-  store_forward_rows<D>(a, b, h, r_a, r_b, t, reinterpret_cast<const float(&)[D / 2]>(o_acc), m_a, m_b, l_a, l_b);
+  store_forward_rows<D>(a, blockIdx.z, h, r_a, r_b, t, reinterpret_cast<const float(&)[D / 2]>(o_acc), m_a, m_b,
+                        l_a, l_b);
+}
+
+// The exact LSE merge of the `splits` partials of each row (DESIGN.md §4 over
+// many parts): o_part [B·splits, Lq, H, D] fp32 contiguous, lse_part
+// [B·splits, H, Lq] contiguous -> o, lse. One warp per (b, h, row).
+__global__ void combine_splits_kernel(const float* o_part, const float* lse_part, Bshd o, float* lse, int64_t lse_sb,
+                                      int64_t lse_sh, int64_t lse_sl, int64_t B, int64_t Lq, int64_t H, int Dh,
+                                      int64_t splits) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= B * H * Lq) return;
+  const int64_t i = row % Lq, h = row / Lq % H, b = row / (Lq * H);
+  auto part_lse = [&](int64_t s) { return lse_part[((b * splits + s) * H + h) * Lq + i]; };
+  float m = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, part_lse(s));
+  float l = 0.f;
+  for (int64_t s = 0; s < splits; ++s) l += m == -INFINITY ? 0.f : expf(part_lse(s) - m);
+  for (int c = lane; c < Dh; c += 32) {
+    float acc = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float w = m == -INFINITY ? 0.f : expf(part_lse(s) - m);
+      if (w > 0.f) acc += w * o_part[(((b * splits + s) * Lq + i) * H + h) * Dh + c];
+    }
+    store_as(const_cast<void*>(o.p), o.dt, b * o.sb + i * o.sl + h * o.sh + c, l > 0.f ? acc / l : 0.f);
+  }
+  if (lane == 0) lse[b * lse_sb + h * lse_sh + i * lse_sl] = l > 0.f ? m + logf(l) : -INFINITY;
 }
 
 // ---- backward --------------------------------------------------------------------
@@ -532,10 +563,28 @@ void forward_t(const FwdArgs& a, cudaStream_t stream) {
   auto kernel = flash_forward_kernel<T, D>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "raising the forward kernel's shared memory limit");
+  const int64_t splits = a.split_tiles ? ((a.Lk + kBN - 1) / kBN + a.split_tiles - 1) / a.split_tiles : 1;
   const dim3 grid(static_cast<unsigned>((a.Lq + kBM - 1) / kBM), static_cast<unsigned>(a.H),
-                  static_cast<unsigned>(a.B));
+                  static_cast<unsigned>(a.B * splits));
   kernel<<<grid, kThreads, smem, stream>>>(a);
   check_cuda(cudaGetLastError(), "launching the flash forward kernel");
+}
+
+// Key tiles per split for a forward of one query block per (sequence, head) that
+// would leave most of the GPU idle (decoding: one query row each): about two
+// blocks per SM, at least 4 tiles (256 keys) per split; 0 = no split.
+int64_t split_tiles_for(int64_t B, int64_t Lq, int64_t H, int64_t Lk, int sms) {
+  const int64_t blocks = H * B, tiles = (Lk + kBN - 1) / kBN;
+  if (Lq > kBM || blocks >= sms || tiles < 8) return 0;
+  const int64_t splits = std::min<int64_t>(std::min<int64_t>((2 * sms + blocks - 1) / blocks, tiles / 4), 65535 / B);
+  return splits < 2 ? 0 : (tiles + splits - 1) / splits;
+}
+
+int multiprocessors() {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "reading the current GPU");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "reading the GPU's SM count");
+  return sms;
 }
 
 template <typename T, int D>
@@ -563,11 +612,36 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
   FwdArgs a{bshd(q), bshd(k), bshd(v), bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2],
             c.B, c.Lq, c.Lk, c.H, c.Hkv, c.positions(opt), c.scale * kLog2e, opt.causal};
   const bool bf = q.dtype == DType::bf16;
-  if (sm90_forward_available() && forward_sm90(a, bf, static_cast<int>(c.d), stream)) return;
-  if (c.d == 64)
-    bf ? forward_t<__nv_bfloat16, 64>(a, stream) : forward_t<__half, 64>(a, stream);
-  else
-    bf ? forward_t<__nv_bfloat16, 128>(a, stream) : forward_t<__half, 128>(a, stream);
+  auto portable = [&](const FwdArgs& x) {
+    if (c.d == 64)
+      bf ? forward_t<__nv_bfloat16, 64>(x, stream) : forward_t<__half, 64>(x, stream);
+    else
+      bf ? forward_t<__nv_bfloat16, 128>(x, stream) : forward_t<__half, 128>(x, stream);
+  };
+  const int64_t split_tiles = split_tiles_for(c.B, c.Lq, c.H, c.Lk, multiprocessors());
+  if (split_tiles == 0) {
+    if (sm90_forward_available() && forward_sm90(a, bf, static_cast<int>(c.d), stream)) return;
+    return portable(a);
+  }
+  // Split keys (flash-decoding): partials in fp32, then their exact merge.
+  const int64_t splits = ((c.Lk + kBN - 1) / kBN + split_tiles - 1) / split_tiles, Bs = c.B * splits;
+  float *o_part = nullptr, *lse_part = nullptr;
+  check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&o_part), Bs * c.Lq * c.H * c.d * sizeof(float), stream),
+             "allocating the split forward's partial outputs");
+  check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&lse_part), Bs * c.H * c.Lq * sizeof(float), stream),
+             "allocating the split forward's partial lse");
+  FwdArgs split = a;
+  split.o = Bshd{o_part, c.Lq * c.H * c.d, c.H * c.d, c.d, dt_code(DType::f32)};
+  split.lse = lse_part, split.lse_sb = c.H * c.Lq, split.lse_sh = c.Lq, split.lse_sl = 1;
+  split.split_tiles = split_tiles;
+  portable(split);
+  const int64_t rows = c.B * c.H * c.Lq;
+  combine_splits_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(
+      o_part, lse_part, bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2], c.B, c.Lq, c.H,
+      static_cast<int>(c.d), splits);
+  check_cuda(cudaGetLastError(), "launching the split forward's merge");
+  check_cuda(cudaFreeAsync(o_part, stream), "freeing the split forward's partials");
+  check_cuda(cudaFreeAsync(lse_part, stream), "freeing the split forward's partials");
 }
 
 void flash_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,

@@ -103,6 +103,11 @@ struct FwdArgs {
   Positions pos;
   float scale_log2;  // softmax scale · log2(e)
   bool causal;
+  // Split keys (the portable kernel, few query rows): 0 = one block sees every
+  // key; else grid z = B · splits and block z takes key tiles [s·split_tiles,
+  // (s + 1)·split_tiles) of batch z / splits and writes its partial (o, lse) at
+  // batch index z of o and lse, to be combined by the caller.
+  int64_t split_tiles = 0;
 };
 
 // The smallest and largest key position of keys [n0, n0 + BN) (the same in every warp).

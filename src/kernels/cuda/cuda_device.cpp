@@ -49,6 +49,14 @@ bool is_device_pointer(const void* p) {
 // (the communicators' rule), so no stream reuses memory still in use. Blocks are
 // given back to CUDA when an allocation fails and when the device is destroyed.
 struct CudaDevice::Pool {
+  // Blocks come in sizes that repeat as lengths grow: powers of two up to 1 MiB,
+  // then multiples of 2 MiB (at most twice the request, or 2 MiB more).
+  static size_t bucket(size_t bytes) {
+    if (bytes > (size_t(1) << 20)) return (bytes + (size_t(2) << 20) - 1) & ~((size_t(2) << 20) - 1);
+    size_t b = 512;
+    while (b < bytes) b <<= 1;
+    return b;
+  }
   struct Block {
     void* p;
     cudaEvent_t compute_done, comm_done;
@@ -141,7 +149,8 @@ DeviceTensor CudaDevice::alloc(DType dtype, std::span<const int64_t> shape) {
   }
   make_current();
   void* p = nullptr;
-  const size_t bytes = static_cast<size_t>(n) * dtype_size(dtype);
+  const size_t need = static_cast<size_t>(n) * dtype_size(dtype);
+  const size_t bytes = pool_ && need ? Pool::bucket(need) : need;
   if (bytes && pool_) p = pool_->take(bytes);
   if (bytes && !p) {
     cudaError_t e = cudaMalloc(&p, bytes);
@@ -200,19 +209,14 @@ void CudaDevice::download(const TensorView& host_dst, const TensorView& src) {
 }
 
 std::shared_ptr<const int64_t> CudaDevice::upload_positions(std::span<const int64_t> host) {
-  make_current();
-  int64_t* p = nullptr;
-  if (!host.empty()) {
-    check(cudaMalloc(&p, host.size_bytes()), "allocating positions on the GPU");
-    check(cudaMemcpy(p, host.data(), host.size_bytes(), cudaMemcpyHostToDevice), "copying positions to the GPU");
-  }
-  const int ord = ordinal_;
-  return std::shared_ptr<const int64_t>(p, [ord](const int64_t* q) {
-    if (q) {
-      cudaSetDevice(ord);
-      cudaFree(const_cast<int64_t*>(q));
-    }
-  });
+  if (host.empty()) return nullptr;
+  // 8-byte positions in a block of 2·n fp32 slots (the device's allocator, so no
+  // cudaMalloc/cudaFree per call); the copy is queued on the compute stream.
+  const DeviceTensor d = alloc(DType::f32, {2 * static_cast<int64_t>(host.size())});
+  check(cudaMemcpyAsync(d.ptr<void>(), host.data(), host.size_bytes(), cudaMemcpyHostToDevice, compute_),
+        "copying positions to the GPU");
+  auto* p = reinterpret_cast<const int64_t*>(d.ptr<void>());
+  return std::shared_ptr<const int64_t>(std::make_shared<DeviceTensor>(d), p);
 }
 
 void CudaDevice::copy(const TensorView& dst, const TensorView& src) {
