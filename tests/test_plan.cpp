@@ -91,6 +91,27 @@ TEST(PlanPredict, SingleDeviceIsFlopsOverRates) {
   EXPECT_EQ(p.train_bytes_sent, 0);
 }
 
+// Decode reads the weights from the last-level cache while every rank's fit in it
+// (cached_weight_bandwidth), else at decode_bandwidth like the KV cache.
+TEST(PlanPredict, DecodeReadsCachedWeightsWhileTheyFit) {
+  Workload w;
+  w.model = tiny(false), w.seq = 64, w.batch = 2;
+  Hardware h = toy();
+  h.gemm["fp32"] = {{1, 1e18}};  // the weight reads, not the FLOPs, bound the step
+  Cluster cl;
+  const Prediction base = predict(w, Candidate{}, h, cl);
+  // 2 layers of 4D + D·3D + 3D + D·D + 2D + D·F + F + F·D = 872 fp32 parameters (D 8, F 32)
+  const double weights = 2 * 872 * 4.0;
+  h.cached_weight_bandwidth = 4e12;
+  h.llc_bytes = 1e9;
+  const Prediction cached = predict(w, Candidate{}, h, cl);
+  EXPECT_LT(cached.decode_step_s, base.decode_step_s);
+  EXPECT_NEAR(base.decode_step_s - cached.decode_step_s, weights / 1e12 - weights / 4e12, weights * 1e-14)
+      << "the weight reads move from 1e12 to 4e12 B/s";
+  h.llc_bytes = 100;  // too small to hold them: read at decode_bandwidth again
+  EXPECT_DOUBLE_EQ(predict(w, Candidate{}, h, cl).decode_step_s, base.decode_step_s);
+}
+
 TEST(PlanPredict, TensorParallelAddsItsAllReduces) {
   Workload w;
   w.model = tiny(false), w.seq = 64, w.batch = 2;

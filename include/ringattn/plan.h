@@ -78,6 +78,11 @@ struct Hardware {
   // bytes/s of a decode step reading the KV cache and the weights, every device at
   // once, from memory (CPUs: caches far beyond the last-level cache).
   double decode_bandwidth = 0;
+  // bytes/s of a decode step's GEMMs re-reading weights that stay in the
+  // last-level cache from one step to the next (CPUs), and that cache's size per
+  // node: used while the weights of all ranks of a node fit in it (0: not
+  // measured; weights are then read at decode_bandwidth).
+  double cached_weight_bandwidth = 0, llc_bytes = 0;
   double op_overhead_s = 0;          // fixed cost of each kernel/operation
   // More ranks than devices on a node: the extra cost of each blocking wait for a
   // peer, which may be descheduled (0: not measured; GPUs never time-share).

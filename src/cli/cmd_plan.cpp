@@ -255,14 +255,15 @@ nlohmann::json ranking_json(const Ranking& r) {
   return {{"significant_pairs", r.pairs}, {"pairs_ordered_right", r.agree}, {"best_picked", r.best}};
 }
 
-void run_validate(const PlanArgs& a) {
-  const Hardware h = hardware(a);
-  nlohmann::json rows = nlohmann::json::array(), groups = nlohmann::json::array();
-  std::vector<double> errors, mem_errors;
-  if (!a.json)
-    std::printf("%-22s %5s %7s  %-9s %12s %12s %8s\n", "method", "ranks", "seq", "metric", "predicted", "measured",
-                "error");
-  for (const std::string& file : a.validate) {
+// The measured figures of `ringattn compare --json-out` files, repeated runs of
+// one configuration (model, dtype, ranks, batch, seq) merged: each method's time
+// and memory figures become their median over the runs that measured it, and
+// "runs" says how many did (a method skipped or failed in one run is left out of
+// that run only). Files keep their first appearance's order.
+std::vector<std::pair<std::string, nlohmann::json>> merged_runs(const std::vector<std::string>& files) {
+  std::vector<std::pair<std::string, nlohmann::json>> out;  // (files, merged)
+  std::vector<std::vector<nlohmann::json>> runs;
+  for (const std::string& file : files) {
     std::ifstream f(file);
     check(f.good(), "--validate: cannot read ", file);
     nlohmann::json j;
@@ -272,6 +273,50 @@ void run_validate(const PlanArgs& a) {
       throw Error(cat(file, ": not valid JSON: ", e.what()));
     }
     check(j.contains("methods") && j.contains("model"), file, ": not a `ringattn compare --json-out` file");
+    const nlohmann::json key = {j["model"], j["dtype"], j["ranks"], j["batch"], j["seq"]};
+    size_t g = 0;
+    while (g < out.size() && nlohmann::json{out[g].second["model"], out[g].second["dtype"], out[g].second["ranks"],
+                                            out[g].second["batch"], out[g].second["seq"]} != key)
+      ++g;
+    if (g == out.size()) out.push_back({file, j}), runs.emplace_back();
+    else out[g].first += " " + file;
+    runs[g].push_back(std::move(j));
+  }
+  const char* figures[] = {"forward_seconds", "train_step_seconds", "time_per_output_token_ms",
+                           "peak_memory_bytes_per_rank"};
+  for (size_t g = 0; g < out.size(); ++g) {
+    nlohmann::json methods = nlohmann::json::array();
+    for (const auto& m : runs[g][0]["methods"]) {
+      std::vector<nlohmann::json> same;
+      for (const auto& r : runs[g])
+        for (const auto& x : r["methods"])
+          if (x["method"] == m["method"] && !x.contains("skipped") && !x.contains("failed")) same.push_back(x);
+      if (same.empty()) {
+        methods.push_back(m);
+        continue;
+      }
+      nlohmann::json merged = same[0];
+      for (const char* fig : figures) {
+        std::vector<double> v;
+        for (const auto& x : same) v.push_back(x[fig].get<double>());
+        merged[fig] = median(v);
+      }
+      merged["runs"] = same.size();
+      methods.push_back(merged);
+    }
+    out[g].second["methods"] = methods;
+  }
+  return out;
+}
+
+void run_validate(const PlanArgs& a) {
+  const Hardware h = hardware(a);
+  nlohmann::json rows = nlohmann::json::array(), groups = nlohmann::json::array();
+  std::vector<double> errors, mem_errors;
+  if (!a.json)
+    std::printf("%-22s %5s %7s %4s  %-9s %12s %12s %8s\n", "method", "ranks", "seq", "runs", "metric", "predicted",
+                "measured", "error");
+  for (const auto& [file, j] : merged_runs(a.validate)) {
     Workload w;
     const auto& jm = j["model"];
     w.model.layers = jm["layers"], w.model.d_model = jm["d_model"], w.model.heads = jm["heads"];
@@ -295,11 +340,12 @@ void run_validate(const PlanArgs& a) {
         const double err = (pm.first - pm.second) / pm.second;
         const bool timed = std::string(metric) != "peak MiB";
         (timed ? errors : mem_errors).push_back(std::fabs(err));
-        rows.push_back({{"method", m["method"]}, {"ranks", cl.world}, {"seq", w.seq}, {"metric", metric},
-                        {"predicted", pm.first}, {"measured", pm.second}, {"error", err}});
+        const int n_runs = m.value("runs", 1);
+        rows.push_back({{"method", m["method"]}, {"ranks", cl.world}, {"seq", w.seq}, {"runs", n_runs},
+                        {"metric", metric}, {"predicted", pm.first}, {"measured", pm.second}, {"error", err}});
         if (!a.json)
-          std::printf("%-22s %5d %7lld  %-9s %12.4g %12.4g %+7.1f%%\n", m["method"].get<std::string>().c_str(),
-                      cl.world, static_cast<long long>(w.seq), metric, pm.first, pm.second, 100 * err);
+          std::printf("%-22s %5d %7lld %4d  %-9s %12.4g %12.4g %+7.1f%%\n", m["method"].get<std::string>().c_str(),
+                      cl.world, static_cast<long long>(w.seq), n_runs, metric, pm.first, pm.second, 100 * err);
       }
       fwd.push_back({p.forward_tokens_per_s, tok / m["forward_seconds"].get<double>()});
       train.push_back({p.train_tokens_per_s, tok / m["train_step_seconds"].get<double>()});
@@ -535,7 +581,8 @@ void add_plan(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--out", a->out, "with --calibrate: write here instead of hardware/this-machine.json");
   cmd->add_option("--validate", a->validate,
-                  "`ringattn compare --json-out` files: predicted vs measured for every method, the error table")
+                  "`ringattn compare --json-out` files: predicted vs measured for every method, the error table; "
+                  "repeated runs of one configuration are compared by their median")
       ->expected(1, -1);
   cmd->add_flag("--calibrate-rank", a->calibrate_rank, "(internal) one rank of --calibrate, under mpirun");
   cmd->add_flag("--timeshare-rank", a->timeshare_rank, "(internal) the time-sharing measurement of --calibrate");

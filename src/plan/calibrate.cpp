@@ -4,7 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
 #include <random>
+#include <string>
+#include <vector>
 #include <thread>
 
 #include "ringattn/attention.h"
@@ -23,6 +26,23 @@ namespace {
 
 // Best of `reps` runs after one warm-up.
 double best_of(int reps, const std::function<void()>& f) { return best_seconds(reps, f, 1); }
+
+// Bytes of the largest cache level of CPU 0 ("size" in sysfs: "480M", "2048K"); 0 if unknown.
+double last_level_cache_bytes() {
+  double best = 0;
+  for (int i = 0; i < 8; ++i) {
+    std::ifstream f(cat("/sys/devices/system/cpu/cpu0/cache/index", i, "/size"));
+    std::string v;
+    if (!(f >> v) || v.empty()) continue;
+    const char unit = v.back();
+    const double mult = unit == 'K' ? 1024.0 : unit == 'M' ? 1048576.0 : unit == 'G' ? 1073741824.0 : 1.0;
+    try {
+      best = std::max(best, std::stod(v) * mult);
+    } catch (...) {
+    }
+  }
+  return best;
+}
 
 Tensor random_tensor(DType dt, std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
   Tensor t(dt, shape);
@@ -256,6 +276,33 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
     h.decode_bandwidth = mean_of_ranks(2.0 * static_cast<double>(k.bytes()) / t);
     h.sources["decode_bandwidth"] =
         "decode kernel over an fp32 K/V cache of 131072 tokens x 4 heads x 64 (256 MiB), every rank at once";
+  }
+  // A decode step's GEMMs: 2 rows through the weights of 4 layers of the
+  // d_model 256 model (12 MiB fp32), every pass re-reading them, as each decode
+  // step does; they stay in the last-level cache between passes.
+  {
+    together("decode GEMMs over cache-resident weights");
+    const int64_t D = 256, rows = 2;
+    const int64_t shapes[4][2] = {{D, 3 * D}, {D, D}, {D, 4 * D}, {4 * D, D}};
+    std::vector<Tensor> w;
+    double bytes = 0;
+    for (int l = 0; l < 4; ++l)
+      for (const auto& sh : shapes) {
+        w.push_back(random_tensor(DType::f32, {sh[0], sh[1]}, rng));
+        bytes += static_cast<double>(w.back().bytes());
+      }
+    Tensor x = random_tensor(DType::f32, {rows, 4 * D}, rng), y(DType::f32, {rows, 4 * D});
+    auto pass = [&] {
+      for (const Tensor& m : w)
+        linear_forward(rows, m.dim(0), m.dim(1), x.ptr<float>(), m.ptr<void>(), nullptr, y.ptr<float>());
+    };
+    pass();
+    h.cached_weight_bandwidth = mean_of_ranks(bytes / best_of(20, pass));
+    h.sources["cached_weight_bandwidth"] =
+        "2-row linear layers through 12 MiB of fp32 weights (4 layers of d_model 256, MLP 1024) re-read every pass, "
+        "every rank at once";
+    h.llc_bytes = last_level_cache_bytes();
+    h.sources["llc_bytes"] = "the largest cache level in /sys/devices/system/cpu/cpu0/cache (0: not found)";
   }
   {
     together("per-operation overhead");

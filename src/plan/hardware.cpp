@@ -105,7 +105,7 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   static const std::set<std::string> known = {
       "name", "description", "devices_per_node", "memory_bytes", "memory_bandwidth", "peak", "gemm", "gemm_backward",
       "attention_forward", "attention_backward", "attention_kernels",
-      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured"};
+      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "cached_weight_bandwidth", "llc_bytes", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured"};
   for (auto& [k, v] : j.items()) check(known.count(k), origin, ": unknown field '", k, "'");
   Hardware h;
   check(j.contains("name") && j["name"].is_string(), origin, ": missing string 'name'");
@@ -119,6 +119,8 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   h.memory_bandwidth = positive(j, "memory_bandwidth", origin);
   h.elementwise_bandwidth = positive(j, "elementwise_bandwidth", origin);
   h.decode_bandwidth = positive(j, "decode_bandwidth", origin);
+  if (j.contains("cached_weight_bandwidth")) h.cached_weight_bandwidth = positive(j, "cached_weight_bandwidth", origin);
+  if (j.contains("llc_bytes")) h.llc_bytes = positive(j, "llc_bytes", origin);
   if (j.contains("causal_efficiency")) h.causal_efficiency = positive(j, "causal_efficiency", origin);
   check(h.causal_efficiency <= 1.5, origin, ": 'causal_efficiency' is a ratio near 1, got ", h.causal_efficiency);
   if (j.contains("gelu_forward_rate")) h.gelu_forward_rate = positive(j, "gelu_forward_rate", origin);
@@ -182,6 +184,8 @@ std::string hardware_to_json(const Hardware& h) {
     if (k.causal_efficiency > 0) j["attention_kernels"][name]["causal_efficiency"] = k.causal_efficiency;
   }
   j["elementwise_bandwidth"] = h.elementwise_bandwidth, j["decode_bandwidth"] = h.decode_bandwidth;
+  if (h.cached_weight_bandwidth > 0) j["cached_weight_bandwidth"] = h.cached_weight_bandwidth;
+  if (h.llc_bytes > 0) j["llc_bytes"] = h.llc_bytes;
   if (h.gelu_forward_rate > 0) j["gelu_forward_rate"] = h.gelu_forward_rate;
   if (h.gelu_backward_rate > 0) j["gelu_backward_rate"] = h.gelu_backward_rate;
   j["causal_efficiency"] = h.causal_efficiency;

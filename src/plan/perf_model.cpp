@@ -386,9 +386,13 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   const double weight_read = params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
   double stage_s = 0, decode_bytes = 0, decode_waits = S - 1;
   const double decode_bw = h.decode_bandwidth;
+  // Weights every rank of the node re-reads each step: from the last-level cache
+  // while they all fit in it, else from memory.
+  const bool weights_cached = h.cached_weight_bandwidth > 0 && weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
+  const double weight_bw = weights_cached ? h.cached_weight_bandwidth : decode_bw;
   for (int l = 0; l < md.Ls; ++l) {
     const double flops = 2 * Bd * (params / md.Ls);
-    stage_s += std::max(flops / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), weight_read / decode_bw);
+    stage_s += std::max(flops / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), weight_read / weight_bw);
     stage_s += p.kv_cache_bytes / md.Ls / decode_bw + md.ops_s(14);
     if (c.sp > 1) {  // the LSE merge: max, then sums of B·H·(d+1)
       stage_s += cost_all_reduce(md.link(md.sp_g), c.sp, Bd * Hl * 4) +
