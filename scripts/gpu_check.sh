@@ -45,7 +45,7 @@ for part in ${TEST_PARTS:-wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:Cuda
   fi
 done
 # Speed: the default forward at each head dim, then the portable one at d = 128.
-for run in ${BENCH_RUNS:-auto:128 auto:64 portable:128}; do
+for run in ${BENCH_RUNS-auto:128 auto:64 portable:128}; do  # BENCH_RUNS="": none
   fwd=${run%%:*} d=${run#*:}
   extra=""
   [ "$fwd" = portable ] && extra="--no-backward --ring-ranks 0"

@@ -19,6 +19,7 @@ model="--dtype bf16 --layers 4 --d-model 2048 --heads 16 --mlp 8192"
 for run in train generate; do
   if [ $run = train ]; then args="train --device cuda $model --seq 16384 --steps 2 --lr 1e-4"
   else args="generate --device cuda $model --prompt-len 16384 --new-tokens 32"; fi
+  rm -f "/tmp/$run.nsys-rep"
   timeout 240 "$NSYS" profile -t cuda -o "/tmp/$run" --force-overwrite true "$BUILD/ringattn" $args >"$OUT/$run.txt" 2>&1
   echo "$run exit $?"
   grep -E "tokens/s|per output" "$OUT/$run.txt"

@@ -20,8 +20,12 @@ int cuda_device_count();  // GPUs visible to this process (0 without the CUDA pa
 // bf16 and fp16 (fp32 accumulation; fp32 o/lse outputs allowed), head dims 64
 // and 128, causal by global positions, GQA.
 // Freed memory is kept for reuse (cudaFree would stall the host on every
-// temporary) and given back when an allocation fails or the device goes.
+// temporary) and given back when an allocation fails, the device goes, or
+// release_cached_memory is called.
 std::unique_ptr<Device> make_cuda_device(int ordinal);
+// Gives dev's cached free blocks back to CUDA, for memory the cache cannot lend:
+// other devices on the same GPU (run_device_local_group), kernels' scratch.
+void release_cached_memory(Device& dev);
 // The forward kernel attention_forward uses on the current GPU: "wgmma" (Hopper,
 // sm_90a build) or "mma.sync" (any other GPU, or RINGATTN_CUDA_FORWARD=portable).
 std::string cuda_forward_kernel();

@@ -253,6 +253,7 @@ void run_cuda(const BenchArgs& a) {
     check(L % (2 * P) == 0, "--seq must be divisible by 2 x --ring-ranks for the zigzag ring, got ", L, " and ", P);
     const DType dt = DType::bf16;
     progress(cat("timing the ring on ", P, " ranks sharing the GPU..."));
+    release_cached_memory(*dev);  // the ranks' own devices allocate on the same GPU
     Tensor hq(dt, {B, L / P, H, d}), hk(dt, {B, L / P, Hkv, d});
     fill_random(hq, rng);
     fill_random(hk, rng);

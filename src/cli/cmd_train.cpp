@@ -109,6 +109,12 @@ void run(const TrainArgs& a) {
     dev.synchronize();
     return loss;
   };
+  // Bytes sent: the mesh's groups (MPI), and on GPUs the NCCL communicator.
+  auto sent = [&] { return (world ? mesh.bytes_sent() : 0) + (nccl ? nccl->stats().bytes_sent : 0); };
+  auto reset_sent = [&] {
+    if (world) mesh.reset_stats();
+    if (nccl) nccl->reset_stats();
+  };
   if (world) world->barrier(), world->reset_stats();
   reset_peak_memory();
 
@@ -117,13 +123,13 @@ void run(const TrainArgs& a) {
   double t_fwd = 0, t0 = 0;
   int64_t fwd_bytes = 0;
   for (int rep = 0; rep < 2; ++rep) {
-    if (world) mesh.reset_stats();
+    reset_sent();
     t0 = now_seconds();
     step(false);
     t_fwd = now_seconds() - t0;
-    fwd_bytes = world ? mesh.bytes_sent() : 0;
+    fwd_bytes = sent();
   }
-  if (world) mesh.reset_stats();
+  reset_sent();
   std::vector<double> losses, step_times;
   for (int s = 0; s < a.steps; ++s) {
     if (!a.json && rank == 0) progress(cat("step ", s + 1, "/", a.steps));
@@ -133,7 +139,7 @@ void run(const TrainArgs& a) {
   }
   if (!a.json && rank == 0) progress_done();
   double mine[3] = {static_cast<double>(memory_stats().peak_bytes),
-                    static_cast<double>(world ? mesh.bytes_sent() : 0), static_cast<double>(fwd_bytes)};
+                    static_cast<double>(sent()), static_cast<double>(fwd_bytes)};
   std::vector<double> all(3 * static_cast<size_t>(P));
   if (world)
     world->all_gather(mine, all.data(), sizeof(mine));

@@ -15,6 +15,7 @@ bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_forward_kernel() { not_built(); }
 std::unique_ptr<Device> make_cuda_device(int) { not_built(); }
+void release_cached_memory(Device&) { not_built(); }
 std::unique_ptr<Communicator> nccl_communicator(Communicator&, Device&) { not_built(); }
 void run_device_local_group(int, int, const std::function<void(int, Device&, Communicator&)>&) { not_built(); }
 double cublas_bf16_gemm_tflops(Device&, int64_t, int) { not_built(); }

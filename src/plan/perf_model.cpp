@@ -243,10 +243,17 @@ struct Cost {
     switch (c.strategy) {
       case Strategy::ring: ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd); break;
       case Strategy::allgather: {
+        // K and V gathered one after the other (each: own shard copied out, the
+        // rank-ordered blocks copied into the full sequence, read and write).
         const double kv_all = 2 * Bm * L * Hkvl * dh;
-        collective(k, sp_g, cost_all_gather(link(sp_g), c.sp, kv_all * e), kv_all * e * (c.sp - 1) / c.sp);
+        for (int kv = 0; kv < 2; ++kv)
+          collective(k, sp_g, cost_all_gather(link(sp_g), c.sp, kv_all / 2 * e), kv_all / 2 * e * (c.sp - 1) / c.sp);
+        k.compute += elem_s(2 * kv_all * e * (1 + 1.0 / c.sp)) + ops_s(4);
         k.compute += attn_s(attn_flops(Bm, Hl, Ll, L, layout_frac(c.sp)) * mult, bwd) + ops_s(1);
-        if (bwd) all_to_all(k, sp_g, kv_all * 4);  // reduce-scatter of dK, dV
+        if (bwd) {  // reduce-scatter of dK, dV: pack P blocks, all-to-all, sum P blocks, copy out (fp32)
+          all_to_all(k, sp_g, kv_all * 4);
+          k.compute += elem_s(kv_all * 4 * (2 + 1 + 2.0 / c.sp));
+        }
         break;
       }
       case Strategy::ulysses:
@@ -387,8 +394,11 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   double stage_s = 0, decode_bytes = 0, decode_waits = S - 1;
   const double decode_bw = h.decode_bandwidth;
   // Weights every rank of the node re-reads each step: from the last-level cache
-  // while they all fit in it, else from memory.
-  const bool weights_cached = h.cached_weight_bandwidth > 0 && weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
+  // while they all fit in it and no rank shares its device (the cached rate is
+  // measured one rank per device; ranks taking turns on a core evict each
+  // other's), else from memory.
+  const bool weights_cached = h.cached_weight_bandwidth > 0 && md.share == 1 &&
+                              weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
   const double weight_bw = weights_cached ? h.cached_weight_bandwidth : decode_bw;
   for (int l = 0; l < md.Ls; ++l) {
     const double flops = 2 * Bd * (params / md.Ls);

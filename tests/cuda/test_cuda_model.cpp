@@ -238,6 +238,7 @@ TEST(CudaModel, RefusesWhatItCannotRun) {
   try {
     c.dtype = DType::f32;
     Model m(c, 1, 0, 1, 0, gpu.get());
+    ADD_FAILURE() << "an fp32 model on the GPU was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("bf16"), std::string::npos) << e.what();
   }

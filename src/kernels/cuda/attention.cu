@@ -618,12 +618,14 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
     else
       bf ? forward_t<__nv_bfloat16, 128>(x, stream) : forward_t<__half, 128>(x, stream);
   };
+  const bool hopper = sm90_forward_available();  // also validates RINGATTN_CUDA_FORWARD
   const int64_t split_tiles = split_tiles_for(c.B, c.Lq, c.H, c.Lk, multiprocessors());
   if (split_tiles == 0) {
-    if (sm90_forward_available() && forward_sm90(a, bf, static_cast<int>(c.d), stream)) return;
+    if (hopper && forward_sm90(a, bf, static_cast<int>(c.d), stream)) return;
     return portable(a);
   }
-  // Split keys (flash-decoding): partials in fp32, then their exact merge.
+  // Split keys (flash-decoding, the portable kernel on every GPU): partials in
+  // fp32, then their exact merge.
   const int64_t splits = ((c.Lk + kBN - 1) / kBN + split_tiles - 1) / split_tiles, Bs = c.B * splits;
   float *o_part = nullptr, *lse_part = nullptr;
   check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&o_part), Bs * c.Lq * c.H * c.d * sizeof(float), stream),

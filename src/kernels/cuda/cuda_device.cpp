@@ -92,9 +92,11 @@ struct CudaDevice::Pool {
     cudaEventRecord(b.comm_done, comm);
     free[bytes].push_back(b);
   }
-  // Every cached block back to CUDA (cudaFree waits for the device).
-  void release() {
+  // Every cached block back to CUDA (cudaFree waits for the device); close: later
+  // frees go straight to CUDA (the device is going).
+  void release(bool close = false) {
     std::lock_guard<std::mutex> lock(mu);
+    open = open && !close;
     cudaSetDevice(ordinal);
     for (auto& [size, blocks] : free)
       for (const Block& b : blocks) {
@@ -114,8 +116,12 @@ CudaDevice::CudaDevice(int ordinal, bool cache) : ordinal_(ordinal) {
   check(cudaGetDeviceProperties(&props_, ordinal), "reading the GPU's properties");
   check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "creating the compute stream");
   check(cudaStreamCreateWithFlags(&comm_, cudaStreamNonBlocking), "creating the communication stream");
-  if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas_, compute_) != CUBLAS_STATUS_SUCCESS)
+  if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas_, compute_) != CUBLAS_STATUS_SUCCESS) {
+    if (blas_) cublasDestroy(blas_);
+    cudaStreamDestroy(comm_);
+    cudaStreamDestroy(compute_);
     throw Error(cat("cuBLAS could not be initialised on GPU ", ordinal));
+  }
   if (cache) {
     pool_ = std::make_shared<Pool>();
     pool_->ordinal = ordinal, pool_->compute = compute_, pool_->comm = comm_;
@@ -126,11 +132,7 @@ CudaDevice::~CudaDevice() {
   cudaSetDevice(ordinal_);
   cudaStreamSynchronize(comm_);
   cudaStreamSynchronize(compute_);
-  if (pool_) {
-    pool_->release();
-    std::lock_guard<std::mutex> lock(pool_->mu);
-    pool_->open = false;  // blocks still held are freed directly when they go
-  }
+  if (pool_) pool_->release(/*close=*/true);  // blocks still held are freed directly when they go
   cublasDestroy(blas_);
   cudaStreamDestroy(comm_);
   cudaStreamDestroy(compute_);
@@ -186,7 +188,7 @@ DeviceTensor CudaDevice::upload(const TensorView& host) {
   make_current();
   check(cudaMemcpyAsync(d.view().data, contiguous.ptr<void>(), d.bytes(), cudaMemcpyHostToDevice, compute_),
         "copying to the GPU");
-  check(cudaStreamSynchronize(compute_), "copying to the GPU");
+  synchronize();  // bounded: the compute stream may wait on a peer's transfer
   return d;
 }
 
@@ -373,6 +375,12 @@ int cuda_device_count() {
   }
   return n;
 }
+
+void cuda::CudaDevice::release_cache() {
+  if (pool_) pool_->release();
+}
+
+void release_cached_memory(Device& dev) { cuda::as_cuda(dev).release_cache(); }
 
 std::unique_ptr<Device> make_cuda_device(int ordinal) {
   return std::make_unique<cuda::CudaDevice>(ordinal, /*cache=*/true);

@@ -60,6 +60,7 @@ class CudaDevice final : public Device {
   double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) override;
   void adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) override;
   void synchronize(double timeout_seconds = 300) override;
+  void release_cache();  // cached free blocks back to CUDA (see Pool)
 
  private:
   // C[M, N] (fp32, column-major, ldc) = op(A)·op(B) + beta·C by cuBLAS with fp32

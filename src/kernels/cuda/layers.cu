@@ -32,12 +32,12 @@ void launched(const char* what) {
   if (e != cudaSuccess) throw Error(cat("CUDA launching ", what, ": ", cudaGetErrorString(e)));
 }
 
-// x, y: [N, C]   gamma, beta: [C]   mean, rstd: [N]; warp per row.
+// x, y: [N, C]   gamma, beta: [C]   mean, rstd: [N]; a warp per row (grid-stride).
 __global__ void layernorm_forward_kernel(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta,
                                          float* y, float* mean, float* rstd, float eps) {
-  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (i >= N) return;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
+       i += int64_t(gridDim.x) * blockDim.x / 32) {
   const float* xi = x + i * C;
   float s = 0;
   for (int64_t c = lane; c < C; c += 32) s += xi[c];
@@ -47,14 +47,15 @@ __global__ void layernorm_forward_kernel(int64_t N, int64_t C, const float* x, c
   const float r = rsqrtf(warp_sum(s2) / float(C) + eps);
   for (int64_t c = lane; c < C; c += 32) y[i * C + c] = (xi[c] - m) * r * gamma[c] + beta[c];
   if (lane == 0) mean[i] = m, rstd[i] = r;
+  }
 }
 
-// dx = rstd · (dŷ − mean(dŷ) − x̂ · mean(dŷ ∘ x̂)), dŷ = dy ∘ gamma; warp per row.
+// dx = rstd · (dŷ − mean(dŷ) − x̂ · mean(dŷ ∘ x̂)), dŷ = dy ∘ gamma; a warp per row (grid-stride).
 __global__ void layernorm_dx_kernel(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                                     const float* rstd, const float* dy, float* dx) {
-  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (i >= N) return;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
+       i += int64_t(gridDim.x) * blockDim.x / 32) {
   const float* xi = x + i * C;
   const float* dyi = dy + i * C;
   float a = 0, b = 0;
@@ -67,6 +68,7 @@ __global__ void layernorm_dx_kernel(int64_t N, int64_t C, const float* x, const 
   for (int64_t c = lane; c < C; c += 32) {
     const float xh = (xi[c] - mean[i]) * rstd[i];
     dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - ma - xh * mb);
+  }
   }
 }
 
@@ -177,6 +179,8 @@ void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma
                         const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta,
                         cudaStream_t stream) {
   if (N == 0) return;
+  ringattn::check(N <= 65535 * int64_t(kRowsPerChunk), "LayerNorm backward: N=", N, " rows are more than the column "
+                  "sums handle (", 65535 * kRowsPerChunk, ")");
   layernorm_dx_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, mean, rstd, dy, dx);
   launched("the LayerNorm backward");
   column_sums(N, C, x, mean, rstd, dy, dgamma, dbeta, stream);
@@ -217,7 +221,9 @@ double squared_error(int64_t n, const float* y, const float* t, float* dy, float
   check(cudaMemcpyAsync(host.data(), part, grid * sizeof(double), cudaMemcpyDeviceToHost, stream),
              "copying the loss to the host");
   cudaFreeAsync(part, stream);
-  check(cudaStreamSynchronize(stream), "computing the loss");
+  Event done;
+  check(cudaEventRecord(done.get(), stream), "computing the loss");
+  wait_event_bounded(done.get(), 300, "computing the loss");
   double s = 0;
   for (double p : host) s += p;
   return s;
