@@ -2,10 +2,16 @@
 # Installs what ringattn needs on Debian 12 with apt-get, only what is missing.
 # Python helpers (tests, charts) use Debian's /usr/bin/python3 with python3-numpy,
 # not a pyenv/venv interpreter that may be first on PATH.
+# Packages are installed without their recommends, so a recommend that a CMake
+# config requires is listed here: Debian's oneDNN is built with its OpenCL GPU
+# runtime and its dnnl-config.cmake calls find_package(OpenCL REQUIRED), whose
+# headers and loader come with ocl-icd-opencl-dev (only recommended by libdnnl-dev).
+# scripts/fresh_machine_check.sh proves on every CI run that this list is enough.
 set -euo pipefail
 
-PACKAGES=(build-essential cmake libdnnl-dev libcli11-dev nlohmann-json3-dev
-          libopenmpi-dev openmpi-bin iproute2 clang libclang-rt-14-dev libomp-14-dev libgtest-dev libbenchmark-dev python3-numpy python3-matplotlib)
+PACKAGES=(build-essential cmake libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev
+          libopenmpi-dev openmpi-bin iproute2 clang libclang-rt-14-dev libomp-14-dev libgtest-dev
+          python3-numpy python3-matplotlib)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
