@@ -2,9 +2,13 @@
 # Builds the libFuzzer targets with clang (AddressSanitizer + UBSan) and runs
 # each: first every input kept in fuzz/regressions/<target>/ (crashes found
 # earlier, fixed, kept so they stay fixed), then fuzzing from fuzz/corpus/<target>/
-# for FUZZ_SECONDS (default 30). Exit 77 (skipped) without clang's libFuzzer.
+# for FUZZ_SECONDS per target (default 300). Exit 77 (skipped) without clang's
+# libFuzzer. The test suite runs it with FUZZ_SECONDS=5 (a smoke run: the build,
+# the regressions, a few thousand inputs); long fuzzing is this script by hand:
+#   FUZZ_SECONDS=3600 fuzz/run.sh build/fuzz build/release
 # The command-line target (fuzz_cli) links the release build's libraries, so it
-# is built only when RELEASE_BUILD_DIR (with `ringattn` built) is given.
+# is built only when RELEASE_BUILD_DIR (with `ringattn` built) is given. Sources
+# compile in parallel, FUZZ_JOBS at a time (default: the number of CPUs).
 #   fuzz/run.sh OUT_DIR [RELEASE_BUILD_DIR]
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,9 +22,27 @@ if ! "$CXX" -fsanitize=fuzzer "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
   echo "fuzz: skipped: $CXX cannot link -fsanitize=fuzzer (libFuzzer missing)"; exit 77
 fi
 flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
-       -I"$src/include")
-"$CXX" "${flags[@]}" "$src/fuzz/fuzz_npy.cpp" "$src/src/io/npy.cpp" "$src/src/io/atomic_file.cpp" \
-  "$src/src/core/tensor.cpp" "$src/src/core/dtype.cpp" "$src/src/core/memory.cpp" -o "$out/fuzz_npy" || exit 1
+       -I"$src/include" -I"$src/src")
+jobs=${FUZZ_JOBS:-$(nproc)}
+
+# compile SOURCE...: each source to $out/obj/<name>.o, $jobs at a time; prints the objects
+compile() {
+  local obj failed=$out/obj/failed
+  mkdir -p "$out/obj"; rm -f "$failed"
+  for source in "$@"; do
+    obj=$out/obj/$(basename "${source%.cpp}").o
+    echo "$obj"
+    ( "$CXX" "${flags[@]}" -c "$source" -o "$obj" >&2 || touch "$failed" ) &
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  done
+  wait
+  [ ! -e "$failed" ]
+}
+
+npy_objs=$(compile "$src/fuzz/fuzz_npy.cpp" "$src/src/io/npy.cpp" "$src/src/io/atomic_file.cpp" \
+  "$src/src/core/tensor.cpp" "$src/src/core/dtype.cpp" "$src/src/core/memory.cpp") || exit 1
+# shellcheck disable=SC2086
+"$CXX" "${flags[@]}" $npy_objs -o "$out/fuzz_npy" || exit 1
 targets=(npy)
 link=${release:+$release/CMakeFiles/ringattn.dir/link.txt}
 if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; then
@@ -29,9 +51,10 @@ if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; the
   libs=$(sed -e 's/.* -o ringattn //' "$link")
   libs=${libs//libringattn_cuda.a/$release/libringattn_cuda.a}
   libs=${libs//libringattn_core.a/$release/libringattn_core.a}
+  cli_objs=$(compile "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" \
+    "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp") || exit 1
   # shellcheck disable=SC2086
-  "$CXX" "${flags[@]}" -I"$src/src" "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp" \
-    $libs -o "$out/fuzz_cli" || exit 1
+  "$CXX" "${flags[@]}" $cli_objs $libs -o "$out/fuzz_cli" || exit 1
   targets+=(cli)
 else
   echo "fuzz: fuzz_cli not built (no release build given)"
@@ -47,7 +70,7 @@ for target in "${targets[@]}"; do
   work=$out/corpus_$target
   mkdir -p "$work"
   cp -n "$src/fuzz/corpus/$target"/* "$work"/ 2>/dev/null
-  "$bin" -max_total_time="${FUZZ_SECONDS:-30}" -rss_limit_mb=1024 -max_len=4096 -artifact_prefix="$out/crash_${target}_" \
+  "$bin" -max_total_time="${FUZZ_SECONDS:-300}" -rss_limit_mb=1024 -max_len=4096 -artifact_prefix="$out/crash_${target}_" \
     "$work" >"$out/fuzz_$target.log" 2>&1
   rc=$?
   echo "fuzz_$target: $(grep -a -o 'Done [0-9]* runs in [0-9]* second(s)' "$out/fuzz_$target.log" | tail -1), corpus $(ls "$work" | wc -l) inputs, exit $rc"

@@ -78,8 +78,10 @@ sources() {
          key == "suites:" { suites = $0 } key == "components:" { comps = $0 }
          END { flush() }' "$f"
   done
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | sed -e 's/\[[^]]*\]//' | awk '$1 == "deb" && $3 ~ /^bookworm/ { $1 = "deb"; print }'
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] || continue
+    sed -e 's/\[[^]]*\]//' "$f" | awk '$1 == "deb" && $3 ~ /^bookworm/ { $1 = "deb"; print }'
+  done
 }
 mirrors=$(sources | sort -u)
 [ -n "$mirrors" ] || { log "no Debian bookworm mirror in this machine's apt sources"; exit 2; }
