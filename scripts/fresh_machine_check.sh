@@ -139,7 +139,11 @@ step() {
   local name=$1; shift
   begin "$name: $*"
   local rc=0
-  inside "$@" || rc=$?
+  # In the background and waited for, so that a signal ends this script at once
+  # (bash runs a trap only after a foreground command returns); the EXIT trap
+  # then kills whatever still runs inside the root.
+  inside "$@" &
+  wait $! || rc=$?
   summary+=("$(printf '%-34s %5s s  exit %s' "$name" "$(took)" "$rc")")
   if [ $rc -ne 0 ]; then
     log "FAILED: $name (exit $rc)"
