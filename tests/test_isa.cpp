@@ -110,6 +110,37 @@ TEST_P(IsaPaths, AgreesWithGenericPath) {
     }
 }
 
+// Scores of 1e9 to 1e30 (q, k entries up to 1e15 at d = 32): the softmax is
+// (nearly) one-hot and fp32 represents it, so o, lse must match the reference, on
+// the tiled kernel and on the decode kernel (one query row: split keys). A fused
+// s·c − m once left the row max's rounding error in the exponent (Inf in o, NaN
+// in lse). The backward must stay finite; where it recomputes the scores exactly
+// as its forward did (fp32: the same GEMM) dv = pᵀ·dO must be exact. Past
+// |s·scale| ~ 2^24 a score that rounds differently moves p by a whole power of e
+// (the lse cannot say which), so a decode-kernel forward (per-row dot products)
+// or a bf16 one (bf16 dot-product instructions) is not paired with dv here.
+TEST_P(IsaPaths, HugeScoresStayExact) {
+  for (DType dt : {DType::f32, DType::bf16})
+    for (float amp : {3e4f, 1e10f, 1e15f})
+      for (bool causal : {false, true})
+        for (int64_t lq : {int64_t{37}, int64_t{1}}) {
+          AttnCase c;
+          c.B = 1, c.Lq = lq, c.Lk = lq == 1 ? 300 : 37, c.H = 2, c.Hkv = 1, c.d = 32, c.causal = causal;
+          c.in = c.out = dt, c.amp = amp, c.seed = 2100, c.isa = isa_ptr(GetParam());
+          SCOPED_TRACE(cat(c.name(), " amp ", amp));
+          AttnData a = make_data(c, true);
+          run_forward(c, a);
+          check_forward(c, a, tol_for(dt));
+          run_backward(c, a);
+          EXPECT_FALSE(any_nonfinite(a.dq)) << "dq not finite";
+          EXPECT_FALSE(any_nonfinite(a.dk)) << "dk not finite";
+          EXPECT_FALSE(any_nonfinite(a.dv)) << "dv not finite";
+          if (lq == 1 || dt != DType::f32) continue;
+          const RefResult ref = reference_backward(a.q, a.k, a.v, a.dout, c.options());
+          RA_EXPECT_CLOSE(a.dv.view, ref.dv, kTolF32, "dv");
+        }
+}
+
 TEST_P(IsaPaths, NameRoundTrips) {
   EXPECT_EQ(parse_isa(isa_name(GetParam())), GetParam());
 }

@@ -319,6 +319,12 @@ inline bool any_nan(const TensorView& t) {
   return bad;
 }
 
+inline bool any_nonfinite(const TensorView& t) {
+  bool bad = false;
+  for_each_element(t, [&](int64_t, int64_t off) { bad |= !std::isfinite(load(t, off)); });
+  return bad;
+}
+
 // Case-insensitive "message contains any of these".
 inline bool contains_any(const std::string& msg, std::initializer_list<const char*> needles) {
   std::string m = msg;

@@ -115,6 +115,43 @@ TEST_P(CudaKernel, ForwardAndBackwardMatchReference) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaKernel, ::testing::ValuesIn(cases()), case_name);
 
+// Scores of 1e9 to 1e30 (bf16 q, k entries up to 1e15; fp16 cannot hold them):
+// the softmax is (nearly) one-hot and must stay exact, on the tiled kernels and
+// the split-key decode kernel; the backward must stay finite. A fused s·c − m once
+// left the row max's rounding error in the exponent (Inf, NaN).
+TEST(CudaKernelRange, HugeScoresStayExact) {
+  REQUIRE_GPU();
+  auto dev = make_cuda_device(0);
+  const Shape shapes[] = {{1, 200, 200, 2, 1, 128, false}, {2, 1, 3000, 4, 2, 128, false}};
+  for (const Shape& s : shapes)
+    for (float amp : {3e4f, 1e10f, 1e15f})
+      for (bool causal : {false, true}) {
+        SCOPED_TRACE(cat("Lq ", s.Lq, " Lk ", s.Lk, " amp ", amp, causal ? " causal" : ""));
+        Tensor q = host_random(DType::bf16, {s.B, s.Lq, s.H, s.d}, 11, -amp, amp),
+               k = host_random(DType::bf16, {s.B, s.Lk, s.Hkv, s.d}, 12, -amp, amp),
+               v = host_random(DType::bf16, {s.B, s.Lk, s.Hkv, s.d}, 13),
+               dout = host_random(DType::bf16, {s.B, s.Lq, s.H, s.d}, 14);
+        AttentionOptions opt;
+        opt.causal = causal;
+        const RefResult ref = reference_forward(q, k, v, opt);
+        DeviceTensor gq = dev->upload(q), gk = dev->upload(k), gv = dev->upload(v), gdo = dev->upload(dout);
+        DeviceTensor o = dev->alloc(DType::f32, {s.B, s.Lq, s.H, s.d}), lse = dev->alloc(DType::f32, {s.B, s.H, s.Lq});
+        dev->attention_forward(gq, gk, gv, o, lse, opt);
+        RA_EXPECT_CLOSE(download(*dev, o), ref.o, tol_fwd(DType::bf16), "o");
+        RA_EXPECT_CLOSE(download(*dev, lse), ref.lse, 1e-2, "lse");
+        DeviceTensor gdq = dev->alloc(DType::f32, {s.B, s.Lq, s.H, s.d}),
+                     gdk = dev->alloc(DType::f32, {s.B, s.Lk, s.Hkv, s.d}),
+                     gdv = dev->alloc(DType::f32, {s.B, s.Lk, s.Hkv, s.d});
+        dev->attention_backward(gq, gk, gv, o, lse, gdo, gdq, gdk, gdv, opt);
+        for (const DeviceTensor* g : {&gdq, &gdk, &gdv}) {
+          const Tensor h = download(*dev, *g);
+          bool finite = true;
+          for (int64_t i = 0; i < h.numel(); ++i) finite &= std::isfinite(h.ptr<float>()[i]);
+          EXPECT_TRUE(finite) << "a gradient is not finite";
+        }
+      }
+}
+
 // Two halves of the keys, merged, give the full attention (to the rounding of P).
 TEST(CudaMerge, HalvesMergeToTheWhole) {
   REQUIRE_GPU();

@@ -294,29 +294,48 @@ static void order_by_cost(const int64_t* cost, int64_t n, int64_t max_cost, int6
   for (int64_t i = 0; i < n; ++i) order[start[max_cost - cost[i]]++] = i;
 }
 
-// Max over one row of scores of x[j] = s[j]·c (c > 0), after setting s[j] = -inf
-// where key j of the tile is padding (j >= nk) or not visible (k_pos > qp).
-static inline float mask_max(float* s, int64_t n, float c, bool masked, int64_t nk, const int64_t* kp, int64_t qp,
+// Max over one row of raw scores s[j], after setting s[j] = -inf where key j of
+// the tile is padding (j >= nk) or not visible (k_pos > qp).
+static inline float mask_max(float* s, int64_t n, bool masked, int64_t nk, const int64_t* kp, int64_t qp,
                              bool causal) {
   if (masked)
     for (int64_t j = 0; j < n; ++j)
       if (j >= nk || (causal && kp[j] > qp)) s[j] = kNegInf;
   Vf mx = vset1(kNegInf);
   for (int64_t j = 0; j < n; j += kW) mx = vmax(mx, vload(s + j));
-  return vhmax(mx) * c;
+  return vhmax(mx);
 }
 
-// p[j] = 2^(s[j]·c - m) in place; returns the sum.
+// p[j] = 2^(s[j]·c - m) in place; returns the sum. s[j]·c is rounded before m
+// is subtracted (no FMA): m is the rounded row max fl(max·c), so the row's
+// maximum gives exactly 2^0 and every other entry an exponent <= 0, whatever the
+// scores' size (a fused s·c - m leaves the rounding error of m, up to half an
+// ulp of m: 2^64 and more for scores of 1e30, which 2^x cannot represent).
 static inline float exp2_row(float* s, int64_t n, float c, float m) {
-  const Vf vc = vset1(c), vm = vset1(-m);
+  const Vf vc = vset1(c), vm = vset1(m);
   Vf sum = vzero();
   for (int64_t j = 0; j < n; j += kW) {
-    Vf p = vexp2(vfma(vload(s + j), vc, vm));
+    Vf p = vexp2(vsub(vmul(vload(s + j), vc), vm));
     vstore(s + j, p);
     sum = vadd(sum, p);
   }
   return vhsum(sum);
 }
+
+// p[j] = e^(s[j]·scale − lse) = 2^((fl(s[j]·scale) − lse)·log2 e) in place, at
+// most 1. The difference is taken in natural units, where the forward's lse is
+// fl(fl(s_max·scale) + ln l): for scores too large for fp32 to hold ln l next to
+// them, the row max gives exactly e^0 (lse·log2 e would not round back to the
+// forward's log2-domain max).
+static inline void exp_row_lse(float* s, int64_t n, float scale, float lse) {
+  const Vf vs = vset1(scale), vl = vset1(lse), vlog2e = vset1(kLog2e);
+  for (int64_t j = 0; j < n; j += kW) vstore(s + j, vexp2(vmul(vsub(vmul(vload(s + j), vs), vl), vlog2e)));
+}
+
+// lse of a row from its raw score max s_max (log2-domain max m = fl(s_max·c)) and
+// l = Σ 2^(x − m): fl(s_max·scale) + ln l, so that the backward's exp_row_lse
+// gives the row max exactly 1 at any magnitude.
+static inline float row_lse(float s_max, float scale, float l) { return s_max * scale + std::log(l); }
 
 // Prefetches n bytes at p into L2 (the next key tile while this one computes).
 static inline void prefetch_l2(const void* p, int64_t n) {
@@ -407,12 +426,13 @@ static void forward(const FwdArgs& a) {
     Scratch sbuf(kBq * kBk * sizeof(float));
     Scratch pbuf(kBq * kBk * sizeof(uint16_t));
     Scratch obuf(kBq * dp * sizeof(float));
-    Scratch ml(2 * kBq * sizeof(float));
+    Scratch ml(3 * kBq * sizeof(float));
     float* Q = qbuf.as<float>();
     float* S = sbuf.as<float>();
     float* O = obuf.as<float>();
-    float* m = ml.as<float>();
+    float* m = ml.as<float>();  // running max of x = s·c (log2 domain)
     float* l = m + kBq;
+    float* smax = l + kBq;      // running max of the raw scores s (for the lse)
 #if RA_LEVEL >= 4
     if (use_amx) amx_configure();
 #endif
@@ -434,6 +454,7 @@ static void forward(const FwdArgs& a) {
 #endif
         m[r] = kNegInf;
         l[r] = 0.f;
+        smax[r] = kNegInf;
       }
       std::memset(O, 0, mp * dp * sizeof(float));
       for (int64_t jt = 0; jt < nkt; ++jt) {
@@ -464,7 +485,8 @@ static void forward(const FwdArgs& a) {
         // Online softmax: m' = max(m, rowmax), p = 2^(x - m'), l' = 2^(m-m')·l + Σp, O *= 2^(m-m').
         for (int64_t r = 0; r < nq; ++r) {
           float* x = S + r * kBk;
-          const float mx = mask_max(x, kBk, c, masked, nk, s.k_pos + k0, s.q_pos[q0 + r], s.causal);
+          const float sx = mask_max(x, kBk, masked, nk, s.k_pos + k0, s.q_pos[q0 + r], s.causal);
+          const float mx = sx * c;  // fl(sx·c) = the rounded max of x: exp2_row's m
           prefetch_l2(next_k + r * pf_chunk, pf_chunk);
           prefetch_l2(next_v + r * pf_chunk, pf_chunk);
           if (mx == kNegInf) {  // this row sees no key of this tile
@@ -475,6 +497,7 @@ static void forward(const FwdArgs& a) {
             l[r] = l[r] * alpha + exp2_row(x, kBk, c, m_new);
             if (alpha != 1.f) scale_row(O + r * dp, dp, alpha);
             m[r] = m_new;
+            smax[r] = smax[r] > sx ? smax[r] : sx;
           }
 #if RA_LEVEL >= 3
           if (use_bf16) {
@@ -502,12 +525,12 @@ static void forward(const FwdArgs& a) {
         }
 #endif
       }
-      // o = O / l, lse = (m + log2 l)·ln 2; rows that saw no key: o = 0, lse = -inf.
+      // o = O / l, lse = s_max·scale + ln l; rows that saw no key: o = 0, lse = -inf.
       for (int64_t r = 0; r < nq; ++r) {
         const bool empty = l[r] == 0.f;
         store_row(a.o, b, q0 + r, h, d, O + r * dp, empty ? 0.f : 1.f / l[r]);
         a.lse.data[b * a.lse.sb + h * a.lse.sh + (q0 + r) * a.lse.sl] =
-            empty ? kNegInf : (m[r] + std::log2(l[r])) * kLn2;
+            empty ? kNegInf : row_lse(smax[r], s.scale, l[r]);
       }
     }
 #if RA_LEVEL >= 4
@@ -533,9 +556,9 @@ static void decode(const FwdArgs& a) {
   const float c = s.scale * kLog2e;
   // fp32 rows of exactly dp elements are read in place; others are converted into a buffer.
   const bool in_place = a.k.dtype == DType::f32 && a.v.dtype == DType::f32 && d == dp;
-  // Partials of (b, chunk, row): O [dp], then m and l.
+  // Partials of (b, chunk, row): O [dp], then m, l and the raw score max.
   Scratch part_o(static_cast<size_t>(s.B * nch * R * dp) * sizeof(float));
-  Scratch part_ml(static_cast<size_t>(s.B * nch * R * 2) * sizeof(float));
+  Scratch part_ml(static_cast<size_t>(s.B * nch * R * 3) * sizeof(float));
 #pragma omp parallel num_threads(s.threads)
   {
     Scratch qbuf(R * dp * sizeof(float)), sbuf(R * kDk * sizeof(float)), rowbuf(dp * sizeof(float));
@@ -552,7 +575,7 @@ static void decode(const FwdArgs& a) {
       const int64_t ch = w % nch, b = w / nch;
       const int64_t j0 = ch * kDk, nk = imin(kDk, s.Lk - j0);
       for (int64_t r = 0; r < R; ++r) load_row(a.q, b, r % s.Lq, r / s.Lq, d, dp, Q + r * dp);
-      // S = c · Q Kᵀ, -inf where masked or past the last key.
+      // S = Q Kᵀ (raw scores), -inf where masked or past the last key.
       for (int64_t r = 0; r < R; ++r)
         for (int64_t jj = nk; jj < kDk; ++jj) S[r * kDk + jj] = kNegInf;
       for (int64_t jj = 0; jj < nk; ++jj) {
@@ -563,20 +586,21 @@ static void decode(const FwdArgs& a) {
             Vf acc = vzero();
             for (int64_t cc = 0; cc < dp; cc += kW) acc = vfma(vload(Q + r * dp + cc), vloadu(kr + cc), acc);
             const bool visible = !s.causal || s.k_pos[j] <= s.q_pos[r % s.Lq];
-            S[r * kDk + jj] = visible ? vhsum(acc) * c : kNegInf;
+            S[r * kDk + jj] = visible ? vhsum(acc) : kNegInf;
           }
         }
       }
-      // P = 2^(S − m) (exactly 0 where masked), l = Σ P, O = P · V.
+      // P = 2^(S·c − m) (exactly 0 where masked), l = Σ P, O = P · V.
       float* O = part_o.as<float>() + w * R * dp;
-      float* ml = part_ml.as<float>() + w * R * 2;
+      float* ml = part_ml.as<float>() + w * R * 3;
       for (int64_t r = 0; r < R; ++r) {
         float* x = S + r * kDk;
         Vf mx = vset1(kNegInf);
         for (int64_t jj = 0; jj < kDk; jj += kW) mx = vmax(mx, vload(x + jj));
-        const float m = vhmax(mx);
-        ml[2 * r] = m;
-        ml[2 * r + 1] = m == kNegInf ? 0.f : exp2_row(x, kDk, 1.f, m);  // vexp2(−inf) is exactly 0
+        const float smax = vhmax(mx), m = smax * c;
+        ml[3 * r] = m;
+        ml[3 * r + 1] = m == kNegInf ? 0.f : exp2_row(x, kDk, c, m);  // vexp2(−inf) is exactly 0
+        ml[3 * r + 2] = smax;
         if (m == kNegInf) std::memset(x, 0, kDk * sizeof(float));
       }
       for (int64_t jj = 0; jj < nk; ++jj) {
@@ -591,44 +615,47 @@ static void decode(const FwdArgs& a) {
       }
     }
   }
-  // Merge the chunks: M = max m_c, l = Σ l_c·2^(m_c − M), o = Σ O_c·2^(m_c − M) / l.
+  // Merge the chunks: M = max m_c, l = Σ l_c·2^(m_c − M), o = Σ O_c·2^(m_c − M) / l,
+  // lse = s_max·scale + ln l (s_max: the largest raw score of all chunks).
 #pragma omp parallel for schedule(static) num_threads(s.threads)
   for (int64_t br = 0; br < s.B * R; ++br) {
     const int64_t r = br % R, b = br / R, i = r % s.Lq, h = r / s.Lq;
     const float* ml = part_ml.as<float>();
     const float* po = part_o.as<float>();
-    float M = kNegInf;
-    for (int64_t ch = 0; ch < nch; ++ch) M = std::fmax(M, ml[((b * nch + ch) * R + r) * 2]);
+    float M = kNegInf, smax = kNegInf;
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      M = std::fmax(M, ml[((b * nch + ch) * R + r) * 3]);
+      smax = std::fmax(smax, ml[((b * nch + ch) * R + r) * 3 + 2]);
+    }
     float acc[1024 + 32] = {};
     float l = 0;
     for (int64_t ch = 0; ch < nch && M != kNegInf; ++ch) {
       const int64_t part = (b * nch + ch) * R + r;
-      if (ml[2 * part + 1] == 0.f) continue;
-      const float alpha = std::exp2(ml[2 * part] - M);
-      l += alpha * ml[2 * part + 1];
+      if (ml[3 * part + 1] == 0.f) continue;
+      const float alpha = std::exp2(ml[3 * part] - M);
+      l += alpha * ml[3 * part + 1];
       for (int64_t cc = 0; cc < d; ++cc) acc[cc] += alpha * po[part * dp + cc];
     }
     const bool empty = l == 0.f;
     store_row(a.o, b, i, h, d, acc, empty ? 0.f : 1.f / l);
-    a.lse.data[b * a.lse.sb + h * a.lse.sh + i * a.lse.sl] = empty ? kNegInf : (M + std::log2(l)) * kLn2;
+    a.lse.data[b * a.lse.sb + h * a.lse.sh + i * a.lse.sl] = empty ? kNegInf : row_lse(smax, s.scale, l);
   }
 }
 
 // ---- backward ---------------------------------------------------------------------
 // Given q, k, v, o, lse, dO: D = rowsum(dO∘O); per (key tile j, query tile i):
-//   P = 2^(x - lse·log2 e), dV_j += Pᵀ dO_i, dP = dO_i V_jᵀ, dS = scale·P∘(dP − D),
+//   P = e^(s·scale − lse), dV_j += Pᵀ dO_i, dP = dO_i V_jᵀ, dS = scale·P∘(dP − D),
 //   dQ_i += dS K_j, dK_j += dSᵀ Q_i.
 static void backward(const BwdArgs& a) {
   const AttnShape& s = a.s;
   const int64_t d = s.d, dp = round_up(d, kW);
   const int64_t nqt = (s.Lq + kBqB - 1) / kBqB, nkt = (s.Lk + kBk - 1) / kBk;
   const int64_t group = s.H / s.Hkv;
-  const float c = s.scale * kLog2e;
   const int64_t BH = s.B * s.H;
 
-  // Q, dO as [B, H, Lq, dp] fp32; D and lse·log2 e as [B, H, Lq].
+  // Q, dO as [B, H, Lq, dp] fp32; D and lse as [B, H, Lq].
   Scratch qp(static_cast<size_t>(BH * s.Lq * dp) * 4), dop(static_cast<size_t>(BH * s.Lq * dp) * 4);
-  Scratch dvec(static_cast<size_t>(BH * s.Lq) * 4), lse2(static_cast<size_t>(BH * s.Lq) * 4);
+  Scratch dvec(static_cast<size_t>(BH * s.Lq) * 4), lsev(static_cast<size_t>(BH * s.Lq) * 4);
 #pragma omp parallel for schedule(static) num_threads(s.threads)
   for (int64_t w = 0; w < BH * s.Lq; ++w) {
     const int64_t i = w % s.Lq, h = (w / s.Lq) % s.H, b = w / (s.Lq * s.H);
@@ -641,7 +668,7 @@ static void backward(const BwdArgs& a) {
     float D = 0.f;
     for (int64_t cc = 0; cc < d; ++cc) D += dorow[cc] * orow[cc];
     dvec.as<float>()[w] = D;
-    lse2.as<float>()[w] = a.lse.data[b * a.lse.sb + h * a.lse.sh + i * a.lse.sl] * kLog2e;
+    lsev.as<float>()[w] = a.lse.data[b * a.lse.sb + h * a.lse.sh + i * a.lse.sl];
   }
   // K transposed per tile [dp][kBk], K rows [kBk][dp], V transposed [dp][kBk].
   const int64_t tile_elems = kBk * dp;
@@ -706,17 +733,17 @@ static void backward(const BwdArgs& a) {
             const float* Qi = qp.as<float>() + (bh * s.Lq + q0) * dp;
             const float* dOi = dop.as<float>() + (bh * s.Lq + q0) * dp;
             const float* Di = dvec.as<float>() + bh * s.Lq + q0;
-            const float* L2 = lse2.as<float>() + bh * s.Lq + q0;
+            const float* L = lsev.as<float>() + bh * s.Lq + q0;
             float* dQi = dqp.as<float>() + ((ch * BH + bh) * s.Lq + q0) * dp;
-            // P = 2^(x - lse2)   [nq, kBk]
+            // P = e^(s·scale − lse)   [nq, kBk]
             gemm_f32<false>(nq, kBk, dp, Qi, dp, 1, Kt, kBk, P, kBk);
             for (int64_t r = 0; r < nq; ++r) {
               float* x = P + r * kBk;
-              mask_max(x, kBk, c, masked, nk, s.k_pos + k0, s.q_pos[q0 + r], s.causal);
-              if (L2[r] == kNegInf) {
+              mask_max(x, kBk, masked, nk, s.k_pos + k0, s.q_pos[q0 + r], s.causal);
+              if (L[r] == kNegInf) {
                 std::memset(x, 0, kBk * 4);
               } else {
-                exp2_row(x, kBk, c, L2[r]);
+                exp_row_lse(x, kBk, s.scale, L[r]);
               }
             }
             // dV += Pᵀ · dO   [kBk, dp]

@@ -22,6 +22,7 @@ static inline Vf vmul(Vf a, Vf b) { return {_mm512_mul_ps(a.r, b.r)}; }
 static inline Vf vadd(Vf a, Vf b) { return {_mm512_add_ps(a.r, b.r)}; }
 static inline Vf vsub(Vf a, Vf b) { return {_mm512_sub_ps(a.r, b.r)}; }
 static inline Vf vmax(Vf a, Vf b) { return {_mm512_max_ps(a.r, b.r)}; }
+static inline Vf vmin(Vf a, Vf b) { return {_mm512_min_ps(a.r, b.r)}; }
 static inline float vhmax(Vf a) { return _mm512_reduce_max_ps(a.r); }
 static inline float vhsum(Vf a) { return _mm512_reduce_add_ps(a.r); }
 static inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
@@ -45,6 +46,7 @@ static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.r, b.r)}; }
 static inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.r, b.r)}; }
 static inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.r, b.r)}; }
 static inline Vf vmax(Vf a, Vf b) { return {_mm256_max_ps(a.r, b.r)}; }
+static inline Vf vmin(Vf a, Vf b) { return {_mm256_min_ps(a.r, b.r)}; }
 static inline float vhmax(Vf a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -84,6 +86,7 @@ static inline Vf vmul(Vf a, Vf b) { RA_MAP(a.r[i] * b.r[i]); }
 static inline Vf vadd(Vf a, Vf b) { RA_MAP(a.r[i] + b.r[i]); }
 static inline Vf vsub(Vf a, Vf b) { RA_MAP(a.r[i] - b.r[i]); }
 static inline Vf vmax(Vf a, Vf b) { RA_MAP(a.r[i] > b.r[i] ? a.r[i] : b.r[i]); }
+static inline Vf vmin(Vf a, Vf b) { RA_MAP(a.r[i] < b.r[i] ? a.r[i] : b.r[i]); }
 static inline float vhmax(Vf a) {
   float m = a.r[0];
   for (int i = 1; i < 4; ++i) m = a.r[i] > m ? a.r[i] : m;
@@ -103,9 +106,11 @@ static inline Vf vpow2i(Vf n) {
 #endif
 
 // 2^x for x <= 0 (x = -inf gives 0): x = n + f, |f| <= 1/2, 2^f by its degree-7
-// Taylor series in f·ln2 (relative error < 1e-8, below fp32 rounding).
+// Taylor series in f·ln2 (relative error < 1e-8, below fp32 rounding). x is
+// clamped to [-127, 0] first, so that a rounding above 0 gives 1 and never an
+// exponent field that overflows (the integer conversion of a large x).
 static inline Vf vexp2(Vf x) {
-  x = vmax(x, vset1(-127.f));
+  x = vmin(vmax(x, vset1(-127.f)), vzero());
   Vf n = vround(x);
   Vf f = vsub(x, n);
   Vf p = vset1(1.5252733804059841e-05f);  // ln2^7/7!

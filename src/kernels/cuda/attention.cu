@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
     for (int nt = 0; nt < kBN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * a.scale_log2;
+        float x = __fmul_rn(s[nt][e], a.scale_log2);  // never fused into x − base: the row max gives 2^0
         if (need_mask) {
           const int64_t kp = pos.key(n0 + nt * 8 + 2 * t + (e & 1));
           const int64_t qp = e < 2 ? pos_a : pos_b;
@@ -388,7 +388,8 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const BwdArgs 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + 2 * t + (e & 1);
-          float p = exp2f(st[nt][e] * a.scale_log2 - lse2_s[qi]);
+          // p <= 1: a rounding above lse (huge scores) must not overflow exp2
+          float p = exp2f(fminf(__fmul_rn(st[nt][e], a.scale_log2) - lse2_s[qi], 0.f));
           if (need_mask) {
             const int64_t qp = pos.query(m0 + qi), kp = e < 2 ? kp_a : kp_b;
             if (kp == kFarPos || qp == kNoPos || (a.causal && kp > qp)) p = 0.f;

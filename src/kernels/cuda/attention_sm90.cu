@@ -235,20 +235,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx_b = fmaxf(mx_b, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
     }
     // The running max in base-2 units (scale · log2 e > 0 commutes with max).
-    const float mn_a = fmaxf(m_a, quad_max(mx_a) * a.scale_log2), mn_b = fmaxf(m_b, quad_max(mx_b) * a.scale_log2);
+    const float mn_a = fmaxf(m_a, __fmul_rn(quad_max(mx_a), a.scale_log2)),
+                mn_b = fmaxf(m_b, __fmul_rn(quad_max(mx_b), a.scale_log2));
     // A row that has seen nothing yet keeps o = 0, l = 0 (no −inf − −inf).
     const float base_a = mn_a == -INFINITY ? 0.f : mn_a, base_b = mn_b == -INFINITY ? 0.f : mn_b;
     alpha_a = ex2(m_a - base_a);
     alpha_b = ex2(m_b - base_b);
     m_a = mn_a;
     m_b = mn_b;
+    // s·scale is rounded before the max is subtracted (__fmul_rn is never fused):
+    // the row max then gives exactly 2^0 and the rest exponents <= 0 for scores
+    // of any size (a fused fmaf leaves m's rounding error, 2^64 at scores of 1e30).
     float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt) {
-      s[4 * nt] = ex2(fmaf(s[4 * nt], a.scale_log2, -base_a));
-      s[4 * nt + 1] = ex2(fmaf(s[4 * nt + 1], a.scale_log2, -base_a));
-      s[4 * nt + 2] = ex2(fmaf(s[4 * nt + 2], a.scale_log2, -base_b));
-      s[4 * nt + 3] = ex2(fmaf(s[4 * nt + 3], a.scale_log2, -base_b));
+      s[4 * nt] = ex2(__fmul_rn(s[4 * nt], a.scale_log2) - base_a);
+      s[4 * nt + 1] = ex2(__fmul_rn(s[4 * nt + 1], a.scale_log2) - base_a);
+      s[4 * nt + 2] = ex2(__fmul_rn(s[4 * nt + 2], a.scale_log2) - base_b);
+      s[4 * nt + 3] = ex2(__fmul_rn(s[4 * nt + 3], a.scale_log2) - base_b);
       sum_a += s[4 * nt] + s[4 * nt + 1];
       sum_b += s[4 * nt + 2] + s[4 * nt + 3];
     }
