@@ -232,7 +232,7 @@ PYEOF
 else
   fail "ringattn plan exited non-zero: $(cat plan.err)"
 fi
-"$BIN" plan "${paper[@]}" --mesh sp=16 --mesh tp=8,pp=2 --claim 1.45e6 >plan.txt 2>&1 || fail "plan --mesh: $(cat plan.txt)"
+"$BIN" plan "${paper[@]}" --mesh sp=16,layout=striped --mesh tp=8,pp=2 --claim 1.45e6 >plan.txt 2>&1 || fail "plan --mesh: $(cat plan.txt)"
 grep -q "RA+SP(16)" plan.txt && grep -q "TP(8) x PP(2)" plan.txt && grep -q "claim" plan.txt ||
   fail "plan --mesh --claim: missing rows: $(cat plan.txt)"
 expect_error "plan: mesh of the wrong size" "$BIN" plan "${paper[@]}" --mesh sp=8

@@ -2,13 +2,17 @@
 // format (versions 1.0, 2.0, 3.0), and malformed files, each of which must throw
 // ringattn::Error naming the file.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringattn/atomic_file.h"
@@ -35,6 +39,7 @@ class Npy : public ::testing::Test {
     fs::remove_all(dir_, ec);
   }
   std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string dir() const { return dir_.string(); }
 
   fs::path dir_;
 };
@@ -281,6 +286,82 @@ TEST_F(Npy, FailedWriteLeavesTheEarlierFileWhole) {
   EXPECT_EQ(read_file(p), before);
   for (const auto& entry : fs::directory_iterator(fs::path(p).parent_path()))
     EXPECT_EQ(entry.path().filename().string().find(".tmp."), std::string::npos) << entry.path();
+}
+
+// ---- output paths: what the path points at is written, never replaced ----------
+
+void write_text(const std::string& p, const char* text) {
+  write_file_atomically(p, [&](std::FILE* f) { return std::fputs(text, f) >= 0; });
+}
+
+// fn throws ringattn::Error whose message contains every needle.
+void expect_error(const std::function<void()>& fn, std::initializer_list<const char*> needles) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    for (const char* n : needles) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(Npy, WriteThroughASymlinkKeepsTheLinkAndWritesItsTarget) {
+  const std::string target = path("real.npy"), link = path("link.npy");
+  write_text(target, "old");
+  fs::create_symlink("real.npy", link);  // relative, as users make them
+  write_text(link, "new");
+  EXPECT_TRUE(fs::is_symlink(link)) << "the link was replaced by a regular file";
+  EXPECT_EQ(read_file(target), "new");
+  // A dangling link: the file it names is created, the link stays.
+  const std::string dangling = path("dangling.npy");
+  fs::create_symlink("created.npy", dangling);
+  write_text(dangling, "made");
+  EXPECT_TRUE(fs::is_symlink(dangling));
+  EXPECT_EQ(read_file(path("created.npy")), "made");
+}
+
+TEST_F(Npy, WriteKeepsTheExistingFilesMode) {
+  const std::string p = path("private.npy");
+  write_text(p, "old");
+  fs::permissions(p, fs::perms::owner_read | fs::perms::owner_write);
+  write_text(p, "new");
+  EXPECT_EQ(fs::status(p).permissions() & fs::perms::all, fs::perms::owner_read | fs::perms::owner_write);
+  EXPECT_EQ(read_file(p), "new");
+}
+
+TEST_F(Npy, NonRegularTargetsAreWrittenNotReplaced) {
+  const std::string fifo = path("fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::string got;
+  std::thread reader([&] { got = read_file(fifo); });
+  write_text(fifo, "through the pipe");
+  reader.join();
+  EXPECT_EQ(got, "through the pipe");
+  EXPECT_TRUE(fs::is_fifo(fifo)) << "the FIFO was replaced by a regular file";
+  // A character device of the test's own (the system's /dev/null would be
+  // replaced by a regression; as root it once was), when this process may make one.
+  const std::string dev = path("null");
+  if (mknod(dev.c_str(), S_IFCHR | 0666, makedev(1, 3)) != 0) GTEST_SKIP() << "cannot create a device node here";
+  write_text(dev, "discarded");
+  EXPECT_TRUE(fs::is_character_file(dev)) << "the device was replaced by a regular file";
+}
+
+TEST_F(Npy, DirectoriesAndMissingDirectoriesAreRefused) {
+  expect_error([&] { write_text(dir(), "x"); }, {"is a directory"});
+  expect_error([&] { write_text(path("no/such/dir/x.npy"), "x"); }, {"does not exist"});
+}
+
+TEST_F(Npy, OutputPathsAreCheckedBeforeComputing) {
+  const std::string in = path("q.npy"), out = path("o.npy");
+  write_text(in, "input");
+  fs::create_symlink("q.npy", path("alias.npy"));
+  check_output_paths({{"--out", out}, {"--lse", path("lse.npy")}}, {{"--q", in}});  // fine
+  expect_error([&] { check_output_paths({{"--out", out}, {"--lse", out}}); }, {"--out", "--lse", "same file"});
+  expect_error([&] { check_output_paths({{"--out", in}}, {{"--q", in}}); }, {"--q", "overwritten"});
+  expect_error([&] { check_output_paths({{"--out", path("alias.npy")}}, {{"--q", in}}); }, {"overwritten"});
+  expect_error([&] { check_output_paths({{"--out", path("nodir/o.npy")}}); }, {"--out", "does not exist"});
+  expect_error([&] { check_output_paths({{"--out", dir()}}); }, {"is a directory"});
+  // Several outputs may go to /dev/null.
+  check_output_paths({{"--out", "/dev/null"}, {"--lse", "/dev/null"}});
 }
 
 }  // namespace

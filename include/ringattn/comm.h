@@ -69,8 +69,9 @@ class Communicator {
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
   virtual std::string backend() const = 0;  // "mpi", "nccl"
+  // 0: no limit (parse_timeout's "none"); otherwise positive and finite.
   double timeout_seconds() const { return timeout_; }
-  void set_timeout_seconds(double s) { timeout_ = s; }
+  void set_timeout_seconds(double s);
   const CommStats& stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }
 
@@ -78,6 +79,12 @@ class Communicator {
   double timeout_ = 300;
   CommStats stats_;
 };
+
+// A wait limit as users write it: a positive, finite number of seconds, or
+// "none" for no limit (returned as 0). Anything else (0, negative, nan, inf,
+// text) is an Error naming `what`: a non-positive limit once meant "wait forever"
+// by accident, so a stopped rank hung the job.
+double parse_timeout(const std::string& text, const std::string& what);
 
 // Checks that every rank passes the same values (shapes, dtype, options): on a
 // mismatch every rank throws Error naming `what`, the differing entry and the

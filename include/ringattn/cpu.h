@@ -17,6 +17,16 @@ struct CpuFeatures {
 };
 const CpuFeatures& cpu_features();
 
+// The most threads one process may run: 16 × the CPUs it can use. More only
+// oversubscribes, and absurd counts (100000) crash the OpenMP runtime.
+int max_threads();
+// Checks a thread count a user gave (an option or OMP_NUM_THREADS, named by
+// `what`): at least 1 and at most max_threads(). Throws Error.
+void check_thread_count(long long n, const std::string& what);
+// OMP_NUM_THREADS (a count, or a comma list of counts per nesting level), checked
+// as above before the OpenMP runtime starts any thread.
+void check_omp_num_threads_env();
+
 // Kernel paths, from least to most capable.
 enum class Isa { generic, avx2, avx512, avx512_bf16, amx_bf16 };
 const char* isa_name(Isa i);

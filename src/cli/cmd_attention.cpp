@@ -5,10 +5,12 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <random>
 
 #include "cli/commands.h"
+#include "ringattn/atomic_file.h"
 #include "ringattn/attention.h"
 #include "ringattn/comm.h"
 #include "ringattn/dist_attention.h"
@@ -41,6 +43,8 @@ struct Inputs {
 Tensor load_input(const std::string& path, const char* what, const char* layout) {
   Tensor t = load_npy(path);
   check(t.rank() == 4, what, " (", path, ") has shape ", t.view().shape_str(), " but must be ", layout);
+  check(t.numel() > 0, what, " (", path, ") has shape ", t.view().shape_str(), ": every dimension of ", layout,
+        " must be at least 1");
   check(all_finite(t.view()), what, " (", path, ") contains NaN or Inf values");
   return t;
 }
@@ -96,6 +100,13 @@ Inputs read_inputs(const AttentionArgs& a) {
     if (in.backward) in.dout = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
   }
   return in;
+}
+
+// The outputs can be written, are distinct files and none is an input: checked
+// before anything is read or computed.
+void check_outputs(const AttentionArgs& a) {
+  check_output_paths({{"--out", a.out}, {"--lse", a.lse}, {"--dq", a.dq}, {"--dk", a.dk}, {"--dv", a.dv}},
+                     {{"--q", a.q}, {"--k", a.k}, {"--v", a.v}, {"--dout", a.dout}});
 }
 
 // max |a − b| / max |b|: the relative error convention of the tests.
@@ -167,20 +178,30 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
 }
 
 // ---- under mpirun -----------------------------------------------------------------
-// Rank 0's inputs reach every rank: a status word first, so a rank-0 read error
-// becomes an error on every rank instead of a hang.
+// Rank 0 (which writes the outputs) checks them and reads the input files; a
+// status word reaches every rank first, so a rank-0 error becomes an error on
+// every rank instead of a hang. Rank 0's tensors then reach every rank; generated
+// inputs are drawn by every rank from the seed.
 void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
-  if (a.q.empty()) {  // generated: every rank draws the same tensors from the seed
-    in = read_inputs(a);
-    return;
-  }
   std::string err;
   if (comm.rank() == 0) {
     try {
-      in = read_inputs(a);
+      check_outputs(a);
+      if (!a.q.empty()) in = read_inputs(a);
     } catch (const Error& e) {
       err = e.what();
     }
+  }
+  if (a.q.empty()) {
+    int64_t n = static_cast<int64_t>(err.size());
+    comm.broadcast(&n, sizeof(n), 0);
+    err.resize(static_cast<size_t>(n));
+    if (n > 0) {
+      comm.broadcast(err.data(), err.size(), 0);
+      throw Error(err);
+    }
+    in = read_inputs(a);
+    return;
   }
   int64_t hdr[18] = {static_cast<int64_t>(err.size())};
   if (comm.rank() == 0 && err.empty()) {
@@ -202,6 +223,39 @@ void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
     comm.broadcast(ts[t]->ptr<void>(), ts[t]->bytes(), 0);
   }
   in.backward = hdr[17];
+}
+
+// FNV-1a over a tensor's 8-byte words (then its tail bytes): ranks compare it
+// to find inputs that differ.
+int64_t content_hash(const Tensor& t) {
+  uint64_t h = 1469598103934665603ull;
+  const size_t n = t.rank() ? t.bytes() : 0;
+  const auto* p = static_cast<const unsigned char*>(t.ptr<void>());
+  size_t i = 0;
+  for (uint64_t w; i + 8 <= n; i += 8) {
+    std::memcpy(&w, p + i, 8);
+    h = (h ^ w) * 1099511628211ull;
+  }
+  for (; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return static_cast<int64_t>(h >> 1);
+}
+
+// Every rank must run the same job: the options that decide what each rank
+// computes, and the inputs (generated from --seed on each rank, or rank 0's
+// files), compared before any compute. Ranks started with different --seed,
+// --backward or --check under MPMD would otherwise give a wrong result or a
+// message mismatch deep inside MPI.
+void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in, DType dtype) {
+  float scale = a.scale ? *a.scale : 0.f;
+  int32_t scale_bits;
+  std::memcpy(&scale_bits, &scale, 4);
+  const int64_t values[] = {in.backward, a.check, a.causal, a.no_overlap, static_cast<int64_t>(dtype),
+                            static_cast<int64_t>(parse_strategy(a.strategy)),
+                            static_cast<int64_t>(parse_layout(a.layout)), a.scale.has_value(), scale_bits,
+                            content_hash(in.q), content_hash(in.k), content_hash(in.v), content_hash(in.dout)};
+  check_same_on_all_ranks(comm, values,
+                          "the job (backward, check, causal, no-overlap, dtype, strategy, layout, scale, then hashes "
+                          "of q, k, v, dout: start every rank with the same options and --seed)");
 }
 
 Tensor shard_of(const Tensor& full, Layout layout, int P, int p, DType dtype, int seq_dim = 1) {
@@ -242,6 +296,7 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   opt.isa = &isa;
 
   share_inputs(*comm, a, in);
+  check_same_job(*comm, a, in, dtype);
   check(in.q.dim(1) == in.k.dim(1), "sequence parallel attention needs Lq == Lk, got ", in.q.dim(1), " and ",
         in.k.dim(1));
   const int64_t B = in.q.dim(0), L = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Hkv = in.k.dim(2);
@@ -369,6 +424,7 @@ void run(const AttentionArgs& a) {
     return run_distributed(b, in, dtype);
   }
   check(!a.check, "--check compares a distributed run with one rank: use it with --strategy under mpirun");
+  check_outputs(a);
   Inputs in = read_inputs(a);
   run_local(a, in, dtype);
 }
@@ -391,10 +447,10 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--dv", a->dv, "write dv here");
   cmd->add_flag("--backward", a->backward, "also run the backward pass (generated inputs use a random dout)");
   cmd->add_flag("--causal", a->causal, "causal mask (bottom-right aligned when Lq != Lk)");
-  cmd->add_option("--scale", a->scale, "softmax scale (default 1/sqrt(d))");
+  cmd->add_option("--scale", a->scale, "softmax scale (default 1/sqrt(d))")->check(positive_finite());
   cmd->add_option("--dtype", a->dtype, "storage dtype for the computation: fp32, bf16 or fp16")->capture_default_str();
   cmd->add_option("--isa", a->isa, "kernel path: generic, avx2, avx512, avx512_bf16, amx_bf16 (default: best)");
-  cmd->add_option("--threads", a->threads, "threads per process (default: OpenMP's)");
+  cmd->add_option("--threads", a->threads, "threads per process (default: OpenMP's)")->check(thread_count());
   cmd->add_option("--strategy", a->strategy, "distributed strategy under mpirun: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}));
   cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
@@ -402,13 +458,15 @@ void add_attention(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--check", a->check, "compare the distributed result with one rank's (max relative error)");
   cmd->add_flag("--no-overlap", a->no_overlap, "do not poll communication between compute tiles");
-  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
-  cmd->add_option("--batch", a->batch, "generated inputs: batch")->capture_default_str();
-  cmd->add_option("--seq", a->seq, "generated inputs: sequence length")->capture_default_str();
-  cmd->add_option("--kv-seq", a->kv_seq, "generated inputs: key/value length Lk (default: --seq; one process only)");
-  cmd->add_option("--heads", a->heads, "generated inputs: query heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->kv_heads, "generated inputs: key/value heads (default: --heads)");
-  cmd->add_option("--dim", a->dim, "generated inputs: head dim")->capture_default_str();
+  add_timeout_option(cmd, a->timeout);
+  cmd->add_option("--batch", a->batch, "generated inputs: batch")->check(positive_count())->capture_default_str();
+  cmd->add_option("--seq", a->seq, "generated inputs: sequence length")->check(positive_count())->capture_default_str();
+  cmd->add_option("--kv-seq", a->kv_seq, "generated inputs: key/value length Lk (default: --seq; one process only)")
+      ->check(positive_count());
+  cmd->add_option("--heads", a->heads, "generated inputs: query heads")->check(positive_count())->capture_default_str();
+  cmd->add_option("--kv-heads", a->kv_heads, "generated inputs: key/value heads (default: --heads)")
+      ->check(positive_count());
+  cmd->add_option("--dim", a->dim, "generated inputs: head dim")->check(positive_count())->capture_default_str();
   cmd->add_option("--seed", a->seed, "generated inputs: random seed")->capture_default_str();
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });

@@ -322,18 +322,20 @@ void add_bench(CLI::App& app) {
   bench->require_subcommand(1);
   auto a = std::make_shared<BenchArgs>();
   auto* cmd = bench->add_subcommand("kernel", "fused attention kernels vs FMA peak, oneDNN GEMM and an unfused baseline");
-  cmd->add_option("--batch", a->batch, "batch")->capture_default_str();
-  cmd->add_option("--seq", a->seq, "sequence length (Lq = Lk)")->capture_default_str();
-  cmd->add_option("--heads", a->heads, "query heads")->capture_default_str();
-  cmd->add_option("--kv-heads", a->kv_heads, "key/value heads (default: --heads)");
-  cmd->add_option("--dim", a->dim, "head dim")->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads for the main rows")->capture_default_str();
-  cmd->add_option("--scale-threads", a->scale_threads, "threads for the scaling row (default: all CPUs)");
-  cmd->add_option("--reps", a->reps, "repetitions; the best time is reported")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "batch")->check(positive_count())->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length (Lq = Lk)")->check(positive_count())->capture_default_str();
+  cmd->add_option("--heads", a->heads, "query heads")->check(positive_count())->capture_default_str();
+  cmd->add_option("--kv-heads", a->kv_heads, "key/value heads (default: --heads)")->check(positive_count());
+  cmd->add_option("--dim", a->dim, "head dim")->check(positive_count())->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads for the main rows")->check(thread_count())->capture_default_str();
+  cmd->add_option("--scale-threads", a->scale_threads, "threads for the scaling row (default: all CPUs)")
+      ->check(thread_count());
+  cmd->add_option("--reps", a->reps, "repetitions; the best time is reported")->check(positive_count())->capture_default_str();
   cmd->add_option("--isa", a->isa, "kernel path (default: best available)");
   cmd->add_flag("--no-unfused", a->no_unfused, "skip the unfused baseline");
   cmd->add_flag("--no-backward", a->no_backward, "skip the backward pass");
   cmd->add_option("--ring-ranks", a->ring_ranks, "with --device cuda: ranks of the one-GPU ring row (0: none)")
+      ->check(CLI::Range(0, 64))
       ->capture_default_str();
   cmd->add_option("--device", a->device, "cpu, or cuda (GPU 0: bf16/fp16 kernels vs cuBLAS)")
       ->check(CLI::IsMember({"cpu", "cuda"}))

@@ -179,6 +179,17 @@ void run_method(const CompareArgs& a) {
   if (world->rank() == 0) print_json(result_json(r, static_cast<double>(a.batch * a.seq)));
 }
 
+// A comparison with a failed method is a failed run (exit 1), after its table
+// and JSON are out: the message names each failure.
+void check_no_method_failed(const nlohmann::json& j) {
+  std::string failed;
+  size_t n = 0;
+  for (const auto& m : j["methods"])
+    if (m.contains("failed")) failed += cat(n++ ? "; " : "", m["method"].get<std::string>(), ": ",
+                                            m["failed"].get<std::string>());
+  check(n == 0, n, " of ", j["methods"].size(), " methods failed: ", failed);
+}
+
 // The launcher: one mpirun per method, then one table.
 void run(const CompareArgs& a) {
   a.model.validate();
@@ -188,13 +199,15 @@ void run(const CompareArgs& a) {
   }
   check(!MpiSession::active() || mpi_world(a.timeout)->size() == 1,
         "run `ringattn compare` directly (not under mpirun): it starts mpirun itself, once per method, with --ranks");
+  check_output_paths({{"--json-out", a.json_out}});
   const int P = a.ranks > 0 ? a.ranks : static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
   const std::string launcher = a.launcher.empty() ? default_launcher(P) : a.launcher;
   const std::string self = self_executable();
   const std::string common =
       cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
           " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
-          " --dtype ", a.dtype, " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens, " --timeout ", a.timeout);
+          " --dtype ", a.dtype, " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens,
+          " --timeout ", a.timeout > 0 ? cat(a.timeout) : std::string("none"));
   std::vector<Method> methods = methods_for(P);
   if (!a.only.empty())
     std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
@@ -223,7 +236,10 @@ void run(const CompareArgs& a) {
     const std::string text = j.dump(2) + "\n";
     write_file_atomically(a.json_out, [&](std::FILE* f) { return std::fputs(text.c_str(), f) >= 0; });
   }
-  if (a.json) return print_json(j);
+  if (a.json) {
+    print_json(j);
+    return check_no_method_failed(j);
+  }
   std::printf("compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
               "%d ranks x %d thread(s), %s\n\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
@@ -253,6 +269,7 @@ void run(const CompareArgs& a) {
               "peak MiB/rank: through the training step; KiB/rank/step: sent per decode step.\n",
               a.new_tokens, static_cast<long long>(a.batch));
   if (!a.json_out.empty()) std::printf("results written to %s\n", a.json_out.c_str());
+  check_no_method_failed(j);
 }
 
 }  // namespace
@@ -264,18 +281,21 @@ void add_compare(CLI::App& app) {
                                  "TP x PP (starts mpirun itself, once per method)");
   add_model_options(cmd, a->model);
   cmd->add_option("--batch", a->batch, "sequences per step (PP uses one micro-batch per sequence)")
+      ->check(positive_count())
       ->capture_default_str();
-  cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
       ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads per rank")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads per rank")->check(thread_count())->capture_default_str();
   cmd->add_option("--reps", a->reps, "timed runs per pass after one warm-up; the best is reported")
-      ->check(CLI::PositiveNumber)
+      ->check(positive_count())
       ->capture_default_str();
-  cmd->add_option("--new-tokens", a->new_tokens, "decode steps for the TPOT column")->capture_default_str();
-  cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)");
+  cmd->add_option("--new-tokens", a->new_tokens, "decode steps for the TPOT column")
+      ->check(positive_count())
+      ->capture_default_str();
+  cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)")->check(positive_count());
   cmd->add_option("--launcher", a->launcher,
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
                   "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
@@ -283,7 +303,7 @@ void add_compare(CLI::App& app) {
                                          "pp, tpxpp, hybrid");
   cmd->add_option("--only", a->only, "run only the method with this id (ring, ulysses, ...) or whose name contains it");
   cmd->add_option("--json-out", a->json_out, "also write the results as JSON to this file (for scripts/plot_compare.py)");
-  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
+  add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--json", a->json, "machine-readable output on stdout");
   cmd->callback([a] { run(*a); });
 }

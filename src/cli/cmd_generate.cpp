@@ -74,6 +74,10 @@ void run_on(const GenerateArgs& a, Communicator& world_comm) {
   const int sp = a.strategy == "sp" ? P / a.tp : 1, tp = a.strategy == "tp" ? P : a.tp;
   const int pp = a.strategy == "pp" ? P : 1;
   check(a.new_tokens >= 1, "--new-tokens must be >= 1");
+  check(a.strategy != "sp" || a.attention != "ulysses" || (a.model.heads / tp % sp == 0 && a.model.kv() / tp % sp == 0),
+        "--prefill-attention ulysses splits the heads over the ", sp, " SP ranks: --heads ", a.model.heads,
+        " and --kv-heads ", a.model.kv(), tp > 1 ? cat(" (/ --tp ", tp, ")") : std::string(),
+        " must be divisible by ", sp, "; use --prefill-attention ring or allgather");
   // --prompt-len L (every sequence) or L1,L2,... (one per sequence).
   std::vector<int64_t> lens = a.prompt_len;
   check(a.batch == 0 || lens.size() == 1 || static_cast<int64_t>(lens.size()) == a.batch, "--batch ", a.batch,
@@ -204,12 +208,15 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens, one value for every sequence or L1,L2,... (one each)")
       ->delimiter(',')
       ->capture_default_str();
-  cmd->add_option("--batch", a->batch, "sequences (default: one per --prompt-len value)");
-  cmd->add_option("--new-tokens", a->new_tokens, "tokens to decode per sequence")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "sequences (default: one per --prompt-len value)")->check(positive_count());
+  cmd->add_option("--new-tokens", a->new_tokens, "tokens to decode per sequence")
+      ->check(positive_count())
+      ->capture_default_str();
   cmd->add_option("--strategy", a->strategy, "sp (RA+SP: sequence-sharded cache), tp or pp")
       ->check(CLI::IsMember({"sp", "tp", "pp"}))
       ->capture_default_str();
   cmd->add_option("--tp", a->tp, "with --strategy sp: tensor-parallel ranks inside each SP rank (SP x TP)")
+      ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--layout", a->layout, "sequence layout of the prompt under sp: contiguous, zigzag, striped")
       ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
@@ -217,7 +224,8 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--prefill-attention", a->attention, "attention of the SP prefill: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
       ->capture_default_str();
-  cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)");
+  cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)")
+      ->check(positive_count());
   add_model_options(cmd, a->model);
   cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (bf16 KV cache)")
@@ -228,8 +236,8 @@ void add_generate(CLI::App& app) {
                   "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads per rank (default: OpenMP's)");
-  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads per rank (default: OpenMP's)")->check(thread_count());
+  add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--check", a->check,
                 "recompute the whole sequence on one process and compare (exit 1 beyond 1e-5; bf16: 2e-2)");
   cmd->add_flag("--json", a->json, "machine-readable output");

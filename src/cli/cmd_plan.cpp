@@ -171,6 +171,8 @@ void print_table(const std::vector<Prediction>& ps, size_t top) {
 // measure together and rank 0 prints the description, written here.
 void run_calibrate(const PlanArgs& a) {
   check(a.threads >= 1, "--threads must be >= 1");
+  const std::string out = a.out.empty() ? std::string(RINGATTN_SOURCE_DIR) + "/hardware/this-machine.json" : a.out;
+  check_output_paths({{"--out", out}});  // before minutes of measuring
   const int ranks = std::max(2, static_cast<int>(std::thread::hardware_concurrency()) / a.threads);
   const std::string cmd = cat(default_launcher(ranks), " -np ", ranks, " ", shell_quote(self_executable()),
                               " plan --calibrate-rank --threads ", a.threads);
@@ -184,7 +186,6 @@ void run_calibrate(const PlanArgs& a) {
                                       "each, alone and each followed by an all-reduce of one number; extra time per step");
   const std::string text = hardware_to_json(h);
   progress_done();
-  const std::string out = a.out.empty() ? std::string(RINGATTN_SOURCE_DIR) + "/hardware/this-machine.json" : a.out;
   write_file_atomically(out, [&](std::FILE* f) { return std::fputs(text.c_str(), f) >= 0; });
   if (a.json) return print_json(nlohmann::json::parse(text));
   std::printf("%s", text.c_str());
@@ -235,6 +236,7 @@ struct Ranking {
 };
 Ranking ranking(const std::vector<std::pair<double, double>>& pm, double noise = 0.10) {
   Ranking r;
+  if (pm.empty()) return r;  // a run whose methods all failed: nothing to rank
   size_t pbest = 0, mbest = 0;
   for (size_t i = 0; i < pm.size(); ++i) {
     if (pm[i].first > pm[pbest].first) pbest = i;
@@ -397,6 +399,7 @@ std::string family(const Candidate& c) {
 }
 
 void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const Cluster& cl) {
+  check_output_paths({{"--png", a.png}});
   std::vector<int64_t> seqs;
   std::stringstream ss(a.sweep);
   std::string item;
@@ -483,6 +486,16 @@ void run(const PlanArgs& a) {
     if (x.fits_train != y.fits_train) return x.fits_train;
     return objective(x, a.objective) > objective(y, a.objective);
   });
+  // After the table: a plan with nothing that can run, or a requested --mesh
+  // that cannot, is a failed run (exit 1) naming why.
+  auto check_runnable = [&] {
+    for (const Prediction& p : ps)
+      check(a.meshes.empty() || p.invalid.empty(), "--mesh ", p.c.name(), " cannot run: ", p.invalid);
+    const bool any = std::any_of(ps.begin(), ps.end(), [](const Prediction& p) { return p.invalid.empty(); });
+    check(any, "no parallel layout of this model can run on --world ", a.world,
+           ps.empty() ? std::string(" (none to enumerate)") : cat(": e.g. ", ps.front().c.name(), ": ", ps.front().invalid),
+           a.all ? "" : " (--all lists every layout with its reason)");
+  };
   const double flops = forward_flops(w), tokens = static_cast<double>(w.batch * w.seq);
   const double world_peak = h.peak_rate(w.model.dtype) * a.world;
   nlohmann::json claim;
@@ -504,7 +517,8 @@ void run(const PlanArgs& a) {
     if (!h.attention_kernels_used.empty()) j["attention_kernels"] = h.attention_kernels_used;
     for (const Prediction& p : ps) j["layouts"].push_back(prediction_json(p));
     if (!claim.is_null()) j["claim"] = claim;
-    return print_json(j);
+    print_json(j);
+    return check_runnable();
   }
   std::printf("plan  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld, %s; batch %lld x seq "
               "%lld%s\n      on %d x %s (%d per node, %d node(s)), ranked by %s tokens/s\n",
@@ -530,6 +544,7 @@ void run(const PlanArgs& a) {
                 si(claim["train_flops_per_s"].get<double>(), "FLOP/s").c_str(), 100 * claim.value("train_share_of_peak", 0.0),
                 1e6 / a.claim);
   }
+  check_runnable();
 }
 
 }  // namespace
@@ -541,8 +556,8 @@ void add_plan(CLI::App& app) {
               "cluster from a hardware description, rank them; --calibrate measures this machine, --validate checks "
               "the model against measured `compare` runs");
   add_model_options(cmd, a->model);
-  cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
-  cmd->add_option("--batch", a->batch, "sequences per step")->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
+  cmd->add_option("--batch", a->batch, "sequences per step")->check(positive_count())->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32, bf16, fp16")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
@@ -552,9 +567,10 @@ void add_plan(CLI::App& app) {
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
   cmd->add_flag("--non-causal", a->non_causal, "bidirectional attention (default: causal)");
-  cmd->add_option("--world", a->world, "devices (ranks)")->capture_default_str();
+  cmd->add_option("--world", a->world, "devices (ranks)")->check(positive_count())->capture_default_str();
   cmd->add_option("--nodes", a->nodes,
-                  "nodes (default: world / devices per node); fewer nodes than needed time-share the devices");
+                  "nodes (default: world / devices per node); fewer nodes than needed time-share the devices")
+      ->check(positive_count());
   cmd->add_option("--hardware", a->hardware,
                   "a file in hardware/ by name (this-machine, h100-sxm, h200-sxm, a100-sxm) or a JSON path")
       ->capture_default_str();
@@ -568,16 +584,20 @@ void add_plan(CLI::App& app) {
   cmd->add_option("--objective", a->objective, "rank by train, forward or decode")
       ->check(CLI::IsMember({"train", "forward", "decode"}))
       ->capture_default_str();
-  cmd->add_option("--top", a->top, "rows shown in the table")->capture_default_str();
+  cmd->add_option("--top", a->top, "rows shown in the table")->check(positive_count())->capture_default_str();
   cmd->add_flag("--all", a->all, "also list the layouts that cannot run, with the reason");
   cmd->add_option("--claim", a->claim,
-                  "a reported tokens/s to check: the FLOP/s it implies against the world's peak, forward and training");
-  cmd->add_option("--sweep", a->sweep, "comma-separated sequence lengths: the best layout of each kind at each");
-  cmd->add_option("--png", a->png, "with --sweep: draw the sweep (scripts/plot_plan.py, Debian's python3-matplotlib)");
+                  "a reported tokens/s to check: the FLOP/s it implies against the world's peak, forward and training")
+      ->check(positive_finite());
+  auto* sweep = cmd->add_option("--sweep", a->sweep,
+                                "comma-separated sequence lengths: the best layout of each kind at each");
+  cmd->add_option("--png", a->png, "with --sweep: draw the sweep (scripts/plot_plan.py, Debian's python3-matplotlib)")
+      ->needs(sweep);
   cmd->add_flag("--calibrate", a->calibrate,
                 "measure this machine (kernels, GEMMs, bandwidths, MPI ping-pong; one rank per device, all at once, "
                 "under mpirun) into hardware/this-machine.json");
   cmd->add_option("--threads", a->threads, "with --calibrate: threads per rank (one rank per that many CPUs)")
+      ->check(thread_count())
       ->capture_default_str();
   cmd->add_option("--out", a->out, "with --calibrate: write here instead of hardware/this-machine.json");
   cmd->add_option("--validate", a->validate,

@@ -3,6 +3,7 @@
 // peak memory and bytes moved per rank.
 #include <omp.h>
 
+#include <cmath>
 #include <cstdio>
 #include <random>
 
@@ -164,7 +165,16 @@ void run(const TrainArgs& a) {
   for (int r = 0; r < P; ++r)
     j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
                              {"forward_bytes_sent", all[3 * r + 2]}});
-  if (a.json) return print_json(j);
+  // A loss that is not finite is a failed run (after the report): the step diverged.
+  auto check_loss = [&] {
+    for (size_t s = 0; s < losses.size(); ++s)
+      check(std::isfinite(losses[s]), "the loss is ", losses[s], " after step ", s + 1,
+            ": training diverged (try a smaller --lr than ", a.lr, ")");
+  };
+  if (a.json) {
+    print_json(j);
+    return check_loss();
+  }
   std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x pp=%d x sp=%d x tp=%d "
               "(%s, %s, %s)\n",
               static_cast<long long>(a.model.layers), static_cast<long long>(D),
@@ -181,6 +191,7 @@ void run(const TrainArgs& a) {
   for (int r = 0; r < P; ++r)
     std::printf("%4d %12.1f %22.1f %18.1f\n", r, all[3 * r] / 1048576.0, all[3 * r + 1] / 1048576.0,
                 all[3 * r + 2] / 1048576.0);
+  check_loss();
 }
 
 }  // namespace
@@ -197,17 +208,22 @@ void add_train(CLI::App& app) {
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
       ->capture_default_str();
-  cmd->add_option("--batch", a->batch, "global batch")->capture_default_str();
-  cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
-  cmd->add_option("--steps", a->steps, "training steps")->capture_default_str();
-  cmd->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
-  cmd->add_option("--dp", a->dp, "data-parallel groups")->capture_default_str();
-  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))");
-  cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "global batch")->check(positive_count())->capture_default_str();
+  cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
+  cmd->add_option("--steps", a->steps, "training steps")->check(positive_count())->capture_default_str();
+  cmd->add_option("--lr", a->lr, "AdamW learning rate")->check(positive_finite())->capture_default_str();
+  cmd->add_option("--dp", a->dp, "data-parallel groups")->check(positive_count())->capture_default_str();
+  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))")
+      ->check(positive_count());
+  cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")
+      ->check(positive_count())
+      ->capture_default_str();
   cmd->add_option("--pp", a->pp, "pipeline stages (layers split, 1F1B over --pp micro-batches per DP group)")
+      ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--ulysses", a->ulysses,
                   "Ulysses x ring: all-to-all inside groups of this many SP ranks, the ring across them")
+      ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--strategy", a->strategy, "attention across the SP group: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
@@ -219,8 +235,9 @@ void add_train(CLI::App& app) {
                   "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads per rank for every kernel (default: OpenMP's)");
-  cmd->add_option("--timeout", a->timeout, "seconds a rank waits for a peer before failing")->capture_default_str();
+  cmd->add_option("--threads", a->threads, "threads per rank for every kernel (default: OpenMP's)")
+      ->check(thread_count());
+  add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });
 }

@@ -24,6 +24,20 @@ void add_all(CLI::App& app);
 // every subcommand that builds or models a transformer.
 void add_model_options(CLI::App* cmd, ModelConfig& m);
 
+// Option checks shared by every subcommand: one vocabulary, one message style,
+// and every bad value refused when parsed (exit 2), before anything runs.
+// A real number > 0 and finite: nan, inf, 0 and negatives are refused.
+const CLI::Validator& positive_finite();
+// An integer >= 1. For options whose default 0 means "automatic" (--kv-heads,
+// --kv-seq, --capacity, --ranks), an explicit 0 is refused rather than taken as
+// the default.
+const CLI::Validator& positive_count();
+// --threads-style options: 1 to 16 x the CPUs.
+const CLI::Validator& thread_count();
+// --timeout: positive seconds or "none" (no limit, stored as 0); `timeout`
+// holds the default.
+void add_timeout_option(CLI::App* cmd, double& timeout);
+
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);
 // A progress line on stderr (overwritten in place when stderr is a terminal).

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
+#include "ringattn/cpu.h"
 #include "ringattn/error.h"
 
 namespace {
@@ -45,6 +46,13 @@ int main(int argc, char** argv) {
   // GPU runs load every kernel when CUDA starts, not at its first launch, so no
   // timed step pays for a kernel the warm-up did not use (unless the user chose).
   if (wants_cuda(argc, argv)) setenv("CUDA_MODULE_LOADING", "EAGER", 0);
+  // Before the OpenMP runtime starts a thread (an absurd count crashes it).
+  try {
+    ringattn::check_omp_num_threads_env();
+  } catch (const ringattn::Error& e) {
+    std::fprintf(stderr, "ringattn: error: %s\n", e.what());
+    return 2;
+  }
   std::optional<ringattn::MpiSession> mpi;
   if (wants_mpi(argc, argv)) mpi.emplace(&argc, &argv);
   CLI::App app{"ringattn: exact attention over long sequences by Ring Attention + Sequence Parallelism"};

@@ -17,8 +17,8 @@
 // A timeout of 0 (or less) means no limit.
 //
 // Environment:
-//   RINGATTN_TIMEOUT          seconds (a float, e.g. 30 or 0.5; 0 = no limit):
-//                             replaces the timeout passed to mpi_world().
+//   RINGATTN_TIMEOUT          seconds (positive, e.g. 30 or 0.5) or "none" (no
+//                             limit): replaces the timeout passed to mpi_world().
 //   RINGATTN_MPI_CHUNK_BYTES  the most bytes one MPI call moves (default and cap:
 //                             1 GiB). Larger point-to-point messages become several
 //                             MPI messages behind one Request; larger collective
@@ -46,6 +46,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -87,10 +88,7 @@ int status_error(int rc, const MPI_Status* st, int n) {
 double env_timeout(double fallback) {
   const char* s = std::getenv("RINGATTN_TIMEOUT");
   if (!s || !*s) return fallback;
-  char* end = nullptr;
-  double v = std::strtod(s, &end);
-  check(end && *end == '\0' && v == v, "RINGATTN_TIMEOUT must be a number of seconds (0 = no limit), got '", s, "'");
-  return v;
+  return parse_timeout(s, "RINGATTN_TIMEOUT");
 }
 
 size_t env_chunk_bytes() {
@@ -641,6 +639,8 @@ bool MpiSession::active() {
 
 std::unique_ptr<Communicator> mpi_world(double timeout_seconds) {
   check(MpiSession::active(), "MPI is not initialised: create a ringattn::MpiSession first");
+  check(timeout_seconds == 0 || (std::isfinite(timeout_seconds) && timeout_seconds > 0),
+        "the timeout must be positive and finite seconds (0: no limit), got ", timeout_seconds);
   double timeout = env_timeout(timeout_seconds);
   size_t chunk = env_chunk_bytes();
   // MPI_Comm_idup so that a rank that never arrives gives an error, not a hang.
@@ -678,6 +678,20 @@ bool launched_by_mpi() {
 }
 
 // ---- helpers over any Communicator ------------------------------------------------
+
+double parse_timeout(const std::string& text, const std::string& what) {
+  if (text == "none") return 0;
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  check(!text.empty() && end && *end == '\0' && std::isfinite(v) && v > 0, what,
+        " must be a positive number of seconds, or 'none' for no limit; got '", text, "'");
+  return v;
+}
+
+void Communicator::set_timeout_seconds(double s) {
+  check(s == 0 || (std::isfinite(s) && s > 0), "a timeout must be positive and finite seconds (0: no limit), got ", s);
+  timeout_ = s;
+}
 
 void check_same_on_all_ranks(Communicator& comm, std::span<const int64_t> values, const std::string& what) {
   const int64_t n = static_cast<int64_t>(values.size());

@@ -194,4 +194,33 @@ Isa default_isa() {
   return want;
 }
 
+int max_threads() {
+  const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return 16 * static_cast<int>(n > 0 ? n : 1);
+}
+
+void check_thread_count(long long n, const std::string& what) {
+  check(n >= 1, what, " must be at least 1 thread, got ", n);
+  check(n <= max_threads(), what, " = ", n, " is more than 16 x the ", max_threads() / 16,
+        " CPUs of this machine (", max_threads(), "): use at most that many threads");
+}
+
+void check_omp_num_threads_env() {
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  if (!env || !*env) return;
+  const std::string s = env;
+  size_t start = 0;
+  while (start <= s.size()) {
+    const size_t comma = s.find(',', start);
+    const std::string part = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    char* end = nullptr;
+    const long long n = std::strtoll(part.c_str(), &end, 10);
+    check(!part.empty() && end && *end == '\0', "OMP_NUM_THREADS must be a thread count (or a comma list of them), got '",
+          s, "'");
+    check_thread_count(n, cat("OMP_NUM_THREADS (", s, ")"));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+}
+
 }  // namespace ringattn

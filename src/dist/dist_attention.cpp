@@ -429,7 +429,7 @@ Tensor lse_to_heads(Communicator& g, const TensorView& lse) {
 
 void check_ulysses(const Call& c) {
   check(c.H % c.P == 0 && c.Hkv % c.P == 0, "Ulysses splits heads over ranks: H=", c.H, " and Hkv=", c.Hkv,
-        " must both be divisible by P=", c.P, "; use --strategy ring or allgather, or a rank count dividing ",
+        " must both be divisible by P=", c.P, "; use the ring or all-gather strategy, or a rank count dividing ",
         c.Hkv);
 }
 

@@ -70,8 +70,9 @@ inject() {
 
 faults() {
   inject sigkill KILL "process rank 1 .* exited on signal 9"
-  # The others time out in a transfer with rank 1 or, if it stopped between phases, in a barrier.
-  inject sigstop STOP "error on rank [0-9]+: rank [0-9]+: timed out after ${RINGATTN_TIMEOUT} s (waiting for .* rank 1|in barrier)"
+  # The others time out in a transfer with rank 1 or, if it stopped between phases (under load
+  # still in the checks before the compute), in a collective: a barrier, broadcast or all_reduce.
+  inject sigstop STOP "error on rank [0-9]+: rank [0-9]+: timed out after ${RINGATTN_TIMEOUT} s (waiting for .* rank 1|in [a-z_]+)"
   inject linkdown link "lost communication with a remote daemon|timed out after"
 }
 

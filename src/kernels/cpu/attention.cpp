@@ -26,8 +26,10 @@ const cpu::KernelTable& table_for(Isa isa) {
 }
 
 void check_rank(const TensorView& t, int rank, const char* name, const char* layout) {
-  check(!t.empty(), name, " is missing");
   check(t.rank == rank, name, " must have rank ", rank, " ", layout, ", got shape ", t.shape_str());
+  for (int i = 0; i < t.rank; ++i)
+    check(t.shape[i] >= 1, name, " has shape ", t.shape_str(), ": every dimension of ", layout, " must be at least 1");
+  check(!t.empty(), name, " is missing (no data)");
 }
 
 // A copy with a contiguous last dimension when the view's is strided (the kernels

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Bad input and faults against the `ringattn` command (docs/reliability.md): each
+# case must end with a non-zero exit (2 for a bad option, 1 for a failed run), a
+# message naming the problem on stderr, no crash, no hang (every case runs under
+# `timeout`), nothing lost; outputs go where the path points and never replace it.
+#   usage: cli_faults_test.sh /path/to/ringattn
+# Exit 0: pass; 1: failure; 77: skipped (no /usr/bin/python3 with numpy).
+set -u
+
+BIN=$(realpath "${1:?usage: cli_faults_test.sh /path/to/ringattn}")
+PY=/usr/bin/python3
+if [[ ! -x $PY ]] || ! $PY -c 'import numpy' 2>/dev/null; then
+  echo "SKIP: $PY with numpy is not available (Debian: apt-get install python3-numpy)"
+  exit 77
+fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ringattn_faults.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK" || exit 1
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+LIMIT=60  # seconds any one case may take: more is a hang
+
+failures=0 cases=0
+fail() {
+  echo "FAIL: $*"
+  failures=$((failures + 1))
+}
+
+# expect_error NAME WANT_RC NEEDLE CMD...: exit WANT_RC (any non-zero: "nz"), stderr contains NEEDLE.
+expect_error() {
+  local name=$1 want=$2 needle=$3
+  shift 3
+  cases=$((cases + 1))
+  timeout "$LIMIT" "$@" >err.out 2>err.log
+  local rc=$?
+  if [[ $rc -eq 124 ]]; then
+    fail "$name: still running after $LIMIT s (a hang)"
+  elif [[ $rc -eq 0 ]]; then
+    fail "$name: exited 0"
+  elif [[ $rc -ge 126 ]]; then
+    fail "$name: crashed (exit $rc): $(head -c 600 err.log)"
+  elif [[ $want != nz && $rc -ne $want ]]; then
+    fail "$name: exit $rc, want $want: $(head -c 600 err.log)"
+  elif ! grep -q -F -- "$needle" err.log; then
+    fail "$name: exit $rc but stderr does not say '$needle': $(head -c 600 err.log)"
+  else
+    echo "ok: $name -> exit $rc: $(grep -m1 -F -- "$needle" err.log | cut -c1-160)"
+  fi
+}
+
+# expect_ok NAME CMD...: exit 0 within the limit.
+expect_ok() {
+  local name=$1
+  shift
+  cases=$((cases + 1))
+  if ! timeout "$LIMIT" "$@" >ok.out 2>ok.log; then
+    fail "$name: failed: $(head -c 600 ok.log)"
+    return 1
+  fi
+  echo "ok: $name"
+}
+
+$PY - <<'EOF'
+import numpy as np
+r = np.random.default_rng(7)
+for n, s in [("q", (1, 32, 2, 16)), ("k", (1, 32, 2, 16)), ("v", (1, 32, 2, 16))]:
+    np.save(n + ".npy", r.uniform(-1, 1, s).astype(np.float32))
+np.save("zero.npy", np.zeros((1, 0, 2, 16), np.float32))
+EOF
+IN=(--q q.npy --k k.npy --v v.npy)
+
+# --- 1. output paths: the target is written, never replaced; refused before compute ----
+for isa in $("$BIN" info --json --no-measure | $PY -c 'import json,sys; print(" ".join(json.load(sys.stdin)["kernel_paths"]))'); do
+  printf 'old' >"real_$isa.npy"
+  chmod 600 "real_$isa.npy"
+  ln -s "real_$isa.npy" "link_$isa.npy"
+  expect_ok "--out through a symlink ($isa)" "$BIN" attention "${IN[@]}" --isa "$isa" --out "link_$isa.npy" || continue
+  [[ -L link_$isa.npy ]] || fail "--out link_$isa.npy: the symlink was replaced by a regular file"
+  $PY -c "import numpy as np; assert np.load('real_$isa.npy').shape == (1, 32, 2, 16)" ||
+    fail "--out link_$isa.npy: the link's target does not hold the result"
+  [[ $(stat -c %a "real_$isa.npy") == 600 ]] || fail "--out: mode 600 became $(stat -c %a "real_$isa.npy")"
+done
+mkfifo pipe
+timeout "$LIMIT" cat pipe >pipe.bytes 2>/dev/null </dev/null &
+expect_ok "--out a FIFO" "$BIN" attention "${IN[@]}" --out pipe
+sleep 0.5
+[[ -p pipe ]] || fail "--out pipe: the FIFO was replaced by a regular file"
+[[ $(wc -c <pipe.bytes) -gt 0 ]] || fail "--out pipe: nothing came through the FIFO"
+# The system's own /dev/null and /dev/stdout are never the targets here: a
+# regression would replace them (as root it once did). A character device of the
+# test's own (as root) and a link to this process's fd 1, as /dev/stdout is, stand in.
+if mknod null c 1 3 2>/dev/null; then
+  expect_ok "--out and --lse to a character device" "$BIN" attention "${IN[@]}" --out null --lse null
+  [[ -c null ]] || fail "--out null: the character device was replaced by a regular file"
+fi
+ln -s /proc/self/fd/1 stdout_link
+"$BIN" attention "${IN[@]}" --out stdout_link >stdout.npy 2>/dev/null || fail "--out to a link to fd 1 failed"
+[[ -L stdout_link ]] || fail "--out stdout_link: the link was replaced by a regular file"
+$PY -c "import numpy as np; assert np.load('stdout.npy').shape == (1, 32, 2, 16)" || fail "--out to fd 1: not the result"
+expect_error "--out X --lse X" 1 "same file" "$BIN" attention "${IN[@]}" --out o.npy --lse o.npy
+expect_error "--out equal to the input --q" 1 "is the input --q" "$BIN" attention "${IN[@]}" --out q.npy
+ln -s k.npy k_alias.npy
+expect_error "--dq through a link to the input --k" 1 "is the input --k" "$BIN" attention "${IN[@]}" --dout q.npy --dq k_alias.npy
+expect_error "--out a directory" 1 "is a directory" "$BIN" attention "${IN[@]}" --out .
+expect_error "--out in a missing directory" 1 "does not exist" "$BIN" attention "${IN[@]}" --out nodir/o.npy
+$PY -c "import numpy as np; assert np.load('q.npy').shape == (1, 32, 2, 16)" || fail "the input q.npy was damaged"
+
+# --- 9. late failures: outputs are checked before computing ---------------------
+start=$SECONDS
+expect_error "--out nodir before a long compute" 1 "does not exist" "$BIN" attention --seq 16384 --heads 8 --dim 128 --out nodir/o.npy
+((SECONDS - start < 5)) || fail "--out nodir/o.npy was refused only after $((SECONDS - start)) s (computed first)"
+expect_error "plan --calibrate --out nodir/x.json" 1 "does not exist" "$BIN" plan --calibrate --out nodir/x.json
+expect_error "compare --json-out nodir/x.json" 1 "does not exist" "$BIN" compare --json-out nodir/x.json
+expect_error "plan --sweep --png nodir/x.png" 1 "does not exist" "$BIN" plan --hardware h100-sxm --sweep 1024 --png nodir/x.png
+
+# --- 2. plan --validate on a comparison whose methods all failed ---------------------
+cat >allfailed.json <<'EOF'
+{"model": {"layers": 2, "d_model": 64, "heads": 4, "kv_heads": 4, "mlp_hidden": 256, "causal": true},
+ "dtype": "fp32", "seq": 1024, "batch": 2, "ranks": 2,
+ "methods": [{"method": "RA+SP (ring, zigzag)", "pp": 1, "sp": 2, "tp": 1, "failed": "killed"},
+             {"method": "TP", "pp": 1, "sp": 1, "tp": 2, "failed": "killed"}]}
+EOF
+expect_error "plan --validate, every method failed" 1 "no measured method" "$BIN" plan --hardware h100-sxm --validate allfailed.json
+
+# --- 3. thread counts -------------------------------------------------------------
+expect_error "attention --threads 100000" 2 "more than 16 x" "$BIN" attention --seq 256 --threads 100000
+expect_error "attention --threads 0" 2 "at least 1" "$BIN" attention --seq 256 --threads 0
+expect_error "OMP_NUM_THREADS=100000" 2 "OMP_NUM_THREADS" env OMP_NUM_THREADS=100000 "$BIN" attention --seq 256
+expect_error "OMP_NUM_THREADS=abc" 2 "OMP_NUM_THREADS" env OMP_NUM_THREADS=abc "$BIN" info --no-measure
+for sub in "bench kernel" "train" "generate" "compare" "plan"; do
+  expect_error "$sub --threads 100000" 2 "more than 16 x" "$BIN" $sub --threads 100000
+done
+
+# --- 4. timeouts: never "wait forever" by accident ----------------------------------
+for v in -1 0 nan inf abc; do
+  expect_error "attention --timeout $v" 2 "positive number of seconds" "$BIN" attention --seq 256 --timeout "$v"
+done
+for sub in train generate compare; do
+  expect_error "$sub --timeout -1" 2 "positive number of seconds" "$BIN" $sub --timeout -1
+done
+expect_ok "attention --timeout none" "$BIN" attention --seq 64 --timeout none
+if command -v mpirun >/dev/null; then
+  expect_error "RINGATTN_TIMEOUT=-3 under mpirun" 1 "RINGATTN_TIMEOUT must be a positive" \
+    env RINGATTN_TIMEOUT=-3 "${MPIRUN[@]}" -np 2 "$BIN" attention --seq 256 --strategy ring
+  expect_error "RINGATTN_TIMEOUT=nan under mpirun" 1 "RINGATTN_TIMEOUT must be a positive" \
+    env RINGATTN_TIMEOUT=nan "${MPIRUN[@]}" -np 2 "$BIN" attention --seq 256 --strategy ring
+fi
+
+# --- 5. a wrong or empty result exits non-zero ---------------------------------------
+expect_error "compare: every method failed" 1 "methods failed" \
+  "$BIN" compare --seq 64 --layers 1 --d-model 32 --heads 2 --launcher /bin/false --only ring
+expect_error "train --lr 1e30 (diverges)" 1 "training diverged" \
+  "$BIN" train --lr 1e30 --seq 128 --steps 2 --layers 1 --d-model 32 --heads 2
+expect_error "plan --world 7 (no layout runs)" 1 "no parallel layout" "$BIN" plan --hardware h100-sxm --world 7
+expect_error "plan --mesh that cannot run" 1 "cannot run" \
+  "$BIN" plan --hardware h100-sxm --world 2 --heads 3 --d-model 96 --kv-heads 3 --mesh tp=2
+if command -v mpirun >/dev/null; then
+  expect_error "attention --check, ranks with different --seed (MPMD)" 1 "differs across ranks" \
+    "${MPIRUN[@]}" -np 1 "$BIN" attention --seq 256 --strategy ring --check --seed 1 : \
+    -np 1 "$BIN" attention --seq 256 --strategy ring --check --seed 2
+  expect_error "ranks that differ only in --backward (MPMD)" 1 "differs across ranks" \
+    "${MPIRUN[@]}" -np 1 "$BIN" attention --seq 256 --strategy ring --backward : \
+    -np 1 "$BIN" attention --seq 256 --strategy ring
+  expect_error "--out nodir under mpirun (every rank says so)" 1 "does not exist" \
+    "${MPIRUN[@]}" -np 2 "$BIN" attention --seq 256 --strategy ring --out nodir/o.npy
+  [[ $(grep -c "does not exist" err.log) -ge 2 ]] || fail "--out nodir under mpirun: not every rank reported it"
+fi
+
+# --- 7. invalid values are refused, never replaced by a default ------------------------
+expect_error "--scale nan" 2 "positive, finite" "$BIN" attention --seq 64 --scale nan
+expect_error "--scale inf" 2 "positive, finite" "$BIN" attention --seq 64 --scale inf
+expect_error "--scale -1" 2 "positive, finite" "$BIN" attention --seq 64 --scale -1
+expect_error "--kv-heads 0" 2 "at least 1" "$BIN" attention --seq 64 --kv-heads 0
+expect_error "--kv-seq 0" 2 "at least 1" "$BIN" attention --seq 64 --kv-seq 0
+expect_error "attention --seq -5" 2 "at least 1" "$BIN" attention --seq -5
+expect_error "generate --capacity 0" 2 "at least 1" "$BIN" generate --capacity 0
+expect_error "generate --capacity -5" 2 "at least 1" "$BIN" generate --capacity -5
+expect_error "compare --ranks 0" 2 "at least 1" "$BIN" compare --ranks 0
+expect_error "compare --ranks -2" 2 "at least 1" "$BIN" compare --ranks -2
+expect_error "plan --claim nan" 2 "positive, finite" "$BIN" plan --claim nan
+expect_error "plan --nodes 0" 2 "at least 1" "$BIN" plan --nodes 0
+expect_error "plan --png without --sweep" 2 "requires --sweep" "$BIN" plan --png x.png
+expect_error "train --lr nan" 2 "positive, finite" "$BIN" train --lr nan
+expect_error "train --lr -1" 2 "positive, finite" "$BIN" train --lr -1
+expect_error "train --steps 0" 2 "at least 1" "$BIN" train --steps 0
+expect_error "train --layers 0" 2 "at least 1" "$BIN" train --layers 0
+expect_error "bench kernel --reps 0" 2 "at least 1" "$BIN" bench kernel --reps 0
+expect_error "bench kernel --dim 0" 2 "at least 1" "$BIN" bench kernel --dim 0
+
+# --- 8. messages that name the problem ----------------------------------------------------
+expect_error "a .npy with a zero-sized dimension" 1 "must be at least 1" "$BIN" attention --q zero.npy --k k.npy --v v.npy
+expect_error "train --batch 0" 2 "--batch: must be at least 1" "$BIN" train --batch 0
+if command -v mpirun >/dev/null; then
+  expect_error "generate: Ulysses prefill with heads not divisible by P" 1 "--prefill-attention ring" \
+    "${MPIRUN[@]}" -np 2 "$BIN" generate --prompt-len 64 --new-tokens 2 --layers 1 --d-model 48 --heads 3 \
+    --prefill-attention ulysses
+fi
+
+echo "$cases cases, $failures failed"
+[[ $failures -eq 0 ]]
