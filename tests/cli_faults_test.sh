@@ -186,6 +186,21 @@ expect_error "train --layers 0" 2 "at least 1" "$BIN" train --layers 0
 expect_error "bench kernel --reps 0" 2 "at least 1" "$BIN" bench kernel --reps 0
 expect_error "bench kernel --dim 0" 2 "at least 1" "$BIN" bench kernel --dim 0
 
+# --- beyond the list: every subcommand's options once more --------------------------
+mkdir adir
+expect_error "--q a directory" 1 "not a regular file" "$BIN" attention --q adir --k k.npy --v v.npy
+expect_error "plan --validate a directory" 1 "not a readable file" "$BIN" plan --hardware h100-sxm --validate adir
+expect_error "plan --hardware a directory" 1 "adir" "$BIN" plan --hardware adir
+expect_error "--seq 1e20 (beyond 64 bits, once saturated)" 2 "too large" "$BIN" plan --seq 100000000000000000000
+expect_error "plan --seq 1e18 (too large to model)" 1 "too large to model" "$BIN" plan --hardware h100-sxm --seq 1000000000000000000
+expect_error "train --seed -1 (once wrapped around)" 2 "whole number >= 0" "$BIN" train --seed -1
+expect_error "attention --seed 1e30 digits" 2 "does not fit in 64 bits" "$BIN" attention --seed 99999999999999999999999
+expect_error "generate --prompt-len 64,0" 2 "at least 1" "$BIN" generate --prompt-len 64,0
+expect_error "generate --new-tokens 0" 2 "at least 1" "$BIN" generate --new-tokens 0
+start=$SECONDS
+expect_error "bench kernel --seq 1e11 (refused before the peaks)" 1 "needs at least" "$BIN" bench kernel --seq 100000000000
+((SECONDS - start < 3)) || fail "bench kernel --seq 1e11 was refused only after $((SECONDS - start)) s"
+
 # --- 8. messages that name the problem ----------------------------------------------------
 expect_error "a .npy with a zero-sized dimension" 1 "must be at least 1" "$BIN" attention --q zero.npy --k k.npy --v v.npy
 expect_error "train --batch 0" 2 "--batch: must be at least 1" "$BIN" train --batch 0

@@ -1,5 +1,6 @@
 // The subcommands of `ringattn`, registered once for main and the fuzzer, and
 // the options and option checks they share.
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 
@@ -27,12 +28,28 @@ const CLI::Validator& positive_count() {
   static const CLI::Validator v(
       [](std::string& s) -> std::string {
         char* end = nullptr;
+        errno = 0;
         const long long x = std::strtoll(s.c_str(), &end, 10);
         if (s.empty() || !end || *end != '\0') return cat("'", s, "' is not a whole number");
+        if (errno == ERANGE) return cat(s, " is too large");
         if (x < 1) return cat("must be at least 1, got ", s);
         return {};
       },
       "COUNT");
+  return v;
+}
+
+const CLI::Validator& seed_value() {
+  static const CLI::Validator v(
+      [](std::string& s) -> std::string {
+        char* end = nullptr;
+        errno = 0;
+        (void)std::strtoull(s.c_str(), &end, 10);
+        if (s.empty() || s[0] == '-' || !end || *end != '\0') return cat("must be a whole number >= 0, got ", s);
+        if (errno == ERANGE) return cat(s, " does not fit in 64 bits");
+        return {};
+      },
+      "SEED");
   return v;
 }
 

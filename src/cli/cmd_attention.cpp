@@ -467,7 +467,7 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--kv-heads", a->kv_heads, "generated inputs: key/value heads (default: --heads)")
       ->check(positive_count());
   cmd->add_option("--dim", a->dim, "generated inputs: head dim")->check(positive_count())->capture_default_str();
-  cmd->add_option("--seed", a->seed, "generated inputs: random seed")->capture_default_str();
+  cmd->add_option("--seed", a->seed, "generated inputs: random seed")->check(seed_value())->capture_default_str();
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });
 }

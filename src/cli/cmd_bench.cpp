@@ -17,6 +17,7 @@
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/gemm.h"
+#include "ringattn/memory.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {
@@ -52,6 +53,9 @@ void run(const BenchArgs& a) {
   const int64_t B = a.batch, L = a.seq, H = a.heads, Hkv = a.kv_heads > 0 ? a.kv_heads : a.heads, d = a.dim;
   check(B > 0 && L > 0 && H > 0 && d > 0 && a.reps > 0 && a.threads > 0, "sizes, --reps and --threads must be positive");
   const int scale_threads = a.scale_threads > 0 ? a.scale_threads : static_cast<int>(std::thread::hardware_concurrency());
+  // q, k, v, o, dout, dq, dk, dv in fp32: refused before seconds of peak measurements.
+  check_fits_in_memory(4.0 * (4.0 * B * L * H * d + 4.0 * B * L * Hkv * d),
+                       cat("bench kernel of B=", B, " L=", L, " H=", H, " d=", d));
 
   progress("measuring peaks (FMA loop, oneDNN GEMM)...");
   const double peak32 = measure_fma_peak_gflops(DType::f32, isa, 0.3);

@@ -207,6 +207,7 @@ void add_generate(CLI::App& app) {
                                  "TP or PP, then decode; time per output token");
   cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens, one value for every sequence or L1,L2,... (one each)")
       ->delimiter(',')
+      ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences (default: one per --prompt-len value)")->check(positive_count());
   cmd->add_option("--new-tokens", a->new_tokens, "tokens to decode per sequence")
@@ -227,7 +228,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)")
       ->check(positive_count());
   add_model_options(cmd, a->model);
-  cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->capture_default_str();
+  cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->check(seed_value())->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (bf16 KV cache)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })

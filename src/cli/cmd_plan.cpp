@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -48,6 +49,9 @@ Workload workload(const PlanArgs& a) {
             w.model.heads % w.model.kv() == 0 && w.model.hidden() >= 1,
         "model: layers, d_model, heads >= 1, d_model divisible by heads, heads by kv-heads");
   check(w.seq >= 1 && w.batch >= 1, "--seq and --batch must be >= 1");
+  // The model counts tokens, bytes and FLOPs in 64-bit integers here and there.
+  check(double(w.seq) * double(w.batch) * double(w.model.d_model) * double(w.model.layers) < 1e17,
+        "--seq ", w.seq, " x --batch ", w.batch, " x --d-model x --layers is too large to model");
   return w;
 }
 
@@ -266,6 +270,7 @@ std::vector<std::pair<std::string, nlohmann::json>> merged_runs(const std::vecto
   std::vector<std::pair<std::string, nlohmann::json>> out;  // (files, merged)
   std::vector<std::vector<nlohmann::json>> runs;
   for (const std::string& file : files) {
+    check(std::filesystem::is_regular_file(file), "--validate: ", file, " is not a readable file");
     std::ifstream f(file);
     check(f.good(), "--validate: cannot read ", file);
     nlohmann::json j;

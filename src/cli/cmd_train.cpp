@@ -203,7 +203,7 @@ void add_train(CLI::App& app) {
                                  "loss, memory, bytes");
   add_model_options(cmd, a->model);
   cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
-  cmd->add_option("--seed", a->model.seed, "weights and data seed")->capture_default_str();
+  cmd->add_option("--seed", a->model.seed, "weights and data seed")->check(seed_value())->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })

@@ -32,6 +32,8 @@ const CLI::Validator& positive_finite();
 // --kv-seq, --capacity, --ranks), an explicit 0 is refused rather than taken as
 // the default.
 const CLI::Validator& positive_count();
+// --seed: a whole number that fits in 64 bits (-1 would wrap around).
+const CLI::Validator& seed_value();
 // --threads-style options: 1 to 16 x the CPUs.
 const CLI::Validator& thread_count();
 // --timeout: positive seconds or "none" (no limit, stored as 0); `timeout`
