@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
@@ -10,6 +11,34 @@
 #include "ringattn/error.h"
 
 namespace ringattn::cli {
+namespace {
+
+// The message of the Error fn throws, or "" (CLI11 validators return messages).
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+// A whole number that fits in 64 bits (strtoll saturates; CLI11 passed that on),
+// then check_value(x, text): the message for a bad value, or "".
+CLI::Validator whole_number(const char* name, std::string (*check_value)(long long, const std::string&)) {
+  return CLI::Validator(
+      [check_value](std::string& s) -> std::string {
+        char* end = nullptr;
+        errno = 0;
+        const long long x = std::strtoll(s.c_str(), &end, 10);
+        if (s.empty() || !end || *end != '\0') return cat("'", s, "' is not a whole number");
+        if (errno == ERANGE) return cat(s, " is too large");
+        return check_value(x, s);
+      },
+      name);
+}
+
+}  // namespace
 
 const CLI::Validator& positive_finite() {
   static const CLI::Validator v(
@@ -25,17 +54,16 @@ const CLI::Validator& positive_finite() {
 }
 
 const CLI::Validator& positive_count() {
-  static const CLI::Validator v(
-      [](std::string& s) -> std::string {
-        char* end = nullptr;
-        errno = 0;
-        const long long x = std::strtoll(s.c_str(), &end, 10);
-        if (s.empty() || !end || *end != '\0') return cat("'", s, "' is not a whole number");
-        if (errno == ERANGE) return cat(s, " is too large");
-        if (x < 1) return cat("must be at least 1, got ", s);
-        return {};
-      },
-      "COUNT");
+  static const CLI::Validator v = whole_number("COUNT", [](long long x, const std::string& s) {
+    return x < 1 ? cat("must be at least 1, got ", s) : std::string();
+  });
+  return v;
+}
+
+const CLI::Validator& thread_count() {
+  static const CLI::Validator v = whole_number("THREADS", [](long long x, const std::string&) {
+    return error_of([x] { check_thread_count(x, "the thread count"); });
+  });
   return v;
 }
 
@@ -53,37 +81,12 @@ const CLI::Validator& seed_value() {
   return v;
 }
 
-const CLI::Validator& thread_count() {
-  static const CLI::Validator v(
-      [](std::string& s) -> std::string {
-        char* end = nullptr;
-        const long long x = std::strtoll(s.c_str(), &end, 10);
-        if (s.empty() || !end || *end != '\0') return cat("'", s, "' is not a thread count");
-        try {
-          check_thread_count(x, "the thread count");
-        } catch (const Error& e) {
-          return e.what();
-        }
-        return {};
-      },
-      "THREADS");
-  return v;
-}
-
 void add_timeout_option(CLI::App* cmd, double& timeout) {
   cmd->add_option_function<std::string>(
          "--timeout", [&timeout](const std::string& s) { timeout = parse_timeout(s, "--timeout"); },
          cat("seconds a rank waits for a peer before failing, or 'none' for no limit (default ", timeout, ")"))
       ->check(CLI::Validator(
-          [](std::string& s) -> std::string {
-            try {
-              parse_timeout(s, "the timeout");
-            } catch (const Error& e) {
-              return e.what();
-            }
-            return {};
-          },
-          "SECONDS|none"));
+          [](std::string& s) { return error_of([&s] { parse_timeout(s, "the timeout"); }); }, "SECONDS|none"));
 }
 
 void add_model_options(CLI::App* cmd, ModelConfig& m) {
