@@ -407,7 +407,7 @@ TEST(ForwardDeterminism, RepeatedRunsBitwiseIdentical) {
 }
 
 TEST(ForwardFlops, CountsVisiblePairs) {
-  // 4·B·H·d per visible pair (DESIGN.md §5).
+  // 4·B·H·d per visible pair (docs/design.md §9).
   EXPECT_DOUBLE_EQ(attention_forward_flops(2, 3, 10, 20, 8, false), 4.0 * 2 * 3 * 8 * 10 * 20);
   // causal, square: L(L+1)/2 visible pairs
   EXPECT_DOUBLE_EQ(attention_forward_flops(1, 1, 4, 4, 2, true), 4.0 * 2 * 10);

@@ -48,7 +48,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const TensorView& dq, const TensorView& dk, const TensorView& dv,
                         const AttentionOptions& opt = {});
 
-// Exact merge of two partial results for the same queries (DESIGN.md §4):
+// Exact merge of two partial results for the same queries (docs/design.md §4):
 //   lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse} o_acc + e^{lse_part-lse} o_part
 // in place into (o_acc, lse_acc). o_acc: [B, Lq, H, d] fp32; o_part any dtype;
 // both lse fp32 [B, H, Lq]. Safe when either side is -inf (a row that saw no key).
@@ -56,7 +56,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 void attention_merge(const TensorView& o_acc, const TensorView& lse_acc,
                      const TensorView& o_part, const TensorView& lse_part, int threads = 0);
 
-// FLOPs of the forward pass by DESIGN.md §5: 4·B·H·d · (visible query-key pairs).
+// FLOPs of the forward pass by docs/design.md §9: 4·B·H·d · (visible query-key pairs).
 double attention_forward_flops(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t d, bool causal);
 
 }  // namespace ringattn

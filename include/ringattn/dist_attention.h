@@ -71,7 +71,7 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
                              DistStats* stats = nullptr);
 
 // Exact merge of every rank's partial result for the same queries (decoding
-// against a sequence-sharded KV cache, DESIGN.md §4 over P parts at once):
+// against a sequence-sharded KV cache, docs/design.md §8, the §4 merge over P parts at once):
 //   lse = m + log Σ_p e^{lse_p − m},  o = Σ_p e^{lse_p − m}·o_p / Σ_p e^{lse_p − m},  m = max_p lse_p
 // in place on every rank by two all-reduces (the max of lse, then the sums); the
 // cache itself never moves. o [B, Lq, H, d] and lse [B, H, Lq], fp32 contiguous,

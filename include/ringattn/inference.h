@@ -1,5 +1,5 @@
 // Long-context inference: prefill the prompt into a KV cache that stays where it
-// was computed, then decode one token per sequence per step (DESIGN.md §1, §4).
+// was computed, then decode one token per sequence per step (docs/design.md §1, §8).
 //
 //   SP (RA+SP)  the cache is sharded by sequence: rank p of the SP group holds the
 //               K/V of its prompt tokens (the layout's positions) and of the decoded

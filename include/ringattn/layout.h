@@ -1,4 +1,4 @@
-// How a sequence of L tokens is split over P ranks (DESIGN.md §4 "causal load
+// How a sequence of L tokens is split over P ranks (docs/design.md §6 "causal load
 // balance"). Every rank holds L/P tokens and knows their global positions.
 //   contiguous: rank p holds [p·L/P, (p+1)·L/P)
 //   zigzag:     L cut into 2P chunks; rank p holds chunks p and 2P−1−p

@@ -1,4 +1,4 @@
-// A dense pre-LayerNorm transformer (DESIGN.md §1), fp32 or bf16 mixed precision, with hand-written
+// A dense pre-LayerNorm transformer (docs/design.md §1), fp32 or bf16 mixed precision, with hand-written
 // backward, an MSE loss and AdamW, that runs on one process or sequence-parallel
 // (RA+SP): every activation sharded by sequence, token-local layers on the local
 // shard with full weights, attention by the ring (or Ulysses / all-gather).

@@ -1,4 +1,4 @@
-// Timing and measured machine peaks (DESIGN.md §5: report ratios to peaks measured
+// Timing and measured machine peaks (docs/design.md §9: report ratios to peaks measured
 // in the same run on the same core).
 #pragma once
 #include <algorithm>

@@ -6,7 +6,7 @@
 //
 // The model follows what ringattn executes (src/model, src/dist):
 //   compute  per-operation roofline: GEMM FLOPs at the achievable GEMM rate for
-//            that dtype and size, attention FLOPs (DESIGN.md §5 conventions) at the
+//            that dtype and size, attention FLOPs (docs/design.md §9 conventions) at the
 //            fused kernel's rate, token-local kernels (LayerNorm, GELU, adds,
 //            AdamW) as bytes at the elementwise bandwidth, decode as cache and
 //            weight bytes at the decode bandwidth, plus a fixed cost per operation;

@@ -1,4 +1,4 @@
-// `ringattn bench kernel`: GFLOP/s of the fused kernels (DESIGN.md §5 FLOP
+// `ringattn bench kernel`: GFLOP/s of the fused kernels (docs/design.md §9 FLOP
 // conventions) with ratios to the FMA peak and the oneDNN GEMM rate measured in
 // the same run, an unfused GEMM→softmax→GEMM baseline, thread scaling, and the
 // decode kernel (one query row per head against the L-token cache) against the

@@ -3,7 +3,7 @@
 // Everything here lives in namespace ringattn::cpu::RA_NS and uses no STL, so the
 // per-ISA copies cannot be merged by the linker.
 //
-// Forward: flash-attention with online softmax (DESIGN.md §4) over query tiles of
+// Forward: flash-attention with online softmax (docs/design.md §3) over query tiles of
 // kBq rows and key tiles of kBk keys; scores live in the log2 domain
 // (x = s·scale·log2 e) so the softmax is exp2. K and V are packed once per
 // (batch, kv head) into tile-major blocks that the micro-kernels stream.

@@ -1,4 +1,4 @@
-// Flash attention on NVIDIA GPUs (FlashAttention-2 structure, DESIGN.md §4):
+// Flash attention on NVIDIA GPUs (FlashAttention-2 structure, docs/design.md §3):
 // bf16/fp16 tensor-core MMAs (mma.sync m16n8k16, sm_80+) with fp32 accumulation,
 // online softmax in base 2, causal masking by global positions, GQA.
 //
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
                         l_a, l_b);
 }
 
-// The exact LSE merge of the `splits` partials of each row (DESIGN.md §4 over
+// The exact LSE merge of the `splits` partials of each row (docs/design.md §4 over
 // many parts): o_part [B·splits, Lq, H, D] fp32 contiguous, lse_part
 // [B·splits, H, Lq] contiguous -> o, lse. One warp per (b, h, row).
 __global__ void combine_splits_kernel(const float* o_part, const float* lse_part, Bshd o, float* lse, int64_t lse_sb,

@@ -1,6 +1,6 @@
 // Device helpers and argument structs shared by the CUDA attention kernels:
 // attention.cu (FlashAttention-2 structure, mma.sync, any sm_80+ GPU) and
-// attention_sm90.cu (warpgroup MMAs, Hopper only). Conventions of DESIGN.md §4:
+// attention_sm90.cu (warpgroup MMAs, Hopper only). Conventions of docs/design.md §2-§3:
 // o and lse for queries at global positions, base-2 online softmax, causal by
 // position, GQA by h / (H / Hkv).
 #pragma once

@@ -15,7 +15,7 @@
 // and after the last tile O += P·V once more. While one warpgroup does its
 // softmax the other's products keep the tensor cores busy. Masking by global
 // positions, GQA, the skipped tiles and the outputs (o, lse in natural log) are
-// those of attention.cu's portable kernel (DESIGN.md §4).
+// those of attention.cu's portable kernel (docs/design.md §3).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
