@@ -299,8 +299,9 @@ void add_compare(CLI::App& app) {
   cmd->add_option("--launcher", a->launcher,
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
                   "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
-  cmd->add_option("--method", a->method, "(internal) measure one method under mpirun: ring, ulysses, allgather, tp, "
-                                         "pp, tpxpp, hybrid");
+  cmd->add_option("--method", a->method, "measure one method under mpirun: ring, ulysses, allgather, tp, "
+                                         "pp, tpxpp, hybrid")
+      ->group("");  // internal: how compare starts each method under mpirun; not in --help
   cmd->add_option("--only", a->only, "run only the method with this id (ring, ulysses, ...) or whose name contains it");
   cmd->add_option("--json-out", a->json_out, "also write the results as JSON to this file (for scripts/plot_compare.py)");
   add_timeout_option(cmd, a->timeout);

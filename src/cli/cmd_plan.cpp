@@ -609,8 +609,9 @@ void add_plan(CLI::App& app) {
                   "`ringattn compare --json-out` files: predicted vs measured for every method, the error table; "
                   "repeated runs of one configuration are compared by their median")
       ->expected(1, -1);
-  cmd->add_flag("--calibrate-rank", a->calibrate_rank, "(internal) one rank of --calibrate, under mpirun");
-  cmd->add_flag("--timeshare-rank", a->timeshare_rank, "(internal) the time-sharing measurement of --calibrate");
+  // Internal: how --calibrate starts its ranks under mpirun; not in --help (empty group).
+  cmd->add_flag("--calibrate-rank", a->calibrate_rank, "one rank of --calibrate, under mpirun")->group("");
+  cmd->add_flag("--timeshare-rank", a->timeshare_rank, "the time-sharing measurement of --calibrate")->group("");
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });
 }
