@@ -3,7 +3,11 @@
 # (scripts/build_gpu.sh): the CUDA tests, then `bench kernel --device cuda`, then
 # the transformer on the GPU (`train` and `generate --device cuda`).
 # Finds NCCL and cuBLAS wherever the machine has them (CUDA toolkit or the
-# nvidia-* Python wheels) and the host libraries carried in .devlibs/.
+# nvidia-* Python wheels) and the host libraries carried in .devlibs/: the
+# Debian libraries the build links (oneDNN, Open MPI, OpenMP, ...) that a bare GPU
+# machine lacks, copied there on the build machine before the tree is carried over:
+#   mkdir -p .devlibs && ldd build/gpu/ringattn build/gpu/tests/ringattn_cuda_tests |
+#     awk '$3 ~ /^\/usr\/lib/ {print $3}' | sort -u | xargs -r cp -L -t .devlibs
 # Writes logs to $OUT (or ./gpu-out), packed into one gpu-logs.tgz at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,7 @@ fi
 # The wgmma building blocks, the kernels (the default forward: wgmma on Hopper),
 # the kernels again with the portable forward, then the ring and NCCL (a hang
 # there must not hide the kernels' results).
-for part in ${TEST_PARTS:-wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaMerge.*:CudaErrors.*' \
+for part in ${TEST_PARTS:-wgmma:'CudaWgmma.*' kernels:'Shapes/*:CudaKernelRange.*:CudaMerge.*:CudaErrors.*' \
   model:'CudaLayers.*:CudaModel.*' portable:'Shapes/*' ring:'CudaRing.*:CudaNccl.*'}; do
   name=${part%%:*}
   fwd=auto
