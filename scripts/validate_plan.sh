@@ -1,6 +1,6 @@
 #!/bin/bash
 # Validates the performance model on this machine (docs/benchmarks.md, "The
-# performance model"): calibrates hardware/this-machine.json, measures every
+# performance model"): calibrates this machine (~/.config/ringattn/this-machine.json), measures every
 # `compare` method at three sequence lengths on 2 ranks (batch 2) and on 4 ranks
 # (batch 4, time-sharing the 2 cores), prints predicted vs measured, then
 # calibrates again into OUT/after.json and prints the summary against that too

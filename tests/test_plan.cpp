@@ -4,7 +4,12 @@
 // ranks never need more memory per device); hardware files.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "ringattn/error.h"
 #include "ringattn/plan.h"
@@ -273,6 +278,44 @@ TEST(PlanHardware, BuiltInFilesLoad) {
     EXPECT_GT(h.sources.size(), 10u) << name;
   }
   EXPECT_THROW(load_hardware("no-such-gpu"), Error);
+}
+
+// `--hardware this-machine` is the calibration at this_machine_path(), and only
+// for the CPU it measured: a missing one or one from another CPU says to calibrate.
+TEST(PlanHardware, ThisMachineIsTheCalibrationOfThisCpu) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / cat("ringattn_xdg_", getpid());
+  std::filesystem::remove_all(dir);
+  const char* saved = std::getenv("XDG_CONFIG_HOME");
+  const std::string saved_value = saved ? saved : "";
+  setenv("XDG_CONFIG_HOME", dir.c_str(), 1);
+  EXPECT_EQ(this_machine_path(), (dir / "ringattn/this-machine.json").string());
+  auto says = [](const char* needle) {
+    try {
+      load_hardware("this-machine");
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  says("plan --calibrate");  // none yet
+  Hardware h = load_hardware("h100-sxm");
+  h.name = "this-machine";
+  h.measured_cpu = this_cpu();
+  std::filesystem::create_directories(dir / "ringattn");
+  auto write = [&](const Hardware& x) { std::ofstream(this_machine_path()) << hardware_to_json(x); };
+  write(h);
+  EXPECT_EQ(load_hardware("this-machine").measured_cpu, this_cpu());
+  h.measured_cpu = "Another CPU, 7 CPUs, kernel paths generic";
+  write(h);
+  says("describes another machine");
+  h.measured_cpu.clear();  // an old calibration that does not record its CPU
+  write(h);
+  says("does not record");
+  if (saved)
+    setenv("XDG_CONFIG_HOME", saved_value.c_str(), 1);
+  else
+    unsetenv("XDG_CONFIG_HOME");
+  std::filesystem::remove_all(dir);
 }
 
 TEST(PlanHardware, AttentionKernelSetsSwapIn) {

@@ -44,6 +44,9 @@ struct LinkSpec {
 // came from.
 struct Hardware {
   std::string name, description;
+  // A calibration (`plan --calibrate`) records the CPU it measured (this_cpu());
+  // datasheet files leave it empty.
+  std::string measured_cpu;
   int devices_per_node = 1;
   double memory_bytes = 0;       // per device
   double memory_bandwidth = 0;   // bytes/s per device (datasheet or measured streaming read)
@@ -97,9 +100,16 @@ struct Hardware {
 
 Hardware hardware_from_json(const std::string& text, const std::string& origin);  // throws Error naming the field
 std::string hardware_to_json(const Hardware& h);  // throws Error after use_attention_kernels
-// A name from the hardware/ folder ("h100-sxm") or a path to a JSON file.
+// A name from the hardware/ folder ("h100-sxm"), "this-machine" (the calibration
+// at this_machine_path(), refused when it was measured on another CPU) or a path
+// to a JSON file.
 Hardware load_hardware(const std::string& name_or_path);
 std::vector<std::string> builtin_hardware_names();
+// The CPU as a calibration records it: model, logical CPUs, kernel paths.
+std::string this_cpu();
+// Where `plan --calibrate` keeps this machine's description by default:
+// $XDG_CONFIG_HOME/ringattn/this-machine.json (else ~/.config/ringattn/...).
+std::string this_machine_path();
 
 // What is to be run.
 struct Workload {

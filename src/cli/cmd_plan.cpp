@@ -56,14 +56,7 @@ Workload workload(const PlanArgs& a) {
 }
 
 Hardware hardware(const PlanArgs& a) {
-  Hardware h;
-  try {
-    h = load_hardware(a.hardware);
-  } catch (const Error& e) {
-    if (a.hardware == "this-machine")
-      throw Error(cat(e.what(), "\n(run `ringattn plan --calibrate` first to measure this machine)"));
-    throw;
-  }
+  Hardware h = load_hardware(a.hardware);  // this-machine: says to calibrate when it must
   if (!a.attention_kernels.empty()) h.use_attention_kernels(a.attention_kernels);
   return h;
 }
@@ -175,7 +168,8 @@ void print_table(const std::vector<Prediction>& ps, size_t top) {
 // measure together and rank 0 prints the description, written here.
 void run_calibrate(const PlanArgs& a) {
   check(a.threads >= 1, "--threads must be >= 1");
-  const std::string out = a.out.empty() ? std::string(RINGATTN_SOURCE_DIR) + "/hardware/this-machine.json" : a.out;
+  const std::string out = a.out.empty() ? this_machine_path() : a.out;
+  if (a.out.empty()) std::filesystem::create_directories(std::filesystem::path(out).parent_path());
   check_output_paths({{"--out", out}});  // before minutes of measuring
   const int ranks = std::max(2, static_cast<int>(std::thread::hardware_concurrency()) / a.threads);
   const std::string cmd = cat(default_launcher(ranks), " -np ", ranks, " ", shell_quote(self_executable()),
@@ -577,7 +571,8 @@ void add_plan(CLI::App& app) {
                   "nodes (default: world / devices per node); fewer nodes than needed time-share the devices")
       ->check(positive_count());
   cmd->add_option("--hardware", a->hardware,
-                  "a file in hardware/ by name (this-machine, h100-sxm, h200-sxm, a100-sxm) or a JSON path")
+                  "this-machine (the calibration of this CPU), a file in hardware/ by name (h100-sxm, h200-sxm, "
+                  "a100-sxm, xeon-2cpu-calibrated) or a JSON path")
       ->capture_default_str();
   cmd->add_option("--attention-kernels", a->attention_kernels,
                   "use the hardware file's rates for these attention kernels instead of its defaults (the GPU "
@@ -600,11 +595,12 @@ void add_plan(CLI::App& app) {
       ->needs(sweep);
   cmd->add_flag("--calibrate", a->calibrate,
                 "measure this machine (kernels, GEMMs, bandwidths, MPI ping-pong; one rank per device, all at once, "
-                "under mpirun) into hardware/this-machine.json");
+                "under mpirun) into this machine's description (~/.config/ringattn/this-machine.json, with the CPU "
+                "it measured; `--hardware this-machine` refuses it on another CPU)");
   cmd->add_option("--threads", a->threads, "with --calibrate: threads per rank (one rank per that many CPUs)")
       ->check(thread_count())
       ->capture_default_str();
-  cmd->add_option("--out", a->out, "with --calibrate: write here instead of hardware/this-machine.json");
+  cmd->add_option("--out", a->out, "with --calibrate: write here instead of ~/.config/ringattn/this-machine.json");
   cmd->add_option("--validate", a->validate,
                   "`ringattn compare --json-out` files: predicted vs measured for every method, the error table; "
                   "repeated runs of one configuration are compared by their median")

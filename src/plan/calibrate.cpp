@@ -135,6 +135,7 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   Hardware h;
   const CpuFeatures& f = cpu_features();
   h.name = "this-machine";
+  h.measured_cpu = this_cpu();
   h.description = cat(f.model.empty() ? f.vendor : f.model, ", ", cpus, " CPUs; one rank per ", threads,
                       " thread(s), shared-memory MPI (measured by ringattn plan --calibrate)");
   h.devices_per_node = ranks;

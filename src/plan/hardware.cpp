@@ -1,11 +1,13 @@
 // Hardware descriptions (plan.h) as JSON files: reading with a clear error for a
 // missing or misspelt field, writing, and the built-in files in hardware/.
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 
+#include "ringattn/cpu.h"
 #include "ringattn/error.h"
 #include "ringattn/plan.h"
 
@@ -105,12 +107,13 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
   static const std::set<std::string> known = {
       "name", "description", "devices_per_node", "memory_bytes", "memory_bandwidth", "peak", "gemm", "gemm_backward",
       "attention_forward", "attention_backward", "attention_kernels",
-      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "cached_weight_bandwidth", "llc_bytes", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured"};
+      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "cached_weight_bandwidth", "llc_bytes", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured", "measured_cpu"};
   for (auto& [k, v] : j.items()) check(known.count(k), origin, ": unknown field '", k, "'");
   Hardware h;
   check(j.contains("name") && j["name"].is_string(), origin, ": missing string 'name'");
   h.name = j["name"].get<std::string>();
   h.description = j.value("description", "");
+  h.measured_cpu = j.value("measured_cpu", "");
   check(j.contains("devices_per_node") && j["devices_per_node"].is_number_integer() &&
             j["devices_per_node"].get<int>() >= 1,
         origin, ": 'devices_per_node' must be an integer >= 1");
@@ -173,6 +176,7 @@ std::string hardware_to_json(const Hardware& h) {
         h.attention_kernels_used, "' would be saved as its defaults)");
   json j;
   j["name"] = h.name, j["description"] = h.description, j["devices_per_node"] = h.devices_per_node;
+  if (!h.measured_cpu.empty()) j["measured_cpu"] = h.measured_cpu;
   j["memory_bytes"] = h.memory_bytes, j["memory_bandwidth"] = h.memory_bandwidth;
   j["peak"] = h.peak;
   j["gemm"] = curves_json(h.gemm);
@@ -215,7 +219,37 @@ std::vector<std::string> builtin_hardware_names() {
   return names;
 }
 
+std::string this_cpu() {
+  const CpuFeatures& f = cpu_features();
+  std::string paths;
+  for (Isa i : supported_isas()) paths += cat(paths.empty() ? "" : " ", isa_name(i));
+  return cat(f.model.empty() ? f.vendor : f.model, ", ", f.logical_cpus, " CPUs, kernel paths ", paths);
+}
+
+std::string this_machine_path() {
+  const char* xdg = std::getenv("XDG_CONFIG_HOME");
+  const char* home = std::getenv("HOME");
+  std::string dir;
+  if (xdg && xdg[0] == '/')
+    dir = xdg;
+  else if (home && *home)
+    dir = cat(home, "/.config");
+  else
+    throw Error("neither XDG_CONFIG_HOME nor HOME is set: give `plan --calibrate --out FILE` and `--hardware FILE`");
+  return dir + "/ringattn/this-machine.json";
+}
+
 Hardware load_hardware(const std::string& name_or_path) {
+  if (name_or_path == "this-machine" && !std::filesystem::exists(name_or_path)) {
+    const std::string p = this_machine_path();
+    check(std::filesystem::exists(p), "this machine has not been calibrated (no ", p,
+          "): run `ringattn plan --calibrate` (about a minute), or name a datasheet file with --hardware");
+    Hardware h = load_hardware(p);
+    check(h.measured_cpu == this_cpu(), p, " describes another machine (measured on ", 
+          h.measured_cpu.empty() ? std::string("a CPU it does not record") : h.measured_cpu, "; this is ", this_cpu(),
+          "): run `ringattn plan --calibrate` to measure this one");
+    return h;
+  }
   std::filesystem::path p = name_or_path;
   if (!std::filesystem::exists(p) && p.extension() != ".json") p = hardware_dir() / (name_or_path + ".json");
   std::ifstream f(p);
