@@ -1,7 +1,8 @@
-// The Communicator: the one interface the distributed code talks to. The MPI
-// backend (CPU clusters) implements it now; an NCCL backend (GPUs) implements the
-// same calls stream-ordered (a Request is then an event), so the ring schedule is
-// written once.
+// The Communicator: the one interface the distributed code talks to, so the ring
+// schedule is written once. Three backends implement it: MPI (CPU clusters, across
+// hosts), NCCL (GPUs: the same calls stream-ordered, a Request is then an event)
+// and local (several ranks of one process sharing one GPU: the one-GPU ring in
+// tests and `bench --ring-ranks`).
 //
 // Every wait is bounded: a peer that does not answer within timeout_seconds()
 // makes the call throw ringattn::Error naming this rank, the peer and the
@@ -68,7 +69,7 @@ class Communicator {
   // Sub-communicator of the ranks with the same color, ordered by key (then rank).
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
-  virtual std::string backend() const = 0;  // "mpi", "nccl"
+  virtual std::string backend() const = 0;  // "mpi", "nccl", "local"
   // 0: no limit (parse_timeout's "none"); otherwise positive and finite.
   double timeout_seconds() const { return timeout_; }
   void set_timeout_seconds(double s);

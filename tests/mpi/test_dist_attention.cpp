@@ -747,16 +747,16 @@ TEST(DistAttention, RingCausalContiguousSkipsInvisibleStages) {
   }
 }
 
-// ---- known implementation bugs (enable when fixed) ------------------------------------
+// ---- errors inside the ring ----------------------------------------------------------
 
 // A bad output shape that every rank passes alike must give ringattn::Error on every
-// rank and leave the communicator usable. Today ring_backward posts its first
-// isend/irecv of the 4 MiB K/V block and only then calls attention_backward, whose
-// shape check throws; unwinding frees the K/V buffers while MPI still writes into
-// them (seen: "Read -1, expected 4194304, errno = 14", then SIGSEGV in MPI_Test on
-// the next call). Fix: validate o, lse, dout, dq, dk, dv shapes in the collective
-// up-front check, and make the ring exception-safe (complete or cancel the pending
-// requests before its buffers go away).
+// rank and leave the communicator usable. This once crashed: ring_backward posted
+// its first isend/irecv of the 4 MiB K/V block and only then called
+// attention_backward, whose shape check threw, and unwinding freed the K/V buffers
+// while MPI still wrote into them ("Read -1, expected 4194304, errno = 14", then
+// SIGSEGV in MPI_Test). Now the shapes of o, lse, dout, dq, dk, dv are part of the
+// collective up-front check and the ring completes or cancels its pending requests
+// before its buffers go away.
 TEST(DistAttention, RingBackwardBadShapeThrowsCleanly) {
   auto comm = world();
   const int P = comm->size();

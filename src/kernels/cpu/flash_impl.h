@@ -1,7 +1,9 @@
 // The fused attention kernels, written once over simd.h and compiled once per
 // instruction set (isa_*.cpp define RA_LEVEL and RA_NS, then include this file).
-// Everything here lives in namespace ringattn::cpu::RA_NS and uses no STL, so the
-// per-ISA copies cannot be merged by the linker.
+// Everything here lives in namespace ringattn::cpu::RA_NS and uses no STL
+// containers or algorithms (only C library functions and std::bit_cast), so no
+// inline template compiled with one ISA's flags can be merged by the linker into
+// another ISA's copy.
 //
 // Forward: flash-attention with online softmax (docs/design.md §3) over query tiles of
 // kBq rows and key tiles of kBk keys; scores live in the log2 domain
