@@ -38,10 +38,14 @@ struct CompareArgs {
   bool json = false;
 };
 
+// One method of the comparison: its mesh (pp x sp x tp), the attention across
+// the SP group, the sequence layout, and for the hybrid its Ulysses degree.
 struct Method {
   std::string id, name;
   int pp, sp, tp;
   Strategy strategy;
+  int ulysses = 1;
+  Layout layout = Layout::zigzag;
 };
 
 std::vector<Method> methods_for(int P) {
@@ -52,9 +56,18 @@ std::vector<Method> methods_for(int P) {
                            {"pp", "PP", P, 1, 1, Strategy::ring}};
   if (P >= 4 && P % 2 == 0) {
     m.push_back({"tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring});
-    m.push_back({"hybrid", "Ulysses(2) x ring", 1, P, 1, Strategy::hybrid});
+    m.push_back({"hybrid", "Ulysses(2) x ring", 1, P, 1, Strategy::hybrid, 2});
   }
   return m;
+}
+
+// The method as data, in every row of `compare --json` (measured, skipped or
+// failed), so that `plan --validate` reads the layout instead of parsing names.
+nlohmann::json method_json(const Method& m) {
+  return {{"method", m.name}, {"id", m.id},        {"dp", 1},
+          {"pp", m.pp},       {"sp", m.sp},        {"tp", m.tp},
+          {"strategy", strategy_name(m.strategy)}, {"layout", layout_name(m.layout)},
+          {"ulysses", m.ulysses}};
 }
 
 struct Result {
@@ -72,7 +85,8 @@ std::string unsupported(const Method& m, const ModelConfig& c, int64_t seq, int6
   if (m.pp > 1 && batch < m.pp) return cat("needs batch >= pp=", m.pp, " for micro-batches");
   if (m.strategy == Strategy::ulysses && (c.heads % m.sp || c.kv() % m.sp))
     return cat("heads not divisible by sp=", m.sp);
-  if (m.strategy == Strategy::hybrid && (c.heads % 2 || c.kv() % 2)) return "heads not divisible by 2";
+  if (m.strategy == Strategy::hybrid && (c.heads % m.ulysses || c.kv() % m.ulysses))
+    return cat("heads not divisible by ulysses=", m.ulysses);
   if (seq % (2 * m.sp)) return cat("seq not divisible by 2·sp=", 2 * m.sp);
   return "";
 }
@@ -82,12 +96,12 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   r.name = me.name, r.pp = me.pp, r.sp = me.sp, r.tp = me.tp;
   r.why_skipped = unsupported(me, a.model, a.seq, a.batch);
   if (!r.why_skipped.empty()) return r;
-  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp, me.strategy == Strategy::hybrid ? 2 : 1);
+  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp, me.ulysses);
   SequenceParallel spc;
   spc.comm = me.sp > 1 ? mesh.sp_comm.get() : nullptr;
   spc.tp = me.tp > 1 ? mesh.tp_comm.get() : nullptr;
   spc.attn.strategy = me.strategy;
-  spc.attn.layout = Layout::zigzag;
+  spc.attn.layout = me.layout;
   spc.attn.threads = a.threads;
   if (me.strategy == Strategy::hybrid) mesh.use_hybrid(spc.attn);
   const int64_t D = a.model.d_model, Ll = a.seq / me.sp;
@@ -146,8 +160,8 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   return r;
 }
 
-nlohmann::json result_json(const Result& r, double tokens) {
-  nlohmann::json m = {{"method", r.name}, {"pp", r.pp}, {"sp", r.sp}, {"tp", r.tp}};
+nlohmann::json result_json(const Method& me, const Result& r, double tokens) {
+  nlohmann::json m = method_json(me);
   if (!r.why_skipped.empty()) {
     m["skipped"] = r.why_skipped;
     return m;
@@ -176,7 +190,7 @@ void run_method(const CompareArgs& a) {
   check(it != all.end(), "unknown --method '", a.method, "' for ", world->size(),
         " ranks: use ring, ulysses, allgather, tp, pp, or (4+ ranks) tpxpp, hybrid");
   const Result r = measure(*world, a, *it);
-  if (world->rank() == 0) print_json(result_json(r, static_cast<double>(a.batch * a.seq)));
+  if (world->rank() == 0) print_json(result_json(*it, r, static_cast<double>(a.batch * a.seq)));
 }
 
 // A comparison with a failed method is a failed run (exit 1), after its table
@@ -227,8 +241,9 @@ void run(const CompareArgs& a) {
     try {
       j["methods"].push_back(nlohmann::json::parse(capture(cmd)));
     } catch (const std::exception& e) {
-      j["methods"].push_back({{"method", methods[i].name}, {"pp", methods[i].pp}, {"sp", methods[i].sp},
-                              {"tp", methods[i].tp}, {"failed", e.what()}});
+      nlohmann::json failed = method_json(methods[i]);
+      failed["failed"] = e.what();
+      j["methods"].push_back(failed);
     }
   }
   if (!a.json) progress_done();

@@ -205,15 +205,24 @@ void run_calibrate_rank(const PlanArgs& a) {
   if (world->rank() == 0) std::fputs(hardware_to_json(h).c_str(), stdout);
 }
 
-// compare's methods as layouts.
+// compare's methods as layouts: the strategy, layout and Ulysses degree its
+// --json records; files written before it recorded them (docs/results/plan-*)
+// are read by the method's name, the zigzag layout and Ulysses(2) they all used.
 Candidate method_candidate(const nlohmann::json& m, int64_t batch) {
   Candidate c;
   c.pp = m["pp"].get<int>(), c.sp = m["sp"].get<int>(), c.tp = m["tp"].get<int>();
-  const std::string name = m["method"].get<std::string>();
-  if (name.find("x ring") != std::string::npos) c.strategy = Strategy::hybrid, c.ulysses = 2;
-  else if (name.rfind("Ulysses", 0) == 0) c.strategy = Strategy::ulysses;
-  else if (name.rfind("all-gather", 0) == 0) c.strategy = Strategy::allgather;
-  c.layout = Layout::zigzag;
+  if (m.contains("strategy")) {
+    c.strategy = parse_strategy(m["strategy"].get<std::string>());
+    c.layout = parse_layout(m["layout"].get<std::string>());
+    c.ulysses = m["ulysses"].get<int>();
+    c.dp = m.value("dp", 1);
+  } else {
+    const std::string name = m["method"].get<std::string>();
+    if (name.find("x ring") != std::string::npos) c.strategy = Strategy::hybrid, c.ulysses = 2;
+    else if (name.rfind("Ulysses", 0) == 0) c.strategy = Strategy::ulysses;
+    else if (name.rfind("all-gather", 0) == 0) c.strategy = Strategy::allgather;
+    c.layout = Layout::zigzag;
+  }
   c.micro_batches = c.pp > 1 ? static_cast<int>(batch) : 1;
   return c;
 }
