@@ -15,7 +15,7 @@ mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -
   --causal --backward --check --threads 1
 echo "== long-context inference on 2 local ranks: prefill into a sequence-sharded KV cache, decode, checked =="
 mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
-  ./build/release/ringattn generate --prompt-len 4096 --new-tokens 16 --strategy sp --check --threads 1
+  ./build/release/ringattn generate --prompt-len 4096 --new-tokens 16 --check --threads 1
 echo "== the comparison: 4-layer dense transformer, d_model 256 (4 heads x 64), MLP 1024, batch 2 x seq 8192 =="
 ./build/release/ringattn compare --seq 8192 --json-out build/compare.json "$@"
 /usr/bin/python3 scripts/plot_compare.py build/compare.json build/compare.png >/dev/null

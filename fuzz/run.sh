@@ -48,9 +48,7 @@ link=${release:+$release/CMakeFiles/ringattn.dir/link.txt}
 if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; then
   # The CLI sources compiled (and instrumented) here, everything below them from
   # the release build: its link line after `-o ringattn`, its libraries by path.
-  libs=$(sed -e 's/.* -o ringattn //' "$link")
-  libs=${libs//libringattn_cuda.a/$release/libringattn_cuda.a}
-  libs=${libs//libringattn_core.a/$release/libringattn_core.a}
+  libs=$(sed -e 's/.* -o ringattn //' -e "s#\(^\| \)\(libringattn_[a-z]*\.a\)#\1$release/\2#g" "$link")
   cli_objs=$(compile "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" \
     "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp") || exit 1
   # shellcheck disable=SC2086

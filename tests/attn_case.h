@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "reference.h"
-#include "ringattn/attention.h"
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/attention.h"
+#include "ringattn/cpu/features.h"
 #include "test_util.h"
 
 namespace ringattn::testing {

@@ -205,9 +205,13 @@ expect_error "bench kernel --seq 1e11 (refused before the peaks)" 1 "needs at le
 expect_error "a .npy with a zero-sized dimension" 1 "must be at least 1" "$BIN" attention --q zero.npy --k k.npy --v v.npy
 expect_error "train --batch 0" 2 "--batch: must be at least 1" "$BIN" train --batch 0
 if command -v mpirun >/dev/null; then
-  expect_error "generate: Ulysses prefill with heads not divisible by P" 1 "--prefill-attention ring" \
+  expect_error "generate: Ulysses prefill with heads not divisible by P" 1 "--strategy ring" \
     "${MPIRUN[@]}" -np 2 "$BIN" generate --prompt-len 64 --new-tokens 2 --layers 1 --d-model 48 --heads 3 \
-    --prefill-attention ulysses
+    --strategy ulysses
+  expect_error "train: --ulysses without --strategy hybrid" 1 "--strategy hybrid" \
+    "${MPIRUN[@]}" -np 2 "$BIN" train --seq 64 --layers 1 --d-model 32 --heads 2 --ulysses 2
+  expect_error "generate: a mesh that does not match the ranks" 1 "must equal the 2 ranks" \
+    "${MPIRUN[@]}" -np 2 "$BIN" generate --prompt-len 64 --new-tokens 2 --layers 1 --d-model 32 --heads 2 --sp 2 --tp 2
 fi
 
 echo "$cases cases, $failures failed"

@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "test_util.h"
 
 namespace ringattn::testing {

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/dtype.h"
 #include "ringattn/error.h"
 #include "ringattn/tensor.h"

@@ -14,7 +14,7 @@
 #include "attn_case.h"
 #include "reference.h"
 #include "ringattn/attention.h"
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
 #include "test_util.h"
 

@@ -15,7 +15,7 @@
 
 #include "attn_case.h"
 #include "reference.h"
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "test_util.h"
 
 namespace ringattn::testing {

@@ -38,8 +38,9 @@
 #include <vector>
 
 #include "ringattn/error.h"
-#include "ringattn/layers.h"
+#include "ringattn/cpu/layers.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
 #include "test_util.h"
 
@@ -332,8 +333,8 @@ void perturb(Model& m, uint32_t seed, float sigma = 0.1f) {
   for (int64_t i = 0; i < m.num_params(); ++i) m.params()[i] += n[i];
 }
 
-SequenceParallel one_process() {
-  SequenceParallel sp;
+ModelParallel one_process() {
+  ModelParallel sp;
   sp.attn.threads = 1;
   return sp;
 }
@@ -360,7 +361,7 @@ TEST_P(ModelGrad, BackwardMatchesFiniteDifferences) {
   Model m(cfg);
   perturb(m, 71);
   std::vector<float> x = randn(B * L * D, 72), w = randn(B * L * D, 73);
-  const SequenceParallel sp = one_process();
+  const ModelParallel sp = one_process();
   TensorView xv(x.data(), DType::f32, {B, L, D}), wv(w.data(), DType::f32, {B, L, D});
 
   auto loss = [&] {
@@ -400,7 +401,7 @@ TEST_P(ModelGrad, BackwardAccumulatesIntoGrads) {
   Model m(cfg);
   perturb(m, 81);
   std::vector<float> x = randn(B * L * D, 82), w = randn(B * L * D, 83);
-  const SequenceParallel sp = one_process();
+  const ModelParallel sp = one_process();
   TensorView xv(x.data(), DType::f32, {B, L, D}), wv(w.data(), DType::f32, {B, L, D});
   Activations act;
   model_forward(m, xv, sp, act);
@@ -426,7 +427,7 @@ TEST_P(ModelGrad, KeyBiasGradientVanishes) {
   Model m(cfg);
   perturb(m, 85);
   std::vector<float> x = randn(B * L * D, 86), w = randn(B * L * D, 87);
-  const SequenceParallel sp = one_process();
+  const ModelParallel sp = one_process();
   Activations act;
   model_forward(m, TensorView(x.data(), DType::f32, {B, L, D}), sp, act);
   m.zero_grads();

@@ -349,3 +349,26 @@ TEST(PlanHardware, AttentionKernelSetsSwapIn) {
 
 }  // namespace
 }  // namespace ringattn
+
+namespace ringattn {
+namespace {
+
+TEST(PlanValidation, RankAgreementCountsOnlyOrdersBeyondTheNoise) {
+  EXPECT_EQ(median({}), 0);
+  EXPECT_EQ(median({3, 1, 2}), 2);
+  EXPECT_EQ(median({4, 1, 3, 2}), 2.5);
+  // (predicted, measured): c is measured best; a and b are within 10 % of each other.
+  const std::vector<std::pair<double, double>> pm = {{1.0, 100}, {2.0, 105}, {3.0, 200}};
+  RankAgreement r = rank_agreement(pm);
+  EXPECT_EQ(r.pairs, 2);  // (a, c) and (b, c); (a, b) is noise
+  EXPECT_EQ(r.agree, 2);
+  EXPECT_TRUE(r.best);
+  r = rank_agreement({{3.0, 100}, {2.0, 105}, {1.0, 200}});  // the model orders every pair backwards
+  EXPECT_EQ(r.pairs, 2);
+  EXPECT_EQ(r.agree, 0);
+  EXPECT_FALSE(r.best);
+  EXPECT_EQ(rank_agreement({}).pairs, 0);
+}
+
+}  // namespace
+}  // namespace ringattn

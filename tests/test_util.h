@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/dtype.h"
 #include "ringattn/error.h"
 #include "ringattn/tensor.h"
@@ -348,7 +348,7 @@ inline std::vector<int64_t> iota_pos(int64_t n, int64_t start = 0, int64_t step 
 
 namespace ringattn {
 // GoogleTest prints Isa parameters by name.
-// Every value of enum class Isa (keep in sync with include/ringattn/cpu.h).
+// Every value of enum class Isa (keep in sync with include/ringattn/cpu/features.h).
 inline const std::vector<Isa>& all_isas() {
   static const std::vector<Isa> v{Isa::generic, Isa::avx2, Isa::avx512, Isa::avx512_bf16, Isa::amx_bf16};
   return v;

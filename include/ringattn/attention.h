@@ -1,4 +1,6 @@
-// Local fused attention (flash-attention with online softmax) on the CPU.
+// Attention's contract, the same on every device (the CPU kernels in
+// ringattn/cpu/attention.h, the CUDA kernels behind a Device, the distributed
+// strategies in dist_attention.h):
 //
 //   q: [B, Lq, H, d]   k, v: [B, Lk, Hkv, d]   (strided views; H % Hkv == 0)
 //   o: [B, Lq, H, d]   lse: [B, H, Lq] fp32 (natural log)
@@ -12,10 +14,11 @@
 #include <limits>
 #include <span>
 
-#include "ringattn/cpu.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
+
+enum class Isa;  // ringattn/cpu/features.h
 
 struct AttentionOptions {
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1/sqrt(d)
@@ -32,42 +35,33 @@ struct AttentionOptions {
   void* progress_ctx = nullptr;
 };
 
-// o, lse := attention(q, k, v). o may be any dtype; lse must be fp32. With at most
-// kDecodeRows query rows per GQA group (Lq·H/Hkv, e.g. decoding one token) a
-// flash-decoding kernel runs instead of the tiled one: it reads each K/V row once,
-// in place, in parallel over key chunks (memory-bound, like decoding itself).
+// With at most kDecodeRows query rows per GQA group (Lq·H/Hkv, e.g. decoding one
+// token) a flash-decoding kernel runs instead of the tiled one: it reads each K/V
+// row once, in place, in parallel over key chunks (memory-bound, like decoding).
 inline constexpr int64_t kDecodeRows = 32;
-void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                       const TensorView& o, const TensorView& lse, const AttentionOptions& opt = {});
 
-// dq, dk, dv := gradients of attention given o, lse from attention_forward and
-// dout = dL/do (FlashAttention-2 with recomputation; dk, dv are summed over the
-// query heads of each GQA group). dq/dk/dv may be any dtype; accumulation is fp32.
-void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                        const TensorView& o, const TensorView& lse, const TensorView& dout,
-                        const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                        const AttentionOptions& opt = {});
+// The sizes of one attention call, and its scale (opt.scale, or 1/sqrt(d)).
+struct AttentionShape {
+  int64_t B, Lq, Lk, H, Hkv, d;
+  float scale;
+};
 
-// Exact merge of two partial results for the same queries (docs/design.md §4):
-//   lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse} o_acc + e^{lse_part-lse} o_part
-// in place into (o_acc, lse_acc). o_acc: [B, Lq, H, d] fp32; o_part any dtype;
-// both lse fp32 [B, H, Lq]. Safe when either side is -inf (a row that saw no key).
-// threads: 0 for the OpenMP default.
-void attention_merge(const TensorView& o_acc, const TensorView& lse_acc,
-                     const TensorView& o_part, const TensorView& lse_part, int threads = 0);
+// The contract above, checked once for every backend: ranks and sizes, one dtype
+// for q, k and v, H % Hkv, o of q's shape, lse fp32 [B, H, Lq], positions of Lq
+// and Lk entries, a positive finite scale. Throws Error naming the tensor and what
+// to fix. Each backend then checks only its own limits (head dims, dtypes,
+// alignment).
+AttentionShape check_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                               const TensorView& lse, const AttentionOptions& opt);
+// The backward's extra tensors: dout and dq of q's shape, dk and dv of k's.
+void check_attention_grads(const TensorView& q, const TensorView& k, const TensorView& dout, const TensorView& dq,
+                           const TensorView& dk, const TensorView& dv);
+// The exact merge of two partial results (o_acc, lse_acc) ⊕ (o_part, lse_part):
+// o_acc fp32 [B, Lq, H, d], o_part of its shape, both lse fp32 [B, H, Lq].
+void check_attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
+                           const TensorView& lse_part);
 
 // FLOPs of the forward pass by docs/design.md §9: 4·B·H·d · (visible query-key pairs).
 double attention_forward_flops(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t d, bool causal);
-
-}  // namespace ringattn
-
-namespace ringattn {
-
-// The unfused baseline: per (batch, head) S = scale·Q Kᵀ materialized [Lq, Lk] by
-// oneDNN GEMM, masked row softmax, then O = P V by GEMM. Same contract as
-// attention_forward (fp32 or bf16 inputs; bf16 rounds P to bf16 for the second
-// GEMM). O(Lq·Lk) memory: a benchmark baseline, not for long sequences.
-void attention_forward_unfused(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                               const TensorView& lse, const AttentionOptions& opt = {});
 
 }  // namespace ringattn

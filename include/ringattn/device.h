@@ -1,4 +1,4 @@
-// Where tensors live and kernels run. The ring schedule (src/dist) is written
+// Where tensors live and kernels run. The ring schedule (src/parallel) is written
 // once over this interface and the Communicator (comm.h): the CPU device runs the
 // CPU kernels on host memory in the calling thread; the CUDA device (cuda.h) runs
 // the CUDA kernels on one GPU, queued in order on its compute stream, while its

@@ -53,9 +53,9 @@ class KVCache {
   int64_t bytes() const;  // K, V and positions allocated on this rank
 
  private:
-  friend DeviceTensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const SequenceParallel&,
+  friend DeviceTensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const ModelParallel&,
                               Communicator*);
-  friend DeviceTensor decode_step(const Model&, KVCache&, const TensorView&, const SequenceParallel&, Communicator*);
+  friend DeviceTensor decode_step(const Model&, KVCache&, const TensorView&, const ModelParallel&, Communicator*);
   TensorView entries(const std::vector<DeviceTensor>& t, int l, int64_t b) const {
     return t[static_cast<size_t>(l)].view().slice(0, b, 1).slice(1, 0, held(b, p_));
   }
@@ -72,21 +72,21 @@ class KVCache {
 // Runs the forward over the prompts of sequences first .. first + Bp − 1 (one
 // prompt length L for all of them) and stores every layer's K/V and global
 // positions in the cache; those sequences must be empty.
-//   x: this rank's prompt tokens [Bp, Ll, D]: Ll = L/P in sp.attn.layout under SP
-//      (attention by sp.attn.strategy), Ll = L otherwise. Under PP (pp = the
+//   x: this rank's prompt tokens [Bp, Ll, D]: Ll = L/P in par.attn.layout under SP
+//      (attention by par.attn.strategy), Ll = L otherwise. Under PP (pp = the
 //      stages, this rank's model holds stage pp->rank()) stage 0 reads x, the
 //      others receive the previous stage's output (x still gives the shape).
 // x and y are in the model's device memory.
 // Returns y [Bp, Ll, D], this rank's tokens; under PP on the last stage only
 // (an empty tensor elsewhere).
-DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const ModelParallel& par,
                Communicator* pp = nullptr);
 
 // One decode step for every sequence of the cache: x [B, 1, D] is the next token
 // of each (the same on every rank); returns y [B, 1, D] on every rank. The new
 // token's K/V are appended to its owner's shard. Throws Error, on every rank, when
 // a sequence has no prompt yet or the owner's shard of a sequence is full.
-DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const ModelParallel& par,
                    Communicator* pp = nullptr);
 
 }  // namespace ringattn

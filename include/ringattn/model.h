@@ -14,6 +14,7 @@
 #include "ringattn/comm.h"
 #include "ringattn/device.h"
 #include "ringattn/dist_attention.h"
+#include "ringattn/parallel.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
@@ -33,6 +34,11 @@ struct ModelConfig {
   int64_t qkv_width() const { return (heads + 2 * kv()) * head_dim(); }
   void validate() const;  // throws Error naming the bad field
 };
+
+// Checks that the model splits over the run's mesh: layers by pp; heads, kv
+// heads and MLP columns by tp; heads by the Ulysses group (ulysses: the SP
+// group; hybrid: its Ulysses degree). Throws Error naming the sizes.
+void check_model_fits(const ModelConfig& c, const ParallelConfig& p);
 
 // One layer's parameters (or gradients): pointers into a flat fp32 array.
 struct LayerParams {
@@ -113,17 +119,6 @@ class Model {
   mutable bool shadow_stale_ = true;
 };
 
-// How the layers run: attention on this process alone (comm == nullptr) or
-// sequence parallel over comm with attn's strategy and layout (x holds this
-// rank's tokens); with tp set, the model is a tensor-parallel slice and the
-// row-parallel outputs (W_o, W_out) and the input gradients of the
-// column-parallel layers (W_qkv, W_in) are all-reduced over tp.
-struct SequenceParallel {
-  Communicator* comm = nullptr;
-  DistAttentionOptions attn;
-  Communicator* tp = nullptr;
-};
-
 // What the forward keeps for the backward, on the model's device. With keep =
 // false (inference) each layer's tensors are freed as soon as the next layer has
 // its input.
@@ -136,81 +131,32 @@ struct Activations {
   std::vector<Layer> layers;
 };
 
+// This rank's slice of the model for a run: its TP and PP indices, on the run's
+// device.
+Model model_for(const ModelConfig& c, const RunContext& run);
+
 // The attention of layer `layer` (index among the layers held here) on this
 // rank's tokens: q [B, Ll, heads, dh], k, v [B, Ll, kv_heads, dh] (local heads
 // under TP) -> o [B, Ll, heads, dh], lse [B, heads, Ll]. Inference uses it to fill
-// and read the KV cache; empty means the SequenceParallel's attention.
+// and read the KV cache; empty means the ModelParallel's attention.
 using AttentionHook = std::function<void(int layer, const TensorView& q, const TensorView& k, const TensorView& v,
                                          const TensorView& o, const TensorView& lse)>;
 
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
-DeviceTensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
                      const AttentionHook& attention = {});
-// The attention of the forward without a hook: local, or distributed over sp.comm,
+// The attention of the forward without a hook: local, or distributed over par.sp,
 // on `dev`.
-void sequence_parallel_attention(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
                                  const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse);
 // dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
 // reduced across ranks) and returns dL/dx (on the model's device).
-DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp);
+DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const ModelParallel& par);
 
 // Mean squared error over the whole (global) batch: Σ (y − t)² / global_count,
 // summed over comm when given. Writes dL/dy for the local elements into dy. The
 // tensors are in dev's memory.
 double mse_loss(const TensorView& y, const TensorView& target, const TensorView& dy, Communicator* comm,
                 int64_t global_count, Device& dev = cpu_device());
-
-struct AdamW {
-  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
-  int64_t step = 0;
-  DeviceTensor m, v;          // the moments, on the model's device after the first step
-  void update(Model& model);  // one step on model.params() with model.grads()
-};
-
-// A data × pipeline × sequence × tensor parallel mesh over `world`: rank
-// r = ((dp_index·pp + pp_index)·sp + sp_index)·tp + tp_index. The DP group splits
-// the batch, the PP group the layers, the SP group the sequence, the TP group
-// heads and MLP columns; the replica group (same pp and tp index) holds the same
-// parameter slice and sums its gradients. With ulysses = U > 1 the SP group is
-// also cut for the Ulysses × ring attention: SP rank s is member s mod U of
-// Ulysses group s / U and member s / U of ring group s mod U.
-struct Mesh {
-  int dp = 1, pp = 1, sp = 1, tp = 1, ulysses = 1;
-  Communicator* world = nullptr;
-  std::unique_ptr<Communicator> dp_comm, pp_comm, sp_comm, tp_comm, replica_comm, ulysses_comm, ring_comm;
-  // Throws Error (on every rank) unless dp·pp·sp·tp equals the number of ranks
-  // and ulysses divides sp.
-  static Mesh build(Communicator& world, int dp, int sp, int tp = 1, int pp = 1, int ulysses = 1);
-  // Sets o to the Ulysses × ring strategy over this mesh's SP sub-groups.
-  void use_hybrid(DistAttentionOptions& o) const;
-  int dp_index() const { return world->rank() / (pp * sp * tp); }
-  int pp_index() const { return world->rank() / (sp * tp) % pp; }
-  int sp_index() const { return world->rank() / tp % sp; }
-  int tp_index() const { return world->rank() % tp; }
-  // World rank of the given indices.
-  int rank_of(int dp_i, int pp_i, int sp_i, int tp_i) const { return ((dp_i * pp + pp_i) * sp + sp_i) * tp + tp_i; }
-  // Bytes this rank sent over the mesh's groups since the last reset_stats().
-  int64_t bytes_sent() const;
-  void reset_stats();
-};
-
-// One training step: forward, MSE loss, backward, all-reduce of loss and weight
-// gradients over `reduce` (sum; the loss is normalised by the global element
-// count, so the sum is the gradient of the global mean), AdamW. reduce may be
-// null (one process) or a mesh's replica group (its world when tp = 1; the TP
-// ranks of a group hold the same outputs, so each replica group counts every
-// element once). Returns the loss.
-double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
-                  int64_t global_count, Communicator* reduce);
-
-// The pipeline-parallel version over the stages of `pp` (this rank holds stage
-// pp.rank()): x and target [B, Ll, D] are split into micro_batches along B and
-// run with the 1F1B schedule (stage s does pp.size() − s − 1 forwards, then
-// alternates one forward and one backward); activations and their gradients move
-// between neighbouring stages. With train = false only the forwards run
-// (inference/prefill) and the loss is still reported. Returns the loss on every
-// stage.
-double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
-                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train);
 
 }  // namespace ringattn

@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <functional>
 
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/dtype.h"
 
 namespace ringattn {

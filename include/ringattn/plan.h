@@ -4,7 +4,7 @@
 // peak memory per device, bytes per link, the share of communication hidden —
 // and ranks them.
 //
-// The model follows what ringattn executes (src/model, src/dist):
+// The model follows what ringattn executes (src/model, src/parallel):
 //   compute  per-operation roofline: GEMM FLOPs at the achievable GEMM rate for
 //            that dtype and size, attention FLOPs (docs/design.md §9 conventions) at the
 //            fused kernel's rate, token-local kernels (LayerNorm, GELU, adds,
@@ -24,6 +24,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ringattn/dtype.h"
@@ -193,5 +194,19 @@ double measure_timeshare_wait(Communicator& comm);
 // Point-to-point α (half the round trip of 8 bytes) and β (bytes/s of 64 MiB
 // messages) between ranks 0 and 1 of comm, by ping-pong; every rank calls it.
 std::pair<double, double> measure_pingpong(Communicator& comm);
+
+// ---- validation against measurements (plan --validate) ------------------------------
+// The median of xs (0 for none).
+double median(std::vector<double> xs);
+// The ranking check for one metric (higher is better) over the methods of one
+// run, given (predicted, measured) per method: the pairs whose measured rates
+// differ by more than `noise` (run-to-run differences below it are not an order),
+// how many of them the model orders the same way, and whether the predicted best
+// is (within the noise of) the measured best.
+struct RankAgreement {
+  int pairs = 0, agree = 0;
+  bool best = false;
+};
+RankAgreement rank_agreement(const std::vector<std::pair<double, double>>& predicted_measured, double noise = 0.10);
 
 }  // namespace ringattn

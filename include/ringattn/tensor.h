@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <random>
 #include <string>
 
 #include "ringattn/dtype.h"
@@ -82,5 +83,11 @@ void copy_into(const TensorView& dst, const TensorView& src);
 double max_abs_diff(const TensorView& a, const TensorView& b);
 // True when every element is finite.
 bool all_finite(const TensorView& t);
+
+// Fills t with N(0, 1) samples from rng in element order, each rounded to t's
+// dtype (generated inputs, weights for benchmarks).
+void fill_normal(const TensorView& t, std::mt19937_64& rng);
+// A new tensor of dtype and shape, filled by fill_normal.
+Tensor random_normal(DType dtype, std::initializer_list<int64_t> shape, std::mt19937_64& rng);
 
 }  // namespace ringattn

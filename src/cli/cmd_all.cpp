@@ -7,13 +7,11 @@
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
 
 namespace ringattn::cli {
-namespace {
 
-// The message of the Error fn throws, or "" (CLI11 validators return messages).
 std::string error_of(const std::function<void()>& fn) {
   try {
     fn();
@@ -22,6 +20,8 @@ std::string error_of(const std::function<void()>& fn) {
   }
   return {};
 }
+
+namespace {
 
 // A whole number that fits in 64 bits (strtoll saturates; CLI11 passed that on),
 // then check_value(x, text): the message for a bad value, or "".
@@ -97,6 +97,52 @@ void add_model_options(CLI::App* cmd, ModelConfig& m) {
   cmd->add_option("--heads", m.heads, "attention heads")->check(positive_count())->capture_default_str();
   cmd->add_option("--kv-heads", m.kv_heads, "key/value heads (default: --heads)")->check(positive_count());
   cmd->add_option("--mlp", m.mlp_hidden, "MLP hidden width (default: 4 x d_model)")->check(positive_count());
+}
+
+void add_model_dtype_option(CLI::App* cmd, ModelConfig& m, std::string& name, const std::string& help) {
+  cmd->add_option("--dtype", name, cat("fp32, or bf16 mixed precision (", help, ")"))
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->each([&m](const std::string& s) { m.dtype = parse_dtype(s); })
+      ->capture_default_str();
+}
+
+void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid) {
+  if (data_and_hybrid)
+    cmd->add_option("--dp", p.dp, "data-parallel groups (the batch split)")->check(positive_count())->capture_default_str();
+  cmd->add_option("--pp", p.pp, "pipeline stages (layers split, 1F1B over micro-batches)")
+      ->check(positive_count())
+      ->capture_default_str();
+  cmd->add_option("--sp", p.sp, data_and_hybrid ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
+                                                : "sequence-parallel ranks (default: the ranks left by pp x tp)")
+      ->check(positive_count());
+  cmd->add_option("--tp", p.tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")
+      ->check(positive_count())
+      ->capture_default_str();
+  std::vector<std::string> strategies = {"ring", "allgather", "ulysses"};
+  if (data_and_hybrid) strategies.push_back("hybrid");
+  cmd->add_option_function<std::string>(
+         "--strategy", [&p](const std::string& s) { p.strategy = parse_strategy(s); },
+         data_and_hybrid ? "attention across the SP group: ring (RA+SP), allgather, ulysses, or hybrid (Ulysses "
+                           "inside groups of --ulysses ranks, the ring across them)"
+                         : "attention across the SP group: ring (RA+SP), allgather, ulysses")
+      ->check(CLI::IsMember(strategies))
+      ->default_str(strategy_name(p.strategy));
+  if (data_and_hybrid)
+    cmd->add_option("--ulysses", p.ulysses, "--strategy hybrid: the Ulysses degree (SP ranks per all-to-all group)")
+        ->check(positive_count())
+        ->capture_default_str();
+  cmd->add_option_function<std::string>(
+         "--layout", [&p](const std::string& s) { p.layout = parse_layout(s); },
+         "sequence layout over the SP ranks: contiguous, zigzag, striped")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
+      ->default_str(layout_name(p.layout));
+  cmd->add_option_function<std::string>(
+         "--device", [&p](const std::string& s) { p.cuda = s == "cuda"; },
+         "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->default_str("cpu");
+  cmd->add_option("--threads", p.threads, "threads per rank for every kernel (default: OpenMP's)")
+      ->check(thread_count());
 }
 
 void add_all(CLI::App& app) {

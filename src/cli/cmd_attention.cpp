@@ -11,7 +11,7 @@
 
 #include "cli/commands.h"
 #include "ringattn/atomic_file.h"
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
@@ -46,13 +46,6 @@ Tensor load_input(const std::string& path, const char* what, const char* layout)
   check(t.numel() > 0, what, " (", path, ") has shape ", t.view().shape_str(), ": every dimension of ", layout,
         " must be at least 1");
   check(all_finite(t.view()), what, " (", path, ") contains NaN or Inf values");
-  return t;
-}
-
-Tensor random_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
-  Tensor t(DType::f32, shape);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = dist(rng);
   return t;
 }
 
@@ -94,10 +87,10 @@ Inputs read_inputs(const AttentionArgs& a) {
     check_fits_in_memory(4.0 * per * (2.0 * a.batch * a.seq * a.heads * a.dim + 2.0 * a.batch * lk * hkv * a.dim),
                          cat("attention of B=", a.batch, " L=", a.seq, " H=", a.heads, " d=", a.dim));
     std::mt19937_64 rng(a.seed);
-    in.q = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
-    in.k = random_tensor({a.batch, lk, hkv, a.dim}, rng);
-    in.v = random_tensor({a.batch, lk, hkv, a.dim}, rng);
-    if (in.backward) in.dout = random_tensor({a.batch, a.seq, a.heads, a.dim}, rng);
+    in.q = random_normal(DType::f32, {a.batch, a.seq, a.heads, a.dim}, rng);
+    in.k = random_normal(DType::f32, {a.batch, lk, hkv, a.dim}, rng);
+    in.v = random_normal(DType::f32, {a.batch, lk, hkv, a.dim}, rng);
+    if (in.backward) in.dout = random_normal(DType::f32, {a.batch, a.seq, a.heads, a.dim}, rng);
   }
   return in;
 }

@@ -12,11 +12,11 @@
 #include <thread>
 
 #include "cli/commands.h"
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/cuda.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/gemm.h"
 #include "ringattn/memory.h"
 #include "ringattn/perf.h"
 
@@ -29,11 +29,6 @@ struct BenchArgs {
   std::string isa, device = "cpu";
   bool json = false, no_unfused = false, no_backward = false;
 };
-
-void fill_random(const Tensor& t, std::mt19937_64& rng) {
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.ptr<void>(), t.dtype(), i, dist(rng));
-}
 
 struct DecodeRow {
   std::string dtype;
@@ -69,7 +64,7 @@ void run(const BenchArgs& a) {
   std::mt19937_64 rng(1);
   for (DType dt : {DType::f32, DType::bf16}) {
     Tensor q(dt, {B, L, H, d}), k(dt, {B, L, Hkv, d}), v(dt, {B, L, Hkv, d}), dout(dt, {B, L, H, d});
-    for (auto* t : {&q, &k, &v, &dout}) fill_random(*t, rng);
+    for (auto* t : {&q, &k, &v, &dout}) fill_normal(*t, rng);
     Tensor o(DType::f32, {B, L, H, d}), lse(DType::f32, {B, H, L});
     Tensor dq(DType::f32, {B, L, H, d}), dk(DType::f32, {B, L, Hkv, d}), dv(DType::f32, {B, L, Hkv, d});
     const double peak = dt == DType::f32 ? peak32 : peak16, gemm_rate = dt == DType::f32 ? gemm32 : gemm16;
@@ -225,8 +220,8 @@ void run_cuda(const BenchArgs& a) {
   for (DType dt : {DType::bf16, DType::f16}) {
     progress(cat("timing the ", dtype_name(dt), " kernels..."));
     Tensor hq(dt, {B, L, H, d}), hk(dt, {B, L, Hkv, d});
-    fill_random(hq, rng);
-    fill_random(hk, rng);
+    fill_normal(hq, rng);
+    fill_normal(hk, rng);
     DeviceTensor q = dev->upload(hq), k = dev->upload(hk), v = dev->upload(hk), dout = dev->upload(hq);
     DeviceTensor o = dev->alloc(dt, {B, L, H, d}), lse = dev->alloc(DType::f32, {B, H, L});
     DeviceTensor dq = dev->alloc(dt, {B, L, H, d}), dk = dev->alloc(dt, {B, L, Hkv, d}),
@@ -259,8 +254,8 @@ void run_cuda(const BenchArgs& a) {
     progress(cat("timing the ring on ", P, " ranks sharing the GPU..."));
     release_cached_memory(*dev);  // the ranks' own devices allocate on the same GPU
     Tensor hq(dt, {B, L / P, H, d}), hk(dt, {B, L / P, Hkv, d});
-    fill_random(hq, rng);
-    fill_random(hk, rng);
+    fill_normal(hq, rng);
+    fill_normal(hk, rng);
     for (bool causal : {false, true}) {
       std::vector<double> t(P);
       run_device_local_group(P, 0, [&](int p, Device& rdev, Communicator& comm) {

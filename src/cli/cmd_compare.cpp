@@ -23,7 +23,9 @@
 #include "cli/generation.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
+#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {
@@ -38,25 +40,26 @@ struct CompareArgs {
   bool json = false;
 };
 
-// One method of the comparison: its mesh (pp x sp x tp), the attention across
-// the SP group, the sequence layout, and for the hybrid its Ulysses degree.
+// One method of the comparison: its mesh (pp x sp x tp, dp = 1), the attention
+// across the SP group, the sequence layout, and for the hybrid its Ulysses degree.
 struct Method {
   std::string id, name;
-  int pp, sp, tp;
-  Strategy strategy;
-  int ulysses = 1;
-  Layout layout = Layout::zigzag;
+  ParallelConfig par;
 };
 
 std::vector<Method> methods_for(int P) {
-  std::vector<Method> m = {{"ring", "RA+SP (ring, zigzag)", 1, P, 1, Strategy::ring},
-                           {"ulysses", "Ulysses", 1, P, 1, Strategy::ulysses},
-                           {"allgather", "all-gather KV", 1, P, 1, Strategy::allgather},
-                           {"tp", "TP", 1, 1, P, Strategy::ring},
-                           {"pp", "PP", P, 1, 1, Strategy::ring}};
+  auto method = [](std::string id, std::string name, int pp, int sp, int tp, Strategy s, int ulysses = 1) {
+    Method m{std::move(id), std::move(name), {}};
+    m.par.pp = pp, m.par.sp = sp, m.par.tp = tp, m.par.strategy = s, m.par.ulysses = ulysses;
+    return m;
+  };
+  std::vector<Method> m = {method("ring", "RA+SP (ring, zigzag)", 1, P, 1, Strategy::ring),
+                           method("ulysses", "Ulysses", 1, P, 1, Strategy::ulysses),
+                           method("allgather", "all-gather KV", 1, P, 1, Strategy::allgather),
+                           method("tp", "TP", 1, 1, P, Strategy::ring), method("pp", "PP", P, 1, 1, Strategy::ring)};
   if (P >= 4 && P % 2 == 0) {
-    m.push_back({"tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring});
-    m.push_back({"hybrid", "Ulysses(2) x ring", 1, P, 1, Strategy::hybrid, 2});
+    m.push_back(method("tpxpp", "TP x PP", 2, 1, P / 2, Strategy::ring));
+    m.push_back(method("hybrid", "Ulysses(2) x ring", 1, P, 1, Strategy::hybrid, 2));
   }
   return m;
 }
@@ -64,60 +67,53 @@ std::vector<Method> methods_for(int P) {
 // The method as data, in every row of `compare --json` (measured, skipped or
 // failed), so that `plan --validate` reads the layout instead of parsing names.
 nlohmann::json method_json(const Method& m) {
-  return {{"method", m.name}, {"id", m.id},        {"dp", 1},
-          {"pp", m.pp},       {"sp", m.sp},        {"tp", m.tp},
-          {"strategy", strategy_name(m.strategy)}, {"layout", layout_name(m.layout)},
-          {"ulysses", m.ulysses}};
+  return {{"method", m.name},
+          {"id", m.id},
+          {"dp", m.par.dp},
+          {"pp", m.par.pp},
+          {"sp", m.par.sp},
+          {"tp", m.par.tp},
+          {"strategy", strategy_name(m.par.strategy)},
+          {"layout", layout_name(m.par.layout)},
+          {"ulysses", m.par.ulysses}};
 }
 
 struct Result {
   std::string name, why_skipped;
-  int pp = 1, sp = 1, tp = 1;
   double fwd_s = 0, train_s = 0, loss = 0;
   double peak_bytes = 0, fwd_bytes = 0, train_bytes = 0;
   double tpot_s = 0, tpot_p99_s = 0, step_bytes = 0, cache_bytes = 0;
 };
 
-// Why a method cannot run with this model on P ranks ("" when it can).
-std::string unsupported(const Method& m, const ModelConfig& c, int64_t seq, int64_t batch) {
-  if (c.heads % m.tp || c.kv() % m.tp || c.hidden() % m.tp) return cat("heads/kv-heads/mlp not divisible by tp=", m.tp);
-  if (c.layers % m.pp) return cat("layers not divisible by pp=", m.pp);
-  if (m.pp > 1 && batch < m.pp) return cat("needs batch >= pp=", m.pp, " for micro-batches");
-  if (m.strategy == Strategy::ulysses && (c.heads % m.sp || c.kv() % m.sp))
-    return cat("heads not divisible by sp=", m.sp);
-  if (m.strategy == Strategy::hybrid && (c.heads % m.ulysses || c.kv() % m.ulysses))
-    return cat("heads not divisible by ulysses=", m.ulysses);
-  if (seq % (2 * m.sp)) return cat("seq not divisible by 2·sp=", 2 * m.sp);
-  return "";
+// Why a method cannot run with this model and data ("" when it can).
+std::string unsupported(const Method& m, const CompareArgs& a) {
+  if (m.par.pp > 1 && a.batch < m.par.pp) return cat("needs batch >= pp=", m.par.pp, " for micro-batches");
+  return error_of([&] {
+    check_model_fits(a.model, m.par);
+    m.par.check_sequence(a.seq);
+  });
 }
 
 Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   Result r;
-  r.name = me.name, r.pp = me.pp, r.sp = me.sp, r.tp = me.tp;
-  r.why_skipped = unsupported(me, a.model, a.seq, a.batch);
+  r.name = me.name;
+  r.why_skipped = unsupported(me, a);
   if (!r.why_skipped.empty()) return r;
-  Mesh mesh = Mesh::build(world, 1, me.sp, me.tp, me.pp, me.ulysses);
-  SequenceParallel spc;
-  spc.comm = me.sp > 1 ? mesh.sp_comm.get() : nullptr;
-  spc.tp = me.tp > 1 ? mesh.tp_comm.get() : nullptr;
-  spc.attn.strategy = me.strategy;
-  spc.attn.layout = me.layout;
-  spc.attn.threads = a.threads;
-  if (me.strategy == Strategy::hybrid) mesh.use_hybrid(spc.attn);
-  const int64_t D = a.model.d_model, Ll = a.seq / me.sp;
+  ParallelConfig pc = me.par;
+  pc.threads = a.threads;
+  RunContext run(&world, pc);
+  const ModelParallel& par = run.model_parallel();
+  Mesh& mesh = run.mesh();
+  const int64_t D = a.model.d_model, Ll = a.seq / pc.sp;
   Tensor x(DType::f32, {a.batch, Ll, D}), t(DType::f32, {a.batch, Ll, D});
   {
     std::mt19937_64 rng(a.model.seed + 1);
-    std::normal_distribution<float> dist(0.f, 1.f);
-    Tensor xf(DType::f32, {a.batch, a.seq, D}), tf(DType::f32, {a.batch, a.seq, D});
-    for (int64_t i = 0; i < xf.numel(); ++i) xf.ptr<float>()[i] = dist(rng);
-    for (int64_t i = 0; i < tf.numel(); ++i) tf.ptr<float>()[i] = dist(rng);
-    shard(xf, x, Layout::zigzag, me.sp, mesh.sp_index(), 1);
-    shard(tf, t, Layout::zigzag, me.sp, mesh.sp_index(), 1);
+    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), x);
+    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), t);
   }
-  Model model(a.model, me.tp, mesh.tp_index(), me.pp, mesh.pp_index());
+  Model model = model_for(a.model, run);
   AdamW opt;
-  const int micro = me.pp > 1 ? static_cast<int>(a.batch) : 1;
+  const int micro = pc.pp > 1 ? static_cast<int>(a.batch) : 1;
   const int64_t count = a.batch * a.seq * D;
   world.barrier();
   reset_peak_memory();
@@ -127,11 +123,11 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
     *seconds = 1e30;
     for (int rep = 0; rep <= a.reps; ++rep) {
       world.barrier();
-      mesh.reset_stats();
+      run.reset_stats();
       const double t0 = now_seconds();
-      r.loss = pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, micro, count,
-                             mesh.replica_comm.get(), train);
-      double dt = now_seconds() - t0, b = static_cast<double>(mesh.bytes_sent());
+      r.loss = pipeline_step(model, train ? &opt : nullptr, x, t, par, *mesh.pp_comm, micro, count, run.replicas(),
+                             train);
+      double dt = now_seconds() - t0, b = static_cast<double>(run.bytes_sent());
       world.all_reduce(&dt, 1, ReduceOp::max);
       world.all_reduce(&b, 1, ReduceOp::max);
       if (rep > 0) *seconds = std::min(*seconds, dt);
@@ -147,14 +143,10 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   std::vector<Tensor> prompts;
   {
     std::mt19937_64 rng(a.model.seed + 2);
-    std::normal_distribution<float> dist(0.f, 1.f);
-    for (int64_t b = 0; b < a.batch; ++b) {
-      prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, a.seq, D});
-      for (int64_t i = 0; i < prompts.back().numel(); ++i) prompts.back().ptr<float>()[i] = dist(rng);
-    }
+    for (int64_t b = 0; b < a.batch; ++b) prompts.push_back(random_normal(DType::f32, {1, a.seq, D}, rng));
   }
-  const GenerationRun g = run_generation(world, mesh, model, spc, prompts, a.new_tokens,
-                                         needed_capacity(a.seq, a.new_tokens, me.sp));
+  const GenerationRun g =
+      run_generation(run, model, prompts, a.new_tokens, needed_capacity(a.seq, a.new_tokens, pc.sp));
   r.tpot_s = percentile(g.step_seconds, 50), r.tpot_p99_s = percentile(g.step_seconds, 99);
   r.step_bytes = g.step_bytes, r.cache_bytes = g.cache_bytes;
   return r;

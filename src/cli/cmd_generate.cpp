@@ -17,6 +17,7 @@
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
 #include "ringattn/memory.h"
+#include "ringattn/parallel.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {
@@ -24,10 +25,11 @@ namespace {
 
 struct GenerateArgs {
   ModelConfig model{4, 256, 4, 0, 0, true, 1};
+  ParallelConfig par;
   std::vector<int64_t> prompt_len{8192};
   int64_t batch = 0, capacity = 0;
-  int new_tokens = 32, tp = 1, threads = 0;
-  std::string strategy = "sp", layout = "zigzag", attention = "ring", dtype = "fp32", device = "cpu";
+  int new_tokens = 32;
+  std::string dtype = "fp32";
   double timeout = 300;
   bool json = false, check = false;
 };
@@ -49,7 +51,7 @@ double check_against_one_process(const ModelConfig& c, const std::vector<Tensor>
     }
     Activations act;
     act.keep = false;
-    const DeviceTensor ref = model_forward(full, seq, SequenceParallel{}, act);
+    const DeviceTensor ref = model_forward(full, seq, ModelParallel{}, act);
     double num = 0, den = 0;
     for (int j = 0; j < steps; ++j)
       for (int64_t e = 0; e < D; ++e) {
@@ -62,32 +64,19 @@ double check_against_one_process(const ModelConfig& c, const std::vector<Tensor>
   return worst;
 }
 
-void run_on(const GenerateArgs& a, Communicator& world_comm) {
-  if (a.threads > 0) omp_set_num_threads(a.threads);
-  a.model.validate();
-  Communicator* world = &world_comm;
-  const int P = world->size(), rank = world->rank();
-  check(a.strategy == "sp" || a.strategy == "tp" || a.strategy == "pp", "--strategy ", a.strategy,
-        ": use sp (RA+SP), tp or pp");
-  check(a.tp >= 1 && P % a.tp == 0, "--tp ", a.tp, " must divide the ", P, " ranks");
-  check(a.strategy == "sp" || a.tp == 1, "--tp combines with --strategy sp only (SP x TP)");
-  const int sp = a.strategy == "sp" ? P / a.tp : 1, tp = a.strategy == "tp" ? P : a.tp;
-  const int pp = a.strategy == "pp" ? P : 1;
-  check(a.new_tokens >= 1, "--new-tokens must be >= 1");
-  check(a.strategy != "sp" || a.attention != "ulysses" || (a.model.heads / tp % sp == 0 && a.model.kv() / tp % sp == 0),
-        "--prefill-attention ulysses splits the heads over the ", sp, " SP ranks: --heads ", a.model.heads,
-        " and --kv-heads ", a.model.kv(), tp > 1 ? cat(" (/ --tp ", tp, ")") : std::string(),
-        " must be divisible by ", sp, "; use --prefill-attention ring or allgather");
+void run_on(const GenerateArgs& a, Communicator& world) {
+  if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
+  const int P = world.size(), rank = world.rank();
+  const ParallelConfig pc = a.par.for_ranks(P);
+  const int sp = pc.sp, tp = pc.tp, pp = pc.pp;
+  check(pp == 1 || (sp == 1 && tp == 1), "generate runs pipeline stages alone: --pp ", pp, " needs --sp 1 --tp 1");
+  check_model_fits(a.model, pc);
   // --prompt-len L (every sequence) or L1,L2,... (one per sequence).
   std::vector<int64_t> lens = a.prompt_len;
   check(a.batch == 0 || lens.size() == 1 || static_cast<int64_t>(lens.size()) == a.batch, "--batch ", a.batch,
         " and the ", lens.size(), " prompt lengths of --prompt-len differ");
   if (lens.size() == 1 && a.batch > 1) lens.assign(static_cast<size_t>(a.batch), lens[0]);
-  const Layout layout = parse_layout(a.layout);
-  for (int64_t L : lens) {
-    check(L >= 1, "--prompt-len must be >= 1, got ", L);
-    check_layout(layout, L, sp);
-  }
+  for (int64_t L : lens) pc.check_sequence(L);
   const int64_t B = static_cast<int64_t>(lens.size()), D = a.model.d_model;
   const int64_t longest = *std::max_element(lens.begin(), lens.end());
   const int64_t capacity = a.capacity > 0 ? a.capacity : needed_capacity(longest, a.new_tokens, sp);
@@ -97,42 +86,20 @@ void run_on(const GenerateArgs& a, Communicator& world_comm) {
                            double(mc.head_dim()) * double(dtype_size(mc.dtype)),
                        cat("the KV cache (", capacity, " entries per sequence and rank)"));
 
-  Mesh mesh = Mesh::build(*world, 1, sp, tp, pp);
-  // --device cuda: one GPU per rank (rank mod the GPUs visible), the SP group over
-  // NCCL, model and KV cache on the GPU.
-  std::unique_ptr<Device> gpu;
-  std::unique_ptr<Communicator> nccl;
-  if (a.device == "cuda") {
-    check(a.strategy == "sp" && a.tp == 1, "--device cuda generates with RA+SP alone: --strategy sp, --tp 1");
-    check(cuda_built(), "--device cuda: this ringattn was built without the CUDA path");
-    check(cuda_device_count() > 0, "--device cuda: no GPU is visible to this process");
-    gpu = make_cuda_device(rank % cuda_device_count());
-    if (sp > 1) nccl = nccl_communicator(*world, *gpu);
-  }
-  Model model(a.model, tp, mesh.tp_index(), pp, mesh.pp_index(), gpu.get());
-  SequenceParallel spc;
-  spc.comm = gpu ? nccl.get() : sp > 1 ? mesh.sp_comm.get() : nullptr;
-  spc.attn.device = gpu.get();
-  spc.tp = tp > 1 ? mesh.tp_comm.get() : nullptr;
-  spc.attn.strategy = parse_strategy(a.attention);
-  spc.attn.layout = layout;
-  spc.attn.threads = a.threads;
+  RunContext run(&world, pc);
+  Model model = model_for(a.model, run);
   std::vector<Tensor> prompts;
   std::mt19937_64 rng(a.model.seed + 1);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (int64_t L : lens) {
-    prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, L, D});
-    for (int64_t i = 0; i < prompts.back().numel(); ++i) prompts.back().ptr<float>()[i] = dist(rng);
-  }
+  for (int64_t L : lens) prompts.push_back(random_normal(DType::f32, {1, L, D}, rng));
   reset_peak_memory();
   const bool show = !a.json && rank == 0;
   if (show) progress("prefill ...");
-  const GenerationRun r = run_generation(*world, mesh, model, spc, prompts, a.new_tokens, capacity, [&](int j) {
+  const GenerationRun r = run_generation(run, model, prompts, a.new_tokens, capacity, [&](int j) {
     if (show && (j % 8 == 0)) progress(cat("decode step ", j + 1, "/", a.new_tokens));
   });
   if (show) progress_done();
   double peak = static_cast<double>(memory_stats().peak_bytes);
-  world->all_reduce(&peak, 1, ReduceOp::max);
+  world.all_reduce(&peak, 1, ReduceOp::max);
   double err = -1;
   if (a.check && rank == 0) {
     if (show) progress("check: recomputing on one process ...");
@@ -147,8 +114,8 @@ void run_on(const GenerateArgs& a, Communicator& world_comm) {
   nlohmann::json j;
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}};
-  j["strategy"] = a.strategy, j["sp"] = sp, j["tp"] = tp, j["pp"] = pp, j["ranks"] = P;
-  j["layout"] = a.layout, j["prefill_attention"] = a.attention;
+  j["dp"] = 1, j["sp"] = sp, j["tp"] = tp, j["pp"] = pp, j["ranks"] = P;
+  j["strategy"] = strategy_name(pc.strategy), j["layout"] = layout_name(pc.layout);
   j["prompt_lengths"] = lens, j["new_tokens"] = a.new_tokens, j["cache_capacity_per_rank"] = capacity;
   j["prefill_seconds"] = r.prefill_seconds;
   j["prefill_tokens_per_s"] = static_cast<double>(prompt_tokens) / r.prefill_seconds;
@@ -166,14 +133,14 @@ void run_on(const GenerateArgs& a, Communicator& world_comm) {
   if (a.json) {
     print_json(j);
   } else {
-    std::printf("generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, %s; %s: sp %d x tp %d x pp "
-                "%d (prefill attention %s, layout %s); %d ranks\n",
+    std::printf("generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, %s; pp %d x sp %d x tp %d "
+                "(strategy %s, layout %s); %d ranks\n",
                 static_cast<long long>(a.model.layers), static_cast<long long>(D),
                 static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
-                static_cast<long long>(a.model.kv()), a.dtype.c_str(), a.strategy.c_str(), sp, tp, pp,
-                a.attention.c_str(),
-                a.layout.c_str(), P);
-    if (gpu) std::printf("device %s (peak below counts host memory only)\n", gpu->name().c_str());
+                static_cast<long long>(a.model.kv()), a.dtype.c_str(), pp, sp, tp, strategy_name(pc.strategy),
+                layout_name(pc.layout), P);
+    if (!model.device().is_host())
+      std::printf("device %s (peak below counts host memory only)\n", model.device().name().c_str());
     std::printf("prompts %lld x ", static_cast<long long>(B));
     for (size_t i = 0; i < lens.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(lens[i]));
     std::printf(" tokens, %d new tokens each\n\n", a.new_tokens);
@@ -213,31 +180,12 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--new-tokens", a->new_tokens, "tokens to decode per sequence")
       ->check(positive_count())
       ->capture_default_str();
-  cmd->add_option("--strategy", a->strategy, "sp (RA+SP: sequence-sharded cache), tp or pp")
-      ->check(CLI::IsMember({"sp", "tp", "pp"}))
-      ->capture_default_str();
-  cmd->add_option("--tp", a->tp, "with --strategy sp: tensor-parallel ranks inside each SP rank (SP x TP)")
-      ->check(positive_count())
-      ->capture_default_str();
-  cmd->add_option("--layout", a->layout, "sequence layout of the prompt under sp: contiguous, zigzag, striped")
-      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
-      ->capture_default_str();
-  cmd->add_option("--prefill-attention", a->attention, "attention of the SP prefill: ring, allgather, ulysses")
-      ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
-      ->capture_default_str();
+  add_parallel_options(cmd, a->par, false);
   cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)")
       ->check(positive_count());
   add_model_options(cmd, a->model);
   cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->check(seed_value())->capture_default_str();
-  cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (bf16 KV cache)")
-      ->check(CLI::IsMember({"fp32", "bf16"}))
-      ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
-      ->capture_default_str();
-  cmd->add_option("--device", a->device,
-                  "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads per rank (default: OpenMP's)")->check(thread_count());
+  add_model_dtype_option(cmd, a->model, a->dtype, "bf16 KV cache");
   add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--check", a->check,
                 "recompute the whole sequence on one process and compare (exit 1 beyond 1e-5; bf16: 2e-2)");

@@ -4,8 +4,8 @@
 #include <cstdio>
 
 #include "cli/commands.h"
-#include "ringattn/cpu.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/features.h"
+#include "ringattn/cpu/gemm.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {

@@ -227,40 +227,7 @@ Candidate method_candidate(const nlohmann::json& m, int64_t batch) {
   return c;
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
-
-// The ranking check for one metric (higher is better) over the methods of one
-// run: the pairs whose measured rates differ by more than `noise` (run-to-run
-// differences below it are not an order), how many of them the model orders the
-// same way, and whether it picks the measured best.
-struct Ranking {
-  int pairs = 0, agree = 0;
-  bool best = false;
-};
-Ranking ranking(const std::vector<std::pair<double, double>>& pm, double noise = 0.10) {
-  Ranking r;
-  if (pm.empty()) return r;  // a run whose methods all failed: nothing to rank
-  size_t pbest = 0, mbest = 0;
-  for (size_t i = 0; i < pm.size(); ++i) {
-    if (pm[i].first > pm[pbest].first) pbest = i;
-    if (pm[i].second > pm[mbest].second) mbest = i;
-    for (size_t j = i + 1; j < pm.size(); ++j) {
-      const double hi = std::max(pm[i].second, pm[j].second), lo = std::min(pm[i].second, pm[j].second);
-      if (hi <= lo * (1 + noise)) continue;
-      ++r.pairs;
-      r.agree += (pm[i].first > pm[j].first) == (pm[i].second > pm[j].second);
-    }
-  }
-  // the measured best counts as picked when the predicted best is within the noise of it
-  r.best = pm[pbest].second * (1 + noise) >= pm[mbest].second;
-  return r;
-}
-
-nlohmann::json ranking_json(const Ranking& r) {
+nlohmann::json ranking_json(const RankAgreement& r) {
   return {{"significant_pairs", r.pairs}, {"pairs_ordered_right", r.agree}, {"best_picked", r.best}};
 }
 
@@ -361,8 +328,8 @@ void run_validate(const PlanArgs& a) {
       train.push_back({p.train_tokens_per_s, tok / m["train_step_seconds"].get<double>()});
       tpot.push_back({1 / p.decode_step_s, 1e3 / m["time_per_output_token_ms"].get<double>()});  // steps/s
     }
-    groups.push_back({{"file", file}, {"ranks", cl.world}, {"seq", w.seq}, {"forward", ranking_json(ranking(fwd))},
-                      {"train", ranking_json(ranking(train))}, {"tpot", ranking_json(ranking(tpot))}});
+    groups.push_back({{"file", file}, {"ranks", cl.world}, {"seq", w.seq}, {"forward", ranking_json(rank_agreement(fwd))},
+                      {"train", ranking_json(rank_agreement(train))}, {"tpot", ranking_json(rank_agreement(tpot))}});
   }
   check(!errors.empty(), "--validate: no measured method in the files");
   const double med = median(errors), worst = *std::max_element(errors.begin(), errors.end());

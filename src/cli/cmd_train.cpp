@@ -11,7 +11,9 @@
 #include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
+#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {
@@ -19,103 +21,65 @@ namespace {
 
 struct TrainArgs {
   ModelConfig model;
+  ParallelConfig par;
   int64_t batch = 1, seq = 2048;
-  int steps = 3, dp = 1, sp = 0, tp = 1, pp = 1, ulysses = 1, threads = 0;
-  std::string strategy = "ring", layout = "zigzag", dtype = "fp32", device = "cpu";
+  int steps = 3;
+  std::string dtype = "fp32";
   float lr = 1e-3f;
   double timeout = 300;
   bool json = false;
 };
 
-Tensor normal_tensor(std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
-  Tensor t(DType::f32, shape);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = dist(rng);
-  return t;
-}
-
 void run(const TrainArgs& a) {
-  if (a.threads > 0) omp_set_num_threads(a.threads);  // GEMMs and layers too, not only attention
+  if (a.par.threads > 0) omp_set_num_threads(a.par.threads);  // GEMMs and layers too, not only attention
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
-  check(a.dp >= 1 && a.tp >= 1 && a.pp >= 1, "--dp, --tp and --pp must be >= 1");
-  const int sp = a.sp > 0 ? a.sp : P / (a.dp * a.tp * a.pp);
-  check(sp >= 1 && a.dp * a.pp * sp * a.tp == P, "--dp ", a.dp, " x --pp ", a.pp, " x --sp ", sp, " x --tp ", a.tp,
-        " must equal the ", P, " ranks (run under mpirun -np ", a.dp * a.pp * std::max(sp, 1) * a.tp, ")");
-  check(a.batch % a.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", a.dp);
-  check(a.batch / a.dp % a.pp == 0, "--batch ", a.batch, " / --dp ", a.dp, " must be divisible by --pp ", a.pp,
+  const ParallelConfig pc = a.par.for_ranks(P);
+  check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
+  check(a.batch / pc.dp % pc.pp == 0, "--batch ", a.batch, " / --dp ", pc.dp, " must be divisible by --pp ", pc.pp,
         " (one micro-batch per pipeline stage)");
-  check(a.steps >= 1, "--steps must be >= 1");
-  a.model.validate();
-  const Layout layout = parse_layout(a.layout);
-  check_layout(layout, a.seq, sp);
-  Mesh mesh;
-  check(a.ulysses >= 1 && sp % a.ulysses == 0, "--ulysses ", a.ulysses, " must divide the SP group of ", sp, " ranks");
-  if (world) mesh = Mesh::build(*world, a.dp, sp, a.tp, a.pp, a.ulysses);
-
-  SequenceParallel spc;
-  spc.comm = world ? mesh.sp_comm.get() : nullptr;
-  spc.tp = world && a.tp > 1 ? mesh.tp_comm.get() : nullptr;
-  spc.attn.strategy = parse_strategy(a.strategy);
-  spc.attn.layout = layout;
-  spc.attn.threads = a.threads;
-  if (world && a.ulysses > 1) mesh.use_hybrid(spc.attn);
-  // --device cuda: one GPU per rank (rank mod the GPUs visible), the SP group over
-  // NCCL, model, activations and data on the GPU.
-  std::unique_ptr<Device> gpu;
-  std::unique_ptr<Communicator> nccl;
-  if (a.device == "cuda") {
-    check(a.dp == 1 && a.tp == 1 && a.pp == 1 && a.ulysses == 1,
-          "--device cuda trains with RA+SP alone: --dp, --tp, --pp and --ulysses must be 1");
-    check(cuda_built(), "--device cuda: this ringattn was built without the CUDA path");
-    check(cuda_device_count() > 0, "--device cuda: no GPU is visible to this process");
-    gpu = make_cuda_device(rank % cuda_device_count());
-    if (world && P > 1) nccl = nccl_communicator(*world, *gpu);
-    spc.comm = nccl.get();
-    spc.attn.device = gpu.get();
-  }
-  const int64_t D = a.model.d_model, Bl = a.batch / a.dp, Ll = a.seq / sp;
+  check_model_fits(a.model, pc);
+  pc.check_sequence(a.seq);
+  RunContext run(world.get(), pc);
+  const ModelParallel& par = run.model_parallel();
+  const int sp = pc.sp;
+  const int64_t D = a.model.d_model, Bl = a.batch / pc.dp, Ll = a.seq / sp;
 
   // The same global data on every rank; each keeps its batch rows and tokens.
   std::mt19937_64 rng(a.model.seed + 1);
-  Tensor x_full = normal_tensor({a.batch, a.seq, D}, rng), t_full = normal_tensor({a.batch, a.seq, D}, rng);
-  const int dpi = world ? mesh.dp_index() : 0, spi = world ? mesh.sp_index() : 0;
   Tensor x(DType::f32, {Bl, Ll, D}), t(DType::f32, {Bl, Ll, D});
-  shard(x_full.view().slice(0, dpi * Bl, Bl), x, layout, sp, spi, 1);
-  shard(t_full.view().slice(0, dpi * Bl, Bl), t, layout, sp, spi, 1);
-  x_full = Tensor(), t_full = Tensor();
+  run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), x);
+  run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), t);
 
-  Model model(a.model, a.tp, world ? mesh.tp_index() : 0, a.pp, world ? mesh.pp_index() : 0, gpu.get());
+  Model model = model_for(a.model, run);
   Device& dev = model.device();
   auto on_device = [&](const Tensor& h) { return dev.is_host() ? DeviceTensor(nullptr, h.view()) : dev.upload(h); };
   const DeviceTensor xd = on_device(x), td = on_device(t);
   AdamW opt;
   opt.lr = a.lr;
   const int64_t count = a.batch * a.seq * D;
-  Communicator* replicas = gpu ? nccl.get() : world ? mesh.replica_comm.get() : nullptr;
+  Communicator* replicas = run.replicas();
   // One step (or, train = false, the forward alone), complete on the device when
   // it returns: 1F1B over the pipeline stages under MPI on the host (the plain
   // step when pp = 1), train_step on one process or a GPU.
   auto step = [&](bool train) {
-    if (world && !gpu)
-      return pipeline_step(model, train ? &opt : nullptr, x, t, spc, *mesh.pp_comm, a.pp, count, replicas, train);
+    if (world && dev.is_host())
+      return pipeline_step(model, train ? &opt : nullptr, x, t, par, *run.mesh().pp_comm, pc.pp, count, replicas,
+                           train);
     double loss = 0;
     if (train) {
-      loss = train_step(model, opt, xd, td, spc, count, replicas);
+      loss = train_step(model, opt, xd, td, par, count, replicas);
     } else {
       Activations act;
-      model_forward(model, xd, spc, act);
+      model_forward(model, xd, par, act);
     }
     dev.synchronize();
     return loss;
   };
   // Bytes sent: the mesh's groups (MPI), and on GPUs the NCCL communicator.
-  auto sent = [&] { return (world ? mesh.bytes_sent() : 0) + (nccl ? nccl->stats().bytes_sent : 0); };
-  auto reset_sent = [&] {
-    if (world) mesh.reset_stats();
-    if (nccl) nccl->reset_stats();
-  };
+  auto sent = [&] { return run.bytes_sent(); };
+  auto reset_sent = [&] { run.reset_stats(); };
   if (world) world->barrier(), world->reset_stats();
   reset_peak_memory();
 
@@ -153,8 +117,9 @@ void run(const TrainArgs& a) {
   nlohmann::json j;
   j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
-  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = a.dp, j["pp"] = a.pp, j["sp"] = sp, j["tp"] = a.tp, j["ranks"] = P;
-  j["strategy"] = a.ulysses > 1 ? cat("ulysses(", a.ulysses, ") x ring") : a.strategy, j["layout"] = a.layout, j["dtype"] = a.dtype;
+  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = pc.dp, j["pp"] = pc.pp, j["sp"] = sp, j["tp"] = pc.tp, j["ranks"] = P;
+  j["strategy"] = strategy_name(pc.strategy), j["ulysses"] = pc.ulysses, j["layout"] = layout_name(pc.layout);
+  j["dtype"] = a.dtype;
   j["device"] = dev.name();
   j["forward_seconds"] = t_fwd;
   j["forward_tokens_per_s"] = tokens / t_fwd;
@@ -180,9 +145,9 @@ void run(const TrainArgs& a) {
               static_cast<long long>(a.model.layers), static_cast<long long>(D),
               static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
               static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
-              static_cast<long long>(a.seq), a.dp, a.pp, sp, a.tp, j["strategy"].get<std::string>().c_str(),
-              a.layout.c_str(), a.dtype.c_str());
-  if (gpu) std::printf("device %s (peak MiB below counts host memory only)\n", dev.name().c_str());
+              static_cast<long long>(a.seq), pc.dp, pc.pp, sp, pc.tp, pc.strategy_label().c_str(),
+              layout_name(pc.layout), a.dtype.c_str());
+  if (!dev.is_host()) std::printf("device %s (peak MiB below counts host memory only)\n", dev.name().c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
   std::printf("loss by step:");
@@ -204,39 +169,12 @@ void add_train(CLI::App& app) {
   add_model_options(cmd, a->model);
   cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
   cmd->add_option("--seed", a->model.seed, "weights and data seed")->check(seed_value())->capture_default_str();
-  cmd->add_option("--dtype", a->dtype, "fp32, or bf16 mixed precision (fp32 master weights and accumulation)")
-      ->check(CLI::IsMember({"fp32", "bf16"}))
-      ->each([a](const std::string& s) { a->model.dtype = parse_dtype(s); })
-      ->capture_default_str();
+  add_model_dtype_option(cmd, a->model, a->dtype, "fp32 master weights and accumulation");
   cmd->add_option("--batch", a->batch, "global batch")->check(positive_count())->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
   cmd->add_option("--steps", a->steps, "training steps")->check(positive_count())->capture_default_str();
   cmd->add_option("--lr", a->lr, "AdamW learning rate")->check(positive_finite())->capture_default_str();
-  cmd->add_option("--dp", a->dp, "data-parallel groups")->check(positive_count())->capture_default_str();
-  cmd->add_option("--sp", a->sp, "sequence-parallel ranks per group (default: ranks / (dp x tp))")
-      ->check(positive_count());
-  cmd->add_option("--tp", a->tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")
-      ->check(positive_count())
-      ->capture_default_str();
-  cmd->add_option("--pp", a->pp, "pipeline stages (layers split, 1F1B over --pp micro-batches per DP group)")
-      ->check(positive_count())
-      ->capture_default_str();
-  cmd->add_option("--ulysses", a->ulysses,
-                  "Ulysses x ring: all-to-all inside groups of this many SP ranks, the ring across them")
-      ->check(positive_count())
-      ->capture_default_str();
-  cmd->add_option("--strategy", a->strategy, "attention across the SP group: ring, allgather, ulysses")
-      ->check(CLI::IsMember({"ring", "allgather", "ulysses"}))
-      ->capture_default_str();
-  cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
-      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
-      ->capture_default_str();
-  cmd->add_option("--device", a->device,
-                  "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_option("--threads", a->threads, "threads per rank for every kernel (default: OpenMP's)")
-      ->check(thread_count());
+  add_parallel_options(cmd, a->par, true);
   add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });

@@ -2,10 +2,12 @@
 // runs from a callback; errors are thrown as ringattn::Error and reported by main.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "ringattn/model.h"
+#include "ringattn/parallel.h"
 
 namespace ringattn::cli {
 
@@ -24,6 +26,15 @@ void add_all(CLI::App& app);
 // every subcommand that builds or models a transformer.
 void add_model_options(CLI::App* cmd, ModelConfig& m);
 
+// --dtype of a model: fp32, or bf16 mixed precision (`help` says what bf16 keeps
+// in fp32); sets m.dtype, `name` keeps the spelling for reports.
+void add_model_dtype_option(CLI::App* cmd, ModelConfig& m, std::string& name, const std::string& help);
+
+// A parallel run's options, one vocabulary for train and generate: --pp --sp
+// --tp --strategy --layout --device --threads, and with data_and_hybrid --dp,
+// --ulysses and --strategy hybrid. ParallelConfig::for_ranks checks them.
+void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid);
+
 // Option checks shared by every subcommand: one vocabulary, one message style,
 // and every bad value refused when parsed (exit 2), before anything runs.
 // A real number > 0 and finite: nan, inf, 0 and negatives are refused.
@@ -39,6 +50,9 @@ const CLI::Validator& thread_count();
 // --timeout: positive seconds or "none" (no limit, stored as 0); `timeout`
 // holds the default.
 void add_timeout_option(CLI::App* cmd, double& timeout);
+
+// The message of the Error fn throws, or "" (CLI11 validators return messages).
+std::string error_of(const std::function<void()>& fn);
 
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);

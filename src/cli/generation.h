@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "ringattn/parallel.h"
 #include "ringattn/inference.h"
 #include "ringattn/model.h"
 
@@ -24,9 +25,9 @@ struct GenerationRun {
 // each rank keeps its tokens). Prefills every sequence, then runs `steps` decode
 // steps for all sequences at once, each fed the previous output. A short
 // untimed warm-up run comes first. tick(j) is called before step j (progress).
-GenerationRun run_generation(Communicator& world, Mesh& mesh, const Model& m, const SequenceParallel& sp,
-                             const std::vector<Tensor>& prompts, int steps, int64_t capacity,
-                             const std::function<void(int)>& tick = {});
+// The run's world, mesh and ModelParallel carry the groups; m is this rank's slice.
+GenerationRun run_generation(RunContext& run, const Model& m, const std::vector<Tensor>& prompts, int steps,
+                             int64_t capacity, const std::function<void(int)>& tick = {});
 
 // The per-rank capacity that holds prompt_len + steps tokens of each sequence.
 int64_t needed_capacity(int64_t longest_prompt, int steps, int sp);

@@ -7,8 +7,9 @@
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
+#include "ringattn/version.h"
 
 namespace {
 
@@ -57,7 +58,7 @@ int main(int argc, char** argv) {
   if (wants_mpi(argc, argv)) mpi.emplace(&argc, &argv);
   CLI::App app{"ringattn: exact attention over long sequences by Ring Attention + Sequence Parallelism"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "ringattn 0.1.0");
+  app.set_version_flag("--version", "ringattn " RINGATTN_VERSION);
   ringattn::cli::add_all(app);
   try {
     app.parse(argc, argv);

@@ -26,12 +26,12 @@
 // collective with the same sizes.
 //
 // Waits are bounded by timeout_seconds() (0 or less: no limit). CommStats follow
-// the MPI backend (mpi_comm.cpp), except that a receive counts its bytes when
-// posted; wait_seconds adds the time blocked in wait() and in collectives.
+// comm/backend.h, a receive counting its bytes when posted; wait_seconds adds the time blocked in wait() and in collectives.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -49,44 +49,16 @@
 
 #include "kernels/cuda/cuda_device.h"
 #include "ringattn/cuda.h"
+#include "comm/backend.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using namespace comm_backend;
 
 using cuda::Event;
 using cuda::is_device_pointer;
-
-const char* op_name(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return "sum";
-    case ReduceOp::max:
-      return "max";
-    case ReduceOp::min:
-      return "min";
-  }
-  return "?";
-}
-
-template <typename T>
-const char* type_name();
-template <>
-const char* type_name<float>() {
-  return "float";
-}
-template <>
-const char* type_name<double>() {
-  return "double";
-}
-template <>
-const char* type_name<int64_t>() {
-  return "int64";
-}
 
 template <typename T>
 T combine(T a, T b, ReduceOp op) {
@@ -290,7 +262,7 @@ class LocalComm final : public Communicator {
         if (bytes > 0) std::memcpy(out.data() + static_cast<size_t>(r) * bytes, rd.in[r].data(), bytes);
       from_host(recv, out.data(), out.size());
     });
-    count_both(bytes * static_cast<size_t>(P - 1));
+    count_both(stats_, bytes * static_cast<size_t>(P - 1));
   }
 
   void all_to_all(const void* send, void* recv, size_t bytes) override {
@@ -304,22 +276,17 @@ class LocalComm final : public Communicator {
                       bytes);
       from_host(recv, out.data(), out.size());
     });
-    count_both(bytes * static_cast<size_t>(P - 1));
+    count_both(stats_, bytes * static_cast<size_t>(P - 1));
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
     const int P = size();
-    check(root >= 0 && root < P, who(), ": broadcast root ", root, " is out of range [0, ", P, ")");
+    check_root(who(), root, P);
     const bool is_root = rank_ == root;
     collective(cat("broadcast of ", bytes, " bytes from rank ", root), buf, is_root ? bytes : 0, [&](Round& rd) {
       if (!is_root) from_host(buf, rd.in[root].data(), bytes);
     });
-    if (P > 1) {
-      if (is_root)
-        stats_.bytes_sent += static_cast<int64_t>(bytes) * (P - 1);
-      else
-        stats_.bytes_received += static_cast<int64_t>(bytes);
-    }
+    count_broadcast(stats_, bytes, P, is_root);
   }
 
   void barrier() override {
@@ -405,10 +372,7 @@ class LocalComm final : public Communicator {
 
   Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
     const char* op = is_recv ? "irecv" : "isend";
-    check(peer >= 0 && peer < size(), who(), ": ", op, " ", is_recv ? "from" : "to", " rank ", peer,
-          ", which is out of range [0, ", size(), ")");
-    check(tag >= 0, who(), ": ", op, " tag ", tag, " is negative");
-    check(buf != nullptr || bytes == 0, who(), ": ", op, " of ", bytes, " bytes with a null buffer");
+    check_post(who(), is_recv, peer, size(), tag, INT_MAX, buf, bytes);
     check(bytes == 0 || is_device_pointer(buf), who(), ": ", op, " of ", bytes, " bytes ", is_recv ? "from" : "to",
           " rank ", peer, ": the buffer is not device memory");
     auto p = std::make_shared<Post>();
@@ -441,12 +405,10 @@ class LocalComm final : public Communicator {
     }
     const int64_t id = next_id_++;
     table_.emplace(id, std::move(p));
-    if (is_recv) {
-      stats_.bytes_received += static_cast<int64_t>(bytes);
-    } else {
-      stats_.bytes_sent += static_cast<int64_t>(bytes);
-      stats_.messages_sent += 1;
-    }
+    if (is_recv)
+      count_receive(stats_, bytes);
+    else
+      count_send(stats_, bytes);
     return Request{id};
   }
 
@@ -541,12 +503,7 @@ class LocalComm final : public Communicator {
       }
       from_host(buf, acc.data(), bytes);
     });
-    if (size() > 1) count_both(bytes);
-  }
-
-  void count_both(size_t bytes) {
-    stats_.bytes_sent += static_cast<int64_t>(bytes);
-    stats_.bytes_received += static_cast<int64_t>(bytes);
+    if (size() > 1) count_both(stats_, bytes);
   }
 
   std::shared_ptr<Hub> hub_;

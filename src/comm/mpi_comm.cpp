@@ -28,18 +28,8 @@
 // Message sizes: a receive must be posted with exactly the size that was sent
 // (more → MPI truncation error, fewer → Error "received only N of M bytes").
 //
-// CommStats accounting (algorithm-free: what this rank logically contributes,
-// not what MPI's internal algorithm actually moves):
-//   isend        bytes_sent += bytes, messages_sent += 1 (once, however many
-//                chunks), counted when posted;
-//   irecv        bytes_received += bytes, counted when the receive completes;
-//   all_reduce   bytes_sent += count·sizeof(T), bytes_received += same;
-//   all_gather   bytes_sent += bytes·(P−1), bytes_received += bytes·(P−1);
-//   all_to_all   bytes_sent += bytes·(P−1), bytes_received += bytes·(P−1);
-//   broadcast    root: bytes_sent += bytes·(P−1); others: bytes_received += bytes;
-//   barrier      nothing.
-// Collectives never add to messages_sent; with one rank they add nothing.
-// wait_seconds adds the time spent inside wait() and inside collectives.
+// CommStats: as comm/backend.h says; an irecv counts the bytes actually received,
+// when it completes. wait_seconds adds the time spent inside wait() and inside collectives.
 #include <mpi.h>
 #include <sched.h>
 
@@ -57,18 +47,17 @@
 #include <vector>
 
 #include "ringattn/comm.h"
+#include "comm/backend.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
 namespace {
 
+using namespace comm_backend;
+
 constexpr size_t kDefaultChunkBytes = size_t{1} << 30;  // 1 GiB
 
 bool g_we_initialised = false;
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 std::string mpi_error_string(int code) {
   char buf[MPI_MAX_ERROR_STRING];
@@ -219,21 +208,6 @@ MPI_Datatype mpi_type<int64_t>() {
   return MPI_INT64_T;
 }
 
-template <typename T>
-const char* type_name();
-template <>
-const char* type_name<float>() {
-  return "float";
-}
-template <>
-const char* type_name<double>() {
-  return "double";
-}
-template <>
-const char* type_name<int64_t>() {
-  return "int64";
-}
-
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
     case ReduceOp::sum:
@@ -244,18 +218,6 @@ MPI_Op mpi_op(ReduceOp op) {
       return MPI_MIN;
   }
   throw Error("unknown ReduceOp");
-}
-
-const char* op_name(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return "sum";
-    case ReduceOp::max:
-      return "max";
-    case ReduceOp::min:
-      return "min";
-  }
-  return "?";
 }
 
 class MpiCommunicator final : public Communicator {
@@ -389,7 +351,7 @@ class MpiCommunicator final : public Communicator {
                [&](MPI_Request* req) {
                  return MPI_Iallgather(sendp, t.count(), t.type(), recv, t.count(), t.type(), comm_, req);
                });
-    count_both(bytes * static_cast<size_t>(size_ - 1));
+    count_both(stats_, bytes * static_cast<size_t>(size_ - 1));
   }
 
   void all_to_all(const void* send, void* recv, size_t bytes) override {
@@ -398,20 +360,15 @@ class MpiCommunicator final : public Communicator {
                [&](MPI_Request* req) {
                  return MPI_Ialltoall(send, t.count(), t.type(), recv, t.count(), t.type(), comm_, req);
                });
-    count_both(bytes * static_cast<size_t>(size_ - 1));
+    count_both(stats_, bytes * static_cast<size_t>(size_ - 1));
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
-    check(root >= 0 && root < size_, who(), ": broadcast root ", root, " is out of range [0, ", size_, ")");
+    check_root(who(), root, size_);
     ByteType t(bytes, chunk_);
     collective(cat("broadcast of ", bytes, " bytes from ", peer_name(root)), bytes,
                [&](MPI_Request* req) { return MPI_Ibcast(buf, t.count(), t.type(), root, comm_, req); });
-    if (size_ > 1) {
-      if (rank_ == root)
-        stats_.bytes_sent += static_cast<int64_t>(bytes) * (size_ - 1);
-      else
-        stats_.bytes_received += static_cast<int64_t>(bytes);
-    }
+    count_broadcast(stats_, bytes, size_, rank_ == root);
   }
 
   void barrier() override {
@@ -462,11 +419,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
-    const char* op = is_recv ? "irecv" : "isend";
-    check(peer >= 0 && peer < size_, who(), ": ", op, " ", is_recv ? "from" : "to", " rank ", peer,
-          ", which is out of range [0, ", size_, ")");
-    check(tag >= 0 && tag <= tag_ub_, who(), ": ", op, " tag ", tag, " is out of range [0, ", tag_ub_, "]");
-    check(buf != nullptr || bytes == 0, who(), ": ", op, " of ", bytes, " bytes with a null buffer");
+    check_post(who(), is_recv, peer, size_, tag, tag_ub_, buf, bytes);
     Pending p;
     p.is_recv = is_recv;
     p.peer = peer;
@@ -491,8 +444,7 @@ class MpiCommunicator final : public Communicator {
       p.chunk_bytes.push_back(len);
     }
     if (!is_recv) {
-      stats_.bytes_sent += static_cast<int64_t>(bytes);
-      stats_.messages_sent += 1;
+      count_send(stats_, bytes);
     }
     int64_t id = next_id_++;
     table_.emplace(id, std::move(p));
@@ -523,7 +475,7 @@ class MpiCommunicator final : public Communicator {
         got += c;
         short_chunk |= c != p.chunk_bytes[static_cast<size_t>(i)];
       }
-      stats_.bytes_received += got;
+      count_receive(stats_, static_cast<size_t>(got));
       if (short_chunk)
         throw Error(cat(who(), ": ", describe(p), " received only ", got,
                         " bytes; sender and receiver must use the same message size"));
@@ -584,12 +536,7 @@ class MpiCommunicator final : public Communicator {
           [&](MPI_Request* req) { return MPI_Iallreduce(MPI_IN_PLACE, p, n, mpi_type<T>(), mpi_op(op), comm_, req); });
       off += n;
     } while (off < count);
-    if (size_ > 1) count_both(static_cast<size_t>(count) * sizeof(T));
-  }
-
-  void count_both(size_t bytes) {
-    stats_.bytes_sent += static_cast<int64_t>(bytes);
-    stats_.bytes_received += static_cast<int64_t>(bytes);
+    if (size_ > 1) count_both(stats_, static_cast<size_t>(count) * sizeof(T));
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -677,53 +624,21 @@ bool launched_by_mpi() {
   return false;
 }
 
-// ---- helpers over any Communicator ------------------------------------------------
+// ---- abort_job's MPI part ------------------------------------------------------------
 
-double parse_timeout(const std::string& text, const std::string& what) {
-  if (text == "none") return 0;
-  char* end = nullptr;
-  const double v = std::strtod(text.c_str(), &end);
-  check(!text.empty() && end && *end == '\0' && std::isfinite(v) && v > 0, what,
-        " must be a positive number of seconds, or 'none' for no limit; got '", text, "'");
-  return v;
+namespace comm_backend {
+
+bool mpi_world_rank(int* rank) {
+  if (!MpiSession::active()) return false;
+  MPI_Comm_rank(MPI_COMM_WORLD, rank);
+  return true;
 }
 
-void Communicator::set_timeout_seconds(double s) {
-  check(s == 0 || (std::isfinite(s) && s > 0), "a timeout must be positive and finite seconds (0: no limit), got ", s);
-  timeout_ = s;
-}
-
-void check_same_on_all_ranks(Communicator& comm, std::span<const int64_t> values, const std::string& what) {
-  const int64_t n = static_cast<int64_t>(values.size());
-  int64_t counts[2] = {n, n};
-  comm.all_reduce(&counts[0], 1, ReduceOp::min);
-  comm.all_reduce(&counts[1], 1, ReduceOp::max);
-  if (counts[0] != counts[1])
-    throw Error(cat(what, " differs across ranks: the number of entries is ", counts[0], " on some rank and ",
-                    counts[1], " on another (this rank has ", n, ")"));
-  if (n == 0) return;
-  std::vector<int64_t> lo(values.begin(), values.end()), hi(values.begin(), values.end());
-  comm.all_reduce(lo.data(), n, ReduceOp::min);
-  comm.all_reduce(hi.data(), n, ReduceOp::max);
-  for (int64_t i = 0; i < n; ++i)
-    if (lo[static_cast<size_t>(i)] != hi[static_cast<size_t>(i)])
-      throw Error(cat(what, " differs across ranks: entry ", i, " is ", lo[static_cast<size_t>(i)],
-                      " on some rank and ", hi[static_cast<size_t>(i)], " on another (this rank has ",
-                      values[static_cast<size_t>(i)], ")"));
-}
-
-void abort_job(Communicator* comm, const std::string& msg, int code) {
-  const bool mpi = MpiSession::active();
-  int rank = 0;
-  if (mpi)
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);  // the rank mpirun's user sees
-  else if (comm)
-    rank = comm->rank();
-  std::fprintf(stderr, "ringattn: error on rank %d: %s\n", rank, msg.c_str());
-  std::fflush(stderr);
-  std::fflush(stdout);
-  if (mpi) MPI_Abort(MPI_COMM_WORLD, code);
+void mpi_abort(int code) {
+  MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
 }
+
+}  // namespace comm_backend
 
 }  // namespace ringattn

@@ -25,21 +25,14 @@
 // asynchronous error state; on a timeout or an NCCL error the communicator is
 // aborted (ncclCommAbort ends its kernels) and every later call throws.
 //
-// CommStats accounting follows the MPI backend's (mpi_comm.cpp), except that a
-// receive counts its bytes when posted (NCCL reports no received size):
-//   isend        bytes_sent += bytes, messages_sent += 1;
-//   irecv        bytes_received += bytes;
-//   all_reduce   bytes_sent += count·sizeof(T), bytes_received += same;
-//   all_gather   bytes_sent += bytes·(P−1), bytes_received += bytes·(P−1);
-//   all_to_all   bytes_sent += bytes·(P−1), bytes_received += bytes·(P−1);
-//   broadcast    root: bytes_sent += bytes·(P−1); others: bytes_received += bytes;
-//   barrier      nothing.
+// CommStats: as comm/backend.h says, a receive counting its bytes when posted.
 // wait_seconds adds the time the host spends blocked (only collectives on host
 // buffers, barrier and split block it).
 #include <cuda_runtime.h>
 #include <nccl.h>
 
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -51,14 +44,13 @@
 
 #include "kernels/cuda/cuda_device.h"
 #include "ringattn/cuda.h"
+#include "comm/backend.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using namespace comm_backend;
 
 using cuda::Event;
 using cuda::is_device_pointer;
@@ -95,21 +87,6 @@ ncclDataType_t nccl_type<int64_t>() {
   return ncclInt64;
 }
 
-template <typename T>
-const char* type_name();
-template <>
-const char* type_name<float>() {
-  return "float";
-}
-template <>
-const char* type_name<double>() {
-  return "double";
-}
-template <>
-const char* type_name<int64_t>() {
-  return "int64";
-}
-
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
     case ReduceOp::sum:
@@ -120,18 +97,6 @@ ncclRedOp_t nccl_op(ReduceOp op) {
       return ncclMin;
   }
   throw Error("unknown ReduceOp");
-}
-
-const char* op_name(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return "sum";
-    case ReduceOp::max:
-      return "max";
-    case ReduceOp::min:
-      return "min";
-  }
-  return "?";
 }
 
 // NCCL's error string plus its last message for `comm` (when it has one).
@@ -235,7 +200,7 @@ class NcclComm final : public Communicator {
     const std::string what = cat("all_gather of ", bytes, " bytes per rank");
     collective(what, bufs,
                [&](void* const* d) { nccl_ok(ncclAllGather(d[0], d[1], bytes, ncclInt8, comm_, dev_.comm()), what); });
-    count_both(bytes * (P - 1));
+    count_both(stats_, bytes * (P - 1));
   }
 
   void all_to_all(const void* send, void* recv, size_t bytes) override {
@@ -254,23 +219,18 @@ class NcclComm final : public Communicator {
       const ncclResult_t end = ncclGroupEnd();
       nccl_ok(res != ncclSuccess ? res : end, what);
     });
-    count_both(bytes * (P - 1));
+    count_both(stats_, bytes * (P - 1));
   }
 
   void broadcast(void* buf, size_t bytes, int root) override {
-    check(root >= 0 && root < size_, who(), ": broadcast root ", root, " is out of range [0, ", size_, ")");
+    check_root(who(), root, size_);
     const bool is_root = rank_ == root;
     const Buffer bufs[] = {{buf, bytes, is_root, !is_root}};
     const std::string what = cat("broadcast of ", bytes, " bytes from rank ", root);
     collective(what, bufs, [&](void* const* d) {
       nccl_ok(ncclBroadcast(d[0], d[0], bytes, ncclInt8, root, comm_, dev_.comm()), what);
     });
-    if (size_ > 1) {
-      if (is_root)
-        stats_.bytes_sent += static_cast<int64_t>(bytes) * (size_ - 1);
-      else
-        stats_.bytes_received += static_cast<int64_t>(bytes);
-    }
+    count_broadcast(stats_, bytes, size_, is_root);
   }
 
   // A one-integer all_reduce from host memory: the host blocks until every rank
@@ -391,10 +351,7 @@ class NcclComm final : public Communicator {
   Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
     const char* op = is_recv ? "irecv" : "isend";
     usable(op);
-    check(peer >= 0 && peer < size_, who(), ": ", op, " ", is_recv ? "from" : "to", " rank ", peer,
-          ", which is out of range [0, ", size_, ")");
-    check(tag >= 0, who(), ": ", op, " tag ", tag, " is negative");
-    check(buf != nullptr || bytes == 0, who(), ": ", op, " of ", bytes, " bytes with a null buffer");
+    check_post(who(), is_recv, peer, size_, tag, INT_MAX, buf, bytes);
     check(bytes == 0 || is_device_pointer(buf), who(), ": ", op, " of ", bytes, " bytes ", is_recv ? "from" : "to",
           " rank ", peer, ": the buffer is not device memory (NCCL moves GPU memory only)");
     dev_.make_current();
@@ -402,12 +359,10 @@ class NcclComm final : public Communicator {
     const int64_t id = next_id_++;
     table_.emplace(id, Pending{buf, bytes, peer, tag, is_recv, nullptr});
     queued_.push_back(id);
-    if (is_recv) {
-      stats_.bytes_received += static_cast<int64_t>(bytes);
-    } else {
-      stats_.bytes_sent += static_cast<int64_t>(bytes);
-      stats_.messages_sent += 1;
-    }
+    if (is_recv)
+      count_receive(stats_, bytes);
+    else
+      count_send(stats_, bytes);
     return Request{id};
   }
 
@@ -533,12 +488,7 @@ class NcclComm final : public Communicator {
       nccl_ok(ncclAllReduce(d[0], d[0], static_cast<size_t>(count), nccl_type<T>(), nccl_op(op), comm_, dev_.comm()),
               what);
     });
-    if (size_ > 1) count_both(bytes);
-  }
-
-  void count_both(size_t bytes) {
-    stats_.bytes_sent += static_cast<int64_t>(bytes);
-    stats_.bytes_received += static_cast<int64_t>(bytes);
+    if (size_ > 1) count_both(stats_, bytes);
   }
 
   ncclComm_t comm_ = nullptr;  // null once aborted

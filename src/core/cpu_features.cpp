@@ -1,5 +1,5 @@
 // CPU feature detection (CPUID + XGETBV) and the choice of kernel path.
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 
 #include <cctype>
 #include <cstdint>

@@ -249,4 +249,16 @@ bool all_finite(const TensorView& t) {
   return ok;
 }
 
+void fill_normal(const TensorView& t, std::mt19937_64& rng) {
+  check(t.is_contiguous(), "fill_normal needs a contiguous tensor, got ", t.shape_str());
+  std::normal_distribution<float> dist(0.f, 1.f);
+  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.data, t.dtype, i, dist(rng));
+}
+
+Tensor random_normal(DType dtype, std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
+  Tensor t(dtype, shape);
+  fill_normal(t, rng);
+  return t;
+}
+
 }  // namespace ringattn

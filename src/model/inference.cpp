@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
@@ -37,8 +37,8 @@ int64_t KVCache::bytes() const {
 namespace {
 
 // Every group the step communicates over agrees on `values` (else Error on every rank).
-void agree(const SequenceParallel& sp, Communicator* pp, std::span<const int64_t> values, const char* what) {
-  for (Communicator* c : {sp.comm, sp.tp, pp})
+void agree(const ModelParallel& par, Communicator* pp, std::span<const int64_t> values, const char* what) {
+  for (Communicator* c : {par.sp, par.tp, pp})
     if (c) check_same_on_all_ranks(*c, values, what);
 }
 
@@ -76,7 +76,7 @@ void merge_partials(Device& dev, Communicator& comm, const TensorView& o, const 
 
 }  // namespace
 
-DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const SequenceParallel& sp,
+DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const ModelParallel& par,
                      Communicator* pp) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
@@ -84,10 +84,10 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "the prompt must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
   const int64_t Bp = x.dim(0), Ll = x.dim(1);
-  const int P = sp.comm ? sp.comm->size() : 1, p = sp.comm ? sp.comm->rank() : 0;
+  const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
   const int64_t L = Ll * P;
   const int64_t agreed[] = {Bp, Ll, first};
-  agree(sp, pp, agreed, "the prefill's batch, prompt length or first sequence");
+  agree(par, pp, agreed, "the prefill's batch, prompt length or first sequence");
   check(cache.ranks() == P && cache.rank() == p, "the KV cache is for rank ", cache.rank(), " of ", cache.ranks(),
         " but the SP group has this rank as ", p, " of ", P);
   check(first >= 0 && first + Bp <= cache.batch(), "sequences ", first, "..", first + Bp - 1,
@@ -96,8 +96,8 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
         "cache's capacity of ", cache.capacity(), " per rank");
   for (int64_t b = first; b < first + Bp; ++b)
     check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
-  if (sp.comm) check_layout(sp.attn.layout, L, P);
-  const std::vector<int64_t> pos = sp.comm ? shard_positions(sp.attn.layout, L, P, p) : [&] {
+  if (par.sp) check_layout(par.attn.layout, L, P);
+  const std::vector<int64_t> pos = par.sp ? shard_positions(par.attn.layout, L, P, p) : [&] {
     std::vector<int64_t> v(static_cast<size_t>(L));
     for (int64_t i = 0; i < L; ++i) v[static_cast<size_t>(i)] = i;
     return v;
@@ -106,7 +106,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   // The attention of each layer, then its K/V into the cache.
   const AttentionHook store = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& o, const TensorView& lse) {
-    sequence_parallel_attention(dev, sp, c, q, k, v, o, lse);
+    sequence_parallel_attention(dev, par, c, q, k, v, o, lse);
     for (int64_t b = 0; b < Bp; ++b) {
       dev.copy(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
       dev.copy(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
@@ -114,7 +114,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   };
   Activations act;
   act.keep = false;
-  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), sp, act, store);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), par, act, store);
   stage_output(y, pp, kPrefillTag);
   for (int64_t b = first; b < first + Bp; ++b) {
     std::copy(pos.begin(), pos.end(), cache.pos_.begin() + b * cache.capacity_);
@@ -124,7 +124,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   return pp && pp->rank() + 1 < pp->size() ? DeviceTensor() : std::move(y);
 }
 
-DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const SequenceParallel& sp,
+DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const ModelParallel& par,
                          Communicator* pp) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
@@ -133,14 +133,14 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
   const int P = cache.ranks(), p = cache.rank();
   if (!cache.checked_) {
     const int64_t agreed[] = {x.rank, x.dim(0), x.dim(1), x.dim(2), B, cache.capacity()};
-    agree(sp, pp, agreed, "the decode input's shape or the KV cache's batch and capacity");
+    agree(par, pp, agreed, "the decode input's shape or the KV cache's batch and capacity");
     cache.checked_ = true;
   }
   check(c.causal, "decoding needs a causal model (this one is bidirectional)");
   check(x.rank == 3 && x.dim(0) == B && x.dim(1) == 1 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "a decode step takes fp32 [B=", B, ", 1, d_model=", c.d_model, "], got ", x.shape_str());
-  check(P == (sp.comm ? sp.comm->size() : 1), "the KV cache is sharded over ", P, " ranks but the SP group has ",
-        sp.comm ? sp.comm->size() : 1);
+  check(P == (par.sp ? par.sp->size() : 1), "the KV cache is sharded over ", P, " ranks but the SP group has ",
+        par.sp ? par.sp->size() : 1);
   // Every rank checks every owner's shard, so all fail together.
   for (int64_t b = 0; b < B; ++b) {
     check(cache.length(b) > 0, "sequence ", b, " has no prompt: prefill it before decoding");
@@ -183,18 +183,18 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
       }
       AttentionOptions opt;
       opt.causal = true;
-      opt.threads = sp.attn.threads;
-      opt.isa = sp.attn.isa;
+      opt.threads = par.attn.threads;
+      opt.isa = par.attn.isa;
       opt.q_pos = std::span<const int64_t>(q_pos[b].get(), 1);
       opt.k_pos = std::span<const int64_t>(k_pos[b].get(), static_cast<size_t>(n));
       dev.attention_forward(q.slice(0, b, 1), cache.k_[l].view().slice(0, b, 1).slice(1, 0, n),
                             cache.v_[l].view().slice(0, b, 1).slice(1, 0, n), ob, lb, opt);
     }
-    if (sp.comm) merge_partials(dev, *sp.comm, o, lse);
+    if (par.sp) merge_partials(dev, *par.sp, o, lse);
   };
   Activations act;
   act.keep = false;
-  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kDecodeTag), sp, act, attend);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kDecodeTag), par, act, attend);
   stage_output(y, pp, kDecodeTag);
   if (pp) pp->broadcast(y.ptr<void>(), y.bytes(), pp->size() - 1);
   for (int64_t b = 0; b < B; ++b) {

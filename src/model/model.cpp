@@ -1,5 +1,5 @@
-// The dense transformer (see model.h): init, forward, hand-written backward,
-// MSE loss, AdamW, and the sequence-parallel training step.
+// The dense transformer (see model.h): init, forward, hand-written backward and
+// the MSE loss, on any Device, sequence and tensor parallel.
 #include "ringattn/model.h"
 
 #include <algorithm>
@@ -7,9 +7,7 @@
 #include <random>
 #include <utility>
 
-#include "ringattn/attention.h"
 #include "ringattn/error.h"
-#include "ringattn/layers.h"
 
 namespace ringattn {
 
@@ -20,6 +18,27 @@ void ModelConfig::validate() const {
   check(heads % kv() == 0, "heads=", heads, " must be a multiple of kv_heads=", kv());
   check(hidden() >= 1, "mlp_hidden must be >= 1");
   check(dtype == DType::f32 || dtype == DType::bf16, "the model computes in fp32 or bf16, not ", dtype_name(dtype));
+}
+
+void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
+  c.validate();
+  const int tp = p.tp, pp = p.pp;
+  check(pp >= 1 && c.layers % pp == 0, "pipeline parallelism splits layers: layers=", c.layers,
+        " must be divisible by pp=", pp);
+  check(tp >= 1 && c.heads % tp == 0 && c.kv() % tp == 0, "tensor parallelism splits heads: heads=", c.heads,
+        " and kv_heads=", c.kv(), " must both be divisible by tp=", tp);
+  check(c.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", c.hidden(),
+        " must be divisible by tp=", tp);
+  const int U = p.strategy == Strategy::ulysses ? p.sp : p.strategy == Strategy::hybrid ? p.ulysses : 1;
+  check(c.heads / tp % U == 0 && c.kv() / tp % U == 0, "--strategy ", strategy_name(p.strategy),
+        " splits the heads over ", U, " SP ranks: heads=", c.heads, " and kv_heads=", c.kv(),
+        tp > 1 ? cat(" (/ tp=", tp, ")") : std::string(), " must be divisible by ", U,
+        "; use --strategy ring or allgather");
+}
+
+Model model_for(const ModelConfig& c, const RunContext& run) {
+  const Mesh& m = run.mesh();
+  return Model(c, run.config().tp, m.tp_index(), run.config().pp, m.pp_index(), run.device());
 }
 
 // Sizes of one layer's tensors (this rank's slice), in LayerParams order.
@@ -43,17 +62,13 @@ int64_t qkv_column(const ModelConfig& c, int tp, int r, int64_t col) {
 
 Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, Device* device)
     : cfg_(cfg), tp_(tp), tp_rank_(tp_rank), dev_(&cpu_device()) {
-  cfg_.validate();
-  check(pp >= 1 && pp_stage >= 0 && pp_stage < pp, "pipeline stage ", pp_stage, " of ", pp, " is out of range");
-  check(cfg_.layers % pp == 0, "pipeline parallelism splits layers: layers=", cfg_.layers,
-        " must be divisible by pp=", pp);
+  ParallelConfig split;
+  split.pp = pp, split.sp = 1, split.tp = tp;
+  check_model_fits(cfg_, split);
+  check(pp_stage >= 0 && pp_stage < pp, "pipeline stage ", pp_stage, " of ", pp, " is out of range");
+  check(tp_rank >= 0 && tp_rank < tp, "tensor-parallel rank ", tp_rank, " of ", tp, " is out of range");
   num_layers_ = static_cast<int>(cfg_.layers / pp);
   first_layer_ = pp_stage * num_layers_;
-  check(tp >= 1 && tp_rank >= 0 && tp_rank < tp, "tensor-parallel rank ", tp_rank, " of ", tp, " is out of range");
-  check(cfg_.heads % tp == 0 && cfg_.kv() % tp == 0, "tensor parallelism splits heads: heads=", cfg_.heads,
-        " and kv_heads=", cfg_.kv(), " must both be divisible by tp=", tp);
-  check(cfg_.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", cfg_.hidden(),
-        " must be divisible by tp=", tp);
   if (device && !device->is_host()) {
     check(cfg_.dtype == DType::bf16, "a model on ", device->name(),
           " computes in bf16 (its attention kernels take bf16/fp16): use --dtype bf16");
@@ -168,52 +183,52 @@ TensorView qkv_part(const TensorView& qkv, const Model& m, int64_t B, int64_t Ll
                     strides);
 }
 
-// The options of the distributed attention on dev: sp's, with the model's mask.
-DistAttentionOptions dist_options(Device& dev, const SequenceParallel& sp, const ModelConfig& c) {
-  check(!sp.attn.device || sp.attn.device == &dev, "the sequence-parallel attention runs on ",
-        sp.attn.device ? sp.attn.device->name() : "", " but the model is on ", dev.name());
-  DistAttentionOptions opt = sp.attn;
+// The options of the distributed attention on dev: par's, with the model's mask.
+DistAttentionOptions dist_options(Device& dev, const ModelParallel& par, const ModelConfig& c) {
+  check(!par.attn.device || par.attn.device == &dev, "the sequence-parallel attention runs on ",
+        par.attn.device ? par.attn.device->name() : "", " but the model is on ", dev.name());
+  DistAttentionOptions opt = par.attn;
   opt.causal = c.causal;
   opt.device = dev.is_host() ? nullptr : &dev;
   return opt;
 }
 
-AttentionOptions local_options(const SequenceParallel& sp, const ModelConfig& c) {
+AttentionOptions local_options(const ModelParallel& par, const ModelConfig& c) {
   AttentionOptions opt;
   opt.causal = c.causal;
-  opt.threads = sp.attn.threads;
-  opt.isa = sp.attn.isa;
+  opt.threads = par.attn.threads;
+  opt.isa = par.attn.isa;
   return opt;
 }
 
 }  // namespace
 
-void sequence_parallel_attention(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
                                  const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse) {
-  if (sp.comm)
-    dist_attention_forward(*sp.comm, q, k, v, o, lse, dist_options(dev, sp, c));
+  if (par.sp)
+    dist_attention_forward(*par.sp, q, k, v, o, lse, dist_options(dev, par, c));
   else
-    dev.attention_forward(q, k, v, o, lse, local_options(sp, c));
+    dev.attention_forward(q, k, v, o, lse, local_options(par, c));
 }
 
 namespace {
 
-void attention_bwd(Device& dev, const SequenceParallel& sp, const ModelConfig& c, const TensorView& q,
+void attention_bwd(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
                    const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
                    const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-  if (sp.comm)
-    dist_attention_backward(*sp.comm, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, sp, c));
+  if (par.sp)
+    dist_attention_backward(*par.sp, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, par, c));
   else
-    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(sp, c));
+    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(par, c));
 }
 
 // y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
 // row-parallel linear (the bias is added once, after the sum).
-void row_parallel_linear(Device& dev, const SequenceParallel& sp, int64_t N, int64_t K, int64_t D, const float* x,
+void row_parallel_linear(Device& dev, const ModelParallel& par, int64_t N, int64_t K, int64_t D, const float* x,
                          const void* W, const float* b, float* y, DType compute) {
-  dev.linear_forward(N, K, D, x, W, sp.tp ? nullptr : b, y, compute);
-  if (!sp.tp) return;
-  sp.tp->all_reduce(y, N * D, ReduceOp::sum);
+  dev.linear_forward(N, K, D, x, W, par.tp ? nullptr : b, y, compute);
+  if (!par.tp) return;
+  par.tp->all_reduce(y, N * D, ReduceOp::sum);
   dev.add_bias(N, D, y, b);
 }
 
@@ -221,21 +236,21 @@ void row_parallel_linear(Device& dev, const SequenceParallel& sp, int64_t N, int
 TensorView flat(const DeviceTensor& t, int64_t N, int64_t D) { return TensorView(t.ptr<float>(), DType::f32, {N, D}); }
 
 // The input gradient of a column-parallel linear is a partial sum over the TP group.
-void reduce_input_grad(const SequenceParallel& sp, float* dx, int64_t n) {
-  if (sp.tp) sp.tp->all_reduce(dx, n, ReduceOp::sum);
+void reduce_input_grad(const ModelParallel& par, float* dx, int64_t n) {
+  if (par.tp) par.tp->all_reduce(dx, n, ReduceOp::sum);
 }
 
 }  // namespace
 
 // x: [B, Ll, D] -> [B, Ll, D]
-DeviceTensor model_forward(const Model& m, const TensorView& x, const SequenceParallel& sp, Activations& act,
+DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
                            const AttentionHook& attention) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
-  check(!sp.tp || sp.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
-        sp.tp ? sp.tp->size() : 1, " ranks");
+  check(!par.tp || par.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
+        par.tp ? par.tp->size() : 1, " ranks");
   const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
   const int64_t A = m.local_heads() * c.head_dim();
   act.B = B, act.Ll = Ll;
@@ -266,9 +281,9 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const SequencePa
     if (attention)
       attention(l, q, k, v, s.o, s.lse);
     else
-      sequence_parallel_attention(dev, sp, c, q, k, v, s.o, s.lse);
+      sequence_parallel_attention(dev, par, c, q, k, v, s.o, s.lse);
     s.x1 = dev.alloc(DType::f32, {N, D});
-    row_parallel_linear(dev, sp, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
+    row_parallel_linear(dev, par, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
     dev.add(s.x1, flat(s.x, N, D));
     s.c = dev.alloc(DType::f32, {N, D}), s.mean2 = dev.alloc(DType::f32, {N}), s.rstd2 = dev.alloc(DType::f32, {N});
     dev.layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
@@ -277,7 +292,7 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const SequencePa
     dev.linear_forward(N, D, F, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
     dev.gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
     cur = dev.alloc(DType::f32, {B, Ll, D});
-    row_parallel_linear(dev, sp, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
+    row_parallel_linear(dev, par, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
     dev.add(flat(cur, N, D), s.x1);
     if (!act.keep) s = Activations::Layer();
   }
@@ -285,7 +300,7 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const SequencePa
 }
 
 // dy: [B, Ll, D] -> dx: [B, Ll, D]; weight gradients accumulate into m.grads().
-DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const SequenceParallel& sp) {
+DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const ModelParallel& par) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
   const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
@@ -310,19 +325,19 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     dev.gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
     dev.linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in,
                         c.dtype);
-    reduce_input_grad(sp, dc.ptr<float>(), N * D);
+    reduce_input_grad(par, dc.ptr<float>(), N * D);
     dev.layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
                            dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
     dev.add(dcur_rows, dtmp);  // dL/dx1
     // x1 = x + o·W_o + b_o
     dev.linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o,
                         c.dtype);
-    attention_bwd(dev, sp, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
+    attention_bwd(dev, par, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
                   qkv_part(s.qkv, m, B, Ll, 2), s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0),
                   qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2));
     dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
                         c.dtype);
-    reduce_input_grad(sp, da.ptr<float>(), N * D);
+    reduce_input_grad(par, da.ptr<float>(), N * D);
     dev.layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(),
                            da.ptr<float>(), dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
     dev.add(dcur_rows, dtmp);  // dL/dx
@@ -341,142 +356,6 @@ double mse_loss(const TensorView& y, const TensorView& target, const TensorView&
                                  2.f / static_cast<float>(global_count));
   if (comm) comm->all_reduce(&sum, 1, ReduceOp::sum);
   return sum / static_cast<double>(global_count);
-}
-
-void AdamW::update(Model& model) {
-  Device& dev = model.device();
-  const int64_t n = model.num_params();
-  if (m.numel() != n) {
-    m = dev.alloc(DType::f32, {n}), v = dev.alloc(DType::f32, {n});
-    dev.fill(m, 0.f), dev.fill(v, 0.f);
-  }
-  ++step;
-  const float c1 = 1.f - std::pow(beta1, static_cast<float>(step)), c2 = 1.f - std::pow(beta2, static_cast<float>(step));
-  dev.adamw(n, model.params(), model.grads(), m.ptr<float>(), v.ptr<float>(),
-            {lr, beta1, beta2, eps, weight_decay, c1, c2});
-}
-
-Mesh Mesh::build(Communicator& world, int dp, int sp, int tp, int pp, int ulysses) {
-  check(dp >= 1 && pp >= 1 && sp >= 1 && tp >= 1 && dp * pp * sp * tp == world.size(), "mesh dp=", dp, " x pp=", pp,
-        " x sp=", sp, " x tp=", tp, " = ", dp * pp * sp * tp, " does not match the ", world.size(), " ranks");
-  check(ulysses >= 1 && sp % ulysses == 0, "the Ulysses degree ", ulysses, " must divide sp=", sp);
-  Mesh m;
-  m.dp = dp, m.pp = pp, m.sp = sp, m.tp = tp, m.ulysses = ulysses, m.world = &world;
-  const int r = world.rank(), di = m.dp_index(), pi = m.pp_index(), si = m.sp_index(), ti = m.tp_index();
-  // color = the indices the group shares, key = the index it runs over
-  m.dp_comm = world.split((pi * sp + si) * tp + ti, di);
-  m.pp_comm = world.split((di * sp + si) * tp + ti, pi);
-  m.sp_comm = world.split((di * pp + pi) * tp + ti, si);
-  m.tp_comm = world.split((di * pp + pi) * sp + si, ti);
-  m.replica_comm = world.split(pi * tp + ti, r);
-  if (ulysses > 1) {
-    m.ulysses_comm = m.sp_comm->split(si / ulysses, si % ulysses);
-    m.ring_comm = m.sp_comm->split(si % ulysses, si / ulysses);
-  }
-  return m;
-}
-
-void Mesh::use_hybrid(DistAttentionOptions& o) const {
-  check(ulysses > 1, "the mesh has no Ulysses groups (ulysses = 1)");
-  o.strategy = Strategy::hybrid;
-  o.ulysses_group = ulysses_comm.get();
-  o.ring_group = ring_comm.get();
-}
-
-int64_t Mesh::bytes_sent() const {
-  int64_t b = 0;
-  for (const auto* c : {&dp_comm, &pp_comm, &sp_comm, &tp_comm, &replica_comm, &ulysses_comm, &ring_comm})
-    if (*c) b += (*c)->stats().bytes_sent;
-  return b;
-}
-
-void Mesh::reset_stats() {
-  for (auto* c : {&dp_comm, &pp_comm, &sp_comm, &tp_comm, &replica_comm, &ulysses_comm, &ring_comm})
-    if (*c) (*c)->reset_stats();
-}
-
-double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
-                  int64_t global_count, Communicator* reduce) {
-  Activations act;
-  Device& dev = m.device();
-  DeviceTensor y = model_forward(m, x, sp, act);
-  DeviceTensor dy = dev.alloc(DType::f32, {y.dim(0), y.dim(1), y.dim(2)});
-  const double loss = mse_loss(y, target, dy, reduce, global_count, dev);
-  m.zero_grads();
-  model_backward(m, act, dy, sp);
-  if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
-  opt.update(m);
-  return loss;
-}
-
-// 1F1B over the stages of pp: activations forward to stage s+1 (tag 2i), their
-// gradients back to stage s−1 (tag 2i+1), i = micro-batch. Sends stay in flight
-// until the end of the step, so two neighbours sending to each other never
-// block on one another.
-double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const SequenceParallel& sp,
-                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
-  const int S = pp.size(), s = pp.rank(), M = micro_batches;
-  Device& dev = m.device();
-  check(dev.is_host(), "pipeline parallelism runs on the host, not on ", dev.name());
-  check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
-  const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
-  check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
-  check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/",
-        S, " for a pipeline of ", S, " stages");
-  const int64_t Bm = B / M;
-  std::vector<Activations> acts(static_cast<size_t>(M));
-  std::vector<DeviceTensor> dys(static_cast<size_t>(M)), sent;
-  std::vector<Request> sends;
-  double loss = 0;
-  auto micro = [&](const TensorView& t, int i) { return t.slice(0, i * Bm, Bm); };
-  auto recv = [&](int from, int tag) {
-    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
-    Request r = pp.irecv(t.ptr<void>(), t.bytes(), from, tag);
-    pp.wait(r);
-    return t;
-  };
-  auto send = [&](DeviceTensor t, int to, int tag) {
-    sends.push_back(pp.isend(t.ptr<void>(), t.bytes(), to, tag));
-    sent.push_back(std::move(t));
-  };
-  auto forward = [&](int i) {
-    DeviceTensor in = s == 0 ? dev.alloc(DType::f32, {Bm, Ll, D}) : recv(s - 1, 2 * i);
-    if (s == 0) copy_into(in, micro(x, i));
-    DeviceTensor out = model_forward(m, in, sp, acts[i]);
-    if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
-    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
-    copy_into(t, micro(target, i));
-    dys[i] = dev.alloc(DType::f32, {Bm, Ll, D});
-    loss += mse_loss(out, t, dys[i], nullptr, global_count);
-  };
-  auto backward = [&](int i) {
-    DeviceTensor dy = s + 1 < S ? recv(s + 1, 2 * i + 1) : std::move(dys[i]);
-    DeviceTensor dx = model_backward(m, acts[i], dy, sp);
-    acts[i] = Activations();
-    if (s > 0) send(std::move(dx), s - 1, 2 * i + 1);
-  };
-  if (train) m.zero_grads();
-  if (!train) {
-    for (int i = 0; i < M; ++i) forward(i);
-  } else {
-    const int warm = std::min(S - s - 1, M);
-    int f = 0, b = 0;
-    while (f < warm) forward(f++);
-    while (f < M) forward(f++), backward(b++);
-    while (b < M) backward(b++);
-  }
-  for (Request& r : sends) pp.wait(r);
-  // The loss lives on the last stage (and, summed over the replica group, covers
-  // the whole batch and sequence); every stage reports it.
-  if (s + 1 < S) loss = 0;
-  if (reduce) reduce->all_reduce(&loss, 1, ReduceOp::sum);
-  pp.all_reduce(&loss, 1, ReduceOp::sum);
-  if (train) {
-    if (reduce) reduce->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
-    check(opt != nullptr, "a training pipeline step needs an optimizer");
-    opt->update(m);
-  }
-  return loss;
 }
 
 }  // namespace ringattn

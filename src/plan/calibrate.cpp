@@ -10,11 +10,11 @@
 #include <vector>
 #include <thread>
 
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
-#include "ringattn/layers.h"
+#include "ringattn/cpu/layers.h"
 #include "ringattn/layout.h"
 #include "ringattn/perf.h"
 #include "ringattn/plan.h"
@@ -42,13 +42,6 @@ double last_level_cache_bytes() {
     }
   }
   return best;
-}
-
-Tensor random_tensor(DType dt, std::initializer_list<int64_t> shape, std::mt19937_64& rng) {
-  Tensor t(dt, shape);
-  std::normal_distribution<float> dist(0.f, 1.f);
-  for (int64_t i = 0; i < t.numel(); ++i) store_from_f32(t.ptr<void>(), dt, i, dist(rng));
-  return t;
 }
 
 }  // namespace
@@ -160,8 +153,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   for (DType dt : {DType::f32, DType::bf16}) {
     for (int64_t n : {64, 128, 256, 512, 1024, 2048}) {
       together(cat("linear ", dtype_name(dt), " ", M, " x ", n, " x ", n));
-      Tensor x = random_tensor(DType::f32, {M, n}, rng), dy = random_tensor(DType::f32, {M, n}, rng);
-      Tensor w = random_tensor(dt, {n, n}, rng), b = random_tensor(DType::f32, {n}, rng);
+      Tensor x = random_normal(DType::f32, {M, n}, rng), dy = random_normal(DType::f32, {M, n}, rng);
+      Tensor w = random_normal(dt, {n, n}, rng), b = random_normal(DType::f32, {n}, rng);
       Tensor dw(DType::f32, {n, n}), db(DType::f32, {n});
       const double tf = best_of(3, [&] {
         Tensor y(DType::f32, {M, n});
@@ -186,8 +179,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   for (DType dt : {DType::f32, DType::bf16}) {
     for (int64_t d : {64, 128}) {
       together(cat("attention ", dtype_name(dt), " d=", d));
-      Tensor q = random_tensor(dt, {1, L, H, d}, rng), k = random_tensor(dt, {1, L, H, d}, rng),
-             v = random_tensor(dt, {1, L, H, d}, rng), dout = random_tensor(DType::f32, {1, L, H, d}, rng);
+      Tensor q = random_normal(dt, {1, L, H, d}, rng), k = random_normal(dt, {1, L, H, d}, rng),
+             v = random_normal(dt, {1, L, H, d}, rng), dout = random_normal(DType::f32, {1, L, H, d}, rng);
       Tensor o(DType::f32, {1, L, H, d}), lse(DType::f32, {1, H, L});
       Tensor dq(DType::f32, {1, L, H, d}), dk(DType::f32, {1, L, H, d}), dv(DType::f32, {1, L, H, d});
       AttentionOptions opt;
@@ -206,8 +199,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
     const std::vector<int64_t> q_pos = shard_positions(Layout::zigzag, L, 2, 0);
     std::vector<int64_t> k_pos(static_cast<size_t>(L));
     for (int64_t i = 0; i < L; ++i) k_pos[static_cast<size_t>(i)] = i;
-    Tensor q = random_tensor(DType::f32, {1, Lq, H, d}, rng), k = random_tensor(DType::f32, {1, L, H, d}, rng),
-           v = random_tensor(DType::f32, {1, L, H, d}, rng);
+    Tensor q = random_normal(DType::f32, {1, Lq, H, d}, rng), k = random_normal(DType::f32, {1, L, H, d}, rng),
+           v = random_normal(DType::f32, {1, L, H, d}, rng);
     Tensor o(DType::f32, {1, Lq, H, d}), lse(DType::f32, {1, H, Lq});
     AttentionOptions opt;
     opt.threads = threads, opt.causal = true, opt.q_pos = q_pos, opt.k_pos = k_pos;
@@ -228,7 +221,7 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   {
     together("elementwise (LayerNorm, adds) and GELU");
     const int64_t N = 16384, D = 256, F = 1024;
-    Tensor x = random_tensor(DType::f32, {N, D}, rng), dy = random_tensor(DType::f32, {N, D}, rng);
+    Tensor x = random_normal(DType::f32, {N, D}, rng), dy = random_normal(DType::f32, {N, D}, rng);
     Tensor g(DType::f32, {D}), b(DType::f32, {D}), dg(DType::f32, {D}), db(DType::f32, {D});
     std::fill_n(g.ptr<float>(), D, 1.f);
     std::fill_n(b.ptr<float>(), D, 0.f);
@@ -248,7 +241,7 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
     h.sources["elementwise_bandwidth"] =
         "LayerNorm forward + backward and an add over fresh fp32 [16384, 256] buffers (36 B per element), every "
         "rank at once";
-    Tensor hx = random_tensor(DType::f32, {N, F}, rng), hdy = random_tensor(DType::f32, {N, F}, rng);
+    Tensor hx = random_normal(DType::f32, {N, F}, rng), hdy = random_normal(DType::f32, {N, F}, rng);
     comm.barrier();
     const double tf = best_of(3, [&] {
       Tensor y(DType::f32, {N, F});
@@ -268,8 +261,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   {
     together("decode against a 131072-token cache");
     const int64_t Lc = 131072, d = 64;
-    Tensor q = random_tensor(DType::f32, {1, 1, H, d}, rng), k = random_tensor(DType::f32, {1, Lc, H, d}, rng),
-           v = random_tensor(DType::f32, {1, Lc, H, d}, rng);
+    Tensor q = random_normal(DType::f32, {1, 1, H, d}, rng), k = random_normal(DType::f32, {1, Lc, H, d}, rng),
+           v = random_normal(DType::f32, {1, Lc, H, d}, rng);
     Tensor o(DType::f32, {1, 1, H, d}), lse(DType::f32, {1, H, 1});
     AttentionOptions opt;
     opt.threads = threads;
@@ -289,10 +282,10 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
     double bytes = 0;
     for (int l = 0; l < 4; ++l)
       for (const auto& sh : shapes) {
-        w.push_back(random_tensor(DType::f32, {sh[0], sh[1]}, rng));
+        w.push_back(random_normal(DType::f32, {sh[0], sh[1]}, rng));
         bytes += static_cast<double>(w.back().bytes());
       }
-    Tensor x = random_tensor(DType::f32, {rows, 4 * D}, rng), y(DType::f32, {rows, 4 * D});
+    Tensor x = random_normal(DType::f32, {rows, 4 * D}, rng), y(DType::f32, {rows, 4 * D});
     auto pass = [&] {
       for (const Tensor& m : w)
         linear_forward(rows, m.dim(0), m.dim(1), x.ptr<float>(), m.ptr<void>(), nullptr, y.ptr<float>());
@@ -308,7 +301,7 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   {
     together("per-operation overhead");
     const int64_t n = 64;
-    Tensor x = random_tensor(DType::f32, {1, n}, rng), w = random_tensor(DType::f32, {n, n}, rng);
+    Tensor x = random_normal(DType::f32, {1, n}, rng), w = random_normal(DType::f32, {n, n}, rng);
     Tensor y(DType::f32, {1, n}), mean(DType::f32, {1}), rstd(DType::f32, {1});
     const int reps = 2000;
     const double t = best_of(3, [&] {

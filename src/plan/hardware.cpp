@@ -7,7 +7,7 @@
 #include <set>
 #include <sstream>
 
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
 #include "ringattn/plan.h"
 

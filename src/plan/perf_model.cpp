@@ -1,5 +1,5 @@
 // The performance model of plan.h: what one training step, forward and decode
-// step of a layout cost on a Hardware, following what src/model and src/dist do.
+// step of a layout cost on a Hardware, following what src/model and src/parallel do.
 #include <algorithm>
 #include <cmath>
 

@@ -13,6 +13,7 @@
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "cuda/gpu_test_util.h"
 #include "test_util.h"
 
@@ -91,11 +92,11 @@ Step forward_backward(Model& m, const Tensor& x, const Tensor& t) {
   Device& d = m.device();
   DeviceTensor gx = d.upload(x), gt = d.upload(t), dy = d.alloc(DType::f32, {x.dim(0), x.dim(1), x.dim(2)});
   Activations act;
-  const DeviceTensor y = model_forward(m, gx, SequenceParallel{}, act);
+  const DeviceTensor y = model_forward(m, gx, ModelParallel{}, act);
   Step s;
   s.loss = mse_loss(y, gt, dy, nullptr, x.numel(), d);
   m.zero_grads();
-  const DeviceTensor dx = model_backward(m, act, dy, SequenceParallel{});
+  const DeviceTensor dx = model_backward(m, act, dy, ModelParallel{});
   s.y = download(d, y), s.dx = download(d, dx), s.grads = m.host_grads();
   return s;
 }
@@ -128,8 +129,8 @@ TEST(CudaModel, StepIsAsCloseToFp32AsTheCpuBf16Model) {
   DeviceTensor gx = gpu->upload(x), gt = gpu->upload(t);
   double first = 0, last = 0;
   for (int s = 0; s < 4; ++s) {
-    const double lc = train_step(mcpu, ocpu, x, t, SequenceParallel{}, x.numel(), nullptr);
-    const double lg = train_step(mgpu, ogpu, gx, gt, SequenceParallel{}, x.numel(), nullptr);
+    const double lc = train_step(mcpu, ocpu, x, t, ModelParallel{}, x.numel(), nullptr);
+    const double lg = train_step(mgpu, ogpu, gx, gt, ModelParallel{}, x.numel(), nullptr);
     EXPECT_NEAR(lg, lc, 1e-2 * lc) << "step " << s;
     (s == 0 ? first : last) = lg;
   }
@@ -161,8 +162,8 @@ TEST(CudaModel, RingTrainingOnPRanksMatchesOneRank) {
         shard(x, lx, layout, P, p);
         shard(t, lt, layout, P, p);
         DeviceTensor gx = dev.upload(lx), gt = dev.upload(lt), dy = dev.alloc(DType::f32, {kB, kL / P, D});
-        SequenceParallel sp;
-        sp.comm = &comm;
+        ModelParallel sp;
+        sp.sp = &comm;
         sp.attn.layout = layout;
         Activations act;
         const DeviceTensor gy = model_forward(m, gx, sp, act);
@@ -198,14 +199,14 @@ TEST(CudaModel, DecodeMatchesTheWholeSequence) {
   auto gpu = make_cuda_device(0);
   Model full(c, 1, 0, 1, 0, gpu.get());
   Activations act;
-  const Tensor ref = download(*gpu, model_forward(full, gpu->upload(seq), SequenceParallel{}, act));
+  const Tensor ref = download(*gpu, model_forward(full, gpu->upload(seq), ModelParallel{}, act));
   for (int P : {1, 2}) {
     Tensor got(DType::f32, {kB, steps, D});
     std::mutex mu;
     run_device_local_group(P, 0, [&](int p, Device& dev, Communicator& comm) {
       Model m(c, 1, 0, 1, 0, &dev);
-      SequenceParallel sp;
-      sp.comm = P > 1 ? &comm : nullptr;
+      ModelParallel sp;
+      sp.sp = P > 1 ? &comm : nullptr;
       sp.attn.layout = Layout::contiguous;
       KVCache cache(m, kB, L / P + steps, P, p);
       Tensor prompt(DType::f32, {kB, L, D}), local(DType::f32, {kB, L / P, D});

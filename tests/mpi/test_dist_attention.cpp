@@ -43,11 +43,12 @@
 
 #include "attn_case.h"
 #include "reference.h"
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
+#include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -311,27 +312,6 @@ double max_bf16_ulps(const TensorView& got, const TensorView& ref, double slack)
     worst = std::max(worst, (diff - slack) / ulp);
   }
   return worst;
-}
-
-// Every rank expects `f` to throw ringattn::Error whose message contains any of `needles`.
-template <typename F>
-void expect_error_everywhere(Communicator& comm, F&& f, std::initializer_list<const char*> needles,
-                             const std::string& what) {
-  double threw = 0, matched = 0;
-  std::string msg;
-  try {
-    f();
-  } catch (const Error& e) {
-    threw = 1;
-    msg = e.what();
-    matched = contains_any(msg, needles) ? 1 : 0;
-  }
-  double mine[2] = {threw, matched};
-  comm.all_reduce(mine, 2, ReduceOp::min);  // every rank must have thrown (and matched)
-  EXPECT_EQ(threw, 1) << what << ": no ringattn::Error on rank " << comm.rank();
-  EXPECT_EQ(matched, 1) << what << ": message does not say why: '" << msg << "'";
-  EXPECT_EQ(mine[0], 1) << what << ": some rank did not throw";
-  EXPECT_EQ(mine[1], 1) << what << ": some rank's message does not say why";
 }
 
 // ---- 1. every strategy x layout x causal x dtype x GQA vs the single-rank kernels ----

@@ -19,6 +19,7 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "ringattn/parallel.h"
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/model.h"
@@ -63,16 +64,15 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
   std::vector<DeviceTensor> ref;
   for (const Tensor& s : seq) {
     Activations act;
-    ref.push_back(model_forward(full, s, SequenceParallel{}, act));
+    ref.push_back(model_forward(full, s, ModelParallel{}, act));
   }
-  // The mesh.
-  Mesh mesh = Mesh::build(world, 1, sp, tp, pp);
-  Model part(c, tp, mesh.tp_index(), pp, mesh.pp_index());
-  SequenceParallel spc;
-  spc.comm = sp > 1 ? mesh.sp_comm.get() : nullptr;
-  spc.tp = tp > 1 ? mesh.tp_comm.get() : nullptr;
-  spc.attn.layout = layout;
-  spc.attn.threads = 1;
+  // The mesh, set up the way the commands do it.
+  ParallelConfig pc;
+  pc.pp = pp, pc.sp = sp, pc.tp = tp, pc.layout = layout, pc.threads = 1;
+  RunContext run(&world, pc);
+  const Mesh& mesh = run.mesh();
+  Model part = model_for(c, run);
+  const ModelParallel& spc = run.model_parallel();
   Communicator* ppc = pp > 1 ? mesh.pp_comm.get() : nullptr;
   const int64_t longest = *std::max_element(prompts.begin(), prompts.end());
   KVCache cache(part, B, longest / sp + (kSteps + sp - 1) / sp, sp, mesh.sp_index());
@@ -166,8 +166,8 @@ TEST_F(Inference, FullCacheAndBadPrefillsThrowOnEveryRank) {
   const int P = world->size();
   const ModelConfig c = small_gqa();
   Model m(c);
-  SequenceParallel spc;
-  spc.comm = P > 1 ? world.get() : nullptr;
+  ModelParallel spc;
+  spc.sp = P > 1 ? world.get() : nullptr;
   spc.attn.layout = Layout::striped;
   const int64_t Ll = 4, D = c.d_model;
   KVCache cache(m, 1, Ll + 2, P, world->rank());  // room for 2 decoded tokens per rank

@@ -3,7 +3,7 @@
 //
 // Every rank builds the same model (config seed + the same N(0, 0.1) perturbation),
 // the same FULL input x [B, L, D] and target, and computes the single-process
-// reference (sp.comm = nullptr) on the full tensors itself. The distributed run
+// reference (sp.sp = nullptr) on the full tensors itself. The distributed run
 // shards x and target with ringattn::shard (sequence = dim 1), runs model_forward,
 // mse_loss over the communicator and model_backward, all-reduces the weight
 // gradients, and gathers y and dx back (all_gather + unshard). Errors are
@@ -54,8 +54,11 @@
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
+#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
+#include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -155,26 +158,6 @@ Tensor shard_of(const TensorView& full, Layout l, int P, int p) {
   return t;
 }
 
-template <typename F>
-void expect_error_everywhere(Communicator& comm, F&& f, std::initializer_list<const char*> needles,
-                             const std::string& what) {
-  double threw = 0, matched = 0;
-  std::string msg;
-  try {
-    f();
-  } catch (const Error& e) {
-    threw = 1;
-    msg = e.what();
-    matched = contains_any(msg, needles) ? 1 : 0;
-  }
-  double mine[2] = {threw, matched};
-  comm.all_reduce(mine, 2, ReduceOp::min);
-  EXPECT_EQ(threw, 1) << what << ": no ringattn::Error on rank " << comm.rank();
-  EXPECT_EQ(matched, 1) << what << ": message does not say why: '" << msg << "'";
-  EXPECT_EQ(mine[0], 1) << what << ": some rank did not throw";
-  EXPECT_EQ(mine[1], 1) << what << ": some rank's message does not say why";
-}
-
 // ---- the problem --------------------------------------------------------------------------
 
 struct SpCase {
@@ -209,9 +192,9 @@ std::unique_ptr<Model> make_model(const ModelConfig& cfg) {
   return m;
 }
 
-SequenceParallel sp_of(Communicator* comm, const SpCase& c) {
-  SequenceParallel sp;
-  sp.comm = comm;
+ModelParallel sp_of(Communicator* comm, const SpCase& c) {
+  ModelParallel sp;
+  sp.sp = comm;
   sp.attn.strategy = c.strategy;
   sp.attn.layout = c.layout;
   sp.attn.threads = 1;
@@ -224,18 +207,18 @@ struct Result {
   std::vector<float> grads;    // reduced over the SP group
 };
 
-// Forward, loss, backward; grads all-reduced over sp.comm when set.
-Result run(const ModelConfig& cfg, const TensorView& x, const TensorView& t, const SequenceParallel& sp,
+// Forward, loss, backward; grads all-reduced over sp.sp when set.
+Result run(const ModelConfig& cfg, const TensorView& x, const TensorView& t, const ModelParallel& sp,
            int64_t global_count) {
   auto m = make_model(cfg);
   Result r;
   Activations act;
   r.y = model_forward(*m, x, sp, act);
   Tensor dy(DType::f32, {x.dim(0), x.dim(1), x.dim(2)});
-  r.loss = mse_loss(r.y, t, dy, sp.comm, global_count);
+  r.loss = mse_loss(r.y, t, dy, sp.sp, global_count);
   m->zero_grads();
   r.dx = model_backward(*m, act, dy, sp);
-  if (sp.comm) sp.comm->all_reduce(m->grads(), m->num_params(), ReduceOp::sum);
+  if (sp.sp) sp.sp->all_reduce(m->grads(), m->num_params(), ReduceOp::sum);
   r.grads.assign(m->grads(), m->grads() + m->num_params());
   return r;
 }
@@ -308,12 +291,12 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
   const ModelConfig cfg = config(c.kv, c.causal, c.heads);
   const int64_t D = cfg.d_model, count = kB * kL * D;
   const FullData f(kB, D, 200);
-  SequenceParallel one;
+  ModelParallel one;
   one.attn.threads = 1;
 
   const Result ref = run(cfg, f.x, f.t, one, count);
   const Tensor xl = shard_of(f.x, c.layout, P, p), tl = shard_of(f.t, c.layout, P, p);
-  const SequenceParallel sp = sp_of(comm.get(), c);
+  const ModelParallel sp = sp_of(comm.get(), c);
   const Result got = run(cfg, xl, tl, sp, count);
   const Tensor y = gather_full(*comm, got.y, kL, c.layout), dx = gather_full(*comm, got.dx, kL, c.layout);
 
@@ -374,7 +357,7 @@ TEST_F(ModelSp, Bf16MixedPrecisionMatchesSingleProcess) {
   ModelConfig cfg = config(c.kv, c.causal);
   const int64_t D = cfg.d_model, count = kB * kL * D;
   const FullData f(kB, D, 300);
-  SequenceParallel one;
+  ModelParallel one;
   one.attn.threads = 1;
   const Result ref32 = run(cfg, f.x, f.t, one, count);
   cfg.dtype = DType::bf16;
@@ -412,7 +395,7 @@ TEST_F(ModelSp, BitwiseReproducible) {
     const int64_t D = cfg.d_model, count = kB * kL * D;
     const FullData f(kB, D, 300);
     const Tensor xl = shard_of(f.x, c.layout, P, p), tl = shard_of(f.t, c.layout, P, p);
-    const SequenceParallel sp = sp_of(comm.get(), c);
+    const ModelParallel sp = sp_of(comm.get(), c);
     const Result a = run(cfg, xl, tl, sp, count), b = run(cfg, xl, tl, sp, count);
     auto ma = make_model(cfg), mb = make_model(cfg);
     AdamW oa, ob;
@@ -434,7 +417,7 @@ TEST_F(ModelSp, BitwiseReproducible) {
 
 // ---- 3. DP × SP meshes ------------------------------------------------------------------------
 
-TEST_F(ModelSp, DataTimesSequenceParallelMatchesSingleProcess) {
+TEST_F(ModelSp, DataTimesModelParallelMatchesSingleProcess) {
   auto comm = world();
   const int P = comm->size(), p = comm->rank();
   for (int dp = 1; dp <= P; ++dp) {
@@ -458,8 +441,8 @@ TEST_F(ModelSp, DataTimesSequenceParallelMatchesSingleProcess) {
     const FullData f(B, D, 400 + dp);
     const Tensor xl = shard_of(f.x.view().slice(0, mesh.dp_index() * rows, rows), c.layout, spn, mesh.sp_index());
     const Tensor tl = shard_of(f.t.view().slice(0, mesh.dp_index() * rows, rows), c.layout, spn, mesh.sp_index());
-    const SequenceParallel sp = sp_of(mesh.sp_comm.get(), c);
-    SequenceParallel one;
+    const ModelParallel sp = sp_of(mesh.sp_comm.get(), c);
+    ModelParallel one;
     one.attn.threads = 1;
 
     auto ms = make_model(cfg), mr = make_model(cfg);
@@ -494,13 +477,13 @@ TEST_F(ModelSp, UlyssesTimesRingMatchesSingleProcess) {
   const ModelConfig cfg = config(2, true);
   const int64_t D = cfg.d_model, count = kB * kL * D;
   const FullData f(kB, D, 500);
-  SequenceParallel one;
+  ModelParallel one;
   one.attn.threads = 1;
   const Result ref = run(cfg, f.x, f.t, one, count);
   for (int U = 1; U <= P; ++U) {
     if (P % U || cfg.kv() % U) continue;
     Mesh mesh = Mesh::build(*comm, 1, P, 1, 1, U);
-    SequenceParallel sp = sp_of(mesh.sp_comm.get(), {Strategy::ring, Layout::zigzag, 2, true});
+    ModelParallel sp = sp_of(mesh.sp_comm.get(), {Strategy::ring, Layout::zigzag, 2, true});
     if (U > 1) mesh.use_hybrid(sp.attn);
     const Tensor xl = shard_of(f.x, Layout::zigzag, P, p), tl = shard_of(f.t, Layout::zigzag, P, p);
     const Result got = run(cfg, xl, tl, sp, count);

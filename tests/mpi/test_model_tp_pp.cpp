@@ -17,7 +17,9 @@
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
+#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
@@ -79,29 +81,28 @@ TEST_F(ThreadsOne, TensorAndPipelineParallelMatchOneProcess) {
       // One process.
       Model full(c);
       Activations act;
-      DeviceTensor y = model_forward(full, x, SequenceParallel{}, act);
+      DeviceTensor y = model_forward(full, x, ModelParallel{}, act);
       Tensor dy(DType::f32, {B, L, D});
       const double loss_ref = mse_loss(y, t, dy, nullptr, x.numel());
       full.zero_grads();
-      model_backward(full, act, dy, SequenceParallel{});
-      // The mesh.
-      Mesh mesh = Mesh::build(*world, ms.dp, ms.sp, ms.tp, ms.pp);
-      Model part(c, ms.tp, mesh.tp_index(), ms.pp, mesh.pp_index());
-      SequenceParallel spc;
-      spc.comm = ms.sp > 1 ? mesh.sp_comm.get() : nullptr;
-      spc.tp = ms.tp > 1 ? mesh.tp_comm.get() : nullptr;
-      spc.attn.layout = Layout::zigzag;
-      spc.attn.threads = 1;
+      model_backward(full, act, dy, ModelParallel{});
+      // The mesh, set up the way the commands do it.
+      ParallelConfig pc;
+      pc.dp = ms.dp, pc.pp = ms.pp, pc.sp = ms.sp, pc.tp = ms.tp, pc.layout = Layout::zigzag, pc.threads = 1;
+      RunContext run(world.get(), pc);
+      const Mesh& mesh = run.mesh();
+      Model part = model_for(c, run);
       const int64_t Bl = B / ms.dp, Ll = L / ms.sp;
       Tensor xl(DType::f32, {Bl, Ll, D}), tl(DType::f32, {Bl, Ll, D});
-      shard(x.view().slice(0, mesh.dp_index() * Bl, Bl), xl, Layout::zigzag, ms.sp, mesh.sp_index(), 1);
-      shard(t.view().slice(0, mesh.dp_index() * Bl, Bl), tl, Layout::zigzag, ms.sp, mesh.sp_index(), 1);
+      run.shard_batch(x, xl);
+      run.shard_batch(t, tl);
       AdamW frozen;  // lr 0: the step leaves the parameters and keeps the gradients
       frozen.lr = 0, frozen.weight_decay = 0;
-      const double loss = pipeline_step(part, &frozen, xl, tl, spc, *mesh.pp_comm, static_cast<int>(ms.pp), x.numel(),
-                                        mesh.replica_comm.get(), true);
-      const double loss_fwd = pipeline_step(part, nullptr, xl, tl, spc, *mesh.pp_comm, static_cast<int>(ms.pp),
-                                            x.numel(), mesh.replica_comm.get(), false);
+      const ModelParallel& par = run.model_parallel();
+      const double loss = pipeline_step(part, &frozen, xl, tl, par, *mesh.pp_comm, static_cast<int>(ms.pp), x.numel(),
+                                        run.replicas(), true);
+      const double loss_fwd = pipeline_step(part, nullptr, xl, tl, par, *mesh.pp_comm, static_cast<int>(ms.pp),
+                                            x.numel(), run.replicas(), false);
       Model ref(c, ms.tp, mesh.tp_index(), ms.pp, mesh.pp_index());
       ref.copy_slice_from(full, true);
       double errs[3] = {std::fabs(loss - loss_ref) / loss_ref, std::fabs(loss_fwd - loss_ref) / loss_ref,

@@ -1,7 +1,7 @@
 // The public attention API: checks every precondition with a message that says
 // what to fix, fills in defaults (scale, positions, threads), and dispatches to
 // the kernels built for the chosen instruction set.
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 
 #include <omp.h>
 
@@ -23,13 +23,6 @@ const cpu::KernelTable& table_for(Isa isa) {
     case Isa::avx2: return cpu::kernels_avx2();
     default: return cpu::kernels_generic();
   }
-}
-
-void check_rank(const TensorView& t, int rank, const char* name, const char* layout) {
-  check(t.rank == rank, name, " must have rank ", rank, " ", layout, ", got shape ", t.shape_str());
-  for (int i = 0; i < t.rank; ++i)
-    check(t.shape[i] >= 1, name, " has shape ", t.shape_str(), ": every dimension of ", layout, " must be at least 1");
-  check(!t.empty(), name, " is missing (no data)");
 }
 
 // A copy with a contiguous last dimension when the view's is strided (the kernels
@@ -56,34 +49,11 @@ struct Problem {
   std::vector<int64_t> q_pos, k_pos;
   const cpu::KernelTable* kernels = nullptr;
 
-  Problem(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& lse,
+  Problem(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
           const AttentionOptions& opt) {
-    check_rank(q, 4, "q", "[B, Lq, H, d]");
-    check_rank(k, 4, "k", "[B, Lk, Hkv, d]");
-    check_rank(v, 4, "v", "[B, Lk, Hkv, d]");
-    check_rank(lse, 3, "lse", "[B, H, Lq]");
-    const int64_t B = q.dim(0), Lq = q.dim(1), H = q.dim(2), d = q.dim(3);
-    const int64_t Lk = k.dim(1), Hkv = k.dim(2);
-    check(B > 0 && Lq > 0 && H > 0 && d > 0, "q ", q.shape_str(), " has an empty dimension");
-    check(Lk > 0 && Hkv > 0, "k ", k.shape_str(), " has an empty dimension");
-    check(k.dim(0) == B && v.dim(0) == B, "batch sizes differ: q ", q.shape_str(), ", k ", k.shape_str(), ", v ",
-          v.shape_str());
-    check(k.dim(3) == d && v.dim(3) == d, "head dims differ: q ", q.shape_str(), ", k ", k.shape_str(), ", v ",
-          v.shape_str(), " (q, k and v need the same d)");
-    check(v.dim(1) == Lk && v.dim(2) == Hkv, "k ", k.shape_str(), " and v ", v.shape_str(), " must have the same shape");
-    check(H % Hkv == 0, "query heads H=", H, " must be a multiple of key/value heads Hkv=", Hkv, " (GQA/MQA)");
+    const AttentionShape a = check_attention(q, k, v, o, lse, opt);
+    const int64_t B = a.B, Lq = a.Lq, Lk = a.Lk, H = a.H, Hkv = a.Hkv, d = a.d;
     check(d <= 1024, "head dim d=", d, " is larger than the supported maximum 1024");
-    check(q.dtype == k.dtype && q.dtype == v.dtype, "q, k and v must share a dtype, got ", dtype_name(q.dtype), ", ",
-          dtype_name(k.dtype), ", ", dtype_name(v.dtype));
-    check(lse.dtype == DType::f32, "lse must be fp32, got ", dtype_name(lse.dtype));
-    check(lse.dim(0) == B && lse.dim(1) == H && lse.dim(2) == Lq, "lse must be [B, H, Lq] = [", B, ", ", H, ", ", Lq,
-          "], got ", lse.shape_str());
-    const float scale = std::isnan(opt.scale) ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
-    check(std::isfinite(scale) && scale > 0.f, "scale must be positive and finite, got ", opt.scale);
-    check(opt.q_pos.empty() || static_cast<int64_t>(opt.q_pos.size()) == Lq, "q_pos has ", opt.q_pos.size(),
-          " entries but Lq = ", Lq);
-    check(opt.k_pos.empty() || static_cast<int64_t>(opt.k_pos.size()) == Lk, "k_pos has ", opt.k_pos.size(),
-          " entries but Lk = ", Lk);
     if (opt.q_pos.empty()) {
       q_pos.resize(Lq);
       for (int64_t i = 0; i < Lq; ++i) q_pos[i] = i + (Lk - Lq);  // bottom-right alignment
@@ -98,24 +68,17 @@ struct Problem {
     }
     check(opt.threads >= 0, "threads must be >= 0, got ", opt.threads);
     const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-    shape = {B, Lq, Lk, H, Hkv, d, scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress,
+    shape = {B, Lq, Lk, H, Hkv, d, a.scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress,
              opt.progress_ctx};
     kernels = &table_for(opt.isa ? *opt.isa : default_isa());
   }
 };
 
-void check_same_shape(const TensorView& t, const TensorView& like, const char* name, const char* like_name) {
-  check(!t.empty(), name, " is missing");
-  check(t.rank == like.rank && same_shape(t, like), name, " must have the shape of ", like_name, " ",
-        like.shape_str(), ", got ", t.shape_str());
-}
-
 }  // namespace
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                        const TensorView& lse, const AttentionOptions& opt) {
-  Problem p(q, k, v, lse, opt);
-  check_same_shape(o, q, "o", "q");
+  Problem p(q, k, v, o, lse, opt);
   check(o.strides[3] == 1, "o must have a contiguous last dimension, got strides of ", o.shape_str());
   RowContiguous qc(q), kc(k), vc(v);
   const cpu::FwdArgs args{p.shape, bshd(qc.view), bshd(kc.view), bshd(vc.view), bshd_out(o), lse_of(lse)};
@@ -128,12 +91,8 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                         const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                         const TensorView& dv, const AttentionOptions& opt) {
-  Problem p(q, k, v, lse, opt);
-  check_same_shape(o, q, "o", "q");
-  check_same_shape(dout, q, "dout", "q");
-  check_same_shape(dq, q, "dq", "q");
-  check_same_shape(dk, k, "dk", "k");
-  check_same_shape(dv, v, "dv", "v");
+  Problem p(q, k, v, o, lse, opt);
+  check_attention_grads(q, k, dout, dq, dk, dv);
   for (const auto* t : {&dq, &dk, &dv})
     check(t->strides[3] == 1, "gradient outputs must have a contiguous last dimension");
   RowContiguous qc(q), kc(k), vc(v), oc(o), doc(dout);
@@ -144,15 +103,8 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 // lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse}·o_acc + e^{lse_part-lse}·o_part
 void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                      const TensorView& lse_part, int threads) {
-  check_rank(o_acc, 4, "o_acc", "[B, Lq, H, d]");
-  check_rank(lse_acc, 3, "lse_acc", "[B, H, Lq]");
-  check_same_shape(o_part, o_acc, "o_part", "o_acc");
-  check_same_shape(lse_part, lse_acc, "lse_part", "lse_acc");
-  check(o_acc.dtype == DType::f32, "o_acc must be fp32 (merges accumulate in fp32)");
-  check(lse_acc.dtype == DType::f32 && lse_part.dtype == DType::f32, "lse tensors must be fp32");
+  check_attention_merge(o_acc, lse_acc, o_part, lse_part);
   const int64_t B = o_acc.dim(0), L = o_acc.dim(1), H = o_acc.dim(2), d = o_acc.dim(3);
-  check(lse_acc.dim(0) == B && lse_acc.dim(1) == H && lse_acc.dim(2) == L, "lse_acc must be [B, H, Lq] = [", B, ", ",
-        H, ", ", L, "], got ", lse_acc.shape_str());
   float* oa = o_acc.ptr<float>();
   float* la = lse_acc.ptr<float>();
   const float* lp = lse_part.ptr<float>();

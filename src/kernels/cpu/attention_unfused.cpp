@@ -5,9 +5,9 @@
 #include <cmath>
 #include <vector>
 
-#include "ringattn/attention.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/error.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/gemm.h"
 
 namespace ringattn {
 

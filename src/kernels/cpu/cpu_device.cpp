@@ -6,9 +6,10 @@
 #include <cmath>
 #include <vector>
 
+#include "ringattn/cpu/attention.h"
 #include "ringattn/device.h"
 #include "ringattn/error.h"
-#include "ringattn/layers.h"
+#include "ringattn/cpu/layers.h"
 
 namespace ringattn {
 namespace {

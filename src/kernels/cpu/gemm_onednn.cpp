@@ -7,7 +7,7 @@
 #include <tuple>
 
 #include "ringattn/error.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/gemm.h"
 
 namespace ringattn {
 namespace {

@@ -1,7 +1,7 @@
-// The fused kernels with AMX bf16 tiles for the bf16 forward (see flash_impl.h).
+// The fused kernels with AMX bf16 tiles for the bf16 forward (see flash_impl.inc).
 #define RA_LEVEL 4
 #define RA_NS isa_amx
-#include "kernels/cpu/flash_impl.h"
+#include "kernels/cpu/flash_impl.inc"
 
 namespace ringattn::cpu {
 const KernelTable& kernels_amx() {

@@ -1,7 +1,7 @@
-// The fused kernels built for the avx512bf16 instruction set (see flash_impl.h).
+// The fused kernels built for the avx512bf16 instruction set (see flash_impl.inc).
 #define RA_LEVEL 3
 #define RA_NS isa_avx512bf16
-#include "kernels/cpu/flash_impl.h"
+#include "kernels/cpu/flash_impl.inc"
 
 namespace ringattn::cpu {
 const KernelTable& kernels_avx512bf16() {

@@ -1,7 +1,7 @@
-// The fused kernels built for the generic instruction set (see flash_impl.h).
+// The fused kernels built for the generic instruction set (see flash_impl.inc).
 #define RA_LEVEL 0
 #define RA_NS isa_generic
-#include "kernels/cpu/flash_impl.h"
+#include "kernels/cpu/flash_impl.inc"
 
 namespace ringattn::cpu {
 const KernelTable& kernels_generic() {

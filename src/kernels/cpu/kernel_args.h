@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "ringattn/cpu.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/dtype.h"
 
 namespace ringattn::cpu {

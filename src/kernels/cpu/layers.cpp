@@ -1,6 +1,6 @@
 // Token-local layers (see layers.h): LayerNorm, GELU, linear. Row loops are
 // OpenMP-parallel; GEMMs go through the one oneDNN wrapper.
-#include "ringattn/layers.h"
+#include "ringattn/cpu/layers.h"
 
 #include <omp.h>
 
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "ringattn/error.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/gemm.h"
 
 namespace ringattn {
 

@@ -6,7 +6,7 @@
 
 #include "kernels/cpu/kernel_args.h"
 #include "ringattn/error.h"
-#include "ringattn/gemm.h"
+#include "ringattn/cpu/gemm.h"
 #include "ringattn/perf.h"
 #include "ringattn/tensor.h"
 

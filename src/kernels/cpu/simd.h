@@ -1,5 +1,5 @@
 // The vector vocabulary the fused kernels are written in, one definition per
-// instruction set. Included only from flash_impl.h inside an ISA namespace;
+// instruction set. Included only from flash_impl.inc inside an ISA namespace;
 // RA_LEVEL selects: 0 generic x86-64, 1 AVX2+FMA, 2 AVX-512, 3 AVX-512 + BF16.
 #pragma once
 #include <immintrin.h>

@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
   // This thread's rows (r_a, r_b = r_a + 8) and the warp's and block's query range.
   const int64_t r_a = m0 + warp * 16 + g, r_b = r_a + 8;
   const int64_t pos_a = pos.query(r_a), pos_b = pos.query(r_b);
-  const int64_t wq_max = warp_max(max(pos_a, pos_b));
-  const int64_t wq_min = warp_min(min(pos_a == kNoPos ? INT64_MAX : pos_a, pos_b == kNoPos ? INT64_MAX : pos_b));
+  int64_t wq_min, wq_max;
+  query_range(pos_a, pos_b, wq_min, wq_max);
   if (lane == 0) warp_qmax[warp] = wq_max;
 
   load_tile<T, kBM, D>(Qs, qg, a.q.sl, m0, a.Lq);
@@ -349,9 +349,9 @@ __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const BwdArgs 
     const float* delta = a.delta + (b * a.H + h) * a.Lq;
     for (int64_t m0 = 0; m0 < a.Lq; m0 += kBM) {
       const int64_t qa = pos.query(m0 + lane), qb = pos.query(m0 + 32 + lane);
-      const int64_t tq_max = warp_max(max(qa, qb));
+      int64_t tq_min, tq_max;
+      query_range(qa, qb, tq_min, tq_max);
       if (a.causal && kmin > tq_max) continue;  // no query of this tile sees these keys
-      const int64_t tq_min = warp_min(min(qa == kNoPos ? INT64_MAX : qa, qb == kNoPos ? INT64_MAX : qb));
       const bool need_mask = m0 + kBM > a.Lq || n0 + kBN > a.Lk || (a.causal && kmax > tq_min);
 
       __syncthreads();  // the previous tile's Qs, dOs, dSs are no longer read
@@ -522,35 +522,19 @@ struct Checked {
   float scale;
   Checked(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
           const AttentionOptions& opt) {
-    check(q.rank == 4 && k.rank == 4 && v.rank == 4, "q, k, v must be [B, L, H, d], got ", q.shape_str(), ", ",
-          k.shape_str(), ", ", v.shape_str());
-    B = q.dim(0), Lq = q.dim(1), H = q.dim(2), d = q.dim(3), Lk = k.dim(1), Hkv = k.dim(2);
-    check(B > 0 && Lq > 0 && H > 0 && Lk > 0 && Hkv > 0, "q ", q.shape_str(), " or k ", k.shape_str(),
-          " has an empty dimension");
-    check(k.dim(0) == B && same_shape(v, k) && k.dim(3) == d, "k ", k.shape_str(), " and v ", v.shape_str(),
-          " must be [B, Lk, Hkv, d] with q's B and d ", q.shape_str());
-    check(H % Hkv == 0, "query heads H=", H, " must be a multiple of key/value heads Hkv=", Hkv);
+    const AttentionShape a = check_attention(q, k, v, o, lse, opt);
+    B = a.B, Lq = a.Lq, H = a.H, d = a.d, Lk = a.Lk, Hkv = a.Hkv, scale = a.scale;
     check(d == 64 || d == 128, "the CUDA kernels support head dims 64 and 128, got d=", d);
-    check(q.dtype == k.dtype && q.dtype == v.dtype && (q.dtype == DType::bf16 || q.dtype == DType::f16),
-          "the CUDA kernels take bf16 or fp16 q, k, v of one dtype, got ", dtype_name(q.dtype), ", ",
-          dtype_name(k.dtype), ", ", dtype_name(v.dtype));
+    check(q.dtype == DType::bf16 || q.dtype == DType::f16, "the CUDA kernels take bf16 or fp16 q, k, v, got ",
+          dtype_name(q.dtype));
     for (const TensorView* x : {&q, &k, &v}) {
       check(x->strides[3] == 1, "q, k, v need a contiguous last dimension, got strides of ", x->shape_str());
       check(reinterpret_cast<uintptr_t>(x->data) % 16 == 0 && x->strides[0] % 8 == 0 && x->strides[1] % 8 == 0 &&
                 x->strides[2] % 8 == 0,
             "q, k, v rows must start on 16-byte boundaries (strides multiples of 8 elements)");
     }
-    check(o.rank == 4 && same_shape(o, q) && o.strides[3] == 1 && (o.dtype == DType::f32 || o.dtype == q.dtype),
-          "o must be [B, Lq, H, d] like q ", q.shape_str(), ", fp32 or q's dtype, last dim contiguous; got ",
-          o.shape_str(), " ", dtype_name(o.dtype));
-    check(lse.rank == 3 && lse.dtype == DType::f32 && lse.dim(0) == B && lse.dim(1) == H && lse.dim(2) == Lq,
-          "lse must be fp32 [B, H, Lq] = [", B, ", ", H, ", ", Lq, "], got ", lse.shape_str());
-    check(opt.q_pos.empty() || static_cast<int64_t>(opt.q_pos.size()) == Lq, "q_pos must have Lq=", Lq,
-          " entries, got ", opt.q_pos.size());
-    check(opt.k_pos.empty() || static_cast<int64_t>(opt.k_pos.size()) == Lk, "k_pos must have Lk=", Lk,
-          " entries, got ", opt.k_pos.size());
-    scale = std::isnan(opt.scale) ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
-    check(std::isfinite(scale) && scale > 0.f, "scale must be positive and finite, got ", opt.scale);
+    check(o.strides[3] == 1 && (o.dtype == DType::f32 || o.dtype == q.dtype),
+          "o must be fp32 or q's dtype with a contiguous last dimension; got ", dtype_name(o.dtype));
     check(B <= 65535 && H <= 65535, "B=", B, " and H=", H, " must be at most 65535 (CUDA grid limits)");
   }
   Positions positions(const AttentionOptions& opt) const {
@@ -651,15 +635,12 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
                     const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                     const TensorView& dv, const AttentionOptions& opt, cudaStream_t stream) {
   const Checked c(q, k, v, o, lse, opt);
-  check(dout.rank == 4 && same_shape(dout, q) && dout.dtype == q.dtype && dout.strides[3] == 1 &&
-            reinterpret_cast<uintptr_t>(dout.data) % 16 == 0 && dout.strides[0] % 8 == 0 &&
-            dout.strides[1] % 8 == 0 && dout.strides[2] % 8 == 0,
-        "dout must be like q ", q.shape_str(), " (dtype, 16-byte aligned rows), got ", dout.shape_str());
-  check(dq.rank == 4 && same_shape(dq, q) && (dq.dtype == DType::f32 || dq.dtype == q.dtype),
-        "dq must be [B, Lq, H, d] like q ", q.shape_str(), ", fp32 or q's dtype");
-  for (const TensorView* x : {&dk, &dv})
-    check(x->rank == 4 && same_shape(*x, k) && (x->dtype == DType::f32 || x->dtype == q.dtype),
-          "dk and dv must be [B, Lk, Hkv, d] like k ", k.shape_str(), ", fp32 or q's dtype");
+  check_attention_grads(q, k, dout, dq, dk, dv);
+  check(dout.dtype == q.dtype && dout.strides[3] == 1 && reinterpret_cast<uintptr_t>(dout.data) % 16 == 0 &&
+            dout.strides[0] % 8 == 0 && dout.strides[1] % 8 == 0 && dout.strides[2] % 8 == 0,
+        "dout must be like q (dtype, 16-byte aligned rows), got ", dtype_name(dout.dtype), " ", dout.shape_str());
+  for (const TensorView* x : {&dq, &dk, &dv})
+    check(x->dtype == DType::f32 || x->dtype == q.dtype, "dq, dk and dv must be fp32 or q's dtype");
   const int64_t rows = c.B * c.H * c.Lq, n = rows * c.d;
   float *delta = nullptr, *dq_acc = nullptr;
   check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&delta), rows * sizeof(float), stream),
@@ -686,13 +667,8 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
 
 void merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part, const TensorView& lse_part,
            cudaStream_t stream) {
-  check(o_acc.rank == 4 && o_acc.dtype == DType::f32 && o_part.rank == 4 && same_shape(o_part, o_acc),
-        "merge: o_acc must be fp32 [B, Lq, H, d] and o_part the same shape, got ", o_acc.shape_str(), " and ",
-        o_part.shape_str());
+  check_attention_merge(o_acc, lse_acc, o_part, lse_part);
   const int64_t B = o_acc.dim(0), Lq = o_acc.dim(1), H = o_acc.dim(2), d = o_acc.dim(3);
-  for (const TensorView* l : {&lse_acc, &lse_part})
-    check(l->rank == 3 && l->dtype == DType::f32 && l->dim(0) == B && l->dim(1) == H && l->dim(2) == Lq,
-          "merge: lse must be fp32 [B, H, Lq] = [", B, ", ", H, ", ", Lq, "], got ", l->shape_str());
   check(o_acc.strides[3] == 1 && o_part.strides[3] == 1, "merge: o needs a contiguous last dimension");
   const int64_t rows = B * Lq * H;
   merge_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(

@@ -124,6 +124,13 @@ __device__ __forceinline__ void key_range(const Positions& pos, int64_t n0, int 
   kmin = warp_min(lo);
 }
 
+// The smallest and largest position of a warp's queries, two per lane (a, b);
+// padding rows (kNoPos) are left out of the smallest.
+__device__ __forceinline__ void query_range(int64_t a, int64_t b, int64_t& qmin, int64_t& qmax) {
+  qmax = warp_max(max(a, b));
+  qmin = warp_min(min(a == kNoPos ? INT64_MAX : a, b == kNoPos ? INT64_MAX : b));
+}
+
 // The forward's outputs for this thread's rows r_a and r_b of (b, h): o = acc / l and
 // lse = (m + log2 l)·ln 2, with acc in the C-fragment layout (acc[4j + e]: row r_a
 // for e < 2, else r_b; column 8j + 2t + e % 2), m the running max in base-2 units and

@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // This thread's rows (r_a, r_b = r_a + 8: warp w owns rows 16w..16w+15) and the warp's and block's query range.
   const int64_t r_a = m0 + warp * 16 + g, r_b = r_a + 8;
   const int64_t pos_a = pos.query(r_a), pos_b = pos.query(r_b);
-  const int64_t wq_max = warp_max(max(pos_a, pos_b));
-  const int64_t wq_min = warp_min(min(pos_a == kNoPos ? INT64_MAX : pos_a, pos_b == kNoPos ? INT64_MAX : pos_b));
+  int64_t wq_min, wq_max;
+  query_range(pos_a, pos_b, wq_min, wq_max);
   if (lane == 0) warp_qmax[warp] = wq_max;
   if (producer) {
     mbar_init(q_full, 1);

@@ -1,0 +1,560 @@
+// Distributed exact attention over a Communicator: the ring (RA+SP) and the two
+// baselines, all-gather KV and Ulysses (see dist_attention.h).
+#include "ringattn/dist_attention.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ringattn/cpu/attention.h"
+#include "ringattn/device.h"
+#include "ringattn/error.h"
+#include "ringattn/perf.h"
+
+namespace ringattn {
+
+const char* strategy_name(Strategy s) {
+  switch (s) {
+    case Strategy::ring: return "ring";
+    case Strategy::allgather: return "allgather";
+    case Strategy::ulysses: return "ulysses";
+    default: return "hybrid";
+  }
+}
+
+Strategy parse_strategy(const std::string& s) {
+  for (Strategy x : {Strategy::ring, Strategy::allgather, Strategy::ulysses, Strategy::hybrid})
+    if (s == strategy_name(x)) return x;
+  throw Error(cat("unknown strategy '", s, "': valid strategies are ring, allgather, ulysses, hybrid"));
+}
+
+namespace {
+
+void poll_comm(void* c) { static_cast<Communicator*>(c)->progress(); }
+
+// One call's bookkeeping: shapes, positions, timers, traffic.
+struct Call {
+  Communicator& comm;
+  const DistAttentionOptions& opt;
+  Device& dev;  // where the tensors live and the kernels run
+  DistStats* out;
+  int P, p;
+  int64_t B, Ll, H, Hkv, d, L;
+  DType dtype;
+  double t_start, compute = 0;
+  CommStats comm0;
+  std::vector<std::pair<Communicator*, CommStats>> groups;  // hybrid: the sub-groups' traffic counts too
+
+  // q, k, v, o, lse, then (backward) dout, dq, dk, dv.
+  Call(Communicator& c, const DistAttentionOptions& o, DistStats* s, std::initializer_list<const TensorView*> ts)
+      : comm(c), opt(o), dev(o.device ? *o.device : cpu_device()), out(s), P(c.size()), p(c.rank()) {
+    const std::vector<const TensorView*> t(ts);
+    const TensorView &q = *t[0], &k = *t[1], &v = *t[2], &o_ = *t[3], &lse = *t[4];
+    // Every rank must agree on the problem before anyone communicates, and before
+    // any rank-local check could make one rank leave alone.
+    auto dims = [](const TensorView& t) {
+      std::array<int64_t, 5> r{t.rank, -1, -1, -1, -1};
+      for (int i = 0; i < t.rank && i < 4; ++i) r[1 + i] = t.shape[i];
+      return r;
+    };
+    const float sc = opt.scale;
+    int32_t scale_bits;
+    std::memcpy(&scale_bits, &sc, 4);
+    std::vector<int64_t> cfg = {static_cast<int64_t>(q.dtype), static_cast<int64_t>(k.dtype),
+                                static_cast<int64_t>(v.dtype), opt.causal, static_cast<int64_t>(opt.strategy),
+                                static_cast<int64_t>(opt.layout), std::isnan(sc) ? -1 : scale_bits};
+    for (const TensorView* x : t) {
+      cfg.push_back(x->empty() ? -1 : static_cast<int64_t>(x->dtype));
+      for (int64_t e : dims(*x)) cfg.push_back(e);
+    }
+    check_same_on_all_ranks(comm, cfg,
+                            "attention config (dtypes, causal, strategy, layout, scale, then dtype, rank and shape "
+                            "of the q, k, v, o, lse[, dout, dq, dk, dv] shards)");
+    AttentionOptions contract;
+    contract.scale = opt.scale, contract.causal = opt.causal;
+    const AttentionShape a = check_attention(q, k, v, o_, lse, contract);
+    B = a.B, Ll = a.Lq, H = a.H, d = a.d, Hkv = a.Hkv;
+    L = Ll * P;
+    dtype = q.dtype;
+    check(a.Lk == Ll, "sequence parallel attention needs q and k shards of the same length, got ", q.shape_str(),
+          " and ", k.shape_str());
+    if (t.size() > 5) check_attention_grads(q, k, *t[5], *t[6], *t[7], *t[8]);
+    check_layout(opt.layout, L, P);
+    check(dev.is_host() || opt.strategy == Strategy::ring, "strategy '", strategy_name(opt.strategy),
+          "' runs on the host only; on ", dev.name(), " use the ring");
+    if (opt.strategy == Strategy::hybrid) {
+      check(opt.ulysses_group && opt.ring_group, "the hybrid strategy needs its Ulysses and ring groups");
+      const int U = opt.ulysses_group->size(), R = opt.ring_group->size();
+      check(U * R == P && opt.ring_group->rank() * U + opt.ulysses_group->rank() == p,
+            "the hybrid strategy's groups must tile the ranks: rank = ring rank x ", U, " + Ulysses rank, got ring ",
+            opt.ring_group->rank(), " of ", R, " and Ulysses ", opt.ulysses_group->rank(), " of ", U, " for rank ",
+            p, " of ", P);
+      check(H % U == 0 && Hkv % U == 0, "the hybrid strategy splits heads over its Ulysses group: H=", H,
+            " and Hkv=", Hkv, " must both be divisible by ", U);
+      for (Communicator* g : {opt.ulysses_group, opt.ring_group}) groups.emplace_back(g, g->stats());
+    }
+    comm0 = comm.stats();
+    t_start = now_seconds();
+  }
+
+  // Polls `poll` (the group whose transfers are in flight) between tiles.
+  AttentionOptions local(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos,
+                         Communicator* poll = nullptr) const {
+    AttentionOptions a;
+    a.scale = opt.scale;
+    a.causal = opt.causal;
+    a.q_pos = q_pos;
+    a.k_pos = k_pos;
+    a.threads = opt.threads;
+    a.isa = opt.isa;
+    if (opt.overlap) {
+      a.progress = poll_comm;
+      a.progress_ctx = poll ? poll : &comm;
+    }
+    return a;
+  }
+
+  template <typename F>
+  void timed(F&& f) {
+    const double t0 = now_seconds();
+    f();
+    compute += now_seconds() - t0;
+  }
+
+  ~Call() {
+    if (!out) return;
+    const CommStats& c = comm.stats();
+    out->seconds = now_seconds() - t_start;
+    out->compute_seconds = compute;
+    out->wait_seconds = c.wait_seconds - comm0.wait_seconds;
+    out->bytes_sent = c.bytes_sent - comm0.bytes_sent;
+    out->bytes_received = c.bytes_received - comm0.bytes_received;
+    for (const auto& [g, s0] : groups) {
+      out->wait_seconds += g->stats().wait_seconds - s0.wait_seconds;
+      out->bytes_sent += g->stats().bytes_sent - s0.bytes_sent;
+      out->bytes_received += g->stats().bytes_received - s0.bytes_received;
+    }
+  }
+};
+
+// Completes (or, past the timeout, abandons) transfers still in flight when an
+// error unwinds a schedule, so no buffer is freed while MPI writes into it.
+struct InFlight {
+  Communicator& comm;
+  std::vector<Request*> reqs;
+  ~InFlight() {
+    for (Request* r : reqs)
+      if (r->pending()) try {
+          comm.wait(*r);
+        } catch (const Error&) {
+        }
+  }
+};
+
+std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
+  std::vector<int64_t> pos;
+  pos.reserve(static_cast<size_t>(L));
+  for (int r = 0; r < P; ++r) {
+    const std::vector<int64_t> s = shard_positions(l, L, P, r);
+    pos.insert(pos.end(), s.begin(), s.end());
+  }
+  return pos;
+}
+
+bool sees_any(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos) {
+  return *std::min_element(k_pos.begin(), k_pos.end()) <= *std::max_element(q_pos.begin(), q_pos.end());
+}
+
+TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
+
+// ---- ring (RA+SP) -----------------------------------------------------------------
+// The group the K/V blocks travel round and the global positions of the tokens
+// each member holds (its layout shard, or under the hybrid the shards of its
+// Ulysses group), on the host and where the device's kernels read them.
+struct Ring {
+  Communicator& comm;
+  Device& dev;
+  std::vector<std::vector<int64_t>> pos;
+  std::vector<std::shared_ptr<const int64_t>> dev_pos;
+  Ring(Communicator& c, Device& d, std::vector<std::vector<int64_t>> p) : comm(c), dev(d), pos(std::move(p)) {
+    for (const auto& x : pos) dev_pos.push_back(dev.upload_positions(x));
+  }
+  int P() const { return comm.size(); }
+  int p() const { return comm.rank(); }
+  std::span<const int64_t> positions(int member) const { return {dev_pos[member].get(), pos[member].size()}; }
+};
+
+Ring plain_ring(const Call& c) {
+  std::vector<std::vector<int64_t>> pos;
+  for (int m = 0; m < c.P; ++m) pos.push_back(shard_positions(c.opt.layout, c.L, c.P, m));
+  return Ring(c.comm, c.dev, std::move(pos));
+}
+
+// Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
+// the block it holds to p+1 and receiving the next from p−1. One schedule for
+// every device: on a GPU the kernels and the transfers are queued on two streams
+// and wait() orders them, on the CPU the kernels poll the communicator.
+//   q, o: [B, Lr, H, d]   k, v: [B, Lr, Hkv, d]   lse: [B, H, Lr]   (Lr = the member's tokens)
+void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
+                  const TensorView& o, const TensorView& lse) {
+  const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  Device& dev = ring.dev;
+  const std::vector<int64_t>& q_pos = ring.pos[p];
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lr, Hkv, d}), dev.alloc(c.dtype, {2, B, Lr, Hkv, d})};
+  dev.copy(kv_half(kv[0], 0), k);
+  dev.copy(kv_half(kv[0], 1), v);
+  DeviceTensor o_acc = dev.alloc(DType::f32, {B, Lr, H, d}), lse_acc = dev.alloc(DType::f32, {B, H, Lr});
+  DeviceTensor o_part = dev.alloc(DType::f32, {B, Lr, H, d}), lse_part = dev.alloc(DType::f32, {B, H, Lr});
+  dev.fill(o_acc, 0.f);
+  dev.fill(lse_acc, -INFINITY);
+  int cur = 0;
+  for (int t = 0; t < P; ++t) {
+    const int src = (p - t + P) % P;
+    Request send, recv;
+    InFlight guard{ring.comm, {&send, &recv}};
+    if (t < P - 1) {
+      send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
+      recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
+      ring.comm.progress();  // start them (a stream-ordered backend launches what was posted)
+    }
+    if (c.opt.causal && !sees_any(q_pos, ring.pos[src])) {
+      if (c.out) ++c.out->stages_skipped;
+    } else {
+      c.timed([&] {
+        dev.attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part,
+                              c.local(ring.positions(p), ring.positions(src), &ring.comm));
+        dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
+      });
+    }
+    if (t < P - 1) {
+      ring.comm.wait(send);
+      ring.comm.wait(recv);
+    }
+    cur = 1 - cur;
+  }
+  dev.copy(o, o_acc);
+  dev.copy(lse, lse_acc);
+}
+
+// Q, dO, O, lse and dQ stay home; each K/V block travels with its dK/dV
+// accumulator, which reaches its owner one hop after the last stage.
+void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
+                   const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                   const TensorView& dk, const TensorView& dv) {
+  const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  Communicator& comm = ring.comm;
+  Device& dev = ring.dev;
+  const std::vector<int64_t>& q_pos = ring.pos[p];
+  const std::initializer_list<int64_t> kv_shape = {2, B, Lr, Hkv, d};
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, kv_shape), dev.alloc(c.dtype, kv_shape)};
+  DeviceTensor dkv[2] = {dev.alloc(DType::f32, kv_shape), dev.alloc(DType::f32, kv_shape)};
+  DeviceTensor dkv_part = dev.alloc(DType::f32, kv_shape);
+  DeviceTensor dq_acc = dev.alloc(DType::f32, {B, Lr, H, d}), dq_part = dev.alloc(DType::f32, {B, Lr, H, d});
+  dev.fill(dq_acc, 0.f);
+  dev.copy(kv_half(kv[0], 0), k);
+  dev.copy(kv_half(kv[0], 1), v);
+  Request dkv_send[2];
+  InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
+  const int kv_tag = 0, dkv_tag = 1;  // tags 2t + kind
+  int cur = 0;
+  for (int t = 0; t < P; ++t) {
+    const int src = (p - t + P) % P;
+    Request kv_send, kv_recv, dkv_recv;
+    InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
+    // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
+    // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
+    if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
+    if (t > 0) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
+    if (t < P - 1) {
+      kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
+      kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
+    }
+    comm.progress();
+    const bool visible = !c.opt.causal || sees_any(q_pos, ring.pos[src]);
+    if (visible) {
+      c.timed([&] {
+        dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part,
+                               kv_half(dkv_part, 0), kv_half(dkv_part, 1),
+                               c.local(ring.positions(p), ring.positions(src), &comm));
+        dev.add(dq_acc, dq_part, c.opt.threads);
+      });
+    } else if (c.out) {
+      ++c.out->stages_skipped;
+    }
+    if (t > 0) {
+      comm.wait(dkv_recv);
+      if (visible) c.timed([&] { dev.add(dkv[cur], dkv_part, c.opt.threads); });
+    } else if (visible) {
+      dev.copy(dkv[cur], dkv_part);
+    } else {
+      dev.fill(dkv[cur], 0.f);
+    }
+    if (P > 1) {
+      // To p+1: the next holder of this block, or (after the last stage) its owner.
+      dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+      comm.progress();
+      comm.wait(kv_send);
+      comm.wait(kv_recv);
+    }
+    cur = 1 - cur;
+  }
+  // With one rank the block never left; otherwise its accumulator comes home
+  // from p−1 (into dkv_part, free now).
+  const DeviceTensor* home = &dkv[1 - cur];
+  if (P > 1) {
+    Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * P + dkv_tag);
+    InFlight guard{comm, {&r}};
+    comm.wait(r);
+    for (Request& q : dkv_send)
+      if (q.pending()) comm.wait(q);
+    home = &dkv_part;
+  }
+  dev.copy(dq, dq_acc);
+  dev.copy(dk, kv_half(*home, 0));
+  dev.copy(dv, kv_half(*home, 1));
+}
+
+// ---- all-gather KV ------------------------------------------------------------------
+// Gathers the [B, L/P, Hkv, d] shards of all ranks into [B, L, Hkv, d] in rank order.
+Tensor gather_seq(Call& c, const TensorView& x) {
+  Tensor mine(x.dtype, x.rank, x.shape.data());
+  copy_into(mine, x);
+  Tensor blocks(x.dtype, {c.P, x.dim(0), x.dim(1), x.dim(2), x.dim(3)});
+  c.comm.all_gather(mine.ptr<void>(), blocks.ptr<void>(), mine.bytes());
+  Tensor full(x.dtype, {x.dim(0), x.dim(1) * c.P, x.dim(2), x.dim(3)});
+  for (int r = 0; r < c.P; ++r) {
+    copy_into(full.view().slice(1, r * x.dim(1), x.dim(1)), blocks.view().select(0, r));
+  }
+  return full;
+}
+
+// The inverse of gather_seq with a sum: rank r receives block r of every rank's
+// [B, L, Hkv, d] partial and adds them in rank order (a reduce-scatter).
+void reduce_scatter_seq(Call& c, const Tensor& full, const TensorView& out) {
+  const int64_t B = full.dim(0), Ll = full.dim(1) / c.P, Hh = full.dim(2), d = full.dim(3);
+  Tensor send(DType::f32, {c.P, B, Ll, Hh, d}), recv(DType::f32, {c.P, B, Ll, Hh, d});
+  for (int r = 0; r < c.P; ++r) {
+    copy_into(send.view().select(0, r), full.view().slice(1, r * Ll, Ll));
+  }
+  c.comm.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / c.P);
+  const int64_t n = B * Ll * Hh * d;
+  Tensor sum = Tensor::zeros(DType::f32, {B, Ll, Hh, d});
+  for (int r = 0; r < c.P; ++r)
+    for (int64_t i = 0; i < n; ++i) sum.ptr<float>()[i] += recv.ptr<float>()[r * n + i];
+  copy_into(out, sum);
+}
+
+void allgather_forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                       const TensorView& lse) {
+  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
+  const std::vector<int64_t> k_pos = all_positions(c.opt.layout, c.L, c.P);
+  Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
+  c.timed([&] { attention_forward(q, k_all, v_all, o, lse, c.local(q_pos, k_pos)); });
+}
+
+void allgather_backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                        const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                        const TensorView& dv) {
+  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
+  const std::vector<int64_t> k_pos = all_positions(c.opt.layout, c.L, c.P);
+  Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
+  Tensor dk_all(DType::f32, {c.B, c.L, c.Hkv, c.d}), dv_all(DType::f32, {c.B, c.L, c.Hkv, c.d});
+  c.timed([&] { attention_backward(q, k_all, v_all, o, lse, dout, dq, dk_all, dv_all, c.local(q_pos, k_pos)); });
+  reduce_scatter_seq(c, dk_all, dk);
+  reduce_scatter_seq(c, dv_all, dv);
+}
+
+// ---- Ulysses ----------------------------------------------------------------------
+// Over the G ranks of group g: sequence-sharded [B, Ll, Hx, d] -> head-sharded
+// [B, G·Ll, Hx/G, d] (tokens in group-rank order), by one all-to-all.
+Tensor seq_to_heads(Communicator& g, const TensorView& x) {
+  const int G = g.size();
+  const int64_t B = x.dim(0), Ll = x.dim(1), Hp = x.dim(2) / G, d = x.dim(3);
+  Tensor send(x.dtype, {G, B, Ll, Hp, d}), recv(x.dtype, {G, B, Ll, Hp, d});
+  for (int r = 0; r < G; ++r) {
+    copy_into(send.view().select(0, r), x.slice(2, r * Hp, Hp));
+  }
+  g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
+  Tensor out(x.dtype, {B, Ll * G, Hp, d});
+  for (int r = 0; r < G; ++r) {
+    copy_into(out.view().slice(1, r * Ll, Ll), recv.view().select(0, r));
+  }
+  return out;
+}
+
+// The inverse: head-sharded x [.., G·Ll along seq_dim, Hx/G along head_dim, ..]
+// back to sequence-sharded out (Hx heads, Ll tokens).
+void heads_to_seq(Communicator& g, const TensorView& x, const TensorView& out, int seq_dim, int head_dim) {
+  const int G = g.size();
+  const int64_t Ll = x.dim(seq_dim) / G, Hp = x.dim(head_dim);
+  std::vector<int64_t> bshape(x.shape.begin(), x.shape.begin() + x.rank);
+  bshape[seq_dim] = Ll;
+  std::vector<int64_t> full_shape = {G};
+  full_shape.insert(full_shape.end(), bshape.begin(), bshape.end());
+  Tensor send(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
+  Tensor recv(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
+  for (int r = 0; r < G; ++r) copy_into(send.view().select(0, r), x.slice(seq_dim, r * Ll, Ll));
+  g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
+  for (int r = 0; r < G; ++r) copy_into(out.slice(head_dim, r * Hp, Hp), recv.view().select(0, r));
+}
+
+// lse [B, H, Ll] -> [B, H/G, G·Ll]: as [B, Ll, H, 1] through the same all-to-all.
+Tensor lse_to_heads(Communicator& g, const TensorView& lse) {
+  const int G = g.size();
+  const int64_t B = lse.dim(0), H = lse.dim(1), Ll = lse.dim(2), Hp = H / G, L = Ll * G;
+  Tensor lse_t(DType::f32, {B, Ll, H, 1});
+  copy_into(lse_t.view(), TensorView(lse.data, lse.dtype, 4, std::array<int64_t, 4>{B, Ll, H, 1}.data(),
+                                      std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
+  Tensor lseh_t = seq_to_heads(g, lse_t);  // [B, L, H/G, 1]
+  Tensor lseh(DType::f32, {B, Hp, L});
+  copy_into(lseh.view(), TensorView(lseh_t.ptr<void>(), DType::f32, 3, std::array<int64_t, 3>{B, Hp, L}.data(),
+                                    std::array<int64_t, 3>{L * Hp, 1, Hp}.data()));
+  return lseh;
+}
+
+void check_ulysses(const Call& c) {
+  check(c.H % c.P == 0 && c.Hkv % c.P == 0, "Ulysses splits heads over ranks: H=", c.H, " and Hkv=", c.Hkv,
+        " must both be divisible by P=", c.P, "; use the ring or all-gather strategy, or a rank count dividing ",
+        c.Hkv);
+}
+
+// Ulysses over group g (all ranks, or the hybrid's Ulysses group): q, k, v to
+// head-sharded [B, G·Ll, H/G, d], attention over those tokens by `attend` (local,
+// or the hybrid's ring), results back to sequence-sharded.
+template <typename Attend>
+void ulysses_forward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& o, const TensorView& lse, Attend&& attend) {
+  const int64_t G = g.size(), Lg = c.Ll * G;
+  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
+  Tensor oh(DType::f32, {c.B, Lg, c.H / G, c.d}), lseh(DType::f32, {c.B, c.H / G, Lg});
+  attend(qh, kh, vh, oh, lseh);
+  heads_to_seq(g, oh, o, 1, 2);
+  heads_to_seq(g, lseh, lse, 2, 1);
+}
+
+template <typename Attend>
+void ulysses_backward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                      const TensorView& dk, const TensorView& dv, Attend&& attend) {
+  const int64_t G = g.size(), Lg = c.Ll * G, Hp = c.H / G;
+  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
+  Tensor oh = seq_to_heads(g, o), doh = seq_to_heads(g, dout), lseh = lse_to_heads(g, lse);
+  Tensor dqh(DType::f32, {c.B, Lg, Hp, c.d}), dkh(DType::f32, {c.B, Lg, c.Hkv / G, c.d}),
+      dvh(DType::f32, {c.B, Lg, c.Hkv / G, c.d});
+  attend(qh, kh, vh, oh, lseh, doh, dqh, dkh, dvh);
+  heads_to_seq(g, dqh, dq, 1, 2);
+  heads_to_seq(g, dkh, dk, 1, 2);
+  heads_to_seq(g, dvh, dv, 1, 2);
+}
+
+// The hybrid (Ulysses × ring): ring member m holds the tokens of the Ulysses
+// group of ranks m·U .. m·U + U − 1 (in that order) after the all-to-all.
+Ring hybrid_ring(const Call& c) {
+  const int U = c.opt.ulysses_group->size(), R = c.opt.ring_group->size();
+  std::vector<std::vector<int64_t>> members;
+  for (int m = 0; m < R; ++m) {
+    std::vector<int64_t> pos;
+    for (int u = 0; u < U; ++u) {
+      const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u);
+      pos.insert(pos.end(), s.begin(), s.end());
+    }
+    members.push_back(std::move(pos));
+  }
+  return Ring(*c.opt.ring_group, c.dev, std::move(members));
+}
+
+void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+             const TensorView& lse) {
+  switch (c.opt.strategy) {
+    case Strategy::ring: return ring_forward(c, plain_ring(c), q, k, v, o, lse);
+    case Strategy::allgather: return allgather_forward(c, q, k, v, o, lse);
+    case Strategy::ulysses: {
+      check_ulysses(c);
+      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      return ulysses_forward(c, c.comm, q, k, v, o, lse, [&](auto&... t) {
+        c.timed([&] { attention_forward(t..., c.local(pos, pos)); });
+      });
+    }
+    case Strategy::hybrid: {
+      const Ring ring = hybrid_ring(c);
+      return ulysses_forward(c, *c.opt.ulysses_group, q, k, v, o, lse,
+                             [&](auto&... t) { ring_forward(c, ring, t...); });
+    }
+  }
+}
+
+void backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+              const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+              const TensorView& dv) {
+  switch (c.opt.strategy) {
+    case Strategy::ring: return ring_backward(c, plain_ring(c), q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::allgather: return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::ulysses: {
+      check_ulysses(c);
+      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv, [&](auto&... t) {
+        c.timed([&] { attention_backward(t..., c.local(pos, pos)); });
+      });
+    }
+    case Strategy::hybrid: {
+      const Ring ring = hybrid_ring(c);
+      return ulysses_backward(c, *c.opt.ulysses_group, q, k, v, o, lse, dout, dq, dk, dv,
+                              [&](auto&... t) { ring_backward(c, ring, t...); });
+    }
+  }
+}
+
+}  // namespace
+
+void dist_attention_forward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& o, const TensorView& lse, const DistAttentionOptions& opt,
+                            DistStats* stats) {
+  if (stats) *stats = {};
+  Call c(comm, opt, stats, {&q, &k, &v, &o, &lse});
+  forward(c, q, k, v, o, lse);
+}
+
+void dist_attention_backward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                             const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                             const TensorView& dk, const TensorView& dv, const DistAttentionOptions& opt,
+                             DistStats* stats) {
+  if (stats) *stats = {};
+  Call c(comm, opt, stats, {&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv});
+  backward(c, q, k, v, o, lse, dout, dq, dk, dv);
+}
+
+void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse) {
+  check(o.rank == 4 && lse.rank == 3 && o.dtype == DType::f32 && lse.dtype == DType::f32 && o.is_contiguous() &&
+            lse.is_contiguous(),
+        "dist_merge takes contiguous fp32 o [B, Lq, H, d] and lse [B, H, Lq], got ", o.shape_str(), " and ",
+        lse.shape_str());
+  const int64_t B = o.dim(0), Lq = o.dim(1), H = o.dim(2), d = o.dim(3), rows = B * Lq * H;
+  check(lse.dim(0) == B && lse.dim(1) == H && lse.dim(2) == Lq, "lse ", lse.shape_str(), " does not match o ",
+        o.shape_str());
+  float* out = o.ptr<float>();
+  float* l = lse.ptr<float>();
+  auto lse_at = [&](int64_t r) -> float& {  // row r = (b·Lq + i)·H + h of o
+    const int64_t h = r % H, i = (r / H) % Lq, b = r / (H * Lq);
+    return l[(b * H + h) * Lq + i];
+  };
+  std::vector<float> m(static_cast<size_t>(rows)), sums(static_cast<size_t>(rows * (d + 1)));
+  for (int64_t r = 0; r < rows; ++r) m[r] = lse_at(r);
+  comm.all_reduce(m.data(), rows, ReduceOp::max);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float w = m[r] == -INFINITY || lse_at(r) == -INFINITY ? 0.f : std::exp(lse_at(r) - m[r]);
+    for (int64_t c = 0; c < d; ++c) sums[r * (d + 1) + c] = w * out[r * d + c];
+    sums[r * (d + 1) + d] = w;
+  }
+  comm.all_reduce(sums.data(), rows * (d + 1), ReduceOp::sum);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float den = sums[r * (d + 1) + d];
+    for (int64_t c = 0; c < d; ++c) out[r * d + c] = den > 0.f ? sums[r * (d + 1) + c] / den : 0.f;
+    lse_at(r) = den > 0.f ? m[r] + std::log(den) : -INFINITY;
+  }
+}
+
+}  // namespace ringattn
