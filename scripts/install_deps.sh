@@ -10,7 +10,7 @@
 set -euo pipefail
 
 PACKAGES=(build-essential cmake libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev
-          libopenmpi-dev openmpi-bin iproute2 clang libclang-rt-14-dev libomp-14-dev libgtest-dev
+          libopenmpi-dev openmpi-bin iproute2 clang clang-format libclang-rt-14-dev libomp-14-dev libgtest-dev
           python3-numpy python3-matplotlib)
 
 missing=()

@@ -28,15 +28,15 @@ struct AttnCase {
   DType out = DType::f32;  // o (and dq, dk, dv) storage
   std::optional<std::vector<int64_t>> q_pos, k_pos;
   float scale = std::numeric_limits<float>::quiet_NaN();
-  float amp = 1.f;         // inputs are U(-amp, amp); larger amp gives peakier softmax
+  float amp = 1.f;  // inputs are U(-amp, amp); larger amp gives peakier softmax
   uint32_t seed = 1;
-  bool strided = false;    // views inside larger buffers (non-contiguous)
+  bool strided = false;  // views inside larger buffers (non-contiguous)
   int threads = 0;
   const Isa* isa = nullptr;
 
   std::string name() const {
-    std::string s = cat("B", B, "_Lq", Lq, "_Lk", Lk, "_H", H, "_Hkv", Hkv, "_d", d, causal ? "_causal" : "_full",
-                        "_", dtype_name(in));
+    std::string s = cat("B", B, "_Lq", Lq, "_Lk", Lk, "_H", H, "_Hkv", Hkv, "_d", d, causal ? "_causal" : "_full", "_",
+                        dtype_name(in));
     if (out != in) s += cat("_out", dtype_name(out));
     if (q_pos || k_pos) s += "_pos";
     if (strided) s += "_strided";
@@ -99,9 +99,7 @@ inline AttnData make_data(const AttnCase& c, bool backward = false) {
   return a;
 }
 
-inline void run_forward(const AttnCase& c, AttnData& a) {
-  attention_forward(a.q, a.k, a.v, a.o, a.lse, c.options());
-}
+inline void run_forward(const AttnCase& c, AttnData& a) { attention_forward(a.q, a.k, a.v, a.o, a.lse, c.options()); }
 inline void run_backward(const AttnCase& c, AttnData& a) {
   attention_backward(a.q, a.k, a.v, a.o, a.lse, a.dout, a.dq, a.dk, a.dv, c.options());
 }

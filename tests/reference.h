@@ -37,8 +37,8 @@ struct RefProblem {
 };
 
 struct RefResult {
-  std::vector<double> o, lse;         // forward: [B, Lq, H, d], [B, H, Lq]
-  std::vector<double> dq, dk, dv;     // backward (empty after a forward only)
+  std::vector<double> o, lse;      // forward: [B, Lq, H, d], [B, H, Lq]
+  std::vector<double> dq, dk, dv;  // backward (empty after a forward only)
 };
 
 // Resolves the options the way attention.h documents them.

@@ -49,8 +49,8 @@ std::vector<AttnCase> shape_cases() {
       add(c);
     }
     // Lq != Lk (causal: bottom-right aligned, so Lq > Lk has rows that see nothing).
-    for (auto [lq, lk] : std::vector<std::pair<int64_t, int64_t>>{
-             {33, 100}, {100, 33}, {1, 130}, {130, 1}, {64, 200}, {250, 17}}) {
+    for (auto [lq, lk] :
+         std::vector<std::pair<int64_t, int64_t>>{{33, 100}, {100, 33}, {1, 130}, {130, 1}, {64, 200}, {250, 17}}) {
       AttnCase c;
       c.B = 1, c.Lq = lq, c.Lk = lk, c.H = 4, c.Hkv = 2, c.d = 64, c.causal = causal, c.seed = 40 + lq;
       add(c);
@@ -90,9 +90,12 @@ std::vector<AttnCase> dtype_cases() {
   std::vector<AttnCase> cs;
   for (DType dt : {DType::bf16, DType::f16})
     for (bool causal : {false, true})
-      for (auto [lq, lk, d, hkv] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
-               {1, 1, 64, 2}, {97, 97, 64, 2}, {200, 200, 128, 1}, {50, 130, 80, 4}, {130, 50, 40, 1},
-               {300, 300, 32, 2}}) {
+      for (auto [lq, lk, d, hkv] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{{1, 1, 64, 2},
+                                                                                               {97, 97, 64, 2},
+                                                                                               {200, 200, 128, 1},
+                                                                                               {50, 130, 80, 4},
+                                                                                               {130, 50, 40, 1},
+                                                                                               {300, 300, 32, 2}}) {
         AttnCase c;
         c.B = 2, c.Lq = lq, c.Lk = lk, c.H = 4, c.Hkv = hkv, c.d = d, c.causal = causal, c.in = dt, c.out = dt;
         c.seed = static_cast<uint32_t>(100 + lq + d);

@@ -165,7 +165,7 @@ std::vector<TinyCase> tiny_cases() {
   return {
       {3, 4, 2, 1, 3, false, {}, {}},
       {3, 4, 2, 1, 3, true, {}, {}},
-      {5, 3, 2, 2, 4, true, {}, {}},           // Lq > Lk: the first two rows see nothing
+      {5, 3, 2, 2, 4, true, {}, {}},                        // Lq > Lk: the first two rows see nothing
       {4, 4, 4, 2, 2, true, {1, 4, 7, 10}, {2, 5, 8, 11}},  // striped: row 0 sees nothing
       {2, 6, 1, 1, 5, true, {7, 9}, {3, 4, 5, 6, 8, 9}},
   };

@@ -63,8 +63,7 @@ TEST(Errors, ValidProblemDoesNotThrow) {
 TEST(Errors, HeadsNotDivisibleByKvHeads) {
   Problem p;
   Tensor k(DType::f32, {2, 10, 3, 16}), v(DType::f32, {2, 10, 3, 16});
-  expect_error([&] { attention_forward(p.q, k, v, p.o, p.lse); }, {"head", "H", "Hkv", "divisible"},
-               "H=4, Hkv=3");
+  expect_error([&] { attention_forward(p.q, k, v, p.o, p.lse); }, {"head", "H", "Hkv", "divisible"}, "H=4, Hkv=3");
 }
 
 TEST(Errors, MismatchedHeadDim) {
@@ -90,8 +89,7 @@ TEST(Errors, KeyValueLengthMismatch) {
 TEST(Errors, LseNotFp32) {
   Problem p;
   Tensor lse(DType::bf16, {2, 4, 8});
-  expect_error([&] { attention_forward(p.q, p.k, p.v, p.o, lse); }, {"lse", "fp32", "f32", "float"},
-               "bf16 lse");
+  expect_error([&] { attention_forward(p.q, p.k, p.v, p.o, lse); }, {"lse", "fp32", "f32", "float"}, "bf16 lse");
 }
 
 TEST(Errors, WrongRank) {
@@ -140,20 +138,20 @@ TEST(Errors, BackwardShapeMismatches) {
   p.forward();
   Tensor dq(DType::f32, {2, 8, 4, 8}), dk(DType::f32, {2, 10, 4, 16}), dv(DType::f32, {2, 9, 2, 16});
   Tensor dout(DType::f32, {2, 8, 2, 16});
-  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, dq, p.dk, p.dv); },
-               {"dq", "shape"}, "dq shape");
-  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, dk, p.dv); },
-               {"dk", "shape"}, "dk shape (H instead of Hkv heads)");
-  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, p.dk, dv); },
-               {"dv", "shape"}, "dv shape");
-  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, dout, p.dq, p.dk, p.dv); },
-               {"dout", "do", "shape"}, "dout shape");
+  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, dq, p.dk, p.dv); }, {"dq", "shape"},
+               "dq shape");
+  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, dk, p.dv); }, {"dk", "shape"},
+               "dk shape (H instead of Hkv heads)");
+  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, p.dout, p.dq, p.dk, dv); }, {"dv", "shape"},
+               "dv shape");
+  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, p.lse, dout, p.dq, p.dk, p.dv); }, {"dout", "do", "shape"},
+               "dout shape");
   Tensor lse(DType::f16, {2, 4, 8});
-  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, lse, p.dout, p.dq, p.dk, p.dv); },
-               {"lse", "fp32", "f32"}, "fp16 lse");
+  expect_error([&] { attention_backward(p.q, p.k, p.v, p.o, lse, p.dout, p.dq, p.dk, p.dv); }, {"lse", "fp32", "f32"},
+               "fp16 lse");
   Tensor k(DType::f32, {2, 10, 3, 16}), v(DType::f32, {2, 10, 3, 16}), dk3(DType::f32, {2, 10, 3, 16});
-  expect_error([&] { attention_backward(p.q, k, v, p.o, p.lse, p.dout, p.dq, dk3, dk3); },
-               {"head", "H", "divisible"}, "backward H % Hkv");
+  expect_error([&] { attention_backward(p.q, k, v, p.o, p.lse, p.dout, p.dq, dk3, dk3); }, {"head", "H", "divisible"},
+               "backward H % Hkv");
 }
 
 TEST(Errors, MergeMismatches) {
@@ -170,8 +168,7 @@ TEST(Errors, MergeMismatches) {
   expect_error([&] { attention_merge(o_acc_bf16, l_acc, p.o, p.lse); }, {"fp32", "f32", "o_acc", "dtype"},
                "bf16 o_acc");
   Tensor l_bf16(DType::bf16, {2, 4, 8});
-  expect_error([&] { attention_merge(o_acc, l_bf16, p.o, p.lse); }, {"fp32", "f32", "lse", "dtype"},
-               "bf16 lse_acc");
+  expect_error([&] { attention_merge(o_acc, l_bf16, p.o, p.lse); }, {"fp32", "f32", "lse", "dtype"}, "bf16 lse_acc");
 }
 
 TEST(Errors, ParseDtypeRejectsUnknownNames) {

@@ -141,9 +141,7 @@ TEST_P(IsaPaths, HugeScoresStayExact) {
         }
 }
 
-TEST_P(IsaPaths, NameRoundTrips) {
-  EXPECT_EQ(parse_isa(isa_name(GetParam())), GetParam());
-}
+TEST_P(IsaPaths, NameRoundTrips) { EXPECT_EQ(parse_isa(isa_name(GetParam())), GetParam()); }
 
 INSTANTIATE_TEST_SUITE_P(All, IsaPaths, ::testing::ValuesIn(all_isas()),
                          [](const ::testing::TestParamInfo<Isa>& i) { return std::string(isa_name(i.param)); });

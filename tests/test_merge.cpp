@@ -195,12 +195,12 @@ void merge_unit(DType part_dtype, bool strided, uint32_t seed) {
   const int64_t B = 2, Lq = 19, H = 3, d = 24;
   TestTensor o_acc = strided ? make_tensor(DType::f32, {B, Lq, H, d}, {0, 1, 1, 4}, {0, 2, 0, 1})
                              : make_tensor(DType::f32, {B, Lq, H, d});
-  TestTensor lse_acc = strided ? make_tensor(DType::f32, {B, H, Lq}, {1, 0, 3}, {0, 0, 2})
-                               : make_tensor(DType::f32, {B, H, Lq});
-  TestTensor o_part = strided ? make_tensor(part_dtype, {B, Lq, H, d}, {1, 0, 2, 8})
-                              : make_tensor(part_dtype, {B, Lq, H, d});
-  TestTensor lse_part = strided ? make_tensor(DType::f32, {B, H, Lq}, {0, 1, 1}, {1, 0, 0})
-                                : make_tensor(DType::f32, {B, H, Lq});
+  TestTensor lse_acc =
+      strided ? make_tensor(DType::f32, {B, H, Lq}, {1, 0, 3}, {0, 0, 2}) : make_tensor(DType::f32, {B, H, Lq});
+  TestTensor o_part =
+      strided ? make_tensor(part_dtype, {B, Lq, H, d}, {1, 0, 2, 8}) : make_tensor(part_dtype, {B, Lq, H, d});
+  TestTensor lse_part =
+      strided ? make_tensor(DType::f32, {B, H, Lq}, {0, 1, 1}, {1, 0, 0}) : make_tensor(DType::f32, {B, H, Lq});
   fill_uniform(o_acc, seed);
   fill_uniform(o_part, seed + 1);
   fill_uniform(lse_acc, seed + 2, -5.f, 20.f);

@@ -37,8 +37,8 @@
 #include <string>
 #include <vector>
 
-#include "ringattn/error.h"
 #include "ringattn/cpu/layers.h"
+#include "ringattn/error.h"
 #include "ringattn/model.h"
 #include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
@@ -47,8 +47,8 @@
 namespace ringattn::testing {
 namespace {
 
-constexpr double kFdTol = 3e-4;     // finite differences (see the top of the file)
-constexpr double kRefTol = 1e-5;    // fp32 kernels vs double reference, normalized max error
+constexpr double kFdTol = 3e-4;              // finite differences (see the top of the file)
+constexpr double kRefTol = 1e-5;             // fp32 kernels vs double reference, normalized max error
 const double kFdEps[] = {3e-2, 1e-2, 3e-3};  // step sizes tried (the best one counts)
 
 bool verbose() { return std::getenv("RINGATTN_TEST_VERBOSE") != nullptr; }
@@ -111,11 +111,11 @@ FdResult fd_check(float* p, const std::vector<float>& u, const std::vector<float
   return best;
 }
 
-#define EXPECT_FD(res, what)                                                                                     \
-  do {                                                                                                           \
-    const FdResult fd_r_ = (res);                                                                                \
-    EXPECT_LE(fd_r_.err, kFdTol) << (what) << ": analytic " << fd_r_.analytic << " vs finite difference "       \
-                                 << fd_r_.fd << " (eps " << fd_r_.eps << ")";                                   \
+#define EXPECT_FD(res, what)                                                                                           \
+  do {                                                                                                                 \
+    const FdResult fd_r_ = (res);                                                                                      \
+    EXPECT_LE(fd_r_.err, kFdTol) << (what) << ": analytic " << fd_r_.analytic << " vs finite difference " << fd_r_.fd  \
+                                 << " (eps " << fd_r_.eps << ")";                                                      \
     if (verbose()) std::printf("[fd] %-40s rel err %.3g (eps %g)\n", std::string(what).c_str(), fd_r_.err, fd_r_.eps); \
   } while (0)
 
@@ -187,8 +187,8 @@ TEST(Layers, LayerNormBackwardAccumulatesParamGradsAndOverwritesDx) {
   std::vector<float> y(c.N * c.C), mean(c.N), rstd(c.N);
   layernorm_forward(c.N, c.C, c.x.data(), c.g.data(), c.b.data(), y.data(), mean.data(), rstd.data());
   std::vector<float> dx0(c.N * c.C), dg0(c.C, 0.f), db0(c.C, 0.f);
-  layernorm_backward(c.N, c.C, c.x.data(), c.g.data(), mean.data(), rstd.data(), c.w.data(), dx0.data(),
-                     dg0.data(), db0.data());
+  layernorm_backward(c.N, c.C, c.x.data(), c.g.data(), mean.data(), rstd.data(), c.w.data(), dx0.data(), dg0.data(),
+                     db0.data());
   const std::vector<float> pre_g = randn(c.C, 31), pre_b = randn(c.C, 32);
   std::vector<float> dx(c.N * c.C, quiet_nan()), dg = pre_g, db = pre_b;
   layernorm_backward(c.N, c.C, c.x.data(), c.g.data(), mean.data(), rstd.data(), c.w.data(), dx.data(), dg.data(),
@@ -265,8 +265,8 @@ TEST(Layers, LinearForwardMatchesDouble) {
         for (int64_t k = 0; k < c.Cin; ++k) s += static_cast<double>(c.x[i * c.Cin + k]) * c.W[k * c.Cout + o];
         ref[i * c.Cout + o] = s;
       }
-    EXPECT_LE(compare(as_double(y), ref).err, kRefTol) << (bias ? "with bias: " : "no bias: ")
-                                                      << compare(as_double(y), ref);
+    EXPECT_LE(compare(as_double(y), ref).err, kRefTol)
+        << (bias ? "with bias: " : "no bias: ") << compare(as_double(y), ref);
   }
 }
 
@@ -346,8 +346,8 @@ struct Group {
 };
 std::vector<Group> groups(const ModelConfig& c) {
   const int64_t D = c.d_model, C = c.qkv_width(), A = c.heads * c.head_dim(), F = c.hidden();
-  return {{"ln1_g", D},     {"ln1_b", D}, {"w_qkv", D * C}, {"b_qkv", C}, {"w_o", A * D},     {"b_o", D},
-          {"ln2_g", D},     {"ln2_b", D}, {"w_in", D * F},  {"b_in", F},  {"w_out", F * D}, {"b_out", D}};
+  return {{"ln1_g", D}, {"ln1_b", D}, {"w_qkv", D * C}, {"b_qkv", C}, {"w_o", A * D},   {"b_o", D},
+          {"ln2_g", D}, {"ln2_b", D}, {"w_in", D * F},  {"b_in", F},  {"w_out", F * D}, {"b_out", D}};
 }
 std::vector<float*> pointers(const LayerParams& p) {
   return {p.ln1_g, p.ln1_b, p.w_qkv, p.b_qkv, p.w_o, p.b_o, p.ln2_g, p.ln2_b, p.w_in, p.b_in, p.w_out, p.b_out};
@@ -600,9 +600,9 @@ TEST(Model, TrainStepReducesTheLossAndRepeatsBitwise) {
   for (size_t i = 1; i < la.size(); ++i) increases += la[i] > la[i - 1];
   EXPECT_LE(increases, 2) << "the loss should fall nearly every step";
   EXPECT_EQ(la, lb) << "two identical runs must give the same losses";
-  EXPECT_TRUE(std::equal(a.params(), a.params() + a.num_params(), b.params(),
-                         [](float p, float q) { return std::memcmp(&p, &q, sizeof p) == 0; }))
-      << "two identical runs must give bitwise identical parameters";
+  EXPECT_TRUE(std::equal(a.params(), a.params() + a.num_params(), b.params(), [](float p, float q) {
+    return std::memcmp(&p, &q, sizeof p) == 0;
+  })) << "two identical runs must give bitwise identical parameters";
 }
 
 // bf16 mixed precision: GEMM operands and attention inputs rounded to bf16, fp32

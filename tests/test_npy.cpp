@@ -46,8 +46,8 @@ class Npy : public ::testing::Test {
 
 std::string shape_tuple(const std::vector<int64_t>& shape) {
   std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += cat(shape[i], i + 1 < shape.size() || shape.size() == 1 ? "," : "",
-                                                     i + 1 < shape.size() ? " " : "");
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += cat(shape[i], i + 1 < shape.size() || shape.size() == 1 ? "," : "", i + 1 < shape.size() ? " " : "");
   return s + ")";
 }
 
@@ -71,8 +71,7 @@ void write_npy(const std::string& path, const std::string& descr, bool fortran, 
     f.write(reinterpret_cast<const char*>(b), 2);
   } else {
     const unsigned char b[4] = {static_cast<unsigned char>(hl & 0xff), static_cast<unsigned char>((hl >> 8) & 0xff),
-                                static_cast<unsigned char>((hl >> 16) & 0xff),
-                                static_cast<unsigned char>(hl >> 24)};
+                                static_cast<unsigned char>((hl >> 16) & 0xff), static_cast<unsigned char>(hl >> 24)};
     f.write(reinterpret_cast<const char*>(b), 4);
   }
   f.write(dict.data(), static_cast<std::streamsize>(dict.size()));
@@ -142,8 +141,9 @@ TEST_F(Npy, SavedFileIsStandardNpy) {
   ASSERT_TRUE(major >= 1 && major <= 3);
   const size_t pre = major == 1 ? 10 : 12;
   size_t hl = static_cast<unsigned char>(f[8]) | (static_cast<size_t>(static_cast<unsigned char>(f[9])) << 8);
-  if (major > 1) hl |= (static_cast<size_t>(static_cast<unsigned char>(f[10])) << 16) |
-                       (static_cast<size_t>(static_cast<unsigned char>(f[11])) << 24);
+  if (major > 1)
+    hl |= (static_cast<size_t>(static_cast<unsigned char>(f[10])) << 16) |
+          (static_cast<size_t>(static_cast<unsigned char>(f[11])) << 24);
   EXPECT_EQ((pre + hl) % 64, 0u) << "data should start 64-byte aligned";
   const std::string header = f.substr(pre, hl);
   EXPECT_NE(header.find("'descr': '<f4'"), std::string::npos) << header;

@@ -342,8 +342,8 @@ TEST(PlanHardware, AttentionKernelSetsSwapIn) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("fa3, ringattn"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(hardware_from_json(R"({"name": "a", "devices_per_node": 1, "attention_kernels": {"x": {"forward": {}}}})",
-                                  "x.json"),
+  EXPECT_THROW(hardware_from_json(
+                   R"({"name": "a", "devices_per_node": 1, "attention_kernels": {"x": {"forward": {}}}})", "x.json"),
                Error);
 }
 

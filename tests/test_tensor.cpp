@@ -78,7 +78,7 @@ TEST(DtypeBf16, RandomValuesAreNearest) {
   // The result is one of the two bf16 neighbours and the nearer one.
   std::mt19937 rng(3);
   for (int i = 0; i < 200000; ++i) {
-    const uint32_t u = rng() & 0x7f7fffffu;  // finite, positive
+    const uint32_t u = rng() & 0x7f7fffffu;          // finite, positive
     if ((u & 0xffff0000u) == 0x7f7f0000u) continue;  // above bf16's max: may round to inf
     const float f = from_bits(u);
     const float r = bf16_to_f32(f32_to_bf16(f));
@@ -112,13 +112,13 @@ TEST(DtypeF16, KnownValues) {
   EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(std::numeric_limits<float>::quiet_NaN()))));
   EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(from_bits(0x7f800001u)))));
   // Normal boundary and subnormals.
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -14)), 0x0400);  // smallest normal
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -24)), 0x0001);  // smallest subnormal
-  EXPECT_EQ(f32_to_f16(std::ldexp(1023.f, -24)), 0x03ff);  // largest subnormal
-  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -25)), 0x0000);  // half the smallest: tie to even (0)
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -14)), 0x0400);      // smallest normal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -24)), 0x0001);      // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1023.f, -24)), 0x03ff);   // largest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -25)), 0x0000);      // half the smallest: tie to even (0)
   EXPECT_EQ(f32_to_f16(std::ldexp(1.0001f, -25)), 0x0001);  // just above the tie
-  EXPECT_EQ(f32_to_f16(std::ldexp(3.f, -25)), 0x0002);  // 1.5 units: tie to even (2)
-  EXPECT_EQ(f32_to_f16(std::ldexp(5.f, -25)), 0x0002);  // 2.5 units: tie to even (2)
+  EXPECT_EQ(f32_to_f16(std::ldexp(3.f, -25)), 0x0002);      // 1.5 units: tie to even (2)
+  EXPECT_EQ(f32_to_f16(std::ldexp(5.f, -25)), 0x0002);      // 2.5 units: tie to even (2)
   EXPECT_EQ(f32_to_f16(std::ldexp(1.f, -30)), 0x0000);
   EXPECT_EQ(f32_to_f16(-std::ldexp(1.f, -30)), 0x8000);
   EXPECT_EQ(f32_to_f16(std::ldexp(2047.f, -25)), 0x0400);  // rounds up into the smallest normal
@@ -167,9 +167,9 @@ TEST(DtypeF16, MatchesF16cHardware) {
   for (uint32_t e = 0; e < 256; ++e)
     for (int i = 0; i < 600; ++i) {
       uint32_t m = rng() & 0x7fffffu;
-      if (i < 8) m = (m & ~0x1fffu) | 0x1000u;               // normal tie
-      if (i >= 8 && i < 16) m = (m & ~0x1fffu) | 0x0fffu;     // just below
-      if (i >= 16 && i < 24) m &= ~0x7ffu;                    // ties for subnormal shifts
+      if (i < 8) m = (m & ~0x1fffu) | 0x1000u;             // normal tie
+      if (i >= 8 && i < 16) m = (m & ~0x1fffu) | 0x0fffu;  // just below
+      if (i >= 16 && i < 24) m &= ~0x7ffu;                 // ties for subnormal shifts
       const uint32_t u = (rng() & 0x80000000u) | (e << 23) | m;
       const float f = from_bits(u);
       const uint16_t sw = f32_to_f16(f), hw = hw_f32_to_f16(f);

@@ -58,9 +58,12 @@ inline constexpr double kTolF16 = 2e-3;
 
 inline double tol_for(DType t) {
   switch (t) {
-    case DType::f32: return kTolF32;
-    case DType::bf16: return kTolBf16;
-    default: return kTolF16;
+    case DType::f32:
+      return kTolF32;
+    case DType::bf16:
+      return kTolBf16;
+    default:
+      return kTolF16;
   }
 }
 
@@ -137,8 +140,8 @@ struct TestTensor {
 
   std::vector<unsigned char> storage;  // raw bytes of the whole allocation
   DType dtype = DType::f32;
-  std::vector<int64_t> full_shape;     // shape of the whole allocation
-  TensorView view;                     // the logical tensor
+  std::vector<int64_t> full_shape;  // shape of the whole allocation
+  TensorView view;                  // the logical tensor
   const TensorView& operator*() const { return view; }
   operator const TensorView&() const { return view; }
 };
@@ -149,9 +152,8 @@ inline float quiet_nan() { return std::numeric_limits<float>::quiet_NaN(); }
 // shape[i] + pad_front[i] + pad[i]; every element outside the view holds
 // `sentinel`. The last dimension keeps unit stride (padding it just makes the rows
 // longer than the view).
-inline TestTensor make_tensor(DType dt, const std::vector<int64_t>& shape,
-                              std::vector<int64_t> pad = {}, std::vector<int64_t> pad_front = {},
-                              float sentinel = quiet_nan()) {
+inline TestTensor make_tensor(DType dt, const std::vector<int64_t>& shape, std::vector<int64_t> pad = {},
+                              std::vector<int64_t> pad_front = {}, float sentinel = quiet_nan()) {
   TestTensor t;
   t.dtype = dt;
   pad.resize(shape.size(), 0);
@@ -219,9 +221,8 @@ inline void fill_value(const TensorView& t, float x) {
 // Copies the logical contents of src into dst elementwise (test-side, no library).
 inline void copy_elements(const TensorView& dst, const TensorView& src) {
   std::vector<double> v = to_double(src);
-  for_each_element(dst, [&](int64_t lin, int64_t off) {
-    store_from_f32(dst.data, dst.dtype, off, static_cast<float>(v[lin]));
-  });
+  for_each_element(
+      dst, [&](int64_t lin, int64_t off) { store_from_f32(dst.data, dst.dtype, off, static_cast<float>(v[lin])); });
 }
 
 // ---------------------------------------------------------------------------
@@ -270,8 +271,7 @@ inline ErrReport compare(const std::vector<double>& got, const std::vector<doubl
       r.ref_w = e;
     }
   }
-  r.err = r.problem.empty() ? r.max_abs / std::max(r.max_ref, floor)
-                            : std::numeric_limits<double>::infinity();
+  r.err = r.problem.empty() ? r.max_abs / std::max(r.max_ref, floor) : std::numeric_limits<double>::infinity();
   return r;
 }
 
@@ -283,10 +283,10 @@ inline ErrReport compare(const TensorView& got, const TensorView& ref) {
 }
 
 // EXPECT that `got` matches `ref` within `tol` (normalized), with a useful message.
-#define RA_EXPECT_CLOSE(got, ref, tol, what)                                                  \
-  do {                                                                                        \
+#define RA_EXPECT_CLOSE(got, ref, tol, what)                                                   \
+  do {                                                                                         \
     const ::ringattn::testing::ErrReport ra_rep_ = ::ringattn::testing::compare((got), (ref)); \
-    EXPECT_LE(ra_rep_.err, (tol)) << (what) << ": " << ra_rep_;                               \
+    EXPECT_LE(ra_rep_.err, (tol)) << (what) << ": " << ra_rep_;                                \
   } while (0)
 // The same with a floor under the normalizing magnitude.
 #define RA_EXPECT_CLOSE_FLOOR(got, ref, tol, floor, what)                                               \

@@ -41,8 +41,10 @@ class Communicator {
 
   // Non-blocking point to point. The buffer must stay valid and untouched until
   // the request completes. Tags must be >= 0.
-  virtual Request isend(const void* buf, size_t bytes, int dst, int tag) = 0;
-  virtual Request irecv(void* buf, size_t bytes, int src, int tag) = 0;
+  Request isend(const void* buf, size_t bytes, int dst, int tag) {
+    return post(const_cast<void*>(buf), bytes, dst, tag, /*is_recv=*/false);  // a send only reads buf
+  }
+  Request irecv(void* buf, size_t bytes, int src, int tag) { return post(buf, bytes, src, tag, /*is_recv=*/true); }
   // Blocks until r completes (bounded); r becomes not pending.
   virtual void wait(Request& r) = 0;
   // True (and r becomes not pending) when r has completed.
@@ -77,6 +79,8 @@ class Communicator {
   void reset_stats() { stats_ = {}; }
 
  protected:
+  // What a backend does for isend (is_recv false) and irecv to/from `peer`.
+  virtual Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) = 0;
   double timeout_ = 300;
   CommStats stats_;
 };

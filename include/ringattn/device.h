@@ -31,7 +31,9 @@ class DeviceTensor {
   int64_t numel() const { return view_.numel(); }
   size_t bytes() const { return static_cast<size_t>(view_.numel()) * dtype_size(view_.dtype); }
   template <typename T>
-  T* ptr() const { return view_.ptr<T>(); }
+  T* ptr() const {
+    return view_.ptr<T>();
+  }
 
  private:
   std::shared_ptr<void> storage_;
@@ -67,18 +69,17 @@ class Device {
   // The kernel contracts of attention.h on this device's memory.
   virtual void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                                  const TensorView& lse, const AttentionOptions& opt) = 0;
-  virtual void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                  const TensorView& o, const TensorView& lse, const TensorView& dout,
-                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                                  const AttentionOptions& opt) = 0;
+  virtual void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                  const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                                  const TensorView& dk, const TensorView& dv, const AttentionOptions& opt) = 0;
   virtual void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                                const TensorView& lse_part, int threads) = 0;
 
   // The token-local layers of layers.h on this device's memory, same contracts
   // (row-major [N, C], fp32 activations, W in the compute dtype, weight
   // gradients accumulated, activation gradients overwritten; b, db, dx may be null).
-  virtual void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta,
-                                 float* y, float* mean, float* rstd) = 0;
+  virtual void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
+                                 float* mean, float* rstd) = 0;
   virtual void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                                   const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) = 0;
   virtual void gelu_forward(int64_t n, const float* x, float* y) = 0;

@@ -57,7 +57,7 @@ struct DistStats {
   double compute_seconds = 0;  // inside the local kernels and merges
   double wait_seconds = 0;     // blocked on communication
   int64_t bytes_sent = 0, bytes_received = 0;
-  int stages_skipped = 0;      // ring stages with no visible key (causal)
+  int stages_skipped = 0;  // ring stages with no visible key (causal)
 };
 
 void dist_attention_forward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,

@@ -33,16 +33,25 @@ float f16_to_f32(uint16_t h);
 // Reads element i of a buffer of dtype t as fp32 / writes fp32 x into it.
 inline float load_as_f32(const void* p, DType t, int64_t i) {
   switch (t) {
-    case DType::f32: return static_cast<const float*>(p)[i];
-    case DType::bf16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::f32:
+      return static_cast<const float*>(p)[i];
+    case DType::bf16:
+      return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default:
+      return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
   }
 }
 inline void store_from_f32(void* p, DType t, int64_t i, float x) {
   switch (t) {
-    case DType::f32: static_cast<float*>(p)[i] = x; break;
-    case DType::bf16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(x); break;
-    default: static_cast<uint16_t*>(p)[i] = f32_to_f16(x); break;
+    case DType::f32:
+      static_cast<float*>(p)[i] = x;
+      break;
+    case DType::bf16:
+      static_cast<uint16_t*>(p)[i] = f32_to_bf16(x);
+      break;
+    default:
+      static_cast<uint16_t*>(p)[i] = f32_to_f16(x);
+      break;
   }
 }
 

@@ -53,20 +53,19 @@ class KVCache {
   int64_t bytes() const;  // K, V and positions allocated on this rank
 
  private:
-  friend DeviceTensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const ModelParallel&,
-                              Communicator*);
+  friend DeviceTensor prefill(const Model&, KVCache&, const TensorView&, int64_t, const ModelParallel&, Communicator*);
   friend DeviceTensor decode_step(const Model&, KVCache&, const TensorView&, const ModelParallel&, Communicator*);
   TensorView entries(const std::vector<DeviceTensor>& t, int l, int64_t b) const {
     return t[static_cast<size_t>(l)].view().slice(0, b, 1).slice(1, 0, held(b, p_));
   }
   int64_t batch_, capacity_;
   int P_, p_;
-  Device* dev_;                       // the model's
-  std::vector<DeviceTensor> k_, v_;   // per layer held: [batch, capacity, kv_heads, dh], model dtype
-  std::vector<int64_t> pos_;          // [batch, capacity]
-  std::vector<int64_t> length_;       // [batch]
-  std::vector<int64_t> held_;         // [batch, P]
-  bool checked_ = false;              // decode shapes agreed across ranks
+  Device* dev_;                      // the model's
+  std::vector<DeviceTensor> k_, v_;  // per layer held: [batch, capacity, kv_heads, dh], model dtype
+  std::vector<int64_t> pos_;         // [batch, capacity]
+  std::vector<int64_t> length_;      // [batch]
+  std::vector<int64_t> held_;        // [batch, P]
+  bool checked_ = false;             // decode shapes agreed across ranks
 };
 
 // Runs the forward over the prompts of sequences first .. first + Bp − 1 (one
@@ -80,13 +79,13 @@ class KVCache {
 // Returns y [Bp, Ll, D], this rank's tokens; under PP on the last stage only
 // (an empty tensor elsewhere).
 DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_t first, const ModelParallel& par,
-               Communicator* pp = nullptr);
+                     Communicator* pp = nullptr);
 
 // One decode step for every sequence of the cache: x [B, 1, D] is the next token
 // of each (the same on every rank); returns y [B, 1, D] on every rank. The new
 // token's K/V are appended to its owner's shard. Throws Error, on every rank, when
 // a sequence has no prompt yet or the owner's shard of a sequence is full.
 DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, const ModelParallel& par,
-                   Communicator* pp = nullptr);
+                         Communicator* pp = nullptr);
 
 }  // namespace ringattn

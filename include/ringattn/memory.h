@@ -18,8 +18,8 @@ struct MemoryStats {
   int64_t peak_bytes;     // most ever held at once since the last reset
 };
 MemoryStats memory_stats();
-void reset_peak_memory();     // peak := current
-int64_t peak_rss_bytes();     // the process's peak resident set (getrusage)
+void reset_peak_memory();          // peak := current
+int64_t peak_rss_bytes();          // the process's peak resident set (getrusage)
 int64_t available_memory_bytes();  // MemAvailable of /proc/meminfo (-1: unknown)
 // Throws Error "<what> needs at least X GiB but this machine has Y GiB available"
 // when bytes exceed the available memory: absurd sizes fail up front, clearly,
@@ -43,7 +43,9 @@ class Buffer {
   void* data() const { return data_; }
   size_t bytes() const { return bytes_; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data_); }
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
 
  private:
   void* data_ = nullptr;

@@ -114,8 +114,8 @@ class Model {
   int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
   Device* dev_;
-  DeviceTensor params_, grads_;     // fp32 [num_params] on dev_
-  mutable DeviceTensor shadow_;     // bf16 copy of params_ (bf16 models)
+  DeviceTensor params_, grads_;  // fp32 [num_params] on dev_
+  mutable DeviceTensor shadow_;  // bf16 copy of params_ (bf16 models)
   mutable bool shadow_stale_ = true;
 };
 
@@ -144,7 +144,7 @@ using AttentionHook = std::function<void(int layer, const TensorView& q, const T
 
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
-                     const AttentionHook& attention = {});
+                           const AttentionHook& attention = {});
 // The attention of the forward without a hook: local, or distributed over par.sp,
 // on `dev`.
 void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,

@@ -35,8 +35,8 @@ namespace ringattn {
 
 // One kind of link, per device and direction.
 struct LinkSpec {
-  double latency_s = 0;     // α
-  double bandwidth = 0;     // β, bytes/s
+  double latency_s = 0;          // α
+  double bandwidth = 0;          // β, bytes/s
   bool overlaps_compute = true;  // false: the transfer is a copy by the compute core (CPU shared memory)
 };
 
@@ -49,8 +49,8 @@ struct Hardware {
   // datasheet files leave it empty.
   std::string measured_cpu;
   int devices_per_node = 1;
-  double memory_bytes = 0;       // per device
-  double memory_bandwidth = 0;   // bytes/s per device (datasheet or measured streaming read)
+  double memory_bytes = 0;             // per device
+  double memory_bandwidth = 0;         // bytes/s per device (datasheet or measured streaming read)
   std::map<std::string, double> peak;  // dtype -> FLOP/s (for model FLOP utilisation)
   // dtype -> [(n, FLOP/s)]: GEMM rate against the smallest of M, N, K (log-linear
   // between points, clamped at the ends).
@@ -87,14 +87,15 @@ struct Hardware {
   // node: used while the weights of all ranks of a node fit in it (0: not
   // measured; weights are then read at decode_bandwidth).
   double cached_weight_bandwidth = 0, llc_bytes = 0;
-  double op_overhead_s = 0;          // fixed cost of each kernel/operation
+  double op_overhead_s = 0;  // fixed cost of each kernel/operation
   // More ranks than devices on a node: the extra cost of each blocking wait for a
   // peer, which may be descheduled (0: not measured; GPUs never time-share).
   double timeshare_wait_s = 0;
   LinkSpec intra_node, inter_node;
   std::map<std::string, std::string> sources;
 
-  double gemm_rate(DType dt, double m, double n, double k, bool backward = false) const;  // throws Error if the dtype is missing
+  double gemm_rate(DType dt, double m, double n, double k,
+                   bool backward = false) const;  // throws Error if the dtype is missing
   double attention_rate(DType dt, bool backward, double head_dim) const;
   double peak_rate(DType dt) const;
 };
@@ -128,7 +129,7 @@ struct Candidate {
   int dp = 1, pp = 1, sp = 1, tp = 1, ulysses = 1;
   Strategy strategy = Strategy::ring;
   Layout layout = Layout::zigzag;
-  int micro_batches = 1;  // per data-parallel replica: pipeline micro-batches, or gradient accumulation at pp = 1
+  int micro_batches = 1;     // per data-parallel replica: pipeline micro-batches, or gradient accumulation at pp = 1
   std::string name() const;  // e.g. "RA+SP(16)", "TP(8) x PP(2)", "DP(2) x Ulysses(2) x ring(4)"
 };
 
@@ -141,10 +142,10 @@ struct Cluster {
 
 struct Prediction {
   Candidate c;
-  std::string invalid;  // why this layout cannot run ("" when it can)
+  std::string invalid;                                   // why this layout cannot run ("" when it can)
   double forward_s = 0, train_s = 0, decode_step_s = 0;  // one forward / training step of the batch, one decode step
   double forward_tokens_per_s = 0, train_tokens_per_s = 0;
-  double train_mfu = 0, forward_mfu = 0;  // model FLOPs / (world · peak)
+  double train_mfu = 0, forward_mfu = 0;                                      // model FLOPs / (world · peak)
   double peak_train_bytes = 0, peak_inference_bytes = 0, kv_cache_bytes = 0;  // per device
   double capacity_bytes = 0;  // memory a device has (shared by time-sharing ranks)
   bool fits_train = true, fits_inference = true;
@@ -166,8 +167,8 @@ double pipeline_bubble(int stages, int micro_batches);  // (p−1)/(m+p−1)
 // Collective costs over a group of g devices on `link` (ring algorithms).
 double cost_send(const LinkSpec& link, double bytes);
 double cost_all_reduce(const LinkSpec& link, int g, double bytes);
-double cost_all_gather(const LinkSpec& link, int g, double total_bytes);   // total = g · each rank's block
-double cost_all_to_all(const LinkSpec& link, int g, double total_bytes);   // each rank's whole buffer
+double cost_all_gather(const LinkSpec& link, int g, double total_bytes);  // total = g · each rank's block
+double cost_all_to_all(const LinkSpec& link, int g, double total_bytes);  // each rank's whole buffer
 double cost_reduce_scatter(const LinkSpec& link, int g, double total_bytes);
 
 Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, const Cluster& cl);

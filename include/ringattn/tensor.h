@@ -34,7 +34,9 @@ struct TensorView {
   bool empty() const { return data == nullptr; }
   std::string shape_str() const;  // "[2, 128, 8, 64]"
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
   // The view of indices [start, start + len) along dimension dim.
   TensorView slice(int dim, int64_t start, int64_t len) const;
   // The view at index i of dimension dim, with that dimension removed.
@@ -61,7 +63,9 @@ class Tensor {
   DType dtype() const { return view_.dtype; }
   size_t bytes() const { return buf_.bytes(); }
   template <typename T>
-  T* ptr() const { return view_.ptr<T>(); }
+  T* ptr() const {
+    return view_.ptr<T>();
+  }
   void fill_zero();
 
  private:

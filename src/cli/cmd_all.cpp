@@ -85,8 +85,8 @@ void add_timeout_option(CLI::App* cmd, double& timeout) {
   cmd->add_option_function<std::string>(
          "--timeout", [&timeout](const std::string& s) { timeout = parse_timeout(s, "--timeout"); },
          cat("seconds a rank waits for a peer before failing, or 'none' for no limit (default ", timeout, ")"))
-      ->check(CLI::Validator(
-          [](std::string& s) { return error_of([&s] { parse_timeout(s, "the timeout"); }); }, "SECONDS|none"));
+      ->check(CLI::Validator([](std::string& s) { return error_of([&s] { parse_timeout(s, "the timeout"); }); },
+                             "SECONDS|none"));
 }
 
 void add_model_options(CLI::App* cmd, ModelConfig& m) {
@@ -108,12 +108,15 @@ void add_model_dtype_option(CLI::App* cmd, ModelConfig& m, std::string& name, co
 
 void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid) {
   if (data_and_hybrid)
-    cmd->add_option("--dp", p.dp, "data-parallel groups (the batch split)")->check(positive_count())->capture_default_str();
+    cmd->add_option("--dp", p.dp, "data-parallel groups (the batch split)")
+        ->check(positive_count())
+        ->capture_default_str();
   cmd->add_option("--pp", p.pp, "pipeline stages (layers split, 1F1B over micro-batches)")
       ->check(positive_count())
       ->capture_default_str();
-  cmd->add_option("--sp", p.sp, data_and_hybrid ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
-                                                : "sequence-parallel ranks (default: the ranks left by pp x tp)")
+  cmd->add_option("--sp", p.sp,
+                  data_and_hybrid ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
+                                  : "sequence-parallel ranks (default: the ranks left by pp x tp)")
       ->check(positive_count());
   cmd->add_option("--tp", p.tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")
       ->check(positive_count())

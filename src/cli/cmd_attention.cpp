@@ -11,8 +11,8 @@
 
 #include "cli/commands.h"
 #include "ringattn/atomic_file.h"
-#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
@@ -73,8 +73,8 @@ Inputs read_inputs(const AttentionArgs& a) {
     in.v = load_input(a.v, "v", "[B, Lk, Hkv, d]");
     if (!a.dout.empty()) {
       in.dout = load_input(a.dout, "dout", "[B, Lq, H, d]");
-      check(same_shape(in.dout, in.q), "dout ", in.dout.view().shape_str(),
-            " must have the shape of q ", in.q.view().shape_str());
+      check(same_shape(in.dout, in.q), "dout ", in.dout.view().shape_str(), " must have the shape of q ",
+            in.q.view().shape_str());
     }
   } else {
     const int64_t hkv = a.kv_heads > 0 ? a.kv_heads : a.heads;
@@ -242,10 +242,19 @@ void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in
   float scale = a.scale ? *a.scale : 0.f;
   int32_t scale_bits;
   std::memcpy(&scale_bits, &scale, 4);
-  const int64_t values[] = {in.backward, a.check, a.causal, a.no_overlap, static_cast<int64_t>(dtype),
+  const int64_t values[] = {in.backward,
+                            a.check,
+                            a.causal,
+                            a.no_overlap,
+                            static_cast<int64_t>(dtype),
                             static_cast<int64_t>(parse_strategy(a.strategy)),
-                            static_cast<int64_t>(parse_layout(a.layout)), a.scale.has_value(), scale_bits,
-                            content_hash(in.q), content_hash(in.k), content_hash(in.v), content_hash(in.dout)};
+                            static_cast<int64_t>(parse_layout(a.layout)),
+                            a.scale.has_value(),
+                            scale_bits,
+                            content_hash(in.q),
+                            content_hash(in.k),
+                            content_hash(in.v),
+                            content_hash(in.dout)};
   check_same_on_all_ranks(comm, values,
                           "the job (backward, check, causal, no-overlap, dtype, strategy, layout, scale, then hashes "
                           "of q, k, v, dout: start every rank with the same options and --seed)");
@@ -313,15 +322,15 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
 
   // Per-rank report rows, gathered everywhere.
   constexpr int kCols = 12;
-  const double mine[kCols] = {fwd.seconds, fwd.compute_seconds, fwd.wait_seconds, double(fwd.bytes_sent),
-                              double(fwd.bytes_received), bwd.seconds, bwd.compute_seconds, bwd.wait_seconds,
-                              double(bwd.bytes_sent), double(bwd.bytes_received), peak, double(fwd.stages_skipped)};
+  const double mine[kCols] = {
+      fwd.seconds, fwd.compute_seconds,       fwd.wait_seconds, double(fwd.bytes_sent), double(fwd.bytes_received),
+      bwd.seconds, bwd.compute_seconds,       bwd.wait_seconds, double(bwd.bytes_sent), double(bwd.bytes_received),
+      peak,        double(fwd.stages_skipped)};
   std::vector<double> rows(static_cast<size_t>(P) * kCols);
   comm->all_gather(mine, rows.data(), sizeof(mine));
 
   // Results back in global order for --out/--check (every rank takes part).
-  const bool need_full = a.check || !a.out.empty() || !a.lse.empty() || !a.dq.empty() || !a.dk.empty() ||
-                         !a.dv.empty();
+  const bool need_full = a.check || !a.out.empty() || !a.lse.empty() || !a.dq.empty() || !a.dk.empty() || !a.dv.empty();
   nlohmann::json errors;
   if (need_full) {
     Tensor o_full = gather_full(*comm, o, opt.layout), lse_full = gather_full(*comm, lse, opt.layout, 2);
@@ -373,13 +382,18 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   for (int r = 0; r < P; ++r) {
     const double* x = rows.data() + r * kCols;
     nlohmann::json row = {{"rank", r},
-                          {"forward", {{"seconds", x[0]}, {"compute_seconds", x[1]}, {"wait_seconds", x[2]},
-                                       {"bytes_sent", x[3]}, {"bytes_received", x[4]},
-                                       {"gflops", flops / P / x[0] * 1e-9}, {"stages_skipped", x[11]}}},
+                          {"forward",
+                           {{"seconds", x[0]},
+                            {"compute_seconds", x[1]},
+                            {"wait_seconds", x[2]},
+                            {"bytes_sent", x[3]},
+                            {"bytes_received", x[4]},
+                            {"gflops", flops / P / x[0] * 1e-9},
+                            {"stages_skipped", x[11]}}},
                           {"peak_memory_bytes", x[10]}};
     if (in.backward)
-      row["backward"] = {{"seconds", x[5]}, {"compute_seconds", x[6]}, {"wait_seconds", x[7]},
-                         {"bytes_sent", x[8]}, {"bytes_received", x[9]}, {"gflops", 2.5 * flops / P / x[5] * 1e-9}};
+      row["backward"] = {{"seconds", x[5]},    {"compute_seconds", x[6]}, {"wait_seconds", x[7]},
+                         {"bytes_sent", x[8]}, {"bytes_received", x[9]},  {"gflops", 2.5 * flops / P / x[5] * 1e-9}};
     j["per_rank"].push_back(row);
   }
   if (a.check) j["max_rel_error_vs_single_rank"] = errors;
@@ -389,8 +403,8 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
               static_cast<long long>(B), static_cast<long long>(L), static_cast<long long>(H),
               static_cast<long long>(Hkv), static_cast<long long>(d), dtype_name(dtype), a.causal ? " causal" : "",
               strategy_name(opt.strategy), layout_name(opt.layout), P, isa_name(isa));
-  std::printf("%4s %-8s %10s %10s %10s %9s %10s %10s %10s\n", "rank", "pass", "time [ms]", "GFLOP/s", "compute",
-              "wait", "sent MiB", "recv MiB", "peak MiB");
+  std::printf("%4s %-8s %10s %10s %10s %9s %10s %10s %10s\n", "rank", "pass", "time [ms]", "GFLOP/s", "compute", "wait",
+              "sent MiB", "recv MiB", "peak MiB");
   for (int r = 0; r < P; ++r) {
     const double* x = rows.data() + r * kCols;
     for (int pass = 0; pass < (in.backward ? 2 : 1); ++pass) {
@@ -426,9 +440,10 @@ void run(const AttentionArgs& a) {
 
 void add_attention(CLI::App& app) {
   auto a = std::make_shared<AttentionArgs>();
-  auto* cmd = app.add_subcommand(
-      "attention", "exact attention on .npy inputs (or generated ones), forward and backward; under mpirun "
-                   "sequence-parallel with --strategy");
+  auto* cmd =
+      app.add_subcommand("attention",
+                         "exact attention on .npy inputs (or generated ones), forward and backward; under mpirun "
+                         "sequence-parallel with --strategy");
   cmd->add_option("--q", a->q, "queries, float32 .npy [B, Lq, H, d]");
   cmd->add_option("--k", a->k, "keys, float32 .npy [B, Lk, Hkv, d]");
   cmd->add_option("--v", a->v, "values, float32 .npy [B, Lk, Hkv, d]");

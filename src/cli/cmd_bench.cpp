@@ -13,10 +13,10 @@
 
 #include "cli/commands.h"
 #include "ringattn/cpu/attention.h"
+#include "ringattn/cpu/gemm.h"
 #include "ringattn/cuda.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
-#include "ringattn/cpu/gemm.h"
 #include "ringattn/memory.h"
 #include "ringattn/perf.h"
 
@@ -46,8 +46,10 @@ struct Row {
 void run(const BenchArgs& a) {
   const Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
   const int64_t B = a.batch, L = a.seq, H = a.heads, Hkv = a.kv_heads > 0 ? a.kv_heads : a.heads, d = a.dim;
-  check(B > 0 && L > 0 && H > 0 && d > 0 && a.reps > 0 && a.threads > 0, "sizes, --reps and --threads must be positive");
-  const int scale_threads = a.scale_threads > 0 ? a.scale_threads : static_cast<int>(std::thread::hardware_concurrency());
+  check(B > 0 && L > 0 && H > 0 && d > 0 && a.reps > 0 && a.threads > 0,
+        "sizes, --reps and --threads must be positive");
+  const int scale_threads =
+      a.scale_threads > 0 ? a.scale_threads : static_cast<int>(std::thread::hardware_concurrency());
   // q, k, v, o, dout, dq, dk, dv in fp32: refused before seconds of peak measurements.
   check_fits_in_memory(4.0 * (4.0 * B * L * H * d + 4.0 * B * L * Hkv * d),
                        cat("bench kernel of B=", B, " L=", L, " H=", H, " d=", d));
@@ -73,7 +75,8 @@ void run(const BenchArgs& a) {
       auto add = [&](const char* kernel, const char* pass, int threads, double t, double f) {
         const double g = f / t * 1e-9;
         const double pk = peak * threads;
-        rows.push_back({kernel, dtype_name(dt), pass, causal, threads, t, g, g / pk, g / (gemm_rate * threads / a.threads)});
+        rows.push_back(
+            {kernel, dtype_name(dt), pass, causal, threads, t, g, g / pk, g / (gemm_rate * threads / a.threads)});
       };
       AttentionOptions opt;
       opt.causal = causal;
@@ -118,7 +121,8 @@ void run(const BenchArgs& a) {
 
   auto find = [&](const char* kernel, const char* dtype, const char* pass, bool causal, int threads) -> const Row* {
     for (const Row& r : rows)
-      if (r.kernel == kernel && r.dtype == dtype && r.pass == pass && r.causal == causal && r.threads == threads) return &r;
+      if (r.kernel == kernel && r.dtype == dtype && r.pass == pass && r.causal == causal && r.threads == threads)
+        return &r;
     return nullptr;
   };
   struct Target {
@@ -127,11 +131,13 @@ void run(const BenchArgs& a) {
   };
   std::vector<Target> targets;
   const int t1 = a.threads;
-  if (auto* f = find("fused", "fp32", "forward", false, t1)) targets.push_back({"fp32 forward / FMA peak", f->peak_ratio, 0.75});
+  if (auto* f = find("fused", "fp32", "forward", false, t1))
+    targets.push_back({"fp32 forward / FMA peak", f->peak_ratio, 0.75});
   if (auto* f = find("fused", "fp32", "forward", false, t1); f)
     if (auto* b = find("fused", "bf16", "forward", false, t1))
       targets.push_back({"bf16 forward / fp32 forward", b->gflops / f->gflops, 1.7});
-  if (auto* f = find("fused", "fp32", "backward", false, t1)) targets.push_back({"fp32 backward / FMA peak", f->peak_ratio, 0.5});
+  if (auto* f = find("fused", "fp32", "backward", false, t1))
+    targets.push_back({"fp32 backward / FMA peak", f->peak_ratio, 0.5});
   if (auto* f = find("fused", "fp32", "forward", false, t1); f)
     if (auto* u = find("unfused", "fp32", "forward", false, t1))
       targets.push_back({"fused / unfused forward time ratio", u->seconds / f->seconds, 1.3});
@@ -155,13 +161,23 @@ void run(const BenchArgs& a) {
     j["gemm_gflops"] = {{"fp32", gemm32}, {"bf16", gemm16}, {"threads", a.threads}};
     j["rows"] = nlohmann::json::array();
     for (const Row& r : rows)
-      j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
-                           {"threads", r.threads}, {"seconds", r.seconds}, {"gflops", r.gflops},
-                           {"peak_ratio", r.peak_ratio}, {"gemm_ratio", r.gemm_ratio}});
-    j["read_bandwidth_gbs"] = {{"threads", a.threads}, {"gbs", bw1}, {"scale_threads", scale_threads}, {"scale_gbs", bwn}};
+      j["rows"].push_back({{"kernel", r.kernel},
+                           {"dtype", r.dtype},
+                           {"pass", r.pass},
+                           {"causal", r.causal},
+                           {"threads", r.threads},
+                           {"seconds", r.seconds},
+                           {"gflops", r.gflops},
+                           {"peak_ratio", r.peak_ratio},
+                           {"gemm_ratio", r.gemm_ratio}});
+    j["read_bandwidth_gbs"] = {
+        {"threads", a.threads}, {"gbs", bw1}, {"scale_threads", scale_threads}, {"scale_gbs", bwn}};
     j["decode"] = nlohmann::json::array();
     for (const DecodeRow& r : decode_rows)
-      j["decode"].push_back({{"dtype", r.dtype}, {"threads", r.threads}, {"seconds", r.seconds}, {"gbs", r.gbs},
+      j["decode"].push_back({{"dtype", r.dtype},
+                             {"threads", r.threads},
+                             {"seconds", r.seconds},
+                             {"gbs", r.gbs},
                              {"bandwidth_ratio", r.bw_ratio}});
     j["targets"] = nlohmann::json::array();
     for (const Target& t : targets)
@@ -171,18 +187,20 @@ void run(const BenchArgs& a) {
   std::printf("bench kernel  B=%lld L=%lld H=%lld Hkv=%lld d=%lld  path %s\n", static_cast<long long>(B),
               static_cast<long long>(L), static_cast<long long>(H), static_cast<long long>(Hkv),
               static_cast<long long>(d), isa_name(isa));
-  std::printf("measured per core: FMA peak fp32 %.1f GFLOP/s, bf16 %.1f GFLOP/s; oneDNN GEMM (n=1024, %d thr) "
-              "fp32 %.1f, bf16 %.1f GFLOP/s\n\n",
-              peak32, peak16, a.threads, gemm32, gemm16);
+  std::printf(
+      "measured per core: FMA peak fp32 %.1f GFLOP/s, bf16 %.1f GFLOP/s; oneDNN GEMM (n=1024, %d thr) "
+      "fp32 %.1f, bf16 %.1f GFLOP/s\n\n",
+      peak32, peak16, a.threads, gemm32, gemm16);
   std::printf("%-8s %-5s %-6s %-9s %4s %11s %9s %8s %8s\n", "kernel", "dtype", "causal", "pass", "thr", "time [ms]",
               "GFLOP/s", "of peak", "of GEMM");
   for (const Row& r : rows)
     std::printf("%-8s %-5s %-6s %-9s %4d %11.1f %9.1f %7.1f%% %7.1f%%\n", r.kernel.c_str(), r.dtype.c_str(),
                 r.causal ? "yes" : "no", r.pass.c_str(), r.threads, r.seconds * 1e3, r.gflops, 100 * r.peak_ratio,
                 100 * r.gemm_ratio);
-  std::printf("\ndecode: 1 query row per head against the %lld-token K/V cache; read bandwidth measured "
-              "%.1f GB/s (%d thr), %.1f GB/s (%d thr)\n",
-              static_cast<long long>(L), bw1, a.threads, bwn, scale_threads);
+  std::printf(
+      "\ndecode: 1 query row per head against the %lld-token K/V cache; read bandwidth measured "
+      "%.1f GB/s (%d thr), %.1f GB/s (%d thr)\n",
+      static_cast<long long>(L), bw1, a.threads, bwn, scale_threads);
   std::printf("%-5s %4s %11s %9s %8s\n", "dtype", "thr", "time [ms]", "GB/s", "of BW");
   for (const DecodeRow& r : decode_rows)
     std::printf("%-5s %4d %11.3f %9.1f %7.1f%%\n", r.dtype.c_str(), r.threads, r.seconds * 1e3, r.gbs,
@@ -285,14 +303,29 @@ void run_cuda(const BenchArgs& a) {
   }
   progress_done();
   if (a.json) {
-    nlohmann::json j = {{"device", dev->name()}, {"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d},
-                        {"cublas_bf16_gemm_tflops", gemm}, {"rows", nlohmann::json::array()}};
+    nlohmann::json j = {{"device", dev->name()},
+                        {"B", B},
+                        {"L", L},
+                        {"H", H},
+                        {"Hkv", Hkv},
+                        {"d", d},
+                        {"cublas_bf16_gemm_tflops", gemm},
+                        {"rows", nlohmann::json::array()}};
     for (const Row& r : rows)
-      j["rows"].push_back({{"kernel", r.kernel}, {"dtype", r.dtype}, {"pass", r.pass}, {"causal", r.causal},
-                           {"seconds", r.seconds}, {"tflops", r.gflops / 1e3}, {"gemm_ratio", r.gemm_ratio}});
+      j["rows"].push_back({{"kernel", r.kernel},
+                           {"dtype", r.dtype},
+                           {"pass", r.pass},
+                           {"causal", r.causal},
+                           {"seconds", r.seconds},
+                           {"tflops", r.gflops / 1e3},
+                           {"gemm_ratio", r.gemm_ratio}});
     for (const RingRow& r : ring_rows)
-      j["ring"].push_back({{"ranks", P}, {"layout", "zigzag"}, {"dtype", r.dtype}, {"causal", r.causal},
-                           {"seconds", r.seconds}, {"single_kernel_seconds", r.single_seconds},
+      j["ring"].push_back({{"ranks", P},
+                           {"layout", "zigzag"},
+                           {"dtype", r.dtype},
+                           {"causal", r.causal},
+                           {"seconds", r.seconds},
+                           {"single_kernel_seconds", r.single_seconds},
                            {"efficiency", r.single_seconds / r.seconds}});
     print_json(j);
     return;
@@ -320,7 +353,8 @@ void add_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "benchmarks (programs that print GFLOP/s and ratios to measured peaks)");
   bench->require_subcommand(1);
   auto a = std::make_shared<BenchArgs>();
-  auto* cmd = bench->add_subcommand("kernel", "fused attention kernels vs FMA peak, oneDNN GEMM and an unfused baseline");
+  auto* cmd =
+      bench->add_subcommand("kernel", "fused attention kernels vs FMA peak, oneDNN GEMM and an unfused baseline");
   cmd->add_option("--batch", a->batch, "batch")->check(positive_count())->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length (Lq = Lk)")->check(positive_count())->capture_default_str();
   cmd->add_option("--heads", a->heads, "query heads")->check(positive_count())->capture_default_str();
@@ -329,7 +363,9 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--threads", a->threads, "threads for the main rows")->check(thread_count())->capture_default_str();
   cmd->add_option("--scale-threads", a->scale_threads, "threads for the scaling row (default: all CPUs)")
       ->check(thread_count());
-  cmd->add_option("--reps", a->reps, "repetitions; the best time is reported")->check(positive_count())->capture_default_str();
+  cmd->add_option("--reps", a->reps, "repetitions; the best time is reported")
+      ->check(positive_count())
+      ->capture_default_str();
   cmd->add_option("--isa", a->isa, "kernel path (default: best available)");
   cmd->add_flag("--no-unfused", a->no_unfused, "skip the unfused baseline");
   cmd->add_flag("--no-backward", a->no_backward, "skip the backward pass");

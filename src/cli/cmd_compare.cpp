@@ -18,15 +18,15 @@
 #include <thread>
 
 #include "cli/commands.h"
+#include "cli/generation.h"
 #include "cli/launch.h"
 #include "ringattn/atomic_file.h"
-#include "cli/generation.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
-#include "ringattn/parallel.h"
 #include "ringattn/model.h"
-#include "ringattn/pipeline.h"
+#include "ringattn/parallel.h"
 #include "ringattn/perf.h"
+#include "ringattn/pipeline.h"
 
 namespace ringattn::cli {
 namespace {
@@ -125,8 +125,8 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
       world.barrier();
       run.reset_stats();
       const double t0 = now_seconds();
-      r.loss = pipeline_step(model, train ? &opt : nullptr, x, t, par, *mesh.pp_comm, micro, count, run.replicas(),
-                             train);
+      r.loss =
+          pipeline_step(model, train ? &opt : nullptr, x, t, par, *mesh.pp_comm, micro, count, run.replicas(), train);
       double dt = now_seconds() - t0, b = static_cast<double>(run.bytes_sent());
       world.all_reduce(&dt, 1, ReduceOp::max);
       world.all_reduce(&b, 1, ReduceOp::max);
@@ -191,8 +191,8 @@ void check_no_method_failed(const nlohmann::json& j) {
   std::string failed;
   size_t n = 0;
   for (const auto& m : j["methods"])
-    if (m.contains("failed")) failed += cat(n++ ? "; " : "", m["method"].get<std::string>(), ": ",
-                                            m["failed"].get<std::string>());
+    if (m.contains("failed"))
+      failed += cat(n++ ? "; " : "", m["method"].get<std::string>(), ": ", m["failed"].get<std::string>());
   check(n == 0, n, " of ", j["methods"].size(), " methods failed: ", failed);
 }
 
@@ -220,16 +220,15 @@ void run(const CompareArgs& a) {
   check(!methods.empty(), "--only '", a.only, "' matches no method");
 
   nlohmann::json j;
-  j["model"] = {{"layers", a.model.layers}, {"d_model", a.model.d_model}, {"heads", a.model.heads},
-                {"head_dim", a.model.head_dim()}, {"kv_heads", a.model.kv()}, {"mlp_hidden", a.model.hidden()},
+  j["model"] = {{"layers", a.model.layers},       {"d_model", a.model.d_model}, {"heads", a.model.heads},
+                {"head_dim", a.model.head_dim()}, {"kv_heads", a.model.kv()},   {"mlp_hidden", a.model.hidden()},
                 {"causal", a.model.causal}};
   j["batch"] = a.batch, j["seq"] = a.seq, j["ranks"] = P, j["threads_per_rank"] = a.threads, j["dtype"] = a.dtype;
   j["launcher"] = launcher;
   j["methods"] = nlohmann::json::array();
   for (size_t i = 0; i < methods.size(); ++i) {
     if (!a.json) progress(cat("[", i + 1, "/", methods.size(), "] ", methods[i].name, " on ", P, " ranks ..."));
-    const std::string cmd =
-        cat(launcher, " -np ", P, " ", shell_quote(self), common, " --method ", methods[i].id);
+    const std::string cmd = cat(launcher, " -np ", P, " ", shell_quote(self), common, " --method ", methods[i].id);
     try {
       j["methods"].push_back(nlohmann::json::parse(capture(cmd)));
     } catch (const std::exception& e) {
@@ -247,14 +246,15 @@ void run(const CompareArgs& a) {
     print_json(j);
     return check_no_method_failed(j);
   }
-  std::printf("compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
-              "%d ranks x %d thread(s), %s\n\n",
-              static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
-              static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
-              static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()),
-              static_cast<long long>(a.batch), static_cast<long long>(a.seq), P, a.threads, a.dtype.c_str());
-  std::printf("%-22s %-12s %11s %11s %9s %13s %13s %13s %13s\n", "method", "pp x sp x tp", "fwd tok/s",
-              "train tok/s", "TPOT ms", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank", "KiB/rank/step");
+  std::printf(
+      "compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
+      "%d ranks x %d thread(s), %s\n\n",
+      static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
+      static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
+      static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
+      static_cast<long long>(a.seq), P, a.threads, a.dtype.c_str());
+  std::printf("%-22s %-12s %11s %11s %9s %13s %13s %13s %13s\n", "method", "pp x sp x tp", "fwd tok/s", "train tok/s",
+              "TPOT ms", "peak MiB/rank", "fwd MiB/rank", "train MiB/rank", "KiB/rank/step");
   for (const auto& m : j["methods"]) {
     const std::string mesh = cat(m["pp"].get<int>(), " x ", m["sp"].get<int>(), " x ", m["tp"].get<int>());
     const std::string name = m["method"].get<std::string>();
@@ -265,16 +265,16 @@ void run(const CompareArgs& a) {
     }
     std::printf("%-22s %-12s %11.0f %11.0f %9.2f %13.1f %13.1f %13.1f %13.1f\n", name.c_str(), mesh.c_str(),
                 m["forward_tokens_per_s"].get<double>(), m["train_tokens_per_s"].get<double>(),
-                m["time_per_output_token_ms"].get<double>(),
-                m["peak_memory_bytes_per_rank"].get<double>() / 1048576.0,
+                m["time_per_output_token_ms"].get<double>(), m["peak_memory_bytes_per_rank"].get<double>() / 1048576.0,
                 m["forward_bytes_per_rank"].get<double>() / 1048576.0,
                 m["train_step_bytes_per_rank"].get<double>() / 1048576.0,
                 m["decode_bytes_per_step_per_rank"].get<double>() / 1024.0);
   }
-  std::printf("\nTPOT: median time per output token over %d decode steps of all %lld sequences after prefilling "
-              "them into a KV cache (RA+SP, Ulysses, all-gather: sharded by sequence; TP: by head; PP: by layer).\n"
-              "peak MiB/rank: through the training step; KiB/rank/step: sent per decode step.\n",
-              a.new_tokens, static_cast<long long>(a.batch));
+  std::printf(
+      "\nTPOT: median time per output token over %d decode steps of all %lld sequences after prefilling "
+      "them into a KV cache (RA+SP, Ulysses, all-gather: sharded by sequence; TP: by head; PP: by layer).\n"
+      "peak MiB/rank: through the training step; KiB/rank/step: sent per decode step.\n",
+      a.new_tokens, static_cast<long long>(a.batch));
   if (!a.json_out.empty()) std::printf("results written to %s\n", a.json_out.c_str());
   check_no_method_failed(j);
 }
@@ -306,11 +306,13 @@ void add_compare(CLI::App& app) {
   cmd->add_option("--launcher", a->launcher,
                   "the mpirun command line before -np (default: mpirun --bind-to none --mca btl self,vader, plus "
                   "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
-  cmd->add_option("--method", a->method, "measure one method under mpirun: ring, ulysses, allgather, tp, "
-                                         "pp, tpxpp, hybrid")
+  cmd->add_option("--method", a->method,
+                  "measure one method under mpirun: ring, ulysses, allgather, tp, "
+                  "pp, tpxpp, hybrid")
       ->group("");  // internal: how compare starts each method under mpirun; not in --help
   cmd->add_option("--only", a->only, "run only the method with this id (ring, ulysses, ...) or whose name contains it");
-  cmd->add_option("--json-out", a->json_out, "also write the results as JSON to this file (for scripts/plot_compare.py)");
+  cmd->add_option("--json-out", a->json_out,
+                  "also write the results as JSON to this file (for scripts/plot_compare.py)");
   add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--json", a->json, "machine-readable output on stdout");
   cmd->callback([a] { run(*a); });

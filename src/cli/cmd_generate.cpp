@@ -112,7 +112,10 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   for (int64_t L : lens) prompt_tokens += L;
   const double med = percentile(r.step_seconds, 50), p99 = percentile(r.step_seconds, 99);
   nlohmann::json j;
-  j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
+  j["model"] = {{"layers", a.model.layers},
+                {"d_model", D},
+                {"heads", a.model.heads},
+                {"kv_heads", a.model.kv()},
                 {"mlp_hidden", a.model.hidden()}};
   j["dp"] = 1, j["sp"] = sp, j["tp"] = tp, j["pp"] = pp, j["ranks"] = P;
   j["strategy"] = strategy_name(pc.strategy), j["layout"] = layout_name(pc.layout);
@@ -133,20 +136,19 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   if (a.json) {
     print_json(j);
   } else {
-    std::printf("generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, %s; pp %d x sp %d x tp %d "
-                "(strategy %s, layout %s); %d ranks\n",
-                static_cast<long long>(a.model.layers), static_cast<long long>(D),
-                static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
-                static_cast<long long>(a.model.kv()), a.dtype.c_str(), pp, sp, tp, strategy_name(pc.strategy),
-                layout_name(pc.layout), P);
+    std::printf(
+        "generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, %s; pp %d x sp %d x tp %d "
+        "(strategy %s, layout %s); %d ranks\n",
+        static_cast<long long>(a.model.layers), static_cast<long long>(D), static_cast<long long>(a.model.heads),
+        static_cast<long long>(a.model.head_dim()), static_cast<long long>(a.model.kv()), a.dtype.c_str(), pp, sp, tp,
+        strategy_name(pc.strategy), layout_name(pc.layout), P);
     if (!model.device().is_host())
       std::printf("device %s (peak below counts host memory only)\n", model.device().name().c_str());
     std::printf("prompts %lld x ", static_cast<long long>(B));
     for (size_t i = 0; i < lens.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(lens[i]));
     std::printf(" tokens, %d new tokens each\n\n", a.new_tokens);
-    std::printf("prefill                %10.1f ms   %10.0f tokens/s   %10.1f MiB sent/rank\n",
-                r.prefill_seconds * 1e3, static_cast<double>(prompt_tokens) / r.prefill_seconds,
-                r.prefill_bytes / 1048576.0);
+    std::printf("prefill                %10.1f ms   %10.0f tokens/s   %10.1f MiB sent/rank\n", r.prefill_seconds * 1e3,
+                static_cast<double>(prompt_tokens) / r.prefill_seconds, r.prefill_bytes / 1048576.0);
     std::printf("time per output token  %10.3f ms median, %.3f ms p99 (%d steps)   %10.1f KiB sent/rank/step\n",
                 med * 1e3, p99 * 1e3, a.new_tokens, r.step_bytes / 1024.0);
     std::printf("KV cache               %10.1f MiB/rank (capacity %lld entries per sequence)   peak %.1f MiB/rank\n",
@@ -169,9 +171,10 @@ void run(const GenerateArgs& a) {
 
 void add_generate(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
-  auto* cmd = app.add_subcommand("generate",
-                                 "long-context inference under mpirun: prefill into a sequence-sharded KV cache (RA+SP), "
-                                 "TP or PP, then decode; time per output token");
+  auto* cmd =
+      app.add_subcommand("generate",
+                         "long-context inference under mpirun: prefill into a sequence-sharded KV cache (RA+SP), "
+                         "TP or PP, then decode; time per output token");
   cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens, one value for every sequence or L1,L2,... (one each)")
       ->delimiter(',')
       ->check(positive_count())

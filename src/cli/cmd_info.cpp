@@ -20,12 +20,20 @@ void add_info(CLI::App& app) {
     const CpuFeatures& f = cpu_features();
     nlohmann::json j;
     j["cpu"] = {{"vendor", f.vendor}, {"model", f.model}, {"logical_cpus", f.logical_cpus}};
-    j["features"] = {{"avx2", f.avx2},           {"fma", f.fma},           {"f16c", f.f16c},
-                     {"avx512f", f.avx512f},     {"avx512bw", f.avx512bw}, {"avx512vl", f.avx512vl},
-                     {"avx512dq", f.avx512dq},   {"avx512_bf16", f.avx512_bf16},
-                     {"avx512_fp16", f.avx512_fp16}, {"avx512_vnni", f.avx512_vnni},
-                     {"amx_tile", f.amx_tile},   {"amx_bf16", f.amx_bf16},
-                     {"os_avx", f.os_avx},       {"os_avx512", f.os_avx512}};
+    j["features"] = {{"avx2", f.avx2},
+                     {"fma", f.fma},
+                     {"f16c", f.f16c},
+                     {"avx512f", f.avx512f},
+                     {"avx512bw", f.avx512bw},
+                     {"avx512vl", f.avx512vl},
+                     {"avx512dq", f.avx512dq},
+                     {"avx512_bf16", f.avx512_bf16},
+                     {"avx512_fp16", f.avx512_fp16},
+                     {"avx512_vnni", f.avx512_vnni},
+                     {"amx_tile", f.amx_tile},
+                     {"amx_bf16", f.amx_bf16},
+                     {"os_avx", f.os_avx},
+                     {"os_avx512", f.os_avx512}};
     nlohmann::json isas = nlohmann::json::array();
     for (Isa i : supported_isas()) isas.push_back(isa_name(i));
     j["kernel_paths"] = isas;

@@ -31,7 +31,7 @@ struct PlanArgs {
   ModelConfig model{4, 256, 4, 0, 0, true, 1};
   int64_t seq = 8192, batch = 2;
   std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep,
-      attention_kernels;
+              attention_kernels;
   int world = 2, nodes = 0, top = 15, threads = 1;
   bool json = false, all = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
   double claim = 0;
@@ -50,8 +50,8 @@ Workload workload(const PlanArgs& a) {
         "model: layers, d_model, heads >= 1, d_model divisible by heads, heads by kv-heads");
   check(w.seq >= 1 && w.batch >= 1, "--seq and --batch must be >= 1");
   // The model counts tokens, bytes and FLOPs in 64-bit integers here and there.
-  check(double(w.seq) * double(w.batch) * double(w.model.d_model) * double(w.model.layers) < 1e17,
-        "--seq ", w.seq, " x --batch ", w.batch, " x --d-model x --layers is too large to model");
+  check(double(w.seq) * double(w.batch) * double(w.model.d_model) * double(w.model.layers) < 1e17, "--seq ", w.seq,
+        " x --batch ", w.batch, " x --d-model x --layers is too large to model");
   return w;
 }
 
@@ -80,15 +80,24 @@ Candidate parse_mesh(const std::string& spec) {
         throw Error(cat("--mesh '", spec, "': ", k, " must be a positive integer, got '", v, "'"));
       }
     };
-    if (k == "dp") c.dp = num();
-    else if (k == "pp") c.pp = num();
-    else if (k == "sp") c.sp = num();
-    else if (k == "tp") c.tp = num();
-    else if (k == "ulysses") c.ulysses = num(), c.strategy = Strategy::hybrid;
-    else if (k == "micro") c.micro_batches = num(), micro = true;
-    else if (k == "strategy") c.strategy = parse_strategy(v);
-    else if (k == "layout") c.layout = parse_layout(v);
-    else throw Error(cat("--mesh '", spec, "': unknown key '", k, "' (dp, pp, sp, tp, strategy, ulysses, layout, micro)"));
+    if (k == "dp")
+      c.dp = num();
+    else if (k == "pp")
+      c.pp = num();
+    else if (k == "sp")
+      c.sp = num();
+    else if (k == "tp")
+      c.tp = num();
+    else if (k == "ulysses")
+      c.ulysses = num(), c.strategy = Strategy::hybrid;
+    else if (k == "micro")
+      c.micro_batches = num(), micro = true;
+    else if (k == "strategy")
+      c.strategy = parse_strategy(v);
+    else if (k == "layout")
+      c.layout = parse_layout(v);
+    else
+      throw Error(cat("--mesh '", spec, "': unknown key '", k, "' (dp, pp, sp, tp, strategy, ulysses, layout, micro)"));
   }
   if (!micro) c.micro_batches = 0;  // chosen by predict_mesh: the best that fits
   return c;
@@ -107,8 +116,8 @@ double objective(const Prediction& p, const std::string& o) {
 
 nlohmann::json prediction_json(const Prediction& p) {
   const Candidate& c = p.c;
-  nlohmann::json j = {{"layout", c.name()}, {"dp", c.dp}, {"pp", c.pp}, {"sp", c.sp}, {"tp", c.tp},
-                      {"strategy", c.sp > 1 ? strategy_name(c.strategy) : "none"}};
+  nlohmann::json j = {{"layout", c.name()}, {"dp", c.dp}, {"pp", c.pp},
+                      {"sp", c.sp},         {"tp", c.tp}, {"strategy", c.sp > 1 ? strategy_name(c.strategy) : "none"}};
   if (c.strategy == Strategy::hybrid) j["ulysses"] = c.ulysses;
   if (c.sp > 1 && c.strategy != Strategy::ulysses) j["sequence_layout"] = layout_name(c.layout);
   j["micro_batches"] = c.micro_batches;
@@ -155,8 +164,8 @@ void print_table(const std::vector<Prediction>& ps, size_t top) {
       std::printf("%-4s %-34s invalid: %s\n", "-", name.c_str(), p.invalid.c_str());
       continue;
     }
-    std::printf("%-4zu %-34s %5d %12.4g %12.4g %10.4g %8.1f%% %11.3g %9s %11.3g %11.3g %6.0f%%\n", i + 1,
-                name.c_str(), p.c.micro_batches, p.forward_tokens_per_s, p.train_tokens_per_s, p.decode_step_s * 1e3,
+    std::printf("%-4zu %-34s %5d %12.4g %12.4g %10.4g %8.1f%% %11.3g %9s %11.3g %11.3g %6.0f%%\n", i + 1, name.c_str(),
+                p.c.micro_batches, p.forward_tokens_per_s, p.train_tokens_per_s, p.decode_step_s * 1e3,
                 100 * p.train_mfu, p.peak_train_bytes / 1073741824.0,
                 p.fits_train ? (p.fits_inference ? "yes" : "train") : (p.fits_inference ? "infer" : "NO"),
                 p.train_bytes_sent / 1e9, p.inter_bytes / 1e9, 100 * p.hidden_share());
@@ -177,11 +186,13 @@ void run_calibrate(const PlanArgs& a) {
   Hardware h = hardware_from_json(capture(cmd), "the calibration");  // checks what the ranks measured
   // Twice as many ranks as devices: the cost of waiting on a time-shared peer.
   progress(cat("time-sharing: ", 2 * ranks, " ranks on ", ranks, " devices"));
-  const std::string ts = cat(default_launcher(2 * ranks), " -np ", 2 * ranks, " ",
-                             shell_quote(self_executable()), " plan --timeshare-rank --threads ", a.threads);
+  const std::string ts = cat(default_launcher(2 * ranks), " -np ", 2 * ranks, " ", shell_quote(self_executable()),
+                             " plan --timeshare-rank --threads ", a.threads);
   h.timeshare_wait_s = nlohmann::json::parse(capture(ts))["timeshare_wait_s"].get<double>();
-  h.sources["timeshare_wait_s"] = cat(2 * ranks, " ranks on ", ranks, " devices: 400 steps of ~0.5 ms of LayerNorm "
-                                      "each, alone and each followed by an all-reduce of one number; extra time per step");
+  h.sources["timeshare_wait_s"] =
+      cat(2 * ranks, " ranks on ", ranks,
+          " devices: 400 steps of ~0.5 ms of LayerNorm "
+          "each, alone and each followed by an all-reduce of one number; extra time per step");
   const std::string text = hardware_to_json(h);
   progress_done();
   write_file_atomically(out, [&](std::FILE* f) { return std::fputs(text.c_str(), f) >= 0; });
@@ -218,9 +229,12 @@ Candidate method_candidate(const nlohmann::json& m, int64_t batch) {
     c.dp = m.value("dp", 1);
   } else {
     const std::string name = m["method"].get<std::string>();
-    if (name.find("x ring") != std::string::npos) c.strategy = Strategy::hybrid, c.ulysses = 2;
-    else if (name.rfind("Ulysses", 0) == 0) c.strategy = Strategy::ulysses;
-    else if (name.rfind("all-gather", 0) == 0) c.strategy = Strategy::allgather;
+    if (name.find("x ring") != std::string::npos)
+      c.strategy = Strategy::hybrid, c.ulysses = 2;
+    else if (name.rfind("Ulysses", 0) == 0)
+      c.strategy = Strategy::ulysses;
+    else if (name.rfind("all-gather", 0) == 0)
+      c.strategy = Strategy::allgather;
     c.layout = Layout::zigzag;
   }
   c.micro_batches = c.pp > 1 ? static_cast<int>(batch) : 1;
@@ -255,8 +269,10 @@ std::vector<std::pair<std::string, nlohmann::json>> merged_runs(const std::vecto
     while (g < out.size() && nlohmann::json{out[g].second["model"], out[g].second["dtype"], out[g].second["ranks"],
                                             out[g].second["batch"], out[g].second["seq"]} != key)
       ++g;
-    if (g == out.size()) out.push_back({file, j}), runs.emplace_back();
-    else out[g].first += " " + file;
+    if (g == out.size())
+      out.push_back({file, j}), runs.emplace_back();
+    else
+      out[g].first += " " + file;
     runs[g].push_back(std::move(j));
   }
   const char* figures[] = {"forward_seconds", "train_step_seconds", "time_per_output_token_ms",
@@ -318,8 +334,14 @@ void run_validate(const PlanArgs& a) {
         const bool timed = std::string(metric) != "peak MiB";
         (timed ? errors : mem_errors).push_back(std::fabs(err));
         const int n_runs = m.value("runs", 1);
-        rows.push_back({{"method", m["method"]}, {"ranks", cl.world}, {"seq", w.seq}, {"runs", n_runs},
-                        {"metric", metric}, {"predicted", pm.first}, {"measured", pm.second}, {"error", err}});
+        rows.push_back({{"method", m["method"]},
+                        {"ranks", cl.world},
+                        {"seq", w.seq},
+                        {"runs", n_runs},
+                        {"metric", metric},
+                        {"predicted", pm.first},
+                        {"measured", pm.second},
+                        {"error", err}});
         if (!a.json)
           std::printf("%-22s %5d %7lld %4d  %-9s %12.4g %12.4g %+7.1f%%\n", m["method"].get<std::string>().c_str(),
                       cl.world, static_cast<long long>(w.seq), n_runs, metric, pm.first, pm.second, 100 * err);
@@ -328,25 +350,32 @@ void run_validate(const PlanArgs& a) {
       train.push_back({p.train_tokens_per_s, tok / m["train_step_seconds"].get<double>()});
       tpot.push_back({1 / p.decode_step_s, 1e3 / m["time_per_output_token_ms"].get<double>()});  // steps/s
     }
-    groups.push_back({{"file", file}, {"ranks", cl.world}, {"seq", w.seq}, {"forward", ranking_json(rank_agreement(fwd))},
-                      {"train", ranking_json(rank_agreement(train))}, {"tpot", ranking_json(rank_agreement(tpot))}});
+    groups.push_back({{"file", file},
+                      {"ranks", cl.world},
+                      {"seq", w.seq},
+                      {"forward", ranking_json(rank_agreement(fwd))},
+                      {"train", ranking_json(rank_agreement(train))},
+                      {"tpot", ranking_json(rank_agreement(tpot))}});
   }
   check(!errors.empty(), "--validate: no measured method in the files");
   const double med = median(errors), worst = *std::max_element(errors.begin(), errors.end());
-  nlohmann::json summary = {{"hardware", h.name},
-                            {"time_metrics", errors.size()},
-                            {"median_abs_error", med},
-                            {"worst_abs_error", worst},
-                            {"memory_median_abs_error", median(mem_errors)},
-                            {"memory_worst_abs_error", mem_errors.empty() ? 0 : *std::max_element(mem_errors.begin(), mem_errors.end())},
-                            {"rankings", groups}};
+  nlohmann::json summary = {
+      {"hardware", h.name},
+      {"time_metrics", errors.size()},
+      {"median_abs_error", med},
+      {"worst_abs_error", worst},
+      {"memory_median_abs_error", median(mem_errors)},
+      {"memory_worst_abs_error", mem_errors.empty() ? 0 : *std::max_element(mem_errors.begin(), mem_errors.end())},
+      {"rankings", groups}};
   if (a.json) return print_json({{"rows", rows}, {"summary", summary}});
-  std::printf("\ntime metrics (fwd tok/s, train tok/s, TPOT): %zu, median |error| %.1f%%, worst %.1f%% "
-              "(targets 15%%, 30%%)\npeak memory: median |error| %.1f%%, worst %.1f%%\n",
-              errors.size(), 100 * med, 100 * worst, 100 * summary["memory_median_abs_error"].get<double>(),
-              100 * summary["memory_worst_abs_error"].get<double>());
-  std::printf("ranking: pairs of methods whose measured rates differ by more than 10%% (the run-to-run noise) that "
-              "the model orders the same way; best: the predicted best is (within 10%% of) the measured best\n");
+  std::printf(
+      "\ntime metrics (fwd tok/s, train tok/s, TPOT): %zu, median |error| %.1f%%, worst %.1f%% "
+      "(targets 15%%, 30%%)\npeak memory: median |error| %.1f%%, worst %.1f%%\n",
+      errors.size(), 100 * med, 100 * worst, 100 * summary["memory_median_abs_error"].get<double>(),
+      100 * summary["memory_worst_abs_error"].get<double>());
+  std::printf(
+      "ranking: pairs of methods whose measured rates differ by more than 10%% (the run-to-run noise) that "
+      "the model orders the same way; best: the predicted best is (within 10%% of) the measured best\n");
   int pairs = 0, agree = 0, best = 0, n = 0;
   for (const auto& g : groups) {
     std::printf("  %d ranks, seq %6lld:", g["ranks"].get<int>(), static_cast<long long>(g["seq"].get<int64_t>()));
@@ -386,7 +415,8 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
     }
     check(seqs.back() >= 1, "--sweep: sequence lengths must be >= 1");
   }
-  nlohmann::json j = {{"hardware", h.name}, {"world", cl.world}, {"objective", a.objective}, {"points", nlohmann::json::array()}};
+  nlohmann::json j = {
+      {"hardware", h.name}, {"world", cl.world}, {"objective", a.objective}, {"points", nlohmann::json::array()}};
   for (int64_t L : seqs) {
     Workload w = w0;
     w.seq = L;
@@ -397,8 +427,12 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
       if (it == best.end() || objective(p, a.objective) > objective(it->second, a.objective)) best[family(p.c)] = p;
     }
     for (const auto& [f, p] : best)
-      j["points"].push_back({{"seq", L}, {"family", f}, {"layout", p.c.name()}, {"value", objective(p, a.objective)},
-                             {"forward_tokens_per_s", p.forward_tokens_per_s}, {"train_tokens_per_s", p.train_tokens_per_s},
+      j["points"].push_back({{"seq", L},
+                             {"family", f},
+                             {"layout", p.c.name()},
+                             {"value", objective(p, a.objective)},
+                             {"forward_tokens_per_s", p.forward_tokens_per_s},
+                             {"train_tokens_per_s", p.train_tokens_per_s},
                              {"decode_step_ms", p.decode_step_s * 1e3}});
   }
   if (!a.png.empty()) {
@@ -424,8 +458,10 @@ void run_sweep(const PlanArgs& a, const Workload& w0, const Hardware& h, const C
       double v = 0;
       for (const auto& p : j["points"])
         if (p["seq"].get<int64_t>() == L && p["family"] == f) v = p["value"].get<double>();
-      if (v > 0) std::printf(" %22.4g", v);
-      else std::printf(" %22s", "-");
+      if (v > 0)
+        std::printf(" %22.4g", v);
+      else
+        std::printf(" %22s", "-");
     }
     std::printf("\n");
   }
@@ -468,8 +504,9 @@ void run(const PlanArgs& a) {
       check(a.meshes.empty() || p.invalid.empty(), "--mesh ", p.c.name(), " cannot run: ", p.invalid);
     const bool any = std::any_of(ps.begin(), ps.end(), [](const Prediction& p) { return p.invalid.empty(); });
     check(any, "no parallel layout of this model can run on --world ", a.world,
-           ps.empty() ? std::string(" (none to enumerate)") : cat(": e.g. ", ps.front().c.name(), ": ", ps.front().invalid),
-           a.all ? "" : " (--all lists every layout with its reason)");
+          ps.empty() ? std::string(" (none to enumerate)")
+                     : cat(": e.g. ", ps.front().c.name(), ": ", ps.front().invalid),
+          a.all ? "" : " (--all lists every layout with its reason)");
   };
   const double flops = forward_flops(w), tokens = static_cast<double>(w.batch * w.seq);
   const double world_peak = h.peak_rate(w.model.dtype) * a.world;
@@ -485,9 +522,10 @@ void run(const PlanArgs& a) {
     claim["seconds_per_token"] = 1 / a.claim;
   }
   if (a.json) {
-    nlohmann::json j = {{"hardware", h.name}, {"world", a.world}, {"nodes", cl.nodes_for(h)},
-                        {"seq", w.seq}, {"batch", w.batch}, {"dtype", dtype_name(w.model.dtype)},
-                        {"forward_flops", flops}, {"forward_flops_per_token", flops / tokens},
+    nlohmann::json j = {{"hardware", h.name},       {"world", a.world},
+                        {"nodes", cl.nodes_for(h)}, {"seq", w.seq},
+                        {"batch", w.batch},         {"dtype", dtype_name(w.model.dtype)},
+                        {"forward_flops", flops},   {"forward_flops_per_token", flops / tokens},
                         {"objective", a.objective}, {"layouts", nlohmann::json::array()}};
     if (!h.attention_kernels_used.empty()) j["attention_kernels"] = h.attention_kernels_used;
     for (const Prediction& p : ps) j["layouts"].push_back(prediction_json(p));
@@ -495,29 +533,31 @@ void run(const PlanArgs& a) {
     print_json(j);
     return check_runnable();
   }
-  std::printf("plan  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld, %s; batch %lld x seq "
-              "%lld%s\n      on %d x %s (%d per node, %d node(s)), ranked by %s tokens/s\n",
-              static_cast<long long>(w.model.layers), static_cast<long long>(w.model.d_model),
-              static_cast<long long>(w.model.heads), static_cast<long long>(w.model.head_dim()),
-              static_cast<long long>(w.model.kv()), static_cast<long long>(w.model.hidden()),
-              dtype_name(w.model.dtype), static_cast<long long>(w.batch), static_cast<long long>(w.seq),
-              w.model.causal ? ", causal" : "", a.world, h.name.c_str(), h.devices_per_node, cl.nodes_for(h),
-              a.objective == "decode" ? "decode" : a.objective.c_str());
+  std::printf(
+      "plan  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld, %s; batch %lld x seq "
+      "%lld%s\n      on %d x %s (%d per node, %d node(s)), ranked by %s tokens/s\n",
+      static_cast<long long>(w.model.layers), static_cast<long long>(w.model.d_model),
+      static_cast<long long>(w.model.heads), static_cast<long long>(w.model.head_dim()),
+      static_cast<long long>(w.model.kv()), static_cast<long long>(w.model.hidden()), dtype_name(w.model.dtype),
+      static_cast<long long>(w.batch), static_cast<long long>(w.seq), w.model.causal ? ", causal" : "", a.world,
+      h.name.c_str(), h.devices_per_node, cl.nodes_for(h), a.objective == "decode" ? "decode" : a.objective.c_str());
   if (!h.attention_kernels_used.empty())
     std::printf("      attention at the hardware file's %s rates\n", h.attention_kernels_used.c_str());
   std::printf("      model FLOPs: forward %s per token (training 3x)\n\n", si(flops / tokens, "FLOP").c_str());
   print_table(ps, static_cast<size_t>(a.top));
-  std::printf("\nmicro: pipeline micro-batches (PP) or gradient-accumulation steps per replica, the best that fits; "
-              "decode ms: one decode step of the whole batch;\npeak GiB: per device through the training step; fits: "
-              "train+inference / only one / NO; GB/step: sent per device per training step (inter: across nodes);\n"
-              "hidden: share of the step's transfer time behind compute.\n");
+  std::printf(
+      "\nmicro: pipeline micro-batches (PP) or gradient-accumulation steps per replica, the best that fits; "
+      "decode ms: one decode step of the whole batch;\npeak GiB: per device through the training step; fits: "
+      "train+inference / only one / NO; GB/step: sent per device per training step (inter: across nodes);\n"
+      "hidden: share of the step's transfer time behind compute.\n");
   if (!claim.is_null()) {
-    std::printf("\nclaim %s tokens/s: forward needs %s = %.0f%% of %d x peak (%s); training (3x) %s = %.0f%%; "
-                "1/throughput = %.3g us per token\n",
-                si(a.claim, "").c_str(), si(claim["forward_flops_per_s"].get<double>(), "FLOP/s").c_str(),
-                100 * claim.value("forward_share_of_peak", 0.0), a.world, si(h.peak_rate(w.model.dtype), "FLOP/s").c_str(),
-                si(claim["train_flops_per_s"].get<double>(), "FLOP/s").c_str(), 100 * claim.value("train_share_of_peak", 0.0),
-                1e6 / a.claim);
+    std::printf(
+        "\nclaim %s tokens/s: forward needs %s = %.0f%% of %d x peak (%s); training (3x) %s = %.0f%%; "
+        "1/throughput = %.3g us per token\n",
+        si(a.claim, "").c_str(), si(claim["forward_flops_per_s"].get<double>(), "FLOP/s").c_str(),
+        100 * claim.value("forward_share_of_peak", 0.0), a.world, si(h.peak_rate(w.model.dtype), "FLOP/s").c_str(),
+        si(claim["train_flops_per_s"].get<double>(), "FLOP/s").c_str(), 100 * claim.value("train_share_of_peak", 0.0),
+        1e6 / a.claim);
   }
   check_runnable();
 }
@@ -527,9 +567,10 @@ void run(const PlanArgs& a) {
 void add_plan(CLI::App& app) {
   auto a = std::make_shared<PlanArgs>();
   auto* cmd = app.add_subcommand(
-      "plan", "predict every parallel layout (DP x PP x TP x SP, ring/Ulysses/all-gather/hybrid) of a model on a "
-              "cluster from a hardware description, rank them; --calibrate measures this machine, --validate checks "
-              "the model against measured `compare` runs");
+      "plan",
+      "predict every parallel layout (DP x PP x TP x SP, ring/Ulysses/all-gather/hybrid) of a model on a "
+      "cluster from a hardware description, rank them; --calibrate measures this machine, --validate checks "
+      "the model against measured `compare` runs");
   add_model_options(cmd, a->model);
   cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences per step")->check(positive_count())->capture_default_str();
@@ -565,8 +606,8 @@ void add_plan(CLI::App& app) {
   cmd->add_option("--claim", a->claim,
                   "a reported tokens/s to check: the FLOP/s it implies against the world's peak, forward and training")
       ->check(positive_finite());
-  auto* sweep = cmd->add_option("--sweep", a->sweep,
-                                "comma-separated sequence lengths: the best layout of each kind at each");
+  auto* sweep =
+      cmd->add_option("--sweep", a->sweep, "comma-separated sequence lengths: the best layout of each kind at each");
   cmd->add_option("--png", a->png, "with --sweep: draw the sweep (scripts/plot_plan.py, Debian's python3-matplotlib)")
       ->needs(sweep);
   cmd->add_flag("--calibrate", a->calibrate,

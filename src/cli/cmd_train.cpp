@@ -11,10 +11,10 @@
 #include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/memory.h"
-#include "ringattn/parallel.h"
 #include "ringattn/model.h"
-#include "ringattn/pipeline.h"
+#include "ringattn/parallel.h"
 #include "ringattn/perf.h"
+#include "ringattn/pipeline.h"
 
 namespace ringattn::cli {
 namespace {
@@ -103,8 +103,8 @@ void run(const TrainArgs& a) {
     step_times.push_back(now_seconds() - t0);
   }
   if (!a.json && rank == 0) progress_done();
-  double mine[3] = {static_cast<double>(memory_stats().peak_bytes),
-                    static_cast<double>(sent()), static_cast<double>(fwd_bytes)};
+  double mine[3] = {static_cast<double>(memory_stats().peak_bytes), static_cast<double>(sent()),
+                    static_cast<double>(fwd_bytes)};
   std::vector<double> all(3 * static_cast<size_t>(P));
   if (world)
     world->all_gather(mine, all.data(), sizeof(mine));
@@ -115,9 +115,12 @@ void run(const TrainArgs& a) {
   double best_step = *std::min_element(step_times.begin(), step_times.end());
   const double tokens = static_cast<double>(a.batch * a.seq);
   nlohmann::json j;
-  j["model"] = {{"layers", a.model.layers}, {"d_model", D}, {"heads", a.model.heads}, {"kv_heads", a.model.kv()},
-                {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal}, {"params", model.num_params()}};
-  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = pc.dp, j["pp"] = pc.pp, j["sp"] = sp, j["tp"] = pc.tp, j["ranks"] = P;
+  j["model"] = {{"layers", a.model.layers},       {"d_model", D},
+                {"heads", a.model.heads},         {"kv_heads", a.model.kv()},
+                {"mlp_hidden", a.model.hidden()}, {"causal", a.model.causal},
+                {"params", model.num_params()}};
+  j["batch"] = a.batch, j["seq"] = a.seq, j["dp"] = pc.dp, j["pp"] = pc.pp, j["sp"] = sp, j["tp"] = pc.tp,
+  j["ranks"] = P;
   j["strategy"] = strategy_name(pc.strategy), j["ulysses"] = pc.ulysses, j["layout"] = layout_name(pc.layout);
   j["dtype"] = a.dtype;
   j["device"] = dev.name();
@@ -128,7 +131,9 @@ void run(const TrainArgs& a) {
   j["loss"] = losses;
   j["per_rank"] = nlohmann::json::array();
   for (int r = 0; r < P; ++r)
-    j["per_rank"].push_back({{"rank", r}, {"peak_memory_bytes", all[3 * r]}, {"bytes_sent", all[3 * r + 1]},
+    j["per_rank"].push_back({{"rank", r},
+                             {"peak_memory_bytes", all[3 * r]},
+                             {"bytes_sent", all[3 * r + 1]},
                              {"forward_bytes_sent", all[3 * r + 2]}});
   // A loss that is not finite is a failed run (after the report): the step diverged.
   auto check_loss = [&] {
@@ -140,13 +145,13 @@ void run(const TrainArgs& a) {
     print_json(j);
     return check_loss();
   }
-  std::printf("train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x pp=%d x sp=%d x tp=%d "
-              "(%s, %s, %s)\n",
-              static_cast<long long>(a.model.layers), static_cast<long long>(D),
-              static_cast<long long>(a.model.heads), static_cast<long long>(a.model.kv()),
-              static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
-              static_cast<long long>(a.seq), pc.dp, pc.pp, sp, pc.tp, pc.strategy_label().c_str(),
-              layout_name(pc.layout), a.dtype.c_str());
+  std::printf(
+      "train  layers=%lld d_model=%lld heads=%lld/%lld mlp=%lld  B=%lld L=%lld  dp=%d x pp=%d x sp=%d x tp=%d "
+      "(%s, %s, %s)\n",
+      static_cast<long long>(a.model.layers), static_cast<long long>(D), static_cast<long long>(a.model.heads),
+      static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
+      static_cast<long long>(a.seq), pc.dp, pc.pp, sp, pc.tp, pc.strategy_label().c_str(), layout_name(pc.layout),
+      a.dtype.c_str());
   if (!dev.is_host()) std::printf("device %s (peak MiB below counts host memory only)\n", dev.name().c_str());
   std::printf("forward (prefill)   %10.1f ms   %10.0f tokens/s\n", t_fwd * 1e3, tokens / t_fwd);
   std::printf("training step (best of %d) %6.1f ms   %10.0f tokens/s\n", a.steps, best_step * 1e3, tokens / best_step);
@@ -163,9 +168,10 @@ void run(const TrainArgs& a) {
 
 void add_train(CLI::App& app) {
   auto a = std::make_shared<TrainArgs>();
-  auto* cmd = app.add_subcommand("train",
-                                 "train the dense transformer with RA+SP (x data x tensor parallel) under mpirun: throughput, "
-                                 "loss, memory, bytes");
+  auto* cmd =
+      app.add_subcommand("train",
+                         "train the dense transformer with RA+SP (x data x tensor parallel) under mpirun: throughput, "
+                         "loss, memory, bytes");
   add_model_options(cmd, a->model);
   cmd->add_flag("!--bidirectional", a->model.causal, "no causal mask");
   cmd->add_option("--seed", a->model.seed, "weights and data seed")->check(seed_value())->capture_default_str();

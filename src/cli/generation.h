@@ -5,9 +5,9 @@
 #include <string>
 #include <vector>
 
-#include "ringattn/parallel.h"
 #include "ringattn/inference.h"
 #include "ringattn/model.h"
+#include "ringattn/parallel.h"
 
 namespace ringattn::cli {
 

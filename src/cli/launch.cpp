@@ -3,8 +3,8 @@
 
 #include <unistd.h>
 
-#include <cstdio>
 #include <sys/wait.h>
+#include <cstdio>
 #include <thread>
 
 #include "ringattn/error.h"

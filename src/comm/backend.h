@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
@@ -23,9 +24,7 @@ namespace ringattn::comm_backend {
 
 using Clock = std::chrono::steady_clock;
 
-inline double seconds_since(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
+inline double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 inline const char* op_name(ReduceOp op) {
   switch (op) {
@@ -49,8 +48,8 @@ constexpr const char* type_name() {
 // An isend (is_recv false) or irecv to/from `peer` of a communicator of `size`
 // ranks: the peer in range, the tag in [0, max_tag], a buffer unless it is empty.
 // `who` names this rank in the message.
-inline void check_post(const std::string& who, bool is_recv, int peer, int size, int tag, int max_tag,
-                       const void* buf, size_t bytes) {
+inline void check_post(const std::string& who, bool is_recv, int peer, int size, int tag, int max_tag, const void* buf,
+                       size_t bytes) {
   const char* op = is_recv ? "irecv" : "isend";
   check(peer >= 0 && peer < size, who, ": ", op, " ", is_recv ? "from" : "to", " rank ", peer,
         ", which is out of range [0, ", size, ")");

@@ -26,7 +26,8 @@
 // collective with the same sizes.
 //
 // Waits are bounded by timeout_seconds() (0 or less: no limit). CommStats follow
-// comm/backend.h, a receive counting its bytes when posted; wait_seconds adds the time blocked in wait() and in collectives.
+// comm/backend.h, a receive counting its bytes when posted; wait_seconds adds the time blocked in wait() and in
+// collectives.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,9 +48,9 @@
 #include <utility>
 #include <vector>
 
+#include "comm/backend.h"
 #include "kernels/cuda/cuda_device.h"
 #include "ringattn/cuda.h"
-#include "comm/backend.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
@@ -191,13 +192,6 @@ class LocalComm final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return hub_->P; }
   std::string backend() const override { return "local"; }
-
-  Request isend(const void* buf, size_t bytes, int dst, int tag) override {
-    return post(const_cast<void*>(buf), bytes, dst, tag, /*is_recv=*/false);
-  }
-  Request irecv(void* buf, size_t bytes, int src, int tag) override {
-    return post(buf, bytes, src, tag, /*is_recv=*/true);
-  }
 
   void wait(Request& r) override {
     if (!r.pending()) return;
@@ -370,7 +364,7 @@ class LocalComm final : public Communicator {
     return it;
   }
 
-  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
+  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) override {
     const char* op = is_recv ? "irecv" : "isend";
     check_post(who(), is_recv, peer, size(), tag, INT_MAX, buf, bytes);
     check(bytes == 0 || is_device_pointer(buf), who(), ": ", op, " of ", bytes, " bytes ", is_recv ? "from" : "to",

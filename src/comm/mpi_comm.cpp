@@ -43,11 +43,12 @@
 #include <functional>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
-#include "ringattn/comm.h"
 #include "comm/backend.h"
+#include "ringattn/comm.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
@@ -194,31 +195,13 @@ class ByteType {
 };
 
 template <typename T>
-MPI_Datatype mpi_type();
-template <>
-MPI_Datatype mpi_type<float>() {
-  return MPI_FLOAT;
-}
-template <>
-MPI_Datatype mpi_type<double>() {
-  return MPI_DOUBLE;
-}
-template <>
-MPI_Datatype mpi_type<int64_t>() {
-  return MPI_INT64_T;
+MPI_Datatype mpi_type() {
+  if constexpr (std::is_same_v<T, float>) return MPI_FLOAT;
+  if constexpr (std::is_same_v<T, double>) return MPI_DOUBLE;
+  if constexpr (std::is_same_v<T, int64_t>) return MPI_INT64_T;
 }
 
-MPI_Op mpi_op(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return MPI_SUM;
-    case ReduceOp::max:
-      return MPI_MAX;
-    case ReduceOp::min:
-      return MPI_MIN;
-  }
-  throw Error("unknown ReduceOp");
-}
+MPI_Op mpi_op(ReduceOp op) { return op == ReduceOp::sum ? MPI_SUM : op == ReduceOp::max ? MPI_MAX : MPI_MIN; }
 
 class MpiCommunicator final : public Communicator {
  public:
@@ -269,13 +252,6 @@ class MpiCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
-
-  Request isend(const void* buf, size_t bytes, int dst, int tag) override {
-    return post(const_cast<void*>(buf), bytes, dst, tag, /*is_recv=*/false);
-  }
-  Request irecv(void* buf, size_t bytes, int src, int tag) override {
-    return post(buf, bytes, src, tag, /*is_recv=*/true);
-  }
 
   void wait(Request& r) override {
     if (!r.pending()) return;
@@ -418,7 +394,7 @@ class MpiCommunicator final : public Communicator {
     return it;
   }
 
-  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
+  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) override {
     check_post(who(), is_recv, peer, size_, tag, tag_ub_, buf, bytes);
     Pending p;
     p.is_recv = is_recv;

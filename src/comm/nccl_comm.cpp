@@ -38,13 +38,14 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "comm/backend.h"
 #include "kernels/cuda/cuda_device.h"
 #include "ringattn/cuda.h"
-#include "comm/backend.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
@@ -73,31 +74,13 @@ class Scratch {
 };
 
 template <typename T>
-ncclDataType_t nccl_type();
-template <>
-ncclDataType_t nccl_type<float>() {
-  return ncclFloat32;
-}
-template <>
-ncclDataType_t nccl_type<double>() {
-  return ncclFloat64;
-}
-template <>
-ncclDataType_t nccl_type<int64_t>() {
-  return ncclInt64;
+ncclDataType_t nccl_type() {
+  if constexpr (std::is_same_v<T, float>) return ncclFloat32;
+  if constexpr (std::is_same_v<T, double>) return ncclFloat64;
+  if constexpr (std::is_same_v<T, int64_t>) return ncclInt64;
 }
 
-ncclRedOp_t nccl_op(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::sum:
-      return ncclSum;
-    case ReduceOp::max:
-      return ncclMax;
-    case ReduceOp::min:
-      return ncclMin;
-  }
-  throw Error("unknown ReduceOp");
-}
+ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::sum ? ncclSum : op == ReduceOp::max ? ncclMax : ncclMin; }
 
 // NCCL's error string plus its last message for `comm` (when it has one).
 std::string nccl_error(ncclResult_t r, ncclComm_t comm) {
@@ -152,13 +135,6 @@ class NcclComm final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "nccl"; }
-
-  Request isend(const void* buf, size_t bytes, int dst, int tag) override {
-    return post(const_cast<void*>(buf), bytes, dst, tag, /*is_recv=*/false);
-  }
-  Request irecv(void* buf, size_t bytes, int src, int tag) override {
-    return post(buf, bytes, src, tag, /*is_recv=*/true);
-  }
 
   // Stream-ordered: the compute stream waits for the transfer; the host does not.
   void wait(Request& r) override {
@@ -348,7 +324,7 @@ class NcclComm final : public Communicator {
     cu(cudaStreamWaitEvent(dev_.comm(), order_.get(), 0), "cudaStreamWaitEvent (communication after compute)");
   }
 
-  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) {
+  Request post(void* buf, size_t bytes, int peer, int tag, bool is_recv) override {
     const char* op = is_recv ? "irecv" : "isend";
     usable(op);
     check_post(who(), is_recv, peer, size_, tag, INT_MAX, buf, bytes);

@@ -16,8 +16,8 @@ void check_rank(const TensorView& t, int rank, const char* name, const char* lay
 
 void check_like(const TensorView& t, const TensorView& like, const char* name, const char* like_name) {
   check(!t.empty(), name, " is missing");
-  check(t.rank == like.rank && same_shape(t, like), name, " must have the shape of ", like_name, " ",
-        like.shape_str(), ", got ", t.shape_str());
+  check(t.rank == like.rank && same_shape(t, like), name, " must have the shape of ", like_name, " ", like.shape_str(),
+        ", got ", t.shape_str());
 }
 
 }  // namespace
@@ -68,8 +68,8 @@ void check_attention_merge(const TensorView& o_acc, const TensorView& lse_acc, c
   check(o_acc.dtype == DType::f32, "o_acc must be fp32 (merges accumulate in fp32)");
   check(lse_acc.dtype == DType::f32 && lse_part.dtype == DType::f32, "lse tensors must be fp32");
   const int64_t B = o_acc.dim(0), L = o_acc.dim(1), H = o_acc.dim(2);
-  check(lse_acc.dim(0) == B && lse_acc.dim(1) == H && lse_acc.dim(2) == L, "lse_acc must be [B, H, Lq] = [", B, ", ",
-        H, ", ", L, "], got ", lse_acc.shape_str());
+  check(lse_acc.dim(0) == B && lse_acc.dim(1) == H && lse_acc.dim(2) == L, "lse_acc must be [B, H, Lq] = [", B, ", ", H,
+        ", ", L, "], got ", lse_acc.shape_str());
 }
 
 }  // namespace ringattn

@@ -92,8 +92,8 @@ CpuFeatures detect() {
   }
   if (osxsave) {
     const uint64_t xcr0 = read_xcr0();
-    f.os_avx = (xcr0 & 0x6) == 0x6;     // XMM, YMM
-    f.os_avx512 = (xcr0 & 0xe6) == 0xe6;  // XMM, YMM, opmask, ZMM0-15 upper, ZMM16-31
+    f.os_avx = (xcr0 & 0x6) == 0x6;                                      // XMM, YMM
+    f.os_avx512 = (xcr0 & 0xe6) == 0xe6;                                 // XMM, YMM, opmask, ZMM0-15 upper, ZMM16-31
     f.os_amx = (xcr0 & 0x60000) == 0x60000 && request_amx_permission();  // XTILECFG, XTILEDATA
   }
 
@@ -136,11 +136,16 @@ const CpuFeatures& cpu_features() {
 
 const char* isa_name(Isa i) {
   switch (i) {
-    case Isa::generic: return "generic";
-    case Isa::avx2: return "avx2";
-    case Isa::avx512: return "avx512";
-    case Isa::avx512_bf16: return "avx512_bf16";
-    case Isa::amx_bf16: return "amx_bf16";
+    case Isa::generic:
+      return "generic";
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512:
+      return "avx512";
+    case Isa::avx512_bf16:
+      return "avx512_bf16";
+    case Isa::amx_bf16:
+      return "amx_bf16";
   }
   return "invalid";
 }
@@ -156,12 +161,16 @@ Isa parse_isa(const std::string& s) {
 bool isa_supported(Isa i) {
   const CpuFeatures& f = cpu_features();
   switch (i) {
-    case Isa::generic: return true;
-    case Isa::avx2: return f.avx && f.avx2 && f.fma && f.f16c && f.os_avx;
+    case Isa::generic:
+      return true;
+    case Isa::avx2:
+      return f.avx && f.avx2 && f.fma && f.f16c && f.os_avx;
     case Isa::avx512:
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.os_avx512 && isa_supported(Isa::avx2);
-    case Isa::avx512_bf16: return f.avx512_bf16 && isa_supported(Isa::avx512);
-    case Isa::amx_bf16: return f.amx_tile && f.amx_bf16 && f.os_amx && isa_supported(Isa::avx512_bf16);
+    case Isa::avx512_bf16:
+      return f.avx512_bf16 && isa_supported(Isa::avx512);
+    case Isa::amx_bf16:
+      return f.amx_tile && f.amx_bf16 && f.os_amx && isa_supported(Isa::avx512_bf16);
   }
   return false;
 }
@@ -201,8 +210,8 @@ int max_threads() {
 
 void check_thread_count(long long n, const std::string& what) {
   check(n >= 1, what, " must be at least 1 thread, got ", n);
-  check(n <= max_threads(), what, " = ", n, " is more than 16 x the ", max_threads() / 16,
-        " CPUs of this machine (", max_threads(), "): use at most that many threads");
+  check(n <= max_threads(), what, " = ", n, " is more than 16 x the ", max_threads() / 16, " CPUs of this machine (",
+        max_threads(), "): use at most that many threads");
 }
 
 void check_omp_num_threads_env() {
@@ -215,8 +224,8 @@ void check_omp_num_threads_env() {
     const std::string part = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     char* end = nullptr;
     const long long n = std::strtoll(part.c_str(), &end, 10);
-    check(!part.empty() && end && *end == '\0', "OMP_NUM_THREADS must be a thread count (or a comma list of them), got '",
-          s, "'");
+    check(!part.empty() && end && *end == '\0',
+          "OMP_NUM_THREADS must be a thread count (or a comma list of them), got '", s, "'");
     check_thread_count(n, cat("OMP_NUM_THREADS (", s, ")"));
     if (comma == std::string::npos) break;
     start = comma + 1;

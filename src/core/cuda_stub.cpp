@@ -6,8 +6,9 @@
 namespace ringattn {
 namespace {
 [[noreturn]] void not_built() {
-  throw Error("this ringattn was built without the CUDA path: rebuild with nvcc and NCCL installed "
-              "(CMake option RINGATTN_CUDA=ON)");
+  throw Error(
+      "this ringattn was built without the CUDA path: rebuild with nvcc and NCCL installed "
+      "(CMake option RINGATTN_CUDA=ON)");
 }
 }  // namespace
 

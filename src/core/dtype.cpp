@@ -13,18 +13,24 @@ namespace ringattn {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::f32: return 4;
-    case DType::bf16: return 2;
-    case DType::f16: return 2;
+    case DType::f32:
+      return 4;
+    case DType::bf16:
+      return 2;
+    case DType::f16:
+      return 2;
   }
   throw Error(cat("dtype_size: invalid DType value ", static_cast<int>(t)));
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "fp32";
-    case DType::bf16: return "bf16";
-    case DType::f16: return "fp16";
+    case DType::f32:
+      return "fp32";
+    case DType::bf16:
+      return "bf16";
+    case DType::f16:
+      return "fp16";
   }
   return "invalid";
 }
@@ -36,8 +42,8 @@ DType parse_dtype(const std::string& s) {
   if (k == "fp32" || k == "f32" || k == "float32") return DType::f32;
   if (k == "bf16" || k == "bfloat16") return DType::bf16;
   if (k == "fp16" || k == "f16" || k == "float16") return DType::f16;
-  throw Error(cat("unknown dtype '", s,
-                  "': valid names are fp32 (f32, float32), bf16 (bfloat16), fp16 (f16, float16)"));
+  throw Error(
+      cat("unknown dtype '", s, "': valid names are fp32 (f32, float32), bf16 (bfloat16), fp16 (f16, float16)"));
 }
 
 // binary32 -> binary16, round to nearest even. Overflow gives ±inf, values below

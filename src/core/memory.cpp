@@ -38,8 +38,7 @@ size_t padded_size(size_t bytes) {
 
 void* aligned_alloc_tracked(size_t bytes) {
   const size_t padded = padded_size(bytes);
-  if (padded == 0 || padded > static_cast<size_t>(std::numeric_limits<int64_t>::max()))
-    throw_out_of_memory(bytes);
+  if (padded == 0 || padded > static_cast<size_t>(std::numeric_limits<int64_t>::max())) throw_out_of_memory(bytes);
   void* p = std::aligned_alloc(kAlignment, padded);
   if (!p) throw_out_of_memory(bytes);
   const auto n = static_cast<int64_t>(padded);
@@ -57,8 +56,7 @@ void aligned_free_tracked(void* p, size_t bytes) noexcept {
 }
 
 MemoryStats memory_stats() {
-  return MemoryStats{g_current_bytes.load(std::memory_order_relaxed),
-                     g_peak_bytes.load(std::memory_order_relaxed)};
+  return MemoryStats{g_current_bytes.load(std::memory_order_relaxed), g_peak_bytes.load(std::memory_order_relaxed)};
 }
 
 void reset_peak_memory() {

@@ -42,8 +42,7 @@ void check_same_shape(const TensorView& a, const TensorView& b, const char* what
   bool same = a.rank == b.rank;
   for (int i = 0; same && i < a.rank; ++i) same = a.shape[i] == b.shape[i];
   if (!same)
-    throw Error(cat(what, ": shape mismatch: ", a_name, " is ", a.shape_str(), " but ", b_name, " is ",
-                    b.shape_str()));
+    throw Error(cat(what, ": shape mismatch: ", a_name, " is ", a.shape_str(), " but ", b_name, " is ", b.shape_str()));
 }
 
 void check_has_data(const TensorView& t, const char* what, const char* name) {
@@ -160,8 +159,7 @@ int64_t TensorView::offset(std::initializer_list<int64_t> idx) const {
 
 // ---- Tensor --------------------------------------------------------------------
 
-Tensor::Tensor(DType dtype, std::initializer_list<int64_t> shape)
-    : Tensor(dtype, list_rank(shape), shape.begin()) {}
+Tensor::Tensor(DType dtype, std::initializer_list<int64_t> shape) : Tensor(dtype, list_rank(shape), shape.begin()) {}
 
 Tensor::Tensor(DType dtype, int rank, const int64_t* shape) : view_(nullptr, dtype, rank, shape, nullptr) {
   int64_t bytes = static_cast<int64_t>(dtype_size(dtype));
@@ -232,8 +230,10 @@ double max_abs_diff(const TensorView& a, const TensorView& b) {
       const double y = load_as_f32(b.data, b.dtype, base[1] + i * inner[1]);
       if (x == y) continue;
       const double d = std::fabs(x - y);
-      if (std::isnan(d)) nan = true;
-      else if (d > worst) worst = d;
+      if (std::isnan(d))
+        nan = true;
+      else if (d > worst)
+        worst = d;
     }
   });
   return nan ? std::numeric_limits<double>::quiet_NaN() : worst;

@@ -130,7 +130,8 @@ void write_file_atomically(const std::string& path, const std::function<bool(std
 
   std::string tmpl = cat(dir_of(t.real), "/.", base_of(t.real), ".tmp.XXXXXX");
   const int fd = ::mkstemp(tmpl.data());
-  if (fd < 0) throw Error(cat(path, ": cannot create a temporary file in ", dir_of(t.real), ": ", std::strerror(errno)));
+  if (fd < 0)
+    throw Error(cat(path, ": cannot create a temporary file in ", dir_of(t.real), ": ", std::strerror(errno)));
   const std::string tmp = tmpl;
   // mkstemp creates 0600: give the file the mode (and owner) it will replace, or a new file's.
   const mode_t mode = t.node ? (t.node->st_mode & 07777) : creation_mode();
@@ -190,8 +191,7 @@ void check_output_paths(const NamedPaths& outputs, const NamedPaths& inputs) {
     }
     if (!t.node || S_ISREG(t.node->st_mode)) {  // a new file or a replaced one: its directory must take it
       const std::string dir = dir_of(t.real);
-      check(::access(dir.c_str(), W_OK) == 0, out.first, " ", p, ": cannot write in ", dir, ": ",
-            std::strerror(errno));
+      check(::access(dir.c_str(), W_OK) == 0, out.first, " ", p, ": cannot write in ", dir, ": ", std::strerror(errno));
     }
     const Identity id = identity(t);
     const bool special = t.node && !S_ISREG(t.node->st_mode);  // /dev/null may take several outputs

@@ -228,7 +228,10 @@ Tensor load_npy(const std::string& path) {
   if (header_len && std::fread(text.data(), 1, header_len, f.get()) != header_len) fail(path, "truncated header");
   const Header h = HeaderParser(text, path).parse();
   if (!h.has_descr || !h.has_fortran_order || !h.has_shape)
-    fail(path, cat("header lacks '", !h.has_descr ? "descr" : !h.has_fortran_order ? "fortran_order" : "shape",
+    fail(path, cat("header lacks '",
+                   !h.has_descr           ? "descr"
+                   : !h.has_fortran_order ? "fortran_order"
+                                          : "shape",
                    "': ", shown(text)));
   if (h.descr != "<f4")
     fail(path, cat("dtype '", h.descr,
@@ -242,12 +245,11 @@ Tensor load_npy(const std::string& path) {
 
   uint64_t data_bytes = 4;
   for (int64_t d : h.shape)
-    if (__builtin_mul_overflow(data_bytes, static_cast<uint64_t>(d), &data_bytes))
-      fail(path, "shape is too large");
+    if (__builtin_mul_overflow(data_bytes, static_cast<uint64_t>(d), &data_bytes)) fail(path, "shape is too large");
   const uint64_t have = file_size - data_start;
   if (have != data_bytes)
-    fail(path, cat(have < data_bytes ? "truncated data" : "unexpected trailing data", ": the shape needs ",
-                   data_bytes, " bytes of float32 but the file holds ", have));
+    fail(path, cat(have < data_bytes ? "truncated data" : "unexpected trailing data", ": the shape needs ", data_bytes,
+                   " bytes of float32 but the file holds ", have));
 
   Tensor t(DType::f32, static_cast<int>(h.shape.size()), h.shape.data());
   if (data_bytes && std::fread(t.ptr<float>(), 1, data_bytes, f.get()) != data_bytes)
@@ -272,7 +274,14 @@ void save_npy(const std::string& path, const TensorView& t) {
     data = converted.ptr<float>();
   }
 
-  const unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
+  const unsigned char pre[10] = {0x93,
+                                 'N',
+                                 'U',
+                                 'M',
+                                 'P',
+                                 'Y',
+                                 1,
+                                 0,
                                  static_cast<unsigned char>(header.size() & 0xff),
                                  static_cast<unsigned char>(header.size() >> 8)};
   const size_t data_bytes = static_cast<size_t>(n) * 4;

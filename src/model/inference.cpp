@@ -92,8 +92,10 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
         " but the SP group has this rank as ", p, " of ", P);
   check(first >= 0 && first + Bp <= cache.batch(), "sequences ", first, "..", first + Bp - 1,
         " are outside the cache's batch of ", cache.batch());
-  check(Ll <= cache.capacity(), "a prompt of ", L, " tokens puts ", Ll, " entries on each rank, more than the KV "
-        "cache's capacity of ", cache.capacity(), " per rank");
+  check(Ll <= cache.capacity(), "a prompt of ", L, " tokens puts ", Ll,
+        " entries on each rank, more than the KV "
+        "cache's capacity of ",
+        cache.capacity(), " per rank");
   for (int64_t b = first; b < first + Bp; ++b)
     check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
   if (par.sp) check_layout(par.attn.layout, L, P);

@@ -179,8 +179,7 @@ TensorView qkv_part(const TensorView& qkv, const Model& m, int64_t B, int64_t Ll
   const int64_t heads = which == 0 ? hq : hk;
   const int64_t off = which == 0 ? 0 : (which == 1 ? hq : hq + hk) * dh;
   const int64_t shape[4] = {B, Ll, heads, dh}, strides[4] = {Ll * C, C, dh, 1};
-  return TensorView(qkv.ptr<char>() + off * static_cast<int64_t>(dtype_size(qkv.dtype)), qkv.dtype, 4, shape,
-                    strides);
+  return TensorView(qkv.ptr<char>() + off * static_cast<int64_t>(dtype_size(qkv.dtype)), qkv.dtype, 4, shape, strides);
 }
 
 // The options of the distributed attention on dev: par's, with the model's mask.
@@ -323,8 +322,7 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     dev.linear_backward(N, F, D, s.g.ptr<float>(), w.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out,
                         c.dtype);
     dev.gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
-    dev.linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in,
-                        c.dtype);
+    dev.linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in, c.dtype);
     reduce_input_grad(par, dc.ptr<float>(), N * D);
     dev.layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
                            dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
@@ -332,14 +330,14 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     // x1 = x + o·W_o + b_o
     dev.linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o,
                         c.dtype);
-    attention_bwd(dev, par, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
-                  qkv_part(s.qkv, m, B, Ll, 2), s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0),
-                  qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2));
+    attention_bwd(dev, par, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
+                  s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
+                  qkv_part(dqkv, m, B, Ll, 2));
     dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
                         c.dtype);
     reduce_input_grad(par, da.ptr<float>(), N * D);
-    dev.layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(),
-                           da.ptr<float>(), dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
+    dev.layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
+                           dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
     dev.add(dcur_rows, dtmp);  // dL/dx
   }
   return dcur;

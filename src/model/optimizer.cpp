@@ -13,7 +13,8 @@ void AdamW::update(Model& model) {
     dev.fill(m, 0.f), dev.fill(v, 0.f);
   }
   ++step;
-  const float c1 = 1.f - std::pow(beta1, static_cast<float>(step)), c2 = 1.f - std::pow(beta2, static_cast<float>(step));
+  const float c1 = 1.f - std::pow(beta1, static_cast<float>(step)),
+              c2 = 1.f - std::pow(beta2, static_cast<float>(step));
   dev.adamw(n, model.params(), model.grads(), m.ptr<float>(), v.ptr<float>(),
             {lr, beta1, beta2, eps, weight_decay, c1, c2});
 }

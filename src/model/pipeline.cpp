@@ -35,8 +35,8 @@ double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView
   check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
   const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
   check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
-  check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/",
-        S, " for a pipeline of ", S, " stages");
+  check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/", S,
+        " for a pipeline of ", S, " stages");
   const int64_t Bm = B / M;
   std::vector<Activations> acts(static_cast<size_t>(M));
   std::vector<DeviceTensor> dys(static_cast<size_t>(M)), sent;

@@ -17,10 +17,14 @@ namespace ringattn {
 
 const char* strategy_name(Strategy s) {
   switch (s) {
-    case Strategy::ring: return "ring";
-    case Strategy::allgather: return "allgather";
-    case Strategy::ulysses: return "ulysses";
-    default: return "hybrid";
+    case Strategy::ring:
+      return "ring";
+    case Strategy::allgather:
+      return "allgather";
+    case Strategy::ulysses:
+      return "ulysses";
+    default:
+      return "hybrid";
   }
 }
 
@@ -62,9 +66,10 @@ struct Call {
     const float sc = opt.scale;
     int32_t scale_bits;
     std::memcpy(&scale_bits, &sc, 4);
-    std::vector<int64_t> cfg = {static_cast<int64_t>(q.dtype), static_cast<int64_t>(k.dtype),
-                                static_cast<int64_t>(v.dtype), opt.causal, static_cast<int64_t>(opt.strategy),
-                                static_cast<int64_t>(opt.layout), std::isnan(sc) ? -1 : scale_bits};
+    std::vector<int64_t> cfg = {static_cast<int64_t>(q.dtype),      static_cast<int64_t>(k.dtype),
+                                static_cast<int64_t>(v.dtype),      opt.causal,
+                                static_cast<int64_t>(opt.strategy), static_cast<int64_t>(opt.layout),
+                                std::isnan(sc) ? -1 : scale_bits};
     for (const TensorView* x : t) {
       cfg.push_back(x->empty() ? -1 : static_cast<int64_t>(x->dtype));
       for (int64_t e : dims(*x)) cfg.push_back(e);
@@ -89,8 +94,8 @@ struct Call {
       const int U = opt.ulysses_group->size(), R = opt.ring_group->size();
       check(U * R == P && opt.ring_group->rank() * U + opt.ulysses_group->rank() == p,
             "the hybrid strategy's groups must tile the ranks: rank = ring rank x ", U, " + Ulysses rank, got ring ",
-            opt.ring_group->rank(), " of ", R, " and Ulysses ", opt.ulysses_group->rank(), " of ", U, " for rank ",
-            p, " of ", P);
+            opt.ring_group->rank(), " of ", R, " and Ulysses ", opt.ulysses_group->rank(), " of ", U, " for rank ", p,
+            " of ", P);
       check(H % U == 0 && Hkv % U == 0, "the hybrid strategy splits heads over its Ulysses group: H=", H,
             " and Hkv=", Hkv, " must both be divisible by ", U);
       for (Communicator* g : {opt.ulysses_group, opt.ring_group}) groups.emplace_back(g, g->stats());
@@ -277,9 +282,8 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
     const bool visible = !c.opt.causal || sees_any(q_pos, ring.pos[src]);
     if (visible) {
       c.timed([&] {
-        dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part,
-                               kv_half(dkv_part, 0), kv_half(dkv_part, 1),
-                               c.local(ring.positions(p), ring.positions(src), &comm));
+        dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part, kv_half(dkv_part, 0),
+                               kv_half(dkv_part, 1), c.local(ring.positions(p), ring.positions(src), &comm));
         dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
@@ -408,7 +412,7 @@ Tensor lse_to_heads(Communicator& g, const TensorView& lse) {
   const int64_t B = lse.dim(0), H = lse.dim(1), Ll = lse.dim(2), Hp = H / G, L = Ll * G;
   Tensor lse_t(DType::f32, {B, Ll, H, 1});
   copy_into(lse_t.view(), TensorView(lse.data, lse.dtype, 4, std::array<int64_t, 4>{B, Ll, H, 1}.data(),
-                                      std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
+                                     std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
   Tensor lseh_t = seq_to_heads(g, lse_t);  // [B, L, H/G, 1]
   Tensor lseh(DType::f32, {B, Hp, L});
   copy_into(lseh.view(), TensorView(lseh_t.ptr<void>(), DType::f32, 3, std::array<int64_t, 3>{B, Hp, L}.data(),
@@ -470,14 +474,15 @@ Ring hybrid_ring(const Call& c) {
 void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
              const TensorView& lse) {
   switch (c.opt.strategy) {
-    case Strategy::ring: return ring_forward(c, plain_ring(c), q, k, v, o, lse);
-    case Strategy::allgather: return allgather_forward(c, q, k, v, o, lse);
+    case Strategy::ring:
+      return ring_forward(c, plain_ring(c), q, k, v, o, lse);
+    case Strategy::allgather:
+      return allgather_forward(c, q, k, v, o, lse);
     case Strategy::ulysses: {
       check_ulysses(c);
       const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
-      return ulysses_forward(c, c.comm, q, k, v, o, lse, [&](auto&... t) {
-        c.timed([&] { attention_forward(t..., c.local(pos, pos)); });
-      });
+      return ulysses_forward(c, c.comm, q, k, v, o, lse,
+                             [&](auto&... t) { c.timed([&] { attention_forward(t..., c.local(pos, pos)); }); });
     }
     case Strategy::hybrid: {
       const Ring ring = hybrid_ring(c);
@@ -491,14 +496,15 @@ void backward(Call& c, const TensorView& q, const TensorView& k, const TensorVie
               const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
               const TensorView& dv) {
   switch (c.opt.strategy) {
-    case Strategy::ring: return ring_backward(c, plain_ring(c), q, k, v, o, lse, dout, dq, dk, dv);
-    case Strategy::allgather: return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::ring:
+      return ring_backward(c, plain_ring(c), q, k, v, o, lse, dout, dq, dk, dv);
+    case Strategy::allgather:
+      return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
     case Strategy::ulysses: {
       check_ulysses(c);
       const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
-      return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv, [&](auto&... t) {
-        c.timed([&] { attention_backward(t..., c.local(pos, pos)); });
-      });
+      return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv,
+                              [&](auto&... t) { c.timed([&] { attention_backward(t..., c.local(pos, pos)); }); });
     }
     case Strategy::hybrid: {
       const Ring ring = hybrid_ring(c);

@@ -9,9 +9,12 @@ namespace ringattn {
 
 const char* layout_name(Layout l) {
   switch (l) {
-    case Layout::contiguous: return "contiguous";
-    case Layout::zigzag: return "zigzag";
-    default: return "striped";
+    case Layout::contiguous:
+      return "contiguous";
+    case Layout::zigzag:
+      return "zigzag";
+    default:
+      return "striped";
   }
 }
 
@@ -39,8 +42,12 @@ std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p) {
   std::vector<int64_t> pos(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     switch (l) {
-      case Layout::contiguous: pos[i] = p * n + i; break;
-      case Layout::striped: pos[i] = i * P + p; break;
+      case Layout::contiguous:
+        pos[i] = p * n + i;
+        break;
+      case Layout::striped:
+        pos[i] = i * P + p;
+        break;
       case Layout::zigzag: {
         const int64_t c = L / (2 * P);  // chunk length
         pos[i] = i < c ? p * c + i : (2 * P - 1 - p) * c + (i - c);

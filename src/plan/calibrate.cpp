@@ -7,14 +7,14 @@
 #include <fstream>
 #include <random>
 #include <string>
-#include <vector>
 #include <thread>
+#include <vector>
 
-#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/cpu/features.h"
-#include "ringattn/error.h"
 #include "ringattn/cpu/layers.h"
+#include "ringattn/error.h"
 #include "ringattn/layout.h"
 #include "ringattn/perf.h"
 #include "ringattn/plan.h"
@@ -132,10 +132,11 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   h.description = cat(f.model.empty() ? f.vendor : f.model, ", ", cpus, " CPUs; one rank per ", threads,
                       " thread(s), shared-memory MPI (measured by ringattn plan --calibrate)");
   h.devices_per_node = ranks;
-  h.memory_bytes = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE)) /
-                   h.devices_per_node;
+  h.memory_bytes =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE)) / h.devices_per_node;
   h.sources["memory_bytes"] = "physical memory / devices_per_node";
-  h.sources["devices_per_node"] = cat("the ranks of the calibration: ", cpus, " CPUs / ", threads, " thread(s) per rank");
+  h.sources["devices_per_node"] =
+      cat("the ranks of the calibration: ", cpus, " CPUs / ", threads, " thread(s) per rank");
   std::mt19937_64 rng(7);
 
   together("peaks (FMA loops) and read bandwidth");
@@ -143,8 +144,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   h.peak["bf16"] = mean_of_ranks(measure_fma_peak_gflops(DType::bf16, default_isa()) * 1e9 * threads);
   comm.barrier();
   h.memory_bandwidth = mean_of_ranks(measure_read_bandwidth_gbs(threads, size_t{256} << 20) * 1e9);
-  h.sources["peak"] = cat("register-resident FMA loops (", isa_name(default_isa()), ") x ", threads,
-                          " thread(s), every rank at once");
+  h.sources["peak"] =
+      cat("register-resident FMA loops (", isa_name(default_isa()), ") x ", threads, " thread(s), every rank at once");
   h.sources["memory_bandwidth"] = "streaming read of 256 MiB per rank, every rank at once";
 
   // The linear layers as the model runs them (linear_forward / linear_backward:
@@ -171,8 +172,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
   }
   h.sources["gemm"] = cat("linear_forward (oneDNN matmul + bias) [8192, n] x [n, n] into fresh outputs, best of 3, ",
                           threads, " thread(s)");
-  h.sources["gemm_backward"] = cat("linear_backward (dx, dW GEMMs + bias gradient) [8192, n] x [n, n], best of 2, ",
-                                   threads, " thread(s)");
+  h.sources["gemm_backward"] =
+      cat("linear_backward (dx, dW GEMMs + bias gradient) [8192, n] x [n, n], best of 2, ", threads, " thread(s)");
 
   // The fused attention kernels, non-causal, B = 1, H = 4, L = 2048.
   const int64_t L = 2048, H = 4;
@@ -213,8 +214,8 @@ Hardware calibrate_this_machine(Communicator& comm, int threads,
         "causal fp32 forward of a zigzag shard (L/2 = 1024 queries of L = 2048) against all keys, d=64, FLOPs of "
         "the visible pairs, / the non-causal rate";
   }
-  h.sources["attention"] = cat("ringattn's fused kernels (", isa_name(default_isa()),
-                               "), non-causal, B=1, H=4, L=2048, d=64 and 128");
+  h.sources["attention"] =
+      cat("ringattn's fused kernels (", isa_name(default_isa()), "), non-causal, B=1, H=4, L=2048, d=64 and 128");
 
   // Token-local kernels on fresh buffers, as the model allocates them, on every
   // core at once (each rank gets its share of the memory system).

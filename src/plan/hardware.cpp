@@ -88,8 +88,8 @@ void Hardware::use_attention_kernels(const std::string& kernels) {
   if (it == attention_kernels.end()) {
     std::string have;
     for (const auto& [k, v] : attention_kernels) have += (have.empty() ? "" : ", ") + k;
-    throw Error(cat("hardware '", name, "' has no rates for attention kernels '", kernels, "' (it has: ",
-                    have.empty() ? "none besides its defaults" : have, ")"));
+    throw Error(cat("hardware '", name, "' has no rates for attention kernels '", kernels,
+                    "' (it has: ", have.empty() ? "none besides its defaults" : have, ")"));
   }
   attention_forward = it->second.forward, attention_backward = it->second.backward;
   if (it->second.causal_efficiency > 0) causal_efficiency = it->second.causal_efficiency;
@@ -104,10 +104,30 @@ Hardware hardware_from_json(const std::string& text, const std::string& origin) 
     throw Error(cat(origin, ": not valid JSON: ", e.what()));
   }
   check(j.is_object(), origin, ": a hardware description is a JSON object");
-  static const std::set<std::string> known = {
-      "name", "description", "devices_per_node", "memory_bytes", "memory_bandwidth", "peak", "gemm", "gemm_backward",
-      "attention_forward", "attention_backward", "attention_kernels",
-      "elementwise_bandwidth", "gelu_forward_rate", "gelu_backward_rate", "decode_bandwidth", "cached_weight_bandwidth", "llc_bytes", "causal_efficiency", "timeshare_wait_s", "op_overhead_s", "links", "sources", "measured", "measured_cpu"};
+  static const std::set<std::string> known = {"name",
+                                              "description",
+                                              "devices_per_node",
+                                              "memory_bytes",
+                                              "memory_bandwidth",
+                                              "peak",
+                                              "gemm",
+                                              "gemm_backward",
+                                              "attention_forward",
+                                              "attention_backward",
+                                              "attention_kernels",
+                                              "elementwise_bandwidth",
+                                              "gelu_forward_rate",
+                                              "gelu_backward_rate",
+                                              "decode_bandwidth",
+                                              "cached_weight_bandwidth",
+                                              "llc_bytes",
+                                              "causal_efficiency",
+                                              "timeshare_wait_s",
+                                              "op_overhead_s",
+                                              "links",
+                                              "sources",
+                                              "measured",
+                                              "measured_cpu"};
   for (auto& [k, v] : j.items()) check(known.count(k), origin, ": unknown field '", k, "'");
   Hardware h;
   check(j.contains("name") && j["name"].is_string(), origin, ": missing string 'name'");
@@ -245,7 +265,7 @@ Hardware load_hardware(const std::string& name_or_path) {
     check(std::filesystem::exists(p), "this machine has not been calibrated (no ", p,
           "): run `ringattn plan --calibrate` (about a minute), or name a datasheet file with --hardware");
     Hardware h = load_hardware(p);
-    check(h.measured_cpu == this_cpu(), p, " describes another machine (measured on ", 
+    check(h.measured_cpu == this_cpu(), p, " describes another machine (measured on ",
           h.measured_cpu.empty() ? std::string("a CPU it does not record") : h.measured_cpu, "; this is ", this_cpu(),
           "): run `ringattn plan --calibrate` to measure this one");
     return h;

@@ -27,8 +27,9 @@ double interpolate(const std::vector<std::pair<double, double>>& pts, double x) 
   return pts.back().second;
 }
 
-const std::vector<std::pair<double, double>>& curve(const std::map<std::string, std::vector<std::pair<double, double>>>& m,
-                                                     DType dt, const std::string& hw, const char* what) {
+const std::vector<std::pair<double, double>>& curve(
+    const std::map<std::string, std::vector<std::pair<double, double>>>& m, DType dt, const std::string& hw,
+    const char* what) {
   auto it = m.find(dtype_name(dt));
   check(it != m.end() && !it->second.empty(), "hardware '", hw, "' has no ", what, " rate for ", dtype_name(dt),
         ": add it to the hardware file (or calibrate)");
@@ -62,10 +63,18 @@ std::string Candidate::name() const {
   if (dp > 1) parts.push_back(cat("DP(", dp, ")"));
   if (sp > 1) {
     switch (strategy) {
-      case Strategy::ring: parts.push_back(cat("RA+SP(", sp, ")")); break;
-      case Strategy::ulysses: parts.push_back(cat("Ulysses(", sp, ")")); break;
-      case Strategy::allgather: parts.push_back(cat("all-gather(", sp, ")")); break;
-      case Strategy::hybrid: parts.push_back(cat("Ulysses(", ulysses, ") x ring(", sp / ulysses, ")")); break;
+      case Strategy::ring:
+        parts.push_back(cat("RA+SP(", sp, ")"));
+        break;
+      case Strategy::ulysses:
+        parts.push_back(cat("Ulysses(", sp, ")"));
+        break;
+      case Strategy::allgather:
+        parts.push_back(cat("all-gather(", sp, ")"));
+        break;
+      case Strategy::hybrid:
+        parts.push_back(cat("Ulysses(", ulysses, ") x ring(", sp / ulysses, ")"));
+        break;
     }
   }
   if (tp > 1) parts.push_back(cat("TP(", tp, ")"));
@@ -94,9 +103,12 @@ double forward_flops(const Workload& w) {
 double causal_busiest_fraction(Layout l, int P, int64_t L) {
   const double Ld = static_cast<double>(L), p = P;
   switch (l) {
-    case Layout::contiguous: return 1 - 1 / (2 * p) + 1 / (2 * Ld);  // the last rank
-    case Layout::zigzag: return 0.5 + 1 / (2 * Ld);                   // every rank
-    case Layout::striped: return (Ld + p) / (2 * Ld);                 // the last rank
+    case Layout::contiguous:
+      return 1 - 1 / (2 * p) + 1 / (2 * Ld);  // the last rank
+    case Layout::zigzag:
+      return 0.5 + 1 / (2 * Ld);  // every rank
+    case Layout::striped:
+      return (Ld + p) / (2 * Ld);  // the last rank
   }
   return 1;
 }
@@ -117,7 +129,9 @@ double cost_all_gather(const LinkSpec& link, int g, double total_bytes) {
   return (g - 1) * link.latency_s + static_cast<double>(g - 1) / g * total_bytes / link.bandwidth;
 }
 
-double cost_all_to_all(const LinkSpec& link, int g, double total_bytes) { return cost_all_gather(link, g, total_bytes); }
+double cost_all_to_all(const LinkSpec& link, int g, double total_bytes) {
+  return cost_all_gather(link, g, total_bytes);
+}
 double cost_reduce_scatter(const LinkSpec& link, int g, double total_bytes) {
   return cost_all_gather(link, g, total_bytes);
 }
@@ -241,7 +255,9 @@ struct Cost {
     }
     const double qkv_b = Bm * Ll * C * e, o_b = Bm * Ll * A * ab, lse_b = Bm * Ll * Hl * 4;
     switch (c.strategy) {
-      case Strategy::ring: ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd); break;
+      case Strategy::ring:
+        ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd);
+        break;
       case Strategy::allgather: {
         // K and V gathered one after the other (each: own shard copied out, the
         // rank-ordered blocks copied into the full sequence, read and write).
@@ -311,7 +327,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
     return invalid(cat("heads/kv-heads/MLP not divisible by tp=", c.tp));
   if (m.layers % c.pp) return invalid(cat("layers not divisible by pp=", c.pp));
   if (w.batch % c.dp) return invalid(cat("batch not divisible by dp=", c.dp));
-  if ((w.batch / c.dp) % c.micro_batches) return invalid(cat("batch/dp not divisible by ", c.micro_batches, " micro-batches"));
+  if ((w.batch / c.dp) % c.micro_batches)
+    return invalid(cat("batch/dp not divisible by ", c.micro_batches, " micro-batches"));
   if (c.sp > 1 && w.seq % (c.layout == Layout::zigzag ? 2 * c.sp : c.sp))
     return invalid(cat("seq not divisible by ", c.layout == Layout::zigzag ? 2 * c.sp : c.sp));
   if (c.sp > 1 && c.strategy == Strategy::ulysses && ((m.heads / c.tp) % c.sp || (m.kv() / c.tp) % c.sp))
@@ -344,7 +361,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   p.forward_s = std::max(slots * (f.total() + hop), share * M * f.total()) + tau * (M * f.waits + hop_waits);
   Clock step;
   const double params = md.params_local();
-  md.all_reduce(step, md.replica_g, params * 4);  // the weight gradients
+  md.all_reduce(step, md.replica_g, params * 4);                                           // the weight gradients
   step.compute += md.elem_s(params * (32 + (md.dt != DType::f32 ? 6 : 0))) + md.ops_s(3);  // zero grads, AdamW
   p.train_s = std::max(slots * (f.total() + b.total() + 2 * hop) + step.total(),
                        share * (M * (f.total() + b.total()) + step.total())) +
@@ -375,11 +392,18 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   double attn_bufs = 0;
   const double kv_local = 2 * Nm * Hkvl * dh;
   if (c.sp > 1) switch (c.strategy) {
-      case Strategy::ring: attn_bufs = kv_local * (2 * md.e + 3 * 4); break;
-      case Strategy::allgather: attn_bufs = kv_local * c.sp * (md.e + 4); break;
-      case Strategy::ulysses: attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4); break;
+      case Strategy::ring:
+        attn_bufs = kv_local * (2 * md.e + 3 * 4);
+        break;
+      case Strategy::allgather:
+        attn_bufs = kv_local * c.sp * (md.e + 4);
+        break;
+      case Strategy::ulysses:
+        attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4);
+        break;
       case Strategy::hybrid:
-        attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4) + kv_local * (2 * md.e + 3 * 4); break;
+        attn_bufs = Nm * (C * (md.e + 4) + 2 * A * 4 + 2 * Hl * 4) + kv_local * (2 * md.e + 3 * 4);
+        break;
     }
   p.peak_train_bytes = weights + kept + inputs + bwd_bufs + attn_bufs;
   p.capacity_bytes = h.memory_bytes / md.share;
@@ -397,8 +421,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // while they all fit in it and no rank shares its device (the cached rate is
   // measured one rank per device; ranks taking turns on a core evict each
   // other's), else from memory.
-  const bool weights_cached = h.cached_weight_bandwidth > 0 && md.share == 1 &&
-                              weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
+  const bool weights_cached =
+      h.cached_weight_bandwidth > 0 && md.share == 1 && weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
   const double weight_bw = weights_cached ? h.cached_weight_bandwidth : decode_bw;
   for (int l = 0; l < md.Ls; ++l) {
     const double flops = 2 * Bd * (params / md.Ls);
@@ -419,8 +443,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   p.decode_step_s =
       std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * stage_s) + tau * decode_waits;
   p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * ab : 0);
-  p.peak_inference_bytes = params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes +
-                           Nm * (act_token + ab * (2 * Fl + C)) + attn_bufs / 2;
+  p.peak_inference_bytes =
+      params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes + Nm * (act_token + ab * (2 * Fl + C)) + attn_bufs / 2;
   p.fits_inference = p.peak_inference_bytes <= p.capacity_bytes;
   return p;
 }
@@ -444,7 +468,8 @@ Prediction predict_best_micro_batches(const Workload& w, Candidate c, const Hard
     c.micro_batches = m;
     Prediction p = predict(w, c, h, cl);
     if (!p.invalid.empty()) return p;  // invalid for a reason the micro-batches do not change
-    const bool better = !have || (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
+    const bool better = !have ||
+                        (p.fits_train && (!best.fits_train || p.train_tokens_per_s > best.train_tokens_per_s)) ||
                         (!p.fits_train && !best.fits_train && p.peak_train_bytes < best.peak_train_bytes);
     if (better) best = p, have = true;
   }

@@ -8,10 +8,9 @@
 
 // Skips the test, saying why, when no GPU is visible (CI builds the CUDA tests
 // but has no GPU; CTest's skip regex matches the message).
-#define REQUIRE_GPU()                                                   \
-  do {                                                                  \
-    if (::ringattn::cuda_device_count() == 0)                           \
-      GTEST_SKIP() << "no GPU visible: the CUDA tests need one";        \
+#define REQUIRE_GPU()                                                                                    \
+  do {                                                                                                   \
+    if (::ringattn::cuda_device_count() == 0) GTEST_SKIP() << "no GPU visible: the CUDA tests need one"; \
   } while (0)
 
 namespace ringattn::testing {

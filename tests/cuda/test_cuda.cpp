@@ -11,11 +11,11 @@
 #include <numeric>
 #include <vector>
 
+#include "cuda/gpu_test_util.h"
+#include "reference.h"
 #include "ringattn/cuda.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/layout.h"
-#include "cuda/gpu_test_util.h"
-#include "reference.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -50,15 +50,20 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 }
 
 std::vector<Case> cases() {
-  const Shape shapes[] = {{2, 77, 131, 4, 2, 64, false},   {1, 131, 77, 2, 1, 128, false},
-                          {1, 200, 200, 2, 2, 128, false}, {2, 1, 300, 4, 1, 128, false},
-                          {1, 130, 64, 4, 4, 64, true},    {1, 96, 160, 2, 1, 128, true},
+  const Shape shapes[] = {{2, 77, 131, 4, 2, 64, false},
+                          {1, 131, 77, 2, 1, 128, false},
+                          {1, 200, 200, 2, 2, 128, false},
+                          {2, 1, 300, 4, 1, 128, false},
+                          {1, 130, 64, 4, 4, 64, true},
+                          {1, 96, 160, 2, 1, 128, true},
                           // many key tiles and query blocks (the pipelined stages; causal tiles skipped)
-                          {1, 600, 600, 2, 1, 128, false}, {1, 77, 1000, 2, 2, 64, true},
+                          {1, 600, 600, 2, 1, 128, false},
+                          {1, 77, 1000, 2, 2, 64, true},
                           // causal: whole 128-row query blocks that see no key at all
                           {1, 300, 100, 2, 1, 128, false},
                           // decoding: few query rows, many keys (keys split over blocks, then merged)
-                          {3, 1, 777, 2, 2, 64, false}, {1, 5, 2048, 2, 1, 64, false},
+                          {3, 1, 777, 2, 2, 64, false},
+                          {1, 5, 2048, 2, 1, 64, false},
                           {2, 1, 3000, 4, 2, 128, true}};
   std::vector<Case> out;
   for (const Shape& s : shapes)
@@ -104,7 +109,8 @@ TEST_P(CudaKernel, ForwardAndBackwardMatchReference) {
   RA_EXPECT_CLOSE(download(*dev, o), ref.o, tol_fwd(c.dt), "o");
   RA_EXPECT_CLOSE(download(*dev, lse), ref.lse, 1e-2, "lse");
 
-  DeviceTensor gdq = dev->alloc(DType::f32, {s.B, s.Lq, s.H, s.d}), gdk = dev->alloc(DType::f32, {s.B, s.Lk, s.Hkv, s.d}),
+  DeviceTensor gdq = dev->alloc(DType::f32, {s.B, s.Lq, s.H, s.d}),
+               gdk = dev->alloc(DType::f32, {s.B, s.Lk, s.Hkv, s.d}),
                gdv = dev->alloc(DType::f32, {s.B, s.Lk, s.Hkv, s.d});
   for (const DeviceTensor* g : {&gdq, &gdk, &gdv}) dev->fill(*g, NAN);
   dev->attention_backward(dq_, dk_, dv_, o, lse, ddo, gdq, gdk, gdv, gopt);
@@ -233,8 +239,8 @@ RingErr ring_errors(int P, Layout layout, bool causal) {
     opt.device = &dev;
     dist_attention_forward(comm, lq, lk, lv, lo, llse, opt);
     dist_attention_backward(comm, lq, lk, lv, lo, llse, ldo, ldq, ldk, ldv, opt);
-    const Tensor ho = download(dev, lo), hl = download(dev, llse), hdq = download(dev, ldq),
-                 hdk = download(dev, ldk), hdv = download(dev, ldv);
+    const Tensor ho = download(dev, lo), hl = download(dev, llse), hdq = download(dev, ldq), hdk = download(dev, ldk),
+                 hdv = download(dev, ldv);
     std::lock_guard<std::mutex> lock(mu);
     unshard(ho, o, layout, P, p);
     unshard(hl, lse, layout, P, p, 2);

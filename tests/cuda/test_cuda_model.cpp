@@ -9,12 +9,12 @@
 #include <mutex>
 #include <vector>
 
+#include "cuda/gpu_test_util.h"
 #include "ringattn/cuda.h"
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/model.h"
 #include "ringattn/pipeline.h"
-#include "cuda/gpu_test_util.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -50,8 +50,8 @@ std::vector<Tensor> layer_outputs(Device& d, DType compute) {
   DeviceTensor pw = d.upload(hx), pm = d.upload(hdy), pv = d.upload(hv);
   d.adamw(N * C, f(pw), f(dy), f(pm), f(pv), {1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.19f, 0.002f});
   std::vector<Tensor> out;
-  for (const DeviceTensor* t : {&y, &mean, &rstd, &dx, &dg, &db, &ge, &gdx, &yl, &dxl, &dw, &dbl, &yb, &dl, &pw, &pm,
-                                &pv})
+  for (const DeviceTensor* t :
+       {&y, &mean, &rstd, &dx, &dg, &db, &ge, &gdx, &yl, &dxl, &dw, &dbl, &yb, &dl, &pw, &pm, &pv})
     out.push_back(download(d, *t));
   out.push_back(std::move(se));
   return out;
@@ -60,9 +60,9 @@ std::vector<Tensor> layer_outputs(Device& d, DType compute) {
 TEST(CudaLayers, MatchTheCpuLayers) {
   REQUIRE_GPU();
   auto gpu = make_cuda_device(0);
-  const char* names[] = {"layernorm y", "mean", "rstd", "layernorm dx", "dgamma", "dbeta", "gelu", "gelu dx",
-                         "linear y", "linear dx", "linear dW", "linear db", "add_bias", "loss dy", "adamw w",
-                         "adamw m", "adamw v", "squared error"};
+  const char* names[] = {"layernorm y", "mean",    "rstd",     "layernorm dx", "dgamma",    "dbeta",
+                         "gelu",        "gelu dx", "linear y", "linear dx",    "linear dW", "linear db",
+                         "add_bias",    "loss dy", "adamw w",  "adamw m",      "adamw v",   "squared error"};
   for (DType compute : {DType::f32, DType::bf16}) {
     const std::vector<Tensor> want = layer_outputs(cpu_device(), compute), got = layer_outputs(*gpu, compute);
     ASSERT_EQ(want.size(), got.size());
@@ -109,7 +109,8 @@ TEST(CudaModel, StepIsAsCloseToFp32AsTheCpuBf16Model) {
   const ModelConfig c = small_model();
   ModelConfig c32 = c;
   c32.dtype = DType::f32;
-  const Tensor x = host_random(DType::f32, {kB, kL, c.d_model}, 31), t = host_random(DType::f32, {kB, kL, c.d_model}, 32);
+  const Tensor x = host_random(DType::f32, {kB, kL, c.d_model}, 31),
+               t = host_random(DType::f32, {kB, kL, c.d_model}, 32);
   Model m32(c32), mcpu(c), mgpu(c, 1, 0, 1, 0, gpu.get());
   EXPECT_EQ(mgpu.host_params(), mcpu.host_params()) << "the same initialisation on every device";
   const Step ref = forward_backward(m32, x, t), cpu = forward_backward(mcpu, x, t), got = forward_backward(mgpu, x, t);
@@ -117,9 +118,10 @@ TEST(CudaModel, StepIsAsCloseToFp32AsTheCpuBf16Model) {
   const ErrReport ed_c = compare(cpu.dx, ref.dx), ed_g = compare(got.dx, ref.dx);
   const ErrReport eg_c = compare(doubles(cpu.grads), doubles(ref.grads)),
                   eg_g = compare(doubles(got.grads), doubles(ref.grads));
-  std::printf("[ model on the GPU ] vs fp32 CPU: y %.2e (CPU bf16 %.2e), dx %.2e (%.2e), grads %.2e (%.2e); loss %.6f "
-              "cpu %.6f fp32 %.6f\n",
-              ey_g.err, ey_c.err, ed_g.err, ed_c.err, eg_g.err, eg_c.err, got.loss, cpu.loss, ref.loss);
+  std::printf(
+      "[ model on the GPU ] vs fp32 CPU: y %.2e (CPU bf16 %.2e), dx %.2e (%.2e), grads %.2e (%.2e); loss %.6f "
+      "cpu %.6f fp32 %.6f\n",
+      ey_g.err, ey_c.err, ed_g.err, ed_c.err, eg_g.err, eg_c.err, got.loss, cpu.loss, ref.loss);
   EXPECT_LE(ey_g.err, 2 * ey_c.err + 1e-3) << ey_g;
   EXPECT_LE(ed_g.err, 2 * ed_c.err + 1e-3) << ed_g;
   EXPECT_LE(eg_g.err, 2 * eg_c.err + 1e-3) << eg_g;

@@ -24,16 +24,15 @@ namespace {
 using namespace ringattn::cuda;
 
 template <typename T, int D>
-__global__ void __launch_bounds__(128) products_kernel(const T* q, const T* k, const T* p, const T* v, float* s_out,
-                                                       float* o_out) {
+__global__ void __launch_bounds__(128)
+    products_kernel(const T* q, const T* k, const T* p, const T* v, float* s_out, float* o_out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* Qs = smem_raw + (1024 - fa::smem_addr(smem_raw) % 1024) % 1024;  // [64][D], swizzled
   unsigned char* Ks = Qs + 64 * D * 2;                                            // [128][D]
   unsigned char* Vs = Ks + 128 * D * 2;                                           // [128][D]
-  for (int i = threadIdx.x; i < 64 * D; i += 128)
-    *reinterpret_cast<T*>(Qs + wg::swizzled(i / D, i % D, 64)) = q[i];
+  for (int i = threadIdx.x; i < 64 * D; i += 128) *reinterpret_cast<T*>(Qs + wg::swizzled(i / D, i % D, 64)) = q[i];
   for (int i = threadIdx.x; i < 128 * D; i += 128) {
     *reinterpret_cast<T*>(Ks + wg::swizzled(i / D, i % D, 128)) = k[i];
     *reinterpret_cast<T*>(Vs + wg::swizzled(i / D, i % D, 128)) = v[i];
@@ -161,9 +160,9 @@ bool hopper() {
 #endif
 }
 
-#define REQUIRE_HOPPER()                                                                                   \
-  do {                                                                                                     \
-    if (!hopper()) GTEST_SKIP() << "not a Hopper GPU with sm_90a code (or none at all)";                  \
+#define REQUIRE_HOPPER()                                                                 \
+  do {                                                                                   \
+    if (!hopper()) GTEST_SKIP() << "not a Hopper GPU with sm_90a code (or none at all)"; \
   } while (0)
 
 TEST(CudaWgmma, ProductsBf16D128) {

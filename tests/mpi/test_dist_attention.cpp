@@ -42,13 +42,13 @@
 #include <vector>
 
 #include "attn_case.h"
+#include "mpi_test_util.h"
 #include "reference.h"
-#include "ringattn/cpu/attention.h"
 #include "ringattn/comm.h"
+#include "ringattn/cpu/attention.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
-#include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -79,8 +79,8 @@ bool verbose() { return std::getenv("RINGATTN_TEST_VERBOSE") != nullptr; }
 // ---- running maxima of the matrix test, printed once at the end on rank 0 ------------
 struct ErrSummary {
   double fwd[2] = {0, 0}, bwd[2] = {0, 0};  // [fp32, bf16]
-  double max_ulps = 0;                       // bf16 dq, dk, dv in bf16 ulps (enforced)
-  double o_ulps = 0;                         // bf16 o in bf16 ulps (reported only)
+  double max_ulps = 0;                      // bf16 dq, dk, dv in bf16 ulps (enforced)
+  double o_ulps = 0;                        // bf16 o in bf16 ulps (reported only)
   std::string fwd_where[2], bwd_where[2];
   int cases = 0;
 };
@@ -117,8 +117,8 @@ std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
 // Gathers every rank's `local` shard (any strides) and reassembles the full tensor
 // of `full_shape` (sequence along seq_dim) on every rank. Elements no rank wrote
 // stay NaN.
-TestTensor gather_full(Communicator& comm, const TensorView& local, const std::vector<int64_t>& full_shape,
-                       Layout l, int seq_dim) {
+TestTensor gather_full(Communicator& comm, const TensorView& local, const std::vector<int64_t>& full_shape, Layout l,
+                       int seq_dim) {
   const int P = comm.size();
   Tensor mine(local.dtype, local.rank, local.shape.data());
   copy_into(mine, local);
@@ -165,9 +165,8 @@ struct DistCase {
   uint32_t seed = 1;
 
   std::string name() const {
-    return cat(strategy_name(strategy), "_", layout_name(layout), causal ? "_causal" : "_full", "_",
-               dtype_name(dt), "_B", B, "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "",
-               overlap ? "" : "_nooverlap");
+    return cat(strategy_name(strategy), "_", layout_name(layout), causal ? "_causal" : "_full", "_", dtype_name(dt),
+               "_B", B, "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "", overlap ? "" : "_nooverlap");
   }
   DistAttentionOptions dist_options() const {
     DistAttentionOptions o;
@@ -197,9 +196,9 @@ std::ostream& operator<<(std::ostream& os, const DistCase& c) { return os << c.n
 
 // Full inputs and the single-rank fused kernels' results on them.
 struct FullProblem {
-  TestTensor q, k, v, dout;     // inputs [B, L, ., d] in c.dt
-  TestTensor o, lse;            // attention_forward
-  TestTensor dq, dk, dv;        // attention_backward (from o, lse above)
+  TestTensor q, k, v, dout;  // inputs [B, L, ., d] in c.dt
+  TestTensor o, lse;         // attention_forward
+  TestTensor dq, dk, dv;     // attention_backward (from o, lse above)
 };
 
 FullProblem make_full(const DistCase& c, bool backward = true) {
@@ -307,7 +306,7 @@ double max_bf16_ulps(const TensorView& got, const TensorView& ref, double slack)
     if (diff <= slack) continue;
     const double mag = std::max(std::abs(g[i]), std::abs(r[i]));
     int e = 0;
-    std::frexp(mag, &e);                      // mag = m·2^e, m in [0.5, 1)
+    std::frexp(mag, &e);                        // mag = m·2^e, m in [0.5, 1)
     const double ulp = std::ldexp(1.0, e - 8);  // bf16: 8 significant bits
     worst = std::max(worst, (diff - slack) / ulp);
   }
@@ -354,8 +353,8 @@ std::vector<DistCase> matrix_cases() {
             cs.push_back(c);
           }
   // Longer sequences, other head dims, MQA, strided shards, no overlap polling.
-  auto add = [&](Strategy s, Layout l, bool causal, DType dt, int64_t B, int64_t L, int64_t H, int64_t Hkv,
-                 int64_t d, bool strided = false, bool overlap = true) {
+  auto add = [&](Strategy s, Layout l, bool causal, DType dt, int64_t B, int64_t L, int64_t H, int64_t Hkv, int64_t d,
+                 bool strided = false, bool overlap = true) {
     DistCase c;
     c.strategy = s, c.layout = l, c.causal = causal, c.dt = dt, c.B = B, c.L = L, c.H = H, c.Hkv = Hkv, c.d = d;
     c.strided = strided, c.overlap = overlap, c.seed = ++seed;
@@ -387,8 +386,10 @@ TEST_P(DistMatrix, MatchesSingleRankKernels) {
   LocalProblem s = make_local(c, f, P, p);
 
   if (c.must_refuse(P)) {
-    expect_error_everywhere(*comm, [&] { run_forward(*comm, c, s); }, {"divisible"}, "ulysses forward");
-    expect_error_everywhere(*comm, [&] { run_backward(*comm, c, s); }, {"divisible"}, "ulysses backward");
+    expect_error_everywhere(
+        *comm, [&] { run_forward(*comm, c, s); }, {"divisible"}, "ulysses forward");
+    expect_error_everywhere(
+        *comm, [&] { run_backward(*comm, c, s); }, {"divisible"}, "ulysses backward");
     return;
   }
   DistStats fst, bst;
@@ -398,8 +399,8 @@ TEST_P(DistMatrix, MatchesSingleRankKernels) {
   run_backward(*comm, c, s, &bst);
   const double t2 = MPI_Wtime();
   if (p == 0 && verbose())
-    std::printf("[dist time] P=%d %s: forward %.1f ms (wait %.1f), backward %.1f ms (wait %.1f)\n", P,
-                c.name().c_str(), 1e3 * (t1 - t0), 1e3 * fst.wait_seconds, 1e3 * (t2 - t1), 1e3 * bst.wait_seconds);
+    std::printf("[dist time] P=%d %s: forward %.1f ms (wait %.1f), backward %.1f ms (wait %.1f)\n", P, c.name().c_str(),
+                1e3 * (t1 - t0), 1e3 * fst.wait_seconds, 1e3 * (t2 - t1), 1e3 * bst.wait_seconds);
   if (c.strided) {
     for (const TestTensor* t : {&s.o, &s.lse, &s.dq, &s.dk, &s.dv})
       EXPECT_EQ(count_padding_changes(*t), 0) << "an output was written outside its view";
@@ -498,8 +499,7 @@ TEST_P(DistErrorGrowth, RingNoWorseThanSingleRank) {
   run_forward(*comm, c, s);
   run_backward(*comm, c, s);
   const Gathered g = gather_all(*comm, c, s, true);
-  const std::vector<double> dist =
-      max_over_ranks(*comm, errors_vs(g, ref.o, ref.lse, ref.dq, ref.dk, ref.dv).errs());
+  const std::vector<double> dist = max_over_ranks(*comm, errors_vs(g, ref.o, ref.lse, ref.dq, ref.dk, ref.dv).errs());
   // The single-rank kernels' own error vs the same reference.
   const std::vector<double> one =
       errors_vs(f.o, f.lse, f.dq, f.dk, f.dv, ref.o, ref.lse, ref.dq, ref.dk, ref.dv).errs();
@@ -511,10 +511,10 @@ TEST_P(DistErrorGrowth, RingNoWorseThanSingleRank) {
     RecordProperty(cat("err_", kNames[i], "_single"), cat(one[i]));
   }
   if (p == 0)
-    std::printf("[dist vs double] P=%d %s: o %.2e (1 rank %.2e) lse %.2e (%.2e) dq %.2e (%.2e) dk %.2e (%.2e) "
-                "dv %.2e (%.2e)\n",
-                P, c.name().c_str(), dist[0], one[0], dist[1], one[1], dist[2], one[2], dist[3], one[3], dist[4],
-                one[4]);
+    std::printf(
+        "[dist vs double] P=%d %s: o %.2e (1 rank %.2e) lse %.2e (%.2e) dq %.2e (%.2e) dk %.2e (%.2e) "
+        "dv %.2e (%.2e)\n",
+        P, c.name().c_str(), dist[0], one[0], dist[1], one[1], dist[2], one[2], dist[3], one[3], dist[4], one[4]);
 }
 
 std::vector<DistCase> growth_cases() {
@@ -591,10 +591,10 @@ struct Traffic {
 // U: the hybrid's Ulysses group size (its ring has P / U members).
 Traffic expected_traffic(const DistCase& c, int P, int U = 1) {
   const int64_t Ll = c.L / P, es = static_cast<int64_t>(dtype_size(c.dt));
-  const int64_t q = c.B * Ll * c.H * c.d * es;       // q / o / dout shard, storage dtype
-  const int64_t kv = c.B * Ll * c.Hkv * c.d * es;    // k or v shard, storage dtype
-  const int64_t q32 = c.B * Ll * c.H * c.d * 4;      // an fp32 q-shaped shard (o, dq on the way back)
-  const int64_t kv32 = c.B * Ll * c.Hkv * c.d * 4;   // an fp32 dk or dv shard
+  const int64_t q = c.B * Ll * c.H * c.d * es;      // q / o / dout shard, storage dtype
+  const int64_t kv = c.B * Ll * c.Hkv * c.d * es;   // k or v shard, storage dtype
+  const int64_t q32 = c.B * Ll * c.H * c.d * 4;     // an fp32 q-shaped shard (o, dq on the way back)
+  const int64_t kv32 = c.B * Ll * c.Hkv * c.d * 4;  // an fp32 dk or dv shard
   const int64_t lse = c.B * c.H * Ll * 4;
   switch (c.strategy) {
     case Strategy::ring:
@@ -613,8 +613,7 @@ Traffic expected_traffic(const DistCase& c, int P, int U = 1) {
       // (U·Ll tokens of Hkv/U heads) are the size of one k or v shard.
       const int R = P / U;
       return {(U - 1) * (q + 2 * kv + q32 + lse) / U + (R - 1) * 2 * kv,
-              (U - 1) * (3 * q + 2 * kv + lse + q32 + 2 * kv32) / U + (R - 1) * 2 * kv +
-                  (R > 1 ? R * 2 * kv32 : 0)};
+              (U - 1) * (3 * q + 2 * kv + lse + q32 + 2 * kv32) / U + (R - 1) * 2 * kv + (R > 1 ? R * 2 * kv32 : 0)};
     }
   }
   return {0, 0};
@@ -671,22 +670,52 @@ TEST(DistAttention, ConfigMismatchThrowsOnEveryRank) {
   // Each variant is locally valid on rank 1 (it shards fine), so only the collective
   // config check can catch it.
   const Variant variants[] = {
-      {"head dim d", [](DistCase c, int) { c.d = 48; return c; }},
-      {"causal flag", [](DistCase c, int) { c.causal = !c.causal; return c; }},
-      {"sequence length", [](DistCase c, int P) { c.L += 2 * P; return c; }},
-      {"kv heads", [](DistCase c, int) { c.Hkv = 4; return c; }},
-      {"dtype", [](DistCase c, int) { c.dt = DType::bf16; return c; }},
-      {"strategy", [](DistCase c, int) { c.strategy = Strategy::allgather; return c; }},
-      {"layout", [](DistCase c, int) { c.layout = Layout::striped; return c; }},
+      {"head dim d",
+       [](DistCase c, int) {
+         c.d = 48;
+         return c;
+       }},
+      {"causal flag",
+       [](DistCase c, int) {
+         c.causal = !c.causal;
+         return c;
+       }},
+      {"sequence length",
+       [](DistCase c, int P) {
+         c.L += 2 * P;
+         return c;
+       }},
+      {"kv heads",
+       [](DistCase c, int) {
+         c.Hkv = 4;
+         return c;
+       }},
+      {"dtype",
+       [](DistCase c, int) {
+         c.dt = DType::bf16;
+         return c;
+       }},
+      {"strategy",
+       [](DistCase c, int) {
+         c.strategy = Strategy::allgather;
+         return c;
+       }},
+      {"layout",
+       [](DistCase c, int) {
+         c.layout = Layout::striped;
+         return c;
+       }},
   };
   for (const Variant& var : variants) {
     const DistCase c = p == 1 ? var.on_rank1(base, P) : base;
     const FullProblem f = make_full(c, false);
     LocalProblem s = make_local(c, f, P, p);
-    expect_error_everywhere(*comm, [&] { run_forward(*comm, c, s); }, {"config", "differ", "mismatch"},
-                            cat("forward with a different ", var.what, " on rank 1"));
-    expect_error_everywhere(*comm, [&] { run_backward(*comm, c, s); }, {"config", "differ", "mismatch"},
-                            cat("backward with a different ", var.what, " on rank 1"));
+    expect_error_everywhere(
+        *comm, [&] { run_forward(*comm, c, s); }, {"config", "differ", "mismatch"},
+        cat("forward with a different ", var.what, " on rank 1"));
+    expect_error_everywhere(
+        *comm, [&] { run_backward(*comm, c, s); }, {"config", "differ", "mismatch"},
+        cat("backward with a different ", var.what, " on rank 1"));
   }
   // The communicator is still usable afterwards: a consistent call succeeds.
   const FullProblem f = make_full(base, false);

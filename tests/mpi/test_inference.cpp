@@ -19,10 +19,10 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
-#include "ringattn/parallel.h"
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/model.h"
+#include "ringattn/parallel.h"
 
 namespace ringattn {
 namespace {

@@ -50,25 +50,25 @@
 #include <string>
 #include <vector>
 
+#include "mpi_test_util.h"
 #include "ringattn/comm.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
-#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/parallel.h"
 #include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
-#include "mpi_test_util.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
 namespace {
 
-constexpr double kTolSp = 1e-5;        // y, loss, dx, gradients, and parameters after a step
-constexpr double kTolSpBf16 = 2e-2;    // bf16 mixed precision: RA+SP vs one process in bf16
-constexpr double kSteadyGrad = 1e-5;   // |g| above which an AdamW step-1 update is well-conditioned
+constexpr double kTolSp = 1e-5;       // y, loss, dx, gradients, and parameters after a step
+constexpr double kTolSpBf16 = 2e-2;   // bf16 mixed precision: RA+SP vs one process in bf16
+constexpr double kSteadyGrad = 1e-5;  // |g| above which an AdamW step-1 update is well-conditioned
 constexpr double kCommTimeout = 60;
-constexpr int64_t kB = 2, kL = 48;     // L = 48 splits in every layout for P in {1, 2, 3, 4, 8}
+constexpr int64_t kB = 2, kL = 48;  // L = 48 splits in every layout for P in {1, 2, 3, 4, 8}
 
 int g_rank = -1;
 
@@ -109,14 +109,16 @@ class ModelSpSummary : public ::testing::Environment {
     std::printf("[model sp summary] %d SP cases vs the single-process model, max normalized error:\n", s.cases);
     std::printf("[model sp summary]   loss %.3g  y %.3g  dx %.3g (%s)  grads %.3g (%s)\n", s.loss, s.y, s.dx,
                 s.where_dx.c_str(), s.grads, s.where_grads.c_str());
-    std::printf("[model sp summary]   after one AdamW step: params %.3g where |g| >= %g; %lld of %lld entries below,"
-                " there |diff| <= %.3g lr; all entries %.3g\n",
-                s.step_params, kSteadyGrad, static_cast<long long>(s.sensitive),
-                static_cast<long long>(s.sensitive_params), s.sensitive_lr, s.step_all);
+    std::printf(
+        "[model sp summary]   after one AdamW step: params %.3g where |g| >= %g; %lld of %lld entries below,"
+        " there |diff| <= %.3g lr; all entries %.3g\n",
+        s.step_params, kSteadyGrad, static_cast<long long>(s.sensitive), static_cast<long long>(s.sensitive_params),
+        s.sensitive_lr, s.step_all);
     if (s.dpsp_cases)
-      std::printf("[model sp summary] %d DP x SP meshes: loss %.3g  grads %.3g  params %.3g (|diff| <= %.3g lr "
-                  "where |g| < %g)\n",
-                  s.dpsp_cases, s.dpsp_loss, s.dpsp_grads, s.dpsp_params, s.dpsp_sensitive_lr, kSteadyGrad);
+      std::printf(
+          "[model sp summary] %d DP x SP meshes: loss %.3g  grads %.3g  params %.3g (|diff| <= %.3g lr "
+          "where |g| < %g)\n",
+          s.dpsp_cases, s.dpsp_loss, s.dpsp_grads, s.dpsp_params, s.dpsp_sensitive_lr, kSteadyGrad);
     std::fflush(stdout);
   }
 };
@@ -203,8 +205,8 @@ ModelParallel sp_of(Communicator* comm, const SpCase& c) {
 
 struct Result {
   double loss = 0;
-  DeviceTensor y, dx;          // full (reference) or this rank's shard (SP)
-  std::vector<float> grads;    // reduced over the SP group
+  DeviceTensor y, dx;        // full (reference) or this rank's shard (SP)
+  std::vector<float> grads;  // reduced over the SP group
 };
 
 // Forward, loss, backward; grads all-reduced over sp.sp when set.
@@ -301,7 +303,8 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
   const Tensor y = gather_full(*comm, got.y, kL, c.layout), dx = gather_full(*comm, got.dx, kL, c.layout);
 
   const ErrReport ry = compare(y, ref.y), rdx = compare(dx, ref.dx);
-  const ErrReport rg = compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
+  const ErrReport rg =
+      compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
   const double rl = std::abs(got.loss - ref.loss) / std::abs(ref.loss);
   const std::vector<double> e = max_over_ranks(*comm, {rl, ry.err, rdx.err, rg.err});
   EXPECT_LE(e[0], kTolSp) << c.name() << " loss " << got.loss << " vs " << ref.loss;
@@ -316,8 +319,8 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
   const double lr = train_step(*mr, orf, f.x, f.t, one, count, nullptr);
   const ErrReport sg = compare(as_double(ms->grads(), ms->num_params()), as_double(mr->grads(), mr->num_params()));
   const StepErr se = step_error(ms->params(), mr->params(), ms->grads(), mr->grads(), ms->num_params(), os);
-  const std::vector<double> e2 = max_over_ranks(
-      *comm, {std::abs(ls - lr) / std::abs(lr), sg.err, se.steady, se.excess, se.worst_lr, se.all});
+  const std::vector<double> e2 =
+      max_over_ranks(*comm, {std::abs(ls - lr) / std::abs(lr), sg.err, se.steady, se.excess, se.worst_lr, se.all});
   EXPECT_LE(e2[0], kTolSp) << c.name() << " train_step loss " << ls << " vs " << lr;
   EXPECT_LE(e2[1], kTolSp) << c.name() << " train_step reduced grads: " << sg;
   EXPECT_LE(e2[2], kTolSp) << c.name() << " parameters after one step (|g| >= " << kSteadyGrad << ")";
@@ -337,10 +340,10 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
   s.sensitive = std::max(s.sensitive, se.sensitive);
   s.sensitive_params = ms->num_params();
   if (std::getenv("RINGATTN_TEST_VERBOSE") && p == 0)
-    std::printf("[model sp] P=%d %-32s loss %.2g y %.2g dx %.2g grads %.2g | step: grads %.2g params %.2g, "
-                "%lld sensitive, worst %.3g lr\n",
-                P, c.name().c_str(), e[0], e[1], e[2], e[3], e2[1], e2[2], static_cast<long long>(se.sensitive),
-                e2[4]);
+    std::printf(
+        "[model sp] P=%d %-32s loss %.2g y %.2g dx %.2g grads %.2g | step: grads %.2g params %.2g, "
+        "%lld sensitive, worst %.3g lr\n",
+        P, c.name().c_str(), e[0], e[1], e[2], e[3], e2[1], e2[2], static_cast<long long>(se.sensitive), e2[4]);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, ModelSpMatrix, ::testing::ValuesIn(sp_cases()),
@@ -366,7 +369,8 @@ TEST_F(ModelSp, Bf16MixedPrecisionMatchesSingleProcess) {
   const Result got = run(cfg, xl, tl, sp_of(comm.get(), c), count);
   const Tensor y = gather_full(*comm, got.y, kL, c.layout), dx = gather_full(*comm, got.dx, kL, c.layout);
   const ErrReport ry = compare(y, ref.y), rdx = compare(dx, ref.dx);
-  const ErrReport rg = compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
+  const ErrReport rg =
+      compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
   const ErrReport ry32 = compare(ref.y, ref32.y);
   const ErrReport rg32 =
       compare(as_double(ref.grads.data(), ref.grads.size()), as_double(ref32.grads.data(), ref32.grads.size()));
@@ -379,8 +383,8 @@ TEST_F(ModelSp, Bf16MixedPrecisionMatchesSingleProcess) {
   EXPECT_LE(e[4], 2e-2) << "bf16 vs fp32 model y: " << ry32;
   EXPECT_LE(e[5], 5e-2) << "bf16 vs fp32 model grads: " << rg32;
   if (std::getenv("RINGATTN_TEST_VERBOSE") && p == 0)
-    std::printf("[model sp bf16] P=%d loss %.2g y %.2g dx %.2g grads %.2g | bf16 vs fp32: y %.2g grads %.2g\n", P,
-                e[0], e[1], e[2], e[3], e[4], e[5]);
+    std::printf("[model sp bf16] P=%d loss %.2g y %.2g dx %.2g grads %.2g | bf16 vs fp32: y %.2g grads %.2g\n", P, e[0],
+                e[1], e[2], e[3], e[4], e[5]);
 }
 
 // ---- 2. bitwise reproducible with the same rank count ---------------------------------------
@@ -388,8 +392,9 @@ TEST_F(ModelSp, Bf16MixedPrecisionMatchesSingleProcess) {
 TEST_F(ModelSp, BitwiseReproducible) {
   auto comm = world();
   const int P = comm->size(), p = comm->rank();
-  for (const SpCase& c : {SpCase{Strategy::ring, Layout::zigzag, 2, true}, SpCase{Strategy::allgather, Layout::striped, 4, false},
-                          SpCase{Strategy::ulysses, Layout::contiguous, 4, true}}) {
+  for (const SpCase& c :
+       {SpCase{Strategy::ring, Layout::zigzag, 2, true}, SpCase{Strategy::allgather, Layout::striped, 4, false},
+        SpCase{Strategy::ulysses, Layout::contiguous, 4, true}}) {
     if (!c.fits(P)) continue;
     const ModelConfig cfg = config(c.kv, c.causal, c.heads);
     const int64_t D = cfg.d_model, count = kB * kL * D;
@@ -491,7 +496,8 @@ TEST_F(ModelSp, UlyssesTimesRingMatchesSingleProcess) {
     const ErrReport ry = compare(y, ref.y);
     const ErrReport rg =
         compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
-    const std::vector<double> e = max_over_ranks(*comm, {std::abs(got.loss - ref.loss) / std::abs(ref.loss), ry.err, rg.err});
+    const std::vector<double> e =
+        max_over_ranks(*comm, {std::abs(got.loss - ref.loss) / std::abs(ref.loss), ry.err, rg.err});
     EXPECT_LE(e[0], kTolSp) << "U=" << U << " loss";
     EXPECT_LE(e[1], kTolSp) << "U=" << U << " y: " << ry;
     EXPECT_LE(e[2], kTolSp) << "U=" << U << " grads: " << rg;
@@ -503,9 +509,12 @@ TEST_F(ModelSp, UlyssesTimesRingMatchesSingleProcess) {
 TEST_F(ModelSp, MeshThatDoesNotMatchTheRanksThrowsEverywhere) {
   auto comm = world();
   const int P = comm->size();
-  expect_error_everywhere(*comm, [&] { Mesh::build(*comm, P + 1, 1); }, {"mesh", "ranks", "match"}, "dp = P + 1");
-  expect_error_everywhere(*comm, [&] { Mesh::build(*comm, 1, 2 * P); }, {"mesh", "ranks", "match"}, "sp = 2P");
-  expect_error_everywhere(*comm, [&] { Mesh::build(*comm, 0, P); }, {"mesh", "ranks", "match", "dp"}, "dp = 0");
+  expect_error_everywhere(
+      *comm, [&] { Mesh::build(*comm, P + 1, 1); }, {"mesh", "ranks", "match"}, "dp = P + 1");
+  expect_error_everywhere(
+      *comm, [&] { Mesh::build(*comm, 1, 2 * P); }, {"mesh", "ranks", "match"}, "sp = 2P");
+  expect_error_everywhere(
+      *comm, [&] { Mesh::build(*comm, 0, P); }, {"mesh", "ranks", "match", "dp"}, "dp = 0");
   // The communicator still works afterwards.
   double one = 1;
   comm->all_reduce(&one, 1, ReduceOp::sum);

@@ -17,8 +17,8 @@
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
-#include "ringattn/parallel.h"
 #include "ringattn/model.h"
+#include "ringattn/parallel.h"
 #include "ringattn/pipeline.h"
 #include "ringattn/tensor.h"
 
@@ -72,8 +72,8 @@ TEST_F(ThreadsOne, TensorAndPipelineParallelMatchOneProcess) {
       c.causal = causal, c.dtype = dtype;
       const bool bf16 = dtype == DType::bf16;
       const int64_t B = 2 * ms.dp * ms.pp, L = 16, D = c.d_model;  // micro-batches = pp per DP group
-      SCOPED_TRACE(cat("dp ", ms.dp, " pp ", ms.pp, " sp ", ms.sp, " tp ", ms.tp, causal ? " causal" : "",
-                       bf16 ? " bf16" : ""));
+      SCOPED_TRACE(
+          cat("dp ", ms.dp, " pp ", ms.pp, " sp ", ms.sp, " tp ", ms.tp, causal ? " causal" : "", bf16 ? " bf16" : ""));
       std::mt19937 rng(11);
       std::normal_distribution<float> nd(0.f, 1.f);
       Tensor x(DType::f32, {B, L, D}), t(DType::f32, {B, L, D});

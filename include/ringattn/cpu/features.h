@@ -12,7 +12,7 @@ struct CpuFeatures {
   bool avx512_bf16 = false, avx512_fp16 = false, avx512_vnni = false;
   bool amx_tile = false, amx_bf16 = false;
   bool os_avx = false, os_avx512 = false;  // XCR0 says the OS saves the registers
-  bool os_amx = false;  // tile state enabled and granted to this process
+  bool os_amx = false;                     // tile state enabled and granted to this process
   int logical_cpus = 0;
 };
 const CpuFeatures& cpu_features();

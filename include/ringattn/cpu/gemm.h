@@ -8,9 +8,8 @@
 
 namespace ringattn {
 
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-          const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-          DType ab_dtype = DType::f32);
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
+          const void* B, int64_t ldb, float beta, float* C, int64_t ldc, DType ab_dtype = DType::f32);
 
 // Which oneDNN implementation serves a square GEMM of this size (e.g. "brg:avx512_core_amx").
 const char* gemm_impl_name(int64_t n, DType ab_dtype);

@@ -15,8 +15,8 @@ void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma,
                        float* mean, float* rstd, float eps = 1e-5f);
 // dx = rstd · (dŷ − mean(dŷ) − x̂ · mean(dŷ ∘ x̂)) with dŷ = dy ∘ gamma;
 // dgamma += Σ dy ∘ x̂, dbeta += Σ dy.
-void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
-                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta);
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
+                        const float* dy, float* dx, float* dgamma, float* dbeta);
 
 // GELU, tanh form: y = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³))).
 void gelu_forward(int64_t n, const float* x, float* y);

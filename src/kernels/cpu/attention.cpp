@@ -17,11 +17,16 @@ namespace {
 const cpu::KernelTable& table_for(Isa isa) {
   check(isa_supported(isa), "instruction set '", isa_name(isa), "' is not supported by this CPU");
   switch (isa) {
-    case Isa::amx_bf16: return cpu::kernels_amx();
-    case Isa::avx512_bf16: return cpu::kernels_avx512bf16();
-    case Isa::avx512: return cpu::kernels_avx512();
-    case Isa::avx2: return cpu::kernels_avx2();
-    default: return cpu::kernels_generic();
+    case Isa::amx_bf16:
+      return cpu::kernels_amx();
+    case Isa::avx512_bf16:
+      return cpu::kernels_avx512bf16();
+    case Isa::avx512:
+      return cpu::kernels_avx512();
+    case Isa::avx2:
+      return cpu::kernels_avx2();
+    default:
+      return cpu::kernels_generic();
   }
 }
 
@@ -68,8 +73,8 @@ struct Problem {
     }
     check(opt.threads >= 0, "threads must be >= 0, got ", opt.threads);
     const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-    shape = {B, Lq, Lk, H, Hkv, d, a.scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress,
-             opt.progress_ctx};
+    shape = {
+        B, Lq, Lk, H, Hkv, d, a.scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress, opt.progress_ctx};
     kernels = &table_for(opt.isa ? *opt.isa : default_isa());
   }
 };
@@ -96,8 +101,8 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   for (const auto* t : {&dq, &dk, &dv})
     check(t->strides[3] == 1, "gradient outputs must have a contiguous last dimension");
   RowContiguous qc(q), kc(k), vc(v), oc(o), doc(dout);
-  p.kernels->backward({p.shape, bshd(qc.view), bshd(kc.view), bshd(vc.view), bshd(oc.view), bshd(doc.view),
-                       lse_of(lse), bshd_out(dq), bshd_out(dk), bshd_out(dv)});
+  p.kernels->backward({p.shape, bshd(qc.view), bshd(kc.view), bshd(vc.view), bshd(oc.view), bshd(doc.view), lse_of(lse),
+                       bshd_out(dq), bshd_out(dk), bshd_out(dv)});
 }
 
 // lse = m + log(e^{lse_acc-m} + e^{lse_part-m}),  o = e^{lse_acc-lse}·o_acc + e^{lse_part-lse}·o_part

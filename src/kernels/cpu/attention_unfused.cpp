@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "ringattn/cpu/attention.h"
-#include "ringattn/error.h"
 #include "ringattn/cpu/gemm.h"
+#include "ringattn/error.h"
 
 namespace ringattn {
 

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "ringattn/cpu/attention.h"
+#include "ringattn/cpu/layers.h"
 #include "ringattn/device.h"
 #include "ringattn/error.h"
-#include "ringattn/cpu/layers.h"
 
 namespace ringattn {
 namespace {
@@ -90,8 +90,8 @@ class CpuDevice final : public Device {
                       DType compute) override {
     ringattn::linear_forward(N, Cin, Cout, x, W, b, y, compute);
   }
-  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
-                       float* dx, float* dW, float* db, DType compute) override {
+  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy, float* dx,
+                       float* dW, float* db, DType compute) override {
     ringattn::linear_backward(N, Cin, Cout, x, W, dy, dx, dW, db, compute);
   }
   void add_bias(int64_t N, int64_t D, float* y, const float* b) override {

@@ -6,8 +6,8 @@
 #include <string>
 #include <tuple>
 
-#include "ringattn/error.h"
 #include "ringattn/cpu/gemm.h"
+#include "ringattn/error.h"
 
 namespace ringattn {
 namespace {

@@ -5,8 +5,8 @@
 
 namespace ringattn::cpu {
 const KernelTable& kernels_amx() {
-  static const KernelTable table{Isa::amx_bf16, isa_amx::forward, isa_amx::backward,
-                                  isa_amx::decode, isa_amx::fma_peak};
+  static const KernelTable table{Isa::amx_bf16, isa_amx::forward, isa_amx::backward, isa_amx::decode,
+                                 isa_amx::fma_peak};
   return table;
 }
 }  // namespace ringattn::cpu

@@ -5,8 +5,8 @@
 
 namespace ringattn::cpu {
 const KernelTable& kernels_avx2() {
-  static const KernelTable table{Isa::avx2, isa_avx2::forward, isa_avx2::backward,
-                                  isa_avx2::decode, isa_avx2::fma_peak};
+  static const KernelTable table{Isa::avx2, isa_avx2::forward, isa_avx2::backward, isa_avx2::decode,
+                                 isa_avx2::fma_peak};
   return table;
 }
 }  // namespace ringattn::cpu

@@ -5,8 +5,8 @@
 
 namespace ringattn::cpu {
 const KernelTable& kernels_avx512() {
-  static const KernelTable table{Isa::avx512, isa_avx512::forward, isa_avx512::backward,
-                                  isa_avx512::decode, isa_avx512::fma_peak};
+  static const KernelTable table{Isa::avx512, isa_avx512::forward, isa_avx512::backward, isa_avx512::decode,
+                                 isa_avx512::fma_peak};
   return table;
 }
 }  // namespace ringattn::cpu

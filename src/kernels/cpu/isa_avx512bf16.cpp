@@ -6,7 +6,7 @@
 namespace ringattn::cpu {
 const KernelTable& kernels_avx512bf16() {
   static const KernelTable table{Isa::avx512_bf16, isa_avx512bf16::forward, isa_avx512bf16::backward,
-                                  isa_avx512bf16::decode, isa_avx512bf16::fma_peak};
+                                 isa_avx512bf16::decode, isa_avx512bf16::fma_peak};
   return table;
 }
 }  // namespace ringattn::cpu

@@ -5,8 +5,8 @@
 
 namespace ringattn::cpu {
 const KernelTable& kernels_generic() {
-  static const KernelTable table{Isa::generic, isa_generic::forward, isa_generic::backward,
-                                  isa_generic::decode, isa_generic::fma_peak};
+  static const KernelTable table{Isa::generic, isa_generic::forward, isa_generic::backward, isa_generic::decode,
+                                 isa_generic::fma_peak};
   return table;
 }
 }  // namespace ringattn::cpu

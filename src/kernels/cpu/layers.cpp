@@ -7,8 +7,8 @@
 #include <cmath>
 #include <vector>
 
-#include "ringattn/error.h"
 #include "ringattn/cpu/gemm.h"
+#include "ringattn/error.h"
 
 namespace ringattn {
 
@@ -30,8 +30,8 @@ void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma,
 }
 
 // x, dy, dx: [N, C]   gamma, dgamma, dbeta: [C]   mean, rstd: [N]
-void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
-                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) {
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
+                        const float* dy, float* dx, float* dgamma, float* dbeta) {
   // Per-thread partial sums of dgamma, dbeta, added in thread order afterwards
   // (static schedule: the same rows per thread every run, so results repeat bitwise).
   const int T = omp_get_max_threads();

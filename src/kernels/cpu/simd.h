@@ -70,8 +70,8 @@ struct Vf {
   float r[4];
 };
 inline constexpr int kW = 4;
-#define RA_MAP(expr)                              \
-  Vf out;                                         \
+#define RA_MAP(expr)                             \
+  Vf out;                                        \
   for (int i = 0; i < 4; ++i) out.r[i] = (expr); \
   return out
 static inline Vf vzero() { RA_MAP(0.f); }

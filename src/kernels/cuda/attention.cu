@@ -107,11 +107,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
   const T* vg = static_cast<const T*>(a.v.p) + b * a.v.sb + hk * a.v.sh;
   const Positions& pos = a.pos;
 
-  // This thread's rows (r_a, r_b = r_a + 8) and the warp's and block's query range.
-  const int64_t r_a = m0 + warp * 16 + g, r_b = r_a + 8;
-  const int64_t pos_a = pos.query(r_a), pos_b = pos.query(r_b);
-  int64_t wq_min, wq_max;
-  query_range(pos_a, pos_b, wq_min, wq_max);
+  // This thread's rows and the warp's and block's query range.
+  const ThreadRows rows = thread_rows(pos, m0, warp, g);
+  const int64_t r_a = rows.r_a, r_b = rows.r_b, pos_a = rows.pos_a, pos_b = rows.pos_b;
+  const int64_t wq_min = rows.wq_min, wq_max = rows.wq_max;
   if (lane == 0) warp_qmax[warp] = wq_max;
 
   load_tile<T, kBM, D>(Qs, qg, a.q.sl, m0, a.Lq);
@@ -244,8 +243,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(const FwdArgs a
     cur_kmax = next_kmax;
   }
 
-  store_forward_rows<D>(a, blockIdx.z, h, r_a, r_b, t, reinterpret_cast<const float(&)[D / 2]>(o_acc), m_a, m_b,
-                        l_a, l_b);
+  store_forward_rows<D>(a, blockIdx.z, h, r_a, r_b, t, reinterpret_cast<const float(&)[D / 2]>(o_acc), m_a, m_b, l_a,
+                        l_b);
 }
 
 // The exact LSE merge of the `splits` partials of each row (docs/design.md §4 over
@@ -317,11 +316,11 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_backward_kernel(const BwdArgs a) {
   constexpr int ld = D + kPad, lds_ = kBN + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* Ks = reinterpret_cast<T*>(smem_raw);  // [kBN][ld]   this block's keys
-  T* Vs = Ks + kBN * ld;                   // [kBN][ld]
-  T* Qs = Vs + kBN * ld;                   // [kBM][ld]   the current query tile
-  T* dOs = Qs + kBM * ld;                  // [kBM][ld]
-  T* dSs = dOs + kBM * ld;                 // [kBM][lds_] dS of the tile, [query][key]
+  T* Ks = reinterpret_cast<T*>(smem_raw);                      // [kBN][ld]   this block's keys
+  T* Vs = Ks + kBN * ld;                                       // [kBN][ld]
+  T* Qs = Vs + kBN * ld;                                       // [kBM][ld]   the current query tile
+  T* dOs = Qs + kBM * ld;                                      // [kBM][ld]
+  T* dSs = dOs + kBM * ld;                                     // [kBM][lds_] dS of the tile, [query][key]
   float* lse2_s = reinterpret_cast<float*>(dSs + kBM * lds_);  // [kBM] lse·log2(e); +inf: row sees nothing
   float* delta_s = lse2_s + kBM;                               // [kBM]
 
@@ -492,8 +491,8 @@ __global__ void dq_store_kernel(const float* dq_acc, Bshd dq, int64_t B, int64_t
 // (o_acc, lse_acc) ⊕= (o_part, lse_part), one warp per (b, i, h) row.
 //   o: [B, Lq, H, Dh]   lse: [B, H, Lq]
 __global__ void merge_kernel(Bshd o_acc, float* lse_acc, int64_t la_sb, int64_t la_sh, int64_t la_sl, Bshd o_part,
-                             const float* lse_part, int64_t lp_sb, int64_t lp_sh, int64_t lp_sl, int64_t B,
-                             int64_t Lq, int64_t H, int Dh) {
+                             const float* lse_part, int64_t lp_sb, int64_t lp_sh, int64_t lp_sl, int64_t B, int64_t Lq,
+                             int64_t H, int Dh) {
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= B * Lq * H) return;
@@ -594,8 +593,8 @@ unsigned blocks_for(int64_t threads, int per_block) {
 void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                    const TensorView& lse, const AttentionOptions& opt, cudaStream_t stream) {
   const Checked c(q, k, v, o, lse, opt);
-  FwdArgs a{bshd(q), bshd(k), bshd(v), bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2],
-            c.B, c.Lq, c.Lk, c.H, c.Hkv, c.positions(opt), c.scale * kLog2e, opt.causal};
+  FwdArgs a{bshd(q), bshd(k), bshd(v), bshd(o), lse.ptr<float>(), lse.strides[0],   lse.strides[1], lse.strides[2], c.B,
+            c.Lq,    c.Lk,    c.H,     c.Hkv,   c.positions(opt), c.scale * kLog2e, opt.causal};
   const bool bf = q.dtype == DType::bf16;
   auto portable = [&](const FwdArgs& x) {
     if (c.d == 64)
@@ -623,9 +622,9 @@ void flash_forward(const TensorView& q, const TensorView& k, const TensorView& v
   split.split_tiles = split_tiles;
   portable(split);
   const int64_t rows = c.B * c.H * c.Lq;
-  combine_splits_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(
-      o_part, lse_part, bshd(o), lse.ptr<float>(), lse.strides[0], lse.strides[1], lse.strides[2], c.B, c.Lq, c.H,
-      static_cast<int>(c.d), splits);
+  combine_splits_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(o_part, lse_part, bshd(o), lse.ptr<float>(),
+                                                                        lse.strides[0], lse.strides[1], lse.strides[2],
+                                                                        c.B, c.Lq, c.H, static_cast<int>(c.d), splits);
   check_cuda(cudaGetLastError(), "launching the split forward's merge");
   check_cuda(cudaFreeAsync(o_part, stream), "freeing the split forward's partials");
   check_cuda(cudaFreeAsync(lse_part, stream), "freeing the split forward's partials");
@@ -649,11 +648,29 @@ void flash_backward(const TensorView& q, const TensorView& k, const TensorView& 
              "allocating the backward's dq accumulator");
   check_cuda(cudaMemsetAsync(dq_acc, 0, n * sizeof(float), stream), "zeroing the dq accumulator");
   delta_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(bshd(dout), bshd(o), delta, c.B, c.Lq, c.H,
-                                                                static_cast<int>(c.d));
+                                                               static_cast<int>(c.d));
   check_cuda(cudaGetLastError(), "launching the backward's row sums");
-  BwdArgs a{bshd(q), bshd(k), bshd(v), bshd(dout), bshd(dk), bshd(dv), lse.ptr<float>(), lse.strides[0],
-            lse.strides[1], lse.strides[2], delta, dq_acc, c.B, c.Lq, c.Lk, c.H, c.Hkv, c.positions(opt), c.scale,
-            c.scale * kLog2e, opt.causal};
+  BwdArgs a{bshd(q),
+            bshd(k),
+            bshd(v),
+            bshd(dout),
+            bshd(dk),
+            bshd(dv),
+            lse.ptr<float>(),
+            lse.strides[0],
+            lse.strides[1],
+            lse.strides[2],
+            delta,
+            dq_acc,
+            c.B,
+            c.Lq,
+            c.Lk,
+            c.H,
+            c.Hkv,
+            c.positions(opt),
+            c.scale,
+            c.scale * kLog2e,
+            opt.causal};
   const bool bf = q.dtype == DType::bf16;
   if (c.d == 64)
     bf ? backward_t<__nv_bfloat16, 64>(a, stream) : backward_t<__half, 64>(a, stream);

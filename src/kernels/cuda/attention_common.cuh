@@ -89,9 +89,7 @@ struct Positions {
   const int64_t* q;  // nullptr: i + (Lk − Lq)
   const int64_t* k;  // nullptr: j
   int64_t Lq, Lk;
-  __device__ __forceinline__ int64_t query(int64_t i) const {
-    return i >= Lq ? kNoPos : (q ? q[i] : i + (Lk - Lq));
-  }
+  __device__ __forceinline__ int64_t query(int64_t i) const { return i >= Lq ? kNoPos : (q ? q[i] : i + (Lk - Lq)); }
   __device__ __forceinline__ int64_t key(int64_t j) const { return j >= Lk ? kFarPos : (k ? k[j] : j); }
 };
 
@@ -129,6 +127,20 @@ __device__ __forceinline__ void key_range(const Positions& pos, int64_t n0, int 
 __device__ __forceinline__ void query_range(int64_t a, int64_t b, int64_t& qmin, int64_t& qmax) {
   qmax = warp_max(max(a, b));
   qmin = warp_min(min(a == kNoPos ? INT64_MAX : a, b == kNoPos ? INT64_MAX : b));
+}
+
+// This thread's two query rows of a warp's m16 MMA fragments (warp w owns rows
+// m0 + 16w .. m0 + 16w + 15; lane group g: r_a = m0 + 16w + g and r_b = r_a + 8),
+// their positions, and the range of the warp's query positions.
+struct ThreadRows {
+  int64_t r_a, r_b, pos_a, pos_b, wq_min, wq_max;
+};
+__device__ __forceinline__ ThreadRows thread_rows(const Positions& pos, int64_t m0, int warp, int g) {
+  ThreadRows t;
+  t.r_a = m0 + warp * 16 + g, t.r_b = t.r_a + 8;
+  t.pos_a = pos.query(t.r_a), t.pos_b = pos.query(t.r_b);
+  query_range(t.pos_a, t.pos_b, t.wq_min, t.wq_max);
+  return t;
 }
 
 // The forward's outputs for this thread's rows r_a and r_b of (b, h): o = acc / l and

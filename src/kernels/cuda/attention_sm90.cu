@@ -61,11 +61,10 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done)
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
 }
 // A [64 columns × 128 rows] box of a [B, L, H, d] tensor (coordinates d, h, l, b) into a
 // swizzled column block at `dst`, completing on `bar`.
@@ -79,9 +78,7 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 }
 // Named barriers 1 and 2: warpgroup w waits on 1 + w for its turn and passes it on 2 − w.
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads)); }
-__device__ __forceinline__ void named_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads));
-}
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads)); }
 #endif
 
 // q: [B, Lq, H, D]  k, v: [B, Lk, Hkv, D]  o: [B, Lq, H, D]  lse: [B, H, Lq]; tq, tk, tv: TMA maps of
@@ -115,11 +112,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / (a.H / a.Hkv), m0 = mb * kBM;
   const Positions& pos = a.pos;
 
-  // This thread's rows (r_a, r_b = r_a + 8: warp w owns rows 16w..16w+15) and the warp's and block's query range.
-  const int64_t r_a = m0 + warp * 16 + g, r_b = r_a + 8;
-  const int64_t pos_a = pos.query(r_a), pos_b = pos.query(r_b);
-  int64_t wq_min, wq_max;
-  query_range(pos_a, pos_b, wq_min, wq_max);
+  // This thread's rows and the warp's and block's query range.
+  const ThreadRows rows = thread_rows(pos, m0, warp, g);
+  const int64_t r_a = rows.r_a, r_b = rows.r_b, pos_a = rows.pos_a, pos_b = rows.pos_b;
+  const int64_t wq_min = rows.wq_min, wq_max = rows.wq_max;
   if (lane == 0) warp_qmax[warp] = wq_max;
   if (producer) {
     mbar_init(q_full, 1);
@@ -182,10 +178,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncwarp();
 
-  const uint32_t q_addr = smem_addr(Qs) + wgroup * 64 * 128;  // this warpgroup's 64 rows
-  float o[D / 2] = {};      // O accumulator m64nD
-  float s[kBN / 2];         // S accumulator m64n128, then P in fp32
-  uint32_t p[kBN / 16][4];  // P_{i−1}: A fragments of the k-steps of P·V
+  const uint32_t q_addr = smem_addr(Qs) + wgroup * 64 * 128;     // this warpgroup's 64 rows
+  float o[D / 2] = {};                                           // O accumulator m64nD
+  float s[kBN / 2];                                              // S accumulator m64n128, then P in fp32
+  uint32_t p[kBN / 16][4];                                       // P_{i−1}: A fragments of the k-steps of P·V
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // running max (base-2 units), per-lane sums
 
   // Queues S = Q·K_iᵀ and O += P·V_j (tile j in stage j % kStages).

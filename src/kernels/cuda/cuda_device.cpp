@@ -233,15 +233,14 @@ void CudaDevice::add(const TensorView& acc, const TensorView& x, int) {
   make_current();
   cuda::add(acc, x, compute_);
 }
-void CudaDevice::attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                   const TensorView& o, const TensorView& lse, const AttentionOptions& opt) {
+void CudaDevice::attention_forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                   const TensorView& lse, const AttentionOptions& opt) {
   make_current();
   flash_forward(q, k, v, o, lse, opt, compute_);
 }
-void CudaDevice::attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                    const TensorView& o, const TensorView& lse, const TensorView& dout,
-                                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                                    const AttentionOptions& opt) {
+void CudaDevice::attention_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                    const TensorView& lse, const TensorView& dout, const TensorView& dq,
+                                    const TensorView& dk, const TensorView& dv, const AttentionOptions& opt) {
   make_current();
   if (dout.dtype == q.dtype) return flash_backward(q, k, v, o, lse, dout, dq, dk, dv, opt, compute_);
   // The kernel reads dout in q's dtype (the CPU kernels take any dtype).
@@ -289,16 +288,14 @@ void CudaDevice::adamw(int64_t n, float* w, const float* g, float* m, float* v, 
 void CudaDevice::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
                       const void* B, int64_t ldb, float beta, float* C, int64_t ldc, DType ab) {
   constexpr int64_t kIntMax = 2147483647;
-  ringattn::check(M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax &&
-                      ldc <= kIntMax,
+  ringattn::check(M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax,
                   "GEMM dimensions ", M, " x ", N, " x ", K, " exceed cuBLAS's 32-bit sizes");
   if (M == 0 || N == 0) return;
   const float alpha = 1.f;
   const cudaDataType t = ab == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  const cublasStatus_t st =
-      cublasGemmEx(blas_, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, int(M), int(N),
-                   int(K), &alpha, A, t, int(lda), B, t, int(ldb), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F,
-                   CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t st = cublasGemmEx(
+      blas_, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, int(M), int(N), int(K), &alpha,
+      A, t, int(lda), B, t, int(ldb), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS)
     throw Error(cat("cuBLAS GEMM ", M, " x ", N, " x ", K, " (", dtype_name(ab), "): ", cublasGetStatusString(st)));
 }
@@ -323,8 +320,8 @@ void CudaDevice::linear_forward(int64_t N, int64_t Cin, int64_t Cout, const floa
 
 // dx = dy·Wᵀ: column-major dxᵀ [Cin, N] = W·dyᵀ, i.e. (Wᵀ)ᵀ·dyᵀ;
 // dW += xᵀ·dy: column-major dWᵀ [Cout, Cin] = dyᵀ·(xᵀ)ᵀ; db += Σ_rows dy.
-void CudaDevice::linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W,
-                                 const float* dy, float* dx, float* dW, float* db, DType compute) {
+void CudaDevice::linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
+                                 float* dx, float* dW, float* db, DType compute) {
   ringattn::check(compute == DType::f32 || compute == DType::bf16, "linear layers compute in fp32 or bf16");
   make_current();
   DeviceTensor xb, dyb;

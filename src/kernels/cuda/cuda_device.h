@@ -54,8 +54,8 @@ class CudaDevice final : public Device {
   void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) override;
   void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b, float* y,
                       DType compute) override;
-  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy,
-                       float* dx, float* dW, float* db, DType compute) override;
+  void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy, float* dx,
+                       float* dW, float* db, DType compute) override;
   void add_bias(int64_t N, int64_t D, float* y, const float* b) override;
   double squared_error(int64_t n, const float* y, const float* t, float* dy, float scale) override;
   void adamw(int64_t n, float* w, const float* g, float* m, float* v, const AdamWStep& s) override;

@@ -86,8 +86,8 @@ void copy(const TensorView& dst, const TensorView& src, cudaStream_t stream) {
   const int64_t n = src.numel();
   if (n == 0) return;
   if (dst.dtype == src.dtype && dst.is_contiguous() && src.is_contiguous()) {
-    const cudaError_t e = cudaMemcpyAsync(dst.data, src.data, n * dtype_size(src.dtype), cudaMemcpyDeviceToDevice,
-                                          stream);
+    const cudaError_t e =
+        cudaMemcpyAsync(dst.data, src.data, n * dtype_size(src.dtype), cudaMemcpyDeviceToDevice, stream);
     if (e != cudaSuccess) throw Error(cat("CUDA copy: ", cudaGetErrorString(e)));
     return;
   }
@@ -103,8 +103,7 @@ void fill(const TensorView& x, float value, cudaStream_t stream) {
 }
 
 void add(const TensorView& acc, const TensorView& x, cudaStream_t stream) {
-  check(acc.dtype == DType::f32 && acc.is_contiguous() && x.is_contiguous() && acc.rank == x.rank &&
-            same_shape(acc, x),
+  check(acc.dtype == DType::f32 && acc.is_contiguous() && x.is_contiguous() && acc.rank == x.rank && same_shape(acc, x),
         "add: acc must be contiguous fp32 and x contiguous of the same shape, got ", acc.shape_str(), " and ",
         x.shape_str());
   const int64_t n = x.numel();

@@ -42,9 +42,8 @@ void fill_uniform(const TensorView& x, uint64_t seed, float lo, float hi, cudaSt
 // The token-local layers (layers.cu), layers.h's contracts on device pointers.
 void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
                        float* mean, float* rstd, cudaStream_t stream);
-void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
-                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta,
-                        cudaStream_t stream);
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
+                        const float* dy, float* dx, float* dgamma, float* dbeta, cudaStream_t stream);
 void gelu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void gelu_backward(int64_t n, const float* x, const float* dy, float* dx, cudaStream_t stream);
 // y[N, D] += b[D];  db[D] += Σ_rows dy[N, D]

@@ -38,15 +38,15 @@ __global__ void layernorm_forward_kernel(int64_t N, int64_t C, const float* x, c
   const int lane = threadIdx.x % 32;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
        i += int64_t(gridDim.x) * blockDim.x / 32) {
-  const float* xi = x + i * C;
-  float s = 0;
-  for (int64_t c = lane; c < C; c += 32) s += xi[c];
-  const float m = warp_sum(s) / float(C);
-  float s2 = 0;
-  for (int64_t c = lane; c < C; c += 32) s2 += (xi[c] - m) * (xi[c] - m);
-  const float r = rsqrtf(warp_sum(s2) / float(C) + eps);
-  for (int64_t c = lane; c < C; c += 32) y[i * C + c] = (xi[c] - m) * r * gamma[c] + beta[c];
-  if (lane == 0) mean[i] = m, rstd[i] = r;
+    const float* xi = x + i * C;
+    float s = 0;
+    for (int64_t c = lane; c < C; c += 32) s += xi[c];
+    const float m = warp_sum(s) / float(C);
+    float s2 = 0;
+    for (int64_t c = lane; c < C; c += 32) s2 += (xi[c] - m) * (xi[c] - m);
+    const float r = rsqrtf(warp_sum(s2) / float(C) + eps);
+    for (int64_t c = lane; c < C; c += 32) y[i * C + c] = (xi[c] - m) * r * gamma[c] + beta[c];
+    if (lane == 0) mean[i] = m, rstd[i] = r;
   }
 }
 
@@ -56,19 +56,19 @@ __global__ void layernorm_dx_kernel(int64_t N, int64_t C, const float* x, const 
   const int lane = threadIdx.x % 32;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
        i += int64_t(gridDim.x) * blockDim.x / 32) {
-  const float* xi = x + i * C;
-  const float* dyi = dy + i * C;
-  float a = 0, b = 0;
-  for (int64_t c = lane; c < C; c += 32) {
-    const float dyh = dyi[c] * gamma[c];
-    a += dyh;
-    b += dyh * (xi[c] - mean[i]) * rstd[i];
-  }
-  const float ma = warp_sum(a) / float(C), mb = warp_sum(b) / float(C);
-  for (int64_t c = lane; c < C; c += 32) {
-    const float xh = (xi[c] - mean[i]) * rstd[i];
-    dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - ma - xh * mb);
-  }
+    const float* xi = x + i * C;
+    const float* dyi = dy + i * C;
+    float a = 0, b = 0;
+    for (int64_t c = lane; c < C; c += 32) {
+      const float dyh = dyi[c] * gamma[c];
+      a += dyh;
+      b += dyh * (xi[c] - mean[i]) * rstd[i];
+    }
+    const float ma = warp_sum(a) / float(C), mb = warp_sum(b) / float(C);
+    for (int64_t c = lane; c < C; c += 32) {
+      const float xh = (xi[c] - mean[i]) * rstd[i];
+      dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - ma - xh * mb);
+    }
   }
 }
 
@@ -100,8 +100,8 @@ __global__ void column_sums_kernel(int64_t C, int64_t chunks, const float* part,
 }
 
 // Adds the column sums of dy (and of dy ∘ x̂ when x is given) into g and b.
-void column_sums(int64_t N, int64_t C, const float* x, const float* mean, const float* rstd, const float* dy,
-                 float* g, float* b, cudaStream_t stream) {
+void column_sums(int64_t N, int64_t C, const float* x, const float* mean, const float* rstd, const float* dy, float* g,
+                 float* b, cudaStream_t stream) {
   const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
   ringattn::check(chunks <= 65535, "N=", N, " rows are more than the column sums handle (", 65535 * kRowsPerChunk, ")");
   float* part = nullptr;
@@ -139,8 +139,7 @@ __global__ void add_bias_kernel(int64_t N, int64_t D, float* y, const float* b) 
 }
 
 // part[block] = Σ (y − t)² over the block's elements (double); dy = scale·(y − t).
-__global__ void squared_error_kernel(int64_t n, const float* y, const float* t, float* dy, float scale,
-                                     double* part) {
+__global__ void squared_error_kernel(int64_t n, const float* y, const float* t, float* dy, float scale, double* part) {
   __shared__ double warp_part[8];
   double s = 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -175,12 +174,13 @@ void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma,
   launched("the LayerNorm forward");
 }
 
-void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
-                        const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta,
-                        cudaStream_t stream) {
+void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
+                        const float* dy, float* dx, float* dgamma, float* dbeta, cudaStream_t stream) {
   if (N == 0) return;
-  ringattn::check(N <= 65535 * int64_t(kRowsPerChunk), "LayerNorm backward: N=", N, " rows are more than the column "
-                  "sums handle (", 65535 * kRowsPerChunk, ")");
+  ringattn::check(N <= 65535 * int64_t(kRowsPerChunk), "LayerNorm backward: N=", N,
+                  " rows are more than the column "
+                  "sums handle (",
+                  65535 * kRowsPerChunk, ")");
   layernorm_dx_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, mean, rstd, dy, dx);
   launched("the LayerNorm backward");
   column_sums(N, C, x, mean, rstd, dy, dgamma, dbeta, stream);
@@ -214,12 +214,12 @@ double squared_error(int64_t n, const float* y, const float* t, float* dy, float
   const unsigned grid = std::min<unsigned>(blocks(n), 1024);
   double* part = nullptr;
   check(cudaMallocAsync(reinterpret_cast<void**>(&part), grid * sizeof(double), stream),
-             "allocating the loss's partial sums");
+        "allocating the loss's partial sums");
   squared_error_kernel<<<grid, 256, 0, stream>>>(n, y, t, dy, scale, part);
   launched("the squared error");
   std::vector<double> host(grid);
   check(cudaMemcpyAsync(host.data(), part, grid * sizeof(double), cudaMemcpyDeviceToHost, stream),
-             "copying the loss to the host");
+        "copying the loss to the host");
   cudaFreeAsync(part, stream);
   Event done;
   check(cudaEventRecord(done.get(), stream), "computing the loss");
@@ -229,8 +229,7 @@ double squared_error(int64_t n, const float* y, const float* t, float* dy, float
   return s;
 }
 
-void adamw(int64_t n, float* w, const float* g, float* m, float* v, const Device::AdamWStep& s,
-           cudaStream_t stream) {
+void adamw(int64_t n, float* w, const float* g, float* m, float* v, const Device::AdamWStep& s, cudaStream_t stream) {
   if (n == 0) return;
   adamw_kernel<<<blocks(n), 256, 0, stream>>>(n, w, g, m, v, s);
   launched("the AdamW step");

@@ -66,12 +66,12 @@ __device__ __forceinline__ void hold(uint32_t (&r)[N]) {
 // d (+)= A·B, m64n128k16, A and B K-major in shared memory; scale_d = 0 overwrites d.
 template <bool kBf16>
 __device__ __forceinline__ void mma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-#define RA_WGMMA_SS(TY)                                                                              \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                          \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " RA_WGMMA_D64             \
-               ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                     \
-               : RA_WGMMA_OUT64(d)                                                                   \
-               : "l"(da), "l"(db), "r"(scale_d))
+#define RA_WGMMA_SS(TY)                                                                                           \
+  asm volatile(                                                                                                   \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                                \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " RA_WGMMA_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n" \
+      : RA_WGMMA_OUT64(d)                                                                                         \
+      : "l"(da), "l"(db), "r"(scale_d))
   if constexpr (kBf16)
     RA_WGMMA_SS("bf16");
   else
@@ -82,12 +82,13 @@ __device__ __forceinline__ void mma_ss_n128(float (&d)[64], uint64_t da, uint64_
 // d += A·B, m64nNk16 (N = 64 or 128), A in registers, B MN-major in shared memory.
 template <bool kBf16>
 __device__ __forceinline__ void mma_rs_t(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
-#define RA_WGMMA_RS(TY)                                                                              \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                          \
-               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " RA_WGMMA_D64             \
-               ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                      \
-               : RA_WGMMA_OUT64(d)                                                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+#define RA_WGMMA_RS(TY)                                                         \
+  asm volatile(                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                              \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " RA_WGMMA_D64 \
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                           \
+      : RA_WGMMA_OUT64(d)                                                       \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
   if constexpr (kBf16)
     RA_WGMMA_RS("bf16");
   else
@@ -96,12 +97,13 @@ __device__ __forceinline__ void mma_rs_t(float (&d)[64], const uint32_t (&a)[4],
 }
 template <bool kBf16>
 __device__ __forceinline__ void mma_rs_t(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
-#define RA_WGMMA_RS(TY)                                                                              \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                          \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " RA_WGMMA_D32              \
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                      \
-               : RA_WGMMA_OUT32(d)                                                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
+#define RA_WGMMA_RS(TY)                                                        \
+  asm volatile(                                                                \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                             \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " RA_WGMMA_D32 \
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                          \
+      : RA_WGMMA_OUT32(d)                                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1))
   if constexpr (kBf16)
     RA_WGMMA_RS("bf16");
   else
