@@ -26,23 +26,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class Npy : public ::testing::Test {
- protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() / cat("ringattn_npy_", getpid(), "_", info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-  std::string dir() const { return dir_.string(); }
-
-  fs::path dir_;
-};
+using Npy = ScratchDir;
 
 std::string shape_tuple(const std::vector<int64_t>& shape) {
   std::string s = "(";

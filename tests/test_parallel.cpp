@@ -11,18 +11,10 @@
 #include "ringattn/error.h"
 #include "ringattn/model.h"
 #include "ringattn/parallel.h"
+#include "test_util.h"
 
 namespace ringattn::testing {
 namespace {
-
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 ParallelConfig mesh(int dp, int pp, int sp, int tp) {
   ParallelConfig p;

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <ostream>
@@ -336,6 +338,35 @@ inline bool contains_any(const std::string& msg, std::initializer_list<const cha
   }
   return false;
 }
+
+// The message of the ringattn::Error f throws, or "(no error)".
+inline std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// A fresh directory per test under the system's temporary directory, removed after.
+class ScratchDir : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = std::filesystem::temp_directory_path() /
+           cat("ringattn_", info->test_suite_name(), "_", ::getpid(), "_", info->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string dir() const { return dir_.string(); }
+  std::filesystem::path dir_;
+};
 
 // Positions helpers.
 inline std::vector<int64_t> iota_pos(int64_t n, int64_t start = 0, int64_t step = 1) {
