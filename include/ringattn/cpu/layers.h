@@ -5,8 +5,10 @@
 // overwritten.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "ringattn/dtype.h"
+#include "ringattn/lm_config.h"
 
 namespace ringattn {
 
@@ -30,5 +32,32 @@ void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const 
 // dx = dy · Wᵀ (skipped when dx is null); dW += xᵀ · dy; db += Σ_rows dy.
 void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* dy, float* dx,
                      float* dW, float* db, DType compute = DType::f32);
+
+// ---- the language-model layers (llama, qwen2) ------------------------------------
+
+// y = x · rstd · gamma over each row, rstd = 1 / √(mean(x²) + eps) (saved [N]).
+void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd, float eps);
+// dx = rstd · (dŷ − x̂ · mean(dŷ ∘ x̂)) with x̂ = x · rstd, dŷ = dy ∘ gamma; dgamma += Σ dy ∘ x̂.
+void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                      float* dx, float* dgamma);
+
+// SwiGLU: y = silu(g) ∘ u, silu(g) = g · σ(g)   (g, u, y: n elements).
+void swiglu_forward(int64_t n, const float* g, const float* u, float* y);
+// dg = dy ∘ u ∘ σ(g) · (1 + g · (1 − σ(g))),  du = dy ∘ silu(g).
+void swiglu_backward(int64_t n, const float* g, const float* u, const float* dy, float* dg, float* du);
+
+// RoPE's inverse frequencies, as Hugging Face computes them (design.md §11):
+// inv_freq_i = theta^(−2i / head_dim), i < head_dim / 2, then per rope.type:
+// "linear" divides by factor; "llama3" divides the low frequencies (wavelength
+// above original_max_positions / low_freq_factor) by factor, keeps the high ones
+// (below original_max_positions / high_freq_factor) and blends in between.
+std::vector<float> rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
+
+// x: [N, H, d] (rows of N tokens, H heads) rotated in place by each token's
+// *global* position pos[N] (HF's rotate_half pairing: element i with i + d/2):
+//   a = fl(pos · inv_freq_i),  x_i' = x_i cos a − x_{i+d/2} sin a,  x_{i+d/2}' = x_{i+d/2} cos a + x_i sin a.
+// The backward (inverse = transpose) rotates by −a.
+void rope_forward(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq);
+void rope_backward(int64_t N, int64_t H, int64_t d, float* dx, const int64_t* pos, const std::vector<float>& inv_freq);
 
 }  // namespace ringattn

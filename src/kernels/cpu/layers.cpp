@@ -138,4 +138,121 @@ void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const
   }
 }
 
+// x, y: [N, C]   gamma: [C]   rstd: [N]
+void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd, float eps) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const float* xi = x + i * C;
+    double s2 = 0;
+    for (int64_t c = 0; c < C; ++c) s2 += static_cast<double>(xi[c]) * xi[c];
+    const float r = 1.f / std::sqrt(static_cast<float>(s2 / C) + eps);
+    for (int64_t c = 0; c < C; ++c) y[i * C + c] = xi[c] * r * gamma[c];
+    rstd[i] = r;
+  }
+}
+
+// x, dy, dx: [N, C]   gamma, dgamma: [C]   rstd: [N]
+void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                      float* dx, float* dgamma) {
+  const int T = omp_get_max_threads();
+  std::vector<double> part(static_cast<size_t>(T) * C, 0.0);  // per-thread dgamma, summed in thread order
+#pragma omp parallel num_threads(T)
+  {
+    double* dg = part.data() + static_cast<size_t>(omp_get_thread_num()) * C;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      const float* xi = x + i * C;
+      const float* dyi = dy + i * C;
+      double b = 0;  // Σ dŷ ∘ x̂
+      for (int64_t c = 0; c < C; ++c) {
+        const float xh = xi[c] * rstd[i];
+        b += static_cast<double>(dyi[c]) * gamma[c] * xh;
+        dg[c] += static_cast<double>(dyi[c]) * xh;
+      }
+      const float mb = static_cast<float>(b / C);
+      for (int64_t c = 0; c < C; ++c) dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - xi[c] * rstd[i] * mb);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < C; ++c) dgamma[c] += static_cast<float>(part[static_cast<size_t>(t) * C + c]);
+}
+
+// g, u, y: [n]
+void swiglu_forward(int64_t n, const float* g, const float* u, float* y) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// g, u, dy, dg, du: [n]
+void swiglu_backward(int64_t n, const float* g, const float* u, const float* dy, float* dg, float* du) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = 1.f / (1.f + std::exp(-g[i]));
+    dg[i] = dy[i] * u[i] * s * (1.f + g[i] * (1.f - s));
+    du[i] = dy[i] * g[i] * s;
+  }
+}
+
+std::vector<float> rope_inv_freq(const RopeConfig& r, int64_t d) {
+  check(d >= 2 && d % 2 == 0, "RoPE needs an even head dim, got ", d);
+  check(r.theta > 0 && r.factor > 0, "RoPE needs theta > 0 and factor > 0, got ", r.theta, " and ", r.factor);
+  std::vector<float> f(static_cast<size_t>(d / 2));
+  for (int64_t i = 0; i < d / 2; ++i)
+    f[static_cast<size_t>(i)] = static_cast<float>(1.0 / std::pow(r.theta, static_cast<double>(2 * i) / d));
+  if (r.type == "default") return f;
+  if (r.type == "linear") {
+    for (float& x : f) x = static_cast<float>(x / r.factor);
+    return f;
+  }
+  check(r.type == "llama3", "RoPE type '", r.type, "' is not supported (default, linear, llama3)");
+  const double old_len = static_cast<double>(r.original_max_positions);
+  const double low_wavelen = old_len / r.low_freq_factor, high_wavelen = old_len / r.high_freq_factor;
+  for (float& x : f) {
+    const double wavelen = 2 * M_PI / x;
+    if (wavelen > low_wavelen) {
+      x = static_cast<float>(x / r.factor);  // low frequencies: scaled
+    } else if (wavelen >= high_wavelen) {    // medium: blended between scaled and kept
+      const double smooth = (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+      x = static_cast<float>((1 - smooth) * x / r.factor + smooth * x);
+    }
+  }
+  return f;
+}
+
+namespace {
+
+// Rotates pairs (i, i + d/2) of each head by sign · a, a = fl(pos · inv_freq_i).
+void rope_rotate(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq,
+                 float sign) {
+  const int64_t half = d / 2;
+  check(d % 2 == 0 && static_cast<int64_t>(inv_freq.size()) == half, "RoPE: ", inv_freq.size(),
+        " inverse frequencies for head dim ", d);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < N; ++t) {
+    const float p = static_cast<float>(pos[t]);
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = p * inv_freq[static_cast<size_t>(i)];  // fp32, as Hugging Face multiplies
+      const float c = static_cast<float>(std::cos(static_cast<double>(a)));
+      const float s = sign * static_cast<float>(std::sin(static_cast<double>(a)));
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = x + (t * H + h) * d;
+        const float x1 = row[i], x2 = row[i + half];
+        row[i] = x1 * c - x2 * s;
+        row[i + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x: [N, H, d] in place   pos: [N]   inv_freq: [d / 2]
+void rope_forward(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq) {
+  rope_rotate(N, H, d, x, pos, inv_freq, 1.f);
+}
+
+void rope_backward(int64_t N, int64_t H, int64_t d, float* dx, const int64_t* pos, const std::vector<float>& inv_freq) {
+  rope_rotate(N, H, d, dx, pos, inv_freq, -1.f);
+}
+
 }  // namespace ringattn

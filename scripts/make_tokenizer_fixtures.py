@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Writes the tokenizer fixtures of tests/test_tokenizer.cpp with Hugging Face's
+`tokenizers` library (the reference the C++ byte-level BPE must equal):
+
+  tests/fixtures/tokenizers/gpt2_style.json    ByteLevel pre-tokenizer with GPT-2's regex
+  tests/fixtures/tokenizers/llama3_style.json  Split(Llama 3's regex) + ByteLevel(use_regex=false), ignore_merges,
+                                               a TemplateProcessing post-processor that puts a BOS first
+  tests/fixtures/tokenizers/encodings.json     {"texts": [...], "<name>": [[ids...], ...] (encode(text)),
+                                               "<name>_plain": ... (add_special_tokens=False)} for both
+
+Each is a small BPE (vocabulary 600) trained here on the multilingual text below
+plus CPython's own sources, so no download is needed. Needs a venv with the PyPI
+package tokenizers (not needed by ./test.sh; the outputs are committed):
+    python3 -m venv /tmp/tk && /tmp/tk/bin/pip install tokenizers
+    /tmp/tk/bin/python scripts/make_tokenizer_fixtures.py
+"""
+import glob
+import json
+import os
+import sysconfig
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizers")
+
+MULTILINGUAL = """The quick brown fox jumps over the lazy dog. It's 2026; we're testing 1234567 tokens!
+Der Fluß ist schön, die Straße ist lang. Ça coûte 12,50 € — très cher, n'est-ce pas?
+Москва — столица России. Ελληνικά γράμματα: αβγδε. 日本語のテキストです。中文文本测试。
+مرحبا بالعالم. שלום עולם. हिन्दी पाठ। 한국어 텍스트입니다. Emoji: 🙂🚀👩‍💻 and tabs\tand
+newlines\r\n  indented   spaces    end.
+"""
+
+TEXTS = [
+    "Hello world",
+    " Hello  world ",
+    "It's a test: don't, we'll, they're, I'VE, you'D.",
+    MULTILINGUAL,
+    "numbers 1 12 123 1234 12345 3.14159 -42 1e-5",
+    "<|endoftext|>after a special token<|endoftext|>",
+    "code: def f(x):\n    return x ** 2  # square\n\n\n",
+    "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "",
+    "a",
+    "🙂",
+]
+
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def corpus():
+    lib = sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob(os.path.join(lib, "*.py")))[:40]
+    text = [MULTILINGUAL * 20]
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            text.append(fh.read())
+    return text
+
+
+def train(pre, ignore_merges):
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    return tok
+
+
+def main():
+    os.makedirs(HERE, exist_ok=True)
+    toks = {
+        "gpt2_style": train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False),
+        "llama3_style": train(pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True),
+    }
+    toks["llama3_style"].post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    enc = {"texts": TEXTS}
+    for name, tok in toks.items():
+        tok.save(os.path.join(HERE, name + ".json"))
+        enc[name] = [tok.encode(t).ids for t in TEXTS]
+        enc[name + "_plain"] = [tok.encode(t, add_special_tokens=False).ids for t in TEXTS]
+        for t, ids in zip(TEXTS, enc[name + "_plain"]):
+            assert tok.decode(ids, skip_special_tokens=False) == t, (name, t)
+    with open(os.path.join(HERE, "encodings.json"), "w", encoding="utf-8") as f:
+        json.dump(enc, f, ensure_ascii=False, indent=1)
+    for n in os.listdir(HERE):
+        print(n, os.path.getsize(os.path.join(HERE, n)), "bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+// Language models against Hugging Face transformers (fixtures of
+// scripts/make_hf_fixtures.py: tiny random llama (GQA; tied head, explicit
+// head_dim, llama3 RoPE scaling), qwen2 and gpt2 checkpoints with transformers'
+// logits and greedy continuations): the checkpoint loads, the logits match within
+// 1e-4 relative, greedy decoding gives the same tokens, and a checkpoint that
+// does not fit its config is refused naming the tensor.
+#include "ringattn/lm.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "ringattn/safetensors.h"
+#include "test_util.h"
+
+namespace ringattn::testing {
+namespace {
+
+const std::string kHf = RINGATTN_TEST_FIXTURES "/hf/";
+
+nlohmann::json reference(const std::string& name) {
+  std::ifstream in(kHf + name + "/reference.json");
+  return nlohmann::json::parse(in);
+}
+
+class HfModels : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(HfModels, LogitsEqualTransformers) {
+  const std::string name = GetParam();
+  const LanguageModel m = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = reference(name);
+  const auto rows = ref["ids"].get<std::vector<std::vector<int64_t>>>();
+  std::vector<int64_t> ids;
+  for (const auto& r : rows) ids.insert(ids.end(), r.begin(), r.end());
+  const int64_t B = static_cast<int64_t>(rows.size()), L = static_cast<int64_t>(rows[0].size());
+  const Tensor logits = lm_logits(m, ids, B, L);
+  const SafetensorsFile want(kHf + name + "/reference.safetensors");
+  const TensorView w = want.view("logits");
+  ASSERT_EQ(w.shape_str(), logits.view().shape_str());
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < w.numel(); ++i) {
+    num = std::max(num, std::fabs(double(logits.ptr<float>()[i]) - w.ptr<float>()[i]));
+    den = std::max(den, std::fabs(double(w.ptr<float>()[i])));
+  }
+  std::printf("%s: max |ours - transformers| / max |transformers| = %.2e\n", name.c_str(), num / den);
+  EXPECT_LT(num / den, 1e-4) << name << ": max |ours - transformers| " << num << " of " << den;
+}
+
+TEST_P(HfModels, GreedyContinuationEqualsTransformers) {
+  const std::string name = GetParam();
+  const LanguageModel m = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = reference(name);
+  std::vector<int64_t> seq = ref["prompt"].get<std::vector<int64_t>>();
+  const auto want = ref["greedy"].get<std::vector<int64_t>>();
+  std::vector<int64_t> got;
+  for (size_t s = 0; s < want.size(); ++s) {  // the whole sequence again each step: a reference, not a decoder
+    const int64_t L = static_cast<int64_t>(seq.size()), V = m.config.vocab;
+    const Tensor logits = lm_logits(m, seq, 1, L);
+    const float* last = logits.ptr<float>() + (L - 1) * V;
+    const int64_t next = std::max_element(last, last + V) - last;
+    got.push_back(next);
+    seq.push_back(next);
+  }
+  EXPECT_EQ(got, want) << name;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
+
+using HfCheckpointErrors = ScratchDir;
+
+TEST_F(HfCheckpointErrors, MissingOrMisShapedTensorsAreNamed) {
+  const std::string src = kHf + "llama_gqa";
+  std::filesystem::copy_file(src + "/config.json", path("config.json"));
+  const Checkpoint ck(src);
+  std::vector<std::pair<std::string, TensorView>> all;
+  for (const std::string& n : ck.names()) all.push_back({n, ck.view(n)});
+  // Without one tensor.
+  std::vector<std::pair<std::string, TensorView>> fewer;
+  for (const auto& t : all)
+    if (t.first != "model.layers.1.mlp.up_proj.weight") fewer.push_back(t);
+  save_safetensors(path("model.safetensors"), fewer);
+  std::string msg = message_of([&] { (void)LanguageModel::load(dir()); });
+  EXPECT_NE(msg.find("no tensor 'model.layers.1.mlp.up_proj.weight'"), std::string::npos) << msg;
+  // One tensor of the wrong shape.
+  std::vector<std::pair<std::string, TensorView>> wrong = all;
+  for (auto& t : wrong)
+    if (t.first == "model.norm.weight") t.second = t.second.slice(0, 0, t.second.dim(0) - 1);
+  save_safetensors(path("model.safetensors"), wrong);
+  msg = message_of([&] { (void)LanguageModel::load(dir()); });
+  EXPECT_NE(msg.find("'model.norm.weight' is [47]"), std::string::npos) << msg;
+  // A config the weights do not fit (more layers).
+  save_safetensors(path("model.safetensors"), all);
+  nlohmann::json cfg = nlohmann::json::parse(std::ifstream(src + "/config.json"));
+  cfg["num_hidden_layers"] = 3;
+  std::ofstream(path("config.json")) << cfg.dump();
+  msg = message_of([&] { (void)LanguageModel::load(dir()); });
+  EXPECT_NE(msg.find("model.layers.2."), std::string::npos) << msg;
+}
+
+}  // namespace
+}  // namespace ringattn::testing
