@@ -9,7 +9,7 @@
 # scripts/fresh_machine_check.sh proves on every CI run that this list is enough.
 set -euo pipefail
 
-PACKAGES=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev libpcre2-dev
+PACKAGES=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libicu-dev
           libopenmpi-dev openmpi-bin iproute2 clang clang-format libclang-rt-14-dev libomp-14-dev libgtest-dev
           python3-numpy python3-matplotlib)
 

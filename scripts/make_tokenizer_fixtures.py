@@ -5,8 +5,10 @@
   tests/fixtures/tokenizers/gpt2_style.json    ByteLevel pre-tokenizer with GPT-2's regex
   tests/fixtures/tokenizers/llama3_style.json  Split(Llama 3's regex) + ByteLevel(use_regex=false), ignore_merges,
                                                a TemplateProcessing post-processor that puts a BOS first
+  tests/fixtures/tokenizers/nfc_style.json     an NFC normalizer (as Qwen2's) before the GPT-2-style steps
   tests/fixtures/tokenizers/encodings.json     {"texts": [...], "<name>": [[ids...], ...] (encode(text)),
-                                               "<name>_plain": ... (add_special_tokens=False)} for both
+                                               "<name>_plain": ... (add_special_tokens=False),
+                                               "<name>_decoded": decode(<name>_plain)} for each
 
 Each is a small BPE (vocabulary 600) trained here on the multilingual text below
 plus CPython's own sources, so no download is needed. Needs a venv with the PyPI
@@ -19,7 +21,7 @@ import json
 import os
 import sysconfig
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizers")
 
@@ -39,6 +41,7 @@ TEXTS = [
     "<|endoftext|>after a special token<|endoftext|>",
     "code: def f(x):\n    return x ** 2  # square\n\n\n",
     "\u00a0non-breaking\u2009thin\u3000ideographic spaces",
+    "decomposed: e\u0301 A\u030a \u1100\u1161 \u212b ﬁ",
     "",
     "a",
     "🙂",
@@ -59,8 +62,10 @@ def corpus():
     return text
 
 
-def train(pre, ignore_merges):
+def train(pre, ignore_merges, normalizer=None):
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
@@ -76,6 +81,7 @@ def main():
         "llama3_style": train(pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True),
+        "nfc_style": train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False, normalizers.NFC()),
     }
     toks["llama3_style"].post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
@@ -84,8 +90,10 @@ def main():
         tok.save(os.path.join(HERE, name + ".json"))
         enc[name] = [tok.encode(t).ids for t in TEXTS]
         enc[name + "_plain"] = [tok.encode(t, add_special_tokens=False).ids for t in TEXTS]
+        enc[name + "_decoded"] = [tok.decode(ids, skip_special_tokens=False) for ids in enc[name + "_plain"]]
         for t, ids in zip(TEXTS, enc[name + "_plain"]):
-            assert tok.decode(ids, skip_special_tokens=False) == t, (name, t)
+            assert tok.decode(ids, skip_special_tokens=False) == (tok.normalizer.normalize_str(t) if tok.normalizer
+                                                                   else t), (name, t)
     with open(os.path.join(HERE, "encodings.json"), "w", encoding="utf-8") as f:
         json.dump(enc, f, ensure_ascii=False, indent=1)
     for n in os.listdir(HERE):

@@ -27,17 +27,26 @@ nlohmann::json reference(const std::string& name) {
   return nlohmann::json::parse(in);
 }
 
+// The fixture's token ids [B, L], flattened.
+struct Ids {
+  std::vector<int64_t> flat;
+  int64_t B = 0, L = 0;
+};
+Ids ids_of(const nlohmann::json& ref) {
+  const auto rows = ref["ids"].get<std::vector<std::vector<int64_t>>>();
+  Ids ids;
+  for (const auto& r : rows) ids.flat.insert(ids.flat.end(), r.begin(), r.end());
+  ids.B = static_cast<int64_t>(rows.size()), ids.L = static_cast<int64_t>(rows[0].size());
+  return ids;
+}
+
 class HfModels : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfModels, LogitsEqualTransformers) {
   const std::string name = GetParam();
   const LanguageModel m = LanguageModel::load(kHf + name);
-  const nlohmann::json ref = reference(name);
-  const auto rows = ref["ids"].get<std::vector<std::vector<int64_t>>>();
-  std::vector<int64_t> ids;
-  for (const auto& r : rows) ids.insert(ids.end(), r.begin(), r.end());
-  const int64_t B = static_cast<int64_t>(rows.size()), L = static_cast<int64_t>(rows[0].size());
-  const Tensor logits = lm_logits(m, ids, B, L);
+  const Ids ids = ids_of(reference(name));
+  const Tensor logits = lm_logits(m, ids.flat, ids.B, ids.L);
   const SafetensorsFile want(kHf + name + "/reference.safetensors");
   const TensorView w = want.view("logits");
   ASSERT_EQ(w.shape_str(), logits.view().shape_str());
@@ -66,6 +75,37 @@ TEST_P(HfModels, GreedyContinuationEqualsTransformers) {
     seq.push_back(next);
   }
   EXPECT_EQ(got, want) << name;
+}
+
+TEST_P(HfModels, LossAndGradientsEqualTransformersAutograd) {
+  const std::string name = GetParam();
+  const LanguageModel m = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = reference(name);
+  const Ids ids = ids_of(ref);
+  const LmLossGrads got = lm_loss_and_grads(m, ids.flat, ids.B, ids.L);
+  EXPECT_NEAR(got.loss, ref["loss"].get<double>(), 1e-5 * ref["loss"].get<double>()) << name;
+  const SafetensorsFile want(kHf + name + "/reference.safetensors");
+  size_t compared = 0;
+  double worst = 0;
+  for (const SafetensorsEntry& e : want.entries()) {
+    if (e.name.rfind("grad.", 0) != 0) continue;
+    const std::string param = e.name.substr(5);
+    ASSERT_TRUE(got.grads.count(param)) << name << ": no gradient for " << param;
+    const TensorView w = want.view(e.name);
+    const Tensor& mine = got.grads.at(param);
+    ASSERT_EQ(mine.view().shape_str(), w.shape_str()) << param;
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      num = std::max(num, std::fabs(double(mine.ptr<float>()[i]) - w.ptr<float>()[i]));
+      den = std::max(den, std::fabs(double(w.ptr<float>()[i])));
+    }
+    worst = std::max(worst, num / std::max(den, 1e-30));
+    EXPECT_LT(num, 1e-4 * den + 1e-9) << name << ": gradient of " << param << " differs by " << num << " of " << den;
+    ++compared;
+  }
+  EXPECT_EQ(compared, got.grads.size()) << name << ": every weight has a reference gradient";
+  std::printf("%s: loss %.7f (transformers %.7f), %zu gradients, worst max-relative difference %.2e\n", name.c_str(),
+              got.loss, ref["loss"].get<double>(), compared, worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));

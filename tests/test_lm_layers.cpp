@@ -179,5 +179,40 @@ TEST(LmLayers, RopeScoresDependOnlyOnRelativePosition) {
           << "m " << m << " n " << n << " shift " << shift;
 }
 
+TEST(LmLayers, ChunkedHeadCrossEntropyEqualsTheWholeSoftmax) {
+  const int64_t N = 23, D = 16, V = 37;
+  const std::vector<float> h = normal(N * D, 10), W = normal(V * D, 11);
+  std::vector<int64_t> labels(N);
+  for (int64_t i = 0; i < N; ++i) labels[i] = i % 5 == 4 ? -1 : (i * 7) % V;  // every 5th row has no target
+  // Double reference: the whole [N, V] logits.
+  double want_loss = 0;
+  std::vector<double> want_dh(N * D, 0.0), want_dW(V * D, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    if (labels[i] < 0) continue;
+    std::vector<double> z(V);
+    double mx = -1e300, sum = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      for (int64_t e = 0; e < D; ++e) z[v] += double(h[i * D + e]) * W[v * D + e];
+      mx = std::max(mx, z[v]);
+    }
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(z[v] - mx);
+    want_loss += mx + std::log(sum) - z[labels[i]];
+    for (int64_t v = 0; v < V; ++v) {
+      const double dz = (std::exp(z[v] - mx) / sum - (v == labels[i])) * 0.5;
+      for (int64_t e = 0; e < D; ++e) want_dh[i * D + e] += dz * W[v * D + e], want_dW[v * D + e] += dz * h[i * D + e];
+    }
+  }
+  for (int64_t chunk : {int64_t{1}, int64_t{7}, N, int64_t{1000}}) {
+    std::vector<float> dh(N * D, 9.f), dW(V * D, 0.f);
+    const double loss =
+        lm_head_cross_entropy(N, D, V, h.data(), W.data(), labels.data(), 0.5f, dh.data(), dW.data(), chunk);
+    EXPECT_NEAR(loss, want_loss, 1e-5 * want_loss) << "chunk " << chunk;
+    EXPECT_LT(rel(dh, want_dh), 1e-5) << "chunk " << chunk;  // rows without a target: 0, not the 9 before
+    EXPECT_LT(rel(dW, want_dW), 1e-5) << "chunk " << chunk;
+  }
+  labels[3] = V;
+  EXPECT_THROW(lm_head_cross_entropy(N, D, V, h.data(), W.data(), labels.data(), 1.f, nullptr, nullptr), Error);
+}
+
 }  // namespace
 }  // namespace ringattn::testing

@@ -35,12 +35,14 @@ void expect_like_hugging_face(const std::string& name) {
                                plain = e[name + "_plain"][i].get<std::vector<int64_t>>();
     EXPECT_EQ(tok->encode(text), want) << name << " text " << i << ": " << text;
     EXPECT_EQ(tok->encode(text, /*add_special=*/false), plain) << name << " text " << i;
-    EXPECT_EQ(tok->decode(plain), text) << name << " text " << i;
+    EXPECT_EQ(tok->decode(plain), e[name + "_decoded"][i].get<std::string>()) << name << " text " << i;
   }
 }
 
 TEST(Tokenizer, Gpt2StyleByteLevelBpeEqualsHuggingFace) { expect_like_hugging_face("gpt2_style"); }
 TEST(Tokenizer, Llama3StyleSplitRegexAndTemplateEqualHuggingFace) { expect_like_hugging_face("llama3_style"); }
+
+TEST(Tokenizer, NfcNormalizerEqualsHuggingFace) { expect_like_hugging_face("nfc_style"); }
 
 TEST(Tokenizer, ByteTokenizerIsTheBytes) {
   const auto tok = byte_tokenizer();
@@ -72,9 +74,14 @@ TEST_F(TokenizerFile, UnsupportedFeaturesAreRefusedByName) {
     const char* needle;
   } cases[] = {
       {[](J& j) {
-         j["normalizer"] = {{"type", "NFC"}};
+         j["normalizer"] = {{"type", "Lowercase"}};
        },
-       "normalizer \"NFC\" is not supported"},
+       "normalizer \"Lowercase\" is not supported"},
+      {[](J& j) {
+         j["normalizer"] = {{"type", "NFC"}};
+         j["added_tokens"][0]["normalized"] = true;
+       },
+       "normalized: true"},
       {[](J& j) { j["model"]["type"] = "WordPiece"; }, "model.type must be BPE"},
       {[](J& j) { j["model"]["byte_fallback"] = true; }, "byte_fallback"},
       {[](J& j) { j["added_tokens"][0]["lstrip"] = true; }, "uses lstrip"},

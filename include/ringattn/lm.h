@@ -34,4 +34,15 @@ struct LanguageModel {
 // logits [B, L, vocab] of token ids [B, L] (positions 0..L−1, causal), fp32.
 Tensor lm_logits(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L);
 
+// The causal-LM loss on ids [B, L] (labels shifted within each sequence: token
+// t + 1 is the target of token t; the mean over the B·(L − 1) targets, as
+// Hugging Face's ForCausalLMLoss), and its gradient for every weight (by
+// checkpoint name; a tied head's gradient is in the embedding's). The LM head
+// and cross-entropy run in row chunks (lm_head_cross_entropy).
+struct LmLossGrads {
+  double loss = 0;
+  std::map<std::string, Tensor> grads;
+};
+LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L);
+
 }  // namespace ringattn

@@ -29,10 +29,11 @@ std::unique_ptr<Tokenizer> byte_tokenizer();
 // A tokenizer.json (or a folder holding one) of model type BPE with byte-level
 // pre-tokenization and decoding: pre-tokenizer ByteLevel, or a Sequence of Split
 // (a regex, behavior Isolated) and ByteLevel steps, the regexes run by PCRE2 in
-// Unicode mode; added tokens matched in the raw text first (longest first); BPE
+// Unicode mode; a normalizer NFC, NFD, NFKC or NFKD (ICU; Qwen2 uses NFC) on the
+// text between added tokens; added tokens matched in the raw text first (longest first); BPE
 // merges by rank (ignore_merges: a pre-token found whole in the vocabulary is one
 // token); post-processor none, ByteLevel or TemplateProcessing. What it does not
-// implement (normalizers, byte fallback, other models, lstrip/rstrip added tokens,
+// implement (other normalizers, byte fallback, other models, lstrip/rstrip added tokens,
 // ...) is refused when loading, naming the field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir_or_file);
 

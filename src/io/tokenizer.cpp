@@ -7,6 +7,8 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <unicode/unorm2.h>
+#include <unicode/ustring.h>
 
 #include <algorithm>
 #include <array>
@@ -114,6 +116,48 @@ class Regex {
   pcre2_match_data* data_ = nullptr;  // one thread at a time
 };
 
+// A Unicode normalization form (ICU): text -> NFC/NFD/NFKC/NFKD(text), UTF-8 in and out.
+class Normalizer {
+ public:
+  Normalizer(const std::string& form, const std::string& where) : form_(form) {
+    UErrorCode e = U_ZERO_ERROR;
+    n_ = form == "NFC"    ? unorm2_getNFCInstance(&e)
+         : form == "NFD"  ? unorm2_getNFDInstance(&e)
+         : form == "NFKC" ? unorm2_getNFKCInstance(&e)
+         : form == "NFKD" ? unorm2_getNFKDInstance(&e)
+                          : nullptr;
+    check(n_ != nullptr && U_SUCCESS(e), where, ": normalizer \"", form, "\" is not supported (NFC, NFD, NFKC, NFKD)");
+  }
+  std::string operator()(const std::string& s) const {
+    if (s.empty()) return s;
+    UErrorCode e = U_ZERO_ERROR;
+    int32_t n16 = 0;
+    u_strFromUTF8(nullptr, 0, &n16, s.data(), static_cast<int32_t>(s.size()), &e);
+    std::u16string in(static_cast<size_t>(n16), u'\0');
+    e = U_ZERO_ERROR;
+    u_strFromUTF8WithSub(in.data(), n16, nullptr, s.data(), static_cast<int32_t>(s.size()), 0xFFFD, nullptr, &e);
+    check(U_SUCCESS(e), "tokenizer: the text is not UTF-8 (", u_errorName(e), ")");
+    e = U_ZERO_ERROR;
+    const int32_t n = unorm2_normalize(n_, in.data(), n16, nullptr, 0, &e);
+    std::u16string out(static_cast<size_t>(n), u'\0');
+    e = U_ZERO_ERROR;
+    unorm2_normalize(n_, in.data(), n16, out.data(), n, &e);
+    check(U_SUCCESS(e), "tokenizer: ", form_, " normalization failed (", u_errorName(e), ")");
+    int32_t n8 = 0;
+    e = U_ZERO_ERROR;
+    u_strToUTF8(nullptr, 0, &n8, out.data(), n, &e);
+    std::string r(static_cast<size_t>(n8), '\0');
+    e = U_ZERO_ERROR;
+    u_strToUTF8(r.data(), n8, nullptr, out.data(), n, &e);
+    check(U_SUCCESS(e), "tokenizer: writing UTF-8 failed (", u_errorName(e), ")");
+    return r;
+  }
+
+ private:
+  std::string form_;
+  const UNormalizer2* n_ = nullptr;  // owned by ICU
+};
+
 struct PreStep {
   std::unique_ptr<Regex> split;  // a Split step, or ByteLevel's regex (may be null)
   bool byte_level = false, add_prefix_space = false;
@@ -170,13 +214,18 @@ class BpeTokenizer final : public Tokenizer {
       }
       ranks_.emplace(a + '\0' + b, rank++);
     }
-    check(!j.contains("normalizer") || j["normalizer"].is_null(), where, ": normalizer ",
-          j["normalizer"].is_object() ? j["normalizer"].value("type", json("?")).dump() : "", " is not supported yet");
+    if (j.contains("normalizer") && !j["normalizer"].is_null()) {
+      const json& n = j["normalizer"];
+      check(n.is_object() && n.contains("type"), where, ": normalizer must be an object with a type");
+      normalizer_ = std::make_unique<Normalizer>(n["type"].get<std::string>(), where);
+    }
     for (const auto& t : j.value("added_tokens", json::array())) {
       const std::string content = t.value("content", "");
       check(!content.empty() && t.contains("id"), where, ": an added token needs content and id");
       for (const char* k : {"lstrip", "rstrip", "single_word"})
         check(!t.value(k, false), where, ": added token '", content, "' uses ", k, ", which is not supported");
+      check(!normalizer_ || !t.value("normalized", false), where, ": added token '", content,
+            "' is matched after normalization (normalized: true), which is not supported");
       added_[content] = t["id"].get<int64_t>();
       added_text_[t["id"].get<int64_t>()] = content;
       vocab_size_ = std::max(vocab_size_, t["id"].get<int64_t>() + 1);
@@ -312,8 +361,8 @@ class BpeTokenizer final : public Tokenizer {
     }
   }
 
-  void encode_plain(const std::string& text, std::vector<int64_t>& ids) const {
-    std::vector<std::string> pieces{text}, next;
+  void encode_plain(const std::string& raw, std::vector<int64_t>& ids) const {
+    std::vector<std::string> pieces{normalizer_ ? (*normalizer_)(raw) : raw}, next;
     for (const PreStep& step : pre_) {
       next.clear();
       for (std::string& piece : pieces) {
@@ -374,6 +423,7 @@ class BpeTokenizer final : public Tokenizer {
   std::map<int64_t, std::string> added_text_;
   std::vector<std::string> added_by_length_;
   std::array<bool, 256> added_first_{};  // the bytes an added token can start with
+  std::unique_ptr<Normalizer> normalizer_;
   std::vector<PreStep> pre_;
   std::vector<int64_t> prefix_, suffix_;
   bool ignore_merges_ = false;

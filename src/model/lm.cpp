@@ -95,93 +95,247 @@ const Tensor& LanguageModel::weight(const std::string& name) const {
   return it->second;
 }
 
-Tensor lm_logits(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L) {
-  const LmConfig& c = m.config;
-  check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "lm_logits: ", ids.size(), " ids for B=", B,
-        " x L=", L);
-  check(c.arch != Arch::gpt2 || L <= c.max_positions, "gpt2 has ", c.max_positions, " positions, the input ", L);
-  for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
-  const bool gpt2 = c.arch == Arch::gpt2;
-  const int64_t N = B * L, D = c.d_model, H = c.heads, Hk = c.kv_heads, dh = c.head_dim, F = c.mlp_hidden;
-  const int64_t A = H * dh, K = Hk * dh;
-  const float eps = static_cast<float>(c.norm_eps);
-  auto w = [&](const std::string& n) { return m.weight(n).ptr<float>(); };
-  const float* embed = w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
-  Tensor x(DType::f32, {N, D});
-  for (int64_t t = 0; t < N; ++t)
-    for (int64_t e = 0; e < D; ++e)
-      x.ptr<float>()[t * D + e] = embed[ids[t] * D + e] + (gpt2 ? w("transformer.wpe.weight")[(t % L) * D + e] : 0.f);
-  std::vector<int64_t> pos(N);
-  for (int64_t t = 0; t < N; ++t) pos[t] = t % L;
-  const std::vector<float> inv_freq = gpt2 ? std::vector<float>() : rope_inv_freq(c.rope, dh);
-  Tensor a(DType::f32, {N, D}), q(DType::f32, {B, L, H, dh}), k(DType::f32, {B, L, Hk, dh}),
-      v(DType::f32, {B, L, Hk, dh}), o(DType::f32, {B, L, H, dh}), lse(DType::f32, {B, H, L}), y(DType::f32, {N, D});
-  std::vector<float> stat1(N), stat2(N), qkv(gpt2 ? N * 3 * D : 0), hid(N * F), gate(N * F);
-  AttentionOptions causal;
-  causal.causal = true;
-  for (int64_t l = 0; l < c.layers; ++l) {
-    const std::string p = gpt2 ? cat("transformer.h.", l, ".") : cat("model.layers.", l, ".");
-    // attention block: a = norm(x); q, k, v; RoPE; causal GQA attention; x += o·Wo
-    if (gpt2) {
-      layernorm_forward(N, D, x.ptr<float>(), w(p + "ln_1.weight"), w(p + "ln_1.bias"), a.ptr<float>(), stat1.data(),
-                        stat2.data(), eps);
-      linear_forward(N, D, 3 * D, a.ptr<float>(), w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"), qkv.data());
-      for (int64_t t = 0; t < N; ++t)
-        for (int64_t e = 0; e < D; ++e) {
-          q.ptr<float>()[t * D + e] = qkv[t * 3 * D + e];
-          k.ptr<float>()[t * D + e] = qkv[t * 3 * D + D + e];
-          v.ptr<float>()[t * D + e] = qkv[t * 3 * D + 2 * D + e];
-        }
-    } else {
-      rmsnorm_forward(N, D, x.ptr<float>(), w(p + "input_layernorm.weight"), a.ptr<float>(), stat1.data(), eps);
-      auto bias = [&](const std::string& n, bool has) { return has ? w(n) : nullptr; };
-      linear_t(N, D, A, a.ptr<float>(), m.weight(p + "self_attn.q_proj.weight"),
-               bias(p + "self_attn.q_proj.bias", c.qkv_bias), q.ptr<float>());
-      linear_t(N, D, K, a.ptr<float>(), m.weight(p + "self_attn.k_proj.weight"),
-               bias(p + "self_attn.k_proj.bias", c.qkv_bias), k.ptr<float>());
-      linear_t(N, D, K, a.ptr<float>(), m.weight(p + "self_attn.v_proj.weight"),
-               bias(p + "self_attn.v_proj.bias", c.qkv_bias), v.ptr<float>());
-      rope_forward(N, H, dh, q.ptr<float>(), pos.data(), inv_freq);
-      rope_forward(N, Hk, dh, k.ptr<float>(), pos.data(), inv_freq);
-    }
-    attention_forward(q, k, v, o, lse, causal);
-    if (gpt2)
-      linear_forward(N, D, D, o.ptr<float>(), w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias"), y.ptr<float>());
-    else
-      linear_t(N, A, D, o.ptr<float>(), m.weight(p + "self_attn.o_proj.weight"),
-               c.o_bias ? w(p + "self_attn.o_proj.bias") : nullptr, y.ptr<float>());
-    for (int64_t i = 0; i < N * D; ++i) x.ptr<float>()[i] += y.ptr<float>()[i];
-    // MLP block: x += mlp(norm(x))
-    if (gpt2) {
-      layernorm_forward(N, D, x.ptr<float>(), w(p + "ln_2.weight"), w(p + "ln_2.bias"), a.ptr<float>(), stat1.data(),
-                        stat2.data(), eps);
-      linear_forward(N, D, F, a.ptr<float>(), w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias"), gate.data());
-      gelu_forward(N * F, gate.data(), hid.data());
-      linear_forward(N, F, D, hid.data(), w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias"), y.ptr<float>());
-    } else {
-      rmsnorm_forward(N, D, x.ptr<float>(), w(p + "post_attention_layernorm.weight"), a.ptr<float>(), stat1.data(),
-                      eps);
-      std::vector<float> up(N * F);
-      linear_t(N, D, F, a.ptr<float>(), m.weight(p + "mlp.gate_proj.weight"),
-               c.mlp_bias ? w(p + "mlp.gate_proj.bias") : nullptr, gate.data());
-      linear_t(N, D, F, a.ptr<float>(), m.weight(p + "mlp.up_proj.weight"),
-               c.mlp_bias ? w(p + "mlp.up_proj.bias") : nullptr, up.data());
-      swiglu_forward(N * F, gate.data(), up.data(), hid.data());
-      linear_t(N, F, D, hid.data(), m.weight(p + "mlp.down_proj.weight"),
-               c.mlp_bias ? w(p + "mlp.down_proj.bias") : nullptr, y.ptr<float>());
-    }
-    for (int64_t i = 0; i < N * D; ++i) x.ptr<float>()[i] += y.ptr<float>()[i];
+namespace {
+
+// What the forward keeps for the backward (one layer).
+struct LayerActs {
+  std::vector<float> x, a1, mean1, rstd1, q, k, v, o, lse, xmid, a2, mean2, rstd2, gate, up, hid;
+};
+
+struct Forward {
+  const LanguageModel& m;
+  const LmConfig& c;
+  const bool gpt2;
+  int64_t B, L, N, D, H, Hk, dh, F, A, K;
+  float eps;
+  std::vector<int64_t> ids, pos;
+  std::vector<float> inv_freq;
+  std::vector<LayerActs> acts;
+  std::vector<float> x_last, a_final, mean_f, rstd_f;  // the final norm's input, output, statistics
+
+  Forward(const LanguageModel& model, const std::vector<int64_t>& token_ids, int64_t b, int64_t l)
+      : m(model), c(model.config), gpt2(c.arch == Arch::gpt2), B(b), L(l), ids(token_ids) {
+    check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "the language model: ", ids.size(),
+          " ids for B=", B, " x L=", L);
+    check(!gpt2 || L <= c.max_positions, "gpt2 has ", c.max_positions, " positions, the input ", L);
+    for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
+    N = B * L, D = c.d_model, H = c.heads, Hk = c.kv_heads, dh = c.head_dim, F = c.mlp_hidden;
+    A = H * dh, K = Hk * dh, eps = static_cast<float>(c.norm_eps);
+    pos.resize(N);
+    for (int64_t t = 0; t < N; ++t) pos[t] = t % L;
+    if (!gpt2) inv_freq = rope_inv_freq(c.rope, dh);
   }
-  if (gpt2)
-    layernorm_forward(N, D, x.ptr<float>(), w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), a.ptr<float>(),
-                      stat1.data(), stat2.data(), eps);
-  else
-    rmsnorm_forward(N, D, x.ptr<float>(), w("model.norm.weight"), a.ptr<float>(), stat1.data(), eps);
-  Tensor logits(DType::f32, {B, L, c.vocab});
-  const Tensor& head = c.tie_embeddings ? m.weight(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight")
-                                        : m.weight("lm_head.weight");
-  linear_t(N, D, c.vocab, a.ptr<float>(), head, nullptr, logits.ptr<float>());
+
+  const float* w(const std::string& n) const { return m.weight(n).ptr<float>(); }
+  const float* bias(const std::string& n, bool has) const { return has ? w(n) : nullptr; }
+  std::string prefix(int64_t l) const { return gpt2 ? cat("transformer.h.", l, ".") : cat("model.layers.", l, "."); }
+  const Tensor& head() const {
+    return c.tie_embeddings ? m.weight(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight")
+                            : m.weight("lm_head.weight");
+  }
+  TensorView view4(std::vector<float>& x, int64_t heads) const {
+    return TensorView(x.data(), DType::f32, {B, L, heads, dh});
+  }
+
+  void run() {
+    const float* embed = w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+    std::vector<float> x(N * D), y(N * D), qkv;
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t e = 0; e < D; ++e)
+        x[t * D + e] = embed[ids[t] * D + e] + (gpt2 ? w("transformer.wpe.weight")[pos[t] * D + e] : 0.f);
+    AttentionOptions causal;
+    causal.causal = true;
+    acts.resize(static_cast<size_t>(c.layers));
+    for (int64_t l = 0; l < c.layers; ++l) {
+      LayerActs& s = acts[static_cast<size_t>(l)];
+      const std::string p = prefix(l);
+      s.x = x, s.a1.resize(N * D), s.mean1.resize(N), s.rstd1.resize(N);
+      s.q.resize(N * A), s.k.resize(N * K), s.v.resize(N * K), s.o.resize(N * A), s.lse.resize(B * H * L);
+      if (gpt2) {
+        layernorm_forward(N, D, x.data(), w(p + "ln_1.weight"), w(p + "ln_1.bias"), s.a1.data(), s.mean1.data(),
+                          s.rstd1.data(), eps);
+        qkv.resize(N * 3 * D);
+        linear_forward(N, D, 3 * D, s.a1.data(), w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"), qkv.data());
+        for (int64_t t = 0; t < N; ++t)
+          for (int64_t e = 0; e < D; ++e)
+            s.q[t * D + e] = qkv[t * 3 * D + e], s.k[t * D + e] = qkv[t * 3 * D + D + e],
+                        s.v[t * D + e] = qkv[t * 3 * D + 2 * D + e];
+      } else {
+        rmsnorm_forward(N, D, x.data(), w(p + "input_layernorm.weight"), s.a1.data(), s.rstd1.data(), eps);
+        linear_t(N, D, A, s.a1.data(), m.weight(p + "self_attn.q_proj.weight"),
+                 bias(p + "self_attn.q_proj.bias", c.qkv_bias), s.q.data());
+        linear_t(N, D, K, s.a1.data(), m.weight(p + "self_attn.k_proj.weight"),
+                 bias(p + "self_attn.k_proj.bias", c.qkv_bias), s.k.data());
+        linear_t(N, D, K, s.a1.data(), m.weight(p + "self_attn.v_proj.weight"),
+                 bias(p + "self_attn.v_proj.bias", c.qkv_bias), s.v.data());
+        rope_forward(N, H, dh, s.q.data(), pos.data(), inv_freq);
+        rope_forward(N, Hk, dh, s.k.data(), pos.data(), inv_freq);
+      }
+      attention_forward(view4(s.q, H), view4(s.k, Hk), view4(s.v, Hk), view4(s.o, H),
+                        TensorView(s.lse.data(), DType::f32, {B, H, L}), causal);
+      if (gpt2)
+        linear_forward(N, D, D, s.o.data(), w(p + "attn.c_proj.weight"), w(p + "attn.c_proj.bias"), y.data());
+      else
+        linear_t(N, A, D, s.o.data(), m.weight(p + "self_attn.o_proj.weight"),
+                 bias(p + "self_attn.o_proj.bias", c.o_bias), y.data());
+      for (int64_t i = 0; i < N * D; ++i) x[i] += y[i];
+      s.xmid = x, s.a2.resize(N * D), s.mean2.resize(N), s.rstd2.resize(N), s.gate.resize(N * F), s.hid.resize(N * F);
+      if (gpt2) {
+        layernorm_forward(N, D, x.data(), w(p + "ln_2.weight"), w(p + "ln_2.bias"), s.a2.data(), s.mean2.data(),
+                          s.rstd2.data(), eps);
+        linear_forward(N, D, F, s.a2.data(), w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias"), s.gate.data());
+        gelu_forward(N * F, s.gate.data(), s.hid.data());
+        linear_forward(N, F, D, s.hid.data(), w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias"), y.data());
+      } else {
+        rmsnorm_forward(N, D, x.data(), w(p + "post_attention_layernorm.weight"), s.a2.data(), s.rstd2.data(), eps);
+        s.up.resize(N * F);
+        linear_t(N, D, F, s.a2.data(), m.weight(p + "mlp.gate_proj.weight"), bias(p + "mlp.gate_proj.bias", c.mlp_bias),
+                 s.gate.data());
+        linear_t(N, D, F, s.a2.data(), m.weight(p + "mlp.up_proj.weight"), bias(p + "mlp.up_proj.bias", c.mlp_bias),
+                 s.up.data());
+        swiglu_forward(N * F, s.gate.data(), s.up.data(), s.hid.data());
+        linear_t(N, F, D, s.hid.data(), m.weight(p + "mlp.down_proj.weight"),
+                 bias(p + "mlp.down_proj.bias", c.mlp_bias), y.data());
+      }
+      for (int64_t i = 0; i < N * D; ++i) x[i] += y[i];
+    }
+    x_last = x, a_final.resize(N * D), mean_f.resize(N), rstd_f.resize(N);
+    if (gpt2)
+      layernorm_forward(N, D, x.data(), w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), a_final.data(),
+                        mean_f.data(), rstd_f.data(), eps);
+    else
+      rmsnorm_forward(N, D, x.data(), w("model.norm.weight"), a_final.data(), rstd_f.data(), eps);
+  }
+};
+
+// dx[N, in] = dy[N, out] · W[out, in];  dW[out, in] += dyᵀ · x;  db += Σ_rows dy.
+void linear_t_backward(int64_t N, int64_t in, int64_t out, const float* x, const Tensor& W, const float* dy, float* dx,
+                       float* dW, float* db) {
+  if (dx) gemm(false, false, N, in, out, 1.f, dy, out, W.ptr<float>(), in, 0.f, dx, in);
+  gemm(true, false, out, in, N, 1.f, dy, out, x, in, 1.f, dW, in);
+  if (db)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < N; ++i) s += dy[i * out + o];
+      db[o] += static_cast<float>(s);
+    }
+}
+
+}  // namespace
+
+Tensor lm_logits(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L) {
+  Forward f(m, ids, B, L);
+  f.run();
+  Tensor logits(DType::f32, {B, L, m.config.vocab});
+  linear_t(f.N, f.D, m.config.vocab, f.a_final.data(), f.head(), nullptr, logits.ptr<float>());
   return logits;
+}
+
+LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L) {
+  Forward f(m, ids, B, L);
+  f.run();
+  const LmConfig& c = m.config;
+  const int64_t N = f.N, D = f.D, H = f.H, Hk = f.Hk, F = f.F, A = f.A, K = f.K, V = c.vocab;
+  const bool gpt2 = f.gpt2;
+  // Next-token labels within each sequence (shifted before any split); the last token has none.
+  std::vector<int64_t> labels(N, -1);
+  for (int64_t t = 0; t < N; ++t)
+    if (t % L + 1 < L) labels[t] = ids[t + 1];
+  const int64_t targets = B * (L - 1);
+  check(targets >= 1, "the loss needs sequences of at least 2 tokens");
+  LmLossGrads out;
+  for (const auto& [name, w] : m.weights) {
+    Tensor z(DType::f32, w.rank(), w.view().shape.data());
+    z.fill_zero();
+    out.grads.emplace(name, std::move(z));
+  }
+  auto g = [&](const std::string& n) { return out.grads.at(n).ptr<float>(); };
+  auto gb = [&](const std::string& n, bool has) { return has ? g(n) : nullptr; };
+  const std::string head_name =
+      c.tie_embeddings ? (gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight") : "lm_head.weight";
+  std::vector<float> da(N * D), dx(N * D), tmp(N * D);
+  out.loss = lm_head_cross_entropy(N, D, V, f.a_final.data(), f.head().ptr<float>(), labels.data(),
+                                   1.f / static_cast<float>(targets), da.data(), g(head_name)) /
+             static_cast<double>(targets);
+  if (gpt2)
+    layernorm_backward(N, D, f.x_last.data(), f.w("transformer.ln_f.weight"), f.mean_f.data(), f.rstd_f.data(),
+                       da.data(), dx.data(), g("transformer.ln_f.weight"), g("transformer.ln_f.bias"));
+  else
+    rmsnorm_backward(N, D, f.x_last.data(), f.w("model.norm.weight"), f.rstd_f.data(), da.data(), dx.data(),
+                     g("model.norm.weight"));
+  std::vector<float> dhid(N * F), dgate(N * F), dup(N * F), dq(N * A), dk(N * K), dv(N * K), do_(N * A);
+  for (int64_t l = c.layers - 1; l >= 0; --l) {
+    const LayerActs& s = f.acts[static_cast<size_t>(l)];
+    const std::string p = f.prefix(l);
+    // MLP: x_out = x_mid + mlp(norm2(x_mid)); dx holds dL/dx_out.
+    if (gpt2) {
+      linear_backward(N, F, D, s.hid.data(), f.w(p + "mlp.c_proj.weight"), dx.data(), dhid.data(),
+                      g(p + "mlp.c_proj.weight"), g(p + "mlp.c_proj.bias"));
+      gelu_backward(N * F, s.gate.data(), dhid.data(), dgate.data());
+      linear_backward(N, D, F, s.a2.data(), f.w(p + "mlp.c_fc.weight"), dgate.data(), da.data(),
+                      g(p + "mlp.c_fc.weight"), g(p + "mlp.c_fc.bias"));
+      layernorm_backward(N, D, s.xmid.data(), f.w(p + "ln_2.weight"), s.mean2.data(), s.rstd2.data(), da.data(),
+                         tmp.data(), g(p + "ln_2.weight"), g(p + "ln_2.bias"));
+    } else {
+      linear_t_backward(N, F, D, s.hid.data(), m.weight(p + "mlp.down_proj.weight"), dx.data(), dhid.data(),
+                        g(p + "mlp.down_proj.weight"), gb(p + "mlp.down_proj.bias", c.mlp_bias));
+      swiglu_backward(N * F, s.gate.data(), s.up.data(), dhid.data(), dgate.data(), dup.data());
+      linear_t_backward(N, D, F, s.a2.data(), m.weight(p + "mlp.gate_proj.weight"), dgate.data(), da.data(),
+                        g(p + "mlp.gate_proj.weight"), gb(p + "mlp.gate_proj.bias", c.mlp_bias));
+      linear_t_backward(N, D, F, s.a2.data(), m.weight(p + "mlp.up_proj.weight"), dup.data(), tmp.data(),
+                        g(p + "mlp.up_proj.weight"), gb(p + "mlp.up_proj.bias", c.mlp_bias));
+      for (int64_t i = 0; i < N * D; ++i) da[i] += tmp[i];
+      rmsnorm_backward(N, D, s.xmid.data(), f.w(p + "post_attention_layernorm.weight"), s.rstd2.data(), da.data(),
+                       tmp.data(), g(p + "post_attention_layernorm.weight"));
+    }
+    for (int64_t i = 0; i < N * D; ++i) dx[i] += tmp[i];  // dL/dx_mid
+    // Attention: x_mid = x_in + attn(norm1(x_in)).
+    if (gpt2)
+      linear_backward(N, D, D, s.o.data(), f.w(p + "attn.c_proj.weight"), dx.data(), do_.data(),
+                      g(p + "attn.c_proj.weight"), g(p + "attn.c_proj.bias"));
+    else
+      linear_t_backward(N, A, D, s.o.data(), m.weight(p + "self_attn.o_proj.weight"), dx.data(), do_.data(),
+                        g(p + "self_attn.o_proj.weight"), gb(p + "self_attn.o_proj.bias", c.o_bias));
+    AttentionOptions causal;
+    causal.causal = true;
+    std::vector<float> q = s.q, k = s.k, v = s.v, o = s.o, lse = s.lse;
+    attention_backward(f.view4(q, H), f.view4(k, Hk), f.view4(v, Hk), f.view4(o, H),
+                       TensorView(lse.data(), DType::f32, {f.B, H, f.L}), f.view4(do_, H), f.view4(dq, H),
+                       f.view4(dk, Hk), f.view4(dv, Hk), causal);
+    if (gpt2) {
+      std::vector<float> dqkv(N * 3 * D);
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t e = 0; e < D; ++e)
+          dqkv[t * 3 * D + e] = dq[t * D + e], dqkv[t * 3 * D + D + e] = dk[t * D + e],
+                           dqkv[t * 3 * D + 2 * D + e] = dv[t * D + e];
+      linear_backward(N, D, 3 * D, s.a1.data(), f.w(p + "attn.c_attn.weight"), dqkv.data(), da.data(),
+                      g(p + "attn.c_attn.weight"), g(p + "attn.c_attn.bias"));
+      layernorm_backward(N, D, s.x.data(), f.w(p + "ln_1.weight"), s.mean1.data(), s.rstd1.data(), da.data(),
+                         tmp.data(), g(p + "ln_1.weight"), g(p + "ln_1.bias"));
+    } else {
+      rope_backward(N, H, f.dh, dq.data(), f.pos.data(), f.inv_freq);
+      rope_backward(N, Hk, f.dh, dk.data(), f.pos.data(), f.inv_freq);
+      linear_t_backward(N, D, A, s.a1.data(), m.weight(p + "self_attn.q_proj.weight"), dq.data(), da.data(),
+                        g(p + "self_attn.q_proj.weight"), gb(p + "self_attn.q_proj.bias", c.qkv_bias));
+      linear_t_backward(N, D, K, s.a1.data(), m.weight(p + "self_attn.k_proj.weight"), dk.data(), tmp.data(),
+                        g(p + "self_attn.k_proj.weight"), gb(p + "self_attn.k_proj.bias", c.qkv_bias));
+      for (int64_t i = 0; i < N * D; ++i) da[i] += tmp[i];
+      linear_t_backward(N, D, K, s.a1.data(), m.weight(p + "self_attn.v_proj.weight"), dv.data(), tmp.data(),
+                        g(p + "self_attn.v_proj.weight"), gb(p + "self_attn.v_proj.bias", c.qkv_bias));
+      for (int64_t i = 0; i < N * D; ++i) da[i] += tmp[i];
+      rmsnorm_backward(N, D, s.x.data(), f.w(p + "input_layernorm.weight"), s.rstd1.data(), da.data(), tmp.data(),
+                       g(p + "input_layernorm.weight"));
+    }
+    for (int64_t i = 0; i < N * D; ++i) dx[i] += tmp[i];  // dL/dx_in
+  }
+  // The embeddings (and gpt2's positions) take what reached the input.
+  float* dE = g(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t e = 0; e < D; ++e) {
+      dE[f.ids[t] * D + e] += dx[t * D + e];
+      if (gpt2) g("transformer.wpe.weight")[f.pos[t] * D + e] += dx[t * D + e];
+    }
+  return out;
 }
 
 }  // namespace ringattn

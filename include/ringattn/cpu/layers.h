@@ -60,4 +60,13 @@ std::vector<float> rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
 void rope_forward(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq);
 void rope_backward(int64_t N, int64_t H, int64_t d, float* dx, const int64_t* pos, const std::vector<float>& inv_freq);
 
+// The LM head and next-token cross-entropy without the whole [N, V] logits:
+// rows are taken `chunk` at a time, logits = h · Wᵀ (W: the head [V, D]), and
+// for every row with label ≥ 0 (−1: no target)
+//   loss += −log softmax(logits)[label],  dlogits = scale · (softmax − onehot(label)),
+//   dh = dlogits · W (overwritten; rows without a label get 0),  dW += dlogitsᵀ · h.
+// Returns the summed loss (unscaled); dh and dW may be null (forward only).
+double lm_head_cross_entropy(int64_t N, int64_t D, int64_t V, const float* h, const float* W, const int64_t* labels,
+                             float scale, float* dh, float* dW, int64_t chunk = 256);
+
 }  // namespace ringattn
