@@ -8,6 +8,7 @@
 set -u
 
 BIN=$(realpath "${1:?usage: cli_faults_test.sh /path/to/ringattn}")
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=/usr/bin/python3
 if [[ ! -x $PY ]] || ! $PY -c 'import numpy' 2>/dev/null; then
   echo "SKIP: $PY with numpy is not available (Debian: apt-get install python3-numpy)"
@@ -204,6 +205,9 @@ expect_error "bench kernel --seq 1e11 (refused before the peaks)" 1 "needs at le
 # --- 8. messages that name the problem ----------------------------------------------------
 expect_error "a .npy with a zero-sized dimension" 1 "must be at least 1" "$BIN" attention --q zero.npy --k k.npy --v v.npy
 expect_error "train --batch 0" 2 "--batch: must be at least 1" "$BIN" train --batch 0
+expect_error "forward with float ids" 1 "not supported here" \
+  "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids zero.npy
+expect_error "forward without --model" 2 "--model is required" "$BIN" forward --ids zero.npy
 if command -v mpirun >/dev/null; then
   expect_error "generate: Ulysses prefill with heads not divisible by P" 1 "--strategy ring" \
     "${MPIRUN[@]}" -np 2 "$BIN" generate --prompt-len 64 --new-tokens 2 --layers 1 --d-model 48 --heads 3 \

@@ -169,6 +169,48 @@ for sub in "train" "compare" "generate" "bench kernel"; do
   grep -q -- "--json" <<<"$out" || fail "ringattn $sub --help does not list --json"
 done
 
+# --- forward: a Hugging Face checkpoint's logits equal transformers' ------------------
+cat >hf.py <<'EOF'
+import json, struct, sys
+import numpy as np
+
+def safetensors(path):  # the format: 8-byte header length, JSON header, raw little-endian data
+    b = open(path, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    head = json.loads(b[8:8 + n])
+    data = b[8 + n:]
+    out = {}
+    for name, e in head.items():
+        if name == "__metadata__":
+            continue
+        assert e["dtype"] == "F32"
+        lo, hi = e["data_offsets"]
+        out[name] = np.frombuffer(data[lo:hi], dtype="<f4").reshape(e["shape"])
+    return out
+
+cmd, fixture = sys.argv[1], sys.argv[2]
+ref = json.load(open(fixture + "/reference.json"))
+if cmd == "ids":
+    np.save(sys.argv[3], np.array(ref["ids"], dtype=np.int64))
+else:
+    want = safetensors(fixture + "/reference.safetensors")["logits"].astype(np.float64)
+    got = np.load(sys.argv[3]).astype(np.float64)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    print(f"{fixture.split('/')[-1]}: max |ringattn - transformers| / max = {err:.2e}")
+    sys.exit(0 if got.shape == want.shape and err < 1e-4 else 1)
+EOF
+for m in llama_gqa llama_tied_llama3 qwen2 gpt2; do
+  fx=$SRC/tests/fixtures/hf/$m
+  $PY hf.py ids "$fx" ids_$m.npy || { fail "could not write the ids of $m"; continue; }
+  if "$BIN" forward --model "$fx" --ids ids_$m.npy --logits logits_$m.npy >forward_$m.out 2>&1; then
+    $PY hf.py check "$fx" logits_$m.npy || fail "forward --model $m: logits differ from transformers'"
+  else
+    fail "ringattn forward --model $m exited non-zero: $(cat forward_$m.out)"
+  fi
+done
+"$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
+  $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
+
 # --- generate on one rank (no mpirun): --check recomputes from scratch ----------
 if "$BIN" generate --prompt-len 64,32 --new-tokens 12 --layers 2 --d-model 32 --heads 4 --kv-heads 2 \
   --check --json >gen.json 2>gen.err; then

@@ -214,6 +214,28 @@ TEST_F(Npy, OtherDtypesRejected) {
   }
 }
 
+TEST_F(Npy, TokenIdsReadAsInt64AndInt32) {
+  std::string i8, i4;
+  const int64_t want[6] = {0, 1, 50256, -1, 7, 128000};
+  for (int64_t x : want) {
+    i8.append(reinterpret_cast<const char*>(&x), 8);
+    const int32_t y = static_cast<int32_t>(x);
+    i4.append(reinterpret_cast<const char*>(&y), 4);
+  }
+  write_npy(path("i8.npy"), "<i8", false, {2, 3}, i8);
+  write_npy(path("i4.npy"), "<i4", false, {2, 3}, i4);
+  for (const char* name : {"i8.npy", "i4.npy"}) {
+    std::vector<int64_t> shape;
+    EXPECT_EQ(load_npy_ids(path(name), &shape), std::vector<int64_t>(want, want + 6)) << name;
+    EXPECT_EQ(shape, (std::vector<int64_t>{2, 3})) << name;
+  }
+  write_npy(path("f4.npy"), "<f4", false, {4}, f32_bytes(4));
+  const std::string m = message_of([&] { (void)load_npy_ids(path("f4.npy")); });
+  EXPECT_NE(m.find("'<f4' is not supported here ('<i8', '<i4')"), std::string::npos) << m;
+  write_npy(path("short.npy"), "<i8", false, {4}, i8.substr(0, 24));
+  EXPECT_NE(message_of([&] { (void)load_npy_ids(path("short.npy")); }).find("truncated data"), std::string::npos);
+}
+
 TEST_F(Npy, BigEndianRejected) {
   const std::string p = path("be.npy");
   write_npy(p, ">f4", false, {3}, f32_bytes(3));

@@ -155,6 +155,7 @@ void add_all(CLI::App& app) {
   add_train(app);
   add_compare(app);
   add_generate(app);
+  add_forward(app);
   add_plan(app);
 }
 

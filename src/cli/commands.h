@@ -17,6 +17,7 @@ void add_bench(CLI::App& app);
 void add_train(CLI::App& app);
 void add_compare(CLI::App& app);
 void add_generate(CLI::App& app);
+void add_forward(CLI::App& app);
 void add_plan(CLI::App& app);
 // Every subcommand above, in the order `ringattn --help` lists them (main and the
 // command-line fuzzer register the same set).

@@ -197,7 +197,18 @@ std::string shape_tuple(const TensorView& t) {
 
 }  // namespace
 
-Tensor load_npy(const std::string& path) {
+namespace {
+
+// An array's element type and shape, its bytes read (checked) from `path`;
+// `accepted` maps each descr it takes to its element size, `hint` says how to convert.
+struct NpyArray {
+  std::string descr;
+  std::vector<int64_t> shape;
+  std::vector<unsigned char> bytes;
+};
+
+NpyArray read_npy(const std::string& path, const std::vector<std::pair<std::string, uint64_t>>& accepted,
+                  const std::string& hint) {
   File f(std::fopen(path.c_str(), "rb"));
   if (!f) fail(path, cat("cannot open: ", std::strerror(errno)));
   std::error_code ec;
@@ -233,28 +244,56 @@ Tensor load_npy(const std::string& path) {
                    : !h.has_fortran_order ? "fortran_order"
                                           : "shape",
                    "': ", shown(text)));
-  if (h.descr != "<f4")
-    fail(path, cat("dtype '", h.descr,
-                   "' is not supported: ringattn reads little-endian float32 ('<f4') only; "
-                   "convert with arr.astype(np.float32)"));
+  uint64_t elem = 0;
+  std::string names;
+  for (const auto& [d, size] : accepted) {
+    names += cat(names.empty() ? "" : ", ", "'", d, "'");
+    if (h.descr == d) elem = size;
+  }
+  if (elem == 0) fail(path, cat("dtype '", h.descr, "' is not supported here (", names, "); ", hint));
   // A Fortran-ordered array of rank <= 1 has the same bytes as a C-ordered one.
   if (h.fortran_order && h.shape.size() > 1)
     fail(path, "array is in Fortran order; save np.ascontiguousarray(arr) instead");
   if (h.shape.size() > static_cast<size_t>(kMaxRank))
     fail(path, cat("array has rank ", h.shape.size(), "; ringattn supports at most ", kMaxRank));
 
-  uint64_t data_bytes = 4;
+  uint64_t data_bytes = elem;
   for (int64_t d : h.shape)
     if (__builtin_mul_overflow(data_bytes, static_cast<uint64_t>(d), &data_bytes)) fail(path, "shape is too large");
   const uint64_t have = file_size - data_start;
   if (have != data_bytes)
     fail(path, cat(have < data_bytes ? "truncated data" : "unexpected trailing data", ": the shape needs ", data_bytes,
-                   " bytes of float32 but the file holds ", have));
+                   " bytes of ", h.descr, " but the file holds ", have));
 
-  Tensor t(DType::f32, static_cast<int>(h.shape.size()), h.shape.data());
-  if (data_bytes && std::fread(t.ptr<float>(), 1, data_bytes, f.get()) != data_bytes)
+  NpyArray a{h.descr, h.shape, std::vector<unsigned char>(data_bytes)};
+  if (data_bytes && std::fread(a.bytes.data(), 1, data_bytes, f.get()) != data_bytes)
     fail(path, cat("read error: ", std::strerror(errno)));
+  return a;
+}
+
+}  // namespace
+
+Tensor load_npy(const std::string& path) {
+  const NpyArray a = read_npy(path, {{"<f4", 4}}, "convert with arr.astype(np.float32)");
+  Tensor t(DType::f32, static_cast<int>(a.shape.size()), a.shape.data());
+  if (!a.bytes.empty()) std::memcpy(t.ptr<void>(), a.bytes.data(), a.bytes.size());
   return t;
+}
+
+std::vector<int64_t> load_npy_ids(const std::string& path, std::vector<int64_t>* shape) {
+  const NpyArray a = read_npy(path, {{"<i8", 8}, {"<i4", 4}}, "save token ids with arr.astype(np.int64)");
+  std::vector<int64_t> ids(a.bytes.size() / (a.descr == "<i8" ? 8 : 4));
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (a.descr == "<i8") {
+      std::memcpy(&ids[i], a.bytes.data() + 8 * i, 8);
+    } else {
+      int32_t x;
+      std::memcpy(&x, a.bytes.data() + 4 * i, 4);
+      ids[i] = x;
+    }
+  }
+  if (shape) *shape = a.shape;
+  return ids;
 }
 
 void save_npy(const std::string& path, const TensorView& t) {
