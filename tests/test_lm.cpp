@@ -9,11 +9,13 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "ringattn/parallel.h"
 #include "ringattn/safetensors.h"
 #include "test_util.h"
 
@@ -106,6 +108,48 @@ TEST_P(HfModels, LossAndGradientsEqualTransformersAutograd) {
   EXPECT_EQ(compared, got.grads.size()) << name << ": every weight has a reference gradient";
   std::printf("%s: loss %.7f (transformers %.7f), %zu gradients, worst max-relative difference %.2e\n", name.c_str(),
               got.loss, ref["loss"].get<double>(), compared, worst);
+}
+
+// max |a − b| / max |b| over two fp32 tensors of one shape.
+double max_rel(const TensorView& a, const TensorView& b) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    num = std::max(num, std::fabs(double(a.ptr<float>()[i]) - b.ptr<float>()[i]));
+    den = std::max(den, std::fabs(double(b.ptr<float>()[i])));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+// The checkpoint as the parallel Model (one process): its tensors round-trip
+// bit for bit, and logits, loss and every gradient equal transformers'.
+TEST_P(HfModels, ModelEqualsTransformers) {
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = reference(name);
+  const Ids ids = ids_of(ref);
+  const RunContext run(nullptr, ParallelConfig{});
+  Model m = lm_model(lm, DType::f32, run);
+  for (const auto& [n, t] : lm_export(m, lm.config)) {
+    ASSERT_EQ(t.view().shape_str(), lm.weight(n).view().shape_str()) << n;
+    ASSERT_EQ(std::memcmp(t.ptr<float>(), lm.weight(n).ptr<float>(), t.bytes()), 0) << n << " round trip";
+  }
+  const SafetensorsFile want(kHf + name + "/reference.safetensors");
+  const Tensor logits = lm_forward(m, run.model_parallel(), ids.flat, ids.B, ids.L);
+  const double err = max_rel(logits, want.view("logits"));
+  EXPECT_LT(err, 1e-4) << name;
+  m.zero_grads();
+  const double loss = lm_loss_backward(m, run.model_parallel(), ids.flat, ids.B, ids.L, ids.B * (ids.L - 1), nullptr);
+  EXPECT_NEAR(loss, ref["loss"].get<double>(), 1e-5 * ref["loss"].get<double>()) << name;
+  double worst = 0;
+  size_t compared = 0;
+  for (const auto& [n, g] : lm_export(m, lm.config, true)) {
+    const double e = max_rel(g, want.view("grad." + n));
+    EXPECT_LT(e, 1e-4) << name << ": gradient of " << n;
+    worst = std::max(worst, e), ++compared;
+  }
+  EXPECT_EQ(compared, lm.weights.size());
+  std::printf("%s as the Model: logits %.2e, loss %.7f (transformers %.7f), %zu gradients worst %.2e\n", name.c_str(),
+              err, loss, ref["loss"].get<double>(), compared, worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));

@@ -146,7 +146,7 @@ TEST(LmLayers, RopeRotatesByGlobalPosition) {
   const std::vector<int64_t> pos = {0, 1, 7, 1000, 123457};  // any positions: a shard's tokens
   const std::vector<float> inv = rope_inv_freq(RopeConfig{}, d), x0 = normal(N * H * d, 7);
   std::vector<float> x = x0;
-  rope_forward(N, H, d, x.data(), pos.data(), inv);
+  rope_forward(N, H, d, H * d, x.data(), pos.data(), inv.data());
   std::vector<double> want(x.size());
   for (int64_t t = 0; t < N; ++t)
     for (int64_t h = 0; h < H; ++h)
@@ -157,7 +157,7 @@ TEST(LmLayers, RopeRotatesByGlobalPosition) {
         want[k2] = x0[k2] * std::cos(a) + x0[k] * std::sin(a);
       }
   EXPECT_LT(rel(x, want), 1e-6);
-  rope_backward(N, H, d, x.data(), pos.data(), inv);  // the transpose of a rotation is its inverse
+  rope_backward(N, H, d, H * d, x.data(), pos.data(), inv.data());  // the transpose of a rotation is its inverse
   EXPECT_LT(rel(x, std::vector<double>(x0.begin(), x0.end())), 1e-6);
 }
 
@@ -167,8 +167,8 @@ TEST(LmLayers, RopeScoresDependOnlyOnRelativePosition) {
   const std::vector<float> q0 = normal(d, 8), k0 = normal(d, 9);
   auto score = [&](int64_t m, int64_t n) {
     std::vector<float> q = q0, k = k0;
-    rope_forward(1, 1, d, q.data(), &m, inv);
-    rope_forward(1, 1, d, k.data(), &n, inv);
+    rope_forward(1, 1, d, d, q.data(), &m, inv.data());
+    rope_forward(1, 1, d, d, k.data(), &n, inv.data());
     double s = 0;
     for (int64_t i = 0; i < d; ++i) s += double(q[i]) * k[i];
     return s;

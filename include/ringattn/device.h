@@ -79,9 +79,23 @@ class Device {
   // (row-major [N, C], fp32 activations, W in the compute dtype, weight
   // gradients accumulated, activation gradients overwritten; b, db, dx may be null).
   virtual void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
-                                 float* mean, float* rstd) = 0;
+                                 float* mean, float* rstd, float eps = 1e-5f) = 0;
   virtual void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                                   const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) = 0;
+  virtual void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd,
+                               float eps) = 0;
+  virtual void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd,
+                                const float* dy, float* dx, float* dgamma) = 0;
+  // SwiGLU of a fused gate|up projection h [N, 2F] -> y [N, F]; dh [N, 2F].
+  virtual void swiglu_forward(int64_t N, int64_t F, const float* h, float* y) = 0;
+  virtual void swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) = 0;
+  // RoPE in place on x [N, H, d] with rows ld apart, by the global positions
+  // pos [N] (upload_positions) and inv_freq [d/2] (this device's memory); the
+  // backward rotates back.
+  virtual void rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos,
+                            const float* inv_freq) = 0;
+  virtual void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos,
+                             const float* inv_freq) = 0;
   virtual void gelu_forward(int64_t n, const float* x, float* y) = 0;
   virtual void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) = 0;
   virtual void linear_forward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const void* W, const float* b,

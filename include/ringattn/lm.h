@@ -1,16 +1,18 @@
-// A Hugging Face decoder-only language model (llama, qwen2, gpt2; lm_config.h)
-// loaded from its checkpoint folder, and its logits on one process on the CPU.
-// This is the reference path the parallel Model will be checked against as the
-// architectures are folded into it (issue 19); it holds fp32 copies of the
-// weights.
+// Hugging Face decoder-only language models (llama, qwen2, gpt2; lm_config.h):
+// a checkpoint folder's weights (LanguageModel) and a one-process reference of
+// their logits, loss and gradients written straight from the architectures'
+// definitions; and the same model as the parallel Model (model.h) with its
+// embedding, final norm, LM head and next-token loss under every layout.
 #pragma once
 #include <cstdint>
 #include <map>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "ringattn/lm_config.h"
+#include "ringattn/model.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
@@ -44,5 +46,48 @@ struct LmLossGrads {
   std::map<std::string, Tensor> grads;
 };
 LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L);
+
+// ---- the language model as the parallel Model ------------------------------------
+
+// Copies checkpoint tensors (by Hugging Face name, HF shapes) into a full (tp =
+// 1, pp = 1) host Model of model_config(c): its parameters, or its gradients
+// when grads is true. Every tensor of lm_tensor_shapes must be there.
+void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tensor>& tensors, bool grads = false);
+// The inverse: a full Model's parameters (or gradients) as checkpoint tensors.
+std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads = false);
+// This rank's slice (TP, PP) of a checkpoint's model, computing in dtype.
+Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run);
+
+// Next-token labels of this rank's tokens: ids [B, L] of the whole batch (token
+// t + 1 of each sequence is the label of token t, shifted before any split: a
+// shard's last token is labelled by the next shard's first), taken at the global
+// positions [Ll] of this rank's tokens; −1 for each sequence's last token.
+std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions);
+// This rank's ids [B, Ll] of the whole batch's ids [B, L] at positions [Ll].
+std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
+                                  std::span<const int64_t> positions);
+
+// The embedding of ids [B, Ll] at global positions [Ll] (gpt2 adds the learned
+// positions): x [B, Ll, D]; the first pipeline stage's input.
+DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions);
+// dL/dx [B, Ll, D] into the embedding's (and positions') gradients.
+void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions,
+                       const TensorView& dx);
+// logits [N, vocab] = head · norm_f(y) of the last stage's output rows y [N, D].
+Tensor lm_head_logits(const Model& m, const TensorView& y);
+// The summed next-token cross-entropy of rows y [N, D] with labels [N] (−1:
+// none), the head in row chunks; dy := scale · dL/dy and the final norm's and
+// head's gradients added into m.grads(). Returns the unscaled sum.
+double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy);
+
+// One process or SP x TP (pp = 1): this rank's logits [B, Ll, vocab] of the whole
+// batch's ids [B, L] (every rank passes all of them; each takes its tokens of
+// par's layout).
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L);
+// The causal-LM loss of ids [B, L] (the mean over the B·(L − 1) targets of the
+// whole batch, summed over loss_group: the SP group, and the DP group when the
+// batch is split) and this rank's gradients added into m.grads() (not reduced).
+double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                        int64_t global_targets, Communicator* loss_group);
 
 }  // namespace ringattn

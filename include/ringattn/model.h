@@ -1,48 +1,88 @@
-// A dense pre-LayerNorm transformer (docs/design.md §1), fp32 or bf16 mixed precision, with hand-written
-// backward, an MSE loss and AdamW, that runs on one process or sequence-parallel
-// (RA+SP): every activation sharded by sequence, token-local layers on the local
-// shard with full weights, attention by the ring (or Ulysses / all-gather).
+// The decoder-only transformer (docs/design.md §1, §11), fp32 or bf16 mixed
+// precision, with hand-written backward and AdamW, on one process or parallel
+// (RA+SP: every activation sharded by sequence, token-local layers on the local
+// shard, attention by the ring, Ulysses or all-gather; TP; PP). The architecture
+// is the config: pre-LayerNorm + GELU with biases (gpt2, and the vector model of
+// the benchmarks), or RMSNorm + SwiGLU + RoPE (llama; qwen2 adds q/k/v biases).
 //
-//   per layer:  a = LN1(x);  [q k v] = a·W_qkv + b_qkv;  o = attention(q, k, v)
-//               x1 = x + o·W_o + b_o;  c = LN2(x1);  x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
+//   per layer:  a = norm1(x);  [q k v] = a·W_qkv + b_qkv;  q, k = RoPE(q, k; global positions)
+//               o = attention(q, k, v);  x1 = x + o·W_o + b_o;  c = norm2(x1)
+//               x2 = x1 + mlp(c)·W_out + b_out,  mlp(c) = GELU(c·W_in + b_in) or SwiGLU(c·[W_gate | W_up])
+//
+// A language model (vocab > 0) adds the token embedding (and gpt2's learned
+// positions) before the first layer and the final norm and LM head after the
+// last (lm.h); the vector model takes and returns [B, L, d_model] activations.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "ringattn/comm.h"
 #include "ringattn/device.h"
 #include "ringattn/dist_attention.h"
+#include "ringattn/lm_config.h"
 #include "ringattn/parallel.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
 
+enum class Norm { layernorm, rmsnorm };
+enum class Mlp { gelu, swiglu };
+
 struct ModelConfig {
   int64_t layers = 4, d_model = 256, heads = 4, kv_heads = 0, mlp_hidden = 0;
+  int64_t head_size = 0;  // 0: d_model / heads
   bool causal = true;
   uint64_t seed = 1;
   // Compute dtype: fp32, or bf16 mixed precision (GEMM operands and attention
   // q, k, v, KV cache in bf16; fp32 accumulation, activations between layers,
-  // LayerNorm, GELU, gradients, master weights and AdamW in fp32).
+  // norms, MLP activations, gradients, master weights and AdamW in fp32).
   DType dtype = DType::f32;
+  // The architecture (the defaults are the pre-LayerNorm GELU transformer).
+  Norm norm = Norm::layernorm;
+  Mlp mlp = Mlp::gelu;
+  bool qkv_bias = true, o_bias = true, mlp_bias = true;
+  float norm_eps = 1e-5f;
+  bool rope = false;  // RoPE on q and k by the tokens' global positions
+  RopeConfig rope_config;
+  // A language model when vocab > 0: embedding [vocab, d_model], learned
+  // positions [positions, d_model] when positions > 0 (gpt2), final norm, LM
+  // head [vocab, d_model] (the embedding itself when tied).
+  int64_t vocab = 0, positions = 0;
+  bool tied = false;
 
-  int64_t head_dim() const { return d_model / heads; }
+  int64_t head_dim() const { return head_size > 0 ? head_size : d_model / heads; }
   int64_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : 4 * d_model; }
   int64_t qkv_width() const { return (heads + 2 * kv()) * head_dim(); }
+  bool is_lm() const { return vocab > 0; }
   void validate() const;  // throws Error naming the bad field
 };
+
+// The architecture of a Hugging Face checkpoint's config.json as a ModelConfig
+// (fp32; dtype and seed are the run's).
+ModelConfig model_config(const LmConfig& lm);
 
 // Checks that the model splits over the run's mesh: layers by pp; heads, kv
 // heads and MLP columns by tp; heads by the Ulysses group (ulysses: the SP
 // group; hybrid: its Ulysses degree). Throws Error naming the sizes.
 void check_model_fits(const ModelConfig& c, const ParallelConfig& p);
 
-// One layer's parameters (or gradients): pointers into a flat fp32 array.
+// One layer's parameters (or gradients): pointers into a flat fp32 array; null
+// for what the architecture has not (norm biases under RMSNorm, the biases a
+// config turns off). W_in is [D, F] (GELU) or [D, 2F] with the gate columns
+// first, then the up columns (SwiGLU).
 struct LayerParams {
   float *ln1_g, *ln1_b, *w_qkv, *b_qkv, *w_o, *b_o, *ln2_g, *ln2_b, *w_in, *b_in, *w_out, *b_out;
+};
+
+// A language model's parameters outside the layers (null where this rank holds
+// none: the embedding lives on the first pipeline stage, the final norm and head
+// on the last; head is the embedding when tied).
+struct LmParams {
+  float *embed, *pos_embed, *norm_g, *norm_b, *head;
 };
 
 // The weight matrices the GEMMs read, in the model's compute dtype.
@@ -101,6 +141,14 @@ class Model {
   LayerParams layer(int l) { return shadow_stale_ = true, view(params(), l); }
   LayerParams layer_grads(int l) { return view(grads(), l); }
   LayerParams layer(int l) const { return view(const_cast<float*>(params()), l); }
+  // The embedding / final norm / head (language models), parameters or gradients.
+  LmParams lm() { return shadow_stale_ = true, lm_view(params()); }
+  LmParams lm() const { return lm_view(const_cast<float*>(params())); }
+  LmParams lm_grads() { return lm_view(grads()); }
+  bool first_stage() const { return first_layer_ == 0; }
+  bool last_stage() const { return first_layer_ + num_layers_ == cfg_.layers; }
+  // RoPE's inverse frequencies [head_dim / 2] on the model's device (rope only).
+  const float* rope_inv_freq() const { return inv_freq_.ptr<float>(); }
   // Layer l's weights for the GEMMs: the fp32 parameters, or (bf16) their
   // bf16-rounded working copy, kept in step with the fp32 master parameters.
   LayerWeights weights(int l) const;
@@ -108,13 +156,16 @@ class Model {
 
  private:
   LayerParams view(float* base, int l) const;
+  LmParams lm_view(float* base) const;
   void init_full();  // the tp = 1, pp = 1 initialisation from cfg_.seed, on the host
   std::vector<int64_t> layer_sizes() const;
+  std::vector<int64_t> lm_sizes() const;  // LmParams order, this stage's
   ModelConfig cfg_;
   int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
   Device* dev_;
-  DeviceTensor params_, grads_;  // fp32 [num_params] on dev_
+  DeviceTensor params_, grads_;  // fp32 [num_params] on dev_: the layers, then LmParams
+  DeviceTensor inv_freq_;        // fp32 [head_dim / 2] (rope)
   mutable DeviceTensor shadow_;  // bf16 copy of params_ (bf16 models)
   mutable bool shadow_stale_ = true;
 };
@@ -125,6 +176,7 @@ class Model {
 struct Activations {
   int64_t B = 0, Ll = 0;
   bool keep = true;
+  std::shared_ptr<const int64_t> pos;  // [B·Ll] global positions (rope), on the model's device
   struct Layer {
     DeviceTensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
   };
@@ -142,9 +194,22 @@ Model model_for(const ModelConfig& c, const RunContext& run);
 using AttentionHook = std::function<void(int layer, const TensorView& q, const TensorView& k, const TensorView& v,
                                          const TensorView& o, const TensorView& lse)>;
 
+// The config's norm (LayerNorm or RMSNorm; b, mean, db unused by RMSNorm) on
+// rows [N, d_model] in dev's memory.
+void norm_forward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* b,
+                  float* y, float* mean, float* rstd);
+void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* mean,
+                   const float* rstd, const float* dy, float* dx, float* dg, float* db);
+
+// Global positions of this rank's Ll tokens: those of par's SP layout
+// (0..Ll−1 on one process).
+std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
+
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
+// positions [Ll]: the tokens' global positions for RoPE (empty: local_positions);
+// the decode step passes the cache length.
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
-                           const AttentionHook& attention = {});
+                           const AttentionHook& attention = {}, std::span<const int64_t> positions = {});
 // The attention of the forward without a hook: local, or distributed over par.sp,
 // on `dev`.
 void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,

@@ -32,7 +32,7 @@ namespace ringattn::cli {
 namespace {
 
 struct CompareArgs {
-  ModelConfig model{4, 256, 4, 0, 0, true, 1};  // 4 heads x 64, MLP 4 x d_model
+  ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   int64_t batch = 2, seq = 8192;
   int threads = 1, ranks = 0, reps = 1, new_tokens = 16;
   std::string dtype = "fp32", json_out, only, method, launcher;

@@ -24,7 +24,7 @@ namespace ringattn::cli {
 namespace {
 
 struct GenerateArgs {
-  ModelConfig model{4, 256, 4, 0, 0, true, 1};
+  ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   ParallelConfig par;
   std::vector<int64_t> prompt_len{8192};
   int64_t batch = 0, capacity = 0;

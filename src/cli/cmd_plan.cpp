@@ -28,7 +28,7 @@ namespace ringattn::cli {
 namespace {
 
 struct PlanArgs {
-  ModelConfig model{4, 256, 4, 0, 0, true, 1};
+  ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   int64_t seq = 8192, batch = 2;
   std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep,
               attention_kernels;

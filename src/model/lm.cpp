@@ -2,12 +2,16 @@
 // one-process forward to logits (design.md §11 for RMSNorm, RoPE, SwiGLU).
 #include "ringattn/lm.h"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "ringattn/cpu/attention.h"
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/cpu/layers.h"
 #include "ringattn/error.h"
+#include "ringattn/layout.h"
+#include "ringattn/parallel.h"
 #include "ringattn/safetensors.h"
 
 namespace ringattn {
@@ -168,8 +172,8 @@ struct Forward {
                  bias(p + "self_attn.k_proj.bias", c.qkv_bias), s.k.data());
         linear_t(N, D, K, s.a1.data(), m.weight(p + "self_attn.v_proj.weight"),
                  bias(p + "self_attn.v_proj.bias", c.qkv_bias), s.v.data());
-        rope_forward(N, H, dh, s.q.data(), pos.data(), inv_freq);
-        rope_forward(N, Hk, dh, s.k.data(), pos.data(), inv_freq);
+        rope_forward(N, H, dh, A, s.q.data(), pos.data(), inv_freq.data());
+        rope_forward(N, Hk, dh, K, s.k.data(), pos.data(), inv_freq.data());
       }
       attention_forward(view4(s.q, H), view4(s.k, Hk), view4(s.v, Hk), view4(s.o, H),
                         TensorView(s.lse.data(), DType::f32, {B, H, L}), causal);
@@ -313,8 +317,8 @@ LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>
       layernorm_backward(N, D, s.x.data(), f.w(p + "ln_1.weight"), s.mean1.data(), s.rstd1.data(), da.data(),
                          tmp.data(), g(p + "ln_1.weight"), g(p + "ln_1.bias"));
     } else {
-      rope_backward(N, H, f.dh, dq.data(), f.pos.data(), f.inv_freq);
-      rope_backward(N, Hk, f.dh, dk.data(), f.pos.data(), f.inv_freq);
+      rope_backward(N, H, f.dh, A, dq.data(), f.pos.data(), f.inv_freq.data());
+      rope_backward(N, Hk, f.dh, K, dk.data(), f.pos.data(), f.inv_freq.data());
       linear_t_backward(N, D, A, s.a1.data(), m.weight(p + "self_attn.q_proj.weight"), dq.data(), da.data(),
                         g(p + "self_attn.q_proj.weight"), gb(p + "self_attn.q_proj.bias", c.qkv_bias));
       linear_t_backward(N, D, K, s.a1.data(), m.weight(p + "self_attn.k_proj.weight"), dk.data(), tmp.data(),
@@ -336,6 +340,249 @@ LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>
       if (gpt2) g("transformer.wpe.weight")[f.pos[t] * D + e] += dx[t * D + e];
     }
   return out;
+}
+
+}  // namespace ringattn
+
+// ---- the language model as the parallel Model ----------------------------------------
+
+namespace ringattn {
+namespace {
+
+// Where one checkpoint tensor lives in a full Model: a block of one of its
+// row-major matrices (leading dimension ld, from column col0). Hugging Face's
+// nn.Linear weights are [out, in] (transpose: ours are [in, out]); gpt2's Conv1D
+// weights, the embeddings and the LM head are stored as we keep them.
+struct Slot {
+  float* base;
+  int64_t ld, col0;
+  bool transpose;
+};
+
+std::map<std::string, Slot> lm_slots(const Model& full, const LmConfig& c, bool grads) {
+  Model& m = const_cast<Model&>(full);  // the slots are written by lm_import only
+  check(full.tp() == 1 && full.num_layers() == c.layers && full.device().is_host(),
+        "checkpoint tensors map onto a full (tp = 1, pp = 1) host model");
+  const int64_t D = c.d_model, A = c.heads * c.head_dim, K = c.kv_heads * c.head_dim, F = c.mlp_hidden;
+  const int64_t C = A + 2 * K;
+  std::map<std::string, Slot> s;
+  auto vec = [](float* p, int64_t col0 = 0) { return Slot{p, 0, col0, false}; };
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const LayerParams p = grads ? m.layer_grads(static_cast<int>(l)) : m.layer(static_cast<int>(l));
+    if (c.arch == Arch::gpt2) {
+      const std::string h = cat("transformer.h.", l, ".");
+      s[h + "ln_1.weight"] = vec(p.ln1_g), s[h + "ln_1.bias"] = vec(p.ln1_b);
+      s[h + "attn.c_attn.weight"] = {p.w_qkv, C, 0, false}, s[h + "attn.c_attn.bias"] = vec(p.b_qkv);
+      s[h + "attn.c_proj.weight"] = {p.w_o, D, 0, false}, s[h + "attn.c_proj.bias"] = vec(p.b_o);
+      s[h + "ln_2.weight"] = vec(p.ln2_g), s[h + "ln_2.bias"] = vec(p.ln2_b);
+      s[h + "mlp.c_fc.weight"] = {p.w_in, F, 0, false}, s[h + "mlp.c_fc.bias"] = vec(p.b_in);
+      s[h + "mlp.c_proj.weight"] = {p.w_out, D, 0, false}, s[h + "mlp.c_proj.bias"] = vec(p.b_out);
+      continue;
+    }
+    const std::string h = cat("model.layers.", l, ".");
+    s[h + "input_layernorm.weight"] = vec(p.ln1_g);
+    s[h + "post_attention_layernorm.weight"] = vec(p.ln2_g);
+    const int64_t col[3] = {0, A, A + K};
+    const char* qkv[3] = {"q_proj", "k_proj", "v_proj"};
+    for (int i = 0; i < 3; ++i) {
+      s[h + "self_attn." + qkv[i] + ".weight"] = {p.w_qkv, C, col[i], true};
+      if (c.qkv_bias) s[h + "self_attn." + qkv[i] + ".bias"] = vec(p.b_qkv, col[i]);
+    }
+    s[h + "self_attn.o_proj.weight"] = {p.w_o, D, 0, true};
+    if (c.o_bias) s[h + "self_attn.o_proj.bias"] = vec(p.b_o);
+    s[h + "mlp.gate_proj.weight"] = {p.w_in, 2 * F, 0, true};
+    s[h + "mlp.up_proj.weight"] = {p.w_in, 2 * F, F, true};
+    s[h + "mlp.down_proj.weight"] = {p.w_out, D, 0, true};
+    if (c.mlp_bias)
+      s[h + "mlp.gate_proj.bias"] = vec(p.b_in), s[h + "mlp.up_proj.bias"] = vec(p.b_in, F),
+            s[h + "mlp.down_proj.bias"] = vec(p.b_out);
+  }
+  const LmParams g = grads ? m.lm_grads() : m.lm();
+  const bool gpt2 = c.arch == Arch::gpt2;
+  s[gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight"] = {g.embed, D, 0, false};
+  if (gpt2) s["transformer.wpe.weight"] = {g.pos_embed, D, 0, false};
+  s[gpt2 ? "transformer.ln_f.weight" : "model.norm.weight"] = vec(g.norm_g);
+  if (gpt2) s["transformer.ln_f.bias"] = vec(g.norm_b);
+  if (!c.tie_embeddings) s["lm_head.weight"] = {g.head, D, 0, false};
+  return s;
+}
+
+// Element (r, k) of a checkpoint tensor of shape [rows, cols] (or [cols]) in the model.
+float& at(const Slot& s, int64_t rows, int64_t cols, int64_t r, int64_t k) {
+  if (rows == 1) return s.base[s.col0 + k];
+  return s.transpose ? s.base[k * s.ld + s.col0 + r] : s.base[r * s.ld + s.col0 + k];
+}
+
+}  // namespace
+
+void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tensor>& tensors, bool grads) {
+  const std::map<std::string, Slot> slots = lm_slots(full, c, grads);
+  for (const auto& [name, shape] : lm_tensor_shapes(c)) {
+    const auto it = tensors.find(name);
+    check(it != tensors.end(), "no tensor '", name, "' to load");
+    const TensorView v = it->second.view();
+    check(v.dtype == DType::f32 && v.is_contiguous() &&
+              std::vector<int64_t>(v.shape.begin(), v.shape.begin() + v.rank) == shape,
+          "tensor '", name, "' must be fp32 ", shape_text(shape), ", got ", v.shape_str());
+    const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
+    const Slot& s = slots.at(name);
+    const float* src = v.ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) at(s, rows, cols, r, k) = src[r * cols + k];
+  }
+}
+
+std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads) {
+  const std::map<std::string, Slot> slots = lm_slots(full, c, grads);
+  std::map<std::string, Tensor> out;
+  for (const auto& [name, shape] : lm_tensor_shapes(c)) {
+    Tensor t(DType::f32, static_cast<int>(shape.size()), shape.data());
+    const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
+    const Slot& s = slots.at(name);
+    float* dst = t.ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = at(s, rows, cols, r, k);
+    out.emplace(name, std::move(t));
+  }
+  return out;
+}
+
+Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run) {
+  ModelConfig cfg = model_config(lm.config);
+  cfg.dtype = dtype;
+  check_model_fits(cfg, run.config());
+  Model full(cfg);
+  lm_import(full, lm.config, lm.weights);
+  if (run.config().tp == 1 && run.config().pp == 1 && !run.device()) return full;
+  Model slice = model_for(cfg, run);
+  slice.copy_slice_from(full, false);
+  return slice;
+}
+
+std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
+                                  std::span<const int64_t> positions) {
+  check(static_cast<int64_t>(ids.size()) == B * L, "the language model: ", ids.size(), " ids for B=", B, " x L=", L);
+  const int64_t Ll = static_cast<int64_t>(positions.size());
+  std::vector<int64_t> local(static_cast<size_t>(B * Ll));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < Ll; ++j) local[b * Ll + j] = ids[b * L + positions[j]];
+  return local;
+}
+
+std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions) {
+  check(static_cast<int64_t>(ids.size()) == B * L, "the language model: ", ids.size(), " ids for B=", B, " x L=", L);
+  const int64_t Ll = static_cast<int64_t>(positions.size());
+  std::vector<int64_t> labels(static_cast<size_t>(B * Ll), -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < Ll; ++j)
+      if (positions[j] + 1 < L) labels[b * Ll + j] = ids[b * L + positions[j] + 1];
+  return labels;
+}
+
+// ids: [B, Ll]   positions: [Ll]   ->   x: [B, Ll, D]
+DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions) {
+  const ModelConfig& c = m.config();
+  const LmParams p = m.lm();
+  check(c.is_lm() && p.embed, "lm_embed: the model has no token embedding here (not a language model's first stage)");
+  const int64_t Ll = static_cast<int64_t>(positions.size()), D = c.d_model;
+  check(static_cast<int64_t>(ids.size()) == B * Ll, "lm_embed: ", ids.size(), " ids for B=", B, " x ", Ll,
+        " positions");
+  for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
+  for (int64_t pos : positions)
+    check(!p.pos_embed || (pos >= 0 && pos < c.positions), "position ", pos, " is beyond the model's ", c.positions,
+          " learned positions");
+  DeviceTensor x = m.device().alloc(DType::f32, {B, Ll, D});
+  float* out = x.ptr<float>();
+  for (int64_t t = 0; t < B * Ll; ++t)
+    for (int64_t e = 0; e < D; ++e)
+      out[t * D + e] = p.embed[ids[t] * D + e] + (p.pos_embed ? p.pos_embed[positions[t % Ll] * D + e] : 0.f);
+  return x;
+}
+
+void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions,
+                       const TensorView& dx) {
+  const LmParams g = m.lm_grads();
+  const int64_t Ll = static_cast<int64_t>(positions.size()), D = m.config().d_model;
+  check(g.embed && dx.numel() == B * Ll * D && dx.is_contiguous(), "lm_embed_backward: dL/dx ", dx.shape_str(),
+        " for B=", B, " x ", Ll, " tokens");
+  const float* d = dx.ptr<float>();
+  for (int64_t t = 0; t < B * Ll; ++t)
+    for (int64_t e = 0; e < D; ++e) {
+      g.embed[ids[t] * D + e] += d[t * D + e];
+      if (g.pos_embed) g.pos_embed[positions[t % Ll] * D + e] += d[t * D + e];
+    }
+}
+
+// y: [N, D]   ->   logits: [N, V]
+Tensor lm_head_logits(const Model& m, const TensorView& y) {
+  const ModelConfig& c = m.config();
+  const LmParams p = m.lm();
+  check(c.is_lm() && p.head, "lm_head_logits: the model has no LM head here (not a language model's last stage)");
+  const int64_t D = c.d_model, N = y.numel() / D, V = c.vocab;
+  std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
+  norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
+  Tensor logits(DType::f32, {N, V});
+  gemm(false, true, N, V, D, 1.f, a.data(), D, p.head, D, 0.f, logits.ptr<float>(), V);
+  return logits;
+}
+
+// y: [N, D]   labels: [N]   dy: [N, D]
+double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy) {
+  const ModelConfig& c = m.config();
+  const LmParams p = std::as_const(m).lm(), g = m.lm_grads();
+  check(c.is_lm() && p.head, "lm_head_loss: the model has no LM head here (not a language model's last stage)");
+  const int64_t D = c.d_model, N = static_cast<int64_t>(labels.size());
+  check(y.numel() == N * D && dy.numel() == N * D, "lm_head_loss: ", N, " labels for rows ", y.shape_str());
+  for (int64_t t : labels) check(t >= -1 && t < c.vocab, "label ", t, " is outside the vocabulary of ", c.vocab);
+  std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
+  std::vector<float> da(static_cast<size_t>(N * D));
+  norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
+  const double loss = lm_head_cross_entropy(N, D, c.vocab, a.data(), p.head, labels.data(), scale, da.data(), g.head);
+  norm_backward(m.device(), c, N, y.ptr<float>(), p.norm_g, mean.data(), rstd.data(), da.data(), dy.ptr<float>(),
+                g.norm_g, g.norm_b);
+  return loss;
+}
+
+namespace {
+
+int64_t local_length(const ModelParallel& par, int64_t L) {
+  const int P = par.sp ? par.sp->size() : 1;
+  if (P > 1) check_layout(par.attn.layout, L, P);
+  return L / P;
+}
+
+}  // namespace
+
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L) {
+  check(m.first_stage() && m.last_stage(), "lm_forward runs the whole model (pp = 1)");
+  const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
+  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos);
+  const DeviceTensor x = lm_embed(m, local, B, pos);
+  Activations act;
+  act.keep = false;
+  const DeviceTensor y = model_forward(m, x, par, act, {}, pos);
+  Tensor logits = lm_head_logits(m, y);
+  const int64_t shape[3] = {B, static_cast<int64_t>(pos.size()), m.config().vocab};
+  Tensor out(DType::f32, 3, shape);
+  std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>());
+  return out;
+}
+
+double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                        int64_t global_targets, Communicator* loss_group) {
+  check(m.first_stage() && m.last_stage(), "lm_loss_backward runs the whole model (pp = 1)");
+  check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
+  const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
+  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos);
+  const DeviceTensor x = lm_embed(m, local, B, pos);
+  Activations act;
+  const DeviceTensor y = model_forward(m, x, par, act, {}, pos);
+  DeviceTensor dy = m.device().alloc(DType::f32, {B, static_cast<int64_t>(pos.size()), m.config().d_model});
+  double loss = lm_head_loss(m, y, labels, 1.f / static_cast<float>(global_targets), dy);
+  const DeviceTensor dx = model_backward(m, act, dy, par);
+  lm_embed_backward(m, local, B, pos, dx);
+  if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
+  return loss / static_cast<double>(global_targets);
 }
 
 }  // namespace ringattn

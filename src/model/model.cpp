@@ -1,5 +1,5 @@
-// The dense transformer (see model.h): init, forward, hand-written backward and
-// the MSE loss, on any Device, sequence and tensor parallel.
+// The decoder-only transformer (see model.h): init, forward, hand-written
+// backward and the MSE loss, on any Device, sequence, tensor and pipeline parallel.
 #include "ringattn/model.h"
 
 #include <algorithm>
@@ -7,17 +7,42 @@
 #include <random>
 #include <utility>
 
+#include "ringattn/cpu/layers.h"
 #include "ringattn/error.h"
+#include "ringattn/layout.h"
 
 namespace ringattn {
 
 void ModelConfig::validate() const {
   check(layers >= 1, "layers must be >= 1, got ", layers);
   check(d_model >= 1 && heads >= 1, "d_model and heads must be >= 1");
-  check(d_model % heads == 0, "d_model=", d_model, " must be divisible by heads=", heads);
+  check(head_size > 0 || d_model % heads == 0, "d_model=", d_model, " must be divisible by heads=", heads);
+  check(head_size >= 0, "head_dim must be >= 1, got ", head_size);
   check(heads % kv() == 0, "heads=", heads, " must be a multiple of kv_heads=", kv());
   check(hidden() >= 1, "mlp_hidden must be >= 1");
   check(dtype == DType::f32 || dtype == DType::bf16, "the model computes in fp32 or bf16, not ", dtype_name(dtype));
+  check(!rope || head_dim() % 2 == 0, "RoPE needs an even head dim, got ", head_dim());
+  check(norm_eps > 0, "the norm epsilon must be > 0, got ", norm_eps);
+  check(vocab >= 0 && positions >= 0, "vocab and positions must be >= 0");
+  check(!tied || vocab > 0, "a tied LM head needs a vocabulary");
+}
+
+ModelConfig model_config(const LmConfig& lm) {
+  ModelConfig c;
+  c.layers = lm.layers, c.d_model = lm.d_model, c.heads = lm.heads, c.kv_heads = lm.kv_heads;
+  c.mlp_hidden = lm.mlp_hidden, c.head_size = lm.head_dim, c.causal = true;
+  c.norm_eps = static_cast<float>(lm.norm_eps);
+  c.vocab = lm.vocab, c.tied = lm.tie_embeddings;
+  if (lm.arch == Arch::gpt2) {
+    c.norm = Norm::layernorm, c.mlp = Mlp::gelu, c.qkv_bias = c.o_bias = c.mlp_bias = true;
+    c.positions = lm.max_positions;
+  } else {
+    c.norm = Norm::rmsnorm, c.mlp = Mlp::swiglu;
+    c.qkv_bias = lm.qkv_bias, c.o_bias = lm.o_bias, c.mlp_bias = lm.mlp_bias;
+    c.rope = true, c.rope_config = lm.rope;
+  }
+  c.validate();
+  return c;
 }
 
 void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
@@ -29,6 +54,8 @@ void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
         " and kv_heads=", c.kv(), " must both be divisible by tp=", tp);
   check(c.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", c.hidden(),
         " must be divisible by tp=", tp);
+  check(!c.tied || pp == 1, "a tied LM head (tie_word_embeddings) needs the embedding on the first and the last ",
+        "pipeline stage; pp=", pp, " with tied embeddings is not supported, use --pp 1");
   const int U = p.strategy == Strategy::ulysses ? p.sp : p.strategy == Strategy::hybrid ? p.ulysses : 1;
   check(c.heads / tp % U == 0 && c.kv() / tp % U == 0, "--strategy ", strategy_name(p.strategy),
         " splits the heads over ", U, " SP ranks: heads=", c.heads, " and kv_heads=", c.kv(),
@@ -41,10 +68,24 @@ Model model_for(const ModelConfig& c, const RunContext& run) {
   return Model(c, run.config().tp, m.tp_index(), run.config().pp, m.pp_index(), run.device());
 }
 
-// Sizes of one layer's tensors (this rank's slice), in LayerParams order.
+// Sizes of one layer's tensors (this rank's slice), in LayerParams order; 0 for
+// what the architecture has not.
 std::vector<int64_t> Model::layer_sizes() const {
-  const int64_t D = cfg_.d_model, C = local_qkv_width(), A = local_heads() * cfg_.head_dim(), F = local_hidden();
-  return {D, D, D * C, C, A * D, D, D, D, D * F, F, F * D, D};
+  const ModelConfig& c = cfg_;
+  const int64_t D = c.d_model, C = local_qkv_width(), A = local_heads() * c.head_dim(), F = local_hidden();
+  const int64_t Fin = c.mlp == Mlp::swiglu ? 2 * F : F, nb = c.norm == Norm::layernorm ? D : 0;
+  return {D, nb, D * C,   c.qkv_bias ? C : 0,   A * D, c.o_bias ? D : 0,
+          D, nb, D * Fin, c.mlp_bias ? Fin : 0, F * D, c.mlp_bias ? D : 0};
+}
+
+// Sizes of the LmParams this stage holds (all 0 for the vector model).
+std::vector<int64_t> Model::lm_sizes() const {
+  const ModelConfig& c = cfg_;
+  if (!c.is_lm()) return {0, 0, 0, 0, 0};
+  const int64_t D = c.d_model, V = c.vocab;
+  const bool first = first_stage(), last = last_stage();
+  return {first ? V * D : 0, first ? c.positions * D : 0, last ? D : 0, last && c.norm == Norm::layernorm ? D : 0,
+          last && !c.tied ? V * D : 0};
 }
 
 namespace {
@@ -56,6 +97,14 @@ int64_t qkv_column(const ModelConfig& c, int tp, int r, int64_t col) {
   if (col < hq) return r * hq + col;
   if (col < hq + hk) return c.heads * dh + r * hk + (col - hq);
   return (c.heads + c.kv()) * dh + r * hk + (col - hq - hk);
+}
+
+// Column c of this TP rank's W_in slice -> column of the full W_in: the rank's
+// run of the F columns (GELU), or of the gate columns then the up columns (SwiGLU).
+int64_t mlp_column(const ModelConfig& c, int tp, int r, int64_t col) {
+  const int64_t Fl = c.hidden() / tp;
+  if (col < Fl) return r * Fl + col;
+  return c.hidden() + r * Fl + (col - Fl);
 }
 
 }  // namespace
@@ -75,37 +124,57 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, 
     check(tp == 1 && pp == 1, "a model on ", device->name(), " runs sequence parallelism only, not tp=", tp,
           " x pp=", pp);
   }
+  if (device && !device->is_host())
+    check(!cfg_.is_lm(), "a language model on ", device->name(),
+          " is not supported yet: its LM head and cross-entropy run on the CPU; use --device cpu");
   for (int64_t s : layer_sizes()) per_layer_ += s;
-  params_ = dev_->alloc(DType::f32, {per_layer_ * num_layers_});
-  grads_ = dev_->alloc(DType::f32, {per_layer_ * num_layers_});
+  int64_t total = per_layer_ * num_layers_;
+  for (int64_t s : lm_sizes()) total += s;
+  params_ = dev_->alloc(DType::f32, {total});
+  grads_ = dev_->alloc(DType::f32, {total});
   dev_->fill(params_, 0.f);
   dev_->fill(grads_, 0.f);
   if (tp > 1 || pp > 1)
     copy_slice_from(Model(cfg_), false);
   else
     init_full();
+  if (cfg_.rope) {
+    const std::vector<float> f = ringattn::rope_inv_freq(cfg_.rope_config, cfg_.head_dim());
+    inv_freq_ = dev_->upload(TensorView(const_cast<float*>(f.data()), DType::f32, {static_cast<int64_t>(f.size())}));
+  }
   if (device && device != dev_) {
     params_ = device->upload(params_);
     grads_ = device->upload(grads_);
+    if (cfg_.rope) inv_freq_ = device->upload(inv_freq_);
     dev_ = device;
   }
 }
 
 // N(0, 0.02) weights (output projections scaled by 1/sqrt(2·layers), as GPT-2),
-// LayerNorm gains 1, biases 0; drawn in a fixed order from the seed.
+// norm gains 1, biases 0; drawn in a fixed order from the seed (layers, then the
+// embedding, learned positions and untied head).
 void Model::init_full() {
   std::mt19937_64 rng(cfg_.seed);
   std::normal_distribution<float> normal(0.f, 0.02f);
   const float out_scale = 1.f / std::sqrt(2.f * static_cast<float>(cfg_.layers));
+  const int64_t D = cfg_.d_model, C = cfg_.qkv_width(), A = cfg_.heads * cfg_.head_dim();
+  const int64_t Fin = (cfg_.mlp == Mlp::swiglu ? 2 : 1) * cfg_.hidden(), F = cfg_.hidden();
   for (int l = 0; l < cfg_.layers; ++l) {
     LayerParams p = layer(l);
-    const int64_t D = cfg_.d_model, C = cfg_.qkv_width(), A = cfg_.heads * cfg_.head_dim(), F = cfg_.hidden();
     for (int64_t i = 0; i < D; ++i) p.ln1_g[i] = p.ln2_g[i] = 1.f;
     for (int64_t i = 0; i < D * C; ++i) p.w_qkv[i] = normal(rng);
     for (int64_t i = 0; i < A * D; ++i) p.w_o[i] = normal(rng) * out_scale;
-    for (int64_t i = 0; i < D * F; ++i) p.w_in[i] = normal(rng);
+    for (int64_t i = 0; i < D * Fin; ++i) p.w_in[i] = normal(rng);
     for (int64_t i = 0; i < F * D; ++i) p.w_out[i] = normal(rng) * out_scale;
   }
+  if (!cfg_.is_lm()) return;
+  const LmParams g = lm();
+  const int64_t V = cfg_.vocab;
+  for (int64_t i = 0; i < V * D; ++i) g.embed[i] = normal(rng);
+  for (int64_t i = 0; i < cfg_.positions * D; ++i) g.pos_embed[i] = normal(rng) * 0.5f;
+  for (int64_t i = 0; i < D; ++i) g.norm_g[i] = 1.f;
+  if (!cfg_.tied)
+    for (int64_t i = 0; i < V * D; ++i) g.head[i] = normal(rng);
 }
 
 void Model::copy_slice_from(const Model& full, bool grads) {
@@ -119,29 +188,58 @@ void Model::copy_slice_from(const Model& full, bool grads) {
     float* fb = const_cast<float*>(grads ? full.grads() : full.params());
     const LayerParams f = full.view(fb, first_layer_ + l);
     const LayerParams p = view(grads ? grads_.ptr<float>() : params_.ptr<float>(), l);
-    std::copy_n(f.ln1_g, D, p.ln1_g), std::copy_n(f.ln1_b, D, p.ln1_b);
-    std::copy_n(f.ln2_g, D, p.ln2_g), std::copy_n(f.ln2_b, D, p.ln2_b);
-    std::copy_n(f.b_o, D, p.b_o), std::copy_n(f.b_out, D, p.b_out);
+    auto replicated = [&](const float* from, float* to) {
+      if (to) std::copy_n(from, D, to);
+    };
+    replicated(f.ln1_g, p.ln1_g), replicated(f.ln1_b, p.ln1_b), replicated(f.ln2_g, p.ln2_g);
+    replicated(f.ln2_b, p.ln2_b), replicated(f.b_o, p.b_o), replicated(f.b_out, p.b_out);
     for (int64_t j = 0; j < Cl; ++j) {
       const int64_t jf = qkv_column(c, tp_, tp_rank_, j);
-      p.b_qkv[j] = f.b_qkv[jf];
+      if (p.b_qkv) p.b_qkv[j] = f.b_qkv[jf];
       for (int64_t i = 0; i < D; ++i) p.w_qkv[i * Cl + j] = f.w_qkv[i * Cf + jf];
     }
     std::copy_n(f.w_o + tp_rank_ * Al * D, Al * D, p.w_o);  // rows of the local heads
-    for (int64_t i = 0; i < D; ++i) std::copy_n(f.w_in + i * Ff + tp_rank_ * Fl, Fl, p.w_in + i * Fl);
-    std::copy_n(f.b_in + tp_rank_ * Fl, Fl, p.b_in);
+    const int64_t Fin_l = c.mlp == Mlp::swiglu ? 2 * Fl : Fl, Fin_f = c.mlp == Mlp::swiglu ? 2 * Ff : Ff;
+    for (int64_t j = 0; j < Fin_l; ++j) {
+      const int64_t jf = mlp_column(c, tp_, tp_rank_, j);
+      if (p.b_in) p.b_in[j] = f.b_in[jf];
+      for (int64_t i = 0; i < D; ++i) p.w_in[i * Fin_l + j] = f.w_in[i * Fin_f + jf];
+    }
     std::copy_n(f.w_out + tp_rank_ * Fl * D, Fl * D, p.w_out);  // rows of the local MLP columns
   }
+  if (!c.is_lm()) return;  // the embedding, final norm and head: replicated over TP
+  float* fb = const_cast<float*>(grads ? full.grads() : full.params());
+  const LmParams f = full.lm_view(fb), p = lm_view(grads ? grads_.ptr<float>() : params_.ptr<float>());
+  const std::vector<int64_t> n = lm_sizes();
+  if (p.embed) std::copy_n(f.embed, n[0], p.embed);
+  if (p.pos_embed) std::copy_n(f.pos_embed, n[1], p.pos_embed);
+  if (p.norm_g) std::copy_n(f.norm_g, n[2], p.norm_g);
+  if (p.norm_b) std::copy_n(f.norm_b, n[3], p.norm_b);
+  if (!c.tied && p.head) std::copy_n(f.head, n[4], p.head);
 }
 
-LayerParams Model::view(float* base, int l) const {
-  float* p = base + l * per_layer_;
+namespace {
+
+// Pointers to consecutive tensors of the given sizes from base (null for size 0).
+std::vector<float*> carve(float* base, const std::vector<int64_t>& sizes) {
   std::vector<float*> ptrs;
-  for (int64_t s : layer_sizes()) {
-    ptrs.push_back(p);
-    p += s;
+  for (int64_t s : sizes) {
+    ptrs.push_back(s > 0 ? base : nullptr);
+    base += s;
   }
-  return {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7], ptrs[8], ptrs[9], ptrs[10], ptrs[11]};
+  return ptrs;
+}
+
+}  // namespace
+
+LayerParams Model::view(float* base, int l) const {
+  const std::vector<float*> p = carve(base + l * per_layer_, layer_sizes());
+  return {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]};
+}
+
+LmParams Model::lm_view(float* base) const {
+  const std::vector<float*> p = carve(base + num_layers_ * per_layer_, lm_sizes());
+  return {p[0], p[1], p[2], p[3], cfg_.tied ? p[0] : p[4]};
 }
 
 LayerWeights Model::weights(int l) const {
@@ -241,9 +339,52 @@ void reduce_input_grad(const ModelParallel& par, float* dx, int64_t n) {
 
 }  // namespace
 
+std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll) {
+  const int P = par.sp ? par.sp->size() : 1;
+  if (P == 1) {  // one shard: every layout is the identity
+    std::vector<int64_t> pos(static_cast<size_t>(Ll));
+    for (int64_t i = 0; i < Ll; ++i) pos[i] = i;
+    return pos;
+  }
+  return shard_positions(par.attn.layout, Ll * P, P, par.sp->rank());
+}
+
+void norm_forward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* b,
+                  float* y, float* mean, float* rstd) {
+  if (c.norm == Norm::rmsnorm)
+    dev.rmsnorm_forward(N, c.d_model, x, g, y, rstd, c.norm_eps);
+  else
+    dev.layernorm_forward(N, c.d_model, x, g, b, y, mean, rstd, c.norm_eps);
+}
+
+void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* mean,
+                   const float* rstd, const float* dy, float* dx, float* dg, float* db) {
+  if (c.norm == Norm::rmsnorm)
+    dev.rmsnorm_backward(N, c.d_model, x, g, rstd, dy, dx, dg);
+  else
+    dev.layernorm_backward(N, c.d_model, x, g, mean, rstd, dy, dx, dg, db);
+}
+
+namespace {
+
+// RoPE (forward or back) on the q and k columns of a fused fp32 qkv [N, C].
+void rope_qk(const Model& m, int64_t N, float* qkv, const int64_t* pos, bool backward) {
+  Device& dev = m.device();
+  const int64_t dh = m.config().head_dim(), C = m.local_qkv_width(), hq = m.local_heads(), hk = m.local_kv();
+  if (backward) {
+    dev.rope_backward(N, hq, dh, C, qkv, pos, m.rope_inv_freq());
+    dev.rope_backward(N, hk, dh, C, qkv + hq * dh, pos, m.rope_inv_freq());
+  } else {
+    dev.rope_forward(N, hq, dh, C, qkv, pos, m.rope_inv_freq());
+    dev.rope_forward(N, hk, dh, C, qkv + hq * dh, pos, m.rope_inv_freq());
+  }
+}
+
+}  // namespace
+
 // x: [B, Ll, D] -> [B, Ll, D]
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
-                           const AttentionHook& attention) {
+                           const AttentionHook& attention, std::span<const int64_t> positions) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
@@ -251,8 +392,17 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
   check(!par.tp || par.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
         par.tp ? par.tp->size() : 1, " ranks");
   const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
-  const int64_t A = m.local_heads() * c.head_dim();
+  const int64_t A = m.local_heads() * c.head_dim(), Fin = c.mlp == Mlp::swiglu ? 2 * F : F;
   act.B = B, act.Ll = Ll;
+  act.pos.reset();
+  if (c.rope) {
+    const std::vector<int64_t> local = positions.empty() ? local_positions(par, Ll) : std::vector<int64_t>();
+    const std::span<const int64_t> pos = positions.empty() ? std::span<const int64_t>(local) : positions;
+    check(static_cast<int64_t>(pos.size()) == Ll, "RoPE: ", pos.size(), " positions for ", Ll, " tokens");
+    std::vector<int64_t> rows(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) rows[i] = pos[i % Ll];
+    act.pos = dev.upload_positions(rows);
+  }
   act.layers.clear();
   act.layers.resize(static_cast<size_t>(m.num_layers()));
   DeviceTensor cur = dev.alloc(DType::f32, {B, Ll, D});
@@ -263,16 +413,14 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
     Activations::Layer& s = act.layers[l];
     s.x = std::move(cur);
     s.a = dev.alloc(DType::f32, {N, D}), s.mean1 = dev.alloc(DType::f32, {N}), s.rstd1 = dev.alloc(DType::f32, {N});
-    dev.layernorm_forward(N, D, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
-                          s.rstd1.ptr<float>());
-    s.qkv = dev.alloc(c.dtype, {N, C});  // bf16: the attention's inputs are rounded once
-    if (c.dtype == DType::f32) {
-      dev.linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, s.qkv.ptr<float>(), c.dtype);
-    } else {
-      DeviceTensor qkv = dev.alloc(DType::f32, {N, C});
-      dev.linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, qkv.ptr<float>(), c.dtype);
-      dev.copy(s.qkv, qkv);
-    }
+    norm_forward(dev, c, N, s.x.ptr<float>(), p.ln1_g, p.ln1_b, s.a.ptr<float>(), s.mean1.ptr<float>(),
+                 s.rstd1.ptr<float>());
+    s.qkv = dev.alloc(c.dtype, {N, C});  // bf16: the attention's inputs are rounded once, after RoPE
+    DeviceTensor qkv32 = c.dtype == DType::f32 ? DeviceTensor() : dev.alloc(DType::f32, {N, C});
+    float* qkv = c.dtype == DType::f32 ? s.qkv.ptr<float>() : qkv32.ptr<float>();
+    dev.linear_forward(N, D, C, s.a.ptr<float>(), w.w_qkv, p.b_qkv, qkv, c.dtype);
+    if (c.rope) rope_qk(m, N, qkv, act.pos.get(), false);
+    if (c.dtype != DType::f32) dev.copy(s.qkv, qkv32);
     s.o = dev.alloc(DType::f32, {B, Ll, m.local_heads(), c.head_dim()});
     s.lse = dev.alloc(DType::f32, {B, m.local_heads(), Ll});
     const TensorView q = qkv_part(s.qkv, m, B, Ll, 0), k = qkv_part(s.qkv, m, B, Ll, 1),
@@ -285,11 +433,14 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
     row_parallel_linear(dev, par, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
     dev.add(s.x1, flat(s.x, N, D));
     s.c = dev.alloc(DType::f32, {N, D}), s.mean2 = dev.alloc(DType::f32, {N}), s.rstd2 = dev.alloc(DType::f32, {N});
-    dev.layernorm_forward(N, D, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
-                          s.rstd2.ptr<float>());
-    s.h = dev.alloc(DType::f32, {N, F}), s.g = dev.alloc(DType::f32, {N, F});
-    dev.linear_forward(N, D, F, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
-    dev.gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
+    norm_forward(dev, c, N, s.x1.ptr<float>(), p.ln2_g, p.ln2_b, s.c.ptr<float>(), s.mean2.ptr<float>(),
+                 s.rstd2.ptr<float>());
+    s.h = dev.alloc(DType::f32, {N, Fin}), s.g = dev.alloc(DType::f32, {N, F});
+    dev.linear_forward(N, D, Fin, s.c.ptr<float>(), w.w_in, p.b_in, s.h.ptr<float>(), c.dtype);
+    if (c.mlp == Mlp::swiglu)
+      dev.swiglu_forward(N, F, s.h.ptr<float>(), s.g.ptr<float>());
+    else
+      dev.gelu_forward(N * F, s.h.ptr<float>(), s.g.ptr<float>());
     cur = dev.alloc(DType::f32, {B, Ll, D});
     row_parallel_linear(dev, par, N, F, D, s.g.ptr<float>(), w.w_out, p.b_out, cur.ptr<float>(), c.dtype);
     dev.add(flat(cur, N, D), s.x1);
@@ -303,13 +454,13 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
   const ModelConfig& c = m.config();
   Device& dev = m.device();
   const int64_t B = act.B, Ll = act.Ll, N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
-  const int64_t A = m.local_heads() * c.head_dim();
+  const int64_t A = m.local_heads() * c.head_dim(), Fin = c.mlp == Mlp::swiglu ? 2 * F : F;
   check(dy.rank == 3 && dy.dim(0) == B && dy.dim(1) == Ll && dy.dim(2) == D, "model gradient must be [", B, ", ", Ll,
         ", ", D, "], got ", dy.shape_str());
   DeviceTensor dcur = dev.alloc(DType::f32, {B, Ll, D});
   dev.copy(dcur, dy);
   const TensorView dcur_rows = flat(dcur, N, D);
-  DeviceTensor dg = dev.alloc(DType::f32, {N, F}), dh = dev.alloc(DType::f32, {N, F}),
+  DeviceTensor dg = dev.alloc(DType::f32, {N, F}), dh = dev.alloc(DType::f32, {N, Fin}),
                dc = dev.alloc(DType::f32, {N, D}), dtmp = dev.alloc(DType::f32, {N, D}),
                dout = dev.alloc(DType::f32, {B, Ll, m.local_heads(), c.head_dim()}),
                dqkv = dev.alloc(DType::f32, {N, C}), da = dev.alloc(DType::f32, {N, D});
@@ -318,14 +469,18 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     const LayerWeights w = m.weights(l);
     const LayerParams gp = m.layer_grads(l);
     const Activations::Layer& s = act.layers[l];
-    // x2 = x1 + GELU(c·W_in + b_in)·W_out + b_out
+    // x2 = x1 + mlp(c)·W_out + b_out
     dev.linear_backward(N, F, D, s.g.ptr<float>(), w.w_out, dcur.ptr<float>(), dg.ptr<float>(), gp.w_out, gp.b_out,
                         c.dtype);
-    dev.gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
-    dev.linear_backward(N, D, F, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in, c.dtype);
+    if (c.mlp == Mlp::swiglu)
+      dev.swiglu_backward(N, F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
+    else
+      dev.gelu_backward(N * F, s.h.ptr<float>(), dg.ptr<float>(), dh.ptr<float>());
+    dev.linear_backward(N, D, Fin, s.c.ptr<float>(), w.w_in, dh.ptr<float>(), dc.ptr<float>(), gp.w_in, gp.b_in,
+                        c.dtype);
     reduce_input_grad(par, dc.ptr<float>(), N * D);
-    dev.layernorm_backward(N, D, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(),
-                           dc.ptr<float>(), dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
+    norm_backward(dev, c, N, s.x1.ptr<float>(), p.ln2_g, s.mean2.ptr<float>(), s.rstd2.ptr<float>(), dc.ptr<float>(),
+                  dtmp.ptr<float>(), gp.ln2_g, gp.ln2_b);
     dev.add(dcur_rows, dtmp);  // dL/dx1
     // x1 = x + o·W_o + b_o
     dev.linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o,
@@ -333,11 +488,12 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     attention_bwd(dev, par, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
                   s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
                   qkv_part(dqkv, m, B, Ll, 2));
+    if (c.rope) rope_qk(m, N, dqkv.ptr<float>(), act.pos.get(), true);
     dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
                         c.dtype);
     reduce_input_grad(par, da.ptr<float>(), N * D);
-    dev.layernorm_backward(N, D, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
-                           dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
+    norm_backward(dev, c, N, s.x.ptr<float>(), p.ln1_g, s.mean1.ptr<float>(), s.rstd1.ptr<float>(), da.ptr<float>(),
+                  dtmp.ptr<float>(), gp.ln1_g, gp.ln1_b);
     dev.add(dcur_rows, dtmp);  // dL/dx
   }
   return dcur;

@@ -46,8 +46,8 @@ TEST(RopeDistributed, GlobalPositionsUnderEveryLayoutAndStrategy) {
   copy_into(qr, q), copy_into(kr, k);
   std::vector<int64_t> all(L);
   for (int64_t t = 0; t < L; ++t) all[t] = t;
-  rope_forward(L, H, d, qr.ptr<float>(), all.data(), inv_freq);
-  rope_forward(L, Hkv, d, kr.ptr<float>(), all.data(), inv_freq);
+  rope_forward(L, H, d, H * d, qr.ptr<float>(), all.data(), inv_freq.data());
+  rope_forward(L, Hkv, d, Hkv * d, kr.ptr<float>(), all.data(), inv_freq.data());
   AttentionOptions causal;
   causal.causal = true;
   attention_forward(qr, kr, v, o, lse, causal);
@@ -63,8 +63,8 @@ TEST(RopeDistributed, GlobalPositionsUnderEveryLayoutAndStrategy) {
         std::vector<int64_t> pos = shard_positions(layout, L, P, p);
         if (!global)
           for (int64_t t = 0; t < Ll; ++t) pos[t] = t;  // the bug: the shard's own indices
-        rope_forward(Ll, H, d, ql.ptr<float>(), pos.data(), inv_freq);
-        rope_forward(Ll, Hkv, d, kl.ptr<float>(), pos.data(), inv_freq);
+        rope_forward(Ll, H, d, H * d, ql.ptr<float>(), pos.data(), inv_freq.data());
+        rope_forward(Ll, Hkv, d, Hkv * d, kl.ptr<float>(), pos.data(), inv_freq.data());
         DistAttentionOptions opt;
         opt.strategy = strategy, opt.layout = layout, opt.causal = true;
         dist_attention_forward(*comm, ql, kl, vl, ol, lsel, opt);

@@ -53,12 +53,19 @@ void swiglu_backward(int64_t n, const float* g, const float* u, const float* dy,
 // (below original_max_positions / high_freq_factor) and blends in between.
 std::vector<float> rope_inv_freq(const RopeConfig& rope, int64_t head_dim);
 
-// x: [N, H, d] (rows of N tokens, H heads) rotated in place by each token's
-// *global* position pos[N] (HF's rotate_half pairing: element i with i + d/2):
+// x: [N, H, d] (rows of N tokens, H heads; token t's row starts at x + t·ld,
+// ld >= H·d) rotated in place by each token's *global* position pos[N] (HF's
+// rotate_half pairing: element i with i + d/2), inv_freq: [d/2]:
 //   a = fl(pos · inv_freq_i),  x_i' = x_i cos a − x_{i+d/2} sin a,  x_{i+d/2}' = x_{i+d/2} cos a + x_i sin a.
 // The backward (inverse = transpose) rotates by −a.
-void rope_forward(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq);
-void rope_backward(int64_t N, int64_t H, int64_t d, float* dx, const int64_t* pos, const std::vector<float>& inv_freq);
+void rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq);
+void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos, const float* inv_freq);
+
+// SwiGLU on the rows of a fused gate|up projection: h [N, 2F] (gate columns
+// 0..F−1, up columns F..2F−1) -> y [N, F] = silu(gate) ∘ up; the backward
+// writes dh [N, 2F] from dy [N, F].
+void swiglu_rows_forward(int64_t N, int64_t F, const float* h, float* y);
+void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh);
 
 // The LM head and next-token cross-entropy without the whole [N, V] logits:
 // rows are taken `chunk` at a time, logits = h · Wᵀ (W: the head [V, D]), and

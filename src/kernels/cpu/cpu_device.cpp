@@ -75,12 +75,34 @@ class CpuDevice final : public Device {
     ringattn::attention_merge(o_acc, lse_acc, o_part, lse_part, threads);
   }
   void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
-                         float* mean, float* rstd) override {
-    ringattn::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd);
+                         float* mean, float* rstd, float eps) override {
+    ringattn::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd, eps);
   }
   void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                           const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) override {
     ringattn::layernorm_backward(N, C, x, gamma, mean, rstd, dy, dx, dgamma, dbeta);
+  }
+  void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd,
+                       float eps) override {
+    ringattn::rmsnorm_forward(N, C, x, gamma, y, rstd, eps);
+  }
+  void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                        float* dx, float* dgamma) override {
+    ringattn::rmsnorm_backward(N, C, x, gamma, rstd, dy, dx, dgamma);
+  }
+  void swiglu_forward(int64_t N, int64_t F, const float* h, float* y) override {
+    ringattn::swiglu_rows_forward(N, F, h, y);
+  }
+  void swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) override {
+    ringattn::swiglu_rows_backward(N, F, h, dy, dh);
+  }
+  void rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos,
+                    const float* inv_freq) override {
+    ringattn::rope_forward(N, H, d, ld, x, pos, inv_freq);
+  }
+  void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos,
+                     const float* inv_freq) override {
+    ringattn::rope_backward(N, H, d, ld, dx, pos, inv_freq);
   }
   void gelu_forward(int64_t n, const float* x, float* y) override { ringattn::gelu_forward(n, x, y); }
   void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) override {

@@ -223,20 +223,19 @@ std::vector<float> rope_inv_freq(const RopeConfig& r, int64_t d) {
 namespace {
 
 // Rotates pairs (i, i + d/2) of each head by sign · a, a = fl(pos · inv_freq_i).
-void rope_rotate(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq,
+void rope_rotate(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq,
                  float sign) {
   const int64_t half = d / 2;
-  check(d % 2 == 0 && static_cast<int64_t>(inv_freq.size()) == half, "RoPE: ", inv_freq.size(),
-        " inverse frequencies for head dim ", d);
+  check(d % 2 == 0 && ld >= H * d, "RoPE: head dim ", d, " must be even and the row stride ", ld, " >= ", H * d);
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < N; ++t) {
     const float p = static_cast<float>(pos[t]);
     for (int64_t i = 0; i < half; ++i) {
-      const float a = p * inv_freq[static_cast<size_t>(i)];  // fp32, as Hugging Face multiplies
+      const float a = p * inv_freq[i];  // fp32, as Hugging Face multiplies
       const float c = static_cast<float>(std::cos(static_cast<double>(a)));
       const float s = sign * static_cast<float>(std::sin(static_cast<double>(a)));
       for (int64_t h = 0; h < H; ++h) {
-        float* row = x + (t * H + h) * d;
+        float* row = x + t * ld + h * d;
         const float x1 = row[i], x2 = row[i + half];
         row[i] = x1 * c - x2 * s;
         row[i + half] = x2 * c + x1 * s;
@@ -247,13 +246,34 @@ void rope_rotate(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, 
 
 }  // namespace
 
-// x: [N, H, d] in place   pos: [N]   inv_freq: [d / 2]
-void rope_forward(int64_t N, int64_t H, int64_t d, float* x, const int64_t* pos, const std::vector<float>& inv_freq) {
-  rope_rotate(N, H, d, x, pos, inv_freq, 1.f);
+// x: [N, H, d] rows ld apart, in place   pos: [N]   inv_freq: [d / 2]
+void rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq) {
+  rope_rotate(N, H, d, ld, x, pos, inv_freq, 1.f);
 }
 
-void rope_backward(int64_t N, int64_t H, int64_t d, float* dx, const int64_t* pos, const std::vector<float>& inv_freq) {
-  rope_rotate(N, H, d, dx, pos, inv_freq, -1.f);
+void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos, const float* inv_freq) {
+  rope_rotate(N, H, d, ld, dx, pos, inv_freq, -1.f);
+}
+
+// h: [N, 2F] (gate | up)   y: [N, F]
+void swiglu_rows_forward(int64_t N, int64_t F, const float* h, float* y) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < F; ++j) {
+      const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j];
+      y[i * F + j] = g / (1.f + std::exp(-g)) * u;
+    }
+}
+
+// h: [N, 2F]   dy: [N, F]   dh: [N, 2F]
+void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < F; ++j) {
+      const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j], s = 1.f / (1.f + std::exp(-g));
+      dh[i * 2 * F + j] = dy[i * F + j] * u * s * (1.f + g * (1.f - s));
+      dh[i * 2 * F + F + j] = dy[i * F + j] * g * s;
+    }
 }
 
 // h: [N, D]   W: [V, D]   labels: [N]   dh: [N, D]   dW: [V, D]

@@ -255,9 +255,37 @@ void CudaDevice::attention_merge(const TensorView& o_acc, const TensorView& lse_
 }
 
 void CudaDevice::layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta,
-                                   float* y, float* mean, float* rstd) {
+                                   float* y, float* mean, float* rstd, float eps) {
   make_current();
-  cuda::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd, compute_);
+  cuda::layernorm_forward(N, C, x, gamma, beta, y, mean, rstd, eps, compute_);
+}
+void CudaDevice::rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd,
+                                 float eps) {
+  make_current();
+  cuda::rmsnorm_forward(N, C, x, gamma, y, rstd, eps, compute_);
+}
+void CudaDevice::rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd,
+                                  const float* dy, float* dx, float* dgamma) {
+  make_current();
+  cuda::rmsnorm_backward(N, C, x, gamma, rstd, dy, dx, dgamma, compute_);
+}
+void CudaDevice::swiglu_forward(int64_t N, int64_t F, const float* h, float* y) {
+  make_current();
+  cuda::swiglu_forward(N, F, h, y, compute_);
+}
+void CudaDevice::swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) {
+  make_current();
+  cuda::swiglu_backward(N, F, h, dy, dh, compute_);
+}
+void CudaDevice::rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos,
+                              const float* inv_freq) {
+  make_current();
+  cuda::rope(N, H, d, ld, x, pos, inv_freq, 1.f, compute_);
+}
+void CudaDevice::rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos,
+                               const float* inv_freq) {
+  make_current();
+  cuda::rope(N, H, d, ld, dx, pos, inv_freq, -1.f, compute_);
 }
 void CudaDevice::layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                                     const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) {

@@ -47,7 +47,17 @@ class CudaDevice final : public Device {
   void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const TensorView& o_part,
                        const TensorView& lse_part, int threads) override;
   void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
-                         float* mean, float* rstd) override;
+                         float* mean, float* rstd, float eps) override;
+  void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd,
+                       float eps) override;
+  void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                        float* dx, float* dgamma) override;
+  void swiglu_forward(int64_t N, int64_t F, const float* h, float* y) override;
+  void swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) override;
+  void rope_forward(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos,
+                    const float* inv_freq) override;
+  void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const int64_t* pos,
+                     const float* inv_freq) override;
   void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean,
                           const float* rstd, const float* dy, float* dx, float* dgamma, float* dbeta) override;
   void gelu_forward(int64_t n, const float* x, float* y) override;

@@ -41,9 +41,18 @@ void fill_uniform(const TensorView& x, uint64_t seed, float lo, float hi, cudaSt
 
 // The token-local layers (layers.cu), layers.h's contracts on device pointers.
 void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
-                       float* mean, float* rstd, cudaStream_t stream);
+                       float* mean, float* rstd, float eps, cudaStream_t stream);
 void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
                         const float* dy, float* dx, float* dgamma, float* dbeta, cudaStream_t stream);
+void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd, float eps,
+                     cudaStream_t stream);
+void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                      float* dx, float* dgamma, cudaStream_t stream);
+void swiglu_forward(int64_t N, int64_t F, const float* h, float* y, cudaStream_t stream);
+void swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh, cudaStream_t stream);
+// x [N, H, d] rows ld apart rotated by sign · fl(pos · inv_freq_i) (pos, inv_freq in device memory).
+void rope(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq, float sign,
+          cudaStream_t stream);
 void gelu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void gelu_backward(int64_t n, const float* x, const float* dy, float* dx, cudaStream_t stream);
 // y[N, D] += b[D];  db[D] += Σ_rows dy[N, D]

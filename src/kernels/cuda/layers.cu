@@ -1,5 +1,5 @@
-// The token-local layers on the GPU (layers.h's contracts): LayerNorm, GELU,
-// bias, the squared error of the loss and AdamW. Row-wise work takes one warp per
+// The token-local layers on the GPU (layers.h's contracts): LayerNorm, RMSNorm,
+// GELU, SwiGLU, RoPE, bias, the squared error of the loss and AdamW. Row-wise work takes one warp per
 // row; sums over rows (dgamma, dbeta, db) are deterministic: per-chunk partial
 // sums, then a fixed-order sum of the chunks. The linear layers are cuBLAS
 // (cuda_device.cpp).
@@ -72,8 +72,74 @@ __global__ void layernorm_dx_kernel(int64_t N, int64_t C, const float* x, const 
   }
 }
 
+// x, y: [N, C]   gamma: [C]   rstd: [N]; y = x · rstd · gamma, rstd = 1/√(mean(x²) + eps).
+__global__ void rmsnorm_forward_kernel(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd,
+                                       float eps) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
+       i += int64_t(gridDim.x) * blockDim.x / 32) {
+    const float* xi = x + i * C;
+    float s2 = 0;
+    for (int64_t c = lane; c < C; c += 32) s2 += xi[c] * xi[c];
+    const float r = rsqrtf(warp_sum(s2) / float(C) + eps);
+    for (int64_t c = lane; c < C; c += 32) y[i * C + c] = xi[c] * r * gamma[c];
+    if (lane == 0) rstd[i] = r;
+  }
+}
+
+// dx = rstd · (dŷ − x̂ · mean(dŷ ∘ x̂)), x̂ = x · rstd, dŷ = dy ∘ gamma; a warp per row.
+__global__ void rmsnorm_dx_kernel(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd,
+                                  const float* dy, float* dx) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < N;
+       i += int64_t(gridDim.x) * blockDim.x / 32) {
+    const float* xi = x + i * C;
+    const float* dyi = dy + i * C;
+    float b = 0;
+    for (int64_t c = lane; c < C; c += 32) b += dyi[c] * gamma[c] * xi[c] * rstd[i];
+    const float mb = warp_sum(b) / float(C);
+    for (int64_t c = lane; c < C; c += 32) dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - xi[c] * rstd[i] * mb);
+  }
+}
+
+// h: [N, 2F] (gate | up)   y: [N, F] = silu(gate) ∘ up
+__global__ void swiglu_forward_kernel(int64_t N, int64_t F, const float* h, float* y) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < N * F; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / F, j = e % F;
+    const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j];
+    y[e] = g / (1.f + expf(-g)) * u;
+  }
+}
+
+// dgate = dy ∘ up ∘ σ(g)(1 + g(1 − σ(g))),  dup = dy ∘ silu(g)
+__global__ void swiglu_backward_kernel(int64_t N, int64_t F, const float* h, const float* dy, float* dh) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < N * F; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / F, j = e % F;
+    const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j], s = 1.f / (1.f + expf(-g));
+    dh[i * 2 * F + j] = dy[e] * u * s * (1.f + g * (1.f - s));
+    dh[i * 2 * F + F + j] = dy[e] * g * s;
+  }
+}
+
+// One thread per (token, head, pair i): a = fl(pos · inv_freq_i), rotated by sign · a.
+__global__ void rope_kernel(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos,
+                            const float* inv_freq, float sign) {
+  const int64_t half = d / 2;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < N * H * half;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / (H * half), h = e / half % H, i = e % half;
+    const float a = float(pos[t]) * inv_freq[i];
+    const float c = float(cos(double(a))), s = sign * float(sin(double(a)));
+    float* row = x + t * ld + h * d;
+    const float x1 = row[i], x2 = row[i + half];
+    row[i] = x1 * c - x2 * s;
+    row[i + half] = x2 * c + x1 * s;
+  }
+}
+
 // part[chunk, 2, C]: Σ over the chunk's rows of dy ∘ x̂ (first) and dy (second);
-// x̂ only when x is given (LayerNorm), else both are Σ dy (a bias).
+// x̂ = (x − mean) · rstd when x is given (LayerNorm; mean null: RMSNorm's
+// x · rstd), else both are Σ dy (a bias).
 __global__ void column_partials_kernel(int64_t N, int64_t C, const float* x, const float* mean, const float* rstd,
                                        const float* dy, float* part) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, chunk = blockIdx.y;
@@ -82,21 +148,21 @@ __global__ void column_partials_kernel(int64_t N, int64_t C, const float* x, con
   const int64_t end = min(N, (chunk + 1) * kRowsPerChunk);
   for (int64_t i = chunk * kRowsPerChunk; i < end; ++i) {
     const float d = dy[i * C + c];
-    sg += x ? d * (x[i * C + c] - mean[i]) * rstd[i] : d;
+    sg += x ? d * (x[i * C + c] - (mean ? mean[i] : 0.f)) * rstd[i] : d;
     sb += d;
   }
   part[(chunk * 2) * C + c] = sg;
   part[(chunk * 2 + 1) * C + c] = sb;
 }
 
-// g[c] += Σ_chunks part[chunk, 0, c] (when g), b[c] += Σ_chunks part[chunk, 1, c].
+// g[c] += Σ_chunks part[chunk, 0, c] (when g), b[c] += Σ_chunks part[chunk, 1, c] (when b).
 __global__ void column_sums_kernel(int64_t C, int64_t chunks, const float* part, float* g, float* b) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   double sg = 0, sb = 0;
   for (int64_t k = 0; k < chunks; ++k) sg += part[(k * 2) * C + c], sb += part[(k * 2 + 1) * C + c];
   if (g) g[c] += float(sg);
-  b[c] += float(sb);
+  if (b) b[c] += float(sb);
 }
 
 // Adds the column sums of dy (and of dy ∘ x̂ when x is given) into g and b.
@@ -168,9 +234,9 @@ __global__ void adamw_kernel(int64_t n, float* w, const float* g, float* m, floa
 }  // namespace
 
 void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
-                       float* mean, float* rstd, cudaStream_t stream) {
+                       float* mean, float* rstd, float eps, cudaStream_t stream) {
   if (N == 0) return;
-  layernorm_forward_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, beta, y, mean, rstd, 1e-5f);
+  layernorm_forward_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, beta, y, mean, rstd, eps);
   launched("the LayerNorm forward");
 }
 
@@ -184,6 +250,42 @@ void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma
   layernorm_dx_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, mean, rstd, dy, dx);
   launched("the LayerNorm backward");
   column_sums(N, C, x, mean, rstd, dy, dgamma, dbeta, stream);
+}
+
+void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd, float eps,
+                     cudaStream_t stream) {
+  if (N == 0) return;
+  rmsnorm_forward_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, y, rstd, eps);
+  launched("the RMSNorm forward");
+}
+
+void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
+                      float* dx, float* dgamma, cudaStream_t stream) {
+  if (N == 0) return;
+  rmsnorm_dx_kernel<<<blocks(N * 32), 256, 0, stream>>>(N, C, x, gamma, rstd, dy, dx);
+  launched("the RMSNorm backward");
+  column_sums(N, C, x, nullptr, rstd, dy, dgamma, nullptr, stream);
+}
+
+void swiglu_forward(int64_t N, int64_t F, const float* h, float* y, cudaStream_t stream) {
+  if (N * F == 0) return;
+  swiglu_forward_kernel<<<blocks(N * F), 256, 0, stream>>>(N, F, h, y);
+  launched("the SwiGLU forward");
+}
+
+void swiglu_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh, cudaStream_t stream) {
+  if (N * F == 0) return;
+  swiglu_backward_kernel<<<blocks(N * F), 256, 0, stream>>>(N, F, h, dy, dh);
+  launched("the SwiGLU backward");
+}
+
+void rope(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq, float sign,
+          cudaStream_t stream) {
+  ringattn::check(d % 2 == 0 && ld >= H * d, "RoPE: head dim ", d, " must be even and the row stride ", ld,
+                  " >= ", H * d);
+  if (N * H == 0) return;
+  rope_kernel<<<blocks(N * H * (d / 2)), 256, 0, stream>>>(N, H, d, ld, x, pos, inv_freq, sign);
+  launched("RoPE");
 }
 
 void gelu_forward(int64_t n, const float* x, float* y, cudaStream_t stream) {
