@@ -326,7 +326,7 @@ void row_parallel_linear(Device& dev, const ModelParallel& par, int64_t N, int64
   dev.linear_forward(N, K, D, x, W, par.tp ? nullptr : b, y, compute);
   if (!par.tp) return;
   par.tp->all_reduce(y, N * D, ReduceOp::sum);
-  dev.add_bias(N, D, y, b);
+  if (b) dev.add_bias(N, D, y, b);
 }
 
 // An fp32 [B, Ll, D] activation as the [N, D] rows of the token-local layers.

@@ -1,0 +1,142 @@
+// Hugging Face checkpoints (the fixtures of scripts/make_hf_fixtures.py: llama
+// with GQA, llama with a tied head and llama3 RoPE, qwen2, gpt2) as the parallel
+// Model under every layout that fits the rank count: ring (contiguous, zigzag,
+// striped), all-gather, Ulysses, Ulysses x ring, TP, SP x TP, DP x SP. Each
+// rank's logits, the loss and every gradient (summed over the replicas) must
+// equal the one-process reference (lm_logits / lm_loss_and_grads, themselves
+// equal to transformers' in tests/test_lm.cpp) — RoPE by global positions and the
+// labels shifted before the split are what these catch.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ringattn/comm.h"
+#include "ringattn/lm.h"
+#include "ringattn/parallel.h"
+#include "test_util.h"
+
+namespace ringattn::testing {
+namespace {
+
+const std::string kHf = RINGATTN_TEST_FIXTURES "/hf/";
+
+double max_rel(const float* got, const float* want, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    num = std::max(num, std::fabs(double(got[i]) - want[i]));
+    den = std::max(den, std::fabs(double(want[i])));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+// The parallel layouts to try at P ranks (those the model does not fit are left
+// out by check_model_fits).
+std::vector<ParallelConfig> layouts(int P) {
+  std::vector<ParallelConfig> v;
+  auto sp = [&](Strategy s, Layout l) {
+    ParallelConfig c;
+    c.sp = P, c.strategy = s, c.layout = l, c.threads = 1;
+    v.push_back(c);
+  };
+  sp(Strategy::ring, Layout::zigzag);
+  if (P == 1) return v;
+  sp(Strategy::ulysses, Layout::zigzag);
+  if (P > 4) return v;  // 8 ranks share 2 cores: the ring and Ulysses at the largest P, the rest below
+  sp(Strategy::ring, Layout::contiguous);
+  sp(Strategy::ring, Layout::striped);
+  sp(Strategy::allgather, Layout::zigzag);
+  ParallelConfig tp;
+  tp.sp = 1, tp.tp = P, tp.threads = 1;
+  v.push_back(tp);
+  if (P % 2 == 0) {
+    ParallelConfig c;
+    c.dp = 2, c.sp = P / 2, c.threads = 1;
+    v.push_back(c);
+    c.dp = 1, c.sp = P / 2, c.tp = 2;
+    if (P > 2) v.push_back(c);  // at P = 2 that is the tp = P layout above
+  }
+  if (P == 4) {
+    ParallelConfig c;
+    c.sp = 4, c.strategy = Strategy::hybrid, c.ulysses = 2, c.threads = 1;
+    v.push_back(c);
+  }
+  return v;
+}
+
+std::string label(const ParallelConfig& c) {
+  return cat("dp=", c.dp, " sp=", c.sp, " tp=", c.tp, " ", c.strategy_label(), " ", layout_name(c.layout));
+}
+
+class LmDistributed : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(LmDistributed, EveryLayoutEqualsOneProcess) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const LmConfig& c = lm.config;
+  const int64_t B = 2, L = 24 % (2 * P) == 0 ? 24 : 48, V = c.vocab;
+  std::mt19937_64 rng(5);  // the same ids on every rank
+  std::vector<int64_t> ids(static_cast<size_t>(B * L));
+  for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(V));
+  const Tensor want_logits = lm_logits(lm, ids, B, L);
+  const LmLossGrads want = lm_loss_and_grads(lm, ids, B, L);
+  ModelConfig mc = model_config(c);
+  Model want_full(mc);
+  lm_import(want_full, c, want.grads, true);
+
+  int ran = 0;
+  for (const ParallelConfig& pc : layouts(P)) {
+    try {
+      check_model_fits(mc, pc.for_ranks(P));
+    } catch (const Error&) {
+      continue;  // heads or MLP columns do not split this way
+    }
+    ++ran;
+    const RunContext run(world.get(), pc);
+    const ModelParallel& par = run.model_parallel();
+    const Mesh& mesh = run.mesh();
+    const int64_t Bl = B / pc.dp;
+    const std::vector<int64_t> my_ids(ids.begin() + mesh.dp_index() * Bl * L,
+                                      ids.begin() + (mesh.dp_index() + 1) * Bl * L);
+    Model m = lm_model(lm, DType::f32, run);
+
+    // Logits: this rank's rows against the reference's at the same (row, position).
+    const Tensor logits = lm_forward(m, par, my_ids, Bl, L);
+    const int64_t Ll = logits.dim(1);
+    const std::vector<int64_t> pos = local_positions(par, Ll);
+    Tensor ref(DType::f32, {Bl, Ll, V});
+    for (int64_t b = 0; b < Bl; ++b)
+      for (int64_t j = 0; j < Ll; ++j)
+        std::copy_n(want_logits.ptr<float>() + ((mesh.dp_index() * Bl + b) * L + pos[j]) * V, V,
+                    ref.ptr<float>() + (b * Ll + j) * V);
+    double err[2] = {max_rel(logits.ptr<float>(), ref.ptr<float>(), ref.numel()), 0};
+
+    // Loss and gradients: summed over the replicas, against the reference's slice.
+    m.zero_grads();
+    const double loss = lm_loss_backward(m, par, my_ids, Bl, L, B * (L - 1), run.replicas());
+    if (Communicator* r = run.replicas()) r->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
+    Model want_slice = model_for(mc, run);
+    want_slice.copy_slice_from(want_full, true);
+    ASSERT_EQ(want_slice.num_params(), m.num_params());
+    err[1] = max_rel(m.grads(), want_slice.grads(), m.num_params());
+    world->all_reduce(err, 2, ReduceOp::max);
+    const std::string what = cat(name, " at P=", P, " ", label(pc));
+    EXPECT_LT(err[0], 1e-4) << what << ": logits";
+    EXPECT_NEAR(loss, want.loss, 1e-5 * want.loss) << what << ": loss";
+    EXPECT_LT(err[1], 1e-4) << what << ": gradients";
+    if (world->rank() == 0)
+      std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", what.c_str(), err[0],
+                  loss, want.loss, err[1]);
+  }
+  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, LmDistributed, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
+
+}  // namespace
+}  // namespace ringattn::testing
