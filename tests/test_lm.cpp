@@ -152,6 +152,30 @@ TEST_P(HfModels, ModelEqualsTransformers) {
               err, loss, ref["loss"].get<double>(), compared, worst);
 }
 
+// Decoding from the KV cache: greedy gives transformers' continuation, stops
+// after an end-of-sequence token (kept), and seeded sampling repeats.
+TEST_P(HfModels, GenerateFromTheCache) {
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = reference(name);
+  const std::vector<int64_t> prompt = ref["prompt"].get<std::vector<int64_t>>();
+  const auto want = ref["greedy"].get<std::vector<int64_t>>();
+  const RunContext run(nullptr, ParallelConfig{});
+  const Model m = lm_model(lm, DType::f32, run);
+  const int64_t L = static_cast<int64_t>(prompt.size());
+  LmGenerateOptions o;
+  o.new_tokens = static_cast<int64_t>(want.size());
+  EXPECT_EQ(lm_generate(m, run.model_parallel(), prompt, 1, L, o).at(0), want) << name;
+  o.eos = want[2];
+  const auto stopped = lm_generate(m, run.model_parallel(), prompt, 1, L, o).at(0);
+  const auto first_eos = std::find(want.begin(), want.end(), o.eos);  // a repeated token may come earlier
+  EXPECT_EQ(stopped, std::vector<int64_t>(want.begin(), first_eos + 1)) << name << ": ends at the eos token";
+  o.eos = -1, o.sampling.greedy = false, o.sampling.temperature = 1.5f, o.sampling.top_k = 20, o.seed = 9;
+  const auto a = lm_generate(m, run.model_parallel(), prompt, 1, L, o).at(0);
+  EXPECT_EQ(a, lm_generate(m, run.model_parallel(), prompt, 1, L, o).at(0)) << "the same seed repeats";
+  EXPECT_EQ(a.size(), want.size());
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
 
 using HfCheckpointErrors = ScratchDir;

@@ -5,6 +5,7 @@
 // embedding, final norm, LM head and next-token loss under every layout.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <span>
 #include <string>
@@ -13,6 +14,7 @@
 
 #include "ringattn/lm_config.h"
 #include "ringattn/model.h"
+#include "ringattn/sampling.h"
 #include "ringattn/tensor.h"
 
 namespace ringattn {
@@ -67,8 +69,8 @@ std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t 
 std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
                                   std::span<const int64_t> positions);
 
-// The embedding of ids [B, Ll] at global positions [Ll] (gpt2 adds the learned
-// positions): x [B, Ll, D]; the first pipeline stage's input.
+// The embedding of ids [B, Ll] at global positions ([Ll] shared by the rows, or
+// [B·Ll]; gpt2 adds its learned positions): x [B, Ll, D].
 DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions);
 // dL/dx [B, Ll, D] into the embedding's (and positions') gradients.
 void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions,
@@ -89,5 +91,23 @@ Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int6
 // batch is split) and this rank's gradients added into m.grads() (not reduced).
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                         int64_t global_targets, Communicator* loss_group);
+
+// Generation (pp = 1): the prompts ids [B, L] (the same on every rank) are
+// prefilled into the sequence-sharded KV cache by par's strategy — the longest
+// prefix that splits over the SP layout; the few tokens left run as decode steps
+// — and only the last position's logits are computed; then up to new_tokens
+// decode steps, each token picked by sample_token (seeded: every rank draws the
+// same). A sequence ends at its eos token (kept) or the count; on_token sees
+// each step's tokens (−1: that sequence has ended). Returns each sequence's new
+// tokens.
+struct LmGenerateOptions {
+  int64_t new_tokens = 16;
+  SamplingOptions sampling;
+  uint64_t seed = 0;
+  int64_t eos = -1;  // −1: none
+  std::function<void(std::span<const int64_t>)> on_token;
+};
+std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
+                                              int64_t B, int64_t L, const LmGenerateOptions& o);
 
 }  // namespace ringattn

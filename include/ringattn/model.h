@@ -206,8 +206,9 @@ void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x,
 std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
 
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
-// positions [Ll]: the tokens' global positions for RoPE (empty: local_positions);
-// the decode step passes the cache length.
+// positions: the tokens' global positions for RoPE, [Ll] shared by the rows or
+// [B·Ll] per row (empty: local_positions); a decode step passes each sequence's
+// length.
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
                            const AttentionHook& attention = {}, std::span<const int64_t> positions = {});
 // The attention of the forward without a hook: local, or distributed over par.sp,

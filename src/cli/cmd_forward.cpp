@@ -1,18 +1,22 @@
 // `ringattn forward`: the logits of a Hugging Face language model (llama,
-// mistral, qwen2, gpt2 checkpoint folder) for token ids from a .npy file. One
-// process for now: the sequence-parallel language model is the next part of
-// issue 19, and under mpirun with more than one rank this says so and stops.
+// mistral, qwen2, gpt2 checkpoint folder) for token ids from a .npy file, on one
+// process or under mpirun with any SP strategy and layout and TP (the parallel
+// options of train). Rank 0 checks the outputs, reads the ids and writes the
+// logits; every rank loads the checkpoint (its TP slice) and computes its tokens.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 
 #include "cli/commands.h"
 #include "ringattn/atomic_file.h"
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "ringattn/layout.h"
 #include "ringattn/lm.h"
 #include "ringattn/npy.h"
+#include "ringattn/parallel.h"
 #include "ringattn/perf.h"
 
 namespace ringattn::cli {
@@ -20,32 +24,76 @@ namespace {
 
 struct ForwardArgs {
   std::string model, ids, logits;
-  int threads = 0;
+  ParallelConfig par;
   bool json = false;
 };
 
+// Rank 0 checks the output path and reads the ids [B, L]; every rank gets them,
+// or rank 0's error.
+std::vector<int64_t> share_ids(Communicator* world, const ForwardArgs& a, int64_t& B, int64_t& L) {
+  std::string err;
+  std::vector<int64_t> ids;
+  int64_t hdr[3] = {0, 0, 0};  // error length, B, L
+  if (!world || world->rank() == 0) {
+    try {
+      check_output_paths({{"--logits", a.logits}}, {{"--ids", a.ids}});
+      std::vector<int64_t> shape;
+      ids = load_npy_ids(a.ids, &shape);
+      check(shape.size() == 1 || shape.size() == 2, a.ids, ": token ids must be [L] or [B, L], got rank ",
+            shape.size());
+      hdr[1] = shape.size() == 2 ? shape[0] : 1, hdr[2] = shape.back();
+      check(hdr[1] >= 1 && hdr[2] >= 1, a.ids, ": no tokens");
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    hdr[0] = static_cast<int64_t>(err.size());
+  }
+  if (world) {
+    world->broadcast(hdr, sizeof(hdr), 0);
+    err.resize(static_cast<size_t>(hdr[0]));
+    if (hdr[0] > 0) world->broadcast(err.data(), err.size(), 0);
+  }
+  if (!err.empty()) throw Error(err);
+  B = hdr[1], L = hdr[2];
+  ids.resize(static_cast<size_t>(B * L));
+  if (world) world->broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
+  return ids;
+}
+
 void run(const ForwardArgs& a) {
-  check(!MpiSession::active() || mpi_world(60)->size() == 1,
-        "forward runs on one process so far (the sequence-parallel language model is not there yet): run it without "
-        "mpirun, or with -np 1");
-  check_output_paths({{"--logits", a.logits}}, {{"--ids", a.ids}});
-  if (a.threads > 0) omp_set_num_threads(a.threads);
-  std::vector<int64_t> shape;
-  const std::vector<int64_t> ids = load_npy_ids(a.ids, &shape);
-  check(shape.size() == 1 || shape.size() == 2, a.ids, ": token ids must be [L] or [B, L], got rank ", shape.size());
-  const int64_t B = shape.size() == 2 ? shape[0] : 1, L = shape.back();
-  check(B >= 1 && L >= 1, a.ids, ": no tokens");
-  const LanguageModel m = LanguageModel::load(a.model);
-  const LmConfig& c = m.config;
+  if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
+  std::unique_ptr<Communicator> world = MpiSession::active() ? mpi_world(60) : nullptr;
+  check(a.par.pp == 1, "forward runs the whole model on each rank's tokens: --pp must be 1 (use --sp, --tp)");
+  const RunContext run(world.get(), a.par);
+  int64_t B = 0, L = 0;
+  const std::vector<int64_t> ids = share_ids(world.get(), a, B, L);
+  run.config().check_sequence(L);
+  const LanguageModel lm = LanguageModel::load(a.model);
+  const LmConfig& c = lm.config;
+  const Model m = lm_model(lm, DType::f32, run);
+  const ModelParallel& par = run.model_parallel();
+  if (world) world->barrier();
   const double t0 = now_seconds();
-  const Tensor logits = lm_logits(m, ids, B, L);
+  const Tensor mine = lm_forward(m, par, ids, B, L);
   const double seconds = now_seconds() - t0;
+  // The SP group's shards in global order (TP ranks hold the same logits).
+  const int P = par.sp ? par.sp->size() : 1;
+  Tensor logits(DType::f32, {B, L, c.vocab});
+  if (P == 1) {
+    std::memcpy(logits.ptr<float>(), mine.ptr<float>(), mine.bytes());
+  } else {
+    Tensor all(DType::f32, {P, B, L / P, c.vocab});
+    par.sp->all_gather(mine.ptr<void>(), all.ptr<void>(), mine.bytes());
+    for (int p = 0; p < P; ++p) unshard(all.view().select(0, p), logits, run.config().layout, P, p, 1);
+  }
+  if (run.rank() != 0) return;
   if (!a.logits.empty()) save_npy(a.logits, logits);
   std::vector<int64_t> next;  // the most likely token after each sequence
   for (int64_t b = 0; b < B; ++b) {
     const float* last = logits.ptr<float>() + ((b + 1) * L - 1) * c.vocab;
     next.push_back(std::max_element(last, last + c.vocab) - last);
   }
+  const ParallelConfig& pc = run.config();
   if (a.json) {
     print_json({{"model", a.model},
                 {"arch", arch_name(c.arch)},
@@ -56,6 +104,11 @@ void run(const ForwardArgs& a) {
                 {"vocab", c.vocab},
                 {"batch", B},
                 {"seq", L},
+                {"ranks", pc.ranks()},
+                {"sp", pc.sp},
+                {"tp", pc.tp},
+                {"strategy", pc.strategy_label()},
+                {"layout", layout_name(pc.layout)},
                 {"seconds", seconds},
                 {"tokens_per_s", static_cast<double>(B * L) / seconds},
                 {"next_token", next},
@@ -66,6 +119,8 @@ void run(const ForwardArgs& a) {
               arch_name(c.arch), static_cast<long long>(c.layers), static_cast<long long>(c.d_model),
               static_cast<long long>(c.heads), static_cast<long long>(c.kv_heads), static_cast<long long>(c.vocab),
               static_cast<long long>(B), static_cast<long long>(L));
+  std::printf("%d rank(s): sp %d x tp %d, %s, %s layout\n", pc.ranks(), pc.sp, pc.tp, pc.strategy_label().c_str(),
+              layout_name(pc.layout));
   std::printf("%.3f s, %.0f tokens/s; most likely next token:", seconds, static_cast<double>(B * L) / seconds);
   for (int64_t t : next) std::printf(" %lld", static_cast<long long>(t));
   std::printf("\n");
@@ -84,7 +139,7 @@ void add_forward(CLI::App& app) {
       ->required();
   cmd->add_option("--ids", a->ids, "token ids, int64 or int32 .npy of shape [L] or [B, L]")->required();
   cmd->add_option("--logits", a->logits, "write the logits [B, L, vocab] here (float32 .npy)");
-  cmd->add_option("--threads", a->threads, "threads (default: OpenMP's)")->check(thread_count());
+  add_parallel_options(cmd, a->par, false);
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { run(*a); });
 }

@@ -116,7 +116,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   };
   Activations act;
   act.keep = false;
-  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), par, act, store);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), par, act, store, pos);
   stage_output(y, pp, kPrefillTag);
   for (int64_t b = first; b < first + Bp; ++b) {
     std::copy(pos.begin(), pos.end(), cache.pos_.begin() + b * cache.capacity_);
@@ -194,9 +194,11 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
     }
     if (par.sp) merge_partials(dev, *par.sp, o, lse);
   };
+  std::vector<int64_t> new_pos(static_cast<size_t>(B));  // RoPE: each sequence's new token at its length
+  for (int64_t b = 0; b < B; ++b) new_pos[b] = cache.length(b);
   Activations act;
   act.keep = false;
-  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kDecodeTag), par, act, attend);
+  DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kDecodeTag), par, act, attend, new_pos);
   stage_output(y, pp, kDecodeTag);
   if (pp) pp->broadcast(y.ptr<void>(), y.bytes(), pp->size() - 1);
   for (int64_t b = 0; b < B; ++b) {

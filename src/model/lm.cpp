@@ -10,6 +10,7 @@
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/cpu/layers.h"
 #include "ringattn/error.h"
+#include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/parallel.h"
 #include "ringattn/safetensors.h"
@@ -484,32 +485,34 @@ DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, s
   const ModelConfig& c = m.config();
   const LmParams p = m.lm();
   check(c.is_lm() && p.embed, "lm_embed: the model has no token embedding here (not a language model's first stage)");
-  const int64_t Ll = static_cast<int64_t>(positions.size()), D = c.d_model;
-  check(static_cast<int64_t>(ids.size()) == B * Ll, "lm_embed: ", ids.size(), " ids for B=", B, " x ", Ll,
-        " positions");
+  const int64_t N = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(positions.size()), D = c.d_model;
+  check(B >= 1 && N % B == 0 && (n == N / B || n == N), "lm_embed: ", N, " ids and ", n, " positions for B=", B);
+  const int64_t Ll = N / B;
   for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
   for (int64_t pos : positions)
     check(!p.pos_embed || (pos >= 0 && pos < c.positions), "position ", pos, " is beyond the model's ", c.positions,
           " learned positions");
   DeviceTensor x = m.device().alloc(DType::f32, {B, Ll, D});
   float* out = x.ptr<float>();
-  for (int64_t t = 0; t < B * Ll; ++t)
+  for (int64_t t = 0; t < N; ++t)
     for (int64_t e = 0; e < D; ++e)
-      out[t * D + e] = p.embed[ids[t] * D + e] + (p.pos_embed ? p.pos_embed[positions[t % Ll] * D + e] : 0.f);
+      out[t * D + e] =
+          p.embed[ids[t] * D + e] + (p.pos_embed ? p.pos_embed[positions[n == N ? t : t % Ll] * D + e] : 0.f);
   return x;
 }
 
 void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions,
                        const TensorView& dx) {
   const LmParams g = m.lm_grads();
-  const int64_t Ll = static_cast<int64_t>(positions.size()), D = m.config().d_model;
-  check(g.embed && dx.numel() == B * Ll * D && dx.is_contiguous(), "lm_embed_backward: dL/dx ", dx.shape_str(),
-        " for B=", B, " x ", Ll, " tokens");
+  const int64_t N = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(positions.size());
+  const int64_t D = m.config().d_model, Ll = N / B;
+  check(g.embed && dx.numel() == N * D && dx.is_contiguous() && (n == Ll || n == N), "lm_embed_backward: dL/dx ",
+        dx.shape_str(), " for ", N, " ids and ", n, " positions");
   const float* d = dx.ptr<float>();
-  for (int64_t t = 0; t < B * Ll; ++t)
+  for (int64_t t = 0; t < N; ++t)
     for (int64_t e = 0; e < D; ++e) {
       g.embed[ids[t] * D + e] += d[t * D + e];
-      if (g.pos_embed) g.pos_embed[positions[t % Ll] * D + e] += d[t * D + e];
+      if (g.pos_embed) g.pos_embed[positions[n == N ? t : t % Ll] * D + e] += d[t * D + e];
     }
 }
 
@@ -583,6 +586,78 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
   lm_embed_backward(m, local, B, pos, dx);
   if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
   return loss / static_cast<double>(global_targets);
+}
+
+std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
+                                              int64_t B, int64_t L, const LmGenerateOptions& o) {
+  const ModelConfig& c = m.config();
+  check(m.first_stage() && m.last_stage(), "generation runs the whole model on each rank (pp = 1)");
+  check(o.new_tokens >= 0, "the number of new tokens must be >= 0, got ", o.new_tokens);
+  check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "generation: ", ids.size(),
+        " prompt ids for B=", B, " x L=", L);
+  check_sampling(o.sampling);
+  check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
+        " new ones pass the model's ", c.positions, " learned positions");
+  const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
+  const int64_t unit = P == 1 ? 1 : par.attn.layout == Layout::zigzag ? 2 * P : P;
+  const int64_t L0 = L / unit * unit;  // prefilled; the rest of the prompt goes through decode steps
+  check(L0 >= 1, "a prompt of ", L, " tokens is shorter than the ", unit, " the ", layout_name(par.attn.layout),
+        " layout splits over ", P, " ranks: use fewer ranks");
+  const int64_t V = c.vocab, capacity = (L + o.new_tokens + P - 1) / P + 1;
+  KVCache cache(m, B, capacity, P, p);
+  std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
+
+  // Prefill the first L0 tokens; the rank holding position L0 − 1 computes its logits.
+  const std::vector<int64_t> prefix = [&] {
+    std::vector<int64_t> v(static_cast<size_t>(B * L0));
+    for (int64_t b = 0; b < B; ++b) std::copy_n(ids.begin() + b * L, L0, v.begin() + b * L0);
+    return v;
+  }();
+  const std::vector<int64_t> pos = local_positions(par, L0 / P);
+  const DeviceTensor x = lm_embed(m, lm_local_ids(prefix, B, L0, pos), B, pos);
+  const DeviceTensor y = prefill(m, cache, x, 0, par);
+  const auto j = std::find(pos.begin(), pos.end(), L0 - 1);
+  if (j != pos.end()) {
+    const int64_t Ll = static_cast<int64_t>(pos.size()), D = c.d_model;
+    Tensor rows(DType::f32, {B, D});
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(y.ptr<float>() + (b * Ll + (j - pos.begin())) * D, D, rows.ptr<float>() + b * D);
+    const Tensor logits = lm_head_logits(m, rows);
+    std::copy_n(logits.ptr<float>(), B * V, last.data());
+  }
+  if (par.sp) par.sp->all_reduce(last.data(), B * V, ReduceOp::sum);  // only the owner's are nonzero
+
+  // One decode step: tokens [B] at positions [B] -> the logits of each.
+  auto step = [&](const std::vector<int64_t>& tokens) {
+    std::vector<int64_t> at(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) at[b] = cache.length(b);
+    const DeviceTensor xb = lm_embed(m, tokens, B, at);
+    const DeviceTensor yb = decode_step(m, cache, xb, par);
+    const Tensor logits = lm_head_logits(m, yb);
+    std::copy_n(logits.ptr<float>(), B * V, last.data());
+  };
+  for (int64_t t = L0; t < L; ++t) {  // the prompt's remainder
+    std::vector<int64_t> tokens(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) tokens[b] = ids[b * L + t];
+    step(tokens);
+  }
+
+  std::mt19937_64 rng(o.seed);
+  std::vector<std::vector<int64_t>> out(static_cast<size_t>(B));
+  std::vector<bool> done(static_cast<size_t>(B), false);
+  for (int64_t s = 0; s < o.new_tokens; ++s) {
+    std::vector<int64_t> tokens(static_cast<size_t>(B)), shown(static_cast<size_t>(B), -1);
+    for (int64_t b = 0; b < B; ++b) {
+      tokens[b] = sample_token(std::span<const float>(last.data() + b * V, static_cast<size_t>(V)), o.sampling, rng);
+      if (done[b]) continue;
+      out[b].push_back(tokens[b]), shown[b] = tokens[b];
+      done[b] = tokens[b] == o.eos;
+    }
+    if (o.on_token) o.on_token(shown);
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; }) || s + 1 == o.new_tokens) break;
+    step(tokens);
+  }
+  return out;
 }
 
 }  // namespace ringattn

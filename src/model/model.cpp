@@ -398,9 +398,10 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
   if (c.rope) {
     const std::vector<int64_t> local = positions.empty() ? local_positions(par, Ll) : std::vector<int64_t>();
     const std::span<const int64_t> pos = positions.empty() ? std::span<const int64_t>(local) : positions;
-    check(static_cast<int64_t>(pos.size()) == Ll, "RoPE: ", pos.size(), " positions for ", Ll, " tokens");
+    const int64_t n = static_cast<int64_t>(pos.size());
+    check(n == Ll || n == N, "RoPE: ", n, " positions for ", B, " x ", Ll, " tokens (", Ll, " or ", N, " expected)");
     std::vector<int64_t> rows(static_cast<size_t>(N));
-    for (int64_t i = 0; i < N; ++i) rows[i] = pos[i % Ll];
+    for (int64_t i = 0; i < N; ++i) rows[i] = n == N ? pos[i] : pos[i % Ll];
     act.pos = dev.upload_positions(rows);
   }
   act.layers.clear();

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -132,6 +134,55 @@ TEST_P(LmDistributed, EveryLayoutEqualsOneProcess) {
     if (world->rank() == 0)
       std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", what.c_str(), err[0],
                   loss, want.loss, err[1]);
+  }
+  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+}
+
+// Greedy decoding with the KV cache sharded over the SP group (or the heads over
+// TP) gives transformers' continuation token for token. The 8-token prompt
+// splits whole at some P and leaves a remainder for the decode steps at others.
+TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = nlohmann::json::parse(std::ifstream(kHf + name + "/reference.json"));
+  const std::vector<int64_t> prompt = ref["prompt"].get<std::vector<int64_t>>();
+  const std::vector<int64_t> want = ref["greedy"].get<std::vector<int64_t>>();
+  const ModelConfig mc = model_config(lm.config);
+  std::vector<ParallelConfig> pcs;
+  for (Strategy s : {Strategy::ring, Strategy::ulysses}) {
+    ParallelConfig c;
+    c.sp = P, c.strategy = s, c.threads = 1;
+    c.layout = 2 * P <= static_cast<int>(prompt.size()) ? Layout::zigzag : Layout::striped;
+    pcs.push_back(c);
+  }
+  if (P > 1) {
+    ParallelConfig c;
+    c.sp = 1, c.tp = P, c.threads = 1;
+    pcs.push_back(c);
+  }
+  int ran = 0;
+  for (const ParallelConfig& pc : pcs) {
+    try {
+      check_model_fits(mc, pc.for_ranks(P));
+    } catch (const Error&) {
+      continue;
+    }
+    ++ran;
+    const RunContext run(world.get(), pc);
+    const Model m = lm_model(lm, DType::f32, run);
+    LmGenerateOptions o;
+    o.new_tokens = static_cast<int64_t>(want.size());
+    int steps = 0;
+    o.on_token = [&](std::span<const int64_t> t) {
+      ASSERT_EQ(t.size(), 1u);
+      EXPECT_EQ(t[0], want[static_cast<size_t>(steps)]) << "streamed token " << steps;
+      ++steps;
+    };
+    const auto got = lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o);
+    EXPECT_EQ(got.at(0), want) << name << " at P=" << P << " " << label(pc);
+    EXPECT_EQ(steps, static_cast<int>(want.size()));
   }
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
