@@ -190,10 +190,11 @@ def safetensors(path):  # the format: 8-byte header length, JSON header, raw lit
 
 cmd, fixture = sys.argv[1], sys.argv[2]
 ref = json.load(open(fixture + "/reference.json"))
+n = int(sys.argv[4]) if len(sys.argv) > 4 else None  # the first n tokens (causal: their logits are the same)
 if cmd == "ids":
-    np.save(sys.argv[3], np.array(ref["ids"], dtype=np.int64))
+    np.save(sys.argv[3], np.array(ref["ids"], dtype=np.int64)[:, :n])
 else:
-    want = safetensors(fixture + "/reference.safetensors")["logits"].astype(np.float64)
+    want = safetensors(fixture + "/reference.safetensors")["logits"].astype(np.float64)[:, :n]
     got = np.load(sys.argv[3]).astype(np.float64)
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{fixture.split('/')[-1]}: max |ringattn - transformers| / max = {err:.2e}")
@@ -207,6 +208,24 @@ for m in llama_gqa llama_tied_llama3 qwen2 gpt2; do
   else
     fail "ringattn forward --model $m exited non-zero: $(cat forward_$m.out)"
   fi
+done
+# Under mpirun, the first 12 of the 19 tokens (12 splits over 2 and 3 ranks in
+# every layout): ring, all-gather, Ulysses, TP — rank 0 gathers and writes.
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+for m in llama_gqa gpt2; do
+  fx=$SRC/tests/fixtures/hf/$m
+  $PY hf.py ids "$fx" ids12_$m.npy 12 || { fail "could not write the ids of $m"; continue; }
+  for run in "2 --strategy ring --layout zigzag" "3 --strategy ring --layout striped" \
+    "2 --strategy allgather --layout contiguous" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
+    read -r np opts <<<"$run"
+    # shellcheck disable=SC2086
+    if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --logits l12_$m.npy $opts \
+      >forward_mpi.out 2>&1; then
+      $PY hf.py check "$fx" l12_$m.npy 12 || fail "mpirun -np $np forward --model $m $opts: logits differ"
+    else
+      fail "mpirun -np $np forward --model $m $opts exited non-zero: $(tail -5 forward_mpi.out)"
+    fi
+  done
 done
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
   $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
