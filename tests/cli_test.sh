@@ -227,6 +227,33 @@ for m in llama_gqa gpt2; do
     fi
   done
 done
+# generate --model: greedy from the sequence-sharded KV cache is transformers'
+# continuation, on one process and under mpirun (ring, Ulysses, TP).
+cat >greedy.py <<'EOF'
+import json, sys
+import numpy as np
+ref = json.load(open(sys.argv[2] + "/reference.json"))
+if sys.argv[1] == "prompt":
+    np.save(sys.argv[3], np.array(ref["prompt"], dtype=np.int64))
+else:
+    got = np.load(sys.argv[3]).reshape(-1).tolist()
+    print(f"{sys.argv[2].split('/')[-1]}: generated {got}, transformers {ref['greedy']}")
+    sys.exit(0 if got == ref["greedy"] else 1)
+EOF
+for m in llama_tied_llama3 gpt2; do
+  fx=$SRC/tests/fixtures/hf/$m
+  $PY greedy.py prompt "$fx" prompt_$m.npy
+  for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
+    read -r np opts <<<"$run"
+    # shellcheck disable=SC2086
+    if "${MPIRUN[@]}" -np "$np" "$BIN" generate --model "$fx" --prompt-ids prompt_$m.npy --new-tokens 10 \
+      --ignore-eos --check --out-ids gen_$m.npy $opts >generate_lm.out 2>&1; then
+      $PY greedy.py check "$fx" gen_$m.npy || fail "mpirun -np $np generate --model $m $opts: not transformers' tokens"
+    else
+      fail "mpirun -np $np generate --model $m $opts exited non-zero: $(tail -5 generate_lm.out)"
+    fi
+  done
+done
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
   $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
 

@@ -1,6 +1,7 @@
 // NumPy .npy files: little-endian float32, C order (format versions 1.0-3.0).
 #pragma once
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -16,5 +17,7 @@ Tensor load_npy(const std::string& path);
 std::vector<int64_t> load_npy_ids(const std::string& path, std::vector<int64_t>* shape = nullptr);
 // Writes t (any dtype, any strides) as a contiguous little-endian float32 array.
 void save_npy(const std::string& path, const TensorView& t);
+// Writes token ids as a little-endian int64 array of the given shape.
+void save_npy_ids(const std::string& path, std::span<const int64_t> ids, std::span<const int64_t> shape);
 
 }  // namespace ringattn

@@ -1,24 +1,36 @@
 // `ringattn generate`: long-context inference on the local ranks. The prompt is
 // prefilled with RA+SP (or TP, PP) into a KV cache that stays where it was
-// computed, then new tokens are decoded, each fed the previous output (the model
-// works on vectors, so "generation" continues the sequence with its own outputs).
-// Prints prefill time and tokens/s, time per output token (median, p99), bytes
-// moved per step and cache memory per rank; --check recomputes the whole
-// sequence on one process and reports the largest relative error.
+// computed, then new tokens are decoded.
+//   --model DIR   a Hugging Face language model: a text (--prompt, --prompt-file,
+//                 through the checkpoint's tokenizer.json or --tokenizer) or ids
+//                 (--prompt-ids) in, greedy or seeded sampling, tokens streamed to
+//                 stdout as they come, ending at the model's EOS or the count;
+//                 --check recomputes every step's logits on one process.
+//   otherwise     the vector model of the benchmarks (random weights, each new
+//                 input is the previous output): prefill time and tokens/s, time
+//                 per output token (median, p99), bytes moved per step, cache
+//                 memory per rank; --check recomputes the whole sequence on one
+//                 process and reports the largest relative error.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "cli/commands.h"
 #include "cli/generation.h"
+#include "ringattn/atomic_file.h"
 #include "ringattn/cuda.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
+#include "ringattn/lm.h"
 #include "ringattn/memory.h"
+#include "ringattn/npy.h"
 #include "ringattn/parallel.h"
 #include "ringattn/perf.h"
+#include "ringattn/tokenizer.h"
 
 namespace ringattn::cli {
 namespace {
@@ -32,6 +44,11 @@ struct GenerateArgs {
   std::string dtype = "fp32";
   double timeout = 300;
   bool json = false, check = false;
+  // --model: a language model
+  std::string lm, prompt, prompt_file, prompt_ids, tokenizer, out_ids;
+  SamplingOptions sampling;
+  bool sample = false;  // --temperature, --top-k or --top-p given
+  bool greedy = false, ignore_eos = false;
 };
 
 // Largest max|diff| / max|ref| over the decoded outputs against one process
@@ -160,9 +177,167 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   check(ok, "generate --check: the decoded outputs differ from one process by ", err, " (limit ", limit, ")");
 }
 
+// ---- --model: a Hugging Face language model ------------------------------------------
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  check(static_cast<bool>(in), path, ": cannot read the prompt file");
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The prompt's ids [B, L] on every rank: rank 0 reads them (the text through the
+// tokenizer, or the .npy), the others receive them or rank 0's error.
+std::vector<int64_t> prompt_ids(const GenerateArgs& a, const Tokenizer* tok, Communicator& world, int64_t& B,
+                                int64_t& L) {
+  std::string err;
+  std::vector<int64_t> ids;
+  int64_t hdr[3] = {0, 0, 0};
+  if (world.rank() == 0) {
+    try {
+      check_output_paths({{"--out-ids", a.out_ids}},
+                         {{"--prompt-ids", a.prompt_ids}, {"--prompt-file", a.prompt_file}});
+      if (!a.prompt_ids.empty()) {
+        std::vector<int64_t> shape;
+        ids = load_npy_ids(a.prompt_ids, &shape);
+        check(shape.size() == 1 || shape.size() == 2, a.prompt_ids, ": prompt ids must be [L] or [B, L], got rank ",
+              shape.size());
+        hdr[1] = shape.size() == 2 ? shape[0] : 1, hdr[2] = shape.back();
+      } else {
+        check(tok != nullptr,
+              "a text prompt needs a tokenizer: the checkpoint has no tokenizer.json; pass "
+              "--tokenizer DIR|byte or --prompt-ids");
+        const std::string text = a.prompt_file.empty() ? a.prompt : read_text(a.prompt_file);
+        ids = tok->encode(text);
+        hdr[1] = 1, hdr[2] = static_cast<int64_t>(ids.size());
+      }
+      check(hdr[1] >= 1 && hdr[2] >= 1, "the prompt has no tokens");
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    hdr[0] = static_cast<int64_t>(err.size());
+  }
+  world.broadcast(hdr, sizeof(hdr), 0);
+  err.resize(static_cast<size_t>(hdr[0]));
+  if (hdr[0] > 0) world.broadcast(err.data(), err.size(), 0);
+  if (!err.empty()) throw Error(err);
+  B = hdr[1], L = hdr[2];
+  ids.resize(static_cast<size_t>(B * L));
+  world.broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
+  return ids;
+}
+
+// The tokenizer of a text prompt: --tokenizer byte|DIR, else the checkpoint's
+// tokenizer.json when it has one (nullptr: none; ids only).
+std::unique_ptr<Tokenizer> lm_tokenizer(const GenerateArgs& a) {
+  if (a.tokenizer == "byte") return byte_tokenizer();
+  if (!a.tokenizer.empty()) return load_tokenizer(a.tokenizer);
+  if (std::ifstream(a.lm + "/tokenizer.json")) return load_tokenizer(a.lm);
+  return nullptr;
+}
+
+void run_lm(const GenerateArgs& a, Communicator& world) {
+  if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
+  const ParallelConfig pc = a.par.for_ranks(world.size());
+  check(pc.pp == 1, "generate --model runs the whole model on each rank: --pp must be 1 (use --sp, --tp)");
+  check(a.prompt_ids.empty() + a.prompt.empty() + a.prompt_file.empty() == 2,
+        "generate --model needs exactly one of --prompt, --prompt-file, --prompt-ids");
+  SamplingOptions s = a.sampling;
+  s.greedy = !a.sample;
+  check_sampling(s);
+  const std::unique_ptr<Tokenizer> tok = lm_tokenizer(a);
+  int64_t B = 0, L = 0;
+  const std::vector<int64_t> ids = prompt_ids(a, tok.get(), world, B, L);
+  const LanguageModel lm = LanguageModel::load(a.lm);
+  const RunContext run(&world, pc);
+  const Model m = lm_model(lm, a.model.dtype, run);
+  const bool show = world.rank() == 0 && !a.json;
+  LmGenerateOptions o;
+  o.new_tokens = a.new_tokens, o.sampling = s, o.seed = a.model.seed, o.eos = a.ignore_eos ? -1 : lm.config.eos_token;
+  std::vector<double> step_times;
+  double t_last = now_seconds();
+  const double t0 = t_last;
+  o.on_token = [&](std::span<const int64_t> t) {
+    const double now = now_seconds();
+    step_times.push_back(now - t_last);
+    t_last = now;
+    if (!show) return;
+    if (B == 1 && tok) {  // stream the text
+      std::fputs(tok->decode(t).c_str(), stdout);
+    } else {
+      for (int64_t id : t) std::printf(" %lld", static_cast<long long>(id));
+      std::printf("\n");
+    }
+    std::fflush(stdout);
+  };
+  if (show && B == 1 && tok) {
+    std::fputs(tok->decode(ids).c_str(), stdout);
+    std::fflush(stdout);
+  }
+  const std::vector<std::vector<int64_t>> out = lm_generate(m, run.model_parallel(), ids, B, L, o);
+  if (show) std::printf("\n");
+  const double prefill = step_times.empty() ? now_seconds() - t0 : step_times.front();
+  std::vector<double> tpot(step_times.begin() + (step_times.empty() ? 0 : 1), step_times.end());
+  // --check: one process recomputes the whole sequence each step; greedy must pick the same tokens.
+  int64_t mismatches = -1;
+  if (a.check && world.rank() == 0) {
+    check(s.greedy, "--check compares greedy decoding: drop --temperature, --top-k, --top-p");
+    mismatches = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<int64_t> seq(ids.begin() + b * L, ids.begin() + (b + 1) * L);
+      for (int64_t t : out[b]) {
+        const int64_t n = static_cast<int64_t>(seq.size()), V = lm.config.vocab;
+        const Tensor logits = lm_logits(lm, seq, 1, n);
+        const float* last = logits.ptr<float>() + (n - 1) * V;
+        mismatches += (std::max_element(last, last + V) - last) != t;
+        seq.push_back(t);
+      }
+    }
+  }
+  if (world.rank() != 0) return;
+  if (!a.out_ids.empty()) {
+    int64_t longest = 0;
+    for (const auto& v : out) longest = std::max<int64_t>(longest, static_cast<int64_t>(v.size()));
+    std::vector<int64_t> t(static_cast<size_t>(B * longest), -1);
+    for (int64_t b = 0; b < B; ++b) std::copy(out[b].begin(), out[b].end(), t.begin() + b * longest);
+    const int64_t shape[2] = {B, longest};
+    save_npy_ids(a.out_ids, t, shape);
+  }
+  const double med = tpot.empty() ? 0 : percentile(tpot, 50);
+  if (a.json) {
+    nlohmann::json j = {{"model", a.lm},
+                        {"arch", arch_name(lm.config.arch)},
+                        {"ranks", pc.ranks()},
+                        {"sp", pc.sp},
+                        {"tp", pc.tp},
+                        {"strategy", pc.strategy_label()},
+                        {"layout", layout_name(pc.layout)},
+                        {"batch", B},
+                        {"prompt_tokens", L},
+                        {"new_tokens", out},
+                        {"prefill_seconds", prefill},
+                        {"tpot_median_ms", med * 1e3}};
+    if (tok && B == 1) j["text"] = tok->decode(out[0]);
+    if (a.check) j["check_mismatches"] = mismatches;
+    print_json(j);
+  } else {
+    std::fprintf(stderr,
+                 "%s, %d rank(s) (sp %d x tp %d, %s, %s): prompt %lld x %lld tokens, prefill %.3f s, "
+                 "%.2f ms per output token (median)\n",
+                 arch_name(lm.config.arch), pc.ranks(), pc.sp, pc.tp, pc.strategy_label().c_str(),
+                 layout_name(pc.layout), static_cast<long long>(B), static_cast<long long>(L), prefill, med * 1e3);
+    if (a.check)
+      std::fprintf(stderr, "check: %lld of the tokens differ from one process\n", static_cast<long long>(mismatches));
+  }
+  check(!a.check || mismatches == 0, "generate --check: ", mismatches,
+        " tokens differ from one process recomputing the whole sequence");
+}
+
 // Under MPI (mpirun, or a one-rank job MPI starts itself); `--device cuda`
 // without mpirun runs its one rank in this process (no MPI needed on a GPU machine).
 void run(const GenerateArgs& a) {
+  if (!a.lm.empty()) return run_lm(a, *mpi_world(a.timeout));
   if (MpiSession::active()) return run_on(a, *mpi_world(a.timeout));
   run_device_local_group(1, 0, [&](int, Device&, Communicator& world) { run_on(a, world); });
 }
@@ -193,6 +368,32 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--check", a->check,
                 "recompute the whole sequence on one process and compare (exit 1 beyond 1e-5; bf16: 2e-2)");
   cmd->add_flag("--json", a->json, "machine-readable output");
+  // A language model.
+  auto* model = cmd->add_option("--model", a->lm,
+                                "a Hugging Face checkpoint folder (llama, mistral, qwen2, gpt2): generate text");
+  cmd->add_option("--prompt", a->prompt, "--model: the prompt text");
+  cmd->add_option("--prompt-file", a->prompt_file, "--model: read the prompt text from this file");
+  cmd->add_option("--prompt-ids", a->prompt_ids, "--model: prompt token ids, int64/int32 .npy [L] or [B, L]");
+  cmd->add_option("--tokenizer", a->tokenizer, "--model: tokenizer.json folder or 'byte' (default: the checkpoint's)");
+  cmd->add_option("--out-ids", a->out_ids, "--model: write the new ids [B, N] here (int64 .npy; -1 after EOS)");
+  cmd->add_flag("--ignore-eos", a->ignore_eos, "--model: decode --new-tokens tokens even past the EOS token");
+  auto* greedy = cmd->add_flag("--greedy", a->greedy, "--model: argmax decoding (the default)");
+  auto sampled = [a](float* field) { return [a, field](float v) { *field = v, a->sample = true; }; };
+  cmd->add_option_function<float>("--temperature", sampled(&a->sampling.temperature),
+                                  "--model: sample at this "
+                                  "temperature");
+  cmd->add_option_function<int64_t>(
+      "--top-k", [a](int64_t k) { a->sampling.top_k = k, a->sample = true; },
+      "--model: sample from the k most likely tokens");
+  cmd->add_option_function<float>("--top-p", sampled(&a->sampling.top_p),
+                                  "--model: sample from the smallest set of tokens with probability >= p");
+  for (const char* vector_only :
+       {"--prompt-len", "--batch", "--capacity", "--layers", "--d-model", "--heads", "--kv-heads", "--mlp"})
+    model->excludes(cmd->get_option(vector_only));
+  for (const char* lm_only : {"--prompt", "--prompt-file", "--prompt-ids", "--tokenizer", "--out-ids", "--greedy",
+                              "--ignore-eos", "--temperature", "--top-k", "--top-p"})
+    cmd->get_option(lm_only)->needs(model);
+  for (const char* sampling : {"--temperature", "--top-k", "--top-p"}) greedy->excludes(cmd->get_option(sampling));
   cmd->callback([a] { run(*a); });
 }
 

@@ -185,14 +185,39 @@ class HeaderParser {
   size_t i_ = 0;
 };
 
-std::string shape_tuple(const TensorView& t) {
-  if (t.rank == 1) return cat("(", t.shape[0], ",)");
+std::string shape_tuple(std::span<const int64_t> shape) {
+  if (shape.size() == 1) return cat("(", shape[0], ",)");
   std::string s = "(";
-  for (int i = 0; i < t.rank; ++i) {
+  for (size_t i = 0; i < shape.size(); ++i) {
     if (i) s += ", ";
-    s += std::to_string(t.shape[i]);
+    s += std::to_string(shape[i]);
   }
   return s + ")";
+}
+
+// A C-order little-endian array of dtype descr (e.g. '<f4') and shape, data_bytes from data.
+void write_npy(const std::string& path, const char* descr, std::span<const int64_t> shape, const void* data,
+               size_t data_bytes) {
+  std::string header = cat("{'descr': '", descr, "', 'fortran_order': False, 'shape': ", shape_tuple(shape), ", }");
+  // Pad with spaces so that magic + version + length + header + '\n' is a multiple of 64.
+  const size_t unpadded = kMagicLen + 2 + 2 + header.size() + 1;
+  header.append((64 - unpadded % 64) % 64, ' ');
+  header += '\n';
+  const unsigned char pre[10] = {0x93,
+                                 'N',
+                                 'U',
+                                 'M',
+                                 'P',
+                                 'Y',
+                                 1,
+                                 0,
+                                 static_cast<unsigned char>(header.size() & 0xff),
+                                 static_cast<unsigned char>(header.size() >> 8)};
+  write_file_atomically(path, [&](std::FILE* f) {
+    return std::fwrite(pre, 1, sizeof pre, f) == sizeof pre &&
+           std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+           (data_bytes == 0 || std::fwrite(data, 1, data_bytes, f) == data_bytes);
+  });
 }
 
 }  // namespace
@@ -297,12 +322,6 @@ std::vector<int64_t> load_npy_ids(const std::string& path, std::vector<int64_t>*
 }
 
 void save_npy(const std::string& path, const TensorView& t) {
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape_tuple(t) + ", }";
-  // Pad with spaces so that magic + version + length + header + '\n' is a multiple of 64.
-  const size_t unpadded = kMagicLen + 2 + 2 + header.size() + 1;
-  header.append((64 - unpadded % 64) % 64, ' ');
-  header += '\n';
-
   const int64_t n = t.numel();
   if (t.data == nullptr && n != 0) fail(path, cat("cannot save a tensor of shape ", t.shape_str(), " with no data"));
   Tensor converted;
@@ -312,23 +331,15 @@ void save_npy(const std::string& path, const TensorView& t) {
     copy_into(converted, t);
     data = converted.ptr<float>();
   }
+  write_npy(path, "<f4", std::span<const int64_t>(t.shape.data(), static_cast<size_t>(t.rank)), data,
+            static_cast<size_t>(n) * 4);
+}
 
-  const unsigned char pre[10] = {0x93,
-                                 'N',
-                                 'U',
-                                 'M',
-                                 'P',
-                                 'Y',
-                                 1,
-                                 0,
-                                 static_cast<unsigned char>(header.size() & 0xff),
-                                 static_cast<unsigned char>(header.size() >> 8)};
-  const size_t data_bytes = static_cast<size_t>(n) * 4;
-  write_file_atomically(path, [&](std::FILE* f) {
-    return std::fwrite(pre, 1, sizeof pre, f) == sizeof pre &&
-           std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
-           (data_bytes == 0 || std::fwrite(data, 1, data_bytes, f) == data_bytes);
-  });
+void save_npy_ids(const std::string& path, std::span<const int64_t> ids, std::span<const int64_t> shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  check(n == static_cast<int64_t>(ids.size()), path, ": ", ids.size(), " ids for shape ", shape_tuple(shape));
+  write_npy(path, "<i8", shape, ids.data(), ids.size() * sizeof(int64_t));
 }
 
 }  // namespace ringattn
