@@ -254,6 +254,27 @@ for m in llama_tied_llama3 gpt2; do
     fi
   done
 done
+# train --config: a byte-level llama from the seed on a text (this repository's
+# README) under mpirun (SP 2, ring), held-out loss falling, --save a checkpoint
+# that forward and generate load.
+cat >byte_llama.json <<'EOF'
+{"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+ "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512, "rope_theta": 10000}
+EOF
+if "${MPIRUN[@]}" -np 2 "$BIN" train --config byte_llama.json --data "$SRC/README.md" --tokenizer byte --batch 2 \
+  --seq 64 --steps 30 --eval-every 10 --lr 3e-3 --threads 1 --save byte_ck --log train_log.json >train_lm.out 2>&1; then
+  $PY - train_log.json <<'EOF' || fail "train --config: the held-out loss did not fall: $(cat train_log.json)"
+import json, sys
+steps = json.load(open(sys.argv[1]))["steps"]
+val = [s["val_loss"] for s in steps if "val_loss" in s]
+print(f"train --config: held-out loss {val[0]:.3f} -> {val[-1]:.3f} (bits/byte {steps[-1]['val_bits_per_byte']:.3f})")
+sys.exit(0 if len(val) == 3 and val[-1] < val[0] < 6 else 1)
+EOF
+  "$BIN" generate --model byte_ck --tokenizer byte --prompt "RA+SP" --new-tokens 8 --check >gen_byte.out 2>&1 ||
+    fail "generate from the trained checkpoint failed: $(cat gen_byte.out)"
+else
+  fail "mpirun -np 2 train --config exited non-zero: $(tail -5 train_lm.out)"
+fi
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
   $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
 

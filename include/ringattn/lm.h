@@ -59,6 +59,10 @@ void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tenso
 std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads = false);
 // This rank's slice (TP, PP) of a checkpoint's model, computing in dtype.
 Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run);
+// Writes a full (tp = 1, pp = 1) model as a checkpoint folder Hugging Face
+// loads: dir/config.json and dir/model.safetensors (fp32), each atomically; dir
+// is created when missing.
+void save_lm(const std::string& dir, const Model& full, const LmConfig& c);
 
 // Next-token labels of this rank's tokens: ids [B, L] of the whole batch (token
 // t + 1 of each sequence is the label of token t, shifted before any split: a

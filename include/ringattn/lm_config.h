@@ -41,5 +41,8 @@ struct LmConfig {
 LmConfig parse_lm_config(const std::string& json_text, const std::string& where = "config.json");
 // Reads `dir/config.json` (or the file itself when given one).
 LmConfig load_lm_config(const std::string& dir_or_file);
+// config.json text for c in the architecture's Hugging Face fields (what
+// transformers' from_pretrained reads back; parse_lm_config(text) == c).
+std::string lm_config_json(const LmConfig& c);
 
 }  // namespace ringattn

@@ -1,20 +1,32 @@
-// `ringattn train`: the dense transformer trained with RA+SP (× data parallel)
-// on the local ranks: forward (prefill) and training-step throughput, loss,
-// peak memory and bytes moved per rank.
+// `ringattn train`: training with RA+SP (x data x tensor parallel) on the local
+// ranks.
+//   --model DIR | --config CFG.json   a language model (a Hugging Face
+//       checkpoint to continue, or a config.json to start from the seed) on a
+//       text (--data, through --tokenizer): next-token loss, held-out loss and
+//       bits per byte, --save as a checkpoint transformers loads.
+//   otherwise   the vector model of the benchmarks on random data (MSE):
+//       forward (prefill) and training-step throughput, loss, peak memory and
+//       bytes moved per rank.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "cli/commands.h"
+#include "ringattn/atomic_file.h"
 #include "ringattn/cuda.h"
 #include "ringattn/error.h"
+#include "ringattn/lm.h"
 #include "ringattn/memory.h"
 #include "ringattn/model.h"
 #include "ringattn/parallel.h"
 #include "ringattn/perf.h"
 #include "ringattn/pipeline.h"
+#include "ringattn/tokenizer.h"
 
 namespace ringattn::cli {
 namespace {
@@ -28,9 +40,179 @@ struct TrainArgs {
   float lr = 1e-3f;
   double timeout = 300;
   bool json = false;
+  // A language model.
+  std::string lm, config, data, tokenizer, save, log;
+  double val_fraction = 0.05;
+  int eval_every = 50;
+  int64_t eval_windows = 64;
 };
 
+// ---- --model / --config: a language model on a text --------------------------------
+
+// The corpus as token ids, the same on every rank (rank 0 reads and tokenizes;
+// the others receive the ids or its error), and its size in bytes.
+std::vector<int64_t> corpus_ids(const TrainArgs& a, const Tokenizer& tok, Communicator* world, int64_t& bytes) {
+  std::string err;
+  std::vector<int64_t> ids;
+  int64_t hdr[3] = {0, 0, 0};  // error length, tokens, bytes
+  if (!world || world->rank() == 0) {
+    try {
+      check_output_paths({{"--log", a.log}}, {{"--data", a.data}});
+      std::ifstream in(a.data, std::ios::binary);
+      check(static_cast<bool>(in), a.data, ": cannot read the training text");
+      std::ostringstream s;
+      s << in.rdbuf();
+      const std::string text = s.str();
+      ids = tok.encode(text, false);
+      hdr[1] = static_cast<int64_t>(ids.size()), hdr[2] = static_cast<int64_t>(text.size());
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    hdr[0] = static_cast<int64_t>(err.size());
+  }
+  if (world) {
+    world->broadcast(hdr, sizeof(hdr), 0);
+    err.resize(static_cast<size_t>(hdr[0]));
+    if (hdr[0] > 0) world->broadcast(err.data(), err.size(), 0);
+  }
+  if (!err.empty()) throw Error(err);
+  ids.resize(static_cast<size_t>(hdr[1]));
+  if (world) world->broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
+  bytes = hdr[2];
+  return ids;
+}
+
+std::unique_ptr<Tokenizer> train_tokenizer(const TrainArgs& a) {
+  if (a.tokenizer == "byte") return byte_tokenizer();
+  if (!a.tokenizer.empty()) return load_tokenizer(a.tokenizer);
+  check(!a.lm.empty() && std::ifstream(a.lm + "/tokenizer.json"),
+        "train --data needs a tokenizer: --tokenizer byte|DIR (the checkpoint has no tokenizer.json)");
+  return load_tokenizer(a.lm);
+}
+
+void run_lm(const TrainArgs& a) {
+  if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
+  std::unique_ptr<Communicator> world;
+  if (MpiSession::active()) world = mpi_world(a.timeout);
+  const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
+  const ParallelConfig pc = a.par.for_ranks(P);
+  check(pc.pp == 1, "train --model/--config runs the whole model on each rank: --pp must be 1 (use --sp, --tp, --dp)");
+  check(!a.data.empty(), "train --model/--config needs --data FILE (a text)");
+  check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
+  check(a.save.empty() || pc.tp == 1,
+        "--save writes the whole model from rank 0: use --tp 1 (SP and DP ranks hold all "
+        "of it)");
+  check(a.val_fraction > 0 && a.val_fraction < 1, "--val-fraction must be in (0, 1), got ", a.val_fraction);
+  pc.check_sequence(a.seq);
+  const LmConfig lc = load_lm_config(a.lm.empty() ? a.config : a.lm);
+  check(a.seq <= lc.max_positions || lc.arch != Arch::gpt2, "--seq ", a.seq, " is beyond gpt2's ", lc.max_positions,
+        " learned positions");
+  const std::unique_ptr<Tokenizer> tok = train_tokenizer(a);
+  check(tok->vocab_size() <= lc.vocab, "the tokenizer has ", tok->vocab_size(), " tokens, the model's vocabulary ",
+        lc.vocab);
+  int64_t bytes = 0;
+  const std::vector<int64_t> ids = corpus_ids(a, *tok, world.get(), bytes);
+  const int64_t n = static_cast<int64_t>(ids.size()), L = a.seq;
+  const int64_t n_val = std::max<int64_t>(L, static_cast<int64_t>(static_cast<double>(n) * a.val_fraction));
+  const int64_t n_train = n - n_val;
+  check(n_train > L, a.data, ": ", n, " tokens are too few for --seq ", L, " and a held-out ", a.val_fraction,
+        " of the text");
+  const double bytes_per_token = static_cast<double>(bytes) / static_cast<double>(n);
+
+  RunContext run(world.get(), pc);
+  const ModelParallel& par = run.model_parallel();
+  ModelConfig mc = model_config(lc);
+  mc.dtype = a.model.dtype, mc.seed = a.model.seed;
+  Model model = a.lm.empty() ? model_for(mc, run) : lm_model(LanguageModel::load(a.lm), mc.dtype, run);
+  Communicator* replicas = run.replicas();
+  const int64_t Bl = a.batch / pc.dp, dp0 = run.mesh().dp_index() * Bl;
+  AdamW opt;
+  opt.lr = a.lr;
+
+  // The held-out loss: consecutive windows of the last n_val tokens (at most
+  // eval_windows of them), mean over their targets; bits per byte from it.
+  const int64_t windows = std::min<int64_t>(a.eval_windows, n_val / L) / a.batch * a.batch;
+  check(windows >= a.batch, "the held-out text (", n_val, " tokens) has fewer than --batch ", a.batch,
+        " windows of --seq ", L, "; raise --val-fraction");
+  auto held_out = [&] {
+    double sum = 0;
+    for (int64_t w = 0; w < windows; w += a.batch) {
+      std::vector<int64_t> b(static_cast<size_t>(Bl * L));
+      for (int64_t r = 0; r < Bl; ++r) std::copy_n(ids.begin() + n_train + (w + dp0 + r) * L, L, b.begin() + r * L);
+      model.zero_grads();
+      sum += lm_loss_backward(model, par, b, Bl, L, a.batch * (L - 1), replicas);
+    }
+    return sum / static_cast<double>(windows / a.batch);
+  };
+  std::mt19937_64 rng(a.model.seed + 1);  // the same windows on every rank
+  std::uniform_int_distribution<int64_t> start(0, n_train - L);
+  nlohmann::json log = nlohmann::json::array();
+  const bool show = rank == 0 && !a.json;
+  double t_total = 0;
+  for (int s = 1; s <= a.steps; ++s) {
+    std::vector<int64_t> batch(static_cast<size_t>(a.batch * L));
+    for (int64_t r = 0; r < a.batch; ++r) std::copy_n(ids.begin() + start(rng), L, batch.begin() + r * L);
+    const std::vector<int64_t> mine(batch.begin() + dp0 * L, batch.begin() + (dp0 + Bl) * L);
+    const double t0 = now_seconds();
+    model.zero_grads();
+    const double loss = lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas);
+    check(std::isfinite(loss), "the loss is ", loss, " at step ", s, ": training diverged (try a smaller --lr than ",
+          a.lr, ")");
+    if (replicas) replicas->all_reduce(model.grads(), model.num_params(), ReduceOp::sum);
+    opt.update(model);
+    t_total += now_seconds() - t0;
+    nlohmann::json row = {{"step", s}, {"loss", loss}};
+    if (s % a.eval_every == 0 || s == a.steps) {
+      const double v = held_out();
+      row["val_loss"] = v, row["val_bits_per_byte"] = v / std::log(2.0) / bytes_per_token;
+      if (show)
+        progress_done(), std::printf("step %5d  loss %.4f  held-out loss %.4f  %.4f bits/byte\n", s, loss, v,
+                                     v / std::log(2.0) / bytes_per_token);
+    } else if (show) {
+      progress(cat("step ", s, "/", a.steps, "  loss ", loss));
+    }
+    log.push_back(row);
+  }
+  if (show) progress_done();
+  if (rank != 0) return;
+  if (!a.save.empty()) save_lm(a.save, model, lc);
+  const double tokens_per_s = static_cast<double>(a.batch * L) * a.steps / t_total;
+  nlohmann::json j = {{"arch", arch_name(lc.arch)},
+                      {"params", model.num_params()},
+                      {"data", a.data},
+                      {"tokenizer", tok->name()},
+                      {"tokens", n},
+                      {"train_tokens", n_train},
+                      {"held_out_tokens", n_val},
+                      {"bytes_per_token", bytes_per_token},
+                      {"batch", a.batch},
+                      {"seq", L},
+                      {"dp", pc.dp},
+                      {"sp", pc.sp},
+                      {"tp", pc.tp},
+                      {"strategy", pc.strategy_label()},
+                      {"layout", layout_name(pc.layout)},
+                      {"tokens_per_s", tokens_per_s},
+                      {"steps", log}};
+  if (!a.save.empty()) j["saved"] = a.save;
+  if (!a.log.empty()) {
+    const std::string text = j.dump(1) + "\n";
+    write_file_atomically(a.log,
+                          [&](std::FILE* f) { return std::fwrite(text.data(), 1, text.size(), f) == text.size(); });
+  }
+  if (a.json) return print_json(j);
+  std::printf(
+      "train  %s, %lld parameters, %s tokenizer; %lld tokens (%lld held out), B=%lld L=%lld, "
+      "dp=%d x sp=%d x tp=%d (%s, %s): %.0f tokens/s\n",
+      arch_name(lc.arch), static_cast<long long>(model.num_params()), tok->name().c_str(), static_cast<long long>(n),
+      static_cast<long long>(n_val), static_cast<long long>(a.batch), static_cast<long long>(L), pc.dp, pc.sp, pc.tp,
+      pc.strategy_label().c_str(), layout_name(pc.layout), tokens_per_s);
+  if (!a.save.empty()) std::printf("saved to %s (config.json, model.safetensors)\n", a.save.c_str());
+}
+
 void run(const TrainArgs& a) {
+  if (!a.lm.empty() || !a.config.empty()) return run_lm(a);
+  check(a.data.empty(), "--data trains a language model: give --model DIR or --config CFG.json");
   if (a.par.threads > 0) omp_set_num_threads(a.par.threads);  // GEMMs and layers too, not only attention
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
@@ -183,6 +365,26 @@ void add_train(CLI::App& app) {
   add_parallel_options(cmd, a->par, true);
   add_timeout_option(cmd, a->timeout);
   cmd->add_flag("--json", a->json, "machine-readable output");
+  // A language model.
+  auto* model = cmd->add_option("--model", a->lm, "a Hugging Face checkpoint folder to train further");
+  auto* config = cmd->add_option("--config", a->config, "a config.json (llama, qwen2, gpt2) to train from the seed");
+  model->excludes(config);
+  cmd->add_option("--data", a->data, "--model/--config: the training text (UTF-8)");
+  cmd->add_option("--tokenizer", a->tokenizer, "--model/--config: tokenizer.json folder, or 'byte' (ids = bytes)");
+  cmd->add_option("--save", a->save, "--model/--config: write the trained checkpoint to this folder");
+  cmd->add_option("--log", a->log, "--model/--config: write the loss by step as JSON here");
+  cmd->add_option("--val-fraction", a->val_fraction, "--model/--config: the end of the text held out")
+      ->capture_default_str();
+  cmd->add_option("--eval-every", a->eval_every, "--model/--config: steps between held-out evaluations")
+      ->check(positive_count())
+      ->capture_default_str();
+  cmd->add_option("--eval-windows", a->eval_windows, "--model/--config: held-out windows of --seq tokens evaluated")
+      ->check(positive_count())
+      ->capture_default_str();
+  for (const char* vector_only : {"--layers", "--d-model", "--heads", "--kv-heads", "--mlp", "--bidirectional"}) {
+    model->excludes(cmd->get_option(vector_only));
+    config->excludes(cmd->get_option(vector_only));
+  }
   cmd->callback([a] { run(*a); });
 }
 

@@ -154,6 +154,38 @@ LmConfig parse_lm_config(const std::string& json_text, const std::string& where)
   return c;
 }
 
+std::string lm_config_json(const LmConfig& c) {
+  nlohmann::json j;
+  j["model_type"] = arch_name(c.arch);
+  j["vocab_size"] = c.vocab;
+  j["tie_word_embeddings"] = c.tie_embeddings;
+  if (c.bos_token >= 0) j["bos_token_id"] = c.bos_token;
+  if (c.eos_token >= 0) j["eos_token_id"] = c.eos_token;
+  j["torch_dtype"] = "float32";
+  if (c.arch == Arch::gpt2) {
+    j["architectures"] = {"GPT2LMHeadModel"};
+    j["n_embd"] = c.d_model, j["n_layer"] = c.layers, j["n_head"] = c.heads, j["n_inner"] = c.mlp_hidden;
+    j["n_positions"] = c.max_positions, j["layer_norm_epsilon"] = c.norm_eps;
+    j["activation_function"] = "gelu_new";
+    return j.dump(2) + "\n";
+  }
+  j["architectures"] = {c.arch == Arch::qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"};
+  j["hidden_size"] = c.d_model, j["num_hidden_layers"] = c.layers, j["num_attention_heads"] = c.heads;
+  j["num_key_value_heads"] = c.kv_heads, j["head_dim"] = c.head_dim, j["intermediate_size"] = c.mlp_hidden;
+  j["max_position_embeddings"] = c.max_positions, j["rms_norm_eps"] = c.norm_eps, j["hidden_act"] = "silu";
+  if (c.arch == Arch::llama) j["attention_bias"] = c.qkv_bias, j["mlp_bias"] = c.mlp_bias;
+  j["rope_theta"] = c.rope.theta;
+  if (c.rope.type == "linear")
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope.factor}};
+  else if (c.rope.type == "llama3")
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", c.rope.factor},
+                         {"low_freq_factor", c.rope.low_freq_factor},
+                         {"high_freq_factor", c.rope.high_freq_factor},
+                         {"original_max_position_embeddings", c.rope.original_max_positions}};
+  return j.dump(2) + "\n";
+}
+
 LmConfig load_lm_config(const std::string& dir_or_file) {
   namespace fs = std::filesystem;
   const fs::path p = fs::is_directory(dir_or_file) ? fs::path(dir_or_file) / "config.json" : fs::path(dir_or_file);

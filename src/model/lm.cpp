@@ -4,8 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <filesystem>
 #include <utility>
 
+#include "ringattn/atomic_file.h"
 #include "ringattn/cpu/attention.h"
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/cpu/layers.h"
@@ -458,6 +461,17 @@ Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run) {
   Model slice = model_for(cfg, run);
   slice.copy_slice_from(full, false);
   return slice;
+}
+
+void save_lm(const std::string& dir, const Model& full, const LmConfig& c) {
+  std::filesystem::create_directories(dir);
+  const std::map<std::string, Tensor> t = lm_export(full, c);
+  std::vector<std::pair<std::string, TensorView>> views;
+  for (const auto& [name, tensor] : t) views.push_back({name, tensor.view()});
+  save_safetensors(dir + "/model.safetensors", views);
+  const std::string json = lm_config_json(c);
+  write_file_atomically(dir + "/config.json",
+                        [&](std::FILE* f) { return std::fwrite(json.data(), 1, json.size(), f) == json.size(); });
 }
 
 std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
