@@ -178,6 +178,39 @@ TEST_P(HfModels, GenerateFromTheCache) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
 
+using SaveLm = ScratchDir;
+
+// save_lm writes config.json and model.safetensors that load back to the same
+// architecture and bit-identical weights (transformers loading them is checked
+// by scripts/check_hf_roundtrip.py).
+TEST_F(SaveLm, CheckpointRoundTrips) {
+  for (const char* name : {"llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"}) {
+    const LanguageModel lm = LanguageModel::load(kHf + name);
+    const RunContext run(nullptr, ParallelConfig{});
+    const Model m = lm_model(lm, DType::f32, run);
+    const std::string out = path(name);
+    save_lm(out, m, lm.config);
+    const LanguageModel back = LanguageModel::load(out);
+    const LmConfig &a = lm.config, &b = back.config;
+    EXPECT_EQ(arch_name(a.arch), std::string(arch_name(b.arch))) << name;
+    EXPECT_EQ(std::vector<int64_t>({a.vocab, a.d_model, a.layers, a.heads, a.kv_heads, a.head_dim, a.mlp_hidden,
+                                    a.max_positions, a.bos_token, a.eos_token}),
+              std::vector<int64_t>({b.vocab, b.d_model, b.layers, b.heads, b.kv_heads, b.head_dim, b.mlp_hidden,
+                                    b.max_positions, b.bos_token, b.eos_token}))
+        << name;
+    EXPECT_EQ(a.norm_eps, b.norm_eps) << name;
+    EXPECT_EQ(a.tie_embeddings, b.tie_embeddings) << name;
+    EXPECT_EQ(a.qkv_bias, b.qkv_bias) << name;
+    EXPECT_EQ(a.rope.type, b.rope.type) << name;
+    EXPECT_EQ(a.rope.theta, b.rope.theta) << name;
+    EXPECT_EQ(a.rope.factor, b.rope.factor) << name;
+    EXPECT_EQ(a.rope.original_max_positions, b.rope.original_max_positions) << name;
+    ASSERT_EQ(back.weights.size(), lm.weights.size()) << name;
+    for (const auto& [n, t] : lm.weights)
+      EXPECT_EQ(std::memcmp(t.ptr<float>(), back.weight(n).ptr<float>(), t.bytes()), 0) << name << ": " << n;
+  }
+}
+
 using HfCheckpointErrors = ScratchDir;
 
 TEST_F(HfCheckpointErrors, MissingOrMisShapedTensorsAreNamed) {
