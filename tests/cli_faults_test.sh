@@ -208,6 +208,35 @@ expect_error "train --batch 0" 2 "--batch: must be at least 1" "$BIN" train --ba
 expect_error "forward with float ids" 1 "not supported here" \
   "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids zero.npy
 expect_error "forward without --model" 2 "--model is required" "$BIN" forward --ids zero.npy
+# The language-model commands: every bad combination named before any compute.
+GPT2=$SRC/tests/fixtures/hf/gpt2
+$PY -c "import numpy as np; np.save('ids.npy', np.arange(12, dtype=np.int64)); np.save('bad_ids.npy', np.array([3, 500]))"
+expect_error "forward: a token id beyond the vocabulary" 1 "outside the vocabulary" \
+  "$BIN" forward --model "$GPT2" --ids bad_ids.npy
+expect_error "forward: not a checkpoint folder" 1 "config.json" "$BIN" forward --model "$WORK" --ids ids.npy
+expect_error "forward --pp 2" 1 "--pp must be 1" "$BIN" forward --model "$GPT2" --ids ids.npy --pp 2
+expect_error "generate --model with two prompts" 1 "exactly one of --prompt" \
+  "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --prompt "hello"
+expect_error "generate --model --layers (a vector-model option)" 2 "--layers excludes --model" \
+  "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --layers 2
+expect_error "generate --prompt without --model" 2 "--prompt requires --model" "$BIN" generate --prompt "hello"
+expect_error "generate --model: text without a tokenizer" 1 "needs a tokenizer" \
+  "$BIN" generate --model "$GPT2" --prompt "hello"
+expect_error "generate --model --greedy --top-k" 2 "excludes" \
+  "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --greedy --top-k 5
+expect_error "generate --model --top-p 0" 1 "--top-p must be in (0, 1]" "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --top-p 0
+expect_error "generate --model: past gpt2's positions" 1 "learned positions" \
+  "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --new-tokens 100
+expect_error "train --data without a model" 1 "--data trains a language model" "$BIN" train --data ids.npy
+expect_error "train --model --config" 2 "excludes" "$BIN" train --model "$GPT2" --config x.json --data x
+expect_error "train --model: the byte tokenizer beyond gpt2's 101 tokens" 1 "the tokenizer has 256 tokens" \
+  "$BIN" train --model "$GPT2" --data "$SRC/README.md" --tokenizer byte --seq 16 --batch 1 --steps 1
+echo '{"model_type": "llama", "vocab_size": 256, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+  "intermediate_size": 32}' >byte_llama.json
+expect_error "train --config: a missing text" 1 "cannot read the training text" \
+  "$BIN" train --config byte_llama.json --data missing.txt --tokenizer byte --seq 16 --batch 1 --steps 1
+expect_error "train --config: a text too short for --seq" 1 "too few for --seq" \
+  "$BIN" train --config byte_llama.json --data byte_llama.json --tokenizer byte --seq 512 --batch 1 --steps 1
 if command -v mpirun >/dev/null; then
   expect_error "generate: Ulysses prefill with heads not divisible by P" 1 "--strategy ring" \
     "${MPIRUN[@]}" -np 2 "$BIN" generate --prompt-len 64 --new-tokens 2 --layers 1 --d-model 48 --heads 3 \
