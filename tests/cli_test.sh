@@ -275,6 +275,8 @@ EOF
 else
   fail "mpirun -np 2 train --config exited non-zero: $(tail -5 train_lm.out)"
 fi
+"$BIN" bench lm --config byte_llama.json --seq 64 --new-tokens 3 --threads 1 --json >bench_lm.json 2>bench_lm.err &&
+  $PY ref.py json bench_lm.json || fail "ringattn bench lm failed: $(tail -c 300 bench_lm.err)"
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
   $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
 

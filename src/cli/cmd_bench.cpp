@@ -377,6 +377,7 @@ void add_bench(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { a->device == "cuda" ? run_cuda(*a) : run(*a); });
+  add_bench_lm(bench);
 }
 
 }  // namespace ringattn::cli

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cuda/gpu_test_util.h"
+#include "ringattn/cpu/layers.h"
 #include "ringattn/cuda.h"
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
@@ -49,9 +50,30 @@ std::vector<Tensor> layer_outputs(Device& d, DType compute) {
   se.ptr<float>()[0] = static_cast<float>(d.squared_error(N * C, f(x), f(y), f(dl), 0.5f));
   DeviceTensor pw = d.upload(hx), pm = d.upload(hdy), pv = d.upload(hv);
   d.adamw(N * C, f(pw), f(dy), f(pm), f(pv), {1e-2f, 0.9f, 0.999f, 1e-8f, 0.01f, 0.19f, 0.002f});
+  // The language-model layers: RMSNorm, SwiGLU on a fused gate|up [N, 2F'], RoPE
+  // on 5 heads of 40 columns with a row stride beyond them (as in a fused qkv).
+  DeviceTensor ry = d.alloc(DType::f32, {N, C}), rr = d.alloc(DType::f32, {N}), rdx = d.alloc(DType::f32, {N, C}),
+               rdg = d.upload(hg);
+  d.rmsnorm_forward(N, C, f(x), f(g), f(ry), f(rr), 1e-6f);
+  d.rmsnorm_backward(N, C, f(x), f(g), f(rr), f(dy), f(rdx), f(rdg));
+  const int64_t Fs = C / 2;  // x as [N, 2·Fs]
+  DeviceTensor sy = d.alloc(DType::f32, {N, Fs}), sdh = d.alloc(DType::f32, {N, C});
+  d.swiglu_forward(N, Fs, f(x), f(sy));
+  d.swiglu_backward(N, Fs, f(x), f(y), f(sdh));  // y: any [N, Fs]-sized upstream gradient rows
+  std::vector<int64_t> hpos(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) hpos[i] = (i * 37) % 1000;  // global positions out of order
+  const auto pos = d.upload_positions(hpos);
+  RopeConfig rc;
+  rc.type = "llama3", rc.theta = 500000, rc.factor = 8, rc.original_max_positions = 64;
+  const std::vector<float> hf = rope_inv_freq(rc, 40);
+  DeviceTensor inv = d.upload(TensorView(const_cast<float*>(hf.data()), DType::f32, {20})), rq = d.upload(hx),
+               rb = d.upload(hx);
+  d.rope_forward(N, 5, 40, C, f(rq), pos.get(), f(inv));
+  d.rope_forward(N, 5, 40, C, f(rb), pos.get(), f(inv));
+  d.rope_backward(N, 5, 40, C, f(rb), pos.get(), f(inv));  // back to x
   std::vector<Tensor> out;
-  for (const DeviceTensor* t :
-       {&y, &mean, &rstd, &dx, &dg, &db, &ge, &gdx, &yl, &dxl, &dw, &dbl, &yb, &dl, &pw, &pm, &pv})
+  for (const DeviceTensor* t : {&y, &mean, &rstd, &dx, &dg, &db, &ge, &gdx, &yl, &dxl, &dw, &dbl, &yb, &dl, &pw, &pm,
+                                &pv, &ry, &rr, &rdx, &rdg, &sy, &sdh, &rq, &rb})
     out.push_back(download(d, *t));
   out.push_back(std::move(se));
   return out;
@@ -62,7 +84,9 @@ TEST(CudaLayers, MatchTheCpuLayers) {
   auto gpu = make_cuda_device(0);
   const char* names[] = {"layernorm y", "mean",    "rstd",     "layernorm dx", "dgamma",    "dbeta",
                          "gelu",        "gelu dx", "linear y", "linear dx",    "linear dW", "linear db",
-                         "add_bias",    "loss dy", "adamw w",  "adamw m",      "adamw v",   "squared error"};
+                         "add_bias",    "loss dy", "adamw w",  "adamw m",      "adamw v",   "rmsnorm y",
+                         "rmsnorm rstd", "rmsnorm dx", "rmsnorm dgamma", "swiglu y", "swiglu dh", "rope",
+                         "rope then back", "squared error"};
   for (DType compute : {DType::f32, DType::bf16}) {
     const std::vector<Tensor> want = layer_outputs(cpu_device(), compute), got = layer_outputs(*gpu, compute);
     ASSERT_EQ(want.size(), got.size());
