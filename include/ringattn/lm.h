@@ -86,15 +86,18 @@ Tensor lm_head_logits(const Model& m, const TensorView& y);
 // head's gradients added into m.grads(). Returns the unscaled sum.
 double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy);
 
-// One process or SP x TP (pp = 1): this rank's logits [B, Ll, vocab] of the whole
+// One process, SP, TP (pp = 1): this rank's logits [B, Ll, vocab] of the whole
 // batch's ids [B, L] (every rank passes all of them; each takes its tokens of
 // par's layout).
 Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L);
 // The causal-LM loss of ids [B, L] (the mean over the B·(L − 1) targets of the
 // whole batch, summed over loss_group: the SP group, and the DP group when the
 // batch is split) and this rank's gradients added into m.grads() (not reduced).
+// With pp (this rank's model: stage pp->rank()) the batch runs through the 1F1B
+// pipeline in micro_batches (B divisible by it); every stage returns the loss.
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                        int64_t global_targets, Communicator* loss_group);
+                        int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr,
+                        int micro_batches = 1);
 
 // Generation (pp = 1): the prompts ids [B, L] (the same on every rank) are
 // prefilled into the sequence-sharded KV cache by par's strategy — the longest

@@ -2,6 +2,7 @@
 // pipeline over a PP group (pipeline_step).
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "ringattn/comm.h"
 #include "ringattn/model.h"
@@ -27,5 +28,19 @@ double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& t
 // stage.
 double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const ModelParallel& par,
                      Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train);
+
+// What the pipeline's two ends do with micro-batch i (of Bm rows, Ll tokens):
+// the first stage's input [Bm, Ll, D] (and, training, what happens to its
+// gradient), the last stage's loss of the output y (writing dL/dy into dy).
+struct PipelineEnds {
+  std::function<DeviceTensor(int i)> input;
+  std::function<void(int i, const TensorView& dx)> input_grad;  // may be empty
+  std::function<double(int i, const TensorView& y, const TensorView& dy)> loss;
+};
+// The 1F1B schedule alone over the stages of pp (train = false: the forwards):
+// weight gradients are added into m.grads() (not zeroed, not reduced). Returns
+// the summed loss of the micro-batches on the last stage, 0 on the others.
+double pipeline_run(Model& m, const PipelineEnds& ends, const ModelParallel& par, Communicator& pp, int micro_batches,
+                    int64_t Bm, int64_t Ll, bool train);
 
 }  // namespace ringattn

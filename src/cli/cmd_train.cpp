@@ -96,12 +96,12 @@ void run_lm(const TrainArgs& a) {
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
   const ParallelConfig pc = a.par.for_ranks(P);
-  check(pc.pp == 1, "train --model/--config runs the whole model on each rank: --pp must be 1 (use --sp, --tp, --dp)");
   check(!a.data.empty(), "train --model/--config needs --data FILE (a text)");
   check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
-  check(a.save.empty() || pc.tp == 1,
-        "--save writes the whole model from rank 0: use --tp 1 (SP and DP ranks hold all "
-        "of it)");
+  check(a.batch / pc.dp % pc.pp == 0, "--batch ", a.batch, " / --dp ", pc.dp, " must be divisible by --pp ", pc.pp,
+        " (one micro-batch per pipeline stage)");
+  check(a.save.empty() || (pc.tp == 1 && pc.pp == 1),
+        "--save writes the whole model from rank 0: use --tp 1 --pp 1 (SP and DP ranks hold all of it)");
   check(a.val_fraction > 0 && a.val_fraction < 1, "--val-fraction must be in (0, 1), got ", a.val_fraction);
   pc.check_sequence(a.seq);
   const LmConfig lc = load_lm_config(a.lm.empty() ? a.config : a.lm);
@@ -125,6 +125,7 @@ void run_lm(const TrainArgs& a) {
   mc.dtype = a.model.dtype, mc.seed = a.model.seed;
   Model model = a.lm.empty() ? model_for(mc, run) : lm_model(LanguageModel::load(a.lm), mc.dtype, run);
   Communicator* replicas = run.replicas();
+  Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
   const int64_t Bl = a.batch / pc.dp, dp0 = run.mesh().dp_index() * Bl;
   AdamW opt;
   opt.lr = a.lr;
@@ -140,7 +141,7 @@ void run_lm(const TrainArgs& a) {
       std::vector<int64_t> b(static_cast<size_t>(Bl * L));
       for (int64_t r = 0; r < Bl; ++r) std::copy_n(ids.begin() + n_train + (w + dp0 + r) * L, L, b.begin() + r * L);
       model.zero_grads();
-      sum += lm_loss_backward(model, par, b, Bl, L, a.batch * (L - 1), replicas);
+      sum += lm_loss_backward(model, par, b, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
     }
     return sum / static_cast<double>(windows / a.batch);
   };
@@ -155,7 +156,7 @@ void run_lm(const TrainArgs& a) {
     const std::vector<int64_t> mine(batch.begin() + dp0 * L, batch.begin() + (dp0 + Bl) * L);
     const double t0 = now_seconds();
     model.zero_grads();
-    const double loss = lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas);
+    const double loss = lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
     check(std::isfinite(loss), "the loss is ", loss, " at step ", s, ": training diverged (try a smaller --lr than ",
           a.lr, ")");
     if (replicas) replicas->all_reduce(model.grads(), model.num_params(), ReduceOp::sum);
@@ -177,8 +178,14 @@ void run_lm(const TrainArgs& a) {
   if (rank != 0) return;
   if (!a.save.empty()) save_lm(a.save, model, lc);
   const double tokens_per_s = static_cast<double>(a.batch * L) * a.steps / t_total;
+  int64_t params = 0;  // the whole model's (this rank holds a TP/PP slice)
+  for (const auto& [name, shape] : lm_tensor_shapes(lc)) {
+    int64_t n_el = 1;
+    for (int64_t d : shape) n_el *= d;
+    params += n_el;
+  }
   nlohmann::json j = {{"arch", arch_name(lc.arch)},
-                      {"params", model.num_params()},
+                      {"params", params},
                       {"data", a.data},
                       {"tokenizer", tok->name()},
                       {"tokens", n},
@@ -188,6 +195,7 @@ void run_lm(const TrainArgs& a) {
                       {"batch", a.batch},
                       {"seq", L},
                       {"dp", pc.dp},
+                      {"pp", pc.pp},
                       {"sp", pc.sp},
                       {"tp", pc.tp},
                       {"strategy", pc.strategy_label()},
@@ -203,10 +211,10 @@ void run_lm(const TrainArgs& a) {
   if (a.json) return print_json(j);
   std::printf(
       "train  %s, %lld parameters, %s tokenizer; %lld tokens (%lld held out), B=%lld L=%lld, "
-      "dp=%d x sp=%d x tp=%d (%s, %s): %.0f tokens/s\n",
-      arch_name(lc.arch), static_cast<long long>(model.num_params()), tok->name().c_str(), static_cast<long long>(n),
-      static_cast<long long>(n_val), static_cast<long long>(a.batch), static_cast<long long>(L), pc.dp, pc.sp, pc.tp,
-      pc.strategy_label().c_str(), layout_name(pc.layout), tokens_per_s);
+      "dp=%d x pp=%d x sp=%d x tp=%d (%s, %s): %.0f tokens/s\n",
+      arch_name(lc.arch), static_cast<long long>(params), tok->name().c_str(), static_cast<long long>(n),
+      static_cast<long long>(n_val), static_cast<long long>(a.batch), static_cast<long long>(L), pc.dp, pc.pp, pc.sp,
+      pc.tp, pc.strategy_label().c_str(), layout_name(pc.layout), tokens_per_s);
   if (!a.save.empty()) std::printf("saved to %s (config.json, model.safetensors)\n", a.save.c_str());
 }
 

@@ -16,6 +16,7 @@
 #include "ringattn/inference.h"
 #include "ringattn/layout.h"
 #include "ringattn/parallel.h"
+#include "ringattn/pipeline.h"
 #include "ringattn/safetensors.h"
 
 namespace ringattn {
@@ -586,16 +587,35 @@ Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int6
 }
 
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                        int64_t global_targets, Communicator* loss_group) {
-  check(m.first_stage() && m.last_stage(), "lm_loss_backward runs the whole model (pp = 1)");
+                        int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches) {
   check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
   const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos);
+  const float scale = 1.f / static_cast<float>(global_targets);
+  if (pp) {  // micro-batch i: rows i·Bm .. (i + 1)·Bm − 1 of this rank's tokens
+    check(micro_batches >= 1 && B % micro_batches == 0, "the batch of ", B,
+          " sequences must be divisible by the micro-batches ", micro_batches);
+    const int64_t Bm = B / micro_batches, Ll = static_cast<int64_t>(pos.size());
+    auto rows = [&](const std::vector<int64_t>& v, int i) {
+      return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * Ll), static_cast<size_t>(Bm * Ll));
+    };
+    PipelineEnds ends;
+    ends.input = [&](int i) { return lm_embed(m, rows(local, i), Bm, pos); };
+    ends.input_grad = [&](int i, const TensorView& dx) { lm_embed_backward(m, rows(local, i), Bm, pos, dx); };
+    ends.loss = [&](int i, const TensorView& y, const TensorView& dy) {
+      return lm_head_loss(m, y, rows(labels, i), scale, dy);
+    };
+    double loss = pipeline_run(m, ends, par, *pp, micro_batches, Bm, Ll, true);
+    if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
+    pp->all_reduce(&loss, 1, ReduceOp::sum);  // from the last stage to every stage
+    return loss / static_cast<double>(global_targets);
+  }
+  check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
   const DeviceTensor x = lm_embed(m, local, B, pos);
   Activations act;
   const DeviceTensor y = model_forward(m, x, par, act, {}, pos);
   DeviceTensor dy = m.device().alloc(DType::f32, {B, static_cast<int64_t>(pos.size()), m.config().d_model});
-  double loss = lm_head_loss(m, y, labels, 1.f / static_cast<float>(global_targets), dy);
+  double loss = lm_head_loss(m, y, labels, scale, dy);
   const DeviceTensor dx = model_backward(m, act, dy, par);
   lm_embed_backward(m, local, B, pos, dx);
   if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);

@@ -27,22 +27,19 @@ double train_step(Model& m, AdamW& opt, const TensorView& x, const TensorView& t
 // gradients back to stage s−1 (tag 2i+1), i = micro-batch. Sends stay in flight
 // until the end of the step, so two neighbours sending to each other never
 // block on one another.
-double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const ModelParallel& par,
-                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
+double pipeline_run(Model& m, const PipelineEnds& ends, const ModelParallel& par, Communicator& pp, int micro_batches,
+                    int64_t Bm, int64_t Ll, bool train) {
   const int S = pp.size(), s = pp.rank(), M = micro_batches;
   Device& dev = m.device();
   check(dev.is_host(), "pipeline parallelism runs on the host, not on ", dev.name());
-  check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
-  const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2);
-  check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
+  check(M >= 1, "a pipeline needs at least one micro-batch, got ", M);
   check(m.num_layers() * S == m.config().layers, "the model holds ", m.num_layers(), " layers, which is not layers/", S,
         " for a pipeline of ", S, " stages");
-  const int64_t Bm = B / M;
+  const int64_t D = m.config().d_model;
   std::vector<Activations> acts(static_cast<size_t>(M));
   std::vector<DeviceTensor> dys(static_cast<size_t>(M)), sent;
   std::vector<Request> sends;
   double loss = 0;
-  auto micro = [&](const TensorView& t, int i) { return t.slice(0, i * Bm, Bm); };
   auto recv = [&](int from, int tag) {
     DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
     Request r = pp.irecv(t.ptr<void>(), t.bytes(), from, tag);
@@ -54,22 +51,19 @@ double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView
     sent.push_back(std::move(t));
   };
   auto forward = [&](int i) {
-    DeviceTensor in = s == 0 ? dev.alloc(DType::f32, {Bm, Ll, D}) : recv(s - 1, 2 * i);
-    if (s == 0) copy_into(in, micro(x, i));
+    const DeviceTensor in = s == 0 ? ends.input(i) : recv(s - 1, 2 * i);
     DeviceTensor out = model_forward(m, in, par, acts[i]);
     if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
-    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
-    copy_into(t, micro(target, i));
     dys[i] = dev.alloc(DType::f32, {Bm, Ll, D});
-    loss += mse_loss(out, t, dys[i], nullptr, global_count);
+    loss += ends.loss(i, out, dys[i]);
   };
   auto backward = [&](int i) {
     DeviceTensor dy = s + 1 < S ? recv(s + 1, 2 * i + 1) : std::move(dys[i]);
     DeviceTensor dx = model_backward(m, acts[i], dy, par);
     acts[i] = Activations();
-    if (s > 0) send(std::move(dx), s - 1, 2 * i + 1);
+    if (s > 0) return send(std::move(dx), s - 1, 2 * i + 1);
+    if (ends.input_grad) ends.input_grad(i, dx);
   };
-  if (train) m.zero_grads();
   if (!train) {
     for (int i = 0; i < M; ++i) forward(i);
   } else {
@@ -80,9 +74,32 @@ double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView
     while (b < M) backward(b++);
   }
   for (Request& r : sends) pp.wait(r);
+  return s + 1 < S ? 0 : loss;
+}
+
+double pipeline_step(Model& m, AdamW* opt, const TensorView& x, const TensorView& target, const ModelParallel& par,
+                     Communicator& pp, int micro_batches, int64_t global_count, Communicator* reduce, bool train) {
+  check(x.rank == 3 && same_shape(target, x), "pipeline input and target must be [B, L, D] of the same shape");
+  const int64_t B = x.dim(0), Ll = x.dim(1), D = x.dim(2), M = micro_batches;
+  check(M >= 1 && B % M == 0, "batch ", B, " must be divisible by the number of micro-batches ", M);
+  const int64_t Bm = B / M;
+  Device& dev = m.device();
+  auto micro = [&](const TensorView& t, int i) { return t.slice(0, i * Bm, Bm); };
+  PipelineEnds ends;
+  ends.input = [&](int i) {
+    DeviceTensor in = dev.alloc(DType::f32, {Bm, Ll, D});
+    copy_into(in, micro(x, i));
+    return in;
+  };
+  ends.loss = [&](int i, const TensorView& y, const TensorView& dy) {
+    DeviceTensor t = dev.alloc(DType::f32, {Bm, Ll, D});
+    copy_into(t, micro(target, i));
+    return mse_loss(y, t, dy, nullptr, global_count);
+  };
+  if (train) m.zero_grads();
+  double loss = pipeline_run(m, ends, par, pp, micro_batches, Bm, Ll, train);
   // The loss lives on the last stage (and, summed over the replica group, covers
   // the whole batch and sequence); every stage reports it.
-  if (s + 1 < S) loss = 0;
   if (reduce) reduce->all_reduce(&loss, 1, ReduceOp::sum);
   pp.all_reduce(&loss, 1, ReduceOp::sum);
   if (train) {
