@@ -275,8 +275,11 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     std::fputs(tok->decode(ids).c_str(), stdout);
     std::fflush(stdout);
   }
+  reset_peak_memory();
   const std::vector<std::vector<int64_t>> out = lm_generate(m, run.model_parallel(), ids, B, L, o);
   if (show) std::printf("\n");
+  double peak = static_cast<double>(memory_stats().peak_bytes);  // weights, cache, activations
+  world.all_reduce(&peak, 1, ReduceOp::max);
   const double prefill = step_times.empty() ? now_seconds() - t0 : step_times.front();
   std::vector<double> tpot(step_times.begin() + (step_times.empty() ? 0 : 1), step_times.end());
   // --check: one process recomputes the whole sequence each step; greedy must pick the same tokens.
@@ -317,16 +320,18 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
                         {"prompt_tokens", L},
                         {"new_tokens", out},
                         {"prefill_seconds", prefill},
-                        {"tpot_median_ms", med * 1e3}};
+                        {"tpot_median_ms", med * 1e3},
+                        {"peak_memory_bytes_per_rank", peak}};
     if (tok && B == 1) j["text"] = tok->decode(out[0]);
     if (a.check) j["check_mismatches"] = mismatches;
     print_json(j);
   } else {
     std::fprintf(stderr,
                  "%s, %d rank(s) (sp %d x tp %d, %s, %s): prompt %lld x %lld tokens, prefill %.3f s, "
-                 "%.2f ms per output token (median)\n",
+                 "%.2f ms per output token (median), peak %.1f MiB/rank\n",
                  arch_name(lm.config.arch), pc.ranks(), pc.sp, pc.tp, pc.strategy_label().c_str(),
-                 layout_name(pc.layout), static_cast<long long>(B), static_cast<long long>(L), prefill, med * 1e3);
+                 layout_name(pc.layout), static_cast<long long>(B), static_cast<long long>(L), prefill, med * 1e3,
+                 peak / 1048576.0);
     if (a.check)
       std::fprintf(stderr, "check: %lld of the tokens differ from one process\n", static_cast<long long>(mismatches));
   }
