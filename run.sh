@@ -16,6 +16,11 @@ mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -
 echo "== long-context inference on 2 local ranks: prefill into a sequence-sharded KV cache, decode, checked =="
 mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
   ./build/release/ringattn generate --prompt-len 4096 --new-tokens 16 --check --threads 1
+echo "== a Hugging Face checkpoint (tests/fixtures/hf/llama_gqa, tiny random llama) under RA+SP on 2 ranks: greedy from the sharded KV cache, checked =="
+/usr/bin/python3 -c "import numpy, json; numpy.save('build/prompt.npy', numpy.array(json.load(open('tests/fixtures/hf/llama_gqa/reference.json'))['prompt'], dtype=numpy.int64))"
+mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
+  ./build/release/ringattn generate --model tests/fixtures/hf/llama_gqa --prompt-ids build/prompt.npy \
+  --new-tokens 10 --ignore-eos --check --threads 1
 echo "== the comparison: 4-layer dense transformer, d_model 256 (4 heads x 64), MLP 1024, batch 2 x seq 8192 =="
 ./build/release/ringattn compare --seq 8192 --json-out build/compare.json "$@"
 /usr/bin/python3 scripts/plot_compare.py build/compare.json build/compare.png >/dev/null
