@@ -72,8 +72,8 @@ std::vector<Tensor> layer_outputs(Device& d, DType compute) {
   d.rope_forward(N, 5, 40, C, f(rb), pos.get(), f(inv));
   d.rope_backward(N, 5, 40, C, f(rb), pos.get(), f(inv));  // back to x
   std::vector<Tensor> out;
-  for (const DeviceTensor* t : {&y, &mean, &rstd, &dx, &dg, &db, &ge, &gdx, &yl, &dxl, &dw, &dbl, &yb, &dl, &pw, &pm,
-                                &pv, &ry, &rr, &rdx, &rdg, &sy, &sdh, &rq, &rb})
+  for (const DeviceTensor* t : {&y,  &mean, &rstd, &dx, &dg, &db, &ge,  &gdx, &yl, &dxl, &dw, &dbl, &yb,
+                                &dl, &pw,   &pm,   &pv, &ry, &rr, &rdx, &rdg, &sy, &sdh, &rq, &rb})
     out.push_back(download(d, *t));
   out.push_back(std::move(se));
   return out;
@@ -82,10 +82,10 @@ std::vector<Tensor> layer_outputs(Device& d, DType compute) {
 TEST(CudaLayers, MatchTheCpuLayers) {
   REQUIRE_GPU();
   auto gpu = make_cuda_device(0);
-  const char* names[] = {"layernorm y", "mean",    "rstd",     "layernorm dx", "dgamma",    "dbeta",
-                         "gelu",        "gelu dx", "linear y", "linear dx",    "linear dW", "linear db",
-                         "add_bias",    "loss dy", "adamw w",  "adamw m",      "adamw v",   "rmsnorm y",
-                         "rmsnorm rstd", "rmsnorm dx", "rmsnorm dgamma", "swiglu y", "swiglu dh", "rope",
+  const char* names[] = {"layernorm y",    "mean",         "rstd",           "layernorm dx", "dgamma",    "dbeta",
+                         "gelu",           "gelu dx",      "linear y",       "linear dx",    "linear dW", "linear db",
+                         "add_bias",       "loss dy",      "adamw w",        "adamw m",      "adamw v",   "rmsnorm y",
+                         "rmsnorm rstd",   "rmsnorm dx",   "rmsnorm dgamma", "swiglu y",     "swiglu dh", "rope",
                          "rope then back", "squared error"};
   for (DType compute : {DType::f32, DType::bf16}) {
     const std::vector<Tensor> want = layer_outputs(cpu_device(), compute), got = layer_outputs(*gpu, compute);
