@@ -3,12 +3,15 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <sstream>
 
 #include "cli/commands.h"
 #include "ringattn/comm.h"
 #include "ringattn/cpu/features.h"
 #include "ringattn/error.h"
+#include "ringattn/npy.h"
 
 namespace ringattn::cli {
 
@@ -157,6 +160,49 @@ void add_all(CLI::App& app) {
   add_generate(app);
   add_forward(app);
   add_plan(app);
+}
+
+std::vector<int64_t> ids_from_rank0(Communicator* world, int64_t meta[2],
+                                    const std::function<std::vector<int64_t>(int64_t meta[2])>& read) {
+  std::string err;
+  std::vector<int64_t> ids;
+  int64_t hdr[4] = {0, 0, 0, 0};  // error length, ids, meta
+  if (!world || world->rank() == 0) {
+    try {
+      ids = read(hdr + 2);
+      hdr[1] = static_cast<int64_t>(ids.size());
+    } catch (const Error& e) {
+      err = e.what();
+    }
+    hdr[0] = static_cast<int64_t>(err.size());
+  }
+  if (world) {
+    world->broadcast(hdr, sizeof(hdr), 0);
+    err.resize(static_cast<size_t>(hdr[0]));
+    if (hdr[0] > 0) world->broadcast(err.data(), err.size(), 0);
+  }
+  if (!err.empty()) throw Error(err);
+  ids.resize(static_cast<size_t>(hdr[1]));
+  if (world) world->broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
+  meta[0] = hdr[2], meta[1] = hdr[3];
+  return ids;
+}
+
+std::vector<int64_t> load_batch_ids(const std::string& path, int64_t meta[2]) {
+  std::vector<int64_t> shape;
+  std::vector<int64_t> ids = load_npy_ids(path, &shape);
+  check(shape.size() == 1 || shape.size() == 2, path, ": token ids must be [L] or [B, L], got rank ", shape.size());
+  meta[0] = shape.size() == 2 ? shape[0] : 1, meta[1] = shape.back();
+  check(meta[0] >= 1 && meta[1] >= 1, path, ": no tokens");
+  return ids;
+}
+
+std::string read_text(const std::string& path, const std::string& what) {
+  std::ifstream in(path, std::ios::binary);
+  check(static_cast<bool>(in), path, ": cannot read ", what);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 }  // namespace ringattn::cli

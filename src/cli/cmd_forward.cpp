@@ -28,45 +28,17 @@ struct ForwardArgs {
   bool json = false;
 };
 
-// Rank 0 checks the output path and reads the ids [B, L]; every rank gets them,
-// or rank 0's error.
-std::vector<int64_t> share_ids(Communicator* world, const ForwardArgs& a, int64_t& B, int64_t& L) {
-  std::string err;
-  std::vector<int64_t> ids;
-  int64_t hdr[3] = {0, 0, 0};  // error length, B, L
-  if (!world || world->rank() == 0) {
-    try {
-      check_output_paths({{"--logits", a.logits}}, {{"--ids", a.ids}});
-      std::vector<int64_t> shape;
-      ids = load_npy_ids(a.ids, &shape);
-      check(shape.size() == 1 || shape.size() == 2, a.ids, ": token ids must be [L] or [B, L], got rank ",
-            shape.size());
-      hdr[1] = shape.size() == 2 ? shape[0] : 1, hdr[2] = shape.back();
-      check(hdr[1] >= 1 && hdr[2] >= 1, a.ids, ": no tokens");
-    } catch (const Error& e) {
-      err = e.what();
-    }
-    hdr[0] = static_cast<int64_t>(err.size());
-  }
-  if (world) {
-    world->broadcast(hdr, sizeof(hdr), 0);
-    err.resize(static_cast<size_t>(hdr[0]));
-    if (hdr[0] > 0) world->broadcast(err.data(), err.size(), 0);
-  }
-  if (!err.empty()) throw Error(err);
-  B = hdr[1], L = hdr[2];
-  ids.resize(static_cast<size_t>(B * L));
-  if (world) world->broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
-  return ids;
-}
-
 void run(const ForwardArgs& a) {
   if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
   std::unique_ptr<Communicator> world = MpiSession::active() ? mpi_world(60) : nullptr;
   check(a.par.pp == 1, "forward runs the whole model on each rank's tokens: --pp must be 1 (use --sp, --tp)");
   const RunContext run(world.get(), a.par);
-  int64_t B = 0, L = 0;
-  const std::vector<int64_t> ids = share_ids(world.get(), a, B, L);
+  int64_t meta[2];  // B, L
+  const std::vector<int64_t> ids = ids_from_rank0(world.get(), meta, [&](int64_t m[2]) {
+    check_output_paths({{"--logits", a.logits}}, {{"--ids", a.ids}});
+    return load_batch_ids(a.ids, m);
+  });
+  const int64_t B = meta[0], L = meta[1];
   run.config().check_sequence(L);
   const LanguageModel lm = LanguageModel::load(a.model);
   const LmConfig& c = lm.config;

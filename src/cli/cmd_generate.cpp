@@ -17,7 +17,6 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
-#include <sstream>
 
 #include "cli/commands.h"
 #include "cli/generation.h"
@@ -179,55 +178,6 @@ void run_on(const GenerateArgs& a, Communicator& world) {
 
 // ---- --model: a Hugging Face language model ------------------------------------------
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  check(static_cast<bool>(in), path, ": cannot read the prompt file");
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// The prompt's ids [B, L] on every rank: rank 0 reads them (the text through the
-// tokenizer, or the .npy), the others receive them or rank 0's error.
-std::vector<int64_t> prompt_ids(const GenerateArgs& a, const Tokenizer* tok, Communicator& world, int64_t& B,
-                                int64_t& L) {
-  std::string err;
-  std::vector<int64_t> ids;
-  int64_t hdr[3] = {0, 0, 0};
-  if (world.rank() == 0) {
-    try {
-      check_output_paths({{"--out-ids", a.out_ids}},
-                         {{"--prompt-ids", a.prompt_ids}, {"--prompt-file", a.prompt_file}});
-      if (!a.prompt_ids.empty()) {
-        std::vector<int64_t> shape;
-        ids = load_npy_ids(a.prompt_ids, &shape);
-        check(shape.size() == 1 || shape.size() == 2, a.prompt_ids, ": prompt ids must be [L] or [B, L], got rank ",
-              shape.size());
-        hdr[1] = shape.size() == 2 ? shape[0] : 1, hdr[2] = shape.back();
-      } else {
-        check(tok != nullptr,
-              "a text prompt needs a tokenizer: the checkpoint has no tokenizer.json; pass "
-              "--tokenizer DIR|byte or --prompt-ids");
-        const std::string text = a.prompt_file.empty() ? a.prompt : read_text(a.prompt_file);
-        ids = tok->encode(text);
-        hdr[1] = 1, hdr[2] = static_cast<int64_t>(ids.size());
-      }
-      check(hdr[1] >= 1 && hdr[2] >= 1, "the prompt has no tokens");
-    } catch (const Error& e) {
-      err = e.what();
-    }
-    hdr[0] = static_cast<int64_t>(err.size());
-  }
-  world.broadcast(hdr, sizeof(hdr), 0);
-  err.resize(static_cast<size_t>(hdr[0]));
-  if (hdr[0] > 0) world.broadcast(err.data(), err.size(), 0);
-  if (!err.empty()) throw Error(err);
-  B = hdr[1], L = hdr[2];
-  ids.resize(static_cast<size_t>(B * L));
-  world.broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
-  return ids;
-}
-
 // The tokenizer of a text prompt: --tokenizer byte|DIR, else the checkpoint's
 // tokenizer.json when it has one (nullptr: none; ids only).
 std::unique_ptr<Tokenizer> lm_tokenizer(const GenerateArgs& a) {
@@ -247,8 +197,19 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
   s.greedy = !a.sample;
   check_sampling(s);
   const std::unique_ptr<Tokenizer> tok = lm_tokenizer(a);
-  int64_t B = 0, L = 0;
-  const std::vector<int64_t> ids = prompt_ids(a, tok.get(), world, B, L);
+  int64_t meta[2];  // B, L
+  const std::vector<int64_t> ids = ids_from_rank0(&world, meta, [&](int64_t m[2]) {
+    check_output_paths({{"--out-ids", a.out_ids}}, {{"--prompt-ids", a.prompt_ids}, {"--prompt-file", a.prompt_file}});
+    if (!a.prompt_ids.empty()) return load_batch_ids(a.prompt_ids, m);
+    check(tok != nullptr,
+          "a text prompt needs a tokenizer: the checkpoint has no tokenizer.json; pass --tokenizer DIR|byte or "
+          "--prompt-ids");
+    std::vector<int64_t> t = tok->encode(a.prompt_file.empty() ? a.prompt : read_text(a.prompt_file, "the prompt"));
+    check(!t.empty(), "the prompt has no tokens");
+    m[0] = 1, m[1] = static_cast<int64_t>(t.size());
+    return t;
+  });
+  const int64_t B = meta[0], L = meta[1];
   const LanguageModel lm = LanguageModel::load(a.lm);
   const RunContext run(&world, pc);
   const Model m = lm_model(lm, a.model.dtype, run);

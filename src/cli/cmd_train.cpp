@@ -14,7 +14,6 @@
 #include <cstdio>
 #include <fstream>
 #include <random>
-#include <sstream>
 
 #include "cli/commands.h"
 #include "ringattn/atomic_file.h"
@@ -49,39 +48,6 @@ struct TrainArgs {
 
 // ---- --model / --config: a language model on a text --------------------------------
 
-// The corpus as token ids, the same on every rank (rank 0 reads and tokenizes;
-// the others receive the ids or its error), and its size in bytes.
-std::vector<int64_t> corpus_ids(const TrainArgs& a, const Tokenizer& tok, Communicator* world, int64_t& bytes) {
-  std::string err;
-  std::vector<int64_t> ids;
-  int64_t hdr[3] = {0, 0, 0};  // error length, tokens, bytes
-  if (!world || world->rank() == 0) {
-    try {
-      check_output_paths({{"--log", a.log}}, {{"--data", a.data}});
-      std::ifstream in(a.data, std::ios::binary);
-      check(static_cast<bool>(in), a.data, ": cannot read the training text");
-      std::ostringstream s;
-      s << in.rdbuf();
-      const std::string text = s.str();
-      ids = tok.encode(text, false);
-      hdr[1] = static_cast<int64_t>(ids.size()), hdr[2] = static_cast<int64_t>(text.size());
-    } catch (const Error& e) {
-      err = e.what();
-    }
-    hdr[0] = static_cast<int64_t>(err.size());
-  }
-  if (world) {
-    world->broadcast(hdr, sizeof(hdr), 0);
-    err.resize(static_cast<size_t>(hdr[0]));
-    if (hdr[0] > 0) world->broadcast(err.data(), err.size(), 0);
-  }
-  if (!err.empty()) throw Error(err);
-  ids.resize(static_cast<size_t>(hdr[1]));
-  if (world) world->broadcast(ids.data(), ids.size() * sizeof(int64_t), 0);
-  bytes = hdr[2];
-  return ids;
-}
-
 std::unique_ptr<Tokenizer> train_tokenizer(const TrainArgs& a) {
   if (a.tokenizer == "byte") return byte_tokenizer();
   if (!a.tokenizer.empty()) return load_tokenizer(a.tokenizer);
@@ -110,8 +76,14 @@ void run_lm(const TrainArgs& a) {
   const std::unique_ptr<Tokenizer> tok = train_tokenizer(a);
   check(tok->vocab_size() <= lc.vocab, "the tokenizer has ", tok->vocab_size(), " tokens, the model's vocabulary ",
         lc.vocab);
-  int64_t bytes = 0;
-  const std::vector<int64_t> ids = corpus_ids(a, *tok, world.get(), bytes);
+  int64_t meta[2];  // the text's bytes
+  const std::vector<int64_t> ids = ids_from_rank0(world.get(), meta, [&](int64_t m[2]) {
+    check_output_paths({{"--log", a.log}}, {{"--data", a.data}});
+    const std::string text = read_text(a.data, "the training text");
+    m[0] = static_cast<int64_t>(text.size());
+    return tok->encode(text, false);
+  });
+  const int64_t bytes = meta[0];
   const int64_t n = static_cast<int64_t>(ids.size()), L = a.seq;
   const int64_t n_val = std::max<int64_t>(L, static_cast<int64_t>(static_cast<double>(n) * a.val_fraction));
   const int64_t n_train = n - n_val;

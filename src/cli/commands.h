@@ -5,6 +5,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "ringattn/model.h"
 #include "ringattn/parallel.h"
@@ -55,6 +56,17 @@ void add_timeout_option(CLI::App* cmd, double& timeout);
 
 // The message of the Error fn throws, or "" (CLI11 validators return messages).
 std::string error_of(const std::function<void()>& fn);
+
+// Token ids read on rank 0 only (`read` returns them and may set two numbers of
+// its own in meta, e.g. the batch and the length), then given to every rank of
+// world (null: one process) — or rank 0's Error, thrown on every rank, so a bad
+// file never leaves the others waiting.
+std::vector<int64_t> ids_from_rank0(Communicator* world, int64_t meta[2],
+                                    const std::function<std::vector<int64_t>(int64_t meta[2])>& read);
+// Token ids of a .npy of shape [L] or [B, L] (int64/int32): B and L into meta.
+std::vector<int64_t> load_batch_ids(const std::string& path, int64_t meta[2]);
+// The bytes of a text file (`what` names it in the error).
+std::string read_text(const std::string& path, const std::string& what);
 
 // Prints j (indented) to stdout.
 void print_json(const nlohmann::json& j);
