@@ -219,7 +219,7 @@ for m in llama_gqa gpt2; do
     "2 --strategy allgather --layout contiguous" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
-    if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --logits l12_$m.npy $opts \
+    if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --logits l12_$m.npy --threads 1 $opts \
       >forward_mpi.out 2>&1; then
       $PY hf.py check "$fx" l12_$m.npy 12 || fail "mpirun -np $np forward --model $m $opts: logits differ"
     else
@@ -246,7 +246,7 @@ for m in llama_tied_llama3 gpt2; do
   for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
-    if "${MPIRUN[@]}" -np "$np" "$BIN" generate --model "$fx" --prompt-ids prompt_$m.npy --new-tokens 10 \
+    if "${MPIRUN[@]}" -np "$np" "$BIN" generate --model "$fx" --prompt-ids prompt_$m.npy --new-tokens 10 --threads 1 \
       --ignore-eos --check --out-ids gen_$m.npy $opts >generate_lm.out 2>&1; then
       $PY greedy.py check "$fx" gen_$m.npy || fail "mpirun -np $np generate --model $m $opts: not transformers' tokens"
     else
