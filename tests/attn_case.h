@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -26,7 +27,12 @@ struct AttnCase {
   bool causal = false;
   DType in = DType::f32;   // q, k, v (and dout) storage
   DType out = DType::f32;  // o (and dq, dk, dv) storage
+  int64_t window_left = -1, window_right = -1;
   std::optional<std::vector<int64_t>> q_pos, k_pos;
+  // Packed documents (flash-attn's cu_seqlens); they set the positions, so they
+  // exclude q_pos/k_pos.
+  std::optional<std::vector<int32_t>> cu_q, cu_k;
+  mutable std::shared_ptr<const Documents> docs;  // built from cu_q, cu_k on first use
   float scale = std::numeric_limits<float>::quiet_NaN();
   float amp = 1.f;  // inputs are U(-amp, amp); larger amp gives peakier softmax
   uint32_t seed = 1;
@@ -39,6 +45,9 @@ struct AttnCase {
                         dtype_name(in));
     if (out != in) s += cat("_out", dtype_name(out));
     if (q_pos || k_pos) s += "_pos";
+    auto side = [](int64_t w) { return w < 0 ? std::string("inf") : std::to_string(w); };
+    if (window_left >= 0 || window_right >= 0) s += cat("_win", side(window_left), "_", side(window_right));
+    if (cu_q) s += cat("_docs", cu_q->size() - 1);
     if (strided) s += "_strided";
     return s;
   }
@@ -47,8 +56,13 @@ struct AttnCase {
     AttentionOptions o;
     o.scale = scale;
     o.causal = causal;
+    o.window_left = window_left, o.window_right = window_right;
     if (q_pos) o.q_pos = std::span<const int64_t>(*q_pos);
     if (k_pos) o.k_pos = std::span<const int64_t>(*k_pos);
+    if (cu_q) {
+      if (!docs) docs = std::make_shared<const Documents>(documents(*cu_q, cu_k ? *cu_k : *cu_q));
+      docs->apply(o);
+    }
     o.threads = threads;
     o.isa = isa;
     return o;
@@ -164,13 +178,14 @@ inline double max_abs(const std::vector<double>& v) {
 // dq and dk can vanish in exact arithmetic (one visible key per row: p = 1 and
 // dp − D = dO·v − dO·o = 0), leaving only rounding noise in the kernel; their
 // normalizing magnitude is floored at 1% of max|dv| (dv = pᵀ dO never cancels),
-// which only matters when dq or dk is that degenerate.
-inline void check_backward(const AttnCase& c, AttnData& a, double tol) {
+// which only matters when dq or dk is that degenerate. A caller whose every row is
+// (a window of 0 keys to the left: each query sees itself) passes a larger floor.
+inline void check_backward(const AttnCase& c, AttnData& a, double tol, double floor_of_dv = 1e-2) {
   const RefResult ref = reference_backward(a.q, a.k, a.v, a.dout, c.options());
   EXPECT_FALSE(any_nan(a.dq)) << "NaN in dq";
   EXPECT_FALSE(any_nan(a.dk)) << "NaN in dk";
   EXPECT_FALSE(any_nan(a.dv)) << "NaN in dv";
-  const double floor = std::max(1e-2 * max_abs(ref.dv), 1e-30);
+  const double floor = std::max(floor_of_dv * max_abs(ref.dv), 1e-30);
   RA_EXPECT_CLOSE_FLOOR(a.dq.view, ref.dq, tol, floor, "dq");
   RA_EXPECT_CLOSE_FLOOR(a.dk.view, ref.dk, tol, floor, "dk");
   RA_EXPECT_CLOSE(a.dv.view, ref.dv, tol, "dv");

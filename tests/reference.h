@@ -3,8 +3,10 @@
 //
 //   q: [B, Lq, H, d]   k, v: [B, Lk, Hkv, d]   o: [B, Lq, H, d]   lse: [B, H, Lq]
 //   query head h uses key/value head h / (H / Hkv) (GQA/MQA);
-//   causal: query i sees key j iff k_pos[j] <= q_pos[i]; the default positions are
-//   q_pos[i] = i + (Lk - Lq), k_pos[j] = j (bottom-right alignment);
+//   query i sees key j iff q_doc[i] == k_doc[j] (when documents are given) and
+//   q_pos[i] - window_left <= k_pos[j] <= q_pos[i] + window_right (-1: unbounded;
+//   causal: window_right = 0); the default positions are q_pos[i] = i + (Lk - Lq),
+//   k_pos[j] = j (bottom-right alignment);
 //   a row that sees no key gives o = 0, lse = -inf and contributes no gradient.
 //
 // Inputs are read from TensorViews of any dtype and strides (so the reference sees
@@ -26,14 +28,19 @@ namespace ringattn::testing {
 struct RefProblem {
   int64_t B = 0, Lq = 0, Lk = 0, H = 0, Hkv = 0, d = 0;
   double scale = 0;
-  bool causal = false;
+  int64_t left = -1, right = -1;      // the window, causal folded in
   std::vector<int64_t> q_pos, k_pos;  // always filled (defaults resolved)
+  std::vector<int64_t> q_doc, k_doc;  // empty: one document
   std::vector<double> q, k, v;        // contiguous [B, L, heads, d]
 
   int64_t qi(int64_t b, int64_t l, int64_t h) const { return ((b * Lq + l) * H + h) * d; }
   int64_t ki(int64_t b, int64_t l, int64_t h) const { return ((b * Lk + l) * Hkv + h) * d; }
   int64_t li(int64_t b, int64_t h, int64_t l) const { return (b * H + h) * Lq + l; }
-  bool visible(int64_t i, int64_t j) const { return !causal || k_pos[j] <= q_pos[i]; }
+  bool visible(int64_t i, int64_t j) const {
+    if (!q_doc.empty() && q_doc[i] != k_doc[j]) return false;
+    if (right >= 0 && k_pos[j] > q_pos[i] + right) return false;
+    return left < 0 || k_pos[j] >= q_pos[i] - left;
+  }
 };
 
 struct RefResult {
@@ -52,7 +59,10 @@ inline RefProblem make_ref_problem(const TensorView& q, const TensorView& k, con
   p.Lk = k.shape[1];
   p.Hkv = k.shape[2];
   p.scale = std::isnan(opt.scale) ? 1.0 / std::sqrt(static_cast<double>(p.d)) : static_cast<double>(opt.scale);
-  p.causal = opt.causal;
+  p.left = opt.window_left;
+  p.right = opt.causal ? 0 : opt.window_right;
+  p.q_doc.assign(opt.q_doc.begin(), opt.q_doc.end());
+  p.k_doc.assign(opt.k_doc.begin(), opt.k_doc.end());
   if (opt.q_pos.empty()) {
     p.q_pos = iota_pos(p.Lq, p.Lk - p.Lq);
   } else {

@@ -73,8 +73,23 @@ struct Problem {
     }
     check(opt.threads >= 0, "threads must be >= 0, got ", opt.threads);
     const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-    shape = {
-        B, Lq, Lk, H, Hkv, d, a.scale, opt.causal, q_pos.data(), k_pos.data(), threads, opt.progress, opt.progress_ctx};
+    const bool docs = !opt.q_doc.empty();
+    shape = {B,
+             Lq,
+             Lk,
+             H,
+             Hkv,
+             d,
+             a.scale,
+             a.window_left,
+             a.window_right,
+             q_pos.data(),
+             k_pos.data(),
+             docs ? opt.q_doc.data() : nullptr,
+             docs ? opt.k_doc.data() : nullptr,
+             threads,
+             opt.progress,
+             opt.progress_ctx};
     kernels = &table_for(opt.isa ? *opt.isa : default_isa());
   }
 };
@@ -134,20 +149,6 @@ void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const T
         }
         la[ia] = lse;
       }
-}
-
-double attention_forward_flops(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t d, bool causal) {
-  // Visible (query, key) pairs with bottom-right alignment: query i sees
-  // min(Lk, i + Lk - Lq + 1) keys.
-  double pairs = static_cast<double>(Lq) * static_cast<double>(Lk);
-  if (causal) {
-    pairs = 0;
-    for (int64_t i = 0; i < Lq; ++i) {
-      const int64_t n = i + Lk - Lq + 1;
-      pairs += static_cast<double>(n < 0 ? 0 : (n > Lk ? Lk : n));
-    }
-  }
-  return 4.0 * static_cast<double>(B * H * d) * pairs;
 }
 
 }  // namespace ringattn

@@ -14,19 +14,19 @@ namespace ringattn {
 // q: [B, Lq, H, d]  k, v: [B, Lk, Hkv, d]  ->  o: [B, Lq, H, d], lse: [B, H, Lq]
 void attention_forward_unfused(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                                const TensorView& lse, const AttentionOptions& opt) {
-  check(q.rank == 4 && k.rank == 4 && v.rank == 4 && o.rank == 4 && lse.rank == 3,
-        "unfused attention takes q, k, v, o [B, L, H, d] and lse [B, H, Lq]");
-  const int64_t B = q.dim(0), Lq = q.dim(1), H = q.dim(2), d = q.dim(3), Lk = k.dim(1), Hkv = k.dim(2);
-  check(H % Hkv == 0 && k.dim(3) == d && same_shape(v, k) && same_shape(o, q), "unfused attention: shapes ",
-        q.shape_str(), ", ", k.shape_str(), ", ", v.shape_str(), ", ", o.shape_str(), " do not fit together");
+  const AttentionShape a = check_attention(q, k, v, o, lse, opt);
+  const int64_t B = a.B, Lq = a.Lq, H = a.H, d = a.d, Lk = a.Lk, Hkv = a.Hkv;
   const DType dt = q.dtype;
   check((dt == DType::f32 || dt == DType::bf16) && k.dtype == dt && v.dtype == dt,
         "unfused attention takes fp32 or bf16 q, k, v of one dtype");
   check(q.strides[3] == 1 && k.strides[3] == 1 && v.strides[3] == 1, "unfused attention needs contiguous rows");
-  check(lse.dtype == DType::f32, "lse must be fp32");
-  const float scale = std::isnan(opt.scale) ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
+  const float scale = a.scale;
   auto qpos = [&](int64_t i) { return opt.q_pos.empty() ? i + Lk - Lq : opt.q_pos[i]; };
   auto kpos = [&](int64_t j) { return opt.k_pos.empty() ? j : opt.k_pos[j]; };
+  auto visible = [&](int64_t i, int64_t j) {
+    return (opt.q_doc.empty() || opt.q_doc[i] == opt.k_doc[j]) &&
+           in_window(qpos(i), kpos(j), a.window_left, a.window_right);
+  };
   const size_t es = dtype_size(dt);
   const int saved = omp_get_max_threads();
   if (opt.threads > 0) omp_set_num_threads(opt.threads);
@@ -41,13 +41,13 @@ void attention_forward_unfused(const TensorView& q, const TensorView& k, const T
       const char* vh = static_cast<const char*>(v.data) + (b * v.strides[0] + hk * v.strides[2]) * es;
       // S = scale · Q Kᵀ   [Lq, Lk]
       gemm(false, true, Lq, Lk, d, scale, qh, q.strides[1], kh, k.strides[1], 0.f, S.data(), Lk, dt);
-      // Row softmax with the causal mask; lse per row.
+      // Row softmax with the mask; lse per row.
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < Lq; ++i) {
         float* s = S.data() + i * Lk;
         float m = -INFINITY;
         for (int64_t j = 0; j < Lk; ++j) {
-          if (opt.causal && kpos(j) > qpos(i)) s[j] = -INFINITY;
+          if (!visible(i, j)) s[j] = -INFINITY;
           m = std::fmax(m, s[j]);
         }
         float sum = 0.f;

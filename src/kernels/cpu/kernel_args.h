@@ -29,9 +29,11 @@ struct Lse {
 struct AttnShape {
   int64_t B, Lq, Lk, H, Hkv, d;
   float scale;
-  bool causal;
+  int64_t left, right;   // the window, causal folded in (right = 0); -1: unbounded
   const int64_t* q_pos;  // [Lq] global positions (always given by the dispatcher)
   const int64_t* k_pos;  // [Lk]
+  const int64_t* q_doc;  // [Lq] document ids, or null (one document)
+  const int64_t* k_doc;  // [Lk], null with q_doc
   int threads;
   void (*progress)(void*);  // may be null; called by OpenMP thread 0 between tiles
   void* progress_ctx;

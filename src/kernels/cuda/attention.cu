@@ -524,6 +524,8 @@ struct Checked {
     const AttentionShape a = check_attention(q, k, v, o, lse, opt);
     B = a.B, Lq = a.Lq, H = a.H, d = a.d, Lk = a.Lk, Hkv = a.Hkv, scale = a.scale;
     check(d == 64 || d == 128, "the CUDA kernels support head dims 64 and 128, got d=", d);
+    check(opt.q_doc.empty() && a.window_left < 0 && (a.window_right < 0 || (opt.causal && a.window_right == 0)),
+          "the CUDA kernels do not take packed documents or sliding windows yet (the CPU kernels do)");
     check(q.dtype == DType::bf16 || q.dtype == DType::f16, "the CUDA kernels take bf16 or fp16 q, k, v, got ",
           dtype_name(q.dtype));
     for (const TensorView* x : {&q, &k, &v}) {
