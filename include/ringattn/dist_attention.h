@@ -3,6 +3,9 @@
 // Every rank passes its own shard (layout of layout.h, global length L = P·local):
 //   q: [B, L/P, H, d]   k, v: [B, L/P, Hkv, d]   o: [B, L/P, H, d]   lse: [B, H, L/P] fp32
 // and gets the rows of the full attention result that belong to its queries.
+// The mask of attention.h applies to global positions: causal, a sliding window,
+// and packed documents given by cu_seqlens over the whole sequence (the same on
+// every rank). A block with no visible pair is never computed (stages_skipped).
 //
 // Strategies:
 //   ring      RA+SP: P stages; at stage t rank p attends to the K/V block of rank
@@ -21,6 +24,7 @@
 //             small (e.g. intra-node) group; the ring crosses the slower links.
 #pragma once
 #include <limits>
+#include <span>
 #include <string>
 
 #include "ringattn/attention.h"
@@ -39,6 +43,8 @@ struct DistAttentionOptions {
   Layout layout = Layout::contiguous;
   float scale = std::numeric_limits<float>::quiet_NaN();  // NaN: 1/sqrt(d)
   bool causal = false;
+  int64_t window_left = -1, window_right = -1;  // attention.h's window; -1: unbounded
+  std::span<const int32_t> cu_seqlens;          // [n_docs + 1] over the global sequence; empty: one document
   int threads = 0;
   const Isa* isa = nullptr;
   bool overlap = true;  // poll the communicator between compute tiles
@@ -57,7 +63,7 @@ struct DistStats {
   double compute_seconds = 0;  // inside the local kernels and merges
   double wait_seconds = 0;     // blocked on communication
   int64_t bytes_sent = 0, bytes_received = 0;
-  int stages_skipped = 0;  // ring stages with no visible key (causal)
+  int stages_skipped = 0;  // ring stages whose block has no visible pair (causal, window, documents)
 };
 
 void dist_attention_forward(Communicator& comm, const TensorView& q, const TensorView& k, const TensorView& v,

@@ -38,6 +38,11 @@ namespace {
 
 void poll_comm(void* c) { static_cast<Communicator*>(c)->progress(); }
 
+// Tokens of a block: global positions and, with packed documents, their document ids.
+struct Tokens {
+  std::vector<int64_t> pos, doc;
+};
+
 // One call's bookkeeping: shapes, positions, timers, traffic.
 struct Call {
   Communicator& comm;
@@ -47,6 +52,7 @@ struct Call {
   int P, p;
   int64_t B, Ll, H, Hkv, d, L;
   DType dtype;
+  bool masked;  // causal, a window or documents: some blocks may see nothing
   double t_start, compute = 0;
   CommStats comm0;
   std::vector<std::pair<Communicator*, CommStats>> groups;  // hybrid: the sub-groups' traffic counts too
@@ -66,19 +72,30 @@ struct Call {
     const float sc = opt.scale;
     int32_t scale_bits;
     std::memcpy(&scale_bits, &sc, 4);
-    std::vector<int64_t> cfg = {static_cast<int64_t>(q.dtype),      static_cast<int64_t>(k.dtype),
-                                static_cast<int64_t>(v.dtype),      opt.causal,
-                                static_cast<int64_t>(opt.strategy), static_cast<int64_t>(opt.layout),
+    uint64_t docs_hash = 1469598103934665603ull;  // FNV-1a of cu_seqlens
+    for (int32_t x : opt.cu_seqlens) docs_hash = (docs_hash ^ static_cast<uint32_t>(x)) * 1099511628211ull;
+    std::vector<int64_t> cfg = {static_cast<int64_t>(q.dtype),
+                                static_cast<int64_t>(k.dtype),
+                                static_cast<int64_t>(v.dtype),
+                                opt.causal,
+                                opt.window_left,
+                                opt.window_right,
+                                static_cast<int64_t>(opt.cu_seqlens.size()),
+                                static_cast<int64_t>(docs_hash >> 1),
+                                static_cast<int64_t>(opt.strategy),
+                                static_cast<int64_t>(opt.layout),
                                 std::isnan(sc) ? -1 : scale_bits};
     for (const TensorView* x : t) {
       cfg.push_back(x->empty() ? -1 : static_cast<int64_t>(x->dtype));
       for (int64_t e : dims(*x)) cfg.push_back(e);
     }
-    check_same_on_all_ranks(comm, cfg,
-                            "attention config (dtypes, causal, strategy, layout, scale, then dtype, rank and shape "
-                            "of the q, k, v, o, lse[, dout, dq, dk, dv] shards)");
+    check_same_on_all_ranks(
+        comm, cfg,
+        "attention config (dtypes, causal, window, cu_seqlens, strategy, layout, scale, then dtype, rank and shape "
+        "of the q, k, v, o, lse[, dout, dq, dk, dv] shards)");
     AttentionOptions contract;
     contract.scale = opt.scale, contract.causal = opt.causal;
+    contract.window_left = opt.window_left, contract.window_right = opt.window_right;
     const AttentionShape a = check_attention(q, k, v, o_, lse, contract);
     B = a.B, Ll = a.Lq, H = a.H, d = a.d, Hkv = a.Hkv;
     L = Ll * P;
@@ -87,6 +104,10 @@ struct Call {
           " and ", k.shape_str());
     if (t.size() > 5) check_attention_grads(q, k, *t[5], *t[6], *t[7], *t[8]);
     check_layout(opt.layout, L, P);
+    if (!opt.cu_seqlens.empty()) check_cu_seqlens(opt.cu_seqlens, L, "cu_seqlens");
+    masked = opt.causal || a.window_left >= 0 || a.window_right >= 0 || !opt.cu_seqlens.empty();
+    check(dev.is_host() || (opt.cu_seqlens.empty() && a.window_left < 0 && a.window_right < 0),
+          "packed documents and sliding windows run on the host (the CUDA kernels do not take them yet)");
     check(dev.is_host() || opt.strategy == Strategy::ring, "strategy '", strategy_name(opt.strategy),
           "' runs on the host only; on ", dev.name(), " use the ring");
     if (opt.strategy == Strategy::hybrid) {
@@ -104,14 +125,29 @@ struct Call {
     t_start = now_seconds();
   }
 
-  // Polls `poll` (the group whose transfers are in flight) between tiles.
-  AttentionOptions local(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos,
-                         Communicator* poll = nullptr) const {
+  // The global positions of some tokens and (with cu_seqlens) their documents.
+  Tokens tokens(std::vector<int64_t> pos) const {
+    Tokens t{std::move(pos), {}};
+    for (int64_t x : t.pos) {
+      if (opt.cu_seqlens.empty()) break;
+      const auto it = std::upper_bound(opt.cu_seqlens.begin(), opt.cu_seqlens.end(), x);
+      t.doc.push_back(it - opt.cu_seqlens.begin() - 1);
+    }
+    return t;
+  }
+
+  // The local attention of queries q against keys k; polls `poll` (the group
+  // whose transfers are in flight) between tiles. pos: where the device reads
+  // the positions (q.pos and k.pos, or device copies of them).
+  AttentionOptions local(const Tokens& q, const Tokens& k, Communicator* poll = nullptr,
+                         std::span<const int64_t> q_pos = {}, std::span<const int64_t> k_pos = {}) const {
     AttentionOptions a;
     a.scale = opt.scale;
     a.causal = opt.causal;
-    a.q_pos = q_pos;
-    a.k_pos = k_pos;
+    a.window_left = opt.window_left, a.window_right = opt.window_right;
+    a.q_pos = q_pos.empty() ? std::span<const int64_t>(q.pos) : q_pos;
+    a.k_pos = k_pos.empty() ? std::span<const int64_t>(k.pos) : k_pos;
+    a.q_doc = q.doc, a.k_doc = k.doc;
     a.threads = opt.threads;
     a.isa = opt.isa;
     if (opt.overlap) {
@@ -119,6 +155,12 @@ struct Call {
       a.progress_ctx = poll ? poll : &comm;
     }
     return a;
+  }
+
+  // Whether queries q see any key of k (exactly: a block that sees nothing is skipped).
+  bool sees(const Tokens& q, const Tokens& k) const {
+    return !masked || attention_visible_pairs(static_cast<int64_t>(q.pos.size()), static_cast<int64_t>(k.pos.size()),
+                                              local(q, k)) > 0;
   }
 
   template <typename F>
@@ -168,10 +210,6 @@ std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
   return pos;
 }
 
-bool sees_any(std::span<const int64_t> q_pos, std::span<const int64_t> k_pos) {
-  return *std::min_element(k_pos.begin(), k_pos.end()) <= *std::max_element(q_pos.begin(), q_pos.end());
-}
-
 TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
 
 // ---- ring (RA+SP) -----------------------------------------------------------------
@@ -181,20 +219,25 @@ TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // 
 struct Ring {
   Communicator& comm;
   Device& dev;
-  std::vector<std::vector<int64_t>> pos;
+  std::vector<Tokens> tokens;
   std::vector<std::shared_ptr<const int64_t>> dev_pos;
-  Ring(Communicator& c, Device& d, std::vector<std::vector<int64_t>> p) : comm(c), dev(d), pos(std::move(p)) {
-    for (const auto& x : pos) dev_pos.push_back(dev.upload_positions(x));
+  Ring(Communicator& c, Device& d, std::vector<Tokens> t) : comm(c), dev(d), tokens(std::move(t)) {
+    for (const auto& x : tokens) dev_pos.push_back(dev.upload_positions(x.pos));
   }
   int P() const { return comm.size(); }
   int p() const { return comm.rank(); }
-  std::span<const int64_t> positions(int member) const { return {dev_pos[member].get(), pos[member].size()}; }
+  // The local attention of this member's queries against member src's block.
+  AttentionOptions local(const Call& c, int src) const {
+    const int me = p();
+    return c.local(tokens[me], tokens[src], &comm, {dev_pos[me].get(), tokens[me].pos.size()},
+                   {dev_pos[src].get(), tokens[src].pos.size()});
+  }
 };
 
 Ring plain_ring(const Call& c) {
-  std::vector<std::vector<int64_t>> pos;
-  for (int m = 0; m < c.P; ++m) pos.push_back(shard_positions(c.opt.layout, c.L, c.P, m));
-  return Ring(c.comm, c.dev, std::move(pos));
+  std::vector<Tokens> members;
+  for (int m = 0; m < c.P; ++m) members.push_back(c.tokens(shard_positions(c.opt.layout, c.L, c.P, m)));
+  return Ring(c.comm, c.dev, std::move(members));
 }
 
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
@@ -207,7 +250,6 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
   const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
   Device& dev = ring.dev;
-  const std::vector<int64_t>& q_pos = ring.pos[p];
   DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lr, Hkv, d}), dev.alloc(c.dtype, {2, B, Lr, Hkv, d})};
   dev.copy(kv_half(kv[0], 0), k);
   dev.copy(kv_half(kv[0], 1), v);
@@ -225,12 +267,11 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
       recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
       ring.comm.progress();  // start them (a stream-ordered backend launches what was posted)
     }
-    if (c.opt.causal && !sees_any(q_pos, ring.pos[src])) {
+    if (!c.sees(ring.tokens[p], ring.tokens[src])) {
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        dev.attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part,
-                              c.local(ring.positions(p), ring.positions(src), &ring.comm));
+        dev.attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part, ring.local(c, src));
         dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
@@ -253,7 +294,6 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
   Communicator& comm = ring.comm;
   Device& dev = ring.dev;
-  const std::vector<int64_t>& q_pos = ring.pos[p];
   const std::initializer_list<int64_t> kv_shape = {2, B, Lr, Hkv, d};
   DeviceTensor kv[2] = {dev.alloc(c.dtype, kv_shape), dev.alloc(c.dtype, kv_shape)};
   DeviceTensor dkv[2] = {dev.alloc(DType::f32, kv_shape), dev.alloc(DType::f32, kv_shape)};
@@ -279,11 +319,11 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
       kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
     }
     comm.progress();
-    const bool visible = !c.opt.causal || sees_any(q_pos, ring.pos[src]);
+    const bool visible = c.sees(ring.tokens[p], ring.tokens[src]);
     if (visible) {
       c.timed([&] {
         dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part, kv_half(dkv_part, 0),
-                               kv_half(dkv_part, 1), c.local(ring.positions(p), ring.positions(src), &comm));
+                               kv_half(dkv_part, 1), ring.local(c, src));
         dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
@@ -354,20 +394,20 @@ void reduce_scatter_seq(Call& c, const Tensor& full, const TensorView& out) {
 
 void allgather_forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                        const TensorView& lse) {
-  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
-  const std::vector<int64_t> k_pos = all_positions(c.opt.layout, c.L, c.P);
+  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p));
+  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P));
   Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
-  c.timed([&] { attention_forward(q, k_all, v_all, o, lse, c.local(q_pos, k_pos)); });
+  c.timed([&] { attention_forward(q, k_all, v_all, o, lse, c.local(qt, kt)); });
 }
 
 void allgather_backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                         const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                         const TensorView& dv) {
-  const std::vector<int64_t> q_pos = shard_positions(c.opt.layout, c.L, c.P, c.p);
-  const std::vector<int64_t> k_pos = all_positions(c.opt.layout, c.L, c.P);
+  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p));
+  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P));
   Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
   Tensor dk_all(DType::f32, {c.B, c.L, c.Hkv, c.d}), dv_all(DType::f32, {c.B, c.L, c.Hkv, c.d});
-  c.timed([&] { attention_backward(q, k_all, v_all, o, lse, dout, dq, dk_all, dv_all, c.local(q_pos, k_pos)); });
+  c.timed([&] { attention_backward(q, k_all, v_all, o, lse, dout, dq, dk_all, dv_all, c.local(qt, kt)); });
   reduce_scatter_seq(c, dk_all, dk);
   reduce_scatter_seq(c, dv_all, dv);
 }
@@ -459,14 +499,14 @@ void ulysses_backward(Call& c, Communicator& g, const TensorView& q, const Tenso
 // group of ranks m·U .. m·U + U − 1 (in that order) after the all-to-all.
 Ring hybrid_ring(const Call& c) {
   const int U = c.opt.ulysses_group->size(), R = c.opt.ring_group->size();
-  std::vector<std::vector<int64_t>> members;
+  std::vector<Tokens> members;
   for (int m = 0; m < R; ++m) {
     std::vector<int64_t> pos;
     for (int u = 0; u < U; ++u) {
       const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u);
       pos.insert(pos.end(), s.begin(), s.end());
     }
-    members.push_back(std::move(pos));
+    members.push_back(c.tokens(std::move(pos)));
   }
   return Ring(*c.opt.ring_group, c.dev, std::move(members));
 }
@@ -480,9 +520,9 @@ void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView
       return allgather_forward(c, q, k, v, o, lse);
     case Strategy::ulysses: {
       check_ulysses(c);
-      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P));
       return ulysses_forward(c, c.comm, q, k, v, o, lse,
-                             [&](auto&... t) { c.timed([&] { attention_forward(t..., c.local(pos, pos)); }); });
+                             [&](auto&... t) { c.timed([&] { attention_forward(t..., c.local(all, all)); }); });
     }
     case Strategy::hybrid: {
       const Ring ring = hybrid_ring(c);
@@ -502,9 +542,9 @@ void backward(Call& c, const TensorView& q, const TensorView& k, const TensorVie
       return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
     case Strategy::ulysses: {
       check_ulysses(c);
-      const std::vector<int64_t> pos = all_positions(c.opt.layout, c.L, c.P);
+      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P));
       return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv,
-                              [&](auto&... t) { c.timed([&] { attention_backward(t..., c.local(pos, pos)); }); });
+                              [&](auto&... t) { c.timed([&] { attention_backward(t..., c.local(all, all)); }); });
     }
     case Strategy::hybrid: {
       const Ring ring = hybrid_ring(c);

@@ -158,28 +158,44 @@ struct DistCase {
   Strategy strategy = Strategy::ring;
   Layout layout = Layout::contiguous;
   bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  std::vector<int32_t> cu_seqlens;  // packed documents over the global sequence
   DType dt = DType::f32;
   int64_t B = 1, L = 48, H = 4, Hkv = 4, d = 32;
   bool strided = false;  // local shards are strided views in NaN-padded buffers
   bool overlap = true;
   uint32_t seed = 1;
+  mutable std::shared_ptr<const Documents> docs;  // the single-rank run's view of cu_seqlens
 
   std::string name() const {
-    return cat(strategy_name(strategy), "_", layout_name(layout), causal ? "_causal" : "_full", "_", dtype_name(dt),
-               "_B", B, "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "", overlap ? "" : "_nooverlap");
+    auto side = [](int64_t w) { return w < 0 ? std::string("inf") : std::to_string(w); };
+    std::string mask =
+        window_left >= 0 || window_right >= 0 ? cat("_win", side(window_left), "_", side(window_right)) : std::string();
+    if (!cu_seqlens.empty()) mask += cat("_docs", cu_seqlens.size() - 1);
+    return cat(strategy_name(strategy), "_", layout_name(layout), causal ? "_causal" : "_full", mask, "_",
+               dtype_name(dt), "_B", B, "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "",
+               overlap ? "" : "_nooverlap");
   }
   DistAttentionOptions dist_options() const {
     DistAttentionOptions o;
     o.strategy = strategy;
     o.layout = layout;
     o.causal = causal;
+    o.window_left = window_left, o.window_right = window_right;
+    o.cu_seqlens = cu_seqlens;
     o.threads = 1;
     o.overlap = overlap;
     return o;
   }
+  // The same mask for one process: positions restart in each document.
   AttentionOptions local_options() const {
     AttentionOptions o;
     o.causal = causal;
+    o.window_left = window_left, o.window_right = window_right;
+    if (!cu_seqlens.empty()) {
+      if (!docs) docs = std::make_shared<const Documents>(documents(cu_seqlens, cu_seqlens));
+      docs->apply(o);
+    }
     o.threads = 1;
     return o;
   }
@@ -372,6 +388,26 @@ std::vector<DistCase> matrix_cases() {
   add(Strategy::allgather, Layout::striped, true, DType::bf16, 2, 48, 4, 2, 40, /*strided=*/true);
   add(Strategy::ulysses, Layout::zigzag, false, DType::f32, 2, 48, 8, 8, 40, /*strided=*/true);
   add(Strategy::ring, Layout::contiguous, true, DType::f32, 1, 96, 4, 2, 32, false, /*overlap=*/false);
+  // Masks: windows (0, smaller than a shard, larger than the sequence, two-sided)
+  // and packed documents of lengths 1, 2, odd and one spanning several ranks, with
+  // and without a window.
+  struct Mask {
+    bool causal;
+    int64_t left, right;
+    bool docs;
+  };
+  const std::vector<int32_t> cu = {0, 1, 3, 10, 97, 150, 151, 240};
+  for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+      for (Mask m : {Mask{true, 0, -1, false}, Mask{true, 7, -1, false}, Mask{false, 5, 9, false},
+                     Mask{true, 500, -1, false}, Mask{true, -1, -1, true}, Mask{false, 16, 16, true}}) {
+        DistCase c;
+        c.strategy = s, c.layout = l, c.causal = m.causal, c.window_left = m.left, c.window_right = m.right;
+        if (m.docs) c.cu_seqlens = cu;
+        c.B = 1, c.L = 240, c.H = s == Strategy::ulysses ? 24 : 4, c.Hkv = s == Strategy::ulysses ? 24 : 2, c.d = 32;
+        c.seed = ++seed;
+        cs.push_back(c);
+      }
   return cs;
 }
 
@@ -456,11 +492,12 @@ TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
     if (P % U) continue;
     auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
     for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
-      for (bool causal : {false, true})
+      for (int mask = 0; mask < 3; ++mask)  // causal or not; then documents with a window
         for (DType dt : {DType::f32, DType::bf16}) {
           DistCase c;
-          c.strategy = Strategy::hybrid, c.layout = l, c.causal = causal, c.dt = dt, c.seed = ++seed;
+          c.strategy = Strategy::hybrid, c.layout = l, c.causal = mask != 0, c.dt = dt, c.seed = ++seed;
           c.B = 2, c.L = 48, c.H = 8, c.Hkv = 4, c.d = 32;
+          if (mask == 2) c.cu_seqlens = {0, 1, 4, 30, 48}, c.window_left = 6;
           if (!c.layout_fits(P)) continue;
           SCOPED_TRACE(cat(c.name(), " U=", U, " R=", P / U));
           const FullProblem f = make_full(c);
@@ -705,6 +742,16 @@ TEST(DistAttention, ConfigMismatchThrowsOnEveryRank) {
          c.layout = Layout::striped;
          return c;
        }},
+      {"window",
+       [](DistCase c, int) {
+         c.window_left = 3;
+         return c;
+       }},
+      {"cu_seqlens",
+       [](DistCase c, int P) {
+         c.cu_seqlens = {0, 5, static_cast<int32_t>(16 * P)};
+         return c;
+       }},
   };
   for (const Variant& var : variants) {
     const DistCase c = p == 1 ? var.on_rank1(base, P) : base;
@@ -753,6 +800,56 @@ TEST(DistAttention, RingCausalContiguousSkipsInvisibleStages) {
     DistStats ns;
     run_forward(*comm, nc, s, &ns);
     EXPECT_EQ(ns.stages_skipped, 0) << layout_name(l) << " non-causal, rank " << p;
+  }
+}
+
+// A window on the contiguous layout: rank p's queries see only its own block and
+// (when the window reaches back past its first token) rank p−1's; every other
+// stage is skipped. Packed documents: a block of other documents only is skipped.
+TEST(DistAttention, RingWindowAndDocumentsSkipInvisibleBlocks) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  DistCase c;
+  c.strategy = Strategy::ring, c.layout = Layout::contiguous, c.causal = true, c.window_left = 5;
+  c.B = 1, c.L = 24 * P, c.H = 2, c.Hkv = 1, c.d = 32, c.seed = 12;
+  const FullProblem f = make_full(c);
+  LocalProblem s = make_local(c, f, P, p);
+  DistStats fs, bs;
+  run_forward(*comm, c, s, &fs);
+  run_backward(*comm, c, s, &bs);
+  const int want = P - 1 - (p > 0 ? 1 : 0);
+  EXPECT_EQ(fs.stages_skipped, want) << "forward, rank " << p << " of " << P;
+  EXPECT_EQ(bs.stages_skipped, want) << "backward, rank " << p << " of " << P;
+  expect_matches_single_rank(*comm, c, gather_all(*comm, c, s, true), f, "window 5");
+  // One document per rank (non-causal): every stage but the rank's own is skipped.
+  DistCase d = c;
+  d.causal = false, d.window_left = -1;
+  for (int r = 0; r <= P; ++r) d.cu_seqlens.push_back(static_cast<int32_t>(24 * r));
+  const FullProblem fd = make_full(d);
+  LocalProblem sd = make_local(d, fd, P, p);
+  run_forward(*comm, d, sd, &fs);
+  run_backward(*comm, d, sd, &bs);
+  EXPECT_EQ(fs.stages_skipped, P - 1) << "documents forward, rank " << p;
+  EXPECT_EQ(bs.stages_skipped, P - 1) << "documents backward, rank " << p;
+  expect_matches_single_rank(*comm, d, gather_all(*comm, d, sd, true), fd, "one document per rank");
+}
+
+// Bad cu_seqlens (the same on every rank) are refused on every rank before any transfer.
+TEST(DistAttention, BadCuSeqlensThrowsOnEveryRank) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  DistCase c;
+  c.strategy = Strategy::ring, c.layout = Layout::zigzag, c.causal = true;
+  c.B = 1, c.L = 16 * P, c.H = 2, c.Hkv = 1, c.d = 32, c.seed = 13;
+  const FullProblem f = make_full(c, false);
+  LocalProblem s = make_local(c, f, P, p);
+  const int32_t L = static_cast<int32_t>(c.L);
+  for (const auto& [cu, what] : std::vector<std::pair<std::vector<int32_t>, const char*>>{
+           {{1, L}, "must be 0"}, {{0, 9, 4, L}, "must not decrease"}, {{0, 4, L - 1}, "must end at"}}) {
+    DistCase b = c;
+    b.cu_seqlens = cu;
+    expect_error_everywhere(
+        *comm, [&] { run_forward(*comm, b, s); }, {what}, cat("cu_seqlens ", what));
   }
 }
 
