@@ -97,6 +97,25 @@ ln -s /proc/self/fd/1 stdout_link
 "$BIN" attention "${IN[@]}" --out stdout_link >stdout.npy 2>/dev/null || fail "--out to a link to fd 1 failed"
 [[ -L stdout_link ]] || fail "--out stdout_link: the link was replaced by a regular file"
 $PY -c "import numpy as np; assert np.load('stdout.npy').shape == (1, 32, 2, 16)" || fail "--out to fd 1: not the result"
+# --- packed documents and windows: named errors, before any compute, on every rank ----
+$PY -c "
+import numpy as np
+np.save('cu_dec.npy', np.array([0, 20, 10, 32], np.int32)); np.save('cu_end.npy', np.array([0, 8, 30], np.int64))
+np.save('cu_2d.npy', np.array([[0, 32]], np.int32)); np.save('cu_first.npy', np.array([2, 32], np.int32))
+np.save('cu_f32.npy', np.array([0, 32], np.float32))"
+expect_error "--window without a comma" 1 "LEFT,RIGHT" "$BIN" attention "${IN[@]}" --window 7
+expect_error "--window -2,0" 1 "LEFT,RIGHT" "$BIN" attention "${IN[@]}" --window -2,0
+expect_error "--window 4,2 with --causal" 1 "causal" "$BIN" attention "${IN[@]}" --causal --window 4,2
+expect_error "--cu-seqlens decreasing" 1 "must not decrease" "$BIN" attention "${IN[@]}" --cu-seqlens cu_dec.npy
+expect_error "--cu-seqlens ending early" 1 "must end at the sequence length 32" "$BIN" attention "${IN[@]}" --cu-seqlens cu_end.npy
+expect_error "--cu-seqlens not starting at 0" 1 "[0] must be 0" "$BIN" attention "${IN[@]}" --cu-seqlens cu_first.npy
+expect_error "--cu-seqlens two-dimensional" 1 "one-dimensional" "$BIN" attention "${IN[@]}" --cu-seqlens cu_2d.npy
+expect_error "--cu-seqlens float32" 1 "cu_f32.npy" "$BIN" attention "${IN[@]}" --cu-seqlens cu_f32.npy
+expect_error "--cu-seqlens missing" 1 "nofile.npy" "$BIN" attention "${IN[@]}" --cu-seqlens nofile.npy
+expect_error "--cu-seqlens-q without -k" 1 "go together" "$BIN" attention "${IN[@]}" --cu-seqlens-q cu_end.npy
+expect_error "mpirun: --cu-seqlens decreasing, every rank" 1 "must not decrease" "${MPIRUN[@]}" -np 2 "$BIN" attention "${IN[@]}" --threads 1 --cu-seqlens cu_dec.npy
+expect_error "mpirun: --cu-seqlens missing on rank 0" 1 "nofile.npy" "${MPIRUN[@]}" -np 2 "$BIN" attention --seq 32 --heads 2 --dim 16 --threads 1 --cu-seqlens nofile.npy
+expect_error "mpirun: --cu-seqlens-q" 1 "self-attention" "${MPIRUN[@]}" -np 2 "$BIN" attention "${IN[@]}" --threads 1 --cu-seqlens-q cu_end.npy --cu-seqlens-k cu_end.npy
 expect_error "--out X --lse X" 1 "same file" "$BIN" attention "${IN[@]}" --out o.npy --lse o.npy
 expect_error "--out equal to the input --q" 1 "is the input --q" "$BIN" attention "${IN[@]}" --out q.npy
 ln -s k.npy k_alias.npy

@@ -32,9 +32,21 @@ cat >ref.py <<'EOF'
 import json, sys
 import numpy as np
 
-def reference(q, k, v, causal, dout=None, scale=None):
+def positions(Lq, Lk, cu):
+    """Query/key positions and document ids: bottom-right aligned, restarting in
+    each document of cu (flash-attn's cu_seqlens; None: one document)."""
+    if cu is None:
+        return np.arange(Lq) + (Lk - Lq), np.arange(Lk), np.zeros(Lq, int), np.zeros(Lk, int)
+    qp, kp, qd, kd = [], [], [], []
+    for n in range(len(cu) - 1):
+        lq = lk = cu[n + 1] - cu[n]
+        qp += list(np.arange(lq) + lk - lq); kp += list(np.arange(lk)); qd += [n] * lq; kd += [n] * lk
+    return np.array(qp, int), np.array(kp, int), np.array(qd, int), np.array(kd, int)
+
+def reference(q, k, v, causal, dout=None, scale=None, window=(-1, -1), cu=None):
     """Exact attention in float64 with the semantics of attention.h:
     GQA head h -> h // (H // Hkv); causal bottom-right (q_pos = i + Lk - Lq);
+    a window (left, right; -1 unbounded) and packed documents (cu_seqlens);
     rows with no visible key: o = 0, lse = -inf, no gradient."""
     q, k, v = (x.astype(np.float64) for x in (q, k, v))
     B, Lq, H, d = q.shape
@@ -43,10 +55,13 @@ def reference(q, k, v, causal, dout=None, scale=None):
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     s = np.einsum("bihd,bjhd->bhij", q, kk) * scale
-    if causal:
-        qpos = np.arange(Lq) + (Lk - Lq)
-        mask = np.arange(Lk)[None, :] <= qpos[:, None]
-        s = np.where(mask[None, None], s, -np.inf)
+    qp, kp, qd, kd = positions(Lq, Lk, cu)
+    off = kp[None, :] - qp[:, None]
+    left, right = window[0], 0 if causal else window[1]
+    mask = qd[:, None] == kd[None, :]
+    if right >= 0: mask &= off <= right
+    if left >= 0: mask &= -off <= left
+    s = np.where(mask[None, None], s, -np.inf)
     with np.errstate(invalid="ignore", divide="ignore"):
         m = s.max(axis=-1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
@@ -91,9 +106,9 @@ def err(got, ref):
     e = (np.abs(got[fin].astype(np.float64) - ref[fin]).max() if fin.any() else 0.0) / scale
     return e, ""
 
-def check(prefix, causal, names, tol=1e-5):
+def check(prefix, causal, names, tol=1e-5, window=(-1, -1), cu=None):
     q, k, v, do = (np.load(prefix + n + ".npy") for n in ("q", "k", "v", "do"))
-    ref = reference(q, k, v, causal, do if "dq" in names else None)
+    ref = reference(q, k, v, causal, do if "dq" in names else None, window=window, cu=cu)
     ok = True
     for n in names:
         got = np.load(prefix + n + ".npy")
@@ -113,7 +128,9 @@ if __name__ == "__main__":
         make(sys.argv[2], *map(int, sys.argv[3:10]))
     elif cmd == "check":
         prefix, causal, names = sys.argv[2], sys.argv[3] == "1", sys.argv[4].split(",")
-        sys.exit(0 if check(prefix, causal, names) else 1)
+        window = tuple(map(int, sys.argv[5].split(","))) if len(sys.argv) > 5 else (-1, -1)
+        cu = list(np.load(sys.argv[6])) if len(sys.argv) > 6 else None
+        sys.exit(0 if check(prefix, causal, names, window=window, cu=cu) else 1)
     elif cmd == "json":
         with open(sys.argv[2]) as f:
             json.load(f)
@@ -151,6 +168,24 @@ run_case   a_     1      2  37  37  4  2   32  1
 run_case   b_     0      1  20  45  4  1   64  2
 run_case   c_     1      1  45  20  2  2   40  3   # Lq > Lk: bottom-right, 25 rows see no key
 run_case   d_     1      1  16  50  8  4   16  4   # Lq < Lk
+
+# --- packed documents and a sliding window: one process and under mpirun ---------
+$PY -c "import numpy as np; np.save('cu.npy', np.array([0, 1, 3, 10, 41, 64], np.int32))"
+$PY ref.py make w_ 1 64 64 4 4 32 5 || fail "could not create inputs w_"
+for np_ in 1 2 4; do
+  for strat in ring ulysses; do
+    run=("$BIN" attention)
+    [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$strat" --layout zigzag --threads 1)
+    [[ $np_ -eq 1 && $strat == ulysses ]] && continue
+    if ! "${run[@]}" --q w_q.npy --k w_k.npy --v w_v.npy --dout w_do.npy --out w_o.npy --lse w_lse.npy \
+        --dq w_dq.npy --dk w_dk.npy --dv w_dv.npy --causal --window 6,0 --cu-seqlens cu.npy >w.log 2>&1; then
+      fail "attention --window 6,0 --cu-seqlens on $np_ rank(s) ($strat) exited non-zero: $(cat w.log)"
+      continue
+    fi
+    $PY ref.py check w_ 1 o,lse,dq,dk,dv 6,0 cu.npy ||
+      fail "attention --window 6,0 --cu-seqlens on $np_ rank(s) ($strat) differs from the reference"
+  done
+done
 
 # --- help and info -------------------------------------------------------------
 out=$("$BIN" --help 2>&1) || fail "ringattn --help exited non-zero"

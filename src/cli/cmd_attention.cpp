@@ -27,6 +27,7 @@ struct AttentionArgs {
   bool causal = false, backward = false, check = false;
   std::optional<float> scale;
   std::string dtype = "fp32", isa, strategy, layout = "contiguous";
+  std::string window, cu_seqlens, cu_seqlens_q, cu_seqlens_k;
   int threads = 0;
   double timeout = 300;
   bool json = false, no_overlap = false;
@@ -34,11 +35,74 @@ struct AttentionArgs {
   uint64_t seed = 0;
 };
 
-// Full-size fp32 inputs, as read or generated.
+// Full-size fp32 inputs, as read or generated, and the packed documents.
 struct Inputs {
   Tensor q, k, v, dout;
   bool backward = false;
+  std::vector<int32_t> cu_q, cu_k;  // empty: one document
 };
+
+// The mask options: --window LEFT,RIGHT (-1: unbounded side) and --causal.
+struct Window {
+  int64_t left = -1, right = -1;
+  bool any() const { return left >= 0 || right >= 0; }
+};
+Window parse_window(const std::string& s) {
+  Window w;
+  if (s.empty()) return w;
+  const size_t comma = s.find(',');
+  auto side = [&](const std::string& x) {
+    size_t used = 0;
+    int64_t v = 0;
+    try {
+      v = std::stoll(x, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    check(used == x.size() && !x.empty() && v >= -1,
+          "--window takes LEFT,RIGHT with each side >= 0 or -1 for "
+          "unbounded (e.g. 4095,0), got '",
+          s, "'");
+    return v;
+  };
+  check(comma != std::string::npos, "--window takes LEFT,RIGHT (e.g. 4095,0 or 128,128), got '", s, "'");
+  w.left = side(s.substr(0, comma));
+  w.right = side(s.substr(comma + 1));
+  return w;
+}
+
+// A cu_seqlens .npy (int32 or int64, one dimension); its values are checked
+// against the sequence length once that is known (check_cu_seqlens).
+std::vector<int32_t> load_cu_seqlens(const std::string& path, const char* what) {
+  if (path.empty()) return {};
+  std::vector<int64_t> shape;
+  const std::vector<int64_t> v = load_npy_ids(path, &shape);
+  check(shape.size() == 1, what, " (", path, ") must be one-dimensional [n_docs + 1], got ", shape.size(),
+        " dimensions");
+  std::vector<int32_t> cu;
+  for (int64_t x : v) {
+    check(x >= 0 && x <= INT32_MAX, what, " (", path, ") holds ", x, ": offsets must lie in [0, 2^31)");
+    cu.push_back(static_cast<int32_t>(x));
+  }
+  return cu;
+}
+
+void read_documents(const AttentionArgs& a, Inputs& in) {
+  check(a.cu_seqlens.empty() || (a.cu_seqlens_q.empty() && a.cu_seqlens_k.empty()),
+        "--cu-seqlens sets both sides: use it or --cu-seqlens-q with --cu-seqlens-k, not both");
+  check(a.cu_seqlens_q.empty() == a.cu_seqlens_k.empty(), "--cu-seqlens-q and --cu-seqlens-k go together");
+  in.cu_q = load_cu_seqlens(a.cu_seqlens.empty() ? a.cu_seqlens_q : a.cu_seqlens, "--cu-seqlens");
+  in.cu_k = a.cu_seqlens.empty() ? load_cu_seqlens(a.cu_seqlens_k, "--cu-seqlens-k") : in.cu_q;
+}
+
+// The documents against the sequence lengths; positions and ids for the kernels.
+std::optional<Documents> documents_of(const AttentionArgs& a, const Inputs& in) {
+  if (in.cu_q.empty()) return std::nullopt;
+  const bool one = !a.cu_seqlens.empty();
+  check_cu_seqlens(in.cu_q, in.q.dim(1), one ? "--cu-seqlens" : "--cu-seqlens-q");
+  check_cu_seqlens(in.cu_k, in.k.dim(1), one ? "--cu-seqlens" : "--cu-seqlens-k");
+  return documents(in.cu_q, in.cu_k);
+}
 
 Tensor load_input(const std::string& path, const char* what, const char* layout) {
   Tensor t = load_npy(path);
@@ -116,13 +180,25 @@ double rel_error(const TensorView& got, const TensorView& ref) {
   return den > 0 ? num / den : num;
 }
 
+// " window 4095,0, 12 documents" for the human report.
+std::string mask_words(const Window& w, const Inputs& in) {
+  std::string s;
+  if (w.any()) s += cat(" window ", w.left, ",", w.right);
+  if (!in.cu_q.empty()) s += cat(", ", in.cu_q.size() - 1, " documents");
+  return s;
+}
+
 // ---- one process ----------------------------------------------------------------
 void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
   const int64_t B = in.q.dim(0), Lq = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Lk = in.k.dim(1);
   Tensor q = convert(in.q, dtype), k = convert(in.k, dtype), v = convert(in.v, dtype);
   Tensor o(DType::f32, {B, Lq, H, d}), lse(DType::f32, {B, H, Lq});
+  const Window w = parse_window(a.window);
+  const std::optional<Documents> docs = documents_of(a, in);
   AttentionOptions opt;
   opt.causal = a.causal;
+  opt.window_left = w.left, opt.window_right = w.right;
+  if (docs) docs->apply(opt);
   if (a.scale) opt.scale = *a.scale;
   opt.threads = a.threads;
   const Isa isa = a.isa.empty() ? default_isa() : parse_isa(a.isa);
@@ -133,12 +209,15 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
   double t0 = now_seconds();
   attention_forward(q, k, v, o, lse, opt);
   const double t_fwd = now_seconds() - t0;
-  const double flops = attention_forward_flops(B, H, Lq, Lk, d, a.causal);
+  const double flops = attention_forward_flops(B, H, Lq, Lk, d, opt);
 
   nlohmann::json j;
   j["shape"] = {{"B", B}, {"Lq", Lq}, {"Lk", Lk}, {"H", H}, {"Hkv", in.k.dim(2)}, {"d", d}};
   j["dtype"] = dtype_name(dtype);
   j["causal"] = a.causal;
+  j["window"] = {w.left, w.right};
+  j["documents"] = in.cu_q.empty() ? 1 : static_cast<int64_t>(in.cu_q.size()) - 1;
+  j["visible_pairs"] = attention_visible_pairs(Lq, Lk, opt);
   j["isa"] = isa_name(isa);
   j["threads"] = threads;
   j["forward"] = {{"seconds", t_fwd}, {"gflops", flops / t_fwd * 1e-9}};
@@ -158,10 +237,10 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
   j["peak_memory_bytes"] = memory_stats().peak_bytes;
 
   if (a.json) return print_json(j);
-  std::printf("attention  B=%lld Lq=%lld Lk=%lld H=%lld Hkv=%lld d=%lld  %s%s  path %s, %d thread(s)\n",
+  std::printf("attention  B=%lld Lq=%lld Lk=%lld H=%lld Hkv=%lld d=%lld  %s%s%s  path %s, %d thread(s)\n",
               static_cast<long long>(B), static_cast<long long>(Lq), static_cast<long long>(Lk),
               static_cast<long long>(H), static_cast<long long>(in.k.dim(2)), static_cast<long long>(d),
-              dtype_name(dtype), a.causal ? " causal" : "", isa_name(isa), threads);
+              dtype_name(dtype), a.causal ? " causal" : "", mask_words(w, in).c_str(), isa_name(isa), threads);
   std::printf("%-10s %12s %12s\n", "pass", "time [ms]", "GFLOP/s");
   std::printf("%-10s %12.3f %12.1f\n", "forward", t_fwd * 1e3, j["forward"]["gflops"].get<double>());
   if (in.backward)
@@ -177,14 +256,27 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
 // inputs are drawn by every rank from the seed.
 void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
   std::string err;
+  std::vector<int32_t> cu;
   if (comm.rank() == 0) {
     try {
       check_outputs(a);
+      check(a.cu_seqlens_q.empty() && a.cu_seqlens_k.empty(),
+            "sequence parallel attention is self-attention: give --cu-seqlens, not -q/-k");
       if (!a.q.empty()) in = read_inputs(a);
+      read_documents(a, in);
+      cu = in.cu_q;
     } catch (const Error& e) {
       err = e.what();
     }
   }
+  // The documents reach every rank (after any rank-0 error, which ends the job).
+  auto share_documents = [&] {
+    int64_t n = static_cast<int64_t>(cu.size());
+    comm.broadcast(&n, sizeof(n), 0);
+    cu.resize(static_cast<size_t>(n));
+    if (n > 0) comm.broadcast(cu.data(), cu.size() * sizeof(int32_t), 0);
+    in.cu_q = in.cu_k = cu;
+  };
   if (a.q.empty()) {
     int64_t n = static_cast<int64_t>(err.size());
     comm.broadcast(&n, sizeof(n), 0);
@@ -194,7 +286,7 @@ void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
       throw Error(err);
     }
     in = read_inputs(a);
-    return;
+    return share_documents();
   }
   int64_t hdr[18] = {static_cast<int64_t>(err.size())};
   if (comm.rank() == 0 && err.empty()) {
@@ -216,6 +308,7 @@ void share_inputs(Communicator& comm, const AttentionArgs& a, Inputs& in) {
     comm.broadcast(ts[t]->ptr<void>(), ts[t]->bytes(), 0);
   }
   in.backward = hdr[17];
+  share_documents();
 }
 
 // FNV-1a over a tensor's 8-byte words (then its tail bytes): ranks compare it
@@ -242,9 +335,12 @@ void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in
   float scale = a.scale ? *a.scale : 0.f;
   int32_t scale_bits;
   std::memcpy(&scale_bits, &scale, 4);
+  const Window w = parse_window(a.window);
   const int64_t values[] = {in.backward,
                             a.check,
                             a.causal,
+                            w.left,
+                            w.right,
                             a.no_overlap,
                             static_cast<int64_t>(dtype),
                             static_cast<int64_t>(parse_strategy(a.strategy)),
@@ -255,9 +351,10 @@ void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in
                             content_hash(in.k),
                             content_hash(in.v),
                             content_hash(in.dout)};
-  check_same_on_all_ranks(comm, values,
-                          "the job (backward, check, causal, no-overlap, dtype, strategy, layout, scale, then hashes "
-                          "of q, k, v, dout: start every rank with the same options and --seed)");
+  check_same_on_all_ranks(
+      comm, values,
+      "the job (backward, check, causal, window, no-overlap, dtype, strategy, layout, scale, then hashes "
+      "of q, k, v, dout: start every rank with the same options and --seed)");
 }
 
 Tensor shard_of(const Tensor& full, Layout layout, int P, int p, DType dtype, int seq_dim = 1) {
@@ -291,6 +388,8 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   opt.strategy = parse_strategy(a.strategy);
   opt.layout = parse_layout(a.layout);
   opt.causal = a.causal;
+  const Window w = parse_window(a.window);
+  opt.window_left = w.left, opt.window_right = w.right;
   if (a.scale) opt.scale = *a.scale;
   opt.threads = a.threads;
   opt.overlap = !a.no_overlap;
@@ -301,13 +400,22 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   check_same_job(*comm, a, in, dtype);
   check(in.q.dim(1) == in.k.dim(1), "sequence parallel attention needs Lq == Lk, got ", in.q.dim(1), " and ",
         in.k.dim(1));
+  const std::optional<Documents> docs = documents_of(a, in);  // the same check on every rank
+  const std::vector<int32_t> cu_seqlens = in.cu_q;            // outlives `in` (released below)
+  opt.cu_seqlens = cu_seqlens;
+  AttentionOptions global;  // the whole sequence's mask, for one-rank checks and FLOP counts
+  global.causal = a.causal, global.window_left = w.left, global.window_right = w.right;
+  if (docs) docs->apply(global);
+  if (a.scale) global.scale = *a.scale;
+  global.threads = a.threads;
+  global.isa = &isa;
   const int64_t B = in.q.dim(0), L = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Hkv = in.k.dim(2);
   check_layout(opt.layout, L, P);
   Tensor q = shard_of(in.q, opt.layout, P, p, dtype), k = shard_of(in.k, opt.layout, P, p, dtype),
          v = shard_of(in.v, opt.layout, P, p, dtype);
   Tensor dout = in.backward ? shard_of(in.dout, opt.layout, P, p, dtype) : Tensor();
   const bool keep_full = a.check && p == 0;
-  if (!keep_full) in = Inputs{Tensor(), Tensor(), Tensor(), Tensor(), in.backward};
+  if (!keep_full) in = Inputs{Tensor(), Tensor(), Tensor(), Tensor(), in.backward, in.cu_q, in.cu_k};
   Tensor o(DType::f32, {B, L / P, H, d}), lse(DType::f32, {B, H, L / P});
   Tensor dq, dk, dv;
   if (in.backward) dq = like(q, DType::f32), dk = like(k, DType::f32), dv = like(v, DType::f32);
@@ -347,11 +455,7 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
       if (!a.dk.empty()) save_npy(a.dk, dk_full);
       if (!a.dv.empty()) save_npy(a.dv, dv_full);
       if (a.check) {  // against the fused kernels on one rank, same dtype and options
-        AttentionOptions lo;
-        lo.causal = a.causal;
-        if (a.scale) lo.scale = *a.scale;
-        lo.threads = a.threads;
-        lo.isa = &isa;
+        const AttentionOptions& lo = global;
         Tensor fq = convert(in.q, dtype), fk = convert(in.k, dtype), fv = convert(in.v, dtype);
         Tensor ro = like(in.q, DType::f32), rl(DType::f32, {B, H, L});
         attention_forward(fq, fk, fv, ro, rl, lo);
@@ -369,7 +473,7 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   }
   if (p != 0) return;
 
-  const double flops = attention_forward_flops(B, H, L, L, d, a.causal);
+  const double flops = attention_forward_flops(B, H, L, L, d, global);
   nlohmann::json j;
   j["shape"] = {{"B", B}, {"L", L}, {"H", H}, {"Hkv", Hkv}, {"d", d}};
   j["ranks"] = P;
@@ -377,6 +481,9 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   j["layout"] = layout_name(opt.layout);
   j["dtype"] = dtype_name(dtype);
   j["causal"] = a.causal;
+  j["window"] = {w.left, w.right};
+  j["documents"] = in.cu_q.empty() ? 1 : static_cast<int64_t>(in.cu_q.size()) - 1;
+  j["visible_pairs"] = attention_visible_pairs(L, L, global);
   j["isa"] = isa_name(isa);
   j["per_rank"] = nlohmann::json::array();
   for (int r = 0; r < P; ++r) {
@@ -399,10 +506,10 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   if (a.check) j["max_rel_error_vs_single_rank"] = errors;
   if (a.json) return print_json(j);
 
-  std::printf("attention  B=%lld L=%lld H=%lld Hkv=%lld d=%lld  %s%s  strategy %s, layout %s, %d ranks, path %s\n",
+  std::printf("attention  B=%lld L=%lld H=%lld Hkv=%lld d=%lld  %s%s%s  strategy %s, layout %s, %d ranks, path %s\n",
               static_cast<long long>(B), static_cast<long long>(L), static_cast<long long>(H),
               static_cast<long long>(Hkv), static_cast<long long>(d), dtype_name(dtype), a.causal ? " causal" : "",
-              strategy_name(opt.strategy), layout_name(opt.layout), P, isa_name(isa));
+              mask_words(w, in).c_str(), strategy_name(opt.strategy), layout_name(opt.layout), P, isa_name(isa));
   std::printf("%4s %-8s %10s %10s %10s %9s %10s %10s %10s\n", "rank", "pass", "time [ms]", "GFLOP/s", "compute", "wait",
               "sent MiB", "recv MiB", "peak MiB");
   for (int r = 0; r < P; ++r) {
@@ -431,8 +538,10 @@ void run(const AttentionArgs& a) {
     return run_distributed(b, in, dtype);
   }
   check(!a.check, "--check compares a distributed run with one rank: use it with --strategy under mpirun");
+  parse_window(a.window);
   check_outputs(a);
   Inputs in = read_inputs(a);
+  read_documents(a, in);
   run_local(a, in, dtype);
 }
 
@@ -455,6 +564,13 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--dv", a->dv, "write dv here");
   cmd->add_flag("--backward", a->backward, "also run the backward pass (generated inputs use a random dout)");
   cmd->add_flag("--causal", a->causal, "causal mask (bottom-right aligned when Lq != Lk)");
+  cmd->add_option("--window", a->window,
+                  "sliding window LEFT,RIGHT: query i sees keys i-LEFT..i+RIGHT (-1: unbounded side; with --causal "
+                  "RIGHT is 0), e.g. 4095,0");
+  cmd->add_option("--cu-seqlens", a->cu_seqlens,
+                  "packed documents: int32/int64 .npy [n_docs + 1] of offsets 0..L; attention stays inside each");
+  cmd->add_option("--cu-seqlens-q", a->cu_seqlens_q, "documents' query offsets when Lq != Lk (with --cu-seqlens-k)");
+  cmd->add_option("--cu-seqlens-k", a->cu_seqlens_k, "documents' key offsets when Lq != Lk (with --cu-seqlens-q)");
   cmd->add_option("--scale", a->scale, "softmax scale (default 1/sqrt(d))")->check(positive_finite());
   cmd->add_option("--dtype", a->dtype, "storage dtype for the computation: fp32, bf16 or fp16")->capture_default_str();
   cmd->add_option("--isa", a->isa, "kernel path: generic, avx2, avx512, avx512_bf16, amx_bf16 (default: best)");
