@@ -213,16 +213,31 @@ std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
 TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
 
 // ---- ring (RA+SP) -----------------------------------------------------------------
-// The group the K/V blocks travel round and the global positions of the tokens
-// each member holds (its layout shard, or under the hybrid the shards of its
-// Ulysses group), on the host and where the device's kernels read them.
+// The group the K/V blocks travel round and the tokens each member holds (its
+// layout shard, or under the hybrid the shards of its Ulysses group), with their
+// positions where the device's kernels read them. reach[s]: how many hops member
+// s's block travels, to the farthest member (in ring order) whose queries see
+// it — P − 1 without a mask, less with a window or causal contiguous shards
+// (docs/architecture.md): stages past it neither compute nor transfer.
 struct Ring {
   Communicator& comm;
   Device& dev;
   std::vector<Tokens> tokens;
   std::vector<std::shared_ptr<const int64_t>> dev_pos;
-  Ring(Communicator& c, Device& d, std::vector<Tokens> t) : comm(c), dev(d), tokens(std::move(t)) {
+  std::vector<int> reach;
+  std::vector<bool> seen;  // seen[s]: this member's queries see member s's block
+  Ring(const Call& c, Communicator& g, std::vector<Tokens> t) : comm(g), dev(c.dev), tokens(std::move(t)) {
+    const int P = g.size(), me = g.rank();
     for (const auto& x : tokens) dev_pos.push_back(dev.upload_positions(x.pos));
+    for (int s = 0; s < P; ++s) seen.push_back(c.sees(tokens[me], tokens[s]));
+    // The shortened schedule runs on the host; a GPU keeps the full ring until it
+    // has run there.
+    const bool shorten = c.masked && dev.is_host();
+    for (int s = 0; s < P; ++s) {
+      int r = P - 1;
+      while (shorten && r > 0 && !c.sees(tokens[(s + r) % P], tokens[s])) --r;
+      reach.push_back(r);
+    }
   }
   int P() const { return comm.size(); }
   int p() const { return comm.rank(); }
@@ -237,7 +252,7 @@ struct Ring {
 Ring plain_ring(const Call& c) {
   std::vector<Tokens> members;
   for (int m = 0; m < c.P; ++m) members.push_back(c.tokens(shard_positions(c.opt.layout, c.L, c.P, m)));
-  return Ring(c.comm, c.dev, std::move(members));
+  return Ring(c, c.comm, std::move(members));
 }
 
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
@@ -259,15 +274,13 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
   dev.fill(lse_acc, -INFINITY);
   int cur = 0;
   for (int t = 0; t < P; ++t) {
-    const int src = (p - t + P) % P;
+    const int src = (p - t + P) % P, next = (src - 1 + P) % P;  // next: the block p−1 holds now
     Request send, recv;
     InFlight guard{ring.comm, {&send, &recv}};
-    if (t < P - 1) {
-      send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
-      recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
-      ring.comm.progress();  // start them (a stream-ordered backend launches what was posted)
-    }
-    if (!c.sees(ring.tokens[p], ring.tokens[src])) {
+    if (t < ring.reach[src]) send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
+    if (t < ring.reach[next]) recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
+    ring.comm.progress();                          // start them (a stream-ordered backend launches what was posted)
+    if (t > ring.reach[src] || !ring.seen[src]) {  // past the block's reach, or it hides from us
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
@@ -275,10 +288,8 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
         dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
-    if (t < P - 1) {
-      ring.comm.wait(send);
-      ring.comm.wait(recv);
-    }
+    if (send.pending()) ring.comm.wait(send);
+    if (recv.pending()) ring.comm.wait(recv);
     cur = 1 - cur;
   }
   dev.copy(o, o_acc);
@@ -304,22 +315,31 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   dev.copy(kv_half(kv[0], 1), v);
   Request dkv_send[2];
   InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
-  const int kv_tag = 0, dkv_tag = 1;  // tags 2t + kind
+  const int kv_tag = 0, dkv_tag = 1, home_tag = 2 * P + dkv_tag;  // tags 2t + kind
+  bool home_here = false;                                         // our block's dK/dV never left (nobody else sees it)
+  // A block that stops short of the full ring goes home from a rank that is not
+  // our left neighbour, at its stage reach[p]: the receive is posted now, into a
+  // buffer of its own, so that sender's wait never depends on our progress.
+  const int home_from = (p + ring.reach[p]) % P;
+  const bool early_home = ring.reach[p] > 0 && ring.reach[p] < P - 1;
+  DeviceTensor dkv_home = early_home ? dev.alloc(DType::f32, kv_shape) : DeviceTensor();
+  Request home_recv;
+  InFlight home_guard{comm, {&home_recv}};
+  if (early_home) home_recv = comm.irecv(dkv_home.ptr<void>(), dkv_home.bytes(), home_from, home_tag);
   int cur = 0;
   for (int t = 0; t < P; ++t) {
-    const int src = (p - t + P) % P;
+    const int src = (p - t + P) % P, next = (src - 1 + P) % P;
+    const bool holding = t <= ring.reach[src];  // the block reached us
     Request kv_send, kv_recv, dkv_recv;
     InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
     // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
     // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
     if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
-    if (t > 0) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
-    if (t < P - 1) {
-      kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
-      kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
-    }
+    if (t > 0 && holding) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
+    if (t < ring.reach[src]) kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
+    if (t < ring.reach[next]) kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
     comm.progress();
-    const bool visible = c.sees(ring.tokens[p], ring.tokens[src]);
+    const bool visible = holding && ring.seen[src];
     if (visible) {
       c.timed([&] {
         dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part, kv_half(dkv_part, 0),
@@ -329,37 +349,49 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
     } else if (c.out) {
       ++c.out->stages_skipped;
     }
-    if (t > 0) {
-      comm.wait(dkv_recv);
-      if (visible) c.timed([&] { dev.add(dkv[cur], dkv_part, c.opt.threads); });
-    } else if (visible) {
-      dev.copy(dkv[cur], dkv_part);
-    } else {
-      dev.fill(dkv[cur], 0.f);
-    }
-    if (P > 1) {
-      // To p+1: the next holder of this block, or (after the last stage) its owner.
-      dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+    if (holding) {
+      if (t > 0) {
+        comm.wait(dkv_recv);
+        if (visible) c.timed([&] { dev.add(dkv[cur], dkv_part, c.opt.threads); });
+      } else if (visible) {
+        dev.copy(dkv[cur], dkv_part);
+      } else {
+        dev.fill(dkv[cur], 0.f);
+      }
+      // To p+1, the block's next holder; from its last holder, home to its owner.
+      if (t < ring.reach[src]) {
+        dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+      } else if (t > 0) {
+        dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), src, home_tag);
+      } else {  // t == 0 == reach: our own block, seen by us alone
+        dev.copy(dk, kv_half(dkv[cur], 0));
+        dev.copy(dv, kv_half(dkv[cur], 1));
+        home_here = true;
+      }
       comm.progress();
-      comm.wait(kv_send);
-      comm.wait(kv_recv);
     }
+    if (kv_send.pending()) comm.wait(kv_send);
+    if (kv_recv.pending()) comm.wait(kv_recv);
     cur = 1 - cur;
   }
-  // With one rank the block never left; otherwise its accumulator comes home
-  // from p−1 (into dkv_part, free now).
-  const DeviceTensor* home = &dkv[1 - cur];
-  if (P > 1) {
-    Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), left, 2 * P + dkv_tag);
+  // Our block's accumulator comes home from its last holder (after the full ring
+  // from p−1, into dkv_part, free now).
+  const DeviceTensor* home = &dkv_home;
+  if (early_home) {
+    comm.wait(home_recv);
+  } else if (!home_here) {
+    Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), home_from, home_tag);
     InFlight guard{comm, {&r}};
     comm.wait(r);
-    for (Request& q : dkv_send)
-      if (q.pending()) comm.wait(q);
     home = &dkv_part;
   }
+  for (Request& q : dkv_send)
+    if (q.pending()) comm.wait(q);
   dev.copy(dq, dq_acc);
-  dev.copy(dk, kv_half(*home, 0));
-  dev.copy(dv, kv_half(*home, 1));
+  if (!home_here) {
+    dev.copy(dk, kv_half(*home, 0));
+    dev.copy(dv, kv_half(*home, 1));
+  }
 }
 
 // ---- all-gather KV ------------------------------------------------------------------
@@ -508,7 +540,7 @@ Ring hybrid_ring(const Call& c) {
     }
     members.push_back(c.tokens(std::move(pos)));
   }
-  return Ring(*c.opt.ring_group, c.dev, std::move(members));
+  return Ring(c, *c.opt.ring_group, std::move(members));
 }
 
 void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,

@@ -821,6 +821,11 @@ TEST(DistAttention, RingWindowAndDocumentsSkipInvisibleBlocks) {
   EXPECT_EQ(fs.stages_skipped, want) << "forward, rank " << p << " of " << P;
   EXPECT_EQ(bs.stages_skipped, want) << "backward, rank " << p << " of " << P;
   expect_matches_single_rank(*comm, c, gather_all(*comm, c, s, true), f, "window 5");
+  // Each block travels one hop (rank P−1's none): K/V once forward; backward K/V
+  // once, its dK/dV once, and the dK/dV of the block from p−1 home again.
+  const int64_t kv = 2 * c.B * 24 * c.Hkv * c.d * 4, dkv = kv;  // fp32 K and V of one shard
+  EXPECT_EQ(fs.bytes_sent, p < P - 1 ? kv : 0) << "window forward bytes, rank " << p;
+  EXPECT_EQ(bs.bytes_sent, (p < P - 1 ? kv + dkv : 0) + (p > 0 ? dkv : 0)) << "window backward bytes, rank " << p;
   // One document per rank (non-causal): every stage but the rank's own is skipped.
   DistCase d = c;
   d.causal = false, d.window_left = -1;
@@ -831,6 +836,7 @@ TEST(DistAttention, RingWindowAndDocumentsSkipInvisibleBlocks) {
   run_backward(*comm, d, sd, &bs);
   EXPECT_EQ(fs.stages_skipped, P - 1) << "documents forward, rank " << p;
   EXPECT_EQ(bs.stages_skipped, P - 1) << "documents backward, rank " << p;
+  EXPECT_EQ(fs.bytes_sent + bs.bytes_sent, 0) << "documents: no block is seen elsewhere, none travels; rank " << p;
   expect_matches_single_rank(*comm, d, gather_all(*comm, d, sd, true), fd, "one document per rank");
 }
 
