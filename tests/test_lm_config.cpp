@@ -100,6 +100,40 @@ TEST(LmConfig, Gpt2) {
   EXPECT_EQ(c.head_dim, 64);
 }
 
+// Sliding windows as transformers reads them: mistral on every layer (null: none),
+// qwen2 only with use_sliding_window, from max_window_layers on, or by layer_types.
+TEST(LmConfig, SlidingWindows) {
+  const std::string base = R"("vocab_size":100,"hidden_size":48,"intermediate_size":96,"num_hidden_layers":3,)"
+                           R"("num_attention_heads":6)";
+  LmConfig m = parse_lm_config(R"({"model_type":"mistral",)" + base + R"(,"sliding_window":16})");
+  EXPECT_EQ(m.arch, Arch::mistral);
+  EXPECT_EQ(m.sliding_window, 16);
+  for (int l = 0; l < 3; ++l) EXPECT_EQ(m.window_left(l), 15);
+  const LmConfig none = parse_lm_config(R"({"model_type":"mistral",)" + base + R"(,"sliding_window":null})");
+  EXPECT_EQ(none.sliding_window, 0);
+  EXPECT_EQ(none.window_left(0), -1);
+  LmConfig q = parse_lm_config(R"({"model_type":"qwen2",)" + base + R"(,"sliding_window":16})");
+  EXPECT_EQ(q.sliding_window, 0) << "qwen2 needs use_sliding_window";
+  q = parse_lm_config(R"({"model_type":"qwen2",)" + base +
+                      R"(,"use_sliding_window":true,"sliding_window":16,"max_window_layers":1})");
+  EXPECT_EQ(q.window_left(0), -1);
+  EXPECT_EQ(q.window_left(1), 15);
+  EXPECT_EQ(q.window_left(2), 15);
+  q = parse_lm_config(
+      R"({"model_type":"qwen2",)" + base +
+      R"(,"use_sliding_window":true,"sliding_window":4,"layer_types":["sliding_attention","full_attention","sliding_attention"]})");
+  EXPECT_EQ(q.window_left(0), 3);
+  EXPECT_EQ(q.window_left(1), -1);
+  EXPECT_EQ(q.window_left(2), 3);
+  // The writer round-trips both.
+  for (const LmConfig& c : {m, none, q}) {
+    const LmConfig back = parse_lm_config(lm_config_json(c));
+    EXPECT_EQ(back.sliding_window, c.sliding_window);
+    EXPECT_EQ(back.sliding_layers, c.sliding_layers);
+    EXPECT_EQ(back.arch, c.arch);
+  }
+}
+
 TEST(LmConfig, UnsupportedOrMalformedConfigsNameTheField) {
   const std::string base = R"("vocab_size":100,"hidden_size":48,"intermediate_size":96,"num_hidden_layers":2,)"
                            R"("num_attention_heads":6)";
@@ -120,8 +154,13 @@ TEST(LmConfig, UnsupportedOrMalformedConfigsNameTheField) {
        "needs 'low_freq_factor'"},
       {R"({"model_type":"llama",)" + base + R"(,"rope_theta":-1})", "'rope_theta' must be a positive number"},
       {R"({"model_type":"llama",)" + base + R"(,"num_hidden_layers":0})", "'num_hidden_layers' must be"},
-      {R"({"model_type":"mistral",)" + base + R"(,"sliding_window":4096})", "sliding_window"},
-      {R"({"model_type":"qwen2",)" + base + R"(,"use_sliding_window":true})", "use_sliding_window"},
+      {R"({"model_type":"llama",)" + base + R"(,"sliding_window":4096})", "llama has no sliding_window"},
+      {R"({"model_type":"mistral",)" + base + R"(,"sliding_window":0})", "'sliding_window' must be"},
+      {R"({"model_type":"qwen2",)" + base + R"(,"use_sliding_window":true,"sliding_window":8,"layer_types":["x"]})",
+       "layer_types must list the 2 layers"},
+      {R"({"model_type":"qwen2",)" + base +
+           R"(,"use_sliding_window":true,"sliding_window":8,"layer_types":["full_attention","local"]})",
+       "layer_types[1]"},
       {R"({"model_type":"llama","vocab_size":100,"hidden_size":50,"intermediate_size":96,"num_hidden_layers":2,)"
        R"("num_attention_heads":6})",
        "not divisible by the 6 heads"},

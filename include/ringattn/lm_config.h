@@ -1,14 +1,17 @@
 // A decoder-only language model's architecture, read from a Hugging Face
 // checkpoint's config.json: llama (RMSNorm, RoPE, SwiGLU, GQA, no biases; Llama
-// 2/3, TinyLlama, SmolLM; model_type mistral without a window), qwen2 (llama with q/k/v
-// biases) and gpt2 (pre-LayerNorm, learned positions, GELU-tanh MLP, biases).
+// 2/3, TinyLlama, SmolLM), mistral (llama with a sliding window on every layer, or
+// none), qwen2 (llama with q/k/v biases; a sliding window on the layers from
+// max_window_layers on when use_sliding_window) and gpt2 (pre-LayerNorm, learned
+// positions, GELU-tanh MLP, biases).
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ringattn {
 
-enum class Arch { llama, qwen2, gpt2 };
+enum class Arch { llama, mistral, qwen2, gpt2 };
 const char* arch_name(Arch a);
 
 // RoPE as Hugging Face computes it (llama, qwen2): inv_freq_i = theta^(−2i/head_dim),
@@ -32,6 +35,16 @@ struct LmConfig {
   bool qkv_bias = false, o_bias = false, mlp_bias = false;
   RopeConfig rope;                         // llama, qwen2
   int64_t bos_token = -1, eos_token = -1;  // -1: none given (the first when config.json lists several)
+  // Sliding window (mistral, qwen2): a query sees the `sliding_window` most recent
+  // keys, itself included (transformers: kv > q − W), on the layers marked in
+  // sliding_layers (config.json's layer_types). 0: none.
+  int64_t sliding_window = 0;
+  std::vector<bool> sliding_layers;  // [layers] when sliding_window > 0
+
+  // The attention window's left side on `layer` (attention.h): W − 1, or −1.
+  int64_t window_left(int64_t layer) const {
+    return sliding_window > 0 && sliding_layers[static_cast<size_t>(layer)] ? sliding_window - 1 : -1;
+  }
 };
 
 // Parses config.json text (`where` names it in messages). Both forms of RoPE

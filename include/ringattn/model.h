@@ -52,7 +52,14 @@ struct ModelConfig {
   // head [vocab, d_model] (the embedding itself when tied).
   int64_t vocab = 0, positions = 0;
   bool tied = false;
+  // Sliding-window attention (mistral, qwen2): on the layers marked in
+  // window_layers ([layers]), a query sees its `window` most recent keys, itself
+  // included. 0: full attention everywhere. Needs causal.
+  int64_t window = 0;
+  std::vector<bool> window_layers;
 
+  // The attention window's left side on global layer l (attention.h): window − 1, or −1.
+  int64_t window_left(int64_t l) const { return window > 0 && window_layers[static_cast<size_t>(l)] ? window - 1 : -1; }
   int64_t head_dim() const { return head_size > 0 ? head_size : d_model / heads; }
   int64_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : 4 * d_model; }
@@ -212,9 +219,10 @@ std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
                            const AttentionHook& attention = {}, std::span<const int64_t> positions = {});
 // The attention of the forward without a hook: local, or distributed over par.sp,
-// on `dev`.
-void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
-                                 const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse);
+// on `dev`, with the mask of global layer `layer` (causal, its window).
+void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer,
+                                 const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                 const TensorView& lse);
 // dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
 // reduced across ranks) and returns dL/dx (on the model's device).
 DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const ModelParallel& par);

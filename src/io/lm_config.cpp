@@ -1,4 +1,4 @@
-// config.json of Hugging Face llama / qwen2 / gpt2 checkpoints -> LmConfig.
+// config.json of Hugging Face llama / mistral / qwen2 / gpt2 checkpoints -> LmConfig.
 #include "ringattn/lm_config.h"
 
 #include <filesystem>
@@ -77,12 +77,45 @@ RopeConfig rope_of(const Fields& f) {
   return r;
 }
 
+// The sliding window as transformers reads it: mistral's sliding_window on every
+// layer (null: none); qwen2's only with use_sliding_window, on the layers from
+// max_window_layers on; an explicit layer_types list ("full_attention" /
+// "sliding_attention") decides the layers when given.
+void sliding_window_of(const Fields& f, LmConfig& c) {
+  const bool on = c.arch == Arch::mistral || (c.arch == Arch::qwen2 && f.flag_or("use_sliding_window", false));
+  check(c.arch != Arch::llama || !f.has("sliding_window"), f.where,
+        ": llama has no sliding_window (model_type mistral or qwen2 does)");
+  if (!on || !f.has("sliding_window")) return;
+  c.sliding_window = f.count("sliding_window");
+  c.sliding_layers.assign(static_cast<size_t>(c.layers), true);
+  if (c.arch == Arch::qwen2) {
+    const json& mw = f.has("max_window_layers") ? f.j["max_window_layers"] : json(28);
+    check(mw.is_number_integer() && mw.get<int64_t>() >= 0, f.where,
+          ": 'max_window_layers' must be a whole number >= 0, got ", mw.dump());
+    const int64_t first = mw.get<int64_t>();
+    for (int64_t l = 0; l < c.layers; ++l) c.sliding_layers[static_cast<size_t>(l)] = l >= first;
+  }
+  if (f.has("layer_types")) {
+    const json& t = f.j["layer_types"];
+    check(t.is_array() && static_cast<int64_t>(t.size()) == c.layers, f.where, ": layer_types must list the ", c.layers,
+          " layers, got ", t.dump());
+    for (int64_t l = 0; l < c.layers; ++l) {
+      const json& x = t[static_cast<size_t>(l)];
+      check(x == "full_attention" || x == "sliding_attention", f.where, ": layer_types[", l, "] is ", x.dump(),
+            " (full_attention or sliding_attention)");
+      c.sliding_layers[static_cast<size_t>(l)] = x == "sliding_attention";
+    }
+  }
+}
+
 }  // namespace
 
 const char* arch_name(Arch a) {
   switch (a) {
     case Arch::llama:
       return "llama";
+    case Arch::mistral:
+      return "mistral";
     case Arch::qwen2:
       return "qwen2";
     case Arch::gpt2:
@@ -121,7 +154,7 @@ LmConfig parse_lm_config(const std::string& json_text, const std::string& where)
           ": scale_attn_by_inverse_layer_idx is not supported");
     check(!f.flag_or("reorder_and_upcast_attn", false), where, ": reorder_and_upcast_attn is not supported");
   } else if (type == "llama" || type == "mistral" || type == "qwen2") {
-    c.arch = type == "qwen2" ? Arch::qwen2 : Arch::llama;  // Mistral without a window is llama
+    c.arch = type == "qwen2" ? Arch::qwen2 : type == "mistral" ? Arch::mistral : Arch::llama;
     c.vocab = f.count("vocab_size"), c.d_model = f.count("hidden_size"), c.layers = f.count("num_hidden_layers");
     c.heads = f.count("num_attention_heads"), c.kv_heads = f.count_or("num_key_value_heads", c.heads);
     c.mlp_hidden = f.count("intermediate_size");
@@ -132,14 +165,12 @@ LmConfig parse_lm_config(const std::string& json_text, const std::string& where)
     check(c.hidden_act == "silu", where, ": hidden_act '", c.hidden_act, "' is not supported (", type, ": silu)");
     if (c.arch == Arch::qwen2) {
       c.qkv_bias = true;  // Qwen2's q, k and v projections always have biases
-      check(!f.flag_or("use_sliding_window", false), where,
-            ": use_sliding_window is not supported yet (sliding windows are issue 20)");
     } else {
       c.qkv_bias = c.o_bias = f.flag_or("attention_bias", false);
       c.mlp_bias = f.flag_or("mlp_bias", false);
-      check(!f.has("sliding_window"), where, ": sliding_window is not supported yet (issue 20)");
     }
     c.rope = rope_of(f);
+    sliding_window_of(f, c);
   } else {
     throw Error(cat(where, ": model_type '", type, "' is not supported (llama, mistral, qwen2, gpt2)"));
   }
@@ -169,11 +200,23 @@ std::string lm_config_json(const LmConfig& c) {
     j["activation_function"] = "gelu_new";
     return j.dump(2) + "\n";
   }
-  j["architectures"] = {c.arch == Arch::qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"};
+  j["architectures"] = {c.arch == Arch::qwen2     ? "Qwen2ForCausalLM"
+                        : c.arch == Arch::mistral ? "MistralForCausalLM"
+                                                  : "LlamaForCausalLM"};
   j["hidden_size"] = c.d_model, j["num_hidden_layers"] = c.layers, j["num_attention_heads"] = c.heads;
   j["num_key_value_heads"] = c.kv_heads, j["head_dim"] = c.head_dim, j["intermediate_size"] = c.mlp_hidden;
   j["max_position_embeddings"] = c.max_positions, j["rms_norm_eps"] = c.norm_eps, j["hidden_act"] = "silu";
   if (c.arch == Arch::llama) j["attention_bias"] = c.qkv_bias, j["mlp_bias"] = c.mlp_bias;
+  if (c.arch == Arch::mistral) j["sliding_window"] = c.sliding_window > 0 ? nlohmann::json(c.sliding_window) : nullptr;
+  if (c.arch == Arch::qwen2) {
+    j["use_sliding_window"] = c.sliding_window > 0;
+    if (c.sliding_window > 0) {
+      j["sliding_window"] = c.sliding_window;
+      j["max_window_layers"] = c.layers;  // layer_types below decides
+      j["layer_types"] = nlohmann::json::array();
+      for (bool x : c.sliding_layers) j["layer_types"].push_back(x ? "sliding_attention" : "full_attention");
+    }
+  }
   j["rope_theta"] = c.rope.theta;
   if (c.rope.type == "linear")
     j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope.factor}};

@@ -108,7 +108,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   // The attention of each layer, then its K/V into the cache.
   const AttentionHook store = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& o, const TensorView& lse) {
-    sequence_parallel_attention(dev, par, c, q, k, v, o, lse);
+    sequence_parallel_attention(dev, par, c, m.first_layer() + l, q, k, v, o, lse);
     for (int64_t b = 0; b < Bp; ++b) {
       dev.copy(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
       dev.copy(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
@@ -185,6 +185,7 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
       }
       AttentionOptions opt;
       opt.causal = true;
+      opt.window_left = c.window_left(m.first_layer() + l);  // the decode kernel skips what the window evicted
       opt.threads = par.attn.threads;
       opt.isa = par.attn.isa;
       opt.q_pos = std::span<const int64_t>(q_pos[b].get(), 1);

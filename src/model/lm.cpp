@@ -152,10 +152,11 @@ struct Forward {
     for (int64_t t = 0; t < N; ++t)
       for (int64_t e = 0; e < D; ++e)
         x[t * D + e] = embed[ids[t] * D + e] + (gpt2 ? w("transformer.wpe.weight")[pos[t] * D + e] : 0.f);
-    AttentionOptions causal;
-    causal.causal = true;
     acts.resize(static_cast<size_t>(c.layers));
     for (int64_t l = 0; l < c.layers; ++l) {
+      AttentionOptions causal;
+      causal.causal = true;
+      causal.window_left = c.window_left(l);
       LayerActs& s = acts[static_cast<size_t>(l)];
       const std::string p = prefix(l);
       s.x = x, s.a1.resize(N * D), s.mean1.resize(N), s.rstd1.resize(N);
@@ -307,6 +308,7 @@ LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>
                         g(p + "self_attn.o_proj.weight"), gb(p + "self_attn.o_proj.bias", c.o_bias));
     AttentionOptions causal;
     causal.causal = true;
+    causal.window_left = c.window_left(l);
     std::vector<float> q = s.q, k = s.k, v = s.v, o = s.o, lse = s.lse;
     attention_backward(f.view4(q, H), f.view4(k, Hk), f.view4(v, Hk), f.view4(o, H),
                        TensorView(lse.data(), DType::f32, {f.B, H, f.L}), f.view4(do_, H), f.view4(dq, H),

@@ -25,6 +25,10 @@ void ModelConfig::validate() const {
   check(norm_eps > 0, "the norm epsilon must be > 0, got ", norm_eps);
   check(vocab >= 0 && positions >= 0, "vocab and positions must be >= 0");
   check(!tied || vocab > 0, "a tied LM head needs a vocabulary");
+  check(window >= 0, "the sliding window must be >= 0 (0: none), got ", window);
+  check(window == 0 || (causal && static_cast<int64_t>(window_layers.size()) == layers),
+        "a sliding window needs a causal model and one window_layers entry per layer (", layers, "), got ",
+        window_layers.size());
 }
 
 ModelConfig model_config(const LmConfig& lm) {
@@ -40,6 +44,7 @@ ModelConfig model_config(const LmConfig& lm) {
     c.norm = Norm::rmsnorm, c.mlp = Mlp::swiglu;
     c.qkv_bias = lm.qkv_bias, c.o_bias = lm.o_bias, c.mlp_bias = lm.mlp_bias;
     c.rope = true, c.rope_config = lm.rope;
+    c.window = lm.sliding_window, c.window_layers = lm.sliding_layers;
   }
   c.validate();
   return c;
@@ -281,18 +286,20 @@ TensorView qkv_part(const TensorView& qkv, const Model& m, int64_t B, int64_t Ll
 }
 
 // The options of the distributed attention on dev: par's, with the model's mask.
-DistAttentionOptions dist_options(Device& dev, const ModelParallel& par, const ModelConfig& c) {
+DistAttentionOptions dist_options(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer) {
   check(!par.attn.device || par.attn.device == &dev, "the sequence-parallel attention runs on ",
         par.attn.device ? par.attn.device->name() : "", " but the model is on ", dev.name());
   DistAttentionOptions opt = par.attn;
   opt.causal = c.causal;
+  opt.window_left = c.window_left(layer);
   opt.device = dev.is_host() ? nullptr : &dev;
   return opt;
 }
 
-AttentionOptions local_options(const ModelParallel& par, const ModelConfig& c) {
+AttentionOptions local_options(const ModelParallel& par, const ModelConfig& c, int64_t layer) {
   AttentionOptions opt;
   opt.causal = c.causal;
+  opt.window_left = c.window_left(layer);
   opt.threads = par.attn.threads;
   opt.isa = par.attn.isa;
   return opt;
@@ -300,23 +307,24 @@ AttentionOptions local_options(const ModelParallel& par, const ModelConfig& c) {
 
 }  // namespace
 
-void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
-                                 const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse) {
+void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer,
+                                 const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                                 const TensorView& lse) {
   if (par.sp)
-    dist_attention_forward(*par.sp, q, k, v, o, lse, dist_options(dev, par, c));
+    dist_attention_forward(*par.sp, q, k, v, o, lse, dist_options(dev, par, c, layer));
   else
-    dev.attention_forward(q, k, v, o, lse, local_options(par, c));
+    dev.attention_forward(q, k, v, o, lse, local_options(par, c, layer));
 }
 
 namespace {
 
-void attention_bwd(Device& dev, const ModelParallel& par, const ModelConfig& c, const TensorView& q,
+void attention_bwd(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer, const TensorView& q,
                    const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
                    const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
   if (par.sp)
-    dist_attention_backward(*par.sp, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, par, c));
+    dist_attention_backward(*par.sp, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, par, c, layer));
   else
-    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(par, c));
+    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(par, c, layer));
 }
 
 // y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
@@ -429,7 +437,7 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
     if (attention)
       attention(l, q, k, v, s.o, s.lse);
     else
-      sequence_parallel_attention(dev, par, c, q, k, v, s.o, s.lse);
+      sequence_parallel_attention(dev, par, c, m.first_layer() + l, q, k, v, s.o, s.lse);
     s.x1 = dev.alloc(DType::f32, {N, D});
     row_parallel_linear(dev, par, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
     dev.add(s.x1, flat(s.x, N, D));
@@ -486,9 +494,9 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
     // x1 = x + o·W_o + b_o
     dev.linear_backward(N, A, D, s.o.ptr<float>(), w.w_o, dcur.ptr<float>(), dout.ptr<float>(), gp.w_o, gp.b_o,
                         c.dtype);
-    attention_bwd(dev, par, c, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1), qkv_part(s.qkv, m, B, Ll, 2),
-                  s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0), qkv_part(dqkv, m, B, Ll, 1),
-                  qkv_part(dqkv, m, B, Ll, 2));
+    attention_bwd(dev, par, c, m.first_layer() + l, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
+                  qkv_part(s.qkv, m, B, Ll, 2), s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0),
+                  qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2));
     if (c.rope) rope_qk(m, N, dqkv.ptr<float>(), act.pos.get(), true);
     dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
                         c.dtype);
