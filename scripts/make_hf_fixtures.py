@@ -3,7 +3,8 @@
 the reference for the language models of issue 19 (tests/fixtures/hf/<name>/).
 
 For each architecture (odd sizes, GQA, tied and untied heads, an explicit head_dim,
-llama3 RoPE scaling) it writes, with transformers' own save_pretrained:
+llama3 RoPE scaling, sliding windows shorter than the sequence: mistral's on
+every layer, qwen2's on the layers from max_window_layers on) it writes, with transformers' own save_pretrained:
   config.json, model.safetensors      the checkpoint (fp32; tied heads stored once)
 and with the model in fp32 eval mode:
   reference.safetensors               logits [2, 19, vocab] of `ids`; grad.<parameter>:
@@ -24,8 +25,8 @@ import shutil
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "hf")
 VOCAB, B, L, PROMPT, NEW = 101, 2, 19, 8, 10
@@ -46,6 +47,12 @@ def models():
     yield "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
                                              eos_token_id=2))
+    # Windows of 5 and 4 tokens against sequences of 19 and greedy runs of 18.
+    yield "mistral_window", MistralForCausalLM(MistralConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                             sliding_window=5, tie_word_embeddings=False, **common))
+    yield "qwen2_window", Qwen2ForCausalLM(Qwen2Config(num_attention_heads=6, num_key_value_heads=2, rope_theta=1e6,
+                                                       use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                                       tie_word_embeddings=False, **qwen))
 
 
 def main():

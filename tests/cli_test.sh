@@ -235,7 +235,7 @@ else:
     print(f"{fixture.split('/')[-1]}: max |ringattn - transformers| / max = {err:.2e}")
     sys.exit(0 if got.shape == want.shape and err < 1e-4 else 1)
 EOF
-for m in llama_gqa llama_tied_llama3 qwen2 gpt2; do
+for m in llama_gqa llama_tied_llama3 qwen2 gpt2 mistral_window qwen2_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY hf.py ids "$fx" ids_$m.npy || { fail "could not write the ids of $m"; continue; }
   if "$BIN" forward --model "$fx" --ids ids_$m.npy --logits logits_$m.npy >forward_$m.out 2>&1; then
@@ -247,7 +247,7 @@ done
 # Under mpirun, the first 12 of the 19 tokens (12 splits over 2 and 3 ranks in
 # every layout): ring, all-gather, Ulysses, TP — rank 0 gathers and writes.
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
-for m in llama_gqa gpt2; do
+for m in llama_gqa gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY hf.py ids "$fx" ids12_$m.npy 12 || { fail "could not write the ids of $m"; continue; }
   for run in "2 --strategy ring --layout zigzag" "3 --strategy ring --layout striped" \
@@ -275,7 +275,7 @@ else:
     print(f"{sys.argv[2].split('/')[-1]}: generated {got}, transformers {ref['greedy']}")
     sys.exit(0 if got == ref["greedy"] else 1)
 EOF
-for m in llama_tied_llama3 gpt2; do
+for m in llama_tied_llama3 gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY greedy.py prompt "$fx" prompt_$m.npy
   for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do

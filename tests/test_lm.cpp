@@ -176,7 +176,9 @@ TEST_P(HfModels, GenerateFromTheCache) {
   EXPECT_EQ(a.size(), want.size());
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels,
+                         ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window",
+                                           "qwen2_window"));
 
 using SaveLm = ScratchDir;
 
@@ -184,7 +186,7 @@ using SaveLm = ScratchDir;
 // architecture and bit-identical weights (transformers loading them is checked
 // by scripts/check_hf_roundtrip.py).
 TEST_F(SaveLm, CheckpointRoundTrips) {
-  for (const char* name : {"llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"}) {
+  for (const char* name : {"llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window", "qwen2_window"}) {
     const LanguageModel lm = LanguageModel::load(kHf + name);
     const RunContext run(nullptr, ParallelConfig{});
     const Model m = lm_model(lm, DType::f32, run);
@@ -198,6 +200,8 @@ TEST_F(SaveLm, CheckpointRoundTrips) {
               std::vector<int64_t>({b.vocab, b.d_model, b.layers, b.heads, b.kv_heads, b.head_dim, b.mlp_hidden,
                                     b.max_positions, b.bos_token, b.eos_token}))
         << name;
+    EXPECT_EQ(a.sliding_window, b.sliding_window) << name;
+    EXPECT_EQ(a.sliding_layers, b.sliding_layers) << name;
     EXPECT_EQ(a.norm_eps, b.norm_eps) << name;
     EXPECT_EQ(a.tie_embeddings, b.tie_embeddings) << name;
     EXPECT_EQ(a.qkv_bias, b.qkv_bias) << name;

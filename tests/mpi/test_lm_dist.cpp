@@ -196,7 +196,9 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, LmDistributed, ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, LmDistributed,
+                         ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window",
+                                           "qwen2_window"));
 
 }  // namespace
 }  // namespace ringattn::testing
