@@ -76,6 +76,12 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
                              const TensorView& dk, const TensorView& dv, const DistAttentionOptions& opt,
                              DistStats* stats = nullptr);
 
+// The inverse of shard() over the communicator: every rank's `local` shard (its
+// layout shard of dimension seq_dim, of any length the layout gives it) written
+// into `full` at its places, on every rank (one all-gather of shards padded to
+// the longest).
+void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim = 1);
+
 // Exact merge of every rank's partial result for the same queries (decoding
 // against a sequence-sharded KV cache, docs/design.md §8, the §4 merge over P parts at once):
 //   lse = m + log Σ_p e^{lse_p − m},  o = Σ_p e^{lse_p − m}·o_p / Σ_p e^{lse_p − m},  m = max_p lse_p

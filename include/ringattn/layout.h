@@ -1,8 +1,10 @@
 // How a sequence of L tokens is split over P ranks (docs/design.md §6 "causal load
-// balance"). Every rank holds L/P tokens and knows their global positions.
-//   contiguous: rank p holds [p·L/P, (p+1)·L/P)
-//   zigzag:     L cut into 2P chunks; rank p holds chunks p and 2P−1−p
+// balance"), for any L >= P. Every rank knows the global positions of its tokens.
+//   contiguous: rank p holds [⌊p·L/P⌋, ⌊(p+1)·L/P⌋) (shards differ by at most one)
+//   zigzag:     L cut into 2P chunks [⌊c·L/2P⌋, ⌊(c+1)·L/2P⌋); rank p holds
+//               chunks p and 2P−1−p
 //   striped:    token i on rank i mod P
+// With L a multiple of P (of 2P for zigzag) every shard is L/P tokens.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -16,14 +18,19 @@ enum class Layout { contiguous, zigzag, striped };
 const char* layout_name(Layout l);
 Layout parse_layout(const std::string& s);  // throws Error listing the valid names
 
-// Throws Error when L cannot be split over P ranks in this layout, saying which
-// L values work (multiples of P, or of 2P for zigzag) and the nearest ones.
+// Throws Error when some rank would hold no token (L < P).
 void check_layout(Layout l, int64_t L, int P);
-// Global positions of the L/P tokens of rank p, in local order (ascending).
+// The same, and that every shard is L/P tokens (L a multiple of P, of 2P for
+// zigzag), naming `what` needs it and the nearest lengths that work: for the
+// parts that take equal shards only (the model, generation).
+void check_even_layout(Layout l, int64_t L, int P, const char* what);
+// How many tokens rank p holds.
+int64_t shard_length(Layout l, int64_t L, int P, int p);
+// Global positions of rank p's tokens, in local order (ascending).
 std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p);
 
 // Copies the tokens of rank p along dimension seq_dim of `full` (length L) into
-// `local` (length L/P there, other dimensions equal).
+// `local` (shard_length there, other dimensions equal).
 void shard(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim = 1);
 // The inverse: writes `local` of rank p into its places in `full`.
 void unshard(const TensorView& local, const TensorView& full, Layout l, int P, int p, int seq_dim = 1);

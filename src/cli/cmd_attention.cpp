@@ -359,25 +359,18 @@ void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in
 
 Tensor shard_of(const Tensor& full, Layout layout, int P, int p, DType dtype, int seq_dim = 1) {
   std::vector<int64_t> shape(full.view().shape.begin(), full.view().shape.begin() + full.rank());
-  shape[seq_dim] /= P;
+  shape[seq_dim] = shard_length(layout, shape[seq_dim], P, p);
   Tensor s(dtype, static_cast<int>(shape.size()), shape.data());
   shard(full, s, layout, P, p, seq_dim);
   return s;
 }
 
 // Every rank's shard of x gathered and put back in global order (on every rank).
-Tensor gather_full(Communicator& comm, const Tensor& x, Layout layout, int seq_dim = 1) {
-  const int P = comm.size();
-  Tensor all(x.dtype(), {static_cast<int64_t>(P) * x.numel()});
-  comm.all_gather(x.ptr<void>(), all.ptr<void>(), x.bytes());
+Tensor gather_full(Communicator& comm, const Tensor& x, Layout layout, int64_t L, int seq_dim = 1) {
   std::vector<int64_t> shape(x.view().shape.begin(), x.view().shape.begin() + x.rank());
-  shape[seq_dim] *= P;
+  shape[seq_dim] = L;
   Tensor full(x.dtype(), static_cast<int>(shape.size()), shape.data());
-  for (int r = 0; r < P; ++r) {
-    TensorView part = x.view();
-    part.data = static_cast<char*>(all.ptr<void>()) + r * x.bytes();
-    unshard(part, full, layout, P, r, seq_dim);
-  }
+  gather_shards(comm, x, full, layout, seq_dim);
   return full;
 }
 
@@ -416,7 +409,8 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   Tensor dout = in.backward ? shard_of(in.dout, opt.layout, P, p, dtype) : Tensor();
   const bool keep_full = a.check && p == 0;
   if (!keep_full) in = Inputs{Tensor(), Tensor(), Tensor(), Tensor(), in.backward, in.cu_q, in.cu_k};
-  Tensor o(DType::f32, {B, L / P, H, d}), lse(DType::f32, {B, H, L / P});
+  const int64_t Ll = shard_length(opt.layout, L, P, p);
+  Tensor o(DType::f32, {B, Ll, H, d}), lse(DType::f32, {B, H, Ll});
   Tensor dq, dk, dv;
   if (in.backward) dq = like(q, DType::f32), dk = like(k, DType::f32), dv = like(v, DType::f32);
 
@@ -441,12 +435,12 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   const bool need_full = a.check || !a.out.empty() || !a.lse.empty() || !a.dq.empty() || !a.dk.empty() || !a.dv.empty();
   nlohmann::json errors;
   if (need_full) {
-    Tensor o_full = gather_full(*comm, o, opt.layout), lse_full = gather_full(*comm, lse, opt.layout, 2);
+    Tensor o_full = gather_full(*comm, o, opt.layout, L), lse_full = gather_full(*comm, lse, opt.layout, L, 2);
     Tensor dq_full, dk_full, dv_full;
     if (in.backward) {
-      dq_full = gather_full(*comm, dq, opt.layout);
-      dk_full = gather_full(*comm, dk, opt.layout);
-      dv_full = gather_full(*comm, dv, opt.layout);
+      dq_full = gather_full(*comm, dq, opt.layout, L);
+      dk_full = gather_full(*comm, dk, opt.layout, L);
+      dv_full = gather_full(*comm, dv, opt.layout, L);
     }
     if (p == 0) {
       if (!a.out.empty()) save_npy(a.out, o_full);

@@ -98,7 +98,7 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
         cache.capacity(), " per rank");
   for (int64_t b = first; b < first + Bp; ++b)
     check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
-  if (par.sp) check_layout(par.attn.layout, L, P);
+  if (par.sp) check_even_layout(par.attn.layout, L, P, "prefill");
   const std::vector<int64_t> pos = par.sp ? shard_positions(par.attn.layout, L, P, p) : [&] {
     std::vector<int64_t> v(static_cast<size_t>(L));
     for (int64_t i = 0; i < L; ++i) v[static_cast<size_t>(i)] = i;

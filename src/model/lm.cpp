@@ -567,7 +567,7 @@ namespace {
 
 int64_t local_length(const ModelParallel& par, int64_t L) {
   const int P = par.sp ? par.sp->size() : 1;
-  if (P > 1) check_layout(par.attn.layout, L, P);
+  if (P > 1) check_even_layout(par.attn.layout, L, P, "the language model");
   return L / P;
 }
 

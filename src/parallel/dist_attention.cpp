@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "ringattn/cpu/attention.h"
@@ -51,6 +52,7 @@ struct Call {
   DistStats* out;
   int P, p;
   int64_t B, Ll, H, Hkv, d, L;
+  std::vector<int64_t> lens;  // every rank's shard length (they differ by at most one or two)
   DType dtype;
   bool masked;  // causal, a window or documents: some blocks may see nothing
   double t_start, compute = 0;
@@ -63,12 +65,14 @@ struct Call {
     const std::vector<const TensorView*> t(ts);
     const TensorView &q = *t[0], &k = *t[1], &v = *t[2], &o_ = *t[3], &lse = *t[4];
     // Every rank must agree on the problem before anyone communicates, and before
-    // any rank-local check could make one rank leave alone.
-    auto dims = [](const TensorView& t) {
+    // any rank-local check could make one rank leave alone. The sequence
+    // dimension (1; lse: 2) may differ (uneven shards): it is checked below.
+    auto dims = [](const TensorView& t, int seq) {
       std::array<int64_t, 5> r{t.rank, -1, -1, -1, -1};
-      for (int i = 0; i < t.rank && i < 4; ++i) r[1 + i] = t.shape[i];
+      for (int i = 0; i < t.rank && i < 4; ++i) r[1 + i] = i == seq ? -1 : t.shape[i];
       return r;
     };
+    auto seq_dim = [&](size_t i) { return i == 4 ? 2 : 1; };
     const float sc = opt.scale;
     int32_t scale_bits;
     std::memcpy(&scale_bits, &sc, 4);
@@ -85,25 +89,40 @@ struct Call {
                                 static_cast<int64_t>(opt.strategy),
                                 static_cast<int64_t>(opt.layout),
                                 std::isnan(sc) ? -1 : scale_bits};
-    for (const TensorView* x : t) {
-      cfg.push_back(x->empty() ? -1 : static_cast<int64_t>(x->dtype));
-      for (int64_t e : dims(*x)) cfg.push_back(e);
+    for (size_t i = 0; i < t.size(); ++i) {
+      cfg.push_back(t[i]->empty() ? -1 : static_cast<int64_t>(t[i]->dtype));
+      for (int64_t e : dims(*t[i], seq_dim(i))) cfg.push_back(e);
     }
     check_same_on_all_ranks(
         comm, cfg,
         "attention config (dtypes, causal, window, cu_seqlens, strategy, layout, scale, then dtype, rank and shape "
         "of the q, k, v, o, lse[, dout, dq, dk, dv] shards)");
+    // Every rank's shard lengths, seen by every rank: L is their sum, and each
+    // rank's must be what the layout gives it (checked alike everywhere).
+    std::vector<int64_t> mine(t.size()), all(t.size() * static_cast<size_t>(P));
+    for (size_t i = 0; i < t.size(); ++i)
+      mine[i] = t[i]->rank > seq_dim(i) && !t[i]->empty() ? t[i]->shape[seq_dim(i)] : -1;
+    comm.all_gather(mine.data(), all.data(), mine.size() * sizeof(int64_t));
+    L = 0;
+    for (int r = 0; r < P; ++r) lens.push_back(all[static_cast<size_t>(r) * t.size()]), L += lens.back();
+    const char* const names[] = {"q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv"};
+    for (int r = 0; r < P; ++r)
+      for (size_t i = 1; i < t.size(); ++i)
+        check(all[r * t.size() + i] == lens[r], "shard length mismatch: rank ", r, "'s ", names[i], " shard has ",
+              all[r * t.size() + i], " tokens but its q shard ", lens[r],
+              " (sequence parallel attention is self-attention)");
+    check_layout(opt.layout, L, P);
+    for (int r = 0; r < P; ++r)
+      check(lens[r] == shard_length(opt.layout, L, P, r), "shard length mismatch: rank ", r, " passes ", lens[r],
+            " tokens but the ", layout_name(opt.layout), " layout of L=", L, " over ", P, " ranks gives it ",
+            shard_length(opt.layout, L, P, r), " (the shards of all ranks add up to L)");
     AttentionOptions contract;
     contract.scale = opt.scale, contract.causal = opt.causal;
     contract.window_left = opt.window_left, contract.window_right = opt.window_right;
     const AttentionShape a = check_attention(q, k, v, o_, lse, contract);
     B = a.B, Ll = a.Lq, H = a.H, d = a.d, Hkv = a.Hkv;
-    L = Ll * P;
     dtype = q.dtype;
-    check(a.Lk == Ll, "sequence parallel attention needs q and k shards of the same length, got ", q.shape_str(),
-          " and ", k.shape_str());
     if (t.size() > 5) check_attention_grads(q, k, *t[5], *t[6], *t[7], *t[8]);
-    check_layout(opt.layout, L, P);
     if (!opt.cu_seqlens.empty()) check_cu_seqlens(opt.cu_seqlens, L, "cu_seqlens");
     masked = opt.causal || a.window_left >= 0 || a.window_right >= 0 || !opt.cu_seqlens.empty();
     check(dev.is_host() || (opt.cu_seqlens.empty() && a.window_left < 0 && a.window_right < 0),
@@ -212,6 +231,14 @@ std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
 
 TensorView kv_half(const TensorView& kv, int i) { return kv.select(0, i); }  // [2, B, L, Hkv, d] -> [B, L, Hkv, d]
 
+// The block of n tokens at the start of a K/V buffer sized for the longest one:
+// [2, B, Lmax, Hkv, d] -> [2, B, n, Hkv, d], contiguous (what travels).
+TensorView kv_block(const DeviceTensor& buf, int64_t n) {
+  const TensorView& v = buf.view();
+  return TensorView(v.data, v.dtype, {2, v.shape[1], n, v.shape[3], v.shape[4]});
+}
+size_t bytes_of(const TensorView& t) { return static_cast<size_t>(t.numel()) * dtype_size(t.dtype); }
+
 // ---- ring (RA+SP) -----------------------------------------------------------------
 // The group the K/V blocks travel round and the tokens each member holds (its
 // layout shard, or under the hybrid the shards of its Ulysses group), with their
@@ -241,6 +268,12 @@ struct Ring {
   }
   int P() const { return comm.size(); }
   int p() const { return comm.rank(); }
+  int64_t length(int member) const { return static_cast<int64_t>(tokens[member].pos.size()); }
+  int64_t longest() const {
+    int64_t n = 0;
+    for (const Tokens& t : tokens) n = std::max(n, static_cast<int64_t>(t.pos.size()));
+    return n;
+  }
   // The local attention of this member's queries against member src's block.
   AttentionOptions local(const Call& c, int src) const {
     const int me = p();
@@ -263,11 +296,11 @@ Ring plain_ring(const Call& c) {
 void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& o, const TensorView& lse) {
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
-  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), Lmax = ring.longest();
   Device& dev = ring.dev;
-  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lr, Hkv, d}), dev.alloc(c.dtype, {2, B, Lr, Hkv, d})};
-  dev.copy(kv_half(kv[0], 0), k);
-  dev.copy(kv_half(kv[0], 1), v);
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lmax, Hkv, d}), dev.alloc(c.dtype, {2, B, Lmax, Hkv, d})};
+  dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
+  dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
   DeviceTensor o_acc = dev.alloc(DType::f32, {B, Lr, H, d}), lse_acc = dev.alloc(DType::f32, {B, H, Lr});
   DeviceTensor o_part = dev.alloc(DType::f32, {B, Lr, H, d}), lse_part = dev.alloc(DType::f32, {B, H, Lr});
   dev.fill(o_acc, 0.f);
@@ -275,16 +308,17 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
   int cur = 0;
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;  // next: the block p−1 holds now
+    const TensorView block = kv_block(kv[cur], ring.length(src)), incoming = kv_block(kv[1 - cur], ring.length(next));
     Request send, recv;
     InFlight guard{ring.comm, {&send, &recv}};
-    if (t < ring.reach[src]) send = ring.comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, t);
-    if (t < ring.reach[next]) recv = ring.comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, t);
+    if (t < ring.reach[src]) send = ring.comm.isend(block.data, bytes_of(block), right, t);
+    if (t < ring.reach[next]) recv = ring.comm.irecv(incoming.data, bytes_of(incoming), left, t);
     ring.comm.progress();                          // start them (a stream-ordered backend launches what was posted)
     if (t > ring.reach[src] || !ring.seen[src]) {  // past the block's reach, or it hides from us
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        dev.attention_forward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o_part, lse_part, ring.local(c, src));
+        dev.attention_forward(q, kv_half(block, 0), kv_half(block, 1), o_part, lse_part, ring.local(c, src));
         dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
@@ -302,17 +336,17 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
                    const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                    const TensorView& dk, const TensorView& dv) {
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
-  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2);
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), Lmax = ring.longest();
   Communicator& comm = ring.comm;
   Device& dev = ring.dev;
-  const std::initializer_list<int64_t> kv_shape = {2, B, Lr, Hkv, d};
+  const std::initializer_list<int64_t> kv_shape = {2, B, Lmax, Hkv, d};
   DeviceTensor kv[2] = {dev.alloc(c.dtype, kv_shape), dev.alloc(c.dtype, kv_shape)};
   DeviceTensor dkv[2] = {dev.alloc(DType::f32, kv_shape), dev.alloc(DType::f32, kv_shape)};
   DeviceTensor dkv_part = dev.alloc(DType::f32, kv_shape);
   DeviceTensor dq_acc = dev.alloc(DType::f32, {B, Lr, H, d}), dq_part = dev.alloc(DType::f32, {B, Lr, H, d});
   dev.fill(dq_acc, 0.f);
-  dev.copy(kv_half(kv[0], 0), k);
-  dev.copy(kv_half(kv[0], 1), v);
+  dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
+  dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
   Request dkv_send[2];
   InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
   const int kv_tag = 0, dkv_tag = 1, home_tag = 2 * P + dkv_tag;  // tags 2t + kind
@@ -322,7 +356,7 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   // buffer of its own, so that sender's wait never depends on our progress.
   const int home_from = (p + ring.reach[p]) % P;
   const bool early_home = ring.reach[p] > 0 && ring.reach[p] < P - 1;
-  DeviceTensor dkv_home = early_home ? dev.alloc(DType::f32, kv_shape) : DeviceTensor();
+  DeviceTensor dkv_home = early_home ? dev.alloc(DType::f32, {2, B, Lr, Hkv, d}) : DeviceTensor();
   Request home_recv;
   InFlight home_guard{comm, {&home_recv}};
   if (early_home) home_recv = comm.irecv(dkv_home.ptr<void>(), dkv_home.bytes(), home_from, home_tag);
@@ -330,20 +364,22 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;
     const bool holding = t <= ring.reach[src];  // the block reached us
+    const TensorView block = kv_block(kv[cur], ring.length(src)), incoming = kv_block(kv[1 - cur], ring.length(next));
+    const TensorView acc = kv_block(dkv[cur], ring.length(src)), part = kv_block(dkv_part, ring.length(src));
     Request kv_send, kv_recv, dkv_recv;
     InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
     // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
     // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
     if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
-    if (t > 0 && holding) dkv_recv = comm.irecv(dkv[cur].ptr<void>(), dkv[cur].bytes(), left, 2 * t + dkv_tag);
-    if (t < ring.reach[src]) kv_send = comm.isend(kv[cur].ptr<void>(), kv[cur].bytes(), right, 2 * t + kv_tag);
-    if (t < ring.reach[next]) kv_recv = comm.irecv(kv[1 - cur].ptr<void>(), kv[1 - cur].bytes(), left, 2 * t + kv_tag);
+    if (t > 0 && holding) dkv_recv = comm.irecv(acc.data, bytes_of(acc), left, 2 * t + dkv_tag);
+    if (t < ring.reach[src]) kv_send = comm.isend(block.data, bytes_of(block), right, 2 * t + kv_tag);
+    if (t < ring.reach[next]) kv_recv = comm.irecv(incoming.data, bytes_of(incoming), left, 2 * t + kv_tag);
     comm.progress();
     const bool visible = holding && ring.seen[src];
     if (visible) {
       c.timed([&] {
-        dev.attention_backward(q, kv_half(kv[cur], 0), kv_half(kv[cur], 1), o, lse, dout, dq_part, kv_half(dkv_part, 0),
-                               kv_half(dkv_part, 1), ring.local(c, src));
+        dev.attention_backward(q, kv_half(block, 0), kv_half(block, 1), o, lse, dout, dq_part, kv_half(part, 0),
+                               kv_half(part, 1), ring.local(c, src));
         dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
@@ -352,20 +388,20 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
     if (holding) {
       if (t > 0) {
         comm.wait(dkv_recv);
-        if (visible) c.timed([&] { dev.add(dkv[cur], dkv_part, c.opt.threads); });
+        if (visible) c.timed([&] { dev.add(acc, part, c.opt.threads); });
       } else if (visible) {
-        dev.copy(dkv[cur], dkv_part);
+        dev.copy(acc, part);
       } else {
-        dev.fill(dkv[cur], 0.f);
+        dev.fill(acc, 0.f);
       }
       // To p+1, the block's next holder; from its last holder, home to its owner.
       if (t < ring.reach[src]) {
-        dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), right, 2 * (t + 1) + dkv_tag);
+        dkv_send[cur] = comm.isend(acc.data, bytes_of(acc), right, 2 * (t + 1) + dkv_tag);
       } else if (t > 0) {
-        dkv_send[cur] = comm.isend(dkv[cur].ptr<void>(), dkv[cur].bytes(), src, home_tag);
+        dkv_send[cur] = comm.isend(acc.data, bytes_of(acc), src, home_tag);
       } else {  // t == 0 == reach: our own block, seen by us alone
-        dev.copy(dk, kv_half(dkv[cur], 0));
-        dev.copy(dv, kv_half(dkv[cur], 1));
+        dev.copy(dk, kv_half(acc, 0));
+        dev.copy(dv, kv_half(acc, 1));
         home_here = true;
       }
       comm.progress();
@@ -376,51 +412,62 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   }
   // Our block's accumulator comes home from its last holder (after the full ring
   // from p−1, into dkv_part, free now).
-  const DeviceTensor* home = &dkv_home;
+  TensorView home = dkv_home.view();
   if (early_home) {
     comm.wait(home_recv);
   } else if (!home_here) {
-    Request r = comm.irecv(dkv_part.ptr<void>(), dkv_part.bytes(), home_from, home_tag);
+    home = kv_block(dkv_part, Lr);
+    Request r = comm.irecv(home.data, bytes_of(home), home_from, home_tag);
     InFlight guard{comm, {&r}};
     comm.wait(r);
-    home = &dkv_part;
   }
   for (Request& q : dkv_send)
     if (q.pending()) comm.wait(q);
   dev.copy(dq, dq_acc);
   if (!home_here) {
-    dev.copy(dk, kv_half(*home, 0));
-    dev.copy(dv, kv_half(*home, 1));
+    dev.copy(dk, kv_half(home, 0));
+    dev.copy(dv, kv_half(home, 1));
   }
 }
 
 // ---- all-gather KV ------------------------------------------------------------------
-// Gathers the [B, L/P, Hkv, d] shards of all ranks into [B, L, Hkv, d] in rank order.
+// Shards may differ in length (by at most two tokens): they travel padded to the
+// longest and are put back at their places.
+int64_t longest(const std::vector<int64_t>& lens) { return *std::max_element(lens.begin(), lens.end()); }
+std::vector<int64_t> starts(const std::vector<int64_t>& lens) {
+  std::vector<int64_t> s(lens.size(), 0);
+  for (size_t r = 1; r < lens.size(); ++r) s[r] = s[r - 1] + lens[r - 1];
+  return s;
+}
+
+// Gathers the [B, lens[p], Hkv, d] shards of all ranks into [B, L, Hkv, d] in rank order.
 Tensor gather_seq(Call& c, const TensorView& x) {
-  Tensor mine(x.dtype, x.rank, x.shape.data());
-  copy_into(mine, x);
-  Tensor blocks(x.dtype, {c.P, x.dim(0), x.dim(1), x.dim(2), x.dim(3)});
+  const int64_t Lmax = longest(c.lens);
+  const std::vector<int64_t> at = starts(c.lens);
+  Tensor mine = Tensor::zeros(x.dtype, {x.dim(0), Lmax, x.dim(2), x.dim(3)});
+  copy_into(mine.view().slice(1, 0, x.dim(1)), x);
+  Tensor blocks(x.dtype, {c.P, x.dim(0), Lmax, x.dim(2), x.dim(3)});
   c.comm.all_gather(mine.ptr<void>(), blocks.ptr<void>(), mine.bytes());
-  Tensor full(x.dtype, {x.dim(0), x.dim(1) * c.P, x.dim(2), x.dim(3)});
-  for (int r = 0; r < c.P; ++r) {
-    copy_into(full.view().slice(1, r * x.dim(1), x.dim(1)), blocks.view().select(0, r));
-  }
+  Tensor full(x.dtype, {x.dim(0), c.L, x.dim(2), x.dim(3)});
+  for (int r = 0; r < c.P; ++r)
+    copy_into(full.view().slice(1, at[r], c.lens[r]), blocks.view().select(0, r).slice(1, 0, c.lens[r]));
   return full;
 }
 
-// The inverse of gather_seq with a sum: rank r receives block r of every rank's
+// The inverse of gather_seq with a sum: rank r receives its rows of every rank's
 // [B, L, Hkv, d] partial and adds them in rank order (a reduce-scatter).
 void reduce_scatter_seq(Call& c, const Tensor& full, const TensorView& out) {
-  const int64_t B = full.dim(0), Ll = full.dim(1) / c.P, Hh = full.dim(2), d = full.dim(3);
-  Tensor send(DType::f32, {c.P, B, Ll, Hh, d}), recv(DType::f32, {c.P, B, Ll, Hh, d});
-  for (int r = 0; r < c.P; ++r) {
-    copy_into(send.view().select(0, r), full.view().slice(1, r * Ll, Ll));
-  }
+  const int64_t B = full.dim(0), Hh = full.dim(2), d = full.dim(3), Lmax = longest(c.lens), Ll = c.Ll;
+  const std::vector<int64_t> at = starts(c.lens);
+  Tensor send = Tensor::zeros(DType::f32, {c.P, B, Lmax, Hh, d}), recv(DType::f32, {c.P, B, Lmax, Hh, d});
+  for (int r = 0; r < c.P; ++r)
+    copy_into(send.view().select(0, r).slice(1, 0, c.lens[r]), full.view().slice(1, at[r], c.lens[r]));
   c.comm.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / c.P);
-  const int64_t n = B * Ll * Hh * d;
+  const int64_t n = Ll * Hh * d, block = Lmax * Hh * d;  // per batch row: the rows we own, then the padded block
   Tensor sum = Tensor::zeros(DType::f32, {B, Ll, Hh, d});
   for (int r = 0; r < c.P; ++r)
-    for (int64_t i = 0; i < n; ++i) sum.ptr<float>()[i] += recv.ptr<float>()[r * n + i];
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n; ++i) sum.ptr<float>()[b * n + i] += recv.ptr<float>()[(r * B + b) * block + i];
   copy_into(out, sum);
 }
 
@@ -445,51 +492,62 @@ void allgather_backward(Call& c, const TensorView& q, const TensorView& k, const
 }
 
 // ---- Ulysses ----------------------------------------------------------------------
-// Over the G ranks of group g: sequence-sharded [B, Ll, Hx, d] -> head-sharded
-// [B, G·Ll, Hx/G, d] (tokens in group-rank order), by one all-to-all.
-Tensor seq_to_heads(Communicator& g, const TensorView& x) {
+// Over the G ranks of group g, whose shards hold lens[r] tokens: sequence-sharded
+// [B, Ll, Hx, d] -> head-sharded [B, Σ lens, Hx/G, d] (tokens in group-rank order),
+// by one all-to-all of blocks padded to the longest shard.
+Tensor seq_to_heads(Communicator& g, const TensorView& x, const std::vector<int64_t>& lens) {
   const int G = g.size();
-  const int64_t B = x.dim(0), Ll = x.dim(1), Hp = x.dim(2) / G, d = x.dim(3);
-  Tensor send(x.dtype, {G, B, Ll, Hp, d}), recv(x.dtype, {G, B, Ll, Hp, d});
-  for (int r = 0; r < G; ++r) {
-    copy_into(send.view().select(0, r), x.slice(2, r * Hp, Hp));
-  }
+  const int64_t B = x.dim(0), Ll = x.dim(1), Hp = x.dim(2) / G, d = x.dim(3), Lmax = longest(lens);
+  const std::vector<int64_t> at = starts(lens);
+  Tensor send = Tensor::zeros(x.dtype, {G, B, Lmax, Hp, d}), recv(x.dtype, {G, B, Lmax, Hp, d});
+  for (int r = 0; r < G; ++r) copy_into(send.view().select(0, r).slice(1, 0, Ll), x.slice(2, r * Hp, Hp));
   g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
-  Tensor out(x.dtype, {B, Ll * G, Hp, d});
-  for (int r = 0; r < G; ++r) {
-    copy_into(out.view().slice(1, r * Ll, Ll), recv.view().select(0, r));
-  }
+  Tensor out(x.dtype, {B, at[G - 1] + lens[G - 1], Hp, d});
+  for (int r = 0; r < G; ++r)
+    copy_into(out.view().slice(1, at[r], lens[r]), recv.view().select(0, r).slice(1, 0, lens[r]));
   return out;
 }
 
-// The inverse: head-sharded x [.., G·Ll along seq_dim, Hx/G along head_dim, ..]
-// back to sequence-sharded out (Hx heads, Ll tokens).
-void heads_to_seq(Communicator& g, const TensorView& x, const TensorView& out, int seq_dim, int head_dim) {
+// The inverse: head-sharded x [.., Σ lens along seq_dim, Hx/G along head_dim, ..]
+// back to sequence-sharded out (Hx heads, lens[g.rank()] tokens).
+void heads_to_seq(Communicator& g, const TensorView& x, const TensorView& out, int seq_dim, int head_dim,
+                  const std::vector<int64_t>& lens) {
   const int G = g.size();
-  const int64_t Ll = x.dim(seq_dim) / G, Hp = x.dim(head_dim);
-  std::vector<int64_t> bshape(x.shape.begin(), x.shape.begin() + x.rank);
-  bshape[seq_dim] = Ll;
-  std::vector<int64_t> full_shape = {G};
-  full_shape.insert(full_shape.end(), bshape.begin(), bshape.end());
-  Tensor send(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
-  Tensor recv(x.dtype, static_cast<int>(full_shape.size()), full_shape.data());
-  for (int r = 0; r < G; ++r) copy_into(send.view().select(0, r), x.slice(seq_dim, r * Ll, Ll));
+  const int64_t Hp = x.dim(head_dim), Lmax = longest(lens), Ll = lens[static_cast<size_t>(g.rank())];
+  const std::vector<int64_t> at = starts(lens);
+  std::vector<int64_t> shape = {G};
+  shape.insert(shape.end(), x.shape.begin(), x.shape.begin() + x.rank);
+  shape[1 + seq_dim] = Lmax;
+  Tensor send(x.dtype, static_cast<int>(shape.size()), shape.data()),
+      recv(x.dtype, static_cast<int>(shape.size()), shape.data());
+  send.fill_zero();  // the padding rows travel too
+  for (int r = 0; r < G; ++r)
+    copy_into(send.view().select(0, r).slice(seq_dim, 0, lens[r]), x.slice(seq_dim, at[r], lens[r]));
   g.all_to_all(send.ptr<void>(), recv.ptr<void>(), send.bytes() / G);
-  for (int r = 0; r < G; ++r) copy_into(out.slice(head_dim, r * Hp, Hp), recv.view().select(0, r));
+  for (int r = 0; r < G; ++r)
+    copy_into(out.slice(head_dim, r * Hp, Hp), recv.view().select(0, r).slice(seq_dim, 0, Ll));
 }
 
-// lse [B, H, Ll] -> [B, H/G, G·Ll]: as [B, Ll, H, 1] through the same all-to-all.
-Tensor lse_to_heads(Communicator& g, const TensorView& lse) {
+// lse [B, H, Ll] -> [B, H/G, Σ lens]: as [B, Ll, H, 1] through the same all-to-all.
+Tensor lse_to_heads(Communicator& g, const TensorView& lse, const std::vector<int64_t>& lens) {
   const int G = g.size();
-  const int64_t B = lse.dim(0), H = lse.dim(1), Ll = lse.dim(2), Hp = H / G, L = Ll * G;
+  const int64_t B = lse.dim(0), H = lse.dim(1), Ll = lse.dim(2), Hp = H / G;
   Tensor lse_t(DType::f32, {B, Ll, H, 1});
   copy_into(lse_t.view(), TensorView(lse.data, lse.dtype, 4, std::array<int64_t, 4>{B, Ll, H, 1}.data(),
                                      std::array<int64_t, 4>{lse.strides[0], lse.strides[2], lse.strides[1], 1}.data()));
-  Tensor lseh_t = seq_to_heads(g, lse_t);  // [B, L, H/G, 1]
+  Tensor lseh_t = seq_to_heads(g, lse_t, lens);  // [B, L, H/G, 1]
+  const int64_t L = lseh_t.dim(1);
   Tensor lseh(DType::f32, {B, Hp, L});
   copy_into(lseh.view(), TensorView(lseh_t.ptr<void>(), DType::f32, 3, std::array<int64_t, 3>{B, Hp, L}.data(),
                                     std::array<int64_t, 3>{L * Hp, 1, Hp}.data()));
   return lseh;
+}
+
+// The shard lengths of group g's members: the whole world's, or the hybrid's
+// Ulysses group (U consecutive ranks, rank = ring rank x U + Ulysses rank).
+std::vector<int64_t> group_lens(const Call& c, const Communicator& g) {
+  const int first = c.p - g.rank();
+  return {c.lens.begin() + first, c.lens.begin() + first + g.size()};
 }
 
 void check_ulysses(const Call& c) {
@@ -504,27 +562,29 @@ void check_ulysses(const Call& c) {
 template <typename Attend>
 void ulysses_forward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& o, const TensorView& lse, Attend&& attend) {
-  const int64_t G = g.size(), Lg = c.Ll * G;
-  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
+  const std::vector<int64_t> lens = group_lens(c, g);
+  const int64_t G = g.size(), Lg = std::accumulate(lens.begin(), lens.end(), int64_t{0});
+  Tensor qh = seq_to_heads(g, q, lens), kh = seq_to_heads(g, k, lens), vh = seq_to_heads(g, v, lens);
   Tensor oh(DType::f32, {c.B, Lg, c.H / G, c.d}), lseh(DType::f32, {c.B, c.H / G, Lg});
   attend(qh, kh, vh, oh, lseh);
-  heads_to_seq(g, oh, o, 1, 2);
-  heads_to_seq(g, lseh, lse, 2, 1);
+  heads_to_seq(g, oh, o, 1, 2, lens);
+  heads_to_seq(g, lseh, lse, 2, 1, lens);
 }
 
 template <typename Attend>
 void ulysses_backward(Call& c, Communicator& g, const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                       const TensorView& dk, const TensorView& dv, Attend&& attend) {
-  const int64_t G = g.size(), Lg = c.Ll * G, Hp = c.H / G;
-  Tensor qh = seq_to_heads(g, q), kh = seq_to_heads(g, k), vh = seq_to_heads(g, v);
-  Tensor oh = seq_to_heads(g, o), doh = seq_to_heads(g, dout), lseh = lse_to_heads(g, lse);
+  const std::vector<int64_t> lens = group_lens(c, g);
+  const int64_t G = g.size(), Lg = std::accumulate(lens.begin(), lens.end(), int64_t{0}), Hp = c.H / G;
+  Tensor qh = seq_to_heads(g, q, lens), kh = seq_to_heads(g, k, lens), vh = seq_to_heads(g, v, lens);
+  Tensor oh = seq_to_heads(g, o, lens), doh = seq_to_heads(g, dout, lens), lseh = lse_to_heads(g, lse, lens);
   Tensor dqh(DType::f32, {c.B, Lg, Hp, c.d}), dkh(DType::f32, {c.B, Lg, c.Hkv / G, c.d}),
       dvh(DType::f32, {c.B, Lg, c.Hkv / G, c.d});
   attend(qh, kh, vh, oh, lseh, doh, dqh, dkh, dvh);
-  heads_to_seq(g, dqh, dq, 1, 2);
-  heads_to_seq(g, dkh, dk, 1, 2);
-  heads_to_seq(g, dvh, dv, 1, 2);
+  heads_to_seq(g, dqh, dq, 1, 2, lens);
+  heads_to_seq(g, dkh, dk, 1, 2, lens);
+  heads_to_seq(g, dvh, dv, 1, 2, lens);
 }
 
 // The hybrid (Ulysses × ring): ring member m holds the tokens of the Ulysses
@@ -603,6 +663,26 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
   if (stats) *stats = {};
   Call c(comm, opt, stats, {&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv});
   backward(c, q, k, v, o, lse, dout, dq, dk, dv);
+}
+
+void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim) {
+  const int P = comm.size();
+  check(seq_dim >= 0 && seq_dim < full.rank && local.rank == full.rank, "gather_shards: shard ", local.shape_str(),
+        " and full ", full.shape_str(), " along dimension ", seq_dim);
+  const int64_t L = full.shape[seq_dim];
+  check_layout(l, L, P);
+  int64_t Lmax = 0;
+  for (int r = 0; r < P; ++r) Lmax = std::max(Lmax, shard_length(l, L, P, r));
+  std::vector<int64_t> shape(local.shape.begin(), local.shape.begin() + local.rank);
+  shape[seq_dim] = Lmax;
+  Tensor mine(local.dtype, local.rank, shape.data());
+  mine.fill_zero();
+  copy_into(mine.view().slice(seq_dim, 0, local.shape[seq_dim]), local);
+  shape.insert(shape.begin(), P);
+  Tensor blocks(local.dtype, static_cast<int>(shape.size()), shape.data());
+  comm.all_gather(mine.ptr<void>(), blocks.ptr<void>(), mine.bytes());
+  for (int r = 0; r < P; ++r)
+    unshard(blocks.view().select(0, r).slice(seq_dim, 0, shard_length(l, L, P, r)), full, l, P, r, seq_dim);
 }
 
 void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse) {

@@ -24,35 +24,62 @@ Layout parse_layout(const std::string& s) {
   throw Error(cat("unknown layout '", s, "': valid layouts are contiguous, zigzag, striped"));
 }
 
+namespace {
+
+// Tokens [lo, hi) of piece c when L is cut into n pieces whose sizes differ by at most one.
+int64_t cut(int64_t L, int64_t n, int64_t c) { return c * L / n; }
+
+}  // namespace
+
+int64_t shard_length(Layout l, int64_t L, int P, int p) {
+  switch (l) {
+    case Layout::contiguous:
+      return cut(L, P, p + 1) - cut(L, P, p);
+    case Layout::striped:
+      return p < L ? (L - p + P - 1) / P : 0;
+    default: {
+      const int64_t n = 2 * static_cast<int64_t>(P), q = 2 * static_cast<int64_t>(P) - 1 - p;
+      return cut(L, n, p + 1) - cut(L, n, p) + cut(L, n, q + 1) - cut(L, n, q);
+    }
+  }
+}
+
 void check_layout(Layout l, int64_t L, int P) {
   check(P >= 1, "the number of ranks must be >= 1, got ", P);
   check(L >= 1, "the sequence length must be >= 1, got ", L);
+  for (int p = 0; p < P; ++p)
+    check(shard_length(l, L, P, p) >= 1, "sequence length L=", L, " cannot be split over ", P, " ranks with the ",
+          layout_name(l), " layout: rank ", p, " would hold no token (L must be at least ", P, ")");
+}
+
+void check_even_layout(Layout l, int64_t L, int P, const char* what) {
+  check_layout(l, L, P);
   const int64_t m = l == Layout::zigzag ? 2 * static_cast<int64_t>(P) : P;
   if (L % m == 0) return;
   const int64_t lo = L / m * m, hi = lo + m;
-  throw Error(cat("sequence length L=", L, " cannot be split over ", P, " ranks with the ", layout_name(l),
-                  " layout: L must be a multiple of ", m, l == Layout::zigzag ? " (2P chunks)" : " (P ranks)",
-                  "; the nearest that work are ", lo > 0 ? cat(lo, " and ") : std::string(), hi));
+  throw Error(cat(what, " needs equal shards: sequence length L=", L, " over ", P, " ranks with the ", layout_name(l),
+                  " layout must be a multiple of ", m, l == Layout::zigzag ? " (2P chunks)" : " (P ranks)",
+                  "; the nearest that work are ", lo > 0 ? cat(lo, " and ") : std::string(), hi,
+                  " (uneven shards are taken by `ringattn attention` and dist_attention so far)"));
 }
 
 std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p) {
   check_layout(l, L, P);
   check(p >= 0 && p < P, "rank ", p, " is out of range for ", P, " ranks");
-  const int64_t n = L / P;
-  std::vector<int64_t> pos(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    switch (l) {
-      case Layout::contiguous:
-        pos[i] = p * n + i;
-        break;
-      case Layout::striped:
-        pos[i] = i * P + p;
-        break;
-      case Layout::zigzag: {
-        const int64_t c = L / (2 * P);  // chunk length
-        pos[i] = i < c ? p * c + i : (2 * P - 1 - p) * c + (i - c);
-        break;
-      }
+  std::vector<int64_t> pos;
+  pos.reserve(static_cast<size_t>(shard_length(l, L, P, p)));
+  switch (l) {
+    case Layout::contiguous:
+      for (int64_t i = cut(L, P, p); i < cut(L, P, p + 1); ++i) pos.push_back(i);
+      break;
+    case Layout::striped:
+      for (int64_t i = p; i < L; i += P) pos.push_back(i);
+      break;
+    case Layout::zigzag: {
+      const int64_t n = 2 * static_cast<int64_t>(P);
+      for (int64_t c : {static_cast<int64_t>(p), n - 1 - p})
+        for (int64_t i = cut(L, n, c); i < cut(L, n, c + 1); ++i) pos.push_back(i);
+      break;
     }
   }
   return pos;
@@ -71,26 +98,28 @@ void copy_rows(const TensorView& src, int64_t from, const TensorView& dst, int64
   copy_into(d, s);
 }
 
-void check_pair(const TensorView& full, const TensorView& local, int P, int seq_dim) {
+void check_pair(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim) {
   check(seq_dim >= 0 && seq_dim < full.rank, "sequence dimension ", seq_dim, " is out of range for ", full.shape_str());
   check(full.rank == local.rank, "full ", full.shape_str(), " and shard ", local.shape_str(), " differ in rank");
+  check_layout(l, full.shape[seq_dim], P);
   for (int i = 0; i < full.rank; ++i) {
-    const int64_t want = i == seq_dim ? full.shape[i] / P : full.shape[i];
-    check(local.shape[i] == want && (i != seq_dim || full.shape[i] % P == 0), "shard ", local.shape_str(),
-          " does not fit full tensor ", full.shape_str(), " split over ", P, " ranks along dimension ", seq_dim);
+    const int64_t want = i == seq_dim ? shard_length(l, full.shape[i], P, p) : full.shape[i];
+    check(local.shape[i] == want, "shard ", local.shape_str(), " does not fit full tensor ", full.shape_str(),
+          " split over ", P, " ranks (", layout_name(l), ") along dimension ", seq_dim, ": rank ", p, " holds ",
+          shard_length(l, full.shape[seq_dim], P, p), " tokens");
   }
 }
 
 }  // namespace
 
 void shard(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim) {
-  check_pair(full, local, P, seq_dim);
+  check_pair(full, local, l, P, p, seq_dim);
   const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p);
   for (size_t i = 0; i < pos.size(); ++i) copy_rows(full, pos[i], local, static_cast<int64_t>(i), seq_dim);
 }
 
 void unshard(const TensorView& local, const TensorView& full, Layout l, int P, int p, int seq_dim) {
-  check_pair(full, local, P, seq_dim);
+  check_pair(full, local, l, P, p, seq_dim);
   const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p);
   for (size_t i = 0; i < pos.size(); ++i) copy_rows(local, static_cast<int64_t>(i), full, pos[i], seq_dim);
 }

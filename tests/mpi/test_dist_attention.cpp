@@ -119,22 +119,15 @@ std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
 // stay NaN.
 TestTensor gather_full(Communicator& comm, const TensorView& local, const std::vector<int64_t>& full_shape, Layout l,
                        int seq_dim) {
-  const int P = comm.size();
-  Tensor mine(local.dtype, local.rank, local.shape.data());
-  copy_into(mine, local);
-  std::vector<int64_t> bshape = {P};
-  bshape.insert(bshape.end(), local.shape.begin(), local.shape.begin() + local.rank);
-  Tensor blocks(local.dtype, static_cast<int>(bshape.size()), bshape.data());
-  comm.all_gather(mine.ptr<void>(), blocks.ptr<void>(), mine.bytes());
   TestTensor full = make_tensor(local.dtype, full_shape);
-  for (int r = 0; r < P; ++r) unshard(blocks.view().select(0, r), full, l, P, r, seq_dim);
+  gather_shards(comm, local, full, l, seq_dim);
   return full;
 }
 
 // The shard of rank p of a full tensor, in a new (optionally strided, NaN-padded) buffer.
 TestTensor shard_of(const TensorView& full, Layout l, int P, int p, int seq_dim, bool strided) {
   std::vector<int64_t> shape(full.shape.begin(), full.shape.begin() + full.rank);
-  shape[seq_dim] /= P;
+  shape[seq_dim] = shard_length(l, shape[seq_dim], P, p);
   TestTensor t = full.rank == 4 ? make_bshd(full.dtype, shape[0], shape[1], shape[2], shape[3], strided)
                                 : make_bhl(shape[0], shape[1], shape[2], strided);
   shard(full, t, l, P, p, seq_dim);
@@ -143,10 +136,10 @@ TestTensor shard_of(const TensorView& full, Layout l, int P, int p, int seq_dim,
 
 // A fresh local output buffer of the shard shape of `full_shape`, pre-filled with
 // garbage so that every element the library should write is checked.
-TestTensor local_out(DType dt, const std::vector<int64_t>& full_shape, int P, int seq_dim, bool strided,
-                     float garbage) {
+TestTensor local_out(DType dt, const std::vector<int64_t>& full_shape, Layout l, int P, int p, int seq_dim,
+                     bool strided, float garbage) {
   std::vector<int64_t> s = full_shape;
-  s[seq_dim] /= P;
+  s[seq_dim] = shard_length(l, s[seq_dim], P, p);
   TestTensor t = s.size() == 4 ? make_bshd(dt, s[0], s[1], s[2], s[3], strided) : make_bhl(s[0], s[1], s[2], strided);
   fill_value(t, garbage);
   return t;
@@ -203,7 +196,9 @@ struct DistCase {
   std::vector<int64_t> kv_shape() const { return {B, L, Hkv, d}; }
   std::vector<int64_t> lse_shape() const { return {B, H, L}; }
   // Whether L splits over P ranks in this layout.
-  bool layout_fits(int P) const { return L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
+  bool layout_fits(int P) const { return L >= P; }  // every rank holds a token
+  // Whether every shard holds L/P tokens (the traffic formulas assume it).
+  bool even(int P) const { return L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
   // Whether the strategy must refuse this P (Ulysses: heads not divisible by P).
   bool must_refuse(int P) const { return strategy == Strategy::ulysses && (H % P != 0 || Hkv % P != 0); }
 };
@@ -254,11 +249,11 @@ LocalProblem make_local(const DistCase& c, const FullProblem& f, int P, int p) {
   s.dout = shard_of(f.dout, c.layout, P, p, 1, c.strided);
   s.o_in = shard_of(f.o, c.layout, P, p, 1, c.strided);
   s.lse_in = shard_of(f.lse, c.layout, P, p, 2, c.strided);
-  s.o = local_out(c.dt, c.q_shape(), P, 1, c.strided, quiet_nan());
-  s.lse = local_out(DType::f32, c.lse_shape(), P, 2, c.strided, quiet_nan());
-  s.dq = local_out(c.dt, c.q_shape(), P, 1, c.strided, 1234.5f);
-  s.dk = local_out(c.dt, c.kv_shape(), P, 1, c.strided, -777.f);
-  s.dv = local_out(c.dt, c.kv_shape(), P, 1, c.strided, 42.f);
+  s.o = local_out(c.dt, c.q_shape(), c.layout, P, p, 1, c.strided, quiet_nan());
+  s.lse = local_out(DType::f32, c.lse_shape(), c.layout, P, p, 2, c.strided, quiet_nan());
+  s.dq = local_out(c.dt, c.q_shape(), c.layout, P, p, 1, c.strided, 1234.5f);
+  s.dk = local_out(c.dt, c.kv_shape(), c.layout, P, p, 1, c.strided, -777.f);
+  s.dv = local_out(c.dt, c.kv_shape(), c.layout, P, p, 1, c.strided, 42.f);
   return s;
 }
 
@@ -408,6 +403,22 @@ std::vector<DistCase> matrix_cases() {
         c.seed = ++seed;
         cs.push_back(c);
       }
+  // Uneven shards: lengths divisible by no rank count (37, 241) or by some (50),
+  // causal and not, with a window and documents, fp32 and bf16.
+  for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+      for (int64_t L : {int64_t{37}, int64_t{50}, int64_t{241}})
+        for (int mask = 0; mask < 3; ++mask) {
+          DistCase c;
+          c.strategy = s, c.layout = l, c.L = L, c.causal = mask != 0, c.seed = ++seed;
+          c.B = 2, c.H = s == Strategy::ulysses ? 24 : 4, c.Hkv = s == Strategy::ulysses ? 24 : 2, c.d = 32;
+          if (mask == 2) {
+            c.window_left = 9;
+            c.cu_seqlens = {0, 3, static_cast<int32_t>(L / 2), static_cast<int32_t>(L)};
+          }
+          c.dt = L == 50 ? DType::bf16 : DType::f32;
+          cs.push_back(c);
+        }
   return cs;
 }
 
@@ -492,12 +503,12 @@ TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
     if (P % U) continue;
     auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
     for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
-      for (int mask = 0; mask < 3; ++mask)  // causal or not; then documents with a window
+      for (int mask = 0; mask < 4; ++mask)  // causal or not; documents with a window; uneven shards
         for (DType dt : {DType::f32, DType::bf16}) {
           DistCase c;
           c.strategy = Strategy::hybrid, c.layout = l, c.causal = mask != 0, c.dt = dt, c.seed = ++seed;
-          c.B = 2, c.L = 48, c.H = 8, c.Hkv = 4, c.d = 32;
-          if (mask == 2) c.cu_seqlens = {0, 1, 4, 30, 48}, c.window_left = 6;
+          c.B = 2, c.L = mask == 3 ? 43 : 48, c.H = 8, c.Hkv = 4, c.d = 32;
+          if (mask >= 2) c.cu_seqlens = {0, 1, 4, 30, static_cast<int32_t>(c.L)}, c.window_left = 6;
           if (!c.layout_fits(P)) continue;
           SCOPED_TRACE(cat(c.name(), " U=", U, " R=", P / U));
           const FullProblem f = make_full(c);
@@ -667,7 +678,7 @@ TEST(DistAttention, BytesMovedPerRank) {
       DistCase c;
       c.strategy = strat, c.layout = Layout::zigzag, c.causal = true, c.dt = dt;
       c.B = 1, c.L = 48, c.H = 24, c.Hkv = 24, c.d = 16, c.seed = 5;  // 24 heads: Ulysses works for P | 24
-      if (!c.layout_fits(P) || c.must_refuse(P)) continue;
+      if (!c.even(P) || c.must_refuse(P)) continue;
       if (strat != Strategy::ulysses) c.H = 4, c.Hkv = 2;
       const FullProblem f = make_full(c, false);
       LocalProblem s = make_local(c, f, P, p);
@@ -912,22 +923,43 @@ TEST(Layout, ShardPositionsExamples) {
   EXPECT_EQ(shard_positions(Layout::zigzag, 4, 1, 0), (std::vector<int64_t>{0, 1, 2, 3}));
 }
 
+TEST(Layout, UnevenShardsExamples) {
+  // contiguous [⌊pL/P⌋, ⌊(p+1)L/P⌋); zigzag chunks [⌊cL/2P⌋, ⌊(c+1)L/2P⌋); striped i mod P.
+  EXPECT_EQ(shard_positions(Layout::contiguous, 10, 4, 0), (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(shard_positions(Layout::contiguous, 10, 4, 1), (std::vector<int64_t>{2, 3, 4}));
+  EXPECT_EQ(shard_positions(Layout::contiguous, 10, 4, 3), (std::vector<int64_t>{7, 8, 9}));
+  EXPECT_EQ(shard_positions(Layout::zigzag, 10, 2, 0), (std::vector<int64_t>{0, 1, 7, 8, 9}));
+  EXPECT_EQ(shard_positions(Layout::zigzag, 10, 2, 1), (std::vector<int64_t>{2, 3, 4, 5, 6}));
+  EXPECT_EQ(shard_positions(Layout::striped, 10, 4, 2), (std::vector<int64_t>{2, 6}));
+  EXPECT_EQ(shard_positions(Layout::zigzag, 3, 3, 1), (std::vector<int64_t>{0}));  // L = P: one token each
+  // The paper's experiment: 10000 tokens on 16 ranks, zigzag, shards of 625 each.
+  for (int p = 0; p < 16; ++p) EXPECT_EQ(shard_length(Layout::zigzag, 10000, 16, p), 625);
+  EXPECT_EQ(shard_length(Layout::zigzag, 10001, 16, 0) + shard_length(Layout::zigzag, 10001, 16, 15), 1251);
+}
+
 TEST(Layout, PositionsPartitionTheSequence) {
   for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
-    for (int P : {1, 2, 3, 4, 8}) {
-      const int64_t L = 48;
-      std::vector<int> seen(L, 0);
-      for (int p = 0; p < P; ++p) {
-        const std::vector<int64_t> pos = shard_positions(l, L, P, p);
-        ASSERT_EQ(static_cast<int64_t>(pos.size()), L / P);
-        EXPECT_TRUE(std::is_sorted(pos.begin(), pos.end())) << layout_name(l) << " P=" << P << " p=" << p;
-        for (int64_t x : pos) {
-          ASSERT_TRUE(x >= 0 && x < L);
-          ++seen[x];
+    for (int P : {1, 2, 3, 4, 8})
+      for (int64_t L : {int64_t{48}, int64_t{37}, int64_t{P}, int64_t{2 * P + 1}}) {
+        std::vector<int> seen(L, 0);
+        int64_t lo = L, hi = 0;
+        for (int p = 0; p < P; ++p) {
+          const std::vector<int64_t> pos = shard_positions(l, L, P, p);
+          ASSERT_EQ(static_cast<int64_t>(pos.size()), shard_length(l, L, P, p));
+          lo = std::min(lo, shard_length(l, L, P, p)), hi = std::max(hi, shard_length(l, L, P, p));
+          EXPECT_TRUE(std::is_sorted(pos.begin(), pos.end())) << layout_name(l) << " P=" << P << " p=" << p;
+          for (int64_t x : pos) {
+            ASSERT_TRUE(x >= 0 && x < L);
+            ++seen[x];
+          }
+        }
+        for (int64_t i = 0; i < L; ++i) EXPECT_EQ(seen[i], 1) << layout_name(l) << " P=" << P << " token " << i;
+        // Shards differ by at most one token (zigzag: two chunks, so two).
+        EXPECT_LE(hi - lo, l == Layout::zigzag ? 2 : 1) << layout_name(l) << " L=" << L << " P=" << P;
+        if (L % (l == Layout::zigzag ? 2 * P : P) == 0) {
+          EXPECT_EQ(lo, hi);
         }
       }
-      for (int64_t i = 0; i < L; ++i) EXPECT_EQ(seen[i], 1) << layout_name(l) << " P=" << P << " token " << i;
-    }
 }
 
 TEST(Layout, ShardUnshardRoundTrip) {
@@ -935,22 +967,23 @@ TEST(Layout, ShardUnshardRoundTrip) {
     for (int P : {1, 2, 3, 4, 8})
       for (DType dt : {DType::f32, DType::bf16})
         for (int seq_dim : {1, 2}) {
-          // [B, L, H, d] along 1 and [B, H, L] along 2 (the lse layout).
+          // [B, L, H, d] along 1 and [B, H, L] along 2 (the lse layout); L = 47 is uneven for P > 1.
+          const int64_t L = dt == DType::f32 ? 48 : 47;
           const std::vector<int64_t> shape =
-              seq_dim == 1 ? std::vector<int64_t>{2, 48, 3, 5} : std::vector<int64_t>{2, 3, 48};
+              seq_dim == 1 ? std::vector<int64_t>{2, L, 3, 5} : std::vector<int64_t>{2, 3, L};
           TestTensor full = make_tensor(dt, shape);
           fill_uniform(full, 31u + static_cast<uint32_t>(P));
           TestTensor back = make_tensor(dt, shape);  // NaN everywhere until written
           for (int p = 0; p < P; ++p) {
             std::vector<int64_t> ls = shape;
-            ls[seq_dim] /= P;
+            ls[seq_dim] = shard_length(l, L, P, p);
             // A strided local view (padded buffer) to exercise the strides.
             std::vector<int64_t> pad(ls.size(), 1), front(ls.size(), 1);
             TestTensor local = make_tensor(dt, ls, pad, front);
             shard(full, local, l, P, p, seq_dim);
             EXPECT_EQ(count_padding_changes(local), 0);
             // The shard holds exactly the tokens shard_positions names, in order.
-            const std::vector<int64_t> pos = shard_positions(l, 48, P, p);
+            const std::vector<int64_t> pos = shard_positions(l, L, P, p);
             for (size_t i = 0; i < pos.size(); ++i) {
               const TensorView a = local.view.select(seq_dim, static_cast<int64_t>(i));
               const TensorView b = full.view.select(seq_dim, pos[i]);
@@ -964,27 +997,30 @@ TEST(Layout, ShardUnshardRoundTrip) {
 
 TEST(Layout, CheckLayoutErrors) {
   try {
-    check_layout(Layout::zigzag, 10, 4);
-    ADD_FAILURE() << "L=10 over 4 ranks zigzag was accepted";
+    check_layout(Layout::zigzag, 3, 4);
+    ADD_FAILURE() << "L=3 over 4 ranks was accepted";
   } catch (const Error& e) {
     const std::string m = e.what();
+    EXPECT_NE(m.find("would hold no token"), std::string::npos) << m;
+    EXPECT_NE(m.find("at least 4"), std::string::npos) << m;
+  }
+  EXPECT_NO_THROW(check_layout(Layout::zigzag, 10, 4));  // uneven shards
+  EXPECT_NO_THROW(check_layout(Layout::contiguous, 4, 4));
+  // What still needs equal shards says so and names the nearest lengths.
+  try {
+    check_even_layout(Layout::zigzag, 10, 4, "the model");
+    ADD_FAILURE() << "L=10 over 4 ranks zigzag was accepted as even";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("the model needs equal shards"), std::string::npos) << m;
     EXPECT_NE(m.find("multiple of 8"), std::string::npos) << m;
     EXPECT_NE(m.find("8 and 16"), std::string::npos) << "should name the nearest valid lengths: " << m;
-    EXPECT_NE(m.find("zigzag"), std::string::npos) << m;
   }
   try {
-    check_layout(Layout::contiguous, 10, 4);
-    ADD_FAILURE() << "L=10 over 4 ranks contiguous was accepted";
+    check_even_layout(Layout::contiguous, 10, 4, "prefill");
+    ADD_FAILURE() << "L=10 over 4 ranks contiguous was accepted as even";
   } catch (const Error& e) {
-    const std::string m = e.what();
-    EXPECT_NE(m.find("multiple of 4"), std::string::npos) << m;
-    EXPECT_NE(m.find("8 and 12"), std::string::npos) << m;
-  }
-  try {
-    check_layout(Layout::zigzag, 3, 2);  // below the first valid length
-    ADD_FAILURE() << "L=3 over 2 ranks zigzag was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("4"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("8 and 12"), std::string::npos) << e.what();
   }
   EXPECT_NO_THROW(check_layout(Layout::zigzag, 16, 4));
   EXPECT_NO_THROW(check_layout(Layout::striped, 12, 3));
