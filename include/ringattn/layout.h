@@ -4,7 +4,7 @@
 //   zigzag:     L cut into 2P chunks [⌊c·L/2P⌋, ⌊(c+1)·L/2P⌋); rank p holds
 //               chunks p and 2P−1−p
 //   striped:    token i on rank i mod P
-// With L a multiple of P (of 2P for zigzag) every shard is L/P tokens.
+// With L a multiple of P every shard is L/P tokens.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -20,9 +20,10 @@ Layout parse_layout(const std::string& s);  // throws Error listing the valid na
 
 // Throws Error when some rank would hold no token (L < P).
 void check_layout(Layout l, int64_t L, int P);
-// The same, and that every shard is L/P tokens (L a multiple of P, of 2P for
-// zigzag), naming `what` needs it and the nearest lengths that work: for the
-// parts that take equal shards only (the model, generation).
+// The same, and that every shard is L/P tokens (L a multiple of P, in every
+// layout: zigzag's chunks then alternate ⌊L/2P⌋ and ⌈L/2P⌉ and pair up),
+// naming `what` needs it and the nearest lengths that work: for the parts that
+// take equal shards only (the model, generation).
 void check_even_layout(Layout l, int64_t L, int P, const char* what);
 // How many tokens rank p holds.
 int64_t shard_length(Layout l, int64_t L, int P, int p);

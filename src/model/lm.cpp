@@ -635,7 +635,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
         " new ones pass the model's ", c.positions, " learned positions");
   const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
-  const int64_t unit = P == 1 ? 1 : par.attn.layout == Layout::zigzag ? 2 * P : P;
+  const int64_t unit = P;              // equal shards in every layout
   const int64_t L0 = L / unit * unit;  // prefilled; the rest of the prompt goes through decode steps
   check(L0 >= 1, "a prompt of ", L, " tokens is shorter than the ", unit, " the ", layout_name(par.attn.layout),
         " layout splits over ", P, " ranks: use fewer ranks");

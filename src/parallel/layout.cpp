@@ -54,12 +54,11 @@ void check_layout(Layout l, int64_t L, int P) {
 
 void check_even_layout(Layout l, int64_t L, int P, const char* what) {
   check_layout(l, L, P);
-  const int64_t m = l == Layout::zigzag ? 2 * static_cast<int64_t>(P) : P;
-  if (L % m == 0) return;
-  const int64_t lo = L / m * m, hi = lo + m;
-  throw Error(cat(what, " needs equal shards: sequence length L=", L, " over ", P, " ranks with the ", layout_name(l),
-                  " layout must be a multiple of ", m, l == Layout::zigzag ? " (2P chunks)" : " (P ranks)",
-                  "; the nearest that work are ", lo > 0 ? cat(lo, " and ") : std::string(), hi,
+  if (L % P == 0) return;  // every layout then gives every rank L/P tokens (zigzag's chunks alternate)
+  const int64_t lo = L / P * P, hi = lo + P;
+  throw Error(cat(what, " needs equal shards: sequence length L=", L, " over ", P, " ranks (", layout_name(l),
+                  ") must be a multiple of ", P, "; the nearest that work are ",
+                  lo > 0 ? cat(lo, " and ") : std::string(), hi,
                   " (uneven shards are taken by `ringattn attention` and dist_attention so far)"));
 }
 

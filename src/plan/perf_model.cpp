@@ -329,8 +329,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   if (w.batch % c.dp) return invalid(cat("batch not divisible by dp=", c.dp));
   if ((w.batch / c.dp) % c.micro_batches)
     return invalid(cat("batch/dp not divisible by ", c.micro_batches, " micro-batches"));
-  if (c.sp > 1 && w.seq % (c.layout == Layout::zigzag ? 2 * c.sp : c.sp))
-    return invalid(cat("seq not divisible by ", c.layout == Layout::zigzag ? 2 * c.sp : c.sp));
+  if (c.sp > 1 && w.seq % c.sp)  // the model's shards are equal (zigzag's chunks may alternate by one)
+    return invalid(cat("seq not divisible by sp=", c.sp, " (the model needs equal shards)"));
   if (c.sp > 1 && c.strategy == Strategy::ulysses && ((m.heads / c.tp) % c.sp || (m.kv() / c.tp) % c.sp))
     return invalid(cat("heads/tp not divisible by sp=", c.sp));
   if (c.strategy == Strategy::hybrid &&

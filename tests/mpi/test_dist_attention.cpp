@@ -1013,9 +1013,10 @@ TEST(Layout, CheckLayoutErrors) {
   } catch (const Error& e) {
     const std::string m = e.what();
     EXPECT_NE(m.find("the model needs equal shards"), std::string::npos) << m;
-    EXPECT_NE(m.find("multiple of 8"), std::string::npos) << m;
-    EXPECT_NE(m.find("8 and 16"), std::string::npos) << "should name the nearest valid lengths: " << m;
+    EXPECT_NE(m.find("multiple of 4"), std::string::npos) << m;
+    EXPECT_NE(m.find("8 and 12"), std::string::npos) << "should name the nearest valid lengths: " << m;
   }
+  EXPECT_NO_THROW(check_even_layout(Layout::zigzag, 10000, 16, "the paper's run"));  // 625 tokens each
   try {
     check_even_layout(Layout::contiguous, 10, 4, "prefill");
     ADD_FAILURE() << "L=10 over 4 ranks contiguous was accepted as even";
