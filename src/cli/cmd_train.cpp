@@ -347,7 +347,8 @@ void add_train(CLI::App& app) {
   cmd->add_flag("--json", a->json, "machine-readable output");
   // A language model.
   auto* model = cmd->add_option("--model", a->lm, "a Hugging Face checkpoint folder to train further");
-  auto* config = cmd->add_option("--config", a->config, "a config.json (llama, mistral, qwen2, gpt2) to train from the seed");
+  auto* config =
+      cmd->add_option("--config", a->config, "a config.json (llama, mistral, qwen2, gpt2) to train from the seed");
   model->excludes(config);
   cmd->add_option("--data", a->data, "--model/--config: the training text (UTF-8)");
   cmd->add_option("--tokenizer", a->tokenizer, "--model/--config: tokenizer.json folder, or 'byte' (ids = bytes)");
