@@ -326,6 +326,21 @@ else
   fail "ringattn generate --check exited non-zero: $(cat gen.err)"
 fi
 
+# A sliding window of 8 with prompts of 64 and 32 and 40 new tokens: the cache's
+# ring buffers (8 + 8/P + 1 slots) wrap; --check recomputes with the window.
+for np in 1 2 3; do
+  "${MPIRUN[@]}" -np "$np" "$BIN" generate --prompt-len 60,30 --new-tokens 40 --layers 2 --d-model 32 --heads 4 \
+    --kv-heads 2 --sliding-window 8 --layout contiguous --threads 1 --check --json >gen_w.json 2>gen_w.err ||
+    fail "mpirun -np $np generate --sliding-window 8 --check failed: $(tail -5 gen_w.err)"
+  $PY - gen_w.json "$np" <<'PYEOF' || fail "generate --sliding-window: the cache is not bounded by the window"
+import json, sys
+j = json.load(open(sys.argv[1]))
+P = int(sys.argv[2])
+assert j["model"]["sliding_window"] == 8, j["model"]
+assert j["cache_capacity_per_rank"] == 8 + (7 + P) // P, j["cache_capacity_per_rank"]
+PYEOF
+done
+
 # --- errors: non-zero exit (not a crash) and a message on stderr ----------------
 # expect_error NAME CMD...
 expect_error() {

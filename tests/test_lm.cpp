@@ -176,6 +176,31 @@ TEST_P(HfModels, GenerateFromTheCache) {
   EXPECT_EQ(a.size(), want.size());
 }
 
+// Sliding-window checkpoints generating 4x their window and more: the cache's
+// ring buffers wrap over and over, and the tokens stay those of recomputing the
+// whole sequence at every step.
+TEST(LmWindow, LongGenerationFromTheRingBufferEqualsRecomputation) {
+  for (const char* name : {"mistral_window", "qwen2_window"}) {
+    const LanguageModel lm = LanguageModel::load(kHf + name);
+    const std::vector<int64_t> prompt = reference(name)["prompt"].get<std::vector<int64_t>>();
+    const RunContext run(nullptr, ParallelConfig{});
+    const Model m = lm_model(lm, DType::f32, run);
+    LmGenerateOptions o;
+    o.new_tokens = 24;
+    const std::vector<int64_t> got =
+        lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o).at(0);
+    std::vector<int64_t> seq = prompt, want;
+    for (int64_t s = 0; s < o.new_tokens; ++s) {
+      const int64_t L = static_cast<int64_t>(seq.size()), V = lm.config.vocab;
+      const Tensor logits = lm_logits(lm, seq, 1, L);
+      const float* last = logits.ptr<float>() + (L - 1) * V;
+      want.push_back(std::max_element(last, last + V) - last);
+      seq.push_back(want.back());
+    }
+    EXPECT_EQ(got, want) << name;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfModels,
                          ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window",
                                            "qwen2_window"));

@@ -53,13 +53,15 @@ struct ModelConfig {
   int64_t vocab = 0, positions = 0;
   bool tied = false;
   // Sliding-window attention (mistral, qwen2): on the layers marked in
-  // window_layers ([layers]), a query sees its `window` most recent keys, itself
-  // included. 0: full attention everywhere. Needs causal.
+  // window_layers ([layers], or empty for every layer), a query sees its `window`
+  // most recent keys, itself included. 0: full attention everywhere. Needs causal.
   int64_t window = 0;
   std::vector<bool> window_layers;
 
   // The attention window's left side on global layer l (attention.h): window − 1, or −1.
-  int64_t window_left(int64_t l) const { return window > 0 && window_layers[static_cast<size_t>(l)] ? window - 1 : -1; }
+  int64_t window_left(int64_t l) const {
+    return window > 0 && (window_layers.empty() || window_layers[static_cast<size_t>(l)]) ? window - 1 : -1;
+  }
   int64_t head_dim() const { return head_size > 0 ? head_size : d_model / heads; }
   int64_t kv() const { return kv_heads > 0 ? kv_heads : heads; }
   int64_t hidden() const { return mlp_hidden > 0 ? mlp_hidden : 4 * d_model; }

@@ -98,9 +98,10 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   const int64_t capacity = a.capacity > 0 ? a.capacity : needed_capacity(longest, a.new_tokens, sp);
   // The KV cache of this rank: K and V of its layers, sequences, entries and kv heads.
   const ModelConfig& mc = a.model;
-  check_fits_in_memory(2.0 * (double(mc.layers) / pp) * double(B) * double(capacity) * (double(mc.kv()) / tp) *
+  const int64_t slots = mc.window > 0 ? std::min(capacity, KVCache::window_slots(mc.window - 1, sp)) : capacity;
+  check_fits_in_memory(2.0 * (double(mc.layers) / pp) * double(B) * double(slots) * (double(mc.kv()) / tp) *
                            double(mc.head_dim()) * double(dtype_size(mc.dtype)),
-                       cat("the KV cache (", capacity, " entries per sequence and rank)"));
+                       cat("the KV cache (", slots, " entries per sequence and rank)"));
 
   RunContext run(&world, pc);
   Model model = model_for(a.model, run);
@@ -128,14 +129,12 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   for (int64_t L : lens) prompt_tokens += L;
   const double med = percentile(r.step_seconds, 50), p99 = percentile(r.step_seconds, 99);
   nlohmann::json j;
-  j["model"] = {{"layers", a.model.layers},
-                {"d_model", D},
-                {"heads", a.model.heads},
-                {"kv_heads", a.model.kv()},
-                {"mlp_hidden", a.model.hidden()}};
+  j["model"] = {{"layers", a.model.layers},       {"d_model", D},
+                {"heads", a.model.heads},         {"kv_heads", a.model.kv()},
+                {"mlp_hidden", a.model.hidden()}, {"sliding_window", a.model.window}};
   j["dp"] = 1, j["sp"] = sp, j["tp"] = tp, j["pp"] = pp, j["ranks"] = P;
   j["strategy"] = strategy_name(pc.strategy), j["layout"] = layout_name(pc.layout);
-  j["prompt_lengths"] = lens, j["new_tokens"] = a.new_tokens, j["cache_capacity_per_rank"] = capacity;
+  j["prompt_lengths"] = lens, j["new_tokens"] = a.new_tokens, j["cache_capacity_per_rank"] = slots;
   j["prefill_seconds"] = r.prefill_seconds;
   j["prefill_tokens_per_s"] = static_cast<double>(prompt_tokens) / r.prefill_seconds;
   j["tpot_median_ms"] = med * 1e3, j["tpot_p99_ms"] = p99 * 1e3;
@@ -153,10 +152,11 @@ void run_on(const GenerateArgs& a, Communicator& world) {
     print_json(j);
   } else {
     std::printf(
-        "generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, %s; pp %d x sp %d x tp %d "
+        "generate  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld%s, %s; pp %d x sp %d x tp %d "
         "(strategy %s, layout %s); %d ranks\n",
         static_cast<long long>(a.model.layers), static_cast<long long>(D), static_cast<long long>(a.model.heads),
-        static_cast<long long>(a.model.head_dim()), static_cast<long long>(a.model.kv()), a.dtype.c_str(), pp, sp, tp,
+        static_cast<long long>(a.model.head_dim()), static_cast<long long>(a.model.kv()),
+        a.model.window > 0 ? cat(", sliding window ", a.model.window).c_str() : "", a.dtype.c_str(), pp, sp, tp,
         strategy_name(pc.strategy), layout_name(pc.layout), P);
     if (!model.device().is_host())
       std::printf("device %s (peak below counts host memory only)\n", model.device().name().c_str());
@@ -167,8 +167,8 @@ void run_on(const GenerateArgs& a, Communicator& world) {
                 static_cast<double>(prompt_tokens) / r.prefill_seconds, r.prefill_bytes / 1048576.0);
     std::printf("time per output token  %10.3f ms median, %.3f ms p99 (%d steps)   %10.1f KiB sent/rank/step\n",
                 med * 1e3, p99 * 1e3, a.new_tokens, r.step_bytes / 1024.0);
-    std::printf("KV cache               %10.1f MiB/rank (capacity %lld entries per sequence)   peak %.1f MiB/rank\n",
-                r.cache_bytes / 1048576.0, static_cast<long long>(capacity), peak / 1048576.0);
+    std::printf("KV cache               %10.1f MiB/rank (%lld entries per sequence)   peak %.1f MiB/rank\n",
+                r.cache_bytes / 1048576.0, static_cast<long long>(slots), peak / 1048576.0);
     if (a.check)
       std::printf("check: max relative error vs one process recomputing the sequence %.2e (limit %.0e) %s\n", err,
                   limit, ok ? "ok" : "FAILED");
@@ -328,6 +328,9 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--capacity", a->capacity, "KV cache entries per sequence per rank (default: just enough)")
       ->check(positive_count());
   add_model_options(cmd, a->model);
+  cmd->add_option("--sliding-window", a->model.window,
+                  "every layer's query sees its W most recent keys (mistral); the KV cache keeps only those")
+      ->check(positive_count());
   cmd->add_option("--seed", a->model.seed, "weights and prompt seed")->check(seed_value())->capture_default_str();
   add_model_dtype_option(cmd, a->model, a->dtype, "bf16 KV cache");
   add_timeout_option(cmd, a->timeout);
@@ -353,8 +356,8 @@ void add_generate(CLI::App& app) {
       "--model: sample from the k most likely tokens");
   cmd->add_option_function<float>("--top-p", sampled(&a->sampling.top_p),
                                   "--model: sample from the smallest set of tokens with probability >= p");
-  for (const char* vector_only :
-       {"--prompt-len", "--batch", "--capacity", "--layers", "--d-model", "--heads", "--kv-heads", "--mlp"})
+  for (const char* vector_only : {"--prompt-len", "--batch", "--capacity", "--layers", "--d-model", "--heads",
+                                  "--kv-heads", "--mlp", "--sliding-window"})
     model->excludes(cmd->get_option(vector_only));
   for (const char* lm_only : {"--prompt", "--prompt-file", "--prompt-ids", "--tokenizer", "--out-ids", "--greedy",
                               "--ignore-eos", "--temperature", "--top-k", "--top-p"})

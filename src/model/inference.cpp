@@ -1,7 +1,9 @@
 // Prefill into a KV cache and decode (see inference.h).
 #include "ringattn/inference.h"
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "ringattn/cpu/attention.h"
 #include "ringattn/dist_attention.h"
@@ -16,22 +18,53 @@ KVCache::KVCache(const Model& m, int64_t batch, int64_t capacity, int P, int p)
   check(capacity >= 1, "the KV cache needs a capacity >= 1 entry per sequence, got ", capacity);
   check(P >= 1 && p >= 0 && p < P, "KV cache rank ", p, " of ", P, " is out of range");
   const int64_t kv = m.local_kv(), dh = m.config().head_dim();
-  for (int l = 0; l < m.num_layers(); ++l) {  // in the model's compute dtype
-    k_.push_back(dev_->alloc(m.config().dtype, {batch, capacity, kv, dh}));
-    v_.push_back(dev_->alloc(m.config().dtype, {batch, capacity, kv, dh}));
+  for (int l = 0; l < m.num_layers(); ++l) {
+    const int64_t w = m.config().window_left(m.first_layer() + l);
+    size_t g = 0;
+    while (g < slots_.size() && slots_[g].window_left != w) ++g;
+    if (g == slots_.size()) {
+      Slots s;
+      s.window_left = w, s.P = P;
+      s.capacity = w < 0 ? capacity : std::min(capacity, window_slots(w, P));
+      s.pos.assign(static_cast<size_t>(batch * P * s.capacity), 0);
+      s.count.assign(static_cast<size_t>(batch * P), 0);
+      s.oldest.assign(static_cast<size_t>(batch * P), 0);
+      slots_.push_back(std::move(s));
+    }
+    slots_of_.push_back(static_cast<int>(g));
+    const int64_t n = slots_[g].capacity;  // in the model's compute dtype
+    k_.push_back(dev_->alloc(m.config().dtype, {batch, n, kv, dh}));
+    v_.push_back(dev_->alloc(m.config().dtype, {batch, n, kv, dh}));
     dev_->fill(k_.back(), 0.f);
     dev_->fill(v_.back(), 0.f);
   }
-  pos_.assign(static_cast<size_t>(batch * capacity), 0);
   length_.assign(static_cast<size_t>(batch), 0);
-  held_.assign(static_cast<size_t>(batch * P), 0);
 }
 
 int64_t KVCache::bytes() const {
-  int64_t n = static_cast<int64_t>(pos_.size() * sizeof(int64_t));
+  int64_t n = 0;
+  for (const Slots& s : slots_) n += static_cast<int64_t>(s.pos.size() * sizeof(int64_t));
   for (const DeviceTensor& t : k_) n += static_cast<int64_t>(t.bytes());
   for (const DeviceTensor& t : v_) n += static_cast<int64_t>(t.bytes());
   return n;
+}
+
+// Slots fill in position order, then wrap: the ring's oldest slot holds the
+// smallest position, so if any key is out of the window, that one is.
+int64_t KVCache::Slots::slot_for(int64_t b, int r, int64_t t) const {
+  const int64_t n = count[at(b, r)];
+  if (n < capacity) return n;
+  const int64_t o = oldest[at(b, r)];
+  return window_left >= 0 && row(b, r)[o] < t - window_left ? o : -1;
+}
+
+void KVCache::Slots::append(int64_t b, int r, int64_t t) {
+  const int64_t slot = slot_for(b, r, t);
+  row(b, r)[slot] = t;
+  if (count[at(b, r)] < capacity)
+    ++count[at(b, r)];
+  else
+    oldest[at(b, r)] = (slot + 1) % capacity;
 }
 
 namespace {
@@ -92,26 +125,42 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
         " but the SP group has this rank as ", p, " of ", P);
   check(first >= 0 && first + Bp <= cache.batch(), "sequences ", first, "..", first + Bp - 1,
         " are outside the cache's batch of ", cache.batch());
-  check(Ll <= cache.capacity(), "a prompt of ", L, " tokens puts ", Ll,
-        " entries on each rank, more than the KV "
-        "cache's capacity of ",
-        cache.capacity(), " per rank");
   for (int64_t b = first; b < first + Bp; ++b)
     check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
   if (par.sp) check_even_layout(par.attn.layout, L, P, "prefill");
-  const std::vector<int64_t> pos = par.sp ? shard_positions(par.attn.layout, L, P, p) : [&] {
-    std::vector<int64_t> v(static_cast<size_t>(L));
-    for (int64_t i = 0; i < L; ++i) v[static_cast<size_t>(i)] = i;
-    return v;
-  }();
+  // Every rank's positions (each in increasing order), so every rank checks every
+  // rank's slots. A layer of window W keeps its shard's suffix from L − W on.
+  std::vector<std::vector<int64_t>> pos_of(static_cast<size_t>(P));
+  for (int r = 0; r < P; ++r) {
+    std::vector<int64_t>& v = pos_of[static_cast<size_t>(r)];
+    if (par.sp) {
+      v = shard_positions(par.attn.layout, L, P, r);
+    } else {
+      v.resize(static_cast<size_t>(L));
+      for (int64_t i = 0; i < L; ++i) v[static_cast<size_t>(i)] = i;
+    }
+    check(std::is_sorted(v.begin(), v.end()), "internal: shard positions out of order");
+  }
+  auto kept = [&](const KVCache::Slots& g, int r) {
+    const std::vector<int64_t>& v = pos_of[static_cast<size_t>(r)];
+    const int64_t from = g.window_left < 0 ? 0 : L - g.window_left;
+    return static_cast<int64_t>(v.end() - std::lower_bound(v.begin(), v.end(), from));
+  };
+  for (const KVCache::Slots& g : cache.slots_)
+    for (int r = 0; r < P; ++r)
+      check(kept(g, r) <= g.capacity, "a prompt of ", L, " tokens puts ", kept(g, r), " entries on rank ", r,
+            g.window_left < 0 ? std::string() : " in a layer of window " + std::to_string(g.window_left + 1),
+            ", more than the KV cache's capacity of ", g.capacity, " per rank");
+  const std::vector<int64_t>& pos = pos_of[static_cast<size_t>(p)];
 
-  // The attention of each layer, then its K/V into the cache.
+  // The attention of each layer, then the K/V it keeps into the cache.
   const AttentionHook store = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
                                   const TensorView& o, const TensorView& lse) {
     sequence_parallel_attention(dev, par, c, m.first_layer() + l, q, k, v, o, lse);
+    const int64_t n = kept(cache.slots_[static_cast<size_t>(cache.slots_of_[static_cast<size_t>(l)])], p);
     for (int64_t b = 0; b < Bp; ++b) {
-      dev.copy(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), k.slice(0, b, 1));
-      dev.copy(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, Ll), v.slice(0, b, 1));
+      dev.copy(cache.k_[l].view().slice(0, first + b, 1).slice(1, 0, n), k.slice(0, b, 1).slice(1, Ll - n, n));
+      dev.copy(cache.v_[l].view().slice(0, first + b, 1).slice(1, 0, n), v.slice(0, b, 1).slice(1, Ll - n, n));
     }
   };
   Activations act;
@@ -119,9 +168,14 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
   DeviceTensor y = model_forward(m, stage_input(dev, x, pp, kPrefillTag), par, act, store, pos);
   stage_output(y, pp, kPrefillTag);
   for (int64_t b = first; b < first + Bp; ++b) {
-    std::copy(pos.begin(), pos.end(), cache.pos_.begin() + b * cache.capacity_);
+    for (KVCache::Slots& g : cache.slots_)
+      for (int r = 0; r < P; ++r) {
+        const std::vector<int64_t>& v = pos_of[static_cast<size_t>(r)];
+        const int64_t n = kept(g, r);
+        std::copy(v.end() - n, v.end(), g.row(b, r));
+        g.count[g.at(b, r)] = n, g.oldest[g.at(b, r)] = 0;
+      }
     cache.length_[b] = L;
-    for (int r = 0; r < P; ++r) cache.held_[b * P + r] = Ll;
   }
   return pp && pp->rank() + 1 < pp->size() ? DeviceTensor() : std::move(y);
 }
@@ -143,40 +197,59 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
         "a decode step takes fp32 [B=", B, ", 1, d_model=", c.d_model, "], got ", x.shape_str());
   check(P == (par.sp ? par.sp->size() : 1), "the KV cache is sharded over ", P, " ranks but the SP group has ",
         par.sp ? par.sp->size() : 1);
-  // Every rank checks every owner's shard, so all fail together.
+  // Every rank checks every owner's slots, so all fail together.
+  const int64_t G = static_cast<int64_t>(cache.slots_.size());
+  std::vector<int64_t> slot(static_cast<size_t>(G * B));  // [slots, B]: where the new token goes
   for (int64_t b = 0; b < B; ++b) {
     check(cache.length(b) > 0, "sequence ", b, " has no prompt: prefill it before decoding");
-    const int o = cache.owner(cache.length(b));
-    check(cache.held(b, o) < cache.capacity(), "the KV cache is full: sequence ", b, " has ", cache.length(b),
-          " tokens and its next one (position ", cache.length(b), ") belongs to rank ", o, ", which already holds ",
-          cache.held(b, o), " of its capacity of ", cache.capacity(), " entries; give the cache a larger capacity");
+    const int64_t t = cache.length(b);
+    const int o = cache.owner(t);
+    for (int64_t g = 0; g < G; ++g) {
+      const KVCache::Slots& s = cache.slots_[static_cast<size_t>(g)];
+      slot[g * B + b] = s.slot_for(b, o, t);
+      check(slot[g * B + b] >= 0, "the KV cache is full: sequence ", b, " has ", t,
+            " tokens and its next one (position ", t, ") belongs to rank ", o, ", which holds ", s.capacity,
+            " entries, its capacity, ",
+            s.window_left < 0 ? std::string("for full attention")
+                              : "all within the window of " + std::to_string(s.window_left + 1),
+            "; give the cache a larger capacity");
+    }
   }
 
   // The global positions of each sequence's new token and of its entries here
-  // after this step's append, where the device's kernels read them (every layer
-  // shares them).
-  std::vector<std::shared_ptr<const int64_t>> q_pos(static_cast<size_t>(B)), k_pos(static_cast<size_t>(B));
-  std::vector<int64_t> n_here(static_cast<size_t>(B));
+  // after this step's append, where the device's kernels read them (the layers
+  // of one window share them).
+  std::vector<std::shared_ptr<const int64_t>> q_pos(static_cast<size_t>(B)), k_pos(static_cast<size_t>(G * B));
+  std::vector<int64_t> n_here(static_cast<size_t>(G * B));
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = cache.length(b), held = cache.held(b, p);
-    std::vector<int64_t> kp(cache.pos_.begin() + b * cache.capacity_, cache.pos_.begin() + b * cache.capacity_ + held);
-    if (cache.owner(t) == p) kp.push_back(t);
-    n_here[b] = static_cast<int64_t>(kp.size());
+    const int64_t t = cache.length(b);
     q_pos[b] = dev.upload_positions(std::span<const int64_t>(&t, 1));
-    if (!kp.empty()) k_pos[b] = dev.upload_positions(kp);
+    for (int64_t g = 0; g < G; ++g) {
+      const KVCache::Slots& s = cache.slots_[static_cast<size_t>(g)];
+      std::vector<int64_t> kp(s.row(b, p), s.row(b, p) + s.count[s.at(b, p)]);
+      if (cache.owner(t) == p) {
+        const int64_t i = slot[g * B + b];
+        if (i == static_cast<int64_t>(kp.size()))
+          kp.push_back(t);
+        else
+          kp[static_cast<size_t>(i)] = t;
+      }
+      n_here[g * B + b] = static_cast<int64_t>(kp.size());
+      if (!kp.empty()) k_pos[g * B + b] = dev.upload_positions(kp);
+    }
   }
-  // Per layer: append the new K/V to the owner's shard, attend the local shard of
-  // every sequence (its own length), merge the partials over the SP group.
+  // Per layer: write the new K/V into its owner's slot, attend the local entries
+  // of every sequence, merge the partials over the SP group.
   const AttentionHook attend = [&](int l, const TensorView& q, const TensorView& k, const TensorView& v,
                                    const TensorView& o, const TensorView& lse) {
+    const int64_t g = cache.slots_of_[static_cast<size_t>(l)];
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t t = cache.length(b);
-      if (cache.owner(t) == p) {
-        const int64_t slot = cache.held(b, p);
-        dev.copy(cache.k_[l].view().slice(0, b, 1).slice(1, slot, 1), k.slice(0, b, 1));
-        dev.copy(cache.v_[l].view().slice(0, b, 1).slice(1, slot, 1), v.slice(0, b, 1));
+      if (cache.owner(cache.length(b)) == p) {
+        const int64_t i = slot[g * B + b];
+        dev.copy(cache.k_[l].view().slice(0, b, 1).slice(1, i, 1), k.slice(0, b, 1));
+        dev.copy(cache.v_[l].view().slice(0, b, 1).slice(1, i, 1), v.slice(0, b, 1));
       }
-      const int64_t n = n_here[b];
+      const int64_t n = n_here[g * B + b];
       const TensorView ob = o.slice(0, b, 1), lb = lse.slice(0, b, 1);
       if (n == 0) {  // nothing of this sequence here: an empty partial
         dev.fill(ob, 0.f);
@@ -185,11 +258,11 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
       }
       AttentionOptions opt;
       opt.causal = true;
-      opt.window_left = c.window_left(m.first_layer() + l);  // the decode kernel skips what the window evicted
+      opt.window_left = c.window_left(m.first_layer() + l);  // masks the keys left in slots not yet reused
       opt.threads = par.attn.threads;
       opt.isa = par.attn.isa;
       opt.q_pos = std::span<const int64_t>(q_pos[b].get(), 1);
-      opt.k_pos = std::span<const int64_t>(k_pos[b].get(), static_cast<size_t>(n));
+      opt.k_pos = std::span<const int64_t>(k_pos[g * B + b].get(), static_cast<size_t>(n));
       dev.attention_forward(q.slice(0, b, 1), cache.k_[l].view().slice(0, b, 1).slice(1, 0, n),
                             cache.v_[l].view().slice(0, b, 1).slice(1, 0, n), ob, lb, opt);
     }
@@ -203,9 +276,7 @@ DeviceTensor decode_step(const Model& m, KVCache& cache, const TensorView& x, co
   stage_output(y, pp, kDecodeTag);
   if (pp) pp->broadcast(y.ptr<void>(), y.bytes(), pp->size() - 1);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = cache.length(b);
-    if (cache.owner(t) == p) cache.pos_[b * cache.capacity_ + cache.held(b, p)] = t;
-    ++cache.held_[b * P + cache.owner(t)];
+    for (KVCache::Slots& g : cache.slots_) g.append(b, cache.owner(cache.length(b)), cache.length(b));
     ++cache.length_[b];
   }
   return y;

@@ -26,9 +26,9 @@ void ModelConfig::validate() const {
   check(vocab >= 0 && positions >= 0, "vocab and positions must be >= 0");
   check(!tied || vocab > 0, "a tied LM head needs a vocabulary");
   check(window >= 0, "the sliding window must be >= 0 (0: none), got ", window);
-  check(window == 0 || (causal && static_cast<int64_t>(window_layers.size()) == layers),
-        "a sliding window needs a causal model and one window_layers entry per layer (", layers, "), got ",
-        window_layers.size());
+  check(window == 0 || causal, "a sliding window needs a causal model");
+  check(window_layers.empty() || static_cast<int64_t>(window_layers.size()) == layers,
+        "window_layers needs one entry per layer (", layers, "), got ", window_layers.size());
 }
 
 ModelConfig model_config(const LmConfig& lm) {

@@ -76,6 +76,14 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
   Communicator* ppc = pp > 1 ? mesh.pp_comm.get() : nullptr;
   const int64_t longest = *std::max_element(prompts.begin(), prompts.end());
   KVCache cache(part, B, longest / sp + (kSteps + sp - 1) / sp, sp, mesh.sp_index());
+  int full_layer = -1;  // a layer of full attention here, if any
+  for (int l = 0; l < part.num_layers(); ++l) {
+    const int64_t w = c.window_left(part.first_layer() + l);
+    if (w < 0 && full_layer < 0) full_layer = l;
+    if (w >= 0) {
+      EXPECT_EQ(cache.capacity(l), std::min(cache.capacity(), KVCache::window_slots(w, sp)));
+    }
+  }
   Errors e;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = prompts[static_cast<size_t>(b)], Ll = L / sp;
@@ -97,9 +105,28 @@ Errors run_inference(Communicator& world, const ModelConfig& c, int sp, int tp, 
     if (outputs) outputs->insert(outputs->end(), y.ptr<float>(), y.ptr<float>() + y.numel());
   }
   for (int64_t b = 0; b < B; ++b) EXPECT_EQ(cache.length(b), prompts[static_cast<size_t>(b)] + kSteps);
-  // Shards stay balanced: every rank's entries within one of each other.
-  for (int64_t b = 0; b < B; ++b)
-    for (int r = 0; r < sp; ++r) EXPECT_LE(std::abs(cache.held(b, r) - cache.held(b, 0)), 1) << "sequence " << b;
+  // Shards of full attention stay balanced: every rank's entries within one of each other.
+  for (int64_t b = 0; b < B && full_layer >= 0; ++b)
+    for (int r = 0; r < sp; ++r)
+      EXPECT_LE(std::abs(cache.held(full_layer, b, r) - cache.held(full_layer, b, 0)), 1) << "sequence " << b;
+  // A sliding-window layer holds exactly what its window still sees here, and more
+  // only in slots not reused yet.
+  for (int l = 0; l < part.num_layers(); ++l) {
+    const int64_t w = c.window_left(part.first_layer() + l);
+    if (w < 0) continue;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = cache.length(b);  // the next query
+      int64_t visible = 0;
+      for (int64_t q : cache.positions(l, b)) visible += q >= t - w;
+      int64_t want = 0;  // this rank's positions in [t − w, t − 1]
+      const int64_t L = prompts[static_cast<size_t>(b)];
+      const std::vector<int64_t> mine = shard_positions(layout, L, sp, mesh.sp_index());
+      for (int64_t q = std::max<int64_t>(0, t - w); q < t; ++q)
+        want += q < L ? std::count(mine.begin(), mine.end(), q) : q % sp == mesh.sp_index();
+      EXPECT_EQ(visible, want) << "layer " << l << ", sequence " << b;
+      EXPECT_LE(cache.held(l, b, mesh.sp_index()), cache.capacity(l));
+    }
+  }
   double errs[2] = {e.prefill, e.decode};
   world.all_reduce(errs, 2, ReduceOp::max);
   if (world.rank() == 0)
@@ -122,6 +149,43 @@ TEST_F(Inference, SequenceShardedCacheEqualsRecomputationForEveryLayout) {
     const Errors e = run_inference(*world, small_gqa(), P, 1, 1, layout, {48, 96});
     EXPECT_LE(e.prefill, 1e-5);
     EXPECT_LE(e.decode, 1e-5);
+  }
+}
+
+// Sliding windows (7 tokens) on every layer, or on the second only: the prompts
+// (48, 96) and the 60 decode steps are far longer, so the ring buffers wrap many
+// times; the outputs still equal recomputing everything with the window.
+ModelConfig windowed(std::vector<bool> layers) {
+  ModelConfig c = small_gqa();
+  c.window = 7, c.window_layers = std::move(layers);
+  return c;
+}
+
+TEST_F(Inference, SlidingWindowCacheEqualsRecomputationForEveryLayout) {
+  auto world = mpi_world(120);
+  const int P = world->size();
+  for (const std::vector<bool>& layers : {std::vector<bool>{true, true}, std::vector<bool>{false, true}})
+    for (Layout layout : {Layout::contiguous, Layout::zigzag, Layout::striped}) {
+      SCOPED_TRACE(std::string(layout_name(layout)) + (layers[0] ? ", every layer" : ", layer 1"));
+      const Errors e = run_inference(*world, windowed(layers), P, 1, 1, layout, {48, 96});
+      EXPECT_LE(e.prefill, 1e-5);
+      EXPECT_LE(e.decode, 1e-5);
+    }
+}
+
+TEST_F(Inference, SlidingWindowCacheUnderTensorAndPipelineParallelism) {
+  auto world = mpi_world(120);
+  const int P = world->size();
+  ModelConfig c = windowed({});
+  c.layers = 24;  // pp | 24 for P <= 8; windows on every other layer
+  for (int l = 0; l < c.layers; ++l) c.window_layers.push_back(l % 2 == 1);
+  const Errors pe = run_inference(*world, c, 1, 1, P, Layout::contiguous, {33, 20});
+  EXPECT_LE(pe.prefill, 1e-5);
+  EXPECT_LE(pe.decode, 1e-5);
+  if (P % 2 == 0) {  // SP x TP: tp = 2 divides the 2 kv heads
+    const Errors te = run_inference(*world, windowed({true, false}), P / 2, 2, 1, Layout::zigzag, {48, 96});
+    EXPECT_LE(te.prefill, 1e-5);
+    EXPECT_LE(te.decode, 1e-5);
   }
 }
 
@@ -189,6 +253,53 @@ TEST_F(Inference, FullCacheAndBadPrefillsThrowOnEveryRank) {
     EXPECT_NE(std::string(e.what()).find("KV cache is full"), std::string::npos) << e.what();
   }
   EXPECT_EQ(cache.length(0), Ll * P + 2 * P);  // the failed step wrote nothing
+}
+
+// With a window on every layer the cache never fills: it decodes far past the
+// capacity a full cache would need. Given fewer slots than the window needs, it
+// fails on every rank when a token's owner has no slot out of the window.
+TEST_F(Inference, WindowedCacheReusesSlotsAndFailsWhenTheWindowDoesNotFit) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  ModelConfig c = small_gqa();
+  c.window = 4, c.window_layers = {true, true};
+  Model m(c);
+  ModelParallel spc;
+  spc.sp = P > 1 ? world.get() : nullptr;
+  spc.attn.layout = Layout::striped;
+  const int64_t Ll = 4, D = c.d_model;
+  Tensor x(DType::f32, {1, Ll, D}), t(DType::f32, {1, 1, D});
+  for (int64_t i = 0; i < x.numel(); ++i) x.ptr<float>()[i] = 0.01f * static_cast<float>(i % 17);
+  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = 0.1f;
+  KVCache cache(m, 1, Ll + 2, P, world->rank());
+  EXPECT_EQ(cache.capacity(0), std::min<int64_t>(Ll + 2, KVCache::window_slots(3, P)));
+  prefill(m, cache, x, 0, spc);
+  std::vector<DeviceTensor> ys;
+  for (int j = 0; j < 10 * P; ++j) ys.push_back(decode_step(m, cache, t, spc));  // 5x what Ll + 2 slots hold
+  EXPECT_EQ(cache.length(0), Ll * P + 10 * P);
+
+  // Exactly the slots the window needs: a query and the 3 keys before it, of
+  // which a rank holds ceil(4 / P) (striped prompt, then t mod P). That many
+  // give the same outputs; one fewer fails on every rank, at the prefill or at
+  // the first decoded token whose owner's slots are all still in the window.
+  const int64_t need = (4 + P - 1) / P;
+  KVCache exact(m, 1, need, P, world->rank());
+  prefill(m, exact, x, 0, spc);
+  for (int j = 0; j < 10 * P; ++j)
+    EXPECT_LE(max_abs_diff(decode_step(m, exact, t, spc).view(), ys[static_cast<size_t>(j)].view()), 1e-6)
+        << "step " << j;
+  if (need == 1) return;
+  KVCache tight(m, 1, need - 1, P, world->rank());
+  try {
+    prefill(m, tight, x, 0, spc);
+    for (int j = 0; j < 10 * P; ++j) decode_step(m, tight, t, spc);
+    ADD_FAILURE() << "decoding into a cache smaller than the window did not throw";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_TRUE(what.find("within the window of 4") != std::string::npos ||
+                what.find("more than the KV cache's capacity") != std::string::npos)
+        << what;
+  }
 }
 
 }  // namespace
