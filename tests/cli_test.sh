@@ -312,6 +312,21 @@ EOF
 else
   fail "mpirun -np 2 train --config exited non-zero: $(tail -5 train_lm.out)"
 fi
+# train --documents: the README's paragraphs (blank-line separated) as packed
+# documents, each followed by the EOS id 256 (a vocabulary of 257 for bytes).
+sed 's/"vocab_size": 256/"vocab_size": 257, "eos_token_id": 256/' byte_llama.json >byte_llama_eos.json
+if "${MPIRUN[@]}" -np 2 "$BIN" train --config byte_llama_eos.json --data "$SRC/README.md" --tokenizer byte \
+  --documents '' --batch 2 --seq 64 --steps 20 --eval-every 10 --lr 3e-3 --threads 1 --json >train_docs.json 2>&1; then
+  $PY - train_docs.json "$(grep -c '^$' "$SRC/README.md")" <<'EOF' || fail "train --documents: $(head -c 400 train_docs.json)"
+import json, sys
+j = json.load(open(sys.argv[1]))
+val = [s["val_loss"] for s in j["steps"] if "val_loss" in s]
+print(f"train --documents: {j['documents']} documents, held-out loss {val[0]:.3f} -> {val[-1]:.3f}")
+sys.exit(0 if j["documents"] == int(sys.argv[2]) + 1 and val[-1] < val[0] < 6 else 1)
+EOF
+else
+  fail "mpirun -np 2 train --documents exited non-zero: $(tail -5 train_docs.json)"
+fi
 "$BIN" bench lm --config byte_llama.json --seq 64 --new-tokens 3 --threads 1 --json >bench_lm.json 2>bench_lm.err &&
   $PY ref.py json bench_lm.json || fail "ringattn bench lm failed: $(tail -c 300 bench_lm.err)"
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&

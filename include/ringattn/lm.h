@@ -64,11 +64,26 @@ Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run);
 // is created when missing.
 void save_lm(const std::string& dir, const Model& full, const LmConfig& c);
 
+// Packed training rows: documents joined with an end-of-sequence token after
+// each. lm_documents splits every row of ids [B, L] after each `eos` (and at
+// the row's end) into one cu_seqlens [n_docs + 1] per row, the form
+// model_forward takes; lm_targets counts the next-token targets: L − 1 per row,
+// or per document its length − 1 (no target crosses a document).
+std::vector<std::vector<int32_t>> lm_documents(std::span<const int64_t> ids, int64_t B, int64_t L, int64_t eos);
+int64_t lm_targets(int64_t B, int64_t L, std::span<const std::vector<int32_t>> documents = {});
+// The positions of this rank's tokens within their documents, [B·Ll]: global
+// positions [Ll] less the start of the token's document in its row (what RoPE
+// and learned positions see in a packed row, as if each document were alone).
+std::vector<int64_t> lm_document_positions(std::span<const int64_t> positions, int64_t B,
+                                           std::span<const std::vector<int32_t>> documents);
+
 // Next-token labels of this rank's tokens: ids [B, L] of the whole batch (token
 // t + 1 of each sequence is the label of token t, shifted before any split: a
 // shard's last token is labelled by the next shard's first), taken at the global
-// positions [Ll] of this rank's tokens; −1 for each sequence's last token.
-std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions);
+// positions [Ll] of this rank's tokens; −1 for each sequence's last token and,
+// with packed documents, for each document's last token.
+std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions,
+                               std::span<const std::vector<int32_t>> documents = {});
 // This rank's ids [B, Ll] of the whole batch's ids [B, L] at positions [Ll].
 std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
                                   std::span<const int64_t> positions);
@@ -88,16 +103,19 @@ double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labe
 
 // One process, SP, TP (pp = 1): this rank's logits [B, Ll, vocab] of the whole
 // batch's ids [B, L] (every rank passes all of them; each takes its tokens of
-// par's layout).
-Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L);
-// The causal-LM loss of ids [B, L] (the mean over the B·(L − 1) targets of the
-// whole batch, summed over loss_group: the SP group, and the DP group when the
-// batch is split) and this rank's gradients added into m.grads() (not reduced).
-// With pp (this rank's model: stage pp->rank()) the batch runs through the 1F1B
-// pipeline in micro_batches (B divisible by it); every stage returns the loss.
+// par's layout). With documents (lm_documents) every document of a row is
+// attended and positioned as if alone.
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                  std::span<const std::vector<int32_t>> documents = {});
+// The causal-LM loss of ids [B, L] (the mean over the global_targets targets of
+// the whole batch, lm_targets, summed over loss_group: the SP group, and the DP
+// group when the batch is split) and this rank's gradients added into m.grads()
+// (not reduced). With pp (this rank's model: stage pp->rank()) the batch runs
+// through the 1F1B pipeline in micro_batches (B divisible by it); every stage
+// returns the loss. documents: packed rows as in lm_forward (pp = 1 only).
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                         int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr,
-                        int micro_batches = 1);
+                        int micro_batches = 1, std::span<const std::vector<int32_t>> documents = {});
 
 // Generation (pp = 1): the prompts ids [B, L] (the same on every rank) are
 // prefilled into the sequence-sharded KV cache by par's strategy — the longest

@@ -185,7 +185,8 @@ class Model {
 struct Activations {
   int64_t B = 0, Ll = 0;
   bool keep = true;
-  std::shared_ptr<const int64_t> pos;  // [B·Ll] global positions (rope), on the model's device
+  std::shared_ptr<const int64_t> pos;           // [B·Ll] global positions (rope), on the model's device
+  std::vector<std::vector<int32_t>> documents;  // model_forward's packed documents per row (empty: none)
   struct Layer {
     DeviceTensor x, a, mean1, rstd1, qkv, o, lse, x1, c, mean2, rstd2, h, g;
   };
@@ -217,14 +218,19 @@ std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.
 // positions: the tokens' global positions for RoPE, [Ll] shared by the rows or
 // [B·Ll] per row (empty: local_positions); a decode step passes each sequence's
-// length.
+// length. documents: packed documents, one cu_seqlens [n_docs + 1] per row over
+// the row's whole (global) length (dist_attention.h): attention never crosses
+// one; empty: each row is one document. Packed rows usually pass positions that
+// restart in each document too.
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
-                           const AttentionHook& attention = {}, std::span<const int64_t> positions = {});
+                           const AttentionHook& attention = {}, std::span<const int64_t> positions = {},
+                           std::span<const std::vector<int32_t>> documents = {});
 // The attention of the forward without a hook: local, or distributed over par.sp,
-// on `dev`, with the mask of global layer `layer` (causal, its window).
+// on `dev`, with the mask of global layer `layer` (causal, its window) and the
+// rows' packed documents (as model_forward's; each row then attends on its own).
 void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer,
                                  const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                                 const TensorView& lse);
+                                 const TensorView& lse, std::span<const std::vector<int32_t>> documents = {});
 // dy = dL/dy [B, Ll, D]: adds this rank's weight gradients into m.grads() (not
 // reduced across ranks) and returns dL/dx (on the model's device).
 DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& dy, const ModelParallel& par);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <random>
 
 #include "cli/commands.h"
@@ -41,6 +42,7 @@ struct TrainArgs {
   bool json = false;
   // A language model.
   std::string lm, config, data, tokenizer, save, log;
+  std::optional<std::string> documents;  // the line that separates documents in --data
   double val_fraction = 0.05;
   int eval_every = 50;
   int64_t eval_windows = 64;
@@ -61,6 +63,8 @@ void run_lm(const TrainArgs& a) {
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
+  check(!a.documents || a.par.pp == 1,
+        "--documents: packed documents under pipeline parallelism are not supported yet (use --pp 1)");
   const ParallelConfig pc = a.par.for_ranks(P);
   check(!a.data.empty(), "train --model/--config needs --data FILE (a text)");
   check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
@@ -76,14 +80,45 @@ void run_lm(const TrainArgs& a) {
   const std::unique_ptr<Tokenizer> tok = train_tokenizer(a);
   check(tok->vocab_size() <= lc.vocab, "the tokenizer has ", tok->vocab_size(), " tokens, the model's vocabulary ",
         lc.vocab);
-  int64_t meta[2];  // the text's bytes
+  // --documents: each document is encoded alone and followed by the EOS token.
+  const bool packed = a.documents.has_value();
+  const int64_t eos = lc.eos_token;
+  if (packed) {
+    check(eos >= 0 && eos < lc.vocab, "--documents puts an end-of-sequence token after each document, but ",
+          a.lm.empty() ? a.config : a.lm + "/config.json", " has no eos_token_id inside the vocabulary of ", lc.vocab);
+  }
+  int64_t meta[2];  // the text's bytes (of the documents), the documents
   const std::vector<int64_t> ids = ids_from_rank0(world.get(), meta, [&](int64_t m[2]) {
     check_output_paths({{"--log", a.log}}, {{"--data", a.data}});
     const std::string text = read_text(a.data, "the training text");
-    m[0] = static_cast<int64_t>(text.size());
-    return tok->encode(text, false);
+    m[0] = static_cast<int64_t>(text.size()), m[1] = 1;
+    if (!packed) return tok->encode(text, false);
+    std::vector<int64_t> out;
+    std::string doc;
+    m[0] = m[1] = 0;
+    auto flush = [&] {
+      if (doc.empty()) return;
+      const std::vector<int64_t> d = tok->encode(doc, false);
+      check(std::find(d.begin(), d.end(), eos) == d.end(), a.data, ": document ", m[1] + 1,
+            " encodes to the end-of-sequence id ", eos, " itself, so documents could not be told apart");
+      out.insert(out.end(), d.begin(), d.end());
+      out.push_back(eos);
+      m[0] += static_cast<int64_t>(doc.size()), ++m[1];
+      doc.clear();
+    };
+    for (size_t i = 0; i < text.size();) {  // documents end at each line that is exactly the separator
+      const size_t e = std::min(text.find('\n', i), text.size());
+      if (text.compare(i, e - i, *a.documents) == 0)
+        flush();
+      else
+        doc.append(text, i, std::min(e + 1, text.size()) - i);
+      i = e + 1;
+    }
+    flush();
+    check(m[1] > 0, a.data, ": no document between the --documents '", *a.documents, "' lines");
+    return out;
   });
-  const int64_t bytes = meta[0];
+  const int64_t bytes = meta[0], n_docs = meta[1];
   const int64_t n = static_cast<int64_t>(ids.size()), L = a.seq;
   const int64_t n_val = std::max<int64_t>(L, static_cast<int64_t>(static_cast<double>(n) * a.val_fraction));
   const int64_t n_train = n - n_val;
@@ -107,14 +142,21 @@ void run_lm(const TrainArgs& a) {
   const int64_t windows = std::min<int64_t>(a.eval_windows, n_val / L) / a.batch * a.batch;
   check(windows >= a.batch, "the held-out text (", n_val, " tokens) has fewer than --batch ", a.batch,
         " windows of --seq ", L, "; raise --val-fraction");
+  // One step's loss and this rank's gradients for the global batch [batch, L]:
+  // its rows dp0 .. dp0 + Bl − 1 here, packed by their EOS tokens with --documents.
+  auto loss_backward = [&](const std::vector<int64_t>& batch) {
+    const std::vector<int64_t> mine(batch.begin() + dp0 * L, batch.begin() + (dp0 + Bl) * L);
+    model.zero_grads();
+    if (!packed) return lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
+    const std::vector<std::vector<int32_t>> docs = lm_documents(batch, a.batch, L, eos);
+    const std::vector<std::vector<int32_t>> my_docs(docs.begin() + dp0, docs.begin() + dp0 + Bl);
+    return lm_loss_backward(model, par, mine, Bl, L, lm_targets(a.batch, L, docs), replicas, nullptr, 1, my_docs);
+  };
   auto held_out = [&] {
     double sum = 0;
-    for (int64_t w = 0; w < windows; w += a.batch) {
-      std::vector<int64_t> b(static_cast<size_t>(Bl * L));
-      for (int64_t r = 0; r < Bl; ++r) std::copy_n(ids.begin() + n_train + (w + dp0 + r) * L, L, b.begin() + r * L);
-      model.zero_grads();
-      sum += lm_loss_backward(model, par, b, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
-    }
+    for (int64_t w = 0; w < windows; w += a.batch)
+      sum +=
+          loss_backward(std::vector<int64_t>(ids.begin() + n_train + w * L, ids.begin() + n_train + (w + a.batch) * L));
     return sum / static_cast<double>(windows / a.batch);
   };
   std::mt19937_64 rng(a.model.seed + 1);  // the same windows on every rank
@@ -125,10 +167,8 @@ void run_lm(const TrainArgs& a) {
   for (int s = 1; s <= a.steps; ++s) {
     std::vector<int64_t> batch(static_cast<size_t>(a.batch * L));
     for (int64_t r = 0; r < a.batch; ++r) std::copy_n(ids.begin() + start(rng), L, batch.begin() + r * L);
-    const std::vector<int64_t> mine(batch.begin() + dp0 * L, batch.begin() + (dp0 + Bl) * L);
     const double t0 = now_seconds();
-    model.zero_grads();
-    const double loss = lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
+    const double loss = loss_backward(batch);
     check(std::isfinite(loss), "the loss is ", loss, " at step ", s, ": training diverged (try a smaller --lr than ",
           a.lr, ")");
     if (replicas) replicas->all_reduce(model.grads(), model.num_params(), ReduceOp::sum);
@@ -163,6 +203,7 @@ void run_lm(const TrainArgs& a) {
                       {"tokens", n},
                       {"train_tokens", n_train},
                       {"held_out_tokens", n_val},
+                      {"documents", packed ? nlohmann::json(n_docs) : nlohmann::json(nullptr)},
                       {"bytes_per_token", bytes_per_token},
                       {"batch", a.batch},
                       {"seq", L},
@@ -182,11 +223,12 @@ void run_lm(const TrainArgs& a) {
   }
   if (a.json) return print_json(j);
   std::printf(
-      "train  %s, %lld parameters, %s tokenizer; %lld tokens (%lld held out), B=%lld L=%lld, "
+      "train  %s, %lld parameters, %s tokenizer; %lld tokens (%lld held out%s), B=%lld L=%lld, "
       "dp=%d x pp=%d x sp=%d x tp=%d (%s, %s): %.0f tokens/s\n",
       arch_name(lc.arch), static_cast<long long>(params), tok->name().c_str(), static_cast<long long>(n),
-      static_cast<long long>(n_val), static_cast<long long>(a.batch), static_cast<long long>(L), pc.dp, pc.pp, pc.sp,
-      pc.tp, pc.strategy_label().c_str(), layout_name(pc.layout), tokens_per_s);
+      static_cast<long long>(n_val), packed ? cat("; ", n_docs, " packed documents").c_str() : "",
+      static_cast<long long>(a.batch), static_cast<long long>(L), pc.dp, pc.pp, pc.sp, pc.tp,
+      pc.strategy_label().c_str(), layout_name(pc.layout), tokens_per_s);
   if (!a.save.empty()) std::printf("saved to %s (config.json, model.safetensors)\n", a.save.c_str());
 }
 
@@ -350,7 +392,12 @@ void add_train(CLI::App& app) {
   auto* config =
       cmd->add_option("--config", a->config, "a config.json (llama, mistral, qwen2, gpt2) to train from the seed");
   model->excludes(config);
-  cmd->add_option("--data", a->data, "--model/--config: the training text (UTF-8)");
+  auto* data = cmd->add_option("--data", a->data, "--model/--config: the training text (UTF-8)");
+  cmd->add_option("--documents", a->documents,
+                  "--model/--config: --data holds documents separated by lines equal to this one (e.g. % for "
+                  "fortune files); each ends with the EOS token and attention, positions and targets never cross "
+                  "one")
+      ->needs(data);
   cmd->add_option("--tokenizer", a->tokenizer, "--model/--config: tokenizer.json folder, or 'byte' (ids = bytes)");
   cmd->add_option("--save", a->save, "--model/--config: write the trained checkpoint to this folder");
   cmd->add_option("--log", a->log, "--model/--config: write the loss by step as JSON here");

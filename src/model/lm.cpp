@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <utility>
 
 #include "ringattn/atomic_file.h"
@@ -487,13 +488,74 @@ std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64
   return local;
 }
 
-std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions) {
+std::vector<std::vector<int32_t>> lm_documents(std::span<const int64_t> ids, int64_t B, int64_t L, int64_t eos) {
   check(static_cast<int64_t>(ids.size()) == B * L, "the language model: ", ids.size(), " ids for B=", B, " x L=", L);
+  check(L <= std::numeric_limits<int32_t>::max(), "packed documents: rows of ", L, " tokens do not fit int32 offsets");
+  std::vector<std::vector<int32_t>> cu(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    cu[b].push_back(0);
+    for (int64_t t = 0; t < L; ++t)
+      if (ids[b * L + t] == eos || t + 1 == L) cu[b].push_back(static_cast<int32_t>(t + 1));
+  }
+  return cu;
+}
+
+namespace {
+
+// Checks documents (empty, or one cu_seqlens per row over L) and returns, per
+// row, whether each position starts a document.
+std::vector<std::vector<bool>> document_starts(std::span<const std::vector<int32_t>> documents, int64_t B, int64_t L) {
+  std::vector<std::vector<bool>> starts;
+  if (documents.empty()) return starts;
+  check(static_cast<int64_t>(documents.size()) == B, "packed documents: ", documents.size(), " rows of cu_seqlens for ",
+        B, " rows");
+  for (int64_t b = 0; b < B; ++b) {
+    check_cu_seqlens(documents[static_cast<size_t>(b)], L, "cu_seqlens");
+    std::vector<bool> row(static_cast<size_t>(L + 1), false);
+    for (int32_t o : documents[static_cast<size_t>(b)]) row[static_cast<size_t>(o)] = true;
+    starts.push_back(std::move(row));
+  }
+  return starts;
+}
+
+}  // namespace
+
+int64_t lm_targets(int64_t B, int64_t L, std::span<const std::vector<int32_t>> documents) {
+  if (documents.empty()) return B * (L - 1);
+  document_starts(documents, B, L);
+  int64_t n = 0;
+  for (const std::vector<int32_t>& cu : documents)
+    for (size_t i = 1; i < cu.size(); ++i) n += std::max(0, cu[i] - cu[i - 1] - 1);
+  return n;
+}
+
+std::vector<int64_t> lm_document_positions(std::span<const int64_t> positions, int64_t B,
+                                           std::span<const std::vector<int32_t>> documents) {
+  check(static_cast<int64_t>(documents.size()) == B, "packed documents: ", documents.size(), " rows of cu_seqlens for ",
+        B, " rows");
+  const int64_t Ll = static_cast<int64_t>(positions.size());
+  std::vector<int64_t> out(static_cast<size_t>(B * Ll));
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int32_t>& cu = documents[static_cast<size_t>(b)];
+    for (int64_t j = 0; j < Ll; ++j) {  // the last offset <= the position starts its document
+      const auto start = std::upper_bound(cu.begin(), cu.end(), positions[j]) - 1;
+      out[b * Ll + j] = positions[j] - *start;
+    }
+  }
+  return out;
+}
+
+std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t L, std::span<const int64_t> positions,
+                               std::span<const std::vector<int32_t>> documents) {
+  check(static_cast<int64_t>(ids.size()) == B * L, "the language model: ", ids.size(), " ids for B=", B, " x L=", L);
+  const std::vector<std::vector<bool>> starts = document_starts(documents, B, L);
   const int64_t Ll = static_cast<int64_t>(positions.size());
   std::vector<int64_t> labels(static_cast<size_t>(B * Ll), -1);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < Ll; ++j)
-      if (positions[j] + 1 < L) labels[b * Ll + j] = ids[b * L + positions[j] + 1];
+    for (int64_t j = 0; j < Ll; ++j) {
+      const int64_t next = positions[j] + 1;
+      if (next < L && (starts.empty() || !starts[b][static_cast<size_t>(next)])) labels[b * Ll + j] = ids[b * L + next];
+    }
   return labels;
 }
 
@@ -573,14 +635,17 @@ int64_t local_length(const ModelParallel& par, int64_t L) {
 
 }  // namespace
 
-Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L) {
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                  std::span<const std::vector<int32_t>> documents) {
   check(m.first_stage() && m.last_stage(), "lm_forward runs the whole model (pp = 1)");
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
   const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos);
-  const DeviceTensor x = lm_embed(m, local, B, pos);
+  document_starts(documents, B, L);
+  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
+  const DeviceTensor x = lm_embed(m, local, B, at);
   Activations act;
   act.keep = false;
-  const DeviceTensor y = model_forward(m, x, par, act, {}, pos);
+  const DeviceTensor y = model_forward(m, x, par, act, {}, at, documents);
   Tensor logits = lm_head_logits(m, y);
   const int64_t shape[3] = {B, static_cast<int64_t>(pos.size()), m.config().vocab};
   Tensor out(DType::f32, 3, shape);
@@ -589,10 +654,12 @@ Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int6
 }
 
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                        int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches) {
+                        int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
+                        std::span<const std::vector<int32_t>> documents) {
   check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
+  check(documents.empty() || !pp, "packed documents under pipeline parallelism are not supported yet (use pp = 1)");
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
-  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos);
+  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos, documents);
   const float scale = 1.f / static_cast<float>(global_targets);
   if (pp) {  // micro-batch i: rows i·Bm .. (i + 1)·Bm − 1 of this rank's tokens
     check(micro_batches >= 1 && B % micro_batches == 0, "the batch of ", B,
@@ -613,13 +680,14 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
     return loss / static_cast<double>(global_targets);
   }
   check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
-  const DeviceTensor x = lm_embed(m, local, B, pos);
+  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
+  const DeviceTensor x = lm_embed(m, local, B, at);
   Activations act;
-  const DeviceTensor y = model_forward(m, x, par, act, {}, pos);
+  const DeviceTensor y = model_forward(m, x, par, act, {}, at, documents);
   DeviceTensor dy = m.device().alloc(DType::f32, {B, static_cast<int64_t>(pos.size()), m.config().d_model});
   double loss = lm_head_loss(m, y, labels, scale, dy);
   const DeviceTensor dx = model_backward(m, act, dy, par);
-  lm_embed_backward(m, local, B, pos, dx);
+  lm_embed_backward(m, local, B, at, dx);
   if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
   return loss / static_cast<double>(global_targets);
 }

@@ -307,24 +307,65 @@ AttentionOptions local_options(const ModelParallel& par, const ModelConfig& c, i
 
 }  // namespace
 
+namespace {
+
+// Runs attend(row, n, dist, local) once for all B rows (no documents) or once per
+// row with that row's documents: rows [row, row + n), the distributed and the
+// local options with their masks.
+template <class F>
+void by_documents(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer, int64_t B,
+                  std::span<const std::vector<int32_t>> documents, F attend) {
+  const DistAttentionOptions dist = par.sp ? dist_options(dev, par, c, layer) : DistAttentionOptions();
+  const AttentionOptions local = local_options(par, c, layer);
+  if (documents.empty()) return attend(0, B, dist, local);
+  check(static_cast<int64_t>(documents.size()) == B, "packed documents: ", documents.size(), " rows of cu_seqlens for ",
+        B, " rows");
+  for (int64_t b = 0; b < B; ++b) {
+    DistAttentionOptions d = dist;
+    AttentionOptions o = local;
+    const std::span<const int32_t> cu(documents[static_cast<size_t>(b)]);
+    d.cu_seqlens = cu;
+    Documents docs;
+    if (!par.sp) {
+      docs = ringattn::documents(cu, cu);
+      docs.apply(o);
+    }
+    attend(b, 1, d, o);
+  }
+}
+
+}  // namespace
+
 void sequence_parallel_attention(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer,
                                  const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
-                                 const TensorView& lse) {
-  if (par.sp)
-    dist_attention_forward(*par.sp, q, k, v, o, lse, dist_options(dev, par, c, layer));
-  else
-    dev.attention_forward(q, k, v, o, lse, local_options(par, c, layer));
+                                 const TensorView& lse, std::span<const std::vector<int32_t>> documents) {
+  by_documents(dev, par, c, layer, q.dim(0), documents,
+               [&](int64_t b, int64_t n, const DistAttentionOptions& dist, const AttentionOptions& local) {
+                 const TensorView qb = q.slice(0, b, n), kb = k.slice(0, b, n), vb = v.slice(0, b, n),
+                                  ob = o.slice(0, b, n), lb = lse.slice(0, b, n);
+                 if (par.sp)
+                   dist_attention_forward(*par.sp, qb, kb, vb, ob, lb, dist);
+                 else
+                   dev.attention_forward(qb, kb, vb, ob, lb, local);
+               });
 }
 
 namespace {
 
 void attention_bwd(Device& dev, const ModelParallel& par, const ModelConfig& c, int64_t layer, const TensorView& q,
                    const TensorView& k, const TensorView& v, const TensorView& o, const TensorView& lse,
-                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv) {
-  if (par.sp)
-    dist_attention_backward(*par.sp, q, k, v, o, lse, dout, dq, dk, dv, dist_options(dev, par, c, layer));
-  else
-    dev.attention_backward(q, k, v, o, lse, dout, dq, dk, dv, local_options(par, c, layer));
+                   const TensorView& dout, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                   std::span<const std::vector<int32_t>> documents) {
+  by_documents(dev, par, c, layer, q.dim(0), documents,
+               [&](int64_t b, int64_t n, const DistAttentionOptions& dist, const AttentionOptions& local) {
+                 const TensorView qb = q.slice(0, b, n), kb = k.slice(0, b, n), vb = v.slice(0, b, n),
+                                  ob = o.slice(0, b, n), lb = lse.slice(0, b, n), gb = dout.slice(0, b, n),
+                                  dqb = dq.slice(0, b, n), dkb = dk.slice(0, b, n), dvb = dv.slice(0, b, n);
+                 if (par.sp)
+                   dist_attention_backward(*par.sp, qb, kb, vb, ob, lb, gb, dqb, dkb, dvb, dist);
+                 else
+                   dev.attention_backward(qb, kb, vb, ob, lb, gb, dqb, dkb, dvb, local);
+               });
 }
 
 // y[N, D] = x[N, K_local] · W[K_local, D], summed over the TP group, + b: a
@@ -392,7 +433,8 @@ void rope_qk(const Model& m, int64_t N, float* qkv, const int64_t* pos, bool bac
 
 // x: [B, Ll, D] -> [B, Ll, D]
 DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParallel& par, Activations& act,
-                           const AttentionHook& attention, std::span<const int64_t> positions) {
+                           const AttentionHook& attention, std::span<const int64_t> positions,
+                           std::span<const std::vector<int32_t>> documents) {
   const ModelConfig& c = m.config();
   Device& dev = m.device();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
@@ -403,6 +445,8 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
   const int64_t A = m.local_heads() * c.head_dim(), Fin = c.mlp == Mlp::swiglu ? 2 * F : F;
   act.B = B, act.Ll = Ll;
   act.pos.reset();
+  check(documents.empty() || !attention, "packed documents are for training and scoring, not the KV cache");
+  act.documents.assign(documents.begin(), documents.end());
   if (c.rope) {
     const std::vector<int64_t> local = positions.empty() ? local_positions(par, Ll) : std::vector<int64_t>();
     const std::span<const int64_t> pos = positions.empty() ? std::span<const int64_t>(local) : positions;
@@ -437,7 +481,7 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
     if (attention)
       attention(l, q, k, v, s.o, s.lse);
     else
-      sequence_parallel_attention(dev, par, c, m.first_layer() + l, q, k, v, s.o, s.lse);
+      sequence_parallel_attention(dev, par, c, m.first_layer() + l, q, k, v, s.o, s.lse, act.documents);
     s.x1 = dev.alloc(DType::f32, {N, D});
     row_parallel_linear(dev, par, N, A, D, s.o.ptr<float>(), w.w_o, p.b_o, s.x1.ptr<float>(), c.dtype);
     dev.add(s.x1, flat(s.x, N, D));
@@ -496,7 +540,7 @@ DeviceTensor model_backward(Model& m, const Activations& act, const TensorView& 
                         c.dtype);
     attention_bwd(dev, par, c, m.first_layer() + l, qkv_part(s.qkv, m, B, Ll, 0), qkv_part(s.qkv, m, B, Ll, 1),
                   qkv_part(s.qkv, m, B, Ll, 2), s.o, s.lse, dout, qkv_part(dqkv, m, B, Ll, 0),
-                  qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2));
+                  qkv_part(dqkv, m, B, Ll, 1), qkv_part(dqkv, m, B, Ll, 2), act.documents);
     if (c.rope) rope_qk(m, N, dqkv.ptr<float>(), act.pos.get(), true);
     dev.linear_backward(N, D, C, s.a.ptr<float>(), w.w_qkv, dqkv.ptr<float>(), da.ptr<float>(), gp.w_qkv, gp.b_qkv,
                         c.dtype);
