@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -54,7 +55,8 @@ struct Call {
   int64_t B, Ll, H, Hkv, d, L;
   std::vector<int64_t> lens;  // every rank's shard length (they differ by at most one or two)
   DType dtype;
-  bool masked;  // causal, a window or documents: some blocks may see nothing
+  bool masked;                    // causal, a window or documents: some blocks may see nothing
+  int64_t left = -1, right = -1;  // the window, causal folded in (attention.h; −1: unbounded)
   double t_start, compute = 0;
   CommStats comm0;
   std::vector<std::pair<Communicator*, CommStats>> groups;  // hybrid: the sub-groups' traffic counts too
@@ -125,6 +127,7 @@ struct Call {
     if (t.size() > 5) check_attention_grads(q, k, *t[5], *t[6], *t[7], *t[8]);
     if (!opt.cu_seqlens.empty()) check_cu_seqlens(opt.cu_seqlens, L, "cu_seqlens");
     masked = opt.causal || a.window_left >= 0 || a.window_right >= 0 || !opt.cu_seqlens.empty();
+    left = a.window_left, right = a.window_right;
     check(dev.is_host() || (opt.cu_seqlens.empty() && a.window_left < 0 && a.window_right < 0),
           "packed documents and sliding windows run on the host (the CUDA kernels do not take them yet)");
     check(dev.is_host() || opt.strategy == Strategy::ring, "strategy '", strategy_name(opt.strategy),
@@ -180,6 +183,35 @@ struct Call {
   bool sees(const Tokens& q, const Tokens& k) const {
     return !masked || attention_visible_pairs(static_cast<int64_t>(q.pos.size()), static_cast<int64_t>(k.pos.size()),
                                               local(q, k)) > 0;
+  }
+
+  // The range [lo, hi) of k's tokens (in their order) that some query of qs sees,
+  // {0, 0} for none, from the mask rule: the key at position x of document n is
+  // seen from positions x − right .. x + left inside that document.
+  std::pair<int64_t, int64_t> seen_range(const std::vector<const Tokens*>& qs, const Tokens& k) const {
+    std::vector<std::vector<int64_t>> sorted;
+    for (const Tokens* q : qs) {
+      sorted.push_back(q->pos);
+      std::sort(sorted.back().begin(), sorted.back().end());
+    }
+    auto seen = [&](size_t j) {
+      const int64_t x = k.pos[j];
+      int64_t lo = right < 0 ? std::numeric_limits<int64_t>::min() : x - right;
+      int64_t hi = left < 0 ? std::numeric_limits<int64_t>::max() : x + left;
+      if (!k.doc.empty()) {
+        const size_t n = static_cast<size_t>(k.doc[j]);
+        lo = std::max<int64_t>(lo, opt.cu_seqlens[n]), hi = std::min<int64_t>(hi, opt.cu_seqlens[n + 1] - 1);
+      }
+      for (const std::vector<int64_t>& q : sorted) {
+        const auto it = std::lower_bound(q.begin(), q.end(), lo);
+        if (it != q.end() && *it <= hi) return true;
+      }
+      return false;
+    };
+    size_t lo = 0, hi = k.pos.size();
+    while (lo < hi && !seen(lo)) ++lo;
+    while (hi > lo && !seen(hi - 1)) --hi;
+    return {static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
   }
 
   template <typename F>
@@ -246,12 +278,16 @@ size_t bytes_of(const TensorView& t) { return static_cast<size_t>(t.numel()) * d
 // s's block travels, to the farthest member (in ring order) whose queries see
 // it — P − 1 without a mask, less with a window or causal contiguous shards
 // (docs/architecture.md): stages past it neither compute nor transfer.
+// travel[s]: the tokens of that block that leave member s, [lo, hi) in its
+// order: those the members within its reach see (a window's last W keys), all of
+// them without a mask; their K/V (and dK/dV) are what travels.
 struct Ring {
   Communicator& comm;
   Device& dev;
-  std::vector<Tokens> tokens;
+  std::vector<Tokens> tokens, moving;  // moving[s]: tokens[s] in travel[s]
   std::vector<std::shared_ptr<const int64_t>> dev_pos;
   std::vector<int> reach;
+  std::vector<std::pair<int64_t, int64_t>> travel;
   std::vector<bool> seen;  // seen[s]: this member's queries see member s's block
   Ring(const Call& c, Communicator& g, std::vector<Tokens> t) : comm(g), dev(c.dev), tokens(std::move(t)) {
     const int P = g.size(), me = g.rank();
@@ -264,21 +300,37 @@ struct Ring {
       int r = P - 1;
       while (shorten && r > 0 && !c.sees(tokens[(s + r) % P], tokens[s])) --r;
       reach.push_back(r);
+      std::pair<int64_t, int64_t> range{0, length(s)};
+      if (shorten) {
+        std::vector<const Tokens*> receivers;
+        for (int h = 1; h <= r; ++h) receivers.push_back(&tokens[(s + h) % P]);
+        range = c.seen_range(receivers, tokens[s]);
+      }
+      travel.push_back(range);
+      const auto a = static_cast<ptrdiff_t>(range.first), b = static_cast<ptrdiff_t>(range.second);
+      moving.push_back(Tokens{{tokens[s].pos.begin() + a, tokens[s].pos.begin() + b},
+                              tokens[s].doc.empty()
+                                  ? std::vector<int64_t>()
+                                  : std::vector<int64_t>(tokens[s].doc.begin() + a, tokens[s].doc.begin() + b)});
     }
   }
   int P() const { return comm.size(); }
   int p() const { return comm.rank(); }
   int64_t length(int member) const { return static_cast<int64_t>(tokens[member].pos.size()); }
+  int64_t moving_length(int member) const { return travel[member].second - travel[member].first; }
+  bool trimmed(int member) const { return moving_length(member) < length(member); }
   int64_t longest() const {
     int64_t n = 0;
     for (const Tokens& t : tokens) n = std::max(n, static_cast<int64_t>(t.pos.size()));
     return n;
   }
-  // The local attention of this member's queries against member src's block.
-  AttentionOptions local(const Call& c, int src) const {
+  // The local attention of this member's queries against member src's block:
+  // the whole of it (our own), or the part that travelled.
+  AttentionOptions local(const Call& c, int src, bool whole) const {
     const int me = p();
-    return c.local(tokens[me], tokens[src], &comm, {dev_pos[me].get(), tokens[me].pos.size()},
-                   {dev_pos[src].get(), tokens[src].pos.size()});
+    const Tokens& k = whole ? tokens[src] : moving[src];
+    return c.local(tokens[me], k, &comm, {dev_pos[me].get(), tokens[me].pos.size()},
+                   {dev_pos[src].get() + (whole ? 0 : travel[src].first), k.pos.size()});
   }
 };
 
@@ -286,6 +338,20 @@ Ring plain_ring(const Call& c) {
   std::vector<Tokens> members;
   for (int m = 0; m < c.P; ++m) members.push_back(c.tokens(shard_positions(c.opt.layout, c.L, c.P, m)));
   return Ring(c, c.comm, std::move(members));
+}
+
+// Our K/V block as it leaves us, [2, B, n, Hkv, d]: `whole` when all of it
+// travels, else the travel range of k, v copied into `keep`.
+TensorView leaving(const Ring& ring, const TensorView& k, const TensorView& v, DeviceTensor& keep,
+                   const TensorView& whole) {
+  if (!ring.trimmed(ring.p()) || ring.reach[ring.p()] == 0) return whole;  // all of it, or nothing, travels
+  const int64_t lo = ring.travel[ring.p()].first, n = ring.moving_length(ring.p());
+  keep = ring.dev.alloc(k.dtype, {2, k.dim(0), n, k.dim(2), k.dim(3)});
+  if (n > 0) {
+    ring.dev.copy(kv_half(keep.view(), 0), k.slice(1, lo, n));
+    ring.dev.copy(kv_half(keep.view(), 1), v.slice(1, lo, n));
+  }
+  return keep.view();
 }
 
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
@@ -301,6 +367,8 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
   DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lmax, Hkv, d}), dev.alloc(c.dtype, {2, B, Lmax, Hkv, d})};
   dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
   dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
+  DeviceTensor out_buf;
+  const TensorView out = leaving(ring, k, v, out_buf, kv_block(kv[0], Lr));
   DeviceTensor o_acc = dev.alloc(DType::f32, {B, Lr, H, d}), lse_acc = dev.alloc(DType::f32, {B, H, Lr});
   DeviceTensor o_part = dev.alloc(DType::f32, {B, Lr, H, d}), lse_part = dev.alloc(DType::f32, {B, H, Lr});
   dev.fill(o_acc, 0.f);
@@ -308,17 +376,20 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
   int cur = 0;
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;  // next: the block p−1 holds now
-    const TensorView block = kv_block(kv[cur], ring.length(src)), incoming = kv_block(kv[1 - cur], ring.length(next));
+    // Stage 0 holds our whole block and sends what travels; later stages hold a
+    // travelled part.
+    const TensorView block = kv_block(kv[cur], t == 0 ? Lr : ring.moving_length(src));
+    const TensorView sent = t == 0 ? out : block, incoming = kv_block(kv[1 - cur], ring.moving_length(next));
     Request send, recv;
     InFlight guard{ring.comm, {&send, &recv}};
-    if (t < ring.reach[src]) send = ring.comm.isend(block.data, bytes_of(block), right, t);
+    if (t < ring.reach[src]) send = ring.comm.isend(sent.data, bytes_of(sent), right, t);
     if (t < ring.reach[next]) recv = ring.comm.irecv(incoming.data, bytes_of(incoming), left, t);
     ring.comm.progress();                          // start them (a stream-ordered backend launches what was posted)
     if (t > ring.reach[src] || !ring.seen[src]) {  // past the block's reach, or it hides from us
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        dev.attention_forward(q, kv_half(block, 0), kv_half(block, 1), o_part, lse_part, ring.local(c, src));
+        dev.attention_forward(q, kv_half(block, 0), kv_half(block, 1), o_part, lse_part, ring.local(c, src, t == 0));
         dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
@@ -347,6 +418,13 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   dev.fill(dq_acc, 0.f);
   dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
   dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
+  DeviceTensor out_buf;
+  const TensorView out = leaving(ring, k, v, out_buf, kv_block(kv[0], Lr));
+  // When only part of our block travels, our own stage's dK/dV stays here (own)
+  // and the travelling accumulator starts at zero; else it travels with them.
+  const bool trimmed = ring.trimmed(p);
+  const int64_t n_out = ring.moving_length(p);
+  DeviceTensor own = trimmed ? dev.alloc(DType::f32, {2, B, Lr, Hkv, d}) : DeviceTensor();
   Request dkv_send[2];
   InFlight send_guard{comm, {&dkv_send[0], &dkv_send[1]}};
   const int kv_tag = 0, dkv_tag = 1, home_tag = 2 * P + dkv_tag;  // tags 2t + kind
@@ -356,30 +434,32 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   // buffer of its own, so that sender's wait never depends on our progress.
   const int home_from = (p + ring.reach[p]) % P;
   const bool early_home = ring.reach[p] > 0 && ring.reach[p] < P - 1;
-  DeviceTensor dkv_home = early_home ? dev.alloc(DType::f32, {2, B, Lr, Hkv, d}) : DeviceTensor();
+  DeviceTensor dkv_home = early_home ? dev.alloc(DType::f32, {2, B, n_out, Hkv, d}) : DeviceTensor();
   Request home_recv;
   InFlight home_guard{comm, {&home_recv}};
   if (early_home) home_recv = comm.irecv(dkv_home.ptr<void>(), dkv_home.bytes(), home_from, home_tag);
   int cur = 0;
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;
-    const bool holding = t <= ring.reach[src];  // the block reached us
-    const TensorView block = kv_block(kv[cur], ring.length(src)), incoming = kv_block(kv[1 - cur], ring.length(next));
-    const TensorView acc = kv_block(dkv[cur], ring.length(src)), part = kv_block(dkv_part, ring.length(src));
+    const bool holding = t <= ring.reach[src];                // the block reached us
+    const int64_t n = t == 0 ? Lr : ring.moving_length(src);  // the keys held now
+    const TensorView block = kv_block(kv[cur], n), incoming = kv_block(kv[1 - cur], ring.moving_length(next));
+    const TensorView sent = t == 0 ? out : block;
+    const TensorView acc = kv_block(dkv[cur], ring.moving_length(src)), part = kv_block(dkv_part, n);
     Request kv_send, kv_recv, dkv_recv;
     InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
     // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
     // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
     if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
     if (t > 0 && holding) dkv_recv = comm.irecv(acc.data, bytes_of(acc), left, 2 * t + dkv_tag);
-    if (t < ring.reach[src]) kv_send = comm.isend(block.data, bytes_of(block), right, 2 * t + kv_tag);
+    if (t < ring.reach[src]) kv_send = comm.isend(sent.data, bytes_of(sent), right, 2 * t + kv_tag);
     if (t < ring.reach[next]) kv_recv = comm.irecv(incoming.data, bytes_of(incoming), left, 2 * t + kv_tag);
     comm.progress();
     const bool visible = holding && ring.seen[src];
     if (visible) {
       c.timed([&] {
         dev.attention_backward(q, kv_half(block, 0), kv_half(block, 1), o, lse, dout, dq_part, kv_half(part, 0),
-                               kv_half(part, 1), ring.local(c, src));
+                               kv_half(part, 1), ring.local(c, src, t == 0));
         dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
@@ -389,6 +469,12 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
       if (t > 0) {
         comm.wait(dkv_recv);
         if (visible) c.timed([&] { dev.add(acc, part, c.opt.threads); });
+      } else if (trimmed) {
+        if (visible)
+          dev.copy(own, part);
+        else
+          dev.fill(own, 0.f);
+        dev.fill(acc, 0.f);
       } else if (visible) {
         dev.copy(acc, part);
       } else {
@@ -400,8 +486,9 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
       } else if (t > 0) {
         dkv_send[cur] = comm.isend(acc.data, bytes_of(acc), src, home_tag);
       } else {  // t == 0 == reach: our own block, seen by us alone
-        dev.copy(dk, kv_half(acc, 0));
-        dev.copy(dv, kv_half(acc, 1));
+        const TensorView mine = trimmed ? own.view() : acc;
+        dev.copy(dk, kv_half(mine, 0));
+        dev.copy(dv, kv_half(mine, 1));
         home_here = true;
       }
       comm.progress();
@@ -416,7 +503,7 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   if (early_home) {
     comm.wait(home_recv);
   } else if (!home_here) {
-    home = kv_block(dkv_part, Lr);
+    home = kv_block(dkv_part, n_out);
     Request r = comm.irecv(home.data, bytes_of(home), home_from, home_tag);
     InFlight guard{comm, {&r}};
     comm.wait(r);
@@ -424,10 +511,16 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   for (Request& q : dkv_send)
     if (q.pending()) comm.wait(q);
   dev.copy(dq, dq_acc);
-  if (!home_here) {
-    dev.copy(dk, kv_half(home, 0));
-    dev.copy(dv, kv_half(home, 1));
+  if (home_here) return;
+  if (trimmed) {  // own + the travelled range's dK/dV, put back at its place
+    DeviceTensor whole = dev.alloc(DType::f32, {2, B, Lr, Hkv, d});
+    dev.fill(whole, 0.f);
+    dev.copy(whole.view().slice(2, ring.travel[p].first, n_out), home);
+    dev.add(own, whole, c.opt.threads);
+    home = own.view();
   }
+  dev.copy(dk, kv_half(home, 0));
+  dev.copy(dv, kv_half(home, 1));
 }
 
 // ---- all-gather KV ------------------------------------------------------------------

@@ -676,7 +676,9 @@ TEST(DistAttention, BytesMovedPerRank) {
   for (Strategy strat : {Strategy::ring, Strategy::allgather, Strategy::ulysses, Strategy::hybrid})
     for (DType dt : {DType::f32, DType::bf16}) {
       DistCase c;
-      c.strategy = strat, c.layout = Layout::zigzag, c.causal = true, c.dt = dt;
+      // Not causal: every key of every block travels (a mask shortens the ring's
+      // trips, see the tests below).
+      c.strategy = strat, c.layout = Layout::zigzag, c.causal = false, c.dt = dt;
       c.B = 1, c.L = 48, c.H = 24, c.Hkv = 24, c.d = 16, c.seed = 5;  // 24 heads: Ulysses works for P | 24
       if (!c.even(P) || c.must_refuse(P)) continue;
       if (strat != Strategy::ulysses) c.H = 4, c.Hkv = 2;
@@ -805,6 +807,14 @@ TEST(DistAttention, RingCausalContiguousSkipsInvisibleStages) {
     const int want = l == Layout::contiguous ? P - 1 - p : 0;
     EXPECT_EQ(fs.stages_skipped, want) << layout_name(l) << " forward, rank " << p << " of " << P;
     EXPECT_EQ(bs.stages_skipped, want) << layout_name(l) << " backward, rank " << p << " of " << P;
+    if (l == Layout::zigzag) {
+      // Rank 0's second chunk (the sequence's last) is seen by no other rank, so
+      // only its first chunk travels; every other block travels whole. Rank p
+      // sends every block but p+1's (which it holds last).
+      const int64_t block = 2 * c.B * (c.L / P) * c.Hkv * c.d * 4;
+      const int64_t sent = P == 1 ? 0 : (P - 1) * block - (p == P - 1 ? 0 : block / 2);
+      EXPECT_EQ(fs.bytes_sent, sent) << "zigzag causal forward bytes, rank " << p << " of " << P;
+    }
     // Non-causal: nothing to skip.
     DistCase nc = c;
     nc.causal = false;
@@ -832,9 +842,10 @@ TEST(DistAttention, RingWindowAndDocumentsSkipInvisibleBlocks) {
   EXPECT_EQ(fs.stages_skipped, want) << "forward, rank " << p << " of " << P;
   EXPECT_EQ(bs.stages_skipped, want) << "backward, rank " << p << " of " << P;
   expect_matches_single_rank(*comm, c, gather_all(*comm, c, s, true), f, "window 5");
-  // Each block travels one hop (rank P−1's none): K/V once forward; backward K/V
-  // once, its dK/dV once, and the dK/dV of the block from p−1 home again.
-  const int64_t kv = 2 * c.B * 24 * c.Hkv * c.d * 4, dkv = kv;  // fp32 K and V of one shard
+  // Each block travels one hop (rank P−1's none), and only its last 5 keys, all
+  // that p+1's queries see: K/V once forward; backward K/V once, their dK/dV
+  // once, and the dK/dV of the keys from p−1 home again.
+  const int64_t kv = 2 * c.B * 5 * c.Hkv * c.d * 4, dkv = kv;  // fp32 K and V of 5 keys
   EXPECT_EQ(fs.bytes_sent, p < P - 1 ? kv : 0) << "window forward bytes, rank " << p;
   EXPECT_EQ(bs.bytes_sent, (p < P - 1 ? kv + dkv : 0) + (p > 0 ? dkv : 0)) << "window backward bytes, rank " << p;
   // One document per rank (non-causal): every stage but the rank's own is skipped.
