@@ -234,19 +234,16 @@ expect_error "forward: a token id beyond the vocabulary" 1 "outside the vocabula
   "$BIN" forward --model "$GPT2" --ids bad_ids.npy
 expect_error "forward: not a checkpoint folder" 1 "config.json" "$BIN" forward --model "$WORK" --ids ids.npy
 expect_error "forward --pp 2" 1 "--pp must be 1" "$BIN" forward --model "$GPT2" --ids ids.npy --pp 2
-# train --documents: an EOS token is needed, one no document contains, and pp = 1.
+# train --documents: an EOS token is needed, and one no document contains.
 cat >no_eos.json <<'EOF'
 {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
  "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512}
 EOF
-sed 's/"vocab_size": 257/"vocab_size": 257, "eos_token_id": 256/' no_eos.json >eos.json
 sed 's/"vocab_size": 257/"vocab_size": 257, "eos_token_id": 32/' no_eos.json >eos_space.json
 expect_error "train --documents without an EOS id" 1 "has no eos_token_id" \
   "$BIN" train --config no_eos.json --data "$SRC/README.md" --tokenizer byte --documents '' --seq 64
 expect_error "train --documents whose EOS is a byte of the text" 1 "encodes to the end-of-sequence id 32" \
   "$BIN" train --config eos_space.json --data "$SRC/README.md" --tokenizer byte --documents '' --seq 64
-expect_error "train --documents --pp 2" 1 "not supported yet (use --pp 1)" \
-  "$BIN" train --config eos.json --data "$SRC/README.md" --tokenizer byte --documents '' --seq 64 --pp 2
 expect_error "train --documents without --config" 2 "--documents requires" "$BIN" train --documents %
 expect_error "generate --model with two prompts" 1 "exactly one of --prompt" \
   "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --prompt "hello"

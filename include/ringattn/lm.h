@@ -112,7 +112,7 @@ Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int6
 // group when the batch is split) and this rank's gradients added into m.grads()
 // (not reduced). With pp (this rank's model: stage pp->rank()) the batch runs
 // through the 1F1B pipeline in micro_batches (B divisible by it); every stage
-// returns the loss. documents: packed rows as in lm_forward (pp = 1 only).
+// returns the loss. documents: packed rows as in lm_forward.
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                         int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr,
                         int micro_batches = 1, std::span<const std::vector<int32_t>> documents = {});

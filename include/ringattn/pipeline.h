@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <span>
+#include <vector>
 
 #include "ringattn/comm.h"
 #include "ringattn/model.h"
@@ -36,6 +38,11 @@ struct PipelineEnds {
   std::function<DeviceTensor(int i)> input;
   std::function<void(int i, const TensorView& dx)> input_grad;  // may be empty
   std::function<double(int i, const TensorView& y, const TensorView& dy)> loss;
+  // Packed rows (both may be empty, see model_forward): the RoPE positions of all
+  // micro-batches' rows [B·Ll] and their documents [B], micro-batch i taking rows
+  // i·Bm .. (i + 1)·Bm − 1.
+  std::span<const int64_t> positions;
+  std::span<const std::vector<int32_t>> documents;
 };
 // The 1F1B schedule alone over the stages of pp (train = false: the forwards):
 // weight gradients are added into m.grads() (not zeroed, not reduced). Returns

@@ -63,8 +63,6 @@ void run_lm(const TrainArgs& a) {
   std::unique_ptr<Communicator> world;
   if (MpiSession::active()) world = mpi_world(a.timeout);
   const int P = world ? world->size() : 1, rank = world ? world->rank() : 0;
-  check(!a.documents || a.par.pp == 1,
-        "--documents: packed documents under pipeline parallelism are not supported yet (use --pp 1)");
   const ParallelConfig pc = a.par.for_ranks(P);
   check(!a.data.empty(), "train --model/--config needs --data FILE (a text)");
   check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
@@ -150,7 +148,7 @@ void run_lm(const TrainArgs& a) {
     if (!packed) return lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
     const std::vector<std::vector<int32_t>> docs = lm_documents(batch, a.batch, L, eos);
     const std::vector<std::vector<int32_t>> my_docs(docs.begin() + dp0, docs.begin() + dp0 + Bl);
-    return lm_loss_backward(model, par, mine, Bl, L, lm_targets(a.batch, L, docs), replicas, nullptr, 1, my_docs);
+    return lm_loss_backward(model, par, mine, Bl, L, lm_targets(a.batch, L, docs), replicas, pp, pc.pp, my_docs);
   };
   auto held_out = [&] {
     double sum = 0;

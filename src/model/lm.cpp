@@ -657,10 +657,12 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
                         int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
                         std::span<const std::vector<int32_t>> documents) {
   check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
-  check(documents.empty() || !pp, "packed documents under pipeline parallelism are not supported yet (use pp = 1)");
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
   const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos, documents);
   const float scale = 1.f / static_cast<float>(global_targets);
+  document_starts(documents, B, L);
+  // Packed rows: positions restart in each document (per row), else the layout's.
+  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
   if (pp) {  // micro-batch i: rows i·Bm .. (i + 1)·Bm − 1 of this rank's tokens
     check(micro_batches >= 1 && B % micro_batches == 0, "the batch of ", B,
           " sequences must be divisible by the micro-batches ", micro_batches);
@@ -669,8 +671,10 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
       return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * Ll), static_cast<size_t>(Bm * Ll));
     };
     PipelineEnds ends;
-    ends.input = [&](int i) { return lm_embed(m, rows(local, i), Bm, pos); };
-    ends.input_grad = [&](int i, const TensorView& dx) { lm_embed_backward(m, rows(local, i), Bm, pos, dx); };
+    auto where = [&](int i) { return documents.empty() ? std::span<const int64_t>(pos) : rows(at, i); };
+    ends.input = [&](int i) { return lm_embed(m, rows(local, i), Bm, where(i)); };
+    ends.input_grad = [&](int i, const TensorView& dx) { lm_embed_backward(m, rows(local, i), Bm, where(i), dx); };
+    if (!documents.empty()) ends.positions = at, ends.documents = documents;
     ends.loss = [&](int i, const TensorView& y, const TensorView& dy) {
       return lm_head_loss(m, y, rows(labels, i), scale, dy);
     };
@@ -680,7 +684,6 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
     return loss / static_cast<double>(global_targets);
   }
   check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
-  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
   const DeviceTensor x = lm_embed(m, local, B, at);
   Activations act;
   const DeviceTensor y = model_forward(m, x, par, act, {}, at, documents);

@@ -52,7 +52,12 @@ double pipeline_run(Model& m, const PipelineEnds& ends, const ModelParallel& par
   };
   auto forward = [&](int i) {
     const DeviceTensor in = s == 0 ? ends.input(i) : recv(s - 1, 2 * i);
-    DeviceTensor out = model_forward(m, in, par, acts[i]);
+    const size_t rows = static_cast<size_t>(Bm), at = static_cast<size_t>(i) * rows;
+    const std::span<const int64_t> pos =
+        ends.positions.empty() ? ends.positions : ends.positions.subspan(at * static_cast<size_t>(Ll), rows * Ll);
+    const std::span<const std::vector<int32_t>> docs =
+        ends.documents.empty() ? ends.documents : ends.documents.subspan(at, rows);
+    DeviceTensor out = model_forward(m, in, par, acts[i], {}, pos, docs);
     if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
     dys[i] = dev.alloc(DType::f32, {Bm, Ll, D});
     loss += ends.loss(i, out, dys[i]);
