@@ -128,6 +128,8 @@ $PY -c "import numpy as np; assert np.load('q.npy').shape == (1, 32, 2, 16)" || 
 start=$SECONDS
 expect_error "--out nodir before a long compute" 1 "does not exist" "$BIN" attention --seq 16384 --heads 8 --dim 128 --out nodir/o.npy
 ((SECONDS - start < 5)) || fail "--out nodir/o.npy was refused only after $((SECONDS - start)) s (computed first)"
+expect_error "plan --sliding-window --non-causal" 1 "needs causal attention" \
+  "$BIN" plan --hardware h100-sxm --sliding-window 64 --non-causal
 expect_error "plan --calibrate --out nodir/x.json" 1 "does not exist" "$BIN" plan --calibrate --out nodir/x.json
 expect_error "compare --json-out nodir/x.json" 1 "does not exist" "$BIN" compare --json-out nodir/x.json
 expect_error "plan --sweep --png nodir/x.png" 1 "does not exist" "$BIN" plan --hardware h100-sxm --sweep 1024 --png nodir/x.png

@@ -64,6 +64,18 @@ TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
         }
         const double expect = busiest / (static_cast<double>(L) / P * static_cast<double>(L));
         EXPECT_NEAR(causal_busiest_fraction(l, P, L), expect, 1e-12) << layout_name(l) << " P=" << P << " L=" << L;
+        // With a sliding window of W keys query i sees min(i + 1, W).
+        for (int64_t W : {1, 2, 5, 17, 47, 200}) {
+          double most = 0;
+          for (int p = 0; p < P; ++p) {
+            double pairs = 0;
+            for (int64_t i : shard_positions(l, L, P, p)) pairs += static_cast<double>(std::min(i + 1, W));
+            most = std::max(most, pairs);
+          }
+          EXPECT_NEAR(causal_busiest_fraction(l, P, L, W), most / (static_cast<double>(L) / P * static_cast<double>(L)),
+                      1e-12)
+              << layout_name(l) << " P=" << P << " L=" << L << " W=" << W;
+        }
       }
 }
 
@@ -153,6 +165,31 @@ TEST(PlanPredict, RingTransfersHideBehindAttention) {
   EXPECT_GT(copy.train_s, fast.train_s);
   // forward: (P−1) K/V blocks of 2·(L/P)·Hkv·dh fp32 per layer
   EXPECT_NEAR(fast.forward_bytes_sent, 2 * 3 * (2 * 64 * 2 * 4 * 4.0), 1e-6);
+}
+
+// A window W on contiguous shards of 64: each block travels 1 + (W − 2)/64 hops
+// with its last W − 1 keys (what the ring sends), attention work and the KV cache
+// shrink; other layouts are modelled on the whole ring.
+TEST(PlanPredict, SlidingWindowShortensTheRingOnContiguousShards) {
+  Workload w;
+  w.model = tiny(true), w.seq = 256, w.batch = 1;
+  Cluster cl;
+  cl.world = 4;
+  Candidate c;
+  c.sp = 4, c.layout = Layout::contiguous;
+  const double block = 2 * 64 * 2 * 4 * 4.0;  // K and V of one shard, fp32
+  const Prediction full = predict(w, c, toy(1e12), cl);
+  EXPECT_NEAR(full.forward_bytes_sent, 2 * 3 * block, 1e-6);  // 2 layers x 3 hops
+  w.model.window = 9;
+  const Prediction w9 = predict(w, c, toy(1e12), cl);
+  EXPECT_NEAR(w9.forward_bytes_sent, 2 * 1 * block * 8 / 64, 1e-6);  // one hop of 8 keys
+  EXPECT_LT(w9.forward_s, full.forward_s);
+  EXPECT_LT(w9.kv_cache_bytes, full.kv_cache_bytes);
+  w.model.window = 100;
+  const Prediction w100 = predict(w, c, toy(1e12), cl);
+  EXPECT_NEAR(w100.forward_bytes_sent, 2 * 2 * block, 1e-6);  // two hops of whole blocks
+  c.layout = Layout::zigzag;
+  EXPECT_NEAR(predict(w, c, toy(1e12), cl).forward_bytes_sent, 2 * 3 * block, 1e-6);
 }
 
 Workload paper_like() {

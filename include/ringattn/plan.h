@@ -160,8 +160,9 @@ struct Prediction {
 double forward_flops(const Workload& w);
 double forward_flops_per_layer_per_token_gemm(const ModelConfig& m);
 // Causal attention pairs visible to the busiest rank, as a fraction of its
-// (L/P) × L block: 1/2 for balanced layouts, 1 − 1/(2P) for contiguous.
-double causal_busiest_fraction(Layout l, int P, int64_t L);
+// (L/P) × L block: 1/2 for balanced layouts, 1 − 1/(2P) for contiguous; with a
+// sliding window of W keys (W > 0: query i sees keys i − W + 1 .. i) about W/L.
+double causal_busiest_fraction(Layout l, int P, int64_t L, int64_t window = 0);
 double pipeline_bubble(int stages, int micro_batches);  // (p−1)/(m+p−1)
 
 // Collective costs over a group of g devices on `link` (ring algorithms).

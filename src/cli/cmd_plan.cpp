@@ -43,6 +43,7 @@ Workload workload(const PlanArgs& a) {
   w.model = a.model;
   w.model.dtype = parse_dtype(a.dtype);
   w.model.causal = !a.non_causal;
+  check(w.model.window == 0 || w.model.causal, "--sliding-window needs causal attention (drop --non-causal)");
   w.seq = a.seq, w.batch = a.batch;
   w.activations = parse_dtype(a.activations);
   check(w.model.layers >= 1 && w.model.d_model >= 1 && w.model.heads >= 1 && w.model.d_model % w.model.heads == 0 &&
@@ -527,6 +528,7 @@ void run(const PlanArgs& a) {
                         {"batch", w.batch},         {"dtype", dtype_name(w.model.dtype)},
                         {"forward_flops", flops},   {"forward_flops_per_token", flops / tokens},
                         {"objective", a.objective}, {"layouts", nlohmann::json::array()}};
+    j["sliding_window"] = w.model.window;
     if (!h.attention_kernels_used.empty()) j["attention_kernels"] = h.attention_kernels_used;
     for (const Prediction& p : ps) j["layouts"].push_back(prediction_json(p));
     if (!claim.is_null()) j["claim"] = claim;
@@ -539,8 +541,10 @@ void run(const PlanArgs& a) {
       static_cast<long long>(w.model.layers), static_cast<long long>(w.model.d_model),
       static_cast<long long>(w.model.heads), static_cast<long long>(w.model.head_dim()),
       static_cast<long long>(w.model.kv()), static_cast<long long>(w.model.hidden()), dtype_name(w.model.dtype),
-      static_cast<long long>(w.batch), static_cast<long long>(w.seq), w.model.causal ? ", causal" : "", a.world,
-      h.name.c_str(), h.devices_per_node, cl.nodes_for(h), a.objective == "decode" ? "decode" : a.objective.c_str());
+      static_cast<long long>(w.batch), static_cast<long long>(w.seq),
+      (w.model.causal ? ", causal" + (w.model.window > 0 ? cat(", sliding window ", w.model.window) : "") : "").c_str(),
+      a.world, h.name.c_str(), h.devices_per_node, cl.nodes_for(h),
+      a.objective == "decode" ? "decode" : a.objective.c_str());
   if (!h.attention_kernels_used.empty())
     std::printf("      attention at the hardware file's %s rates\n", h.attention_kernels_used.c_str());
   std::printf("      model FLOPs: forward %s per token (training 3x)\n\n", si(flops / tokens, "FLOP").c_str());
@@ -583,6 +587,10 @@ void add_plan(CLI::App& app) {
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
   cmd->add_flag("--non-causal", a->non_causal, "bidirectional attention (default: causal)");
+  cmd->add_option("--sliding-window", a->model.window,
+                  "every layer's query sees its W most recent keys (mistral): attention work, the ring's trips on "
+                  "contiguous shards and the KV cache shrink with it")
+      ->check(positive_count());
   cmd->add_option("--world", a->world, "devices (ranks)")->check(positive_count())->capture_default_str();
   cmd->add_option("--nodes", a->nodes,
                   "nodes (default: world / devices per node); fewer nodes than needed time-share the devices")

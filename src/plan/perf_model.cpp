@@ -94,23 +94,40 @@ double forward_flops_per_layer_per_token_gemm(const ModelConfig& m) {
 double forward_flops(const Workload& w) {
   const ModelConfig& m = w.model;
   const double L = static_cast<double>(w.seq), B = static_cast<double>(w.batch);
-  const double pairs = m.causal ? L * (L + 1) / 2 : L * L;
+  const double pairs = m.causal ? causal_busiest_fraction(Layout::contiguous, 1, w.seq, m.window) * L * L : L * L;
   const double attn = 4 * B * static_cast<double>(m.heads) * pairs * static_cast<double>(m.head_dim());
   return static_cast<double>(m.layers) * (B * L * forward_flops_per_layer_per_token_gemm(m) + attn);
 }
 
-// Visible (query, key) pairs of the busiest rank over its (L/P) × L block.
-double causal_busiest_fraction(Layout l, int P, int64_t L) {
-  const double Ld = static_cast<double>(L), p = P;
-  switch (l) {
-    case Layout::contiguous:
-      return 1 - 1 / (2 * p) + 1 / (2 * Ld);  // the last rank
-    case Layout::zigzag:
-      return 0.5 + 1 / (2 * Ld);  // every rank
-    case Layout::striped:
-      return (Ld + p) / (2 * Ld);  // the last rank
+// Visible (query, key) pairs of the busiest rank over its (L/P) × L block. Query
+// i sees min(i + 1, W) keys (W = L without a window); sums over the intervals of
+// a shard, or the arithmetic progression of a striped one, in closed form.
+double causal_busiest_fraction(Layout l, int P, int64_t L, int64_t window) {
+  const double W = static_cast<double>(window > 0 ? std::min(window, L) : L);
+  auto run = [&](double a, double b) {  // Σ_{i=a}^{b−1} min(i + 1, W)
+    const double m = std::clamp(W - 1, a, b);
+    return (m * (m + 1) - a * (a + 1)) / 2 + (b - m) * W;
+  };
+  const double Ll = static_cast<double>(L) / P, c = static_cast<double>(L) / (2 * P);
+  double busiest = 0;
+  for (int r = 0; r < P; ++r) {
+    double pairs = 0;
+    switch (l) {
+      case Layout::contiguous:
+        pairs = run(r * Ll, (r + 1) * Ll);
+        break;
+      case Layout::zigzag:
+        pairs = run(r * c, (r + 1) * c) + run((2 * P - 1 - r) * c, (2 * P - r) * c);
+        break;
+      case Layout::striped: {  // i = r + kP, k < Ll: i + 1 below W for the first K
+        const double K = W - 2 - r < 0 ? 0 : std::min(Ll, std::floor((W - 2 - r) / P) + 1);
+        pairs = K * (r + 1) + P * K * (K - 1) / 2 + (Ll - K) * W;
+        break;
+      }
+    }
+    busiest = std::max(busiest, pairs);
   }
-  return 1;
+  return busiest / (Ll * static_cast<double>(L));
 }
 
 double pipeline_bubble(int stages, int micro_batches) {
@@ -168,6 +185,7 @@ struct Cost {
   int ranks_per_node = 1;
   DType dt;
   double e, ab, L, D, dh, Hl, Hkvl, Fl, A, C, Ls;
+  int64_t W = 0;                                     // the sliding window of every layer (0: none)
   Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
 
   Cost(const Workload& w_, const Candidate& c_, const Hardware& h_, const Cluster& cl) : w(w_), c(c_), h(h_) {
@@ -178,6 +196,9 @@ struct Cost {
     Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
     Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
     Ls = static_cast<double>(m.layers / c.pp);
+    check(m.window == 0 || std::all_of(m.window_layers.begin(), m.window_layers.end(), [](bool b) { return b; }),
+          "the performance model takes a sliding window on every layer or none");
+    W = m.window;
     const int nodes = cl.nodes_for(h);
     ranks_per_node = (cl.world + nodes - 1) / nodes;
     share = std::max(1.0, static_cast<double>(ranks_per_node) / h.devices_per_node);
@@ -208,29 +229,41 @@ struct Cost {
   double attn_flops(double Bm, double Hh, double Lq, double Lk, double frac) const {
     return 4 * Bm * Hh * Lq * Lk * dh * frac;
   }
-  double full_frac() const { return w.model.causal ? (L + 1) / (2 * L) : 1.0; }
-  double layout_frac(int P) const { return w.model.causal ? causal_busiest_fraction(c.layout, P, w.seq) : 1.0; }
+  double full_frac() const { return w.model.causal ? causal_busiest_fraction(Layout::contiguous, 1, w.seq, W) : 1.0; }
+  double layout_frac(int P) const { return w.model.causal ? causal_busiest_fraction(c.layout, P, w.seq, W) : 1.0; }
+  // The ring's trips under a window W on contiguous shards of Lr tokens: member
+  // s's block is seen by the members up to 1 + (W − 2)/Lr hops on, and only its
+  // last W − 1 keys travel (the ring sends what its receivers see). Other
+  // layouts (and no window) go the whole ring with whole blocks: modelled so,
+  // an upper bound (the ring trims zigzag's and striped blocks a little).
+  int ring_hops(int R, double Lr) const {
+    if (W <= 0 || c.layout != Layout::contiguous) return R - 1;
+    return W < 2 ? 0 : static_cast<int>(std::min<double>(R - 1, 1 + std::floor((static_cast<double>(W) - 2) / Lr)));
+  }
+  double travel_frac(double Lr) const {
+    return W > 0 && c.layout == Layout::contiguous ? std::min(1.0, static_cast<double>(W - 1) / Lr) : 1.0;
+  }
 
   // The ring over group g of R members (each holding Lr tokens and Hh heads):
   // R stages, the K/V block (and in the backward its fp32 dK/dV) in flight
   // during each stage's attention; the accumulators' last hop home is exposed.
   void ring(Clock& k, const Group& g, double Bm, double Lr, double Hh, double Hkvh, double frac, bool bwd) const {
-    const int R = g.size;
+    const int R = g.size, hops = ring_hops(R, Lr);  // stages computed: hops + 1
     const double flops = attn_flops(Bm, Hh, Lr, Lr * R, frac) * (bwd ? 2.5 : 1.0);
-    const double stage = attn_s(flops, bwd) / R;
-    const double kv = 2 * Bm * Lr * Hkvh * dh * e, dkv = 2 * Bm * Lr * Hkvh * dh * 4;
+    const double stage = attn_s(flops, bwd) / (hops + 1);
+    const double moving = Bm * Lr * travel_frac(Lr) * Hkvh * dh, kv = 2 * moving * e, dkv = 2 * moving * 4;
     const LinkSpec& l = link(g);
-    const double merge = bwd ? 0 : elem_s((R - 1) * 4 * Bm * Lr * Hh * dh * 4);
-    k.compute += R * stage + merge + ops_s(2.0 * R);
-    if (R == 1) return;
+    const double merge = bwd ? 0 : elem_s(hops * 4 * Bm * Lr * Hh * dh * 4);
+    k.compute += (hops + 1) * stage + merge + ops_s(2.0 * (hops + 1));
+    if (hops == 0) return;
     const double per_stage = bwd ? kv + dkv : kv;
-    for (int t = 0; t + 1 < R; ++t) {
+    for (int t = 0; t < hops; ++t) {
       const double x = cost_send(l, per_stage);
       k.comm += x, k.waits += 1;
       if (l.overlaps_compute) k.hidden += std::min(x, stage);
     }
     if (bwd) k.comm += cost_send(l, dkv), k.waits += 1;  // home hop
-    k.traffic((R - 1) * per_stage + (bwd ? dkv : 0), inter(g));
+    k.traffic(hops * per_stage + (bwd ? dkv : 0), inter(g));
   }
 
   // An un-overlapped collective.
@@ -413,7 +446,9 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // seq tokens sharded over sp (by sequence), tp (by head) and pp (by layer).
   const double Bd = static_cast<double>(w.batch) / c.dp;
   const double cache_e = md.e;
-  p.kv_cache_bytes = Bd * (L / c.sp) * Hkvl * dh * 2 * cache_e * md.Ls;
+  // A window keeps a ring buffer of W + ⌈W/sp⌉ entries per shard (inference.h).
+  const double entries = md.W > 0 ? std::min(L / c.sp, static_cast<double>(md.W + (md.W - 1 + c.sp) / c.sp)) : L / c.sp;
+  p.kv_cache_bytes = Bd * entries * Hkvl * dh * 2 * cache_e * md.Ls;
   const double weight_read = params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
   double stage_s = 0, decode_bytes = 0, decode_waits = S - 1;
   const double decode_bw = h.decode_bandwidth;
