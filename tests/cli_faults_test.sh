@@ -247,6 +247,11 @@ expect_error "train --documents without an EOS id" 1 "has no eos_token_id" \
 expect_error "train --documents whose EOS is a byte of the text" 1 "encodes to the end-of-sequence id 32" \
   "$BIN" train --config eos_space.json --data "$SRC/README.md" --tokenizer byte --documents '' --seq 64
 expect_error "train --documents without --config" 2 "--documents requires" "$BIN" train --documents %
+$PY -c "import numpy as np; np.save('holes.npy', np.array([[3, -1, 4]], dtype=np.int64)); np.save('blank.npy', np.array([[3, 4], [-1, -1]], dtype=np.int64))"
+expect_error "generate --prompt-ids with an id after -1" 1 "after its -1 padding" \
+  "$BIN" generate --model "$GPT2" --prompt-ids holes.npy
+expect_error "generate --prompt-ids with an empty row" 1 "prompt 1 is empty" \
+  "$BIN" generate --model "$GPT2" --prompt-ids blank.npy
 expect_error "generate --model with two prompts" 1 "exactly one of --prompt" \
   "$BIN" generate --model "$GPT2" --prompt-ids ids.npy --prompt "hello"
 expect_error "generate --model --layers (a vector-model option)" 2 "--layers excludes --model" \

@@ -117,14 +117,16 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
                         int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr,
                         int micro_batches = 1, std::span<const std::vector<int32_t>> documents = {});
 
-// Generation (pp = 1): the prompts ids [B, L] (the same on every rank) are
-// prefilled into the sequence-sharded KV cache by par's strategy — the longest
-// prefix that splits over the SP layout; the few tokens left run as decode steps
-// — and only the last position's logits are computed; then up to new_tokens
-// decode steps, each token picked by sample_token (seeded: every rank draws the
-// same). A sequence ends at its eos token (kept) or the count; on_token sees
-// each step's tokens (−1: that sequence has ended). Returns each sequence's new
-// tokens.
+// Generation (pp = 1): the prompts (the same on every rank; their lengths may
+// differ) are prefilled into the sequence-sharded KV cache by par's strategy —
+// each the longest prefix that splits over the SP layout, sequences of one
+// prefix length together; the few tokens left run as decode steps — and only
+// the last position's logits are computed; then up to new_tokens decode steps,
+// each token picked by sample_token (seeded: every rank draws the same). The
+// batch decodes together: a sequence still reading its prompt's last tokens
+// emits nothing that step. A sequence ends at its eos token (kept) or the
+// count; on_token sees each step's tokens (−1: none from that sequence).
+// Returns each sequence's new tokens.
 struct LmGenerateOptions {
   int64_t new_tokens = 16;
   SamplingOptions sampling;
@@ -132,6 +134,10 @@ struct LmGenerateOptions {
   int64_t eos = -1;  // −1: none
   std::function<void(std::span<const int64_t>)> on_token;
 };
+std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par,
+                                              const std::vector<std::vector<int64_t>>& prompts,
+                                              const LmGenerateOptions& o);
+// The same for B prompts of L tokens each, ids [B, L].
 std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
                                               int64_t B, int64_t L, const LmGenerateOptions& o);
 

@@ -210,6 +210,15 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     return t;
   });
   const int64_t B = meta[0], L = meta[1];
+  // Rows of --prompt-ids may end in -1s: prompts of different lengths.
+  std::vector<std::vector<int64_t>> prompts(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const auto row = ids.begin() + b * L, end = row + L, pad = std::find(row, end, -1);
+    check(pad != row, a.prompt_ids, ": prompt ", b, " is empty (its row starts with -1)");
+    check(std::all_of(pad, end, [](int64_t t) { return t == -1; }), a.prompt_ids, ": prompt ", b,
+          " has ids after its -1 padding (pad only the end of a row)");
+    prompts[b].assign(row, pad);
+  }
   const LanguageModel lm = LanguageModel::load(a.lm);
   const RunContext run(&world, pc);
   const Model m = lm_model(lm, a.model.dtype, run);
@@ -233,11 +242,11 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     std::fflush(stdout);
   };
   if (show && B == 1 && tok) {
-    std::fputs(tok->decode(ids).c_str(), stdout);
+    std::fputs(tok->decode(prompts[0]).c_str(), stdout);
     std::fflush(stdout);
   }
   reset_peak_memory();
-  const std::vector<std::vector<int64_t>> out = lm_generate(m, run.model_parallel(), ids, B, L, o);
+  const std::vector<std::vector<int64_t>> out = lm_generate(m, run.model_parallel(), prompts, o);
   if (show) std::printf("\n");
   double peak = static_cast<double>(memory_stats().peak_bytes);  // weights, cache, activations
   world.all_reduce(&peak, 1, ReduceOp::max);
@@ -249,7 +258,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     check(s.greedy, "--check compares greedy decoding: drop --temperature, --top-k, --top-p");
     mismatches = 0;
     for (int64_t b = 0; b < B; ++b) {
-      std::vector<int64_t> seq(ids.begin() + b * L, ids.begin() + (b + 1) * L);
+      std::vector<int64_t> seq = prompts[b];
       for (int64_t t : out[b]) {
         const int64_t n = static_cast<int64_t>(seq.size()), V = lm.config.vocab;
         const Tensor logits = lm_logits(lm, seq, 1, n);
@@ -260,6 +269,8 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     }
   }
   if (world.rank() != 0) return;
+  std::vector<int64_t> lengths;
+  for (const auto& q : prompts) lengths.push_back(static_cast<int64_t>(q.size()));
   if (!a.out_ids.empty()) {
     int64_t longest = 0;
     for (const auto& v : out) longest = std::max<int64_t>(longest, static_cast<int64_t>(v.size()));
@@ -279,6 +290,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
                         {"layout", layout_name(pc.layout)},
                         {"batch", B},
                         {"prompt_tokens", L},
+                        {"prompt_lengths", lengths},
                         {"new_tokens", out},
                         {"prefill_seconds", prefill},
                         {"tpot_median_ms", med * 1e3},
@@ -342,7 +354,9 @@ void add_generate(CLI::App& app) {
                                 "a Hugging Face checkpoint folder (llama, mistral, qwen2, gpt2): generate text");
   cmd->add_option("--prompt", a->prompt, "--model: the prompt text");
   cmd->add_option("--prompt-file", a->prompt_file, "--model: read the prompt text from this file");
-  cmd->add_option("--prompt-ids", a->prompt_ids, "--model: prompt token ids, int64/int32 .npy [L] or [B, L]");
+  cmd->add_option("--prompt-ids", a->prompt_ids,
+                  "--model: prompt token ids, int64/int32 .npy [L] or [B, L] (rows padded at the end with -1: "
+                  "prompts of different lengths)");
   cmd->add_option("--tokenizer", a->tokenizer, "--model: tokenizer.json folder or 'byte' (default: the checkpoint's)");
   cmd->add_option("--out-ids", a->out_ids, "--model: write the new ids [B, N] here (int64 .npy; -1 after EOS)");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "--model: decode --new-tokens tokens even past the EOS token");

@@ -695,44 +695,57 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
   return loss / static_cast<double>(global_targets);
 }
 
-std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
-                                              int64_t B, int64_t L, const LmGenerateOptions& o) {
+std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par,
+                                              const std::vector<std::vector<int64_t>>& prompts,
+                                              const LmGenerateOptions& o) {
   const ModelConfig& c = m.config();
   check(m.first_stage() && m.last_stage(), "generation runs the whole model on each rank (pp = 1)");
   check(o.new_tokens >= 0, "the number of new tokens must be >= 0, got ", o.new_tokens);
-  check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "generation: ", ids.size(),
-        " prompt ids for B=", B, " x L=", L);
+  check(!prompts.empty(), "generation needs at least one prompt");
   check_sampling(o.sampling);
-  check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
-        " new ones pass the model's ", c.positions, " learned positions");
   const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
-  const int64_t unit = P;              // equal shards in every layout
-  const int64_t L0 = L / unit * unit;  // prefilled; the rest of the prompt goes through decode steps
-  check(L0 >= 1, "a prompt of ", L, " tokens is shorter than the ", unit, " the ", layout_name(par.attn.layout),
-        " layout splits over ", P, " ranks: use fewer ranks");
-  const int64_t V = c.vocab, capacity = (L + o.new_tokens + P - 1) / P + 1;
+  const int64_t B = static_cast<int64_t>(prompts.size()), V = c.vocab, unit = P;  // equal shards in every layout
+  int64_t longest = 0;
+  std::vector<int64_t> L0(static_cast<size_t>(B));  // prefilled; the rest of each prompt goes through decode steps
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = static_cast<int64_t>(prompts[b].size());
+    check(L >= 1, "prompt ", b, " is empty");
+    check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
+          " new ones pass the model's ", c.positions, " learned positions");
+    L0[b] = L / unit * unit;
+    check(L0[b] >= 1, "a prompt of ", L, " tokens is shorter than the ", unit, " the ", layout_name(par.attn.layout),
+          " layout splits over ", P, " ranks: use fewer ranks");
+    longest = std::max(longest, L);
+  }
+  const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 1;
   KVCache cache(m, B, capacity, P, p);
   std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
 
-  // Prefill the first L0 tokens; the rank holding position L0 − 1 computes its logits.
-  const std::vector<int64_t> prefix = [&] {
-    std::vector<int64_t> v(static_cast<size_t>(B * L0));
-    for (int64_t b = 0; b < B; ++b) std::copy_n(ids.begin() + b * L, L0, v.begin() + b * L0);
-    return v;
-  }();
-  const std::vector<int64_t> pos = local_positions(par, L0 / P);
-  const DeviceTensor x = lm_embed(m, lm_local_ids(prefix, B, L0, pos), B, pos);
-  const DeviceTensor y = prefill(m, cache, x, 0, par);
-  const auto j = std::find(pos.begin(), pos.end(), L0 - 1);
-  if (j != pos.end()) {
-    const int64_t Ll = static_cast<int64_t>(pos.size()), D = c.d_model;
-    Tensor rows(DType::f32, {B, D});
-    for (int64_t b = 0; b < B; ++b)
-      std::copy_n(y.ptr<float>() + (b * Ll + (j - pos.begin())) * D, D, rows.ptr<float>() + b * D);
-    const Tensor logits = lm_head_logits(m, rows);
-    std::copy_n(logits.ptr<float>(), B * V, last.data());
+  // Prefill the first L0 tokens, consecutive sequences of one L0 together; the
+  // rank holding position L0 − 1 computes their logits.
+  for (int64_t first = 0; first < B;) {
+    int64_t n = 1;
+    while (first + n < B && L0[first + n] == L0[first]) ++n;
+    const int64_t Lp = L0[first];
+    std::vector<int64_t> prefix(static_cast<size_t>(n * Lp));
+    for (int64_t b = 0; b < n; ++b) std::copy_n(prompts[first + b].begin(), Lp, prefix.begin() + b * Lp);
+    const std::vector<int64_t> pos = local_positions(par, Lp / P);
+    const DeviceTensor x = lm_embed(m, lm_local_ids(prefix, n, Lp, pos), n, pos);
+    const DeviceTensor y = prefill(m, cache, x, first, par);
+    std::vector<float> rows_logits(static_cast<size_t>(n * V), 0.f);
+    const auto j = std::find(pos.begin(), pos.end(), Lp - 1);
+    if (j != pos.end()) {
+      const int64_t Ll = static_cast<int64_t>(pos.size()), D = c.d_model;
+      Tensor rows(DType::f32, {n, D});
+      for (int64_t b = 0; b < n; ++b)
+        std::copy_n(y.ptr<float>() + (b * Ll + (j - pos.begin())) * D, D, rows.ptr<float>() + b * D);
+      const Tensor logits = lm_head_logits(m, rows);
+      std::copy_n(logits.ptr<float>(), n * V, rows_logits.data());
+    }
+    if (par.sp) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // only the owner's are nonzero
+    std::copy(rows_logits.begin(), rows_logits.end(), last.begin() + first * V);
+    first += n;
   }
-  if (par.sp) par.sp->all_reduce(last.data(), B * V, ReduceOp::sum);  // only the owner's are nonzero
 
   // One decode step: tokens [B] at positions [B] -> the logits of each.
   auto step = [&](const std::vector<int64_t>& tokens) {
@@ -743,28 +756,39 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     const Tensor logits = lm_head_logits(m, yb);
     std::copy_n(logits.ptr<float>(), B * V, last.data());
   };
-  for (int64_t t = L0; t < L; ++t) {  // the prompt's remainder
-    std::vector<int64_t> tokens(static_cast<size_t>(B));
-    for (int64_t b = 0; b < B; ++b) tokens[b] = ids[b * L + t];
-    step(tokens);
-  }
-
+  // Each step feeds every sequence its next prompt token while it has one, else
+  // the token sampled from its newest logits (which it emits until it ends).
   std::mt19937_64 rng(o.seed);
   std::vector<std::vector<int64_t>> out(static_cast<size_t>(B));
-  std::vector<bool> done(static_cast<size_t>(B), false);
-  for (int64_t s = 0; s < o.new_tokens; ++s) {
+  std::vector<bool> done(static_cast<size_t>(B), o.new_tokens == 0);
+  while (true) {
     std::vector<int64_t> tokens(static_cast<size_t>(B)), shown(static_cast<size_t>(B), -1);
+    bool reading = false, sampled = false;
     for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = cache.length(b);
+      if (t < static_cast<int64_t>(prompts[b].size())) {
+        tokens[b] = prompts[b][t], reading = true;
+        continue;
+      }
       tokens[b] = sample_token(std::span<const float>(last.data() + b * V, static_cast<size_t>(V)), o.sampling, rng);
       if (done[b]) continue;
-      out[b].push_back(tokens[b]), shown[b] = tokens[b];
-      done[b] = tokens[b] == o.eos;
+      out[b].push_back(tokens[b]), shown[b] = tokens[b], sampled = true;
+      done[b] = tokens[b] == o.eos || static_cast<int64_t>(out[b].size()) == o.new_tokens;
     }
-    if (o.on_token) o.on_token(shown);
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; }) || s + 1 == o.new_tokens) break;
+    if (sampled && o.on_token) o.on_token(shown);
+    if (!reading && std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
     step(tokens);
   }
   return out;
+}
+
+std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
+                                              int64_t B, int64_t L, const LmGenerateOptions& o) {
+  check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "generation: ", ids.size(),
+        " prompt ids for B=", B, " x L=", L);
+  std::vector<std::vector<int64_t>> prompts;
+  for (int64_t b = 0; b < B; ++b) prompts.emplace_back(ids.begin() + b * L, ids.begin() + (b + 1) * L);
+  return lm_generate(m, par, prompts, o);
 }
 
 }  // namespace ringattn

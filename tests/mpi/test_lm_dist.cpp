@@ -300,6 +300,54 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
 
+// Prompts of different lengths decode as one batch: lengths 2P + 3, P, P + 1, P
+// prefill 2P, then P, P, P tokens (the last three together) and read the rest
+// in decode steps while the others already emit; every sequence's greedy
+// tokens equal recomputing that sequence alone at every step.
+TEST_P(LmDistributed, PromptsOfDifferentLengthsDecodeTogether) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const int64_t V = lm.config.vocab, new_tokens = 6;
+  std::mt19937_64 rng(21);
+  std::vector<std::vector<int64_t>> prompts;
+  for (int64_t n : {2 * P + 3, P, P + 1, P}) {
+    prompts.emplace_back();
+    for (int64_t i = 0; i < n; ++i) prompts.back().push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(V)));
+  }
+  std::vector<std::vector<int64_t>> want;
+  for (const auto& p : prompts) {
+    std::vector<int64_t> seq = p, w;
+    for (int64_t s = 0; s < new_tokens; ++s) {
+      const int64_t L = static_cast<int64_t>(seq.size());
+      const Tensor logits = lm_logits(lm, seq, 1, L);
+      const float* last = logits.ptr<float>() + (L - 1) * V;
+      w.push_back(std::max_element(last, last + V) - last);
+      seq.push_back(w.back());
+    }
+    want.push_back(w);
+  }
+  const ModelConfig mc = model_config(lm.config);
+  int ran = 0;
+  for (Strategy s : {Strategy::ring, Strategy::ulysses}) {
+    ParallelConfig pc;
+    pc.sp = P, pc.strategy = s, pc.layout = Layout::zigzag, pc.threads = 1;
+    try {
+      check_model_fits(mc, pc.for_ranks(P));
+    } catch (const Error&) {
+      continue;
+    }
+    ++ran;
+    const RunContext run(world.get(), pc);
+    const Model m = lm_model(lm, DType::f32, run);
+    LmGenerateOptions o;
+    o.new_tokens = new_tokens;
+    EXPECT_EQ(lm_generate(m, run.model_parallel(), prompts, o), want) << name << " at P=" << P << " " << label(pc);
+  }
+  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, LmDistributed,
                          ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window",
                                            "qwen2_window"));
