@@ -67,16 +67,7 @@ TEST_P(HfModels, GreedyContinuationEqualsTransformers) {
   const nlohmann::json ref = reference(name);
   std::vector<int64_t> seq = ref["prompt"].get<std::vector<int64_t>>();
   const auto want = ref["greedy"].get<std::vector<int64_t>>();
-  std::vector<int64_t> got;
-  for (size_t s = 0; s < want.size(); ++s) {  // the whole sequence again each step: a reference, not a decoder
-    const int64_t L = static_cast<int64_t>(seq.size()), V = m.config.vocab;
-    const Tensor logits = lm_logits(m, seq, 1, L);
-    const float* last = logits.ptr<float>() + (L - 1) * V;
-    const int64_t next = std::max_element(last, last + V) - last;
-    got.push_back(next);
-    seq.push_back(next);
-  }
-  EXPECT_EQ(got, want) << name;
+  EXPECT_EQ(lm_greedy_reference(m, seq, static_cast<int64_t>(want.size())), want) << name;
 }
 
 TEST_P(HfModels, LossAndGradientsEqualTransformersAutograd) {
@@ -189,15 +180,7 @@ TEST(LmWindow, LongGenerationFromTheRingBufferEqualsRecomputation) {
     o.new_tokens = 24;
     const std::vector<int64_t> got =
         lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o).at(0);
-    std::vector<int64_t> seq = prompt, want;
-    for (int64_t s = 0; s < o.new_tokens; ++s) {
-      const int64_t L = static_cast<int64_t>(seq.size()), V = lm.config.vocab;
-      const Tensor logits = lm_logits(lm, seq, 1, L);
-      const float* last = logits.ptr<float>() + (L - 1) * V;
-      want.push_back(std::max_element(last, last + V) - last);
-      seq.push_back(want.back());
-    }
-    EXPECT_EQ(got, want) << name;
+    EXPECT_EQ(got, lm_greedy_reference(lm, prompt, o.new_tokens)) << name;
   }
 }
 

@@ -37,6 +37,9 @@ struct LanguageModel {
 
 // logits [B, L, vocab] of token ids [B, L] (positions 0..L−1, causal), fp32.
 Tensor lm_logits(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L);
+// n greedy tokens after `prompt`, recomputing the whole sequence with lm_logits
+// at every step: the reference decoding is checked against (slow by design).
+std::vector<int64_t> lm_greedy_reference(const LanguageModel& m, std::vector<int64_t> prompt, int64_t n);
 
 // The causal-LM loss on ids [B, L] (labels shifted within each sequence: token
 // t + 1 is the target of token t; the mean over the B·(L − 1) targets, as

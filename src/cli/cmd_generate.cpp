@@ -257,13 +257,10 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
   if (a.check && world.rank() == 0) {
     check(s.greedy, "--check compares greedy decoding: drop --temperature, --top-k, --top-p");
     mismatches = 0;
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < B; ++b) {  // each token against the reference's pick after the same tokens
       std::vector<int64_t> seq = prompts[b];
       for (int64_t t : out[b]) {
-        const int64_t n = static_cast<int64_t>(seq.size()), V = lm.config.vocab;
-        const Tensor logits = lm_logits(lm, seq, 1, n);
-        const float* last = logits.ptr<float>() + (n - 1) * V;
-        mismatches += (std::max_element(last, last + V) - last) != t;
+        mismatches += lm_greedy_reference(lm, seq, 1)[0] != t;
         seq.push_back(t);
       }
     }

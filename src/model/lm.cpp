@@ -234,6 +234,18 @@ void linear_t_backward(int64_t N, int64_t in, int64_t out, const float* x, const
 
 }  // namespace
 
+std::vector<int64_t> lm_greedy_reference(const LanguageModel& m, std::vector<int64_t> prompt, int64_t n) {
+  std::vector<int64_t> out;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t L = static_cast<int64_t>(prompt.size()), V = m.config.vocab;
+    const Tensor logits = lm_logits(m, prompt, 1, L);
+    const float* last = logits.ptr<float>() + (L - 1) * V;
+    out.push_back(std::max_element(last, last + V) - last);
+    prompt.push_back(out.back());
+  }
+  return out;
+}
+
 Tensor lm_logits(const LanguageModel& m, const std::vector<int64_t>& ids, int64_t B, int64_t L) {
   Forward f(m, ids, B, L);
   f.run();

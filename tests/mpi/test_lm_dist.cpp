@@ -72,9 +72,78 @@ std::vector<ParallelConfig> layouts(int P) {
   return v;
 }
 
+bool fits(const ModelConfig& mc, const ParallelConfig& pc, int P) {
+  try {
+    check_model_fits(mc, pc.for_ranks(P));
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 std::string label(const ParallelConfig& c) {
   return cat("dp=", c.dp, " pp=", c.pp, " sp=", c.sp, " tp=", c.tp, " ", c.strategy_label(), " ",
              layout_name(c.layout));
+}
+
+// Every layout of P ranks that the model fits, on the batch ids [B, L] (packed
+// by docs when given): each rank's logits (pp = 1), the loss and every gradient
+// (summed over the replicas) against the one-process reference's logits
+// [B, L, vocab], loss and gradients (want_full's).
+void expect_every_layout(Communicator& world, const std::string& what, const LanguageModel& lm,
+                         const std::vector<int64_t>& ids, int64_t B, int64_t L,
+                         const std::vector<std::vector<int32_t>>& docs, const Tensor& want_logits, double want_loss,
+                         const Model& want_full) {
+  const int P = world.size();
+  const int64_t V = lm.config.vocab, targets = lm_targets(B, L, docs);
+  const ModelConfig mc = model_config(lm.config);
+  int ran = 0;
+  for (const ParallelConfig& pc : layouts(P)) {
+    if (!fits(mc, pc, P)) continue;  // heads or MLP columns do not split this way
+    ++ran;
+    const RunContext run(&world, pc);
+    const ModelParallel& par = run.model_parallel();
+    const Mesh& mesh = run.mesh();
+    const int64_t Bl = B / pc.dp, row0 = mesh.dp_index() * Bl;
+    const std::vector<int64_t> my_ids(ids.begin() + row0 * L, ids.begin() + (row0 + Bl) * L);
+    const std::vector<std::vector<int32_t>> my_docs =
+        docs.empty() ? docs : std::vector<std::vector<int32_t>>(docs.begin() + row0, docs.begin() + row0 + Bl);
+    Model m = lm_model(lm, DType::f32, run);
+
+    // Logits (the whole model on each rank): this rank's rows against the
+    // reference's at the same (row, position).
+    double err[2] = {0, 0};
+    if (pc.pp == 1) {
+      const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs);
+      const int64_t Ll = logits.dim(1);
+      const std::vector<int64_t> pos = local_positions(par, Ll);
+      Tensor ref(DType::f32, {Bl, Ll, V});
+      for (int64_t b = 0; b < Bl; ++b)
+        for (int64_t j = 0; j < Ll; ++j)
+          std::copy_n(want_logits.ptr<float>() + ((row0 + b) * L + pos[j]) * V, V, ref.ptr<float>() + (b * Ll + j) * V);
+      err[0] = max_rel(logits.ptr<float>(), ref.ptr<float>(), ref.numel());
+    }
+
+    // Loss and gradients (under PP: 1F1B over one micro-batch per sequence),
+    // summed over the replicas, against the reference's slice.
+    m.zero_grads();
+    const double loss = lm_loss_backward(m, par, my_ids, Bl, L, targets, run.replicas(),
+                                         pc.pp > 1 ? mesh.pp_comm.get() : nullptr, static_cast<int>(Bl), my_docs);
+    if (Communicator* r = run.replicas()) r->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
+    Model want_slice = model_for(mc, run);
+    want_slice.copy_slice_from(want_full, true);
+    ASSERT_EQ(want_slice.num_params(), m.num_params());
+    err[1] = max_rel(m.grads(), want_slice.grads(), m.num_params());
+    world.all_reduce(err, 2, ReduceOp::max);
+    const std::string at = cat(what, " at P=", P, " ", label(pc));
+    EXPECT_LT(err[0], 1e-4) << at << ": logits";
+    EXPECT_NEAR(loss, want_loss, 1e-5 * want_loss) << at << ": loss";
+    EXPECT_LT(err[1], 1e-4) << at << ": gradients";
+    if (world.rank() == 0)
+      std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", at.c_str(), err[0], loss,
+                  want_loss, err[1]);
+  }
+  EXPECT_GE(ran, 1) << what << ": no layout fits at P=" << P;
 }
 
 class LmDistributed : public ::testing::TestWithParam<const char*> {};
@@ -91,61 +160,9 @@ TEST_P(LmDistributed, EveryLayoutEqualsOneProcess) {
   for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(V));
   const Tensor want_logits = lm_logits(lm, ids, B, L);
   const LmLossGrads want = lm_loss_and_grads(lm, ids, B, L);
-  ModelConfig mc = model_config(c);
-  Model want_full(mc);
+  Model want_full(model_config(c));
   lm_import(want_full, c, want.grads, true);
-
-  int ran = 0;
-  for (const ParallelConfig& pc : layouts(P)) {
-    try {
-      check_model_fits(mc, pc.for_ranks(P));
-    } catch (const Error&) {
-      continue;  // heads or MLP columns do not split this way
-    }
-    ++ran;
-    const RunContext run(world.get(), pc);
-    const ModelParallel& par = run.model_parallel();
-    const Mesh& mesh = run.mesh();
-    const int64_t Bl = B / pc.dp;
-    const std::vector<int64_t> my_ids(ids.begin() + mesh.dp_index() * Bl * L,
-                                      ids.begin() + (mesh.dp_index() + 1) * Bl * L);
-    Model m = lm_model(lm, DType::f32, run);
-
-    // Logits (the whole model on each rank): this rank's rows against the
-    // reference's at the same (row, position).
-    double err[2] = {0, 0};
-    if (pc.pp == 1) {
-      const Tensor logits = lm_forward(m, par, my_ids, Bl, L);
-      const int64_t Ll = logits.dim(1);
-      const std::vector<int64_t> pos = local_positions(par, Ll);
-      Tensor ref(DType::f32, {Bl, Ll, V});
-      for (int64_t b = 0; b < Bl; ++b)
-        for (int64_t j = 0; j < Ll; ++j)
-          std::copy_n(want_logits.ptr<float>() + ((mesh.dp_index() * Bl + b) * L + pos[j]) * V, V,
-                      ref.ptr<float>() + (b * Ll + j) * V);
-      err[0] = max_rel(logits.ptr<float>(), ref.ptr<float>(), ref.numel());
-    }
-
-    // Loss and gradients (under PP: 1F1B over one micro-batch per sequence),
-    // summed over the replicas, against the reference's slice.
-    m.zero_grads();
-    const double loss = lm_loss_backward(m, par, my_ids, Bl, L, B * (L - 1), run.replicas(),
-                                         pc.pp > 1 ? mesh.pp_comm.get() : nullptr, static_cast<int>(Bl));
-    if (Communicator* r = run.replicas()) r->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
-    Model want_slice = model_for(mc, run);
-    want_slice.copy_slice_from(want_full, true);
-    ASSERT_EQ(want_slice.num_params(), m.num_params());
-    err[1] = max_rel(m.grads(), want_slice.grads(), m.num_params());
-    world->all_reduce(err, 2, ReduceOp::max);
-    const std::string what = cat(name, " at P=", P, " ", label(pc));
-    EXPECT_LT(err[0], 1e-4) << what << ": logits";
-    EXPECT_NEAR(loss, want.loss, 1e-5 * want.loss) << what << ": loss";
-    EXPECT_LT(err[1], 1e-4) << what << ": gradients";
-    if (world->rank() == 0)
-      std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", what.c_str(), err[0],
-                  loss, want.loss, err[1]);
-  }
-  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+  expect_every_layout(*world, name, lm, ids, B, L, {}, want_logits, want.loss, want_full);
 }
 
 // Packed rows: documents (lengths 1 — just its end-of-sequence token — 2, odd,
@@ -199,56 +216,9 @@ TEST_P(LmDistributed, PackedDocumentsEqualEachDocumentAlone) {
         for (int64_t i = 0; i < g.numel(); ++i) acc[i] += static_cast<float>(w * g.ptr<float>()[i]);
       }
     }
-  ModelConfig mc = model_config(c);
-  Model want_full(mc);
+  Model want_full(model_config(c));
   lm_import(want_full, c, want_grads, true);
-
-  int ran = 0;
-  for (const ParallelConfig& pc : layouts(P)) {
-    try {
-      check_model_fits(mc, pc.for_ranks(P));
-    } catch (const Error&) {
-      continue;
-    }
-    const RunContext run(world.get(), pc);
-    const ModelParallel& par = run.model_parallel();
-    const Mesh& mesh = run.mesh();
-    const int64_t Bl = B / pc.dp;
-    const std::vector<int64_t> my_ids(ids.begin() + mesh.dp_index() * Bl * L,
-                                      ids.begin() + (mesh.dp_index() + 1) * Bl * L);
-    const std::vector<std::vector<int32_t>> my_docs(docs.begin() + mesh.dp_index() * Bl,
-                                                    docs.begin() + (mesh.dp_index() + 1) * Bl);
-    Model m = lm_model(lm, DType::f32, run);
-    ++ran;
-    double err[2] = {0, 0};
-    if (pc.pp == 1) {
-      const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs);
-      const int64_t Ll = logits.dim(1);
-      const std::vector<int64_t> pos = local_positions(par, Ll);
-      Tensor ref(DType::f32, {Bl, Ll, V});
-      for (int64_t b = 0; b < Bl; ++b)
-        for (int64_t j = 0; j < Ll; ++j)
-          std::copy_n(want_logits.ptr<float>() + ((mesh.dp_index() * Bl + b) * L + pos[j]) * V, V,
-                      ref.ptr<float>() + (b * Ll + j) * V);
-      err[0] = max_rel(logits.ptr<float>(), ref.ptr<float>(), ref.numel());
-    }
-    m.zero_grads();  // under PP: 1F1B over one micro-batch per row
-    const double loss = lm_loss_backward(m, par, my_ids, Bl, L, targets, run.replicas(),
-                                         pc.pp > 1 ? mesh.pp_comm.get() : nullptr, static_cast<int>(Bl), my_docs);
-    if (Communicator* r = run.replicas()) r->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
-    Model want_slice = model_for(mc, run);
-    want_slice.copy_slice_from(want_full, true);
-    err[1] = max_rel(m.grads(), want_slice.grads(), m.num_params());
-    world->all_reduce(err, 2, ReduceOp::max);
-    const std::string what = cat(name, " packed at P=", P, " ", label(pc));
-    EXPECT_LT(err[0], 1e-4) << what << ": logits";
-    EXPECT_NEAR(loss, want_loss, 1e-5 * want_loss) << what << ": loss";
-    EXPECT_LT(err[1], 1e-4) << what << ": gradients";
-    if (world->rank() == 0)
-      std::printf("[lm packed] %s: logits %.2e, loss %.7f (documents alone %.7f), gradients %.2e\n", what.c_str(),
-                  err[0], loss, want_loss, err[1]);
-  }
-  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+  expect_every_layout(*world, name + " packed", lm, ids, B, L, docs, want_logits, want_loss, want_full);
 }
 
 // Greedy decoding with the KV cache sharded over the SP group (or the heads over
@@ -277,11 +247,7 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
   }
   int ran = 0;
   for (const ParallelConfig& pc : pcs) {
-    try {
-      check_model_fits(mc, pc.for_ranks(P));
-    } catch (const Error&) {
-      continue;
-    }
+    if (!fits(mc, pc, P)) continue;  // heads or MLP columns do not split this way
     ++ran;
     const RunContext run(world.get(), pc);
     const Model m = lm_model(lm, DType::f32, run);
@@ -317,27 +283,13 @@ TEST_P(LmDistributed, PromptsOfDifferentLengthsDecodeTogether) {
     for (int64_t i = 0; i < n; ++i) prompts.back().push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(V)));
   }
   std::vector<std::vector<int64_t>> want;
-  for (const auto& p : prompts) {
-    std::vector<int64_t> seq = p, w;
-    for (int64_t s = 0; s < new_tokens; ++s) {
-      const int64_t L = static_cast<int64_t>(seq.size());
-      const Tensor logits = lm_logits(lm, seq, 1, L);
-      const float* last = logits.ptr<float>() + (L - 1) * V;
-      w.push_back(std::max_element(last, last + V) - last);
-      seq.push_back(w.back());
-    }
-    want.push_back(w);
-  }
+  for (const auto& p : prompts) want.push_back(lm_greedy_reference(lm, p, new_tokens));
   const ModelConfig mc = model_config(lm.config);
   int ran = 0;
   for (Strategy s : {Strategy::ring, Strategy::ulysses}) {
     ParallelConfig pc;
     pc.sp = P, pc.strategy = s, pc.layout = Layout::zigzag, pc.threads = 1;
-    try {
-      check_model_fits(mc, pc.for_ranks(P));
-    } catch (const Error&) {
-      continue;
-    }
+    if (!fits(mc, pc, P)) continue;  // heads or MLP columns do not split this way
     ++ran;
     const RunContext run(world.get(), pc);
     const Model m = lm_model(lm, DType::f32, run);
