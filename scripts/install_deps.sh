@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what ringattn needs on Debian 12 with apt-get, only what is missing.
 # Python helpers (tests, charts) use Debian's /usr/bin/python3 with python3-numpy,
-# not a pyenv/venv interpreter that may be first on PATH.
+# not a pyenv/venv interpreter that may be first on PATH; python3-venv and
+# python3-dev are for the Python package's venv and extension (install_python.sh).
 # Packages are installed without their recommends, so a recommend that a CMake
 # config requires is listed here: Debian's oneDNN is built with its OpenCL GPU
 # runtime and its dnnl-config.cmake calls find_package(OpenCL REQUIRED), whose
@@ -11,7 +12,7 @@ set -euo pipefail
 
 PACKAGES=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libicu-dev
           libopenmpi-dev openmpi-bin iproute2 clang clang-format libclang-rt-14-dev libomp-14-dev libgtest-dev
-          python3-numpy python3-matplotlib)
+          python3-numpy python3-matplotlib python3-venv python3-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -113,6 +113,10 @@ class MpiSession {
 
 // MPI_COMM_WORLD as a Communicator (needs an MpiSession).
 std::unique_ptr<Communicator> mpi_world(double timeout_seconds = 300);
+// A duplicate of an MPI communicator another library made (mpi4py's
+// comm.py2f(): the Fortran handle, the same integer under every MPI), for
+// MPI initialised by anyone with at least MPI_THREAD_FUNNELED.
+std::unique_ptr<Communicator> mpi_from_fortran_handle(int64_t handle, double timeout_seconds = 300);
 
 // True when this process was started by mpirun/mpiexec (OpenMPI/MPICH env vars).
 bool launched_by_mpi();

@@ -41,6 +41,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <type_traits>
@@ -560,26 +561,51 @@ bool MpiSession::active() {
   return !finalised;
 }
 
-std::unique_ptr<Communicator> mpi_world(double timeout_seconds) {
+namespace {
+
+// A Communicator on a duplicate of `base` (`what` names it in errors):
+// MPI_Comm_idup, so that a rank that never arrives gives an error, not a hang.
+std::unique_ptr<Communicator> duplicate(MPI_Comm base, const std::string& what, double timeout_seconds) {
   check(MpiSession::active(), "MPI is not initialised: create a ringattn::MpiSession first");
   check(timeout_seconds == 0 || (std::isfinite(timeout_seconds) && timeout_seconds > 0),
         "the timeout must be positive and finite seconds (0: no limit), got ", timeout_seconds);
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  check(provided >= MPI_THREAD_FUNNELED, "MPI was initialised with thread level ", provided,
+        "; ringattn needs MPI_THREAD_FUNNELED (OpenMP threads around MPI calls)");
   double timeout = env_timeout(timeout_seconds);
   size_t chunk = env_chunk_bytes();
-  // MPI_Comm_idup so that a rank that never arrives gives an error, not a hang.
   MPI_Comm comm = MPI_COMM_NULL;
   MPI_Request req = MPI_REQUEST_NULL;
-  int rc = MPI_Comm_idup(MPI_COMM_WORLD, &comm, &req);
-  if (rc != MPI_SUCCESS) throw Error(cat("MPI_Comm_idup(MPI_COMM_WORLD) failed: ", mpi_error_string(rc)));
+  int rc = MPI_Comm_idup(base, &comm, &req);
+  if (rc != MPI_SUCCESS) throw Error(cat("MPI_Comm_idup(", what, ") failed: ", mpi_error_string(rc)));
   double el = 0;
-  auto fail = [](int code) { throw Error(cat("MPI_Comm_idup(MPI_COMM_WORLD) failed: ", mpi_error_string(code))); };
+  auto fail = [&](int code) { throw Error(cat("MPI_Comm_idup(", what, ") failed: ", mpi_error_string(code))); };
   if (!wait_request(req, timeout, 0, el, fail)) {
     int r = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &r);
-    throw Error(cat("rank ", r, ": timed out after ", timeout,
-                    " s duplicating MPI_COMM_WORLD; some rank did not arrive (it may have failed or be stuck)"));
+    throw Error(cat("rank ", r, ": timed out after ", timeout, " s duplicating ", what,
+                    "; some rank did not arrive (it may have failed or be stuck)"));
   }
   return std::make_unique<MpiCommunicator>(comm, timeout, chunk);
+}
+
+}  // namespace
+
+std::unique_ptr<Communicator> mpi_world(double timeout_seconds) {
+  return duplicate(MPI_COMM_WORLD, "MPI_COMM_WORLD", timeout_seconds);
+}
+
+std::unique_ptr<Communicator> mpi_from_fortran_handle(int64_t handle, double timeout_seconds) {
+  check(MpiSession::active(), "MPI is not initialised (mpi4py initialises it on `from mpi4py import MPI`)");
+  check(handle >= std::numeric_limits<MPI_Fint>::min() && handle <= std::numeric_limits<MPI_Fint>::max(),
+        "not an MPI communicator handle: ", handle);
+  MPI_Comm base = MPI_Comm_f2c(static_cast<MPI_Fint>(handle));
+  check(base != MPI_COMM_NULL, "the MPI communicator is MPI_COMM_NULL (this process is not in it)");
+  int inter = 0;
+  check(MPI_Comm_test_inter(base, &inter) == MPI_SUCCESS, "not a valid MPI communicator handle: ", handle);
+  check(!inter, "an inter-communicator cannot carry a ring: pass an intra-communicator");
+  return duplicate(base, "the given communicator", timeout_seconds);
 }
 
 bool launched_by_mpi() {

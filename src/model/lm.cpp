@@ -647,9 +647,23 @@ int64_t local_length(const ModelParallel& par, int64_t L) {
 
 }  // namespace
 
+namespace {
+
+// The whole batch, checked on every rank before any compute: each rank embeds
+// only its own tokens, and a bad id found by one rank alone would leave the
+// others waiting in the next collective.
+void check_batch_ids(const ModelConfig& c, std::span<const int64_t> ids, int64_t L) {
+  for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
+  check(c.positions == 0 || L <= c.positions, "a sequence of ", L, " tokens passes the model's ", c.positions,
+        " learned positions");
+}
+
+}  // namespace
+
 Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                   std::span<const std::vector<int32_t>> documents) {
   check(m.first_stage() && m.last_stage(), "lm_forward runs the whole model (pp = 1)");
+  check_batch_ids(m.config(), ids, L);
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
   const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos);
   document_starts(documents, B, L);
@@ -669,6 +683,7 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
                         int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
                         std::span<const std::vector<int32_t>> documents) {
   check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
+  check_batch_ids(m.config(), ids, L);
   const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
   const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos, documents);
   const float scale = 1.f / static_cast<float>(global_targets);
@@ -722,6 +737,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = static_cast<int64_t>(prompts[b].size());
     check(L >= 1, "prompt ", b, " is empty");
+    check_batch_ids(c, prompts[b], L);
     check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
           " new ones pass the model's ", c.positions, " learned positions");
     L0[b] = L / unit * unit;

@@ -300,6 +300,36 @@ TEST_P(LmDistributed, PromptsOfDifferentLengthsDecodeTogether) {
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
 
+// A token id outside the vocabulary at the last position (held by one rank in
+// every layout) fails on every rank before any compute, in the forward, the loss
+// and generation: no rank is left waiting in a collective.
+TEST(LmDistributedErrors, BadTokenIdFailsOnEveryRank) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  const LanguageModel lm = LanguageModel::load(kHf + "llama_gqa");
+  ParallelConfig pc;
+  pc.sp = P, pc.threads = 1;
+  const RunContext run(world.get(), pc);
+  Model m = lm_model(lm, DType::f32, run);
+  const int64_t L = 4 * P;
+  std::vector<int64_t> ids(static_cast<size_t>(L), 1);
+  ids.back() = lm.config.vocab;
+  const std::string want = cat("token id ", lm.config.vocab, " is outside the vocabulary");
+  auto fails = [&](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what()).find(want) != std::string::npos;
+    }
+    return false;
+  };
+  const ModelParallel& par = run.model_parallel();
+  EXPECT_TRUE(fails([&] { lm_forward(m, par, ids, 1, L); }));
+  EXPECT_TRUE(fails([&] { lm_loss_backward(m, par, ids, 1, L, L - 1, nullptr); }));
+  EXPECT_TRUE(fails([&] { lm_generate(m, par, {ids}, LmGenerateOptions{}); }));
+  world->barrier();  // every rank got here: none is stuck
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, LmDistributed,
                          ::testing::Values("llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window",
                                            "qwen2_window"));
