@@ -8,6 +8,7 @@ go to the C++ kernels through DLPack without a copy: float32, bfloat16 and
 float16, ``[B, L, H, d]`` like flash-attn's ``flash_attn_func``.
 """
 
+from functools import partial
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -88,16 +89,17 @@ def _check_tensors(names, tensors):
             raise TypeError(f"{n} must be a torch tensor, got {type(t).__name__}")
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The same kernels as the ops above without the dispatcher's cost per call (about 12 us of a
-    40 us call on tiny tensors): what eager code runs; torch.compile traces the ops."""
+class _KernelAttention(torch.autograd.Function):
+    """o, lse = forward(q, k, v, o, lse) with autograd by backward(q, k, v, o, lse, dout, dq, dk, dv):
+    the extension's local or distributed pair, bound to their options. Eager code runs this rather
+    than the ops above: the dispatcher costs about 12 us of a 40 us call on tiny tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, options):
+    def forward(ctx, q, k, v, kernels):
+        forward, ctx.backward_kernel = kernels
         o, lse = _alloc_like(q), _lse_like(q)
-        _ringattn.attention_forward(q.detach(), k.detach(), v.detach(), o, lse, **options)
+        forward(q.detach(), k.detach(), v.detach(), o, lse)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.options = options
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -105,8 +107,7 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
-        _ringattn.attention_backward(q.detach(), k.detach(), v.detach(), o, lse, dout.detach(), dq, dk, dv,
-                                     **ctx.options)
+        ctx.backward_kernel(q.detach(), k.detach(), v.detach(), o, lse, dout.detach(), dq, dk, dv)
         return dq, dk, dv, None
 
 
@@ -124,27 +125,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=None, cu_seqlens=None
     if torch.compiler.is_compiling():
         o, lse = _attention(q, k, v, *(m[n] for n in _OPTIONS))
     else:
-        o, lse = _EagerAttention.apply(q, k, v, m)
+        kernels = (partial(_ringattn.attention_forward, **m), partial(_ringattn.attention_backward, **m))
+        o, lse = _KernelAttention.apply(q, k, v, kernels)
     return (o, lse) if return_lse else o
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, comm, args):
-        o, lse = _alloc_like(q), _lse_like(q)
-        _ringattn.dist_forward(comm, q.detach(), k.detach(), v.detach(), o, lse, **args)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.comm, ctx.args = comm, args
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
-        _ringattn.dist_backward(ctx.comm, q.detach(), k.detach(), v.detach(), o, lse, dout.detach(), dq, dk, dv,
-                                **ctx.args)
-        return dq, dk, dv, None, None
 
 
 def ring_attention(q, k, v, comm, *, strategy="ring", layout="zigzag", causal=False, scale=None, window=None,
@@ -152,7 +135,9 @@ def ring_attention(q, k, v, comm, *, strategy="ring", layout="zigzag", causal=Fa
     """ringattn.ring_attention on this rank's CPU tensor shards, with autograd (the backward is collective)."""
     _check_tensors("qkv", (q, k, v))
     args = _core._dist_args(strategy, layout, causal, scale, window, cu_seqlens, ulysses, threads)
-    o, lse = _RingAttention.apply(q, k, v, _core._comm(comm), args)
+    c = _core._comm(comm)
+    kernels = (partial(_ringattn.dist_forward, c, **args), partial(_ringattn.dist_backward, c, **args))
+    o, lse = _KernelAttention.apply(q, k, v, kernels)
     return (o, lse) if return_lse else o
 
 

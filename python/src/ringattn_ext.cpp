@@ -242,14 +242,29 @@ nb::ndarray<nb::numpy, float> to_numpy(Tensor t) {
   return nb::ndarray<nb::numpy, float>(owned->ptr<float>(), static_cast<size_t>(owned->rank()), shape, owner);
 }
 
-// Token ids [B, L] (any integer dtype) as int64 row-major.
-std::vector<int64_t> ids_of(const nb::ndarray<nb::ro, nb::c_contig, nb::ndim<2>>& a, int64_t& B, int64_t& L) {
+using Ids = nb::ndarray<nb::ro, nb::c_contig, nb::ndim<2>>;
+
+// Token ids [B, L] (int64, row-major) as a vector.
+std::vector<int64_t> ids_of(const Ids& a, int64_t& B, int64_t& L) {
   using C = nb::dlpack::dtype_code;
   check(a.device_type() == nb::device::cpu::value, "ids must be in host memory");
   check(a.dtype().code == static_cast<uint8_t>(C::Int) && a.dtype().bits == 64, "ids must be int64");
   B = static_cast<int64_t>(a.shape(0)), L = static_cast<int64_t>(a.shape(1));
   const int64_t* p = static_cast<const int64_t*>(a.data());
   return std::vector<int64_t>(p, p + B * L);
+}
+
+// The logits f(ids, B, L) of ids [B, L], computed without the GIL.
+template <typename F>
+nb::ndarray<nb::numpy, float> logits_of(const Ids& ids, F&& f) {
+  int64_t B = 0, L = 0;
+  const std::vector<int64_t> v = ids_of(ids, B, L);
+  Tensor logits;
+  {
+    nb::gil_scoped_release unlocked;
+    logits = f(v, B, L);
+  }
+  return to_numpy(std::move(logits));
 }
 
 }  // namespace
@@ -472,16 +487,11 @@ NB_MODULE(_ringattn, m) {
                    })
       .def(
           "forward",
-          [](PyLM& p, nb::ndarray<nb::ro, nb::c_contig, nb::ndim<2>> ids) {
-            int64_t B = 0, L = 0;
-            const std::vector<int64_t> v = ids_of(ids, B, L);
-            Tensor logits;
-            {
-              nb::gil_scoped_release unlocked;
+          [](PyLM& p, Ids ids) {
+            return logits_of(ids, [&](const std::vector<int64_t>& v, int64_t B, int64_t L) {
               p.run->config().check_sequence(L);
-              logits = lm_forward(*p.model, p.run->model_parallel(), v, B, L);
-            }
-            return to_numpy(std::move(logits));
+              return lm_forward(*p.model, p.run->model_parallel(), v, B, L);
+            });
           },
           "ids"_a)
       .def(
@@ -500,18 +510,5 @@ NB_MODULE(_ringattn, m) {
             nb::gil_scoped_release unlocked;
             return lm_generate(*p.model, p.run->model_parallel(), prompts, o);
           },
-          "prompts"_a, "new_tokens"_a, "temperature"_a.none(), "top_k"_a, "top_p"_a, "seed"_a, "ignore_eos"_a)
-      .def(
-          "reference_logits",
-          [](PyLM& p, nb::ndarray<nb::ro, nb::c_contig, nb::ndim<2>> ids) {
-            int64_t B = 0, L = 0;
-            const std::vector<int64_t> v = ids_of(ids, B, L);
-            Tensor logits;
-            {
-              nb::gil_scoped_release unlocked;
-              logits = lm_logits(p.lm, v, B, L);
-            }
-            return to_numpy(std::move(logits));
-          },
-          "ids"_a);
+          "prompts"_a, "new_tokens"_a, "temperature"_a.none(), "top_k"_a, "top_p"_a, "seed"_a, "ignore_eos"_a);
 }

@@ -38,41 +38,35 @@ def _expand(k, H):
     return np.repeat(k.astype(np.float64), H // k.shape[2], axis=2)
 
 
-def forward(q, k, v, causal=False, scale=None, window=None, cu_q=None, cu_k=None):
-    """o [B, Lq, H, d] and lse [B, H, Lq] in float64; rows that see no key: o = 0, lse = -inf."""
+def _probabilities(q, k, causal, scale, window, cu_q, cu_k):
+    """P [B, H, Lq, Lk] (masked softmax rows, 0 where a row sees no key) and the row max and sum."""
     B, Lq, H, d = q.shape
-    Lk = k.shape[1]
     scale = 1 / np.sqrt(d) if scale is None else scale
-    K, V = _expand(k, H), _expand(v, H)
-    s = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), K) * scale
-    m = mask(Lq, Lk, causal, window, cu_q, cu_k)
-    s = np.where(m, s, -np.inf)
+    s = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), _expand(k, H)) * scale
+    s = np.where(mask(Lq, k.shape[1], causal, window, cu_q, cu_k), s, -np.inf)
     mx = np.max(s, axis=-1, keepdims=True)
     mx = np.where(np.isfinite(mx), mx, 0)
     p = np.exp(s - mx)
     z = p.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(z > 0, p / z, 0)
-        lse = np.where(z[..., 0] > 0, np.log(z[..., 0]) + mx[..., 0], -np.inf)
-    return np.einsum("bhij,bjhd->bihd", p, V), lse
+        return np.where(z > 0, p / z, 0), mx[..., 0], z[..., 0], scale
+
+
+def forward(q, k, v, causal=False, scale=None, window=None, cu_q=None, cu_k=None):
+    """o [B, Lq, H, d] and lse [B, H, Lq] in float64; rows that see no key: o = 0, lse = -inf."""
+    p, mx, z, _ = _probabilities(q, k, causal, scale, window, cu_q, cu_k)
+    with np.errstate(divide="ignore"):
+        lse = np.where(z > 0, np.log(z) + mx, -np.inf)
+    return np.einsum("bhij,bjhd->bihd", p, _expand(v, q.shape[2])), lse
 
 
 def backward(dout, q, k, v, causal=False, scale=None, window=None, cu_q=None, cu_k=None):
     """dq, dk, dv in float64 (dk, dv summed over each GQA group's query heads)."""
     B, Lq, H, d = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    scale = 1 / np.sqrt(d) if scale is None else scale
+    p, _, _, scale = _probabilities(q, k, causal, scale, window, cu_q, cu_k)
     K, V = _expand(k, H), _expand(v, H)
     Q, dO = q.astype(np.float64), dout.astype(np.float64)
-    s = np.einsum("bihd,bjhd->bhij", Q, K) * scale
-    m = mask(Lq, Lk, causal, window, cu_q, cu_k)
-    s = np.where(m, s, -np.inf)
-    mx = np.max(s, axis=-1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0)
-    p = np.exp(s - mx)
-    z = p.sum(-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(z > 0, p / z, 0)
     dV = np.einsum("bhij,bihd->bjhd", p, dO)
     dP = np.einsum("bihd,bjhd->bhij", dO, V)
     dS = p * (dP - np.sum(dP * p, axis=-1, keepdims=True))
