@@ -32,11 +32,18 @@ def model_pair(name):
     return ref, mine
 
 
+# The ring on every layout; all-gather; Ulysses (equal shards, the 2 kv heads split over the ranks:
+# at 2 ranks only).
+CASES = [(layout, "ring") for layout in ("zigzag", "contiguous", "striped")] + [("zigzag", "allgather")]
+if 2 % COMM.size == 0:
+    CASES.append(("zigzag", "ulysses"))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "striped"])
-def test_patched_model_equals_one_process(name, layout):
+@pytest.mark.parametrize("layout,strategy", CASES)
+def test_patched_model_equals_one_process(name, layout, strategy):
     ref, mine = model_pair(name)
-    ringattn.hf.patch(mine, COMM, layout=layout)
+    ringattn.hf.patch(mine, COMM, layout=layout, strategy=strategy)
     B, L = 2, 6 * COMM.size + 1 if layout != "zigzag" else 6 * COMM.size  # uneven shards where the layout allows
     ids = torch.randint(0, COMMON["vocab_size"], (B, L), generator=torch.Generator().manual_seed(1))
     out_ref = ref(input_ids=ids, labels=ids, use_cache=False)
