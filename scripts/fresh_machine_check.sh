@@ -113,6 +113,13 @@ printf '%s\n' "$mirrors" >"$run/sources.list"
 mmdebstrap --variant=apt bookworm "$root" "$run/sources.list" >"$run/mmdebstrap.log" 2>&1 \
   || { tail -20 "$run/mmdebstrap.log" >&2; log "mmdebstrap failed"; exit 1; }
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's own HTTPS trust anchors, like its resolver: on a network behind a
+# TLS-inspecting proxy, the proxy's CA (PyPI is reached through it); none
+# elsewhere. ca-certificates (install_deps.sh) adds them to the root's store.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
 log "root made in $(took) s"
 
 git clone -q --no-hardlinks "$repo" "$root/src"

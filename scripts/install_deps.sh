@@ -2,7 +2,8 @@
 # Installs what ringattn needs on Debian 12 with apt-get, only what is missing.
 # Python helpers (tests, charts) use Debian's /usr/bin/python3 with python3-numpy,
 # not a pyenv/venv interpreter that may be first on PATH; python3-venv and
-# python3-dev are for the Python package's venv and extension (install_python.sh).
+# python3-dev are for the Python package's venv and extension (install_python.sh),
+# ca-certificates for its downloads from PyPI over HTTPS (absent from minimal roots).
 # Packages are installed without their recommends, so a recommend that a CMake
 # config requires is listed here: Debian's oneDNN is built with its OpenCL GPU
 # runtime and its dnnl-config.cmake calls find_package(OpenCL REQUIRED), whose
@@ -12,7 +13,7 @@ set -euo pipefail
 
 PACKAGES=(build-essential cmake pkg-config libdnnl-dev ocl-icd-opencl-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libicu-dev
           libopenmpi-dev openmpi-bin iproute2 clang clang-format libclang-rt-14-dev libomp-14-dev libgtest-dev
-          python3-numpy python3-matplotlib python3-venv python3-dev)
+          python3-numpy python3-matplotlib python3-venv python3-dev ca-certificates)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
