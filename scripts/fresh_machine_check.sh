@@ -113,6 +113,11 @@ printf '%s\n' "$mirrors" >"$run/sources.list"
 mmdebstrap --variant=apt bookworm "$root" "$run/sources.list" >"$run/mmdebstrap.log" 2>&1 \
   || { tail -20 "$run/mmdebstrap.log" >&2; log "mmdebstrap failed"; exit 1; }
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# /etc/hosts, which every installed Debian has (the installer writes it) and a
+# minimal root lacks: without it each mpirun asks DNS for "localhost", and a lost
+# reply costs the resolver's 5 s timeout (every other mpirun here: cli_smoke took
+# 354 s instead of ~40).
+cp /etc/hosts "$root/etc/hosts" 2>/dev/null || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
 # The machine's own HTTPS trust anchors, like its resolver: on a network behind a
 # TLS-inspecting proxy, the proxy's CA (PyPI is reached through it); none
 # elsewhere. ca-certificates (install_deps.sh) adds them to the root's store.
