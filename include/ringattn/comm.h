@@ -97,6 +97,9 @@ double parse_timeout(const std::string& text, const std::string& what);
 void check_same_on_all_ranks(Communicator& comm, std::span<const int64_t> values, const std::string& what);
 
 // Ends the job on every rank with `code` after printing msg (used on any Error).
+// Under MPI the rank first waits up to 3 s for the other ranks to fail too (a
+// barrier on a communicator of its own), so an error found on every rank is
+// printed by every rank before MPI_Abort ends the job.
 [[noreturn]] void abort_job(Communicator* comm, const std::string& msg, int code = 1);
 
 // ---- MPI backend ---------------------------------------------------------------

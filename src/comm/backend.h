@@ -81,7 +81,7 @@ inline void count_broadcast(CommStats& s, size_t bytes, int size, bool is_root) 
 
 // abort_job's MPI part (mpi_comm.cpp): while MPI runs, this process's rank in
 // MPI_COMM_WORLD (the rank mpirun's user sees; false when MPI is not running),
-// and MPI_Abort of the whole job.
+// and MPI_Abort of the whole job (after waiting up to 3 s for the other ranks).
 bool mpi_world_rank(int* rank);
 [[noreturn]] void mpi_abort(int code);
 

@@ -60,6 +60,13 @@ using namespace comm_backend;
 constexpr size_t kDefaultChunkBytes = size_t{1} << 30;  // 1 GiB
 
 bool g_we_initialised = false;
+// A duplicate of MPI_COMM_WORLD used by nothing but mpi_abort's last barrier, so
+// that barrier can never be matched against a collective the job is running.
+MPI_Comm g_abort_comm = MPI_COMM_NULL;
+// How long a failing rank waits for the others before ending the job: input
+// errors are found on every rank, and each should print its own message before
+// MPI_Abort kills the rest; a rank that failed alone waits this long, once.
+constexpr double kAbortGraceSeconds = 3.0;
 
 std::string mpi_error_string(int code) {
   char buf[MPI_MAX_ERROR_STRING];
@@ -546,9 +553,15 @@ MpiSession::MpiSession(int* argc, char*** argv) {
   }
   int rc = MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   if (rc != MPI_SUCCESS) throw Error(cat("MPI_Comm_set_errhandler failed: ", mpi_error_string(rc)));
+  if (g_abort_comm == MPI_COMM_NULL) {
+    rc = MPI_Comm_dup(MPI_COMM_WORLD, &g_abort_comm);
+    if (rc != MPI_SUCCESS) throw Error(cat("MPI_Comm_dup(MPI_COMM_WORLD) failed: ", mpi_error_string(rc)));
+  }
 }
 
 MpiSession::~MpiSession() {
+  if (g_abort_comm != MPI_COMM_NULL && active()) MPI_Comm_free(&g_abort_comm);
+  g_abort_comm = MPI_COMM_NULL;
   if (g_we_initialised && active()) MPI_Finalize();
   g_we_initialised = false;
 }
@@ -637,6 +650,22 @@ bool mpi_world_rank(int* rank) {
 }
 
 void mpi_abort(int code) {
+  if (g_abort_comm != MPI_COMM_NULL) {
+    MPI_Request req = MPI_REQUEST_NULL;
+    if (MPI_Ibarrier(g_abort_comm, &req) == MPI_SUCCESS) {
+      const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(kAbortGraceSeconds);
+      int done = 0;
+      const timespec ms{0, 1000000};
+      while (MPI_Test(&req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && !done && std::chrono::steady_clock::now() < end)
+        nanosleep(&ms, nullptr);
+      // Every rank failed: rank 0 alone ends the job (one MPI_Abort, one report
+      // from mpirun); the others abort too if it has not killed them by then.
+      int rank = 0;
+      MPI_Comm_rank(g_abort_comm, &rank);
+      if (done && rank != 0)
+        for (int i = 0; i < 10000; ++i) nanosleep(&ms, nullptr);
+    }
+  }
   MPI_Abort(MPI_COMM_WORLD, code);
   std::exit(code);
 }
