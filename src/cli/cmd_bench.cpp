@@ -55,8 +55,14 @@ void run(const BenchArgs& a) {
                        cat("bench kernel of B=", B, " L=", L, " H=", H, " d=", d));
 
   progress("measuring peaks (FMA loop, oneDNN GEMM)...");
-  const double peak32 = measure_fma_peak_gflops(DType::f32, isa, 0.3);
-  const double peak16 = measure_fma_peak_gflops(DType::bf16, isa, 0.3);
+  // Best of three, as each kernel row is the best of --reps: a VM's slow moments
+  // must not lower the peak the rows are divided by.
+  auto best_peak = [&](DType dt) {
+    double best = 0;
+    for (int i = 0; i < 3; ++i) best = std::max(best, measure_fma_peak_gflops(dt, isa, 0.2));
+    return best;
+  };
+  const double peak32 = best_peak(DType::f32), peak16 = best_peak(DType::bf16);
   const double gemm32 = measure_gemm_gflops(DType::f32, 1024, a.threads);
   const double gemm16 = measure_gemm_gflops(DType::bf16, 1024, a.threads);
   const double bw1 = measure_read_bandwidth_gbs(a.threads), bwn = measure_read_bandwidth_gbs(scale_threads);
@@ -131,13 +137,20 @@ void run(const BenchArgs& a) {
   };
   std::vector<Target> targets;
   const int t1 = a.threads;
-  if (auto* f = find("fused", "fp32", "forward", false, t1))
-    targets.push_back({"fp32 forward / FMA peak", f->peak_ratio, 0.75});
-  if (auto* f = find("fused", "fp32", "forward", false, t1); f)
-    if (auto* b = find("fused", "bf16", "forward", false, t1))
-      targets.push_back({"bf16 forward / fp32 forward", b->gflops / f->gflops, 1.7});
+  // bf16 rates are held against the bf16 dot-product peak, or with AMX against
+  // oneDNN's AMX GEMM (the tile loop's peak is far above any real GEMM).
+  const double bf16_rate = isa == Isa::amx_bf16 ? gemm16 : peak16 * t1;
+  const char* bf16_peak = isa == Isa::amx_bf16 ? "oneDNN AMX GEMM" : "bf16 peak";
+  for (bool causal : {false, true})
+    if (auto* f = find("fused", "fp32", "forward", causal, t1))
+      targets.push_back({cat("fp32 ", causal ? "causal " : "", "forward / FMA peak"), f->peak_ratio, 0.85});
   if (auto* f = find("fused", "fp32", "backward", false, t1))
-    targets.push_back({"fp32 backward / FMA peak", f->peak_ratio, 0.5});
+    targets.push_back({"fp32 backward / FMA peak", f->peak_ratio, 0.75});
+  const bool bf16_dot = isa == Isa::avx512_bf16 || isa == Isa::amx_bf16;  // else bf16 runs in fp32: no bf16 target
+  if (auto* b = find("fused", "bf16", "forward", false, t1); b && bf16_dot)
+    targets.push_back({cat("bf16 forward / ", bf16_peak), b->gflops / bf16_rate, 0.8});
+  if (auto* b = find("fused", "bf16", "backward", false, t1); b && bf16_dot)
+    targets.push_back({cat("bf16 backward / ", bf16_peak), b->gflops / bf16_rate, 0.6});
   if (auto* f = find("fused", "fp32", "forward", false, t1); f)
     if (auto* u = find("unfused", "fp32", "forward", false, t1))
       targets.push_back({"fused / unfused forward time ratio", u->seconds / f->seconds, 1.3});
@@ -148,10 +161,11 @@ void run(const BenchArgs& a) {
     if (auto* f = find("fused", "fp32", "forward", false, t1); f)
       if (auto* s = find("fused", "fp32", "forward", false, scale_threads))
         targets.push_back({cat(scale_threads, " threads / ", t1, " thread speed-up"), f->seconds / s->seconds,
-                           1.85 * scale_threads / (2.0 * t1)});
+                           0.95 * scale_threads / t1});
 
   for (const DecodeRow& r : decode_rows)
-    if (r.dtype == "fp32" && r.threads == t1) targets.push_back({"fp32 decode / read bandwidth", r.bw_ratio, 0.6});
+    if (r.threads == t1)
+      targets.push_back({cat(r.dtype, " decode / read bandwidth"), r.bw_ratio, r.dtype == "fp32" ? 0.6 : 0.85});
 
   if (a.json) {
     nlohmann::json j;

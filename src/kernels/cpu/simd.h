@@ -16,6 +16,11 @@ static inline Vf vzero() { return {_mm512_setzero_ps()}; }
 static inline Vf vset1(float x) { return {_mm512_set1_ps(x)}; }
 static inline Vf vload(const float* p) { return {_mm512_load_ps(p)}; }
 static inline Vf vloadu(const float* p) { return {_mm512_loadu_ps(p)}; }
+// kW bf16 at p widened to fp32 (a bf16 is the top half of an fp32).
+static inline Vf vloadu(const uint16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
+}
 static inline void vstore(float* p, Vf a) { _mm512_store_ps(p, a.r); }
 static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
 static inline Vf vmul(Vf a, Vf b) { return {_mm512_mul_ps(a.r, b.r)}; }
@@ -40,6 +45,10 @@ static inline Vf vzero() { return {_mm256_setzero_ps()}; }
 static inline Vf vset1(float x) { return {_mm256_set1_ps(x)}; }
 static inline Vf vload(const float* p) { return {_mm256_load_ps(p)}; }
 static inline Vf vloadu(const float* p) { return {_mm256_loadu_ps(p)}; }
+static inline Vf vloadu(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(u, 16))};
+}
 static inline void vstore(float* p, Vf a) { _mm256_store_ps(p, a.r); }
 static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.r, b.r, c.r)}; }
 static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.r, b.r)}; }
@@ -78,6 +87,14 @@ static inline Vf vzero() { RA_MAP(0.f); }
 static inline Vf vset1(float x) { RA_MAP(x); }
 static inline Vf vload(const float* p) { RA_MAP(p[i]); }
 static inline Vf vloadu(const float* p) { RA_MAP(p[i]); }
+static inline Vf vloadu(const uint16_t* p) {
+  Vf out;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&out.r[i], &u, 4);
+  }
+  return out;
+}
 static inline void vstore(float* p, Vf a) {
   for (int i = 0; i < 4; ++i) p[i] = a.r[i];
 }
