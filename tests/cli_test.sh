@@ -200,7 +200,7 @@ else
   fail "ringattn info --json exited non-zero: $(cat info.err)"
 fi
 
-for sub in "train" "compare" "generate" "bench kernel"; do
+for sub in "train" "compare" "generate" "bench kernel" "bench layers"; do
   out=$("$BIN" $sub --help 2>&1) || fail "ringattn $sub --help exited non-zero"
   grep -q -- "--json" <<<"$out" || fail "ringattn $sub --help does not list --json"
 done
@@ -342,6 +342,9 @@ else
 fi
 "$BIN" bench lm --config byte_llama.json --seq 64 --new-tokens 3 --threads 1 --json >bench_lm.json 2>bench_lm.err &&
   $PY ref.py json bench_lm.json || fail "ringattn bench lm failed: $(tail -c 300 bench_lm.err)"
+"$BIN" bench layers --tokens 64 --dim 256 --vocab 1000 --ce-rows 16 --reps 1 --json >bench_layers.json \
+  2>bench_layers.err && $PY ref.py json bench_layers.json ||
+  fail "ringattn bench layers failed: $(tail -c 300 bench_layers.err)"
 "$BIN" forward --model "$SRC/tests/fixtures/hf/gpt2" --ids ids_gpt2.npy --json >forward.json 2>&1 &&
   $PY ref.py json forward.json || fail "ringattn forward --json is not valid JSON: $(head -c 300 forward.json)"
 

@@ -392,6 +392,7 @@ void add_bench(CLI::App& app) {
   cmd->add_flag("--json", a->json, "machine-readable output");
   cmd->callback([a] { a->device == "cuda" ? run_cuda(*a) : run(*a); });
   add_bench_lm(bench);
+  add_bench_layers(bench);
 }
 
 }  // namespace ringattn::cli

@@ -15,7 +15,8 @@ namespace ringattn::cli {
 void add_info(CLI::App& app);
 void add_attention(CLI::App& app);
 void add_bench(CLI::App& app);
-void add_bench_lm(CLI::App* bench);  // `bench lm`, under `bench`
+void add_bench_lm(CLI::App* bench);      // `bench lm`, under `bench`
+void add_bench_layers(CLI::App* bench);  // `bench layers`, under `bench`
 void add_train(CLI::App& app);
 void add_compare(CLI::App& app);
 void add_generate(CLI::App& app);

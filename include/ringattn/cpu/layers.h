@@ -67,6 +67,11 @@ void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const
 void swiglu_rows_forward(int64_t N, int64_t F, const float* h, float* y);
 void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh);
 
+// Softmax and next-token cross-entropy of logit rows z [rows, V], in place: each
+// row with label ≥ 0 becomes scale · (softmax − onehot(label)), a row with −1
+// becomes 0; returns Σ −log softmax(z)[label] (unscaled). Labels are not checked.
+double softmax_cross_entropy_rows(int64_t rows, int64_t V, float* z, const int64_t* labels, float scale);
+
 // The LM head and next-token cross-entropy without the whole [N, V] logits:
 // rows are taken `chunk` at a time, logits = h · Wᵀ (W: the head [V, D]), and
 // for every row with label ≥ 0 (−1: no target)

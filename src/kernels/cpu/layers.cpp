@@ -276,6 +276,28 @@ void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy,
     }
 }
 
+// z: [rows, V] logits, in place -> scale · (softmax − onehot(label)); labels: [rows]
+double softmax_cross_entropy_rows(int64_t rows, int64_t V, float* z, const int64_t* labels, float scale) {
+  double loss = 0;
+#pragma omp parallel for schedule(static) reduction(+ : loss)
+  for (int64_t i = 0; i < rows; ++i) {
+    float* zi = z + i * V;
+    const int64_t y = labels[i];
+    if (y < 0) {
+      std::fill(zi, zi + V, 0.f);
+      continue;
+    }
+    const float m = *std::max_element(zi, zi + V);
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(zi[v] - m));
+    const double lse = m + std::log(sum);
+    loss += lse - zi[y];
+    for (int64_t v = 0; v < V; ++v) zi[v] = scale * static_cast<float>(std::exp(zi[v] - lse));
+    zi[y] -= scale;
+  }
+  return loss;
+}
+
 // h: [N, D]   W: [V, D]   labels: [N]   dh: [N, D]   dW: [V, D]
 double lm_head_cross_entropy(int64_t N, int64_t D, int64_t V, const float* h, const float* W, const int64_t* labels,
                              float scale, float* dh, float* dW, int64_t chunk) {
@@ -287,22 +309,7 @@ double lm_head_cross_entropy(int64_t N, int64_t D, int64_t V, const float* h, co
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0);
     gemm(false, true, rows, V, D, 1.f, h + r0 * D, D, W, D, 0.f, z.data(), V);
-#pragma omp parallel for schedule(static) reduction(+ : loss)
-    for (int64_t i = 0; i < rows; ++i) {
-      float* zi = z.data() + i * V;
-      const int64_t y = labels[r0 + i];
-      if (y < 0) {
-        std::fill(zi, zi + V, 0.f);
-        continue;
-      }
-      const float m = *std::max_element(zi, zi + V);
-      double sum = 0;
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(zi[v] - m));
-      const double lse = m + std::log(sum);
-      loss += lse - zi[y];
-      for (int64_t v = 0; v < V; ++v) zi[v] = scale * static_cast<float>(std::exp(zi[v] - lse));
-      zi[y] -= scale;
-    }
+    loss += softmax_cross_entropy_rows(rows, V, z.data(), labels + r0, scale);
     if (dh) gemm(false, false, rows, D, V, 1.f, z.data(), V, W, D, 0.f, dh + r0 * D, D);
     if (dW) gemm(true, false, V, D, rows, 1.f, z.data(), V, h + r0 * D, D, 1.f, dW, D);
   }
