@@ -8,6 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -15,6 +18,7 @@
 #include "reference.h"
 #include "ringattn/attention.h"
 #include "ringattn/cpu/features.h"
+#include "ringattn/cpu/layers.h"
 #include "ringattn/error.h"
 #include "test_util.h"
 
@@ -139,6 +143,126 @@ TEST_P(IsaPaths, HugeScoresStayExact) {
           const RefResult ref = reference_backward(a.q, a.k, a.v, a.dout, c.options());
           RA_EXPECT_CLOSE(a.dv.view, ref.dv, kTolF32, "dv");
         }
+}
+
+// The token-local layers' vector loops of this path (chosen by RINGATTN_ISA, as
+// layers.cpp dispatches) against double references, on lengths with vector tails.
+TEST_P(IsaPaths, LayersMatchDouble) {
+  struct ScopedIsa {
+    explicit ScopedIsa(Isa i) { setenv("RINGATTN_ISA", isa_name(i), 1); }
+    ~ScopedIsa() { unsetenv("RINGATTN_ISA"); }
+  } scoped(GetParam());
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd;
+  auto randv = [&](int64_t n, float sd = 1.f, float mean = 0.f) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = mean + sd * nd(rng);
+    return v;
+  };
+  auto d = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  const double tol = 2e-6;
+  const int64_t N = 5, C = 77, n = N * C;
+  std::vector<float> x = randv(n, 3.f), dy = randv(n), gamma = randv(C, 0.5f, 1.f), beta = randv(C);
+  x[0] = 40.f, x[1] = -40.f, x[2] = 0.f, x[3] = -0.f;  // the tails of σ and tanh
+  std::vector<float> y(n), dx(n), mean(N), rstd(N);
+  {  // GELU (tanh form) and its derivative
+    std::vector<double> ry(n), rdx(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = x[i], u = 0.7978845608028654 * (v + 0.044715 * v * v * v), t = std::tanh(u);
+      ry[i] = 0.5 * v * (1 + t);
+      rdx[i] = dy[i] * (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * v * v));
+    }
+    gelu_forward(n, x.data(), y.data());
+    gelu_backward(n, x.data(), dy.data(), dx.data());
+    EXPECT_LE(compare(d(y), ry).err, tol) << "gelu " << compare(d(y), ry);
+    EXPECT_LE(compare(d(dx), rdx).err, tol) << "gelu backward " << compare(d(dx), rdx);
+  }
+  {  // SwiGLU
+    const std::vector<float> u = randv(n);
+    std::vector<float> dg(n), du(n);
+    std::vector<double> ry(n), rdg(n), rdu(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = x[i], s = 1 / (1 + std::exp(-g));
+      ry[i] = g * s * u[i], rdg[i] = dy[i] * u[i] * s * (1 + g * (1 - s)), rdu[i] = dy[i] * g * s;
+    }
+    swiglu_forward(n, x.data(), u.data(), y.data());
+    swiglu_backward(n, x.data(), u.data(), dy.data(), dg.data(), du.data());
+    EXPECT_LE(compare(d(y), ry).err, tol) << "swiglu " << compare(d(y), ry);
+    EXPECT_LE(compare(d(dg), rdg).err, tol) << "swiglu dg " << compare(d(dg), rdg);
+    EXPECT_LE(compare(d(du), rdu).err, tol) << "swiglu du " << compare(d(du), rdu);
+  }
+  for (bool centered : {true, false}) {  // LayerNorm and RMSNorm, forward and backward
+    std::vector<float> dgamma(C, 0.f), dbeta(C, 0.f);
+    std::vector<double> ry(n), rdx(n), rdg(C, 0.0), rdb(C, 0.0);
+    for (int64_t i = 0; i < N; ++i) {
+      double m = 0, v = 0, a = 0, b = 0;
+      if (centered)
+        for (int64_t c = 0; c < C; ++c) m += x[i * C + c] / double(C);
+      for (int64_t c = 0; c < C; ++c) v += (x[i * C + c] - m) * (x[i * C + c] - m) / double(C);
+      const double r = 1 / std::sqrt(v + 1e-5);
+      for (int64_t c = 0; c < C; ++c) {
+        const double xh = (x[i * C + c] - m) * r, dyh = double(dy[i * C + c]) * gamma[c];
+        ry[i * C + c] = xh * gamma[c] + (centered ? beta[c] : 0.0);
+        a += dyh / double(C), b += dyh * xh / double(C);
+        rdg[c] += dy[i * C + c] * xh, rdb[c] += dy[i * C + c];
+      }
+      for (int64_t c = 0; c < C; ++c)
+        rdx[i * C + c] = r * (double(dy[i * C + c]) * gamma[c] - (centered ? a : 0.0) - (x[i * C + c] - m) * r * b);
+    }
+    if (centered) {
+      layernorm_forward(N, C, x.data(), gamma.data(), beta.data(), y.data(), mean.data(), rstd.data(), 1e-5f);
+      layernorm_backward(N, C, x.data(), gamma.data(), mean.data(), rstd.data(), dy.data(), dx.data(), dgamma.data(),
+                         dbeta.data());
+      EXPECT_LE(compare(d(dbeta), rdb).err, tol) << "layernorm dbeta " << compare(d(dbeta), rdb);
+    } else {
+      rmsnorm_forward(N, C, x.data(), gamma.data(), y.data(), rstd.data(), 1e-5f);
+      rmsnorm_backward(N, C, x.data(), gamma.data(), rstd.data(), dy.data(), dx.data(), dgamma.data());
+    }
+    SCOPED_TRACE(centered ? "layernorm" : "rmsnorm");
+    EXPECT_LE(compare(d(y), ry).err, tol) << compare(d(y), ry);
+    EXPECT_LE(compare(d(dx), rdx).err, 1e-5) << compare(d(dx), rdx);
+    EXPECT_LE(compare(d(dgamma), rdg).err, tol) << compare(d(dgamma), rdg);
+  }
+  {  // RoPE: 3 heads of 20 (a tail of 10 pairs), rows 70 apart, positions up to 10^6
+    const int64_t T = 4, H = 3, hd = 20, ld = 70;
+    std::vector<float> q = randv(T * ld);
+    const std::vector<int64_t> pos{0, 1, 4097, 1000003};
+    const std::vector<float> inv = rope_inv_freq(RopeConfig{}, hd);
+    std::vector<double> want(q.begin(), q.end());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < hd / 2; ++i) {
+          const double a = static_cast<float>(static_cast<float>(pos[t]) * inv[i]);
+          const double x1 = q[t * ld + h * hd + i], x2 = q[t * ld + h * hd + i + hd / 2];
+          want[t * ld + h * hd + i] = x1 * std::cos(a) - x2 * std::sin(a);
+          want[t * ld + h * hd + i + hd / 2] = x2 * std::cos(a) + x1 * std::sin(a);
+        }
+    const std::vector<float> q0 = q;
+    rope_forward(T, H, hd, ld, q.data(), pos.data(), inv.data());
+    EXPECT_LE(compare(d(q), want).err, tol) << "rope " << compare(d(q), want);
+    rope_backward(T, H, hd, ld, q.data(), pos.data(), inv.data());
+    EXPECT_LE(compare(d(q), d(q0)).err, tol) << "rope backward undoes it";
+  }
+  {  // softmax + cross-entropy, a row of -1 and a vocabulary with a tail
+    const int64_t R = 3, V = 1001;
+    std::vector<float> z = randv(R * V, 4.f);
+    const std::vector<int64_t> labels{5, -1, 1000};
+    std::vector<double> want(R * V, 0.0);
+    double want_loss = 0;
+    for (int64_t i = 0; i < R; ++i) {
+      if (labels[i] < 0) continue;
+      double m = -1e300, s = 0;
+      for (int64_t v = 0; v < V; ++v) m = std::max(m, double(z[i * V + v]));
+      for (int64_t v = 0; v < V; ++v) s += std::exp(z[i * V + v] - m);
+      const double lse = m + std::log(s);
+      want_loss += lse - z[i * V + labels[i]];
+      for (int64_t v = 0; v < V; ++v) want[i * V + v] = 0.5 * std::exp(z[i * V + v] - lse);
+      want[i * V + labels[i]] -= 0.5;
+    }
+    const double loss = softmax_cross_entropy_rows(R, V, z.data(), labels.data(), 0.5f);
+    EXPECT_NEAR(loss, want_loss, 1e-6 * want_loss);
+    EXPECT_LE(compare(d(z), want).err, tol) << "cross-entropy " << compare(d(z), want);
+  }
 }
 
 TEST_P(IsaPaths, NameRoundTrips) { EXPECT_EQ(parse_isa(isa_name(GetParam())), GetParam()); }

@@ -47,7 +47,7 @@ void run_bench_layers(const BenchLayersArgs& a) {
   const std::vector<float> x = filled(N * C), dy = filled(N * C), gamma = filled(C, 1.f), beta = filled(C);
   const std::vector<float> h = filled(2 * N * C), dyf = filled(N * C);
   std::vector<float> y(N * C), dx(N * C), dh(2 * N * C), mean(N), rstd(N), dgamma(C), dbeta(C);
-  std::vector<float> q = filled(N * C), z(R * V), logits = filled(R * V);
+  std::vector<float> q = filled(N * C), z = filled(R * V);
   std::vector<int64_t> pos(N), labels(R);
   for (int64_t t = 0; t < N; ++t) pos[t] = t;
   for (int64_t i = 0; i < R; ++i) labels[i] = static_cast<int64_t>(rng() % static_cast<uint64_t>(V));
@@ -68,22 +68,18 @@ void run_bench_layers(const BenchLayersArgs& a) {
   });
   add("rmsnorm", "forward", 2 * nc,
       [&] { rmsnorm_forward(N, C, x.data(), gamma.data(), y.data(), rstd.data(), 1e-6f); });
-  add("rmsnorm", "backward", 3 * nc, [&] {
-    rmsnorm_backward(N, C, x.data(), gamma.data(), rstd.data(), dy.data(), dx.data(), dgamma.data());
-  });
+  add("rmsnorm", "backward", 3 * nc,
+      [&] { rmsnorm_backward(N, C, x.data(), gamma.data(), rstd.data(), dy.data(), dx.data(), dgamma.data()); });
   add("gelu", "forward", 2 * nc, [&] { gelu_forward(N * C, x.data(), y.data()); });
   add("gelu", "backward", 3 * nc, [&] { gelu_backward(N * C, x.data(), dy.data(), dx.data()); });
   add("swiglu", "forward", 3 * nc, [&] { swiglu_rows_forward(N, C, h.data(), y.data()); });
   add("swiglu", "backward", 5 * nc, [&] { swiglu_rows_backward(N, C, h.data(), dyf.data(), dh.data()); });
   add("rope", "forward", 2 * nc, [&] { rope_forward(N, H, d, C, q.data(), pos.data(), inv_freq.data()); });
   add("rope", "backward", 2 * nc, [&] { rope_backward(N, H, d, C, q.data(), pos.data(), inv_freq.data()); });
-  add("softmax + cross-entropy", "both", 2.0 * 4 * R * V, [&] {
-    z = logits;
-    softmax_cross_entropy_rows(R, V, z.data(), labels.data(), 1.f / static_cast<float>(R));
-  });
+  // In place: each repetition takes the previous one's output as its logits.
+  add("softmax + cross-entropy", "both", 2.0 * 4 * R * V,
+      [&] { softmax_cross_entropy_rows(R, V, z.data(), labels.data(), 1.f / static_cast<float>(R)); });
   progress_done();
-  // The cross-entropy row copies its logits first (they are overwritten): that
-  // copy's time is included, so its ratio is a lower bound.
 
   if (a.json) {
     nlohmann::json j;

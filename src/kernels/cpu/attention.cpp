@@ -12,23 +12,24 @@
 #include "ringattn/error.h"
 
 namespace ringattn {
-namespace {
 
-const cpu::KernelTable& table_for(Isa isa) {
+const cpu::KernelTable& cpu::kernels_for(Isa isa) {
   check(isa_supported(isa), "instruction set '", isa_name(isa), "' is not supported by this CPU");
   switch (isa) {
     case Isa::amx_bf16:
-      return cpu::kernels_amx();
+      return kernels_amx();
     case Isa::avx512_bf16:
-      return cpu::kernels_avx512bf16();
+      return kernels_avx512bf16();
     case Isa::avx512:
-      return cpu::kernels_avx512();
+      return kernels_avx512();
     case Isa::avx2:
-      return cpu::kernels_avx2();
+      return kernels_avx2();
     default:
-      return cpu::kernels_generic();
+      return kernels_generic();
   }
 }
+
+namespace {
 
 // A copy with a contiguous last dimension when the view's is strided (the kernels
 // read rows of d elements).
@@ -90,7 +91,7 @@ struct Problem {
              threads,
              opt.progress,
              opt.progress_ctx};
-    kernels = &table_for(opt.isa ? *opt.isa : default_isa());
+    kernels = &cpu::kernels_for(opt.isa ? *opt.isa : default_isa());
   }
 };
 

@@ -53,6 +53,29 @@ struct BwdArgs {
   BshdOut dq, dk, dv;
 };
 
+// The vector loops of the token-local layers (layers.cpp keeps the shapes, the
+// checks, the threads and the order of every sum across rows). All arrays fp32,
+// contiguous, any length and alignment.
+struct LayerTable {
+  // y = x·σ(2u), u = √(2/π)(x + 0.044715 x³) (GELU, tanh form); its derivative.
+  void (*gelu)(int64_t n, const float* x, float* y);
+  void (*gelu_backward)(int64_t n, const float* x, const float* dy, float* dx);
+  // y = g·σ(g)·u (SwiGLU); dg, du from dy.
+  void (*swiglu)(int64_t n, const float* g, const float* u, float* y);
+  void (*swiglu_backward)(int64_t n, const float* g, const float* u, const float* dy, float* dg, float* du);
+  // One row of LayerNorm (centered) or RMSNorm: y = (x − mean)·rstd·gamma (+ beta
+  // when not null); writes mean (0 for RMSNorm) and rstd.
+  void (*norm_row)(int64_t C, const float* x, const float* gamma, const float* beta, float eps, bool centered, float* y,
+                   float* mean, float* rstd);
+  // Its backward: dx, and dgamma_part += dy·x̂, dbeta_part += dy (when not null).
+  void (*norm_row_backward)(int64_t C, const float* x, const float* gamma, float mean, float rstd, bool centered,
+                            const float* dy, float* dx, float* dgamma_part, float* dbeta_part);
+  // One logit row in place -> scale·(softmax − onehot(label)); returns lse − z[label].
+  double (*softmax_ce_row)(int64_t V, float* z, int64_t label, float scale);
+  // Rotates H heads of d (rows d apart from x) by the token's cos/sin [d/2].
+  void (*rope_row)(int64_t H, int64_t d, float* x, const float* cos, const float* sin);
+};
+
 struct KernelTable {
   Isa isa;
   void (*forward)(const FwdArgs&);
@@ -60,7 +83,11 @@ struct KernelTable {
   void (*decode)(const FwdArgs&);  // the forward for a few query rows (flash-decoding)
   // GFLOP/s of a register-resident FMA (bf16=false) or bf16 dot (bf16=true) loop.
   double (*fma_peak)(bool bf16, double seconds);
+  const LayerTable* layers;
 };
+
+// The table of one instruction set (checked: this CPU supports it).
+const KernelTable& kernels_for(Isa isa);
 
 const KernelTable& kernels_generic();
 const KernelTable& kernels_avx2();

@@ -1,5 +1,7 @@
-// Token-local layers (see layers.h): LayerNorm, GELU, linear. Row loops are
-// OpenMP-parallel; GEMMs go through the one oneDNN wrapper.
+// Token-local layers (see layers.h): the norms, GELU, SwiGLU, RoPE, linear and the
+// cross-entropy. Rows and blocks are OpenMP-parallel here; their vector loops come
+// from the kernel path's LayerTable (layers_impl.inc); GEMMs go through the one
+// oneDNN wrapper.
 #include "ringattn/cpu/layers.h"
 
 #include <omp.h>
@@ -8,88 +10,84 @@
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/kernel_args.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
+namespace {
+
+// The vector loops of this CPU's kernel path (RINGATTN_ISA chooses another).
+const cpu::LayerTable& vec() { return *cpu::kernels_for(default_isa()).layers; }
+
+// Elementwise loops run in blocks of this many elements per OpenMP item.
+constexpr int64_t kBlock = 16384;
+// Row sums of weight gradients (dgamma, dbeta) are added in fp32 for this many
+// rows, then into a double per thread: fp32 speed, and the error of a double sum.
+constexpr int64_t kRowsPerPartial = 64;
+
+// dgamma (and dbeta) of a norm's backward: each thread sums its rows (a static
+// schedule: the same rows every run) as above; the threads' sums are added in
+// thread order, so results repeat bitwise.
+void norm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
+                   const float* dy, float* dx, float* dgamma, float* dbeta, bool centered) {
+  const cpu::LayerTable& L = vec();
+  const int T = omp_get_max_threads();
+  const int64_t cols = dbeta ? 2 * C : C;
+  std::vector<double> part(static_cast<size_t>(T * cols), 0.0);
+#pragma omp parallel num_threads(T)
+  {
+    double* total = part.data() + static_cast<size_t>(omp_get_thread_num() * cols);
+    std::vector<float> block(static_cast<size_t>(cols), 0.f);
+    int64_t rows = 0;
+    auto flush = [&] {
+      for (int64_t c = 0; c < cols; ++c) total[c] += block[static_cast<size_t>(c)];
+      std::fill(block.begin(), block.end(), 0.f);
+    };
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      L.norm_row_backward(C, x + i * C, gamma, mean ? mean[i] : 0.f, rstd[i], centered, dy + i * C, dx + i * C,
+                          block.data(), dbeta ? block.data() + C : nullptr);
+      if (++rows % kRowsPerPartial == 0) flush();
+    }
+    flush();
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      dgamma[c] += static_cast<float>(part[static_cast<size_t>(t * cols + c)]);
+      if (dbeta) dbeta[c] += static_cast<float>(part[static_cast<size_t>(t * cols + C + c)]);
+    }
+}
+
+}  // namespace
 
 // x, y: [N, C]   gamma, beta: [C]   mean, rstd: [N]
 void layernorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, const float* beta, float* y,
                        float* mean, float* rstd, float eps) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i) {
-    const float* xi = x + i * C;
-    double s = 0, s2 = 0;
-    for (int64_t c = 0; c < C; ++c) s += xi[c];
-    const float m = static_cast<float>(s / C);
-    for (int64_t c = 0; c < C; ++c) s2 += static_cast<double>(xi[c] - m) * (xi[c] - m);
-    const float r = 1.f / std::sqrt(static_cast<float>(s2 / C) + eps);
-    for (int64_t c = 0; c < C; ++c) y[i * C + c] = (xi[c] - m) * r * gamma[c] + beta[c];
-    mean[i] = m;
-    rstd[i] = r;
-  }
+  for (int64_t i = 0; i < N; ++i) L.norm_row(C, x + i * C, gamma, beta, eps, true, y + i * C, mean + i, rstd + i);
 }
 
 // x, dy, dx: [N, C]   gamma, dgamma, dbeta: [C]   mean, rstd: [N]
 void layernorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* mean, const float* rstd,
                         const float* dy, float* dx, float* dgamma, float* dbeta) {
-  // Per-thread partial sums of dgamma, dbeta, added in thread order afterwards
-  // (static schedule: the same rows per thread every run, so results repeat bitwise).
-  const int T = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(T) * 2 * C, 0.0);
-#pragma omp parallel num_threads(T)
-  {
-    double* dg = part.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * C;
-    double* db = dg + C;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
-      const float* xi = x + i * C;
-      const float* dyi = dy + i * C;
-      double a = 0, b = 0;  // Σ dŷ, Σ dŷ ∘ x̂
-      for (int64_t c = 0; c < C; ++c) {
-        const float xh = (xi[c] - mean[i]) * rstd[i];
-        const float dyh = dyi[c] * gamma[c];
-        a += dyh;
-        b += dyh * xh;
-        dg[c] += dyi[c] * xh;
-        db[c] += dyi[c];
-      }
-      const float ma = static_cast<float>(a / C), mb = static_cast<float>(b / C);
-      for (int64_t c = 0; c < C; ++c) {
-        const float xh = (xi[c] - mean[i]) * rstd[i];
-        dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - ma - xh * mb);
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      dgamma[c] += static_cast<float>(part[static_cast<size_t>(t) * 2 * C + c]);
-      dbeta[c] += static_cast<float>(part[static_cast<size_t>(t) * 2 * C + C + c]);
-    }
-}
-
-namespace {
-constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
+  norm_backward(N, C, x, gamma, mean, rstd, dy, dx, dgamma, dbeta, true);
 }
 
 // x, y: [n]
 void gelu_forward(int64_t n, const float* x, float* y) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = kGeluC * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-    y[i] = 0.5f * x[i] * (1.f + std::tanh(u));
-  }
+  const cpu::LayerTable& L = vec();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i += kBlock) L.gelu(std::min(kBlock, n - i), x + i, y + i);
 }
 
 // dy/dx = ½(1 + tanh u) + ½ x (1 − tanh² u) · √(2/π)(1 + 3·0.044715 x²)
 void gelu_backward(int64_t n, const float* x, const float* dy, float* dx) {
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = kGeluC * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-    const float t = std::tanh(u);
-    const float du = kGeluC * (1.f + 3.f * 0.044715f * x[i] * x[i]);
-    dx[i] = dy[i] * (0.5f * (1.f + t) + 0.5f * x[i] * (1.f - t * t) * du);
-  }
+  const cpu::LayerTable& L = vec();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i += kBlock) L.gelu_backward(std::min(kBlock, n - i), x + i, dy + i, dx + i);
 }
 
 namespace {
@@ -141,57 +139,33 @@ void linear_backward(int64_t N, int64_t Cin, int64_t Cout, const float* x, const
 
 // x, y: [N, C]   gamma: [C]   rstd: [N]
 void rmsnorm_forward(int64_t N, int64_t C, const float* x, const float* gamma, float* y, float* rstd, float eps) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
-    const float* xi = x + i * C;
-    double s2 = 0;
-    for (int64_t c = 0; c < C; ++c) s2 += static_cast<double>(xi[c]) * xi[c];
-    const float r = 1.f / std::sqrt(static_cast<float>(s2 / C) + eps);
-    for (int64_t c = 0; c < C; ++c) y[i * C + c] = xi[c] * r * gamma[c];
-    rstd[i] = r;
+    float mean;
+    L.norm_row(C, x + i * C, gamma, nullptr, eps, false, y + i * C, &mean, rstd + i);
   }
 }
 
 // x, dy, dx: [N, C]   gamma, dgamma: [C]   rstd: [N]
 void rmsnorm_backward(int64_t N, int64_t C, const float* x, const float* gamma, const float* rstd, const float* dy,
                       float* dx, float* dgamma) {
-  const int T = omp_get_max_threads();
-  std::vector<double> part(static_cast<size_t>(T) * C, 0.0);  // per-thread dgamma, summed in thread order
-#pragma omp parallel num_threads(T)
-  {
-    double* dg = part.data() + static_cast<size_t>(omp_get_thread_num()) * C;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
-      const float* xi = x + i * C;
-      const float* dyi = dy + i * C;
-      double b = 0;  // Σ dŷ ∘ x̂
-      for (int64_t c = 0; c < C; ++c) {
-        const float xh = xi[c] * rstd[i];
-        b += static_cast<double>(dyi[c]) * gamma[c] * xh;
-        dg[c] += static_cast<double>(dyi[c]) * xh;
-      }
-      const float mb = static_cast<float>(b / C);
-      for (int64_t c = 0; c < C; ++c) dx[i * C + c] = rstd[i] * (dyi[c] * gamma[c] - xi[c] * rstd[i] * mb);
-    }
-  }
-  for (int t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) dgamma[c] += static_cast<float>(part[static_cast<size_t>(t) * C + c]);
+  norm_backward(N, C, x, gamma, nullptr, rstd, dy, dx, dgamma, nullptr, false);
 }
 
 // g, u, y: [n]
 void swiglu_forward(int64_t n, const float* g, const float* u, float* y) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  for (int64_t i = 0; i < n; i += kBlock) L.swiglu(std::min(kBlock, n - i), g + i, u + i, y + i);
 }
 
 // g, u, dy, dg, du: [n]
 void swiglu_backward(int64_t n, const float* g, const float* u, const float* dy, float* dg, float* du) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float s = 1.f / (1.f + std::exp(-g[i]));
-    dg[i] = dy[i] * u[i] * s * (1.f + g[i] * (1.f - s));
-    du[i] = dy[i] * g[i] * s;
-  }
+  for (int64_t i = 0; i < n; i += kBlock)
+    L.swiglu_backward(std::min(kBlock, n - i), g + i, u + i, dy + i, dg + i, du + i);
 }
 
 std::vector<float> rope_inv_freq(const RopeConfig& r, int64_t d) {
@@ -222,24 +196,29 @@ std::vector<float> rope_inv_freq(const RopeConfig& r, int64_t d) {
 
 namespace {
 
-// Rotates pairs (i, i + d/2) of each head by sign · a, a = fl(pos · inv_freq_i).
+// Rotates pairs (i, i + d/2) of each head by sign · a, a = fl(pos · inv_freq_i);
+// cos a and sin a in double, rounded to fp32, once per token for all heads.
 void rope_rotate(int64_t N, int64_t H, int64_t d, int64_t ld, float* x, const int64_t* pos, const float* inv_freq,
                  float sign) {
   const int64_t half = d / 2;
   check(d % 2 == 0 && ld >= H * d, "RoPE: head dim ", d, " must be even and the row stride ", ld, " >= ", H * d);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < N; ++t) {
-    const float p = static_cast<float>(pos[t]);
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = p * inv_freq[i];  // fp32, as Hugging Face multiplies
-      const float c = static_cast<float>(std::cos(static_cast<double>(a)));
-      const float s = sign * static_cast<float>(std::sin(static_cast<double>(a)));
-      for (int64_t h = 0; h < H; ++h) {
-        float* row = x + t * ld + h * d;
-        const float x1 = row[i], x2 = row[i + half];
-        row[i] = x1 * c - x2 * s;
-        row[i + half] = x2 * c + x1 * s;
+  const cpu::LayerTable& L = vec();
+#pragma omp parallel
+  {
+    std::vector<float> cs(static_cast<size_t>(d));
+    float* c = cs.data();
+    float* s = c + half;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N; ++t) {
+      const float p = static_cast<float>(pos[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = p * inv_freq[i];  // fp32, as Hugging Face multiplies
+        double sn, cn;
+        sincos(static_cast<double>(a), &sn, &cn);
+        c[i] = static_cast<float>(cn);
+        s[i] = sign * static_cast<float>(sn);
       }
+      L.rope_row(H, d, x + t * ld, c, s);
     }
   }
 }
@@ -257,43 +236,30 @@ void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const
 
 // h: [N, 2F] (gate | up)   y: [N, F]
 void swiglu_rows_forward(int64_t N, int64_t F, const float* h, float* y) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j];
-      y[i * F + j] = g / (1.f + std::exp(-g)) * u;
-    }
+  for (int64_t i = 0; i < N; ++i) L.swiglu(F, h + i * 2 * F, h + i * 2 * F + F, y + i * F);
 }
 
 // h: [N, 2F]   dy: [N, F]   dh: [N, 2F]
 void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh) {
+  const cpu::LayerTable& L = vec();
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i)
-    for (int64_t j = 0; j < F; ++j) {
-      const float g = h[i * 2 * F + j], u = h[i * 2 * F + F + j], s = 1.f / (1.f + std::exp(-g));
-      dh[i * 2 * F + j] = dy[i * F + j] * u * s * (1.f + g * (1.f - s));
-      dh[i * 2 * F + F + j] = dy[i * F + j] * g * s;
-    }
+    L.swiglu_backward(F, h + i * 2 * F, h + i * 2 * F + F, dy + i * F, dh + i * 2 * F, dh + i * 2 * F + F);
 }
 
 // z: [rows, V] logits, in place -> scale · (softmax − onehot(label)); labels: [rows]
 double softmax_cross_entropy_rows(int64_t rows, int64_t V, float* z, const int64_t* labels, float scale) {
+  const cpu::LayerTable& L = vec();
   double loss = 0;
 #pragma omp parallel for schedule(static) reduction(+ : loss)
   for (int64_t i = 0; i < rows; ++i) {
     float* zi = z + i * V;
-    const int64_t y = labels[i];
-    if (y < 0) {
+    if (labels[i] < 0)
       std::fill(zi, zi + V, 0.f);
-      continue;
-    }
-    const float m = *std::max_element(zi, zi + V);
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(zi[v] - m));
-    const double lse = m + std::log(sum);
-    loss += lse - zi[y];
-    for (int64_t v = 0; v < V; ++v) zi[v] = scale * static_cast<float>(std::exp(zi[v] - lse));
-    zi[y] -= scale;
+    else
+      loss += L.softmax_ce_row(V, zi, labels[i], scale);
   }
   return loss;
 }

@@ -13,12 +13,7 @@
 namespace ringattn {
 
 double measure_fma_peak_gflops(DType dtype, Isa isa, double seconds) {
-  check(isa_supported(isa), "instruction set '", isa_name(isa), "' is not supported by this CPU");
-  const cpu::KernelTable& t = isa == Isa::amx_bf16      ? cpu::kernels_amx()
-                              : isa == Isa::avx512_bf16 ? cpu::kernels_avx512bf16()
-                              : isa == Isa::avx512      ? cpu::kernels_avx512()
-                              : isa == Isa::avx2        ? cpu::kernels_avx2()
-                                                        : cpu::kernels_generic();
+  const cpu::KernelTable& t = cpu::kernels_for(isa);
   t.fma_peak(dtype == DType::bf16, 0.02);  // warm up (clock ramp, AVX-512 licence)
   return t.fma_peak(dtype == DType::bf16, seconds);
 }

@@ -22,12 +22,19 @@ static inline Vf vloadu(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
 }
 static inline void vstore(float* p, Vf a) { _mm512_store_ps(p, a.r); }
+static inline void vstoreu(float* p, Vf a) { _mm512_storeu_ps(p, a.r); }
 static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
 static inline Vf vmul(Vf a, Vf b) { return {_mm512_mul_ps(a.r, b.r)}; }
 static inline Vf vadd(Vf a, Vf b) { return {_mm512_add_ps(a.r, b.r)}; }
 static inline Vf vsub(Vf a, Vf b) { return {_mm512_sub_ps(a.r, b.r)}; }
 static inline Vf vmax(Vf a, Vf b) { return {_mm512_max_ps(a.r, b.r)}; }
 static inline Vf vmin(Vf a, Vf b) { return {_mm512_min_ps(a.r, b.r)}; }
+static inline Vf vdiv(Vf a, Vf b) { return {_mm512_div_ps(a.r, b.r)}; }
+// a where z < 0 (or z is -0), else b.
+static inline Vf vsel_neg(Vf z, Vf a, Vf b) {
+  const __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(z.r));
+  return {_mm512_mask_blend_ps(neg, b.r, a.r)};
+}
 static inline float vhmax(Vf a) { return _mm512_reduce_max_ps(a.r); }
 static inline float vhsum(Vf a) { return _mm512_reduce_add_ps(a.r); }
 static inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
@@ -50,12 +57,15 @@ static inline Vf vloadu(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(u, 16))};
 }
 static inline void vstore(float* p, Vf a) { _mm256_store_ps(p, a.r); }
+static inline void vstoreu(float* p, Vf a) { _mm256_storeu_ps(p, a.r); }
 static inline Vf vfma(Vf a, Vf b, Vf c) { return {_mm256_fmadd_ps(a.r, b.r, c.r)}; }
 static inline Vf vmul(Vf a, Vf b) { return {_mm256_mul_ps(a.r, b.r)}; }
 static inline Vf vadd(Vf a, Vf b) { return {_mm256_add_ps(a.r, b.r)}; }
 static inline Vf vsub(Vf a, Vf b) { return {_mm256_sub_ps(a.r, b.r)}; }
 static inline Vf vmax(Vf a, Vf b) { return {_mm256_max_ps(a.r, b.r)}; }
 static inline Vf vmin(Vf a, Vf b) { return {_mm256_min_ps(a.r, b.r)}; }
+static inline Vf vdiv(Vf a, Vf b) { return {_mm256_div_ps(a.r, b.r)}; }
+static inline Vf vsel_neg(Vf z, Vf a, Vf b) { return {_mm256_blendv_ps(b.r, a.r, z.r)}; }
 static inline float vhmax(Vf a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.r), _mm256_extractf128_ps(a.r, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -98,12 +108,15 @@ static inline Vf vloadu(const uint16_t* p) {
 static inline void vstore(float* p, Vf a) {
   for (int i = 0; i < 4; ++i) p[i] = a.r[i];
 }
+static inline void vstoreu(float* p, Vf a) { vstore(p, a); }
 static inline Vf vfma(Vf a, Vf b, Vf c) { RA_MAP(a.r[i] * b.r[i] + c.r[i]); }
 static inline Vf vmul(Vf a, Vf b) { RA_MAP(a.r[i] * b.r[i]); }
 static inline Vf vadd(Vf a, Vf b) { RA_MAP(a.r[i] + b.r[i]); }
 static inline Vf vsub(Vf a, Vf b) { RA_MAP(a.r[i] - b.r[i]); }
 static inline Vf vmax(Vf a, Vf b) { RA_MAP(a.r[i] > b.r[i] ? a.r[i] : b.r[i]); }
 static inline Vf vmin(Vf a, Vf b) { RA_MAP(a.r[i] < b.r[i] ? a.r[i] : b.r[i]); }
+static inline Vf vdiv(Vf a, Vf b) { RA_MAP(a.r[i] / b.r[i]); }
+static inline Vf vsel_neg(Vf z, Vf a, Vf b) { RA_MAP(__builtin_signbit(z.r[i]) ? a.r[i] : b.r[i]); }
 static inline float vhmax(Vf a) {
   float m = a.r[0];
   for (int i = 1; i < 4; ++i) m = a.r[i] > m ? a.r[i] : m;
@@ -139,4 +152,12 @@ static inline Vf vexp2(Vf x) {
   p = vfma(p, f, vset1(6.9314718055994531e-01f));
   p = vfma(p, f, vset1(1.f));
   return vmul(p, vpow2i(n));
+}
+
+// The logistic σ(z) = 1 / (1 + e^−z) for any z, from E = e^−|z| <= 1 (so 2^x
+// only sees x <= 0): σ = 1 / (1 + E) for z >= 0 and E / (1 + E) below.
+static inline Vf vsigmoid(Vf z) {
+  const Vf one = vset1(1.f);
+  const Vf E = vexp2(vmul(vmin(z, vsub(vzero(), z)), vset1(1.4426950408889634f)));
+  return vdiv(vsel_neg(z, E, one), vadd(one, E));
 }
