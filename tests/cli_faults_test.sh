@@ -235,7 +235,7 @@ $PY -c "import numpy as np; np.save('ids.npy', np.arange(12, dtype=np.int64)); n
 expect_error "forward: a token id beyond the vocabulary" 1 "outside the vocabulary" \
   "$BIN" forward --model "$GPT2" --ids bad_ids.npy
 expect_error "forward: not a checkpoint folder" 1 "config.json" "$BIN" forward --model "$WORK" --ids ids.npy
-expect_error "forward --pp 2" 1 "--pp must be 1" "$BIN" forward --model "$GPT2" --ids ids.npy --pp 2
+expect_error "forward --pp 2 on one rank" 1 "must equal the 1 ranks" "$BIN" forward --model "$GPT2" --ids ids.npy --pp 2
 # train --documents: an EOS token is needed, and one no document contains.
 cat >no_eos.json <<'EOF'
 {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

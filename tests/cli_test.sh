@@ -246,14 +246,16 @@ for m in llama_gqa llama_tied_llama3 qwen2 gpt2 mistral_window qwen2_window; do
   fi
 done
 # Under mpirun, the first 12 of the 19 tokens (12 splits over 2, 3 and 4 ranks in
-# every layout): ring, all-gather, Ulysses, TP — rank 0 gathers and writes.
+# every layout): ring, all-gather, Ulysses, TP, PP (gpt2's tied head copied to
+# the last stage) — rank 0 gathers and writes.
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
 for m in llama_gqa gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY hf.py ids "$fx" ids12_$m.npy 12 || { fail "could not write the ids of $m"; continue; }
   for run in "2 --strategy ring --layout zigzag" "3 --strategy ring --layout striped" \
     "4 --strategy ring --layout zigzag" \
-    "2 --strategy allgather --layout contiguous" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
+    "2 --strategy allgather --layout contiguous" "2 --strategy ulysses" "2 --sp 1 --tp 2" "2 --pp 2" \
+    "4 --pp 2 --sp 2 --layout zigzag"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
     if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --logits l12_$m.npy --threads 1 $opts \
@@ -265,7 +267,7 @@ for m in llama_gqa gpt2 mistral_window; do
   done
 done
 # generate --model: greedy from the sequence-sharded KV cache is transformers'
-# continuation, on one process and under mpirun (ring, Ulysses, TP).
+# continuation, on one process and under mpirun (ring, Ulysses, TP, PP).
 cat >greedy.py <<'EOF'
 import json, sys
 import numpy as np
@@ -280,7 +282,8 @@ EOF
 for m in llama_tied_llama3 gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY greedy.py prompt "$fx" prompt_$m.npy
-  for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2"; do
+  for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2" \
+    "2 --pp 2" "4 --pp 2 --sp 2 --layout striped"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
     if "${MPIRUN[@]}" -np "$np" "$BIN" generate --model "$fx" --prompt-ids prompt_$m.npy --new-tokens 10 --threads 1 \

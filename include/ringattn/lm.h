@@ -19,6 +19,8 @@
 
 namespace ringattn {
 
+class KVCache;
+
 // The tensors an architecture's checkpoint holds, in Hugging Face's names and
 // shapes (nn.Linear weights [out, in]; gpt2's Conv1D weights [in, out]); the LM
 // head only when it is not tied to the embedding.
@@ -101,26 +103,37 @@ void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::s
 Tensor lm_head_logits(const Model& m, const TensorView& y);
 // The summed next-token cross-entropy of rows y [N, D] with labels [N] (−1:
 // none), the head in row chunks; dy := scale · dL/dy and the final norm's and
-// head's gradients added into m.grads(). Returns the unscaled sum.
+// head's gradients added into m.grads() (an empty dy: the loss alone). Returns
+// the unscaled sum.
 double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy);
 
-// One process, SP, TP (pp = 1): this rank's logits [B, Ll, vocab] of the whole
-// batch's ids [B, L] (every rank passes all of them; each takes its tokens of
-// par's layout). With documents (lm_documents) every document of a row is
-// attended and positioned as if alone.
+// This rank's logits [B, Ll, vocab] of the whole batch's ids [B, L] (every rank
+// passes all of them; each takes its tokens of par's layout). With documents
+// (lm_documents) every document of a row is attended and positioned as if
+// alone. With pp (this rank's model: stage pp->rank()) the rows run through the
+// pipeline's forwards, one row per micro-batch, and every stage returns the last
+// stage's logits.
 Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                  std::span<const std::vector<int32_t>> documents = {});
+                  std::span<const std::vector<int32_t>> documents = {}, Communicator* pp = nullptr);
 // The causal-LM loss of ids [B, L] (the mean over the global_targets targets of
 // the whole batch, lm_targets, summed over loss_group: the SP group, and the DP
 // group when the batch is split) and this rank's gradients added into m.grads()
 // (not reduced). With pp (this rank's model: stage pp->rank()) the batch runs
 // through the 1F1B pipeline in micro_batches (B divisible by it); every stage
-// returns the loss. documents: packed rows as in lm_forward.
+// returns the loss. A tied head under PP is held twice, the embedding on the
+// first stage and a copy on the last: each adds the other's gradient of this
+// call, so both copies get the whole gradient. documents: packed rows as in
+// lm_forward.
 double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                         int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr,
                         int micro_batches = 1, std::span<const std::vector<int32_t>> documents = {});
+// The same loss without the backward (evaluation; the forward of a training
+// step): no activations kept, no gradients.
+double lm_loss(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+               int64_t global_targets, Communicator* loss_group, Communicator* pp = nullptr, int micro_batches = 1,
+               std::span<const std::vector<int32_t>> documents = {});
 
-// Generation (pp = 1): the prompts (the same on every rank; their lengths may
+// Generation: the prompts (the same on every rank; their lengths may
 // differ) are prefilled into the sequence-sharded KV cache by par's strategy —
 // each the longest prefix that splits over the SP layout, sequences of one
 // prefix length together; the few tokens left run as decode steps — and only
@@ -129,19 +142,23 @@ double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int6
 // batch decodes together: a sequence still reading its prompt's last tokens
 // emits nothing that step. A sequence ends at its eos token (kept) or the
 // count; on_token sees each step's tokens (−1: none from that sequence).
-// Returns each sequence's new tokens.
+// Returns each sequence's new tokens. With pp (this rank's model: stage
+// pp->rank()) the first stage embeds, the stages pass the prompt and each step's
+// tokens along (inference.h), and the last stage's logits go to every stage.
 struct LmGenerateOptions {
   int64_t new_tokens = 16;
   SamplingOptions sampling;
   uint64_t seed = 0;
   int64_t eos = -1;  // −1: none
   std::function<void(std::span<const int64_t>)> on_token;
+  std::function<void(const KVCache&)> on_prefilled;  // after every prompt's prefill, before the first token
 };
 std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par,
                                               const std::vector<std::vector<int64_t>>& prompts,
-                                              const LmGenerateOptions& o);
+                                              const LmGenerateOptions& o, Communicator* pp = nullptr);
 // The same for B prompts of L tokens each, ids [B, L].
 std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
-                                              int64_t B, int64_t L, const LmGenerateOptions& o);
+                                              int64_t B, int64_t L, const LmGenerateOptions& o,
+                                              Communicator* pp = nullptr);
 
 }  // namespace ringattn

@@ -89,7 +89,8 @@ struct LayerParams {
 
 // A language model's parameters outside the layers (null where this rank holds
 // none: the embedding lives on the first pipeline stage, the final norm and head
-// on the last; head is the embedding when tied).
+// on the last; head is the embedding when tied; under PP the last stage then
+// holds a copy of it, kept equal by summing both copies' gradients, lm.h).
 struct LmParams {
   float *embed, *pos_embed, *norm_g, *norm_b, *head;
 };

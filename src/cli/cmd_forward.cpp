@@ -1,6 +1,6 @@
 // `ringattn forward`: the logits of a Hugging Face language model (llama,
 // mistral, qwen2, gpt2 checkpoint folder) for token ids from a .npy file, on one
-// process or under mpirun with any SP strategy and layout and TP (the parallel
+// process or under mpirun with any SP strategy and layout, TP and PP (the parallel
 // options of train). Rank 0 checks the outputs, reads the ids and writes the
 // logits; every rank loads the checkpoint (its TP slice) and computes its tokens.
 #include <omp.h>
@@ -31,7 +31,6 @@ struct ForwardArgs {
 void run(const ForwardArgs& a) {
   if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
   std::unique_ptr<Communicator> world = MpiSession::active() ? mpi_world(60) : nullptr;
-  check(a.par.pp == 1, "forward runs the whole model on each rank's tokens: --pp must be 1 (use --sp, --tp)");
   const RunContext run(world.get(), a.par);
   int64_t meta[2];  // B, L
   const std::vector<int64_t> ids = ids_from_rank0(world.get(), meta, [&](int64_t m[2]) {
@@ -46,9 +45,9 @@ void run(const ForwardArgs& a) {
   const ModelParallel& par = run.model_parallel();
   if (world) world->barrier();
   const double t0 = now_seconds();
-  const Tensor mine = lm_forward(m, par, ids, B, L);
+  const Tensor mine = lm_forward(m, par, ids, B, L, {}, run.config().pp > 1 ? run.mesh().pp_comm.get() : nullptr);
   const double seconds = now_seconds() - t0;
-  // The SP group's shards in global order (TP ranks hold the same logits).
+  // The SP group's shards in global order (TP ranks and PP stages hold the same logits).
   const int P = par.sp ? par.sp->size() : 1;
   Tensor logits(DType::f32, {B, L, c.vocab});
   if (P == 1) {
@@ -77,6 +76,7 @@ void run(const ForwardArgs& a) {
                 {"batch", B},
                 {"seq", L},
                 {"ranks", pc.ranks()},
+                {"pp", pc.pp},
                 {"sp", pc.sp},
                 {"tp", pc.tp},
                 {"strategy", pc.strategy_label()},
@@ -91,8 +91,8 @@ void run(const ForwardArgs& a) {
               arch_name(c.arch), static_cast<long long>(c.layers), static_cast<long long>(c.d_model),
               static_cast<long long>(c.heads), static_cast<long long>(c.kv_heads), static_cast<long long>(c.vocab),
               static_cast<long long>(B), static_cast<long long>(L));
-  std::printf("%d rank(s): sp %d x tp %d, %s, %s layout\n", pc.ranks(), pc.sp, pc.tp, pc.strategy_label().c_str(),
-              layout_name(pc.layout));
+  std::printf("%d rank(s): pp %d x sp %d x tp %d, %s, %s layout\n", pc.ranks(), pc.pp, pc.sp, pc.tp,
+              pc.strategy_label().c_str(), layout_name(pc.layout));
   std::printf("%.3f s, %.0f tokens/s; most likely next token:", seconds, static_cast<double>(B * L) / seconds);
   for (int64_t t : next) std::printf(" %lld", static_cast<long long>(t));
   std::printf("\n");

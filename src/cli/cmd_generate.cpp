@@ -190,7 +190,6 @@ std::unique_ptr<Tokenizer> lm_tokenizer(const GenerateArgs& a) {
 void run_lm(const GenerateArgs& a, Communicator& world) {
   if (a.par.threads > 0) omp_set_num_threads(a.par.threads);
   const ParallelConfig pc = a.par.for_ranks(world.size());
-  check(pc.pp == 1, "generate --model runs the whole model on each rank: --pp must be 1 (use --sp, --tp)");
   check(a.prompt_ids.empty() + a.prompt.empty() + a.prompt_file.empty() == 2,
         "generate --model needs exactly one of --prompt, --prompt-file, --prompt-ids");
   SamplingOptions s = a.sampling;
@@ -246,7 +245,8 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     std::fflush(stdout);
   }
   reset_peak_memory();
-  const std::vector<std::vector<int64_t>> out = lm_generate(m, run.model_parallel(), prompts, o);
+  const std::vector<std::vector<int64_t>> out =
+      lm_generate(m, run.model_parallel(), prompts, o, pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr);
   if (show) std::printf("\n");
   double peak = static_cast<double>(memory_stats().peak_bytes);  // weights, cache, activations
   world.all_reduce(&peak, 1, ReduceOp::max);
@@ -281,6 +281,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     nlohmann::json j = {{"model", a.lm},
                         {"arch", arch_name(lm.config.arch)},
                         {"ranks", pc.ranks()},
+                        {"pp", pc.pp},
                         {"sp", pc.sp},
                         {"tp", pc.tp},
                         {"strategy", pc.strategy_label()},
@@ -297,9 +298,9 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     print_json(j);
   } else {
     std::fprintf(stderr,
-                 "%s, %d rank(s) (sp %d x tp %d, %s, %s): prompt %lld x %lld tokens, prefill %.3f s, "
+                 "%s, %d rank(s) (pp %d x sp %d x tp %d, %s, %s): prompt %lld x %lld tokens, prefill %.3f s, "
                  "%.2f ms per output token (median), peak %.1f MiB/rank\n",
-                 arch_name(lm.config.arch), pc.ranks(), pc.sp, pc.tp, pc.strategy_label().c_str(),
+                 arch_name(lm.config.arch), pc.ranks(), pc.pp, pc.sp, pc.tp, pc.strategy_label().c_str(),
                  layout_name(pc.layout), static_cast<long long>(B), static_cast<long long>(L), prefill, med * 1e3,
                  peak / 1048576.0);
     if (a.check)

@@ -142,19 +142,24 @@ void run_lm(const TrainArgs& a) {
         " windows of --seq ", L, "; raise --val-fraction");
   // One step's loss and this rank's gradients for the global batch [batch, L]:
   // its rows dp0 .. dp0 + Bl − 1 here, packed by their EOS tokens with --documents.
-  auto loss_backward = [&](const std::vector<int64_t>& batch) {
+  // With train false the loss alone (the held-out windows).
+  auto loss_pass = [&](const std::vector<int64_t>& batch, bool train) {
     const std::vector<int64_t> mine(batch.begin() + dp0 * L, batch.begin() + (dp0 + Bl) * L);
+    std::vector<std::vector<int32_t>> docs, my_docs;
+    if (packed) {
+      docs = lm_documents(batch, a.batch, L, eos);
+      my_docs.assign(docs.begin() + dp0, docs.begin() + dp0 + Bl);
+    }
+    const int64_t targets = lm_targets(a.batch, L, docs);
+    if (!train) return lm_loss(model, par, mine, Bl, L, targets, replicas, pp, pc.pp, my_docs);
     model.zero_grads();
-    if (!packed) return lm_loss_backward(model, par, mine, Bl, L, a.batch * (L - 1), replicas, pp, pc.pp);
-    const std::vector<std::vector<int32_t>> docs = lm_documents(batch, a.batch, L, eos);
-    const std::vector<std::vector<int32_t>> my_docs(docs.begin() + dp0, docs.begin() + dp0 + Bl);
-    return lm_loss_backward(model, par, mine, Bl, L, lm_targets(a.batch, L, docs), replicas, pp, pc.pp, my_docs);
+    return lm_loss_backward(model, par, mine, Bl, L, targets, replicas, pp, pc.pp, my_docs);
   };
   auto held_out = [&] {
     double sum = 0;
     for (int64_t w = 0; w < windows; w += a.batch)
-      sum +=
-          loss_backward(std::vector<int64_t>(ids.begin() + n_train + w * L, ids.begin() + n_train + (w + a.batch) * L));
+      sum += loss_pass(std::vector<int64_t>(ids.begin() + n_train + w * L, ids.begin() + n_train + (w + a.batch) * L),
+                       false);
     return sum / static_cast<double>(windows / a.batch);
   };
   std::mt19937_64 rng(a.model.seed + 1);  // the same windows on every rank
@@ -166,7 +171,7 @@ void run_lm(const TrainArgs& a) {
     std::vector<int64_t> batch(static_cast<size_t>(a.batch * L));
     for (int64_t r = 0; r < a.batch; ++r) std::copy_n(ids.begin() + start(rng), L, batch.begin() + r * L);
     const double t0 = now_seconds();
-    const double loss = loss_backward(batch);
+    const double loss = loss_pass(batch, true);
     check(std::isfinite(loss), "the loss is ", loss, " at step ", s, ": training diverged (try a smaller --lr than ",
           a.lr, ")");
     if (replicas) replicas->all_reduce(model.grads(), model.num_params(), ReduceOp::sum);

@@ -620,17 +620,20 @@ Tensor lm_head_logits(const Model& m, const TensorView& y) {
   return logits;
 }
 
-// y: [N, D]   labels: [N]   dy: [N, D]
+// y: [N, D]   labels: [N]   dy: [N, D] or empty (the loss alone)
 double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy) {
   const ModelConfig& c = m.config();
-  const LmParams p = std::as_const(m).lm(), g = m.lm_grads();
+  const LmParams p = std::as_const(m).lm();
   check(c.is_lm() && p.head, "lm_head_loss: the model has no LM head here (not a language model's last stage)");
   const int64_t D = c.d_model, N = static_cast<int64_t>(labels.size());
-  check(y.numel() == N * D && dy.numel() == N * D, "lm_head_loss: ", N, " labels for rows ", y.shape_str());
+  check(y.numel() == N * D && (dy.empty() || dy.numel() == N * D), "lm_head_loss: ", N, " labels for rows ",
+        y.shape_str());
   for (int64_t t : labels) check(t >= -1 && t < c.vocab, "label ", t, " is outside the vocabulary of ", c.vocab);
   std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
-  std::vector<float> da(static_cast<size_t>(N * D));
   norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
+  if (dy.empty()) return lm_head_cross_entropy(N, D, c.vocab, a.data(), p.head, labels.data(), scale, nullptr, nullptr);
+  const LmParams g = m.lm_grads();
+  std::vector<float> da(static_cast<size_t>(N * D));
   const double loss = lm_head_cross_entropy(N, D, c.vocab, a.data(), p.head, labels.data(), scale, da.data(), g.head);
   norm_backward(m.device(), c, N, y.ptr<float>(), p.norm_g, mean.data(), rstd.data(), da.data(), dy.ptr<float>(),
                 g.norm_g, g.norm_b);
@@ -660,73 +663,165 @@ void check_batch_ids(const ModelConfig& c, std::span<const int64_t> ids, int64_t
 
 }  // namespace
 
-Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                  std::span<const std::vector<int32_t>> documents) {
-  check(m.first_stage() && m.last_stage(), "lm_forward runs the whole model (pp = 1)");
+namespace {
+
+// This rank's view of a batch: the global positions of its tokens [Ll], their ids
+// [B, Ll], and where RoPE / learned positions put them (the positions, or [B·Ll]
+// restarting in each document of packed rows).
+struct LocalBatch {
+  std::vector<int64_t> pos, ids, at;
+  int64_t Ll = 0;
+};
+LocalBatch local_batch(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                       std::span<const std::vector<int32_t>> documents) {
   check_batch_ids(m.config(), ids, L);
-  const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
-  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos);
+  LocalBatch lb;
+  lb.pos = local_positions(par, local_length(par, L));
+  lb.ids = lm_local_ids(ids, B, L, lb.pos);
   document_starts(documents, B, L);
-  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
-  const DeviceTensor x = lm_embed(m, local, B, at);
+  lb.at = documents.empty() ? lb.pos : lm_document_positions(lb.pos, B, documents);
+  lb.Ll = static_cast<int64_t>(lb.pos.size());
+  return lb;
+}
+
+// The pipeline's first end for micro-batches of Bm rows: the embedding of rows
+// i·Bm .. (i + 1)·Bm − 1 and its backward (the caller sets the last end).
+PipelineEnds lm_pipeline_ends(Model& m, const LocalBatch& lb, int64_t Bm,
+                              std::span<const std::vector<int32_t>> documents) {
+  auto rows = [&lb, Bm](const std::vector<int64_t>& v, int i) {
+    return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * lb.Ll), static_cast<size_t>(Bm * lb.Ll));
+  };
+  auto where = [&lb, rows, documents](int i) {
+    return documents.empty() ? std::span<const int64_t>(lb.pos) : rows(lb.at, i);
+  };
+  PipelineEnds ends;
+  ends.input = [&m, &lb, Bm, rows, where](int i) { return lm_embed(m, rows(lb.ids, i), Bm, where(i)); };
+  ends.input_grad = [&m, &lb, Bm, rows, where](int i, const TensorView& dx) {
+    lm_embed_backward(m, rows(lb.ids, i), Bm, where(i), dx);
+  };
+  if (!documents.empty()) ends.positions = lb.at, ends.documents = documents;
+  return ends;
+}
+
+constexpr int kTiedTag = 1000;  // apart from the pipeline's micro-batch tags
+
+// A tied head under PP is one parameter held twice: the first stage's embedding
+// and the last stage's copy of it (Megatron's scheme). The gradient of this rank's
+// copy, or null where there is none.
+float* tied_copy_grad(Model& m, Communicator* pp) {
+  if (!pp || pp->size() == 1 || !m.config().tied) return nullptr;
+  return m.first_stage() ? m.lm_grads().embed : m.last_stage() ? m.lm_grads().head : nullptr;
+}
+
+// Each copy adds the other's gradient of this backward (what it gained since
+// `before`), so both end equal and AdamW keeps the copies equal.
+void sum_tied_grads(Model& m, Communicator& pp, float* g, const std::vector<float>& before) {
+  const size_t n = before.size();
+  std::vector<float> mine(n), theirs(n);
+  for (size_t i = 0; i < n; ++i) mine[i] = g[i] - before[i];
+  const int peer = m.first_stage() ? pp.size() - 1 : 0;
+  Request r = pp.irecv(theirs.data(), n * sizeof(float), peer, kTiedTag);
+  Request s = pp.isend(mine.data(), n * sizeof(float), peer, kTiedTag);
+  pp.wait(r);
+  pp.wait(s);
+  for (size_t i = 0; i < n; ++i) g[i] += theirs[i];
+}
+
+}  // namespace
+
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                  std::span<const std::vector<int32_t>> documents, Communicator* pp) {
+  check(pp || (m.first_stage() && m.last_stage()), "the model holds one pipeline stage: pass its PP group");
+  const LocalBatch lb = local_batch(m, par, ids, B, L, documents);
+  const int64_t V = m.config().vocab;
+  Tensor out(DType::f32, {B, lb.Ll, V});
+  if (pp) {  // the forwards of the pipeline, one row per micro-batch; the last stage's logits to every stage
+    // train = false: the pipeline only reads the model.
+    Model& stage = const_cast<Model&>(m);
+    PipelineEnds ends = lm_pipeline_ends(stage, lb, 1, documents);
+    ends.loss = [&](int i, const TensorView& y, const TensorView&) {
+      const Tensor logits = lm_head_logits(m, y);
+      std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>() + i * lb.Ll * V);
+      return 0.0;
+    };
+    pipeline_run(stage, ends, par, *pp, static_cast<int>(B), 1, lb.Ll, false);
+    pp->broadcast(out.ptr<void>(), out.bytes(), pp->size() - 1);
+    return out;
+  }
+  const DeviceTensor x = lm_embed(m, lb.ids, B, lb.at);
   Activations act;
   act.keep = false;
-  const DeviceTensor y = model_forward(m, x, par, act, {}, at, documents);
-  Tensor logits = lm_head_logits(m, y);
-  const int64_t shape[3] = {B, static_cast<int64_t>(pos.size()), m.config().vocab};
-  Tensor out(DType::f32, 3, shape);
+  const DeviceTensor y = model_forward(m, x, par, act, {}, lb.at, documents);
+  const Tensor logits = lm_head_logits(m, y);
   std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>());
   return out;
 }
 
-double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                        int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
-                        std::span<const std::vector<int32_t>> documents) {
+namespace {
+
+// The loss of lm_loss_backward, and with train its gradients.
+double lm_loss_pass(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                    int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
+                    std::span<const std::vector<int32_t>> documents, bool train) {
   check(global_targets >= 1, "the loss needs sequences of at least 2 tokens");
-  check_batch_ids(m.config(), ids, L);
-  const std::vector<int64_t> pos = local_positions(par, local_length(par, L));
-  const std::vector<int64_t> local = lm_local_ids(ids, B, L, pos), labels = lm_labels(ids, B, L, pos, documents);
+  const LocalBatch lb = local_batch(m, par, ids, B, L, documents);
+  const std::vector<int64_t> labels = lm_labels(ids, B, L, lb.pos, documents);
   const float scale = 1.f / static_cast<float>(global_targets);
-  document_starts(documents, B, L);
-  // Packed rows: positions restart in each document (per row), else the layout's.
-  const std::vector<int64_t> at = documents.empty() ? pos : lm_document_positions(pos, B, documents);
+  double loss = 0;
   if (pp) {  // micro-batch i: rows i·Bm .. (i + 1)·Bm − 1 of this rank's tokens
     check(micro_batches >= 1 && B % micro_batches == 0, "the batch of ", B,
           " sequences must be divisible by the micro-batches ", micro_batches);
-    const int64_t Bm = B / micro_batches, Ll = static_cast<int64_t>(pos.size());
-    auto rows = [&](const std::vector<int64_t>& v, int i) {
-      return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * Ll), static_cast<size_t>(Bm * Ll));
-    };
-    PipelineEnds ends;
-    auto where = [&](int i) { return documents.empty() ? std::span<const int64_t>(pos) : rows(at, i); };
-    ends.input = [&](int i) { return lm_embed(m, rows(local, i), Bm, where(i)); };
-    ends.input_grad = [&](int i, const TensorView& dx) { lm_embed_backward(m, rows(local, i), Bm, where(i), dx); };
-    if (!documents.empty()) ends.positions = at, ends.documents = documents;
+    const int64_t Bm = B / micro_batches, n = m.config().vocab * m.config().d_model;
+    float* tied = train ? tied_copy_grad(m, pp) : nullptr;
+    const std::vector<float> before = tied ? std::vector<float>(tied, tied + n) : std::vector<float>();
+    PipelineEnds ends = lm_pipeline_ends(m, lb, Bm, documents);
     ends.loss = [&](int i, const TensorView& y, const TensorView& dy) {
-      return lm_head_loss(m, y, rows(labels, i), scale, dy);
+      const std::span<const int64_t> rows(labels.data() + i * Bm * lb.Ll, static_cast<size_t>(Bm * lb.Ll));
+      return lm_head_loss(m, y, rows, scale, train ? dy : TensorView());
     };
-    double loss = pipeline_run(m, ends, par, *pp, micro_batches, Bm, Ll, true);
-    if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
-    pp->all_reduce(&loss, 1, ReduceOp::sum);  // from the last stage to every stage
-    return loss / static_cast<double>(global_targets);
+    loss = pipeline_run(m, ends, par, *pp, micro_batches, Bm, lb.Ll, train);
+    if (tied) sum_tied_grads(m, *pp, tied, before);
+  } else {
+    check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
+    const DeviceTensor x = lm_embed(m, lb.ids, B, lb.at);
+    Activations act;
+    act.keep = train;
+    const DeviceTensor y = model_forward(m, x, par, act, {}, lb.at, documents);
+    if (!train) {
+      loss = lm_head_loss(m, y, labels, scale, TensorView());
+    } else {
+      DeviceTensor dy = m.device().alloc(DType::f32, {B, lb.Ll, m.config().d_model});
+      loss = lm_head_loss(m, y, labels, scale, dy);
+      const DeviceTensor dx = model_backward(m, act, dy, par);
+      lm_embed_backward(m, lb.ids, B, lb.at, dx);
+    }
   }
-  check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
-  const DeviceTensor x = lm_embed(m, local, B, at);
-  Activations act;
-  const DeviceTensor y = model_forward(m, x, par, act, {}, at, documents);
-  DeviceTensor dy = m.device().alloc(DType::f32, {B, static_cast<int64_t>(pos.size()), m.config().d_model});
-  double loss = lm_head_loss(m, y, labels, scale, dy);
-  const DeviceTensor dx = model_backward(m, act, dy, par);
-  lm_embed_backward(m, local, B, at, dx);
   if (loss_group) loss_group->all_reduce(&loss, 1, ReduceOp::sum);
+  if (pp) pp->all_reduce(&loss, 1, ReduceOp::sum);  // from the last stage to every stage
   return loss / static_cast<double>(global_targets);
+}
+
+}  // namespace
+
+double lm_loss_backward(Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                        int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
+                        std::span<const std::vector<int32_t>> documents) {
+  return lm_loss_pass(m, par, ids, B, L, global_targets, loss_group, pp, micro_batches, documents, true);
+}
+
+double lm_loss(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+               int64_t global_targets, Communicator* loss_group, Communicator* pp, int micro_batches,
+               std::span<const std::vector<int32_t>> documents) {
+  // train = false: the pass only reads the model.
+  return lm_loss_pass(const_cast<Model&>(m), par, ids, B, L, global_targets, loss_group, pp, micro_batches, documents,
+                      false);
 }
 
 std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par,
                                               const std::vector<std::vector<int64_t>>& prompts,
-                                              const LmGenerateOptions& o) {
+                                              const LmGenerateOptions& o, Communicator* pp) {
   const ModelConfig& c = m.config();
-  check(m.first_stage() && m.last_stage(), "generation runs the whole model on each rank (pp = 1)");
+  check(pp || (m.first_stage() && m.last_stage()), "the model holds one pipeline stage: pass its PP group");
   check(o.new_tokens >= 0, "the number of new tokens must be >= 0, got ", o.new_tokens);
   check(!prompts.empty(), "generation needs at least one prompt");
   check_sampling(o.sampling);
@@ -748,6 +843,17 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 1;
   KVCache cache(m, B, capacity, P, p);
   std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
+  // Under PP the first stage embeds and the others receive their input from the
+  // stage before (x gives them only its shape); the last stage's logits go to
+  // every stage, which all sample alike.
+  DeviceTensor embedded;
+  auto embed = [&](std::span<const int64_t> ids, int64_t n, std::span<const int64_t> at) {
+    if (m.first_stage()) return (embedded = lm_embed(m, ids, n, at)).view();
+    return TensorView(nullptr, DType::f32, {n, static_cast<int64_t>(ids.size()) / n, c.d_model});
+  };
+  auto from_last_stage = [&](float* logits, int64_t n) {
+    if (pp) pp->broadcast(logits, static_cast<size_t>(n * V) * sizeof(float), pp->size() - 1);
+  };
 
   // Prefill the first L0 tokens, consecutive sequences of one L0 together; the
   // rank holding position L0 − 1 computes their logits.
@@ -758,11 +864,11 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     std::vector<int64_t> prefix(static_cast<size_t>(n * Lp));
     for (int64_t b = 0; b < n; ++b) std::copy_n(prompts[first + b].begin(), Lp, prefix.begin() + b * Lp);
     const std::vector<int64_t> pos = local_positions(par, Lp / P);
-    const DeviceTensor x = lm_embed(m, lm_local_ids(prefix, n, Lp, pos), n, pos);
-    const DeviceTensor y = prefill(m, cache, x, first, par);
+    const std::vector<int64_t> local = lm_local_ids(prefix, n, Lp, pos);
+    const DeviceTensor y = prefill(m, cache, embed(local, n, pos), first, par, pp);
     std::vector<float> rows_logits(static_cast<size_t>(n * V), 0.f);
     const auto j = std::find(pos.begin(), pos.end(), Lp - 1);
-    if (j != pos.end()) {
+    if (m.last_stage() && j != pos.end()) {
       const int64_t Ll = static_cast<int64_t>(pos.size()), D = c.d_model;
       Tensor rows(DType::f32, {n, D});
       for (int64_t b = 0; b < n; ++b)
@@ -770,19 +876,21 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
       const Tensor logits = lm_head_logits(m, rows);
       std::copy_n(logits.ptr<float>(), n * V, rows_logits.data());
     }
-    if (par.sp) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // only the owner's are nonzero
+    if (par.sp && m.last_stage()) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // the owner's
+    from_last_stage(rows_logits.data(), n);
     std::copy(rows_logits.begin(), rows_logits.end(), last.begin() + first * V);
     first += n;
   }
+
+  if (o.on_prefilled) o.on_prefilled(cache);
 
   // One decode step: tokens [B] at positions [B] -> the logits of each.
   auto step = [&](const std::vector<int64_t>& tokens) {
     std::vector<int64_t> at(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) at[b] = cache.length(b);
-    const DeviceTensor xb = lm_embed(m, tokens, B, at);
-    const DeviceTensor yb = decode_step(m, cache, xb, par);
-    const Tensor logits = lm_head_logits(m, yb);
-    std::copy_n(logits.ptr<float>(), B * V, last.data());
+    const DeviceTensor yb = decode_step(m, cache, embed(tokens, B, at), par, pp);
+    if (m.last_stage()) std::copy_n(lm_head_logits(m, yb).ptr<float>(), B * V, last.data());
+    from_last_stage(last.data(), B);
   };
   // Each step feeds every sequence its next prompt token while it has one, else
   // the token sampled from its newest logits (which it emits until it ends).
@@ -811,12 +919,12 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
 }
 
 std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParallel& par, std::span<const int64_t> ids,
-                                              int64_t B, int64_t L, const LmGenerateOptions& o) {
+                                              int64_t B, int64_t L, const LmGenerateOptions& o, Communicator* pp) {
   check(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "generation: ", ids.size(),
         " prompt ids for B=", B, " x L=", L);
   std::vector<std::vector<int64_t>> prompts;
   for (int64_t b = 0; b < B; ++b) prompts.emplace_back(ids.begin() + b * L, ids.begin() + (b + 1) * L);
-  return lm_generate(m, par, prompts, o);
+  return lm_generate(m, par, prompts, o, pp);
 }
 
 }  // namespace ringattn

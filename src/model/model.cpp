@@ -59,8 +59,6 @@ void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
         " and kv_heads=", c.kv(), " must both be divisible by tp=", tp);
   check(c.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", c.hidden(),
         " must be divisible by tp=", tp);
-  check(!c.tied || pp == 1, "a tied LM head (tie_word_embeddings) needs the embedding on the first and the last ",
-        "pipeline stage; pp=", pp, " with tied embeddings is not supported, use --pp 1");
   const int U = p.strategy == Strategy::ulysses ? p.sp : p.strategy == Strategy::hybrid ? p.ulysses : 1;
   check(c.heads / tp % U == 0 && c.kv() / tp % U == 0, "--strategy ", strategy_name(p.strategy),
         " splits the heads over ", U, " SP ranks: heads=", c.heads, " and kv_heads=", c.kv(),
@@ -89,8 +87,9 @@ std::vector<int64_t> Model::lm_sizes() const {
   if (!c.is_lm()) return {0, 0, 0, 0, 0};
   const int64_t D = c.d_model, V = c.vocab;
   const bool first = first_stage(), last = last_stage();
+  // A tied head under PP: the last stage keeps its own copy of the embedding.
   return {first ? V * D : 0, first ? c.positions * D : 0, last ? D : 0, last && c.norm == Norm::layernorm ? D : 0,
-          last && !c.tied ? V * D : 0};
+          last && !(c.tied && first) ? V * D : 0};
 }
 
 namespace {
@@ -220,7 +219,7 @@ void Model::copy_slice_from(const Model& full, bool grads) {
   if (p.pos_embed) std::copy_n(f.pos_embed, n[1], p.pos_embed);
   if (p.norm_g) std::copy_n(f.norm_g, n[2], p.norm_g);
   if (p.norm_b) std::copy_n(f.norm_b, n[3], p.norm_b);
-  if (!c.tied && p.head) std::copy_n(f.head, n[4], p.head);
+  if (p.head && p.head != p.embed) std::copy_n(f.head, n[4], p.head);  // a tied one: the embedding
 }
 
 namespace {
@@ -244,7 +243,7 @@ LayerParams Model::view(float* base, int l) const {
 
 LmParams Model::lm_view(float* base) const {
   const std::vector<float*> p = carve(base + num_layers_ * per_layer_, lm_sizes());
-  return {p[0], p[1], p[2], p[3], cfg_.tied ? p[0] : p[4]};
+  return {p[0], p[1], p[2], p[3], cfg_.tied && first_stage() && last_stage() ? p[0] : p[4]};
 }
 
 LayerWeights Model::weights(int l) const {

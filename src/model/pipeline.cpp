@@ -57,6 +57,7 @@ double pipeline_run(Model& m, const PipelineEnds& ends, const ModelParallel& par
         ends.positions.empty() ? ends.positions : ends.positions.subspan(at * static_cast<size_t>(Ll), rows * Ll);
     const std::span<const std::vector<int32_t>> docs =
         ends.documents.empty() ? ends.documents : ends.documents.subspan(at, rows);
+    acts[i].keep = train;  // inference frees each layer's tensors as it goes
     DeviceTensor out = model_forward(m, in, par, acts[i], {}, pos, docs);
     if (s + 1 < S) return send(std::move(out), s + 1, 2 * i);
     dys[i] = dev.alloc(DType::f32, {Bm, Ll, D});

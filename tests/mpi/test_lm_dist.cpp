@@ -87,7 +87,8 @@ std::string label(const ParallelConfig& c) {
 }
 
 // Every layout of P ranks that the model fits, on the batch ids [B, L] (packed
-// by docs when given): each rank's logits (pp = 1), the loss and every gradient
+// by docs when given): each rank's logits, the loss (with and without the
+// backward) and every gradient
 // (summed over the replicas) against the one-process reference's logits
 // [B, L, vocab], loss and gradients (want_full's).
 void expect_every_layout(Communicator& world, const std::string& what, const LanguageModel& lm,
@@ -110,11 +111,13 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
         docs.empty() ? docs : std::vector<std::vector<int32_t>>(docs.begin() + row0, docs.begin() + row0 + Bl);
     Model m = lm_model(lm, DType::f32, run);
 
-    // Logits (the whole model on each rank): this rank's rows against the
-    // reference's at the same (row, position).
+    // Logits (under PP: the pipeline's forwards, the last stage's logits on
+    // every stage): this rank's rows against the reference's at the same (row,
+    // position).
+    Communicator* pp = pc.pp > 1 ? mesh.pp_comm.get() : nullptr;
     double err[2] = {0, 0};
-    if (pc.pp == 1) {
-      const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs);
+    {
+      const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs, pp);
       const int64_t Ll = logits.dim(1);
       const std::vector<int64_t> pos = local_positions(par, Ll);
       Tensor ref(DType::f32, {Bl, Ll, V});
@@ -126,9 +129,10 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
 
     // Loss and gradients (under PP: 1F1B over one micro-batch per sequence),
     // summed over the replicas, against the reference's slice.
+    const double eval_loss = lm_loss(m, par, my_ids, Bl, L, targets, run.replicas(), pp, static_cast<int>(Bl), my_docs);
     m.zero_grads();
-    const double loss = lm_loss_backward(m, par, my_ids, Bl, L, targets, run.replicas(),
-                                         pc.pp > 1 ? mesh.pp_comm.get() : nullptr, static_cast<int>(Bl), my_docs);
+    const double loss =
+        lm_loss_backward(m, par, my_ids, Bl, L, targets, run.replicas(), pp, static_cast<int>(Bl), my_docs);
     if (Communicator* r = run.replicas()) r->all_reduce(m.grads(), m.num_params(), ReduceOp::sum);
     Model want_slice = model_for(mc, run);
     want_slice.copy_slice_from(want_full, true);
@@ -138,6 +142,7 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
     const std::string at = cat(what, " at P=", P, " ", label(pc));
     EXPECT_LT(err[0], 1e-4) << at << ": logits";
     EXPECT_NEAR(loss, want_loss, 1e-5 * want_loss) << at << ": loss";
+    EXPECT_EQ(eval_loss, loss) << at << ": the loss without the backward";
     EXPECT_LT(err[1], 1e-4) << at << ": gradients";
     if (world.rank() == 0)
       std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", at.c_str(), err[0], loss,
@@ -245,11 +250,17 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
     c.sp = 1, c.tp = P, c.threads = 1;
     pcs.push_back(c);
   }
+  if (P % 2 == 0) {  // two pipeline stages, each an SP group of P / 2 (a tied head copied to the last stage)
+    ParallelConfig c;
+    c.pp = 2, c.sp = P / 2, c.layout = Layout::zigzag, c.threads = 1;
+    pcs.push_back(c);
+  }
   int ran = 0;
   for (const ParallelConfig& pc : pcs) {
     if (!fits(mc, pc, P)) continue;  // heads or MLP columns do not split this way
     ++ran;
     const RunContext run(world.get(), pc);
+    Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
     const Model m = lm_model(lm, DType::f32, run);
     LmGenerateOptions o;
     o.new_tokens = static_cast<int64_t>(want.size());
@@ -259,7 +270,7 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
       EXPECT_EQ(t[0], want[static_cast<size_t>(steps)]) << "streamed token " << steps;
       ++steps;
     };
-    const auto got = lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o);
+    const auto got = lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o, pp);
     EXPECT_EQ(got.at(0), want) << name << " at P=" << P << " " << label(pc);
     EXPECT_EQ(steps, static_cast<int>(want.size()));
   }
@@ -285,17 +296,27 @@ TEST_P(LmDistributed, PromptsOfDifferentLengthsDecodeTogether) {
   std::vector<std::vector<int64_t>> want;
   for (const auto& p : prompts) want.push_back(lm_greedy_reference(lm, p, new_tokens));
   const ModelConfig mc = model_config(lm.config);
-  int ran = 0;
+  std::vector<ParallelConfig> pcs;
   for (Strategy s : {Strategy::ring, Strategy::ulysses}) {
     ParallelConfig pc;
     pc.sp = P, pc.strategy = s, pc.layout = Layout::zigzag, pc.threads = 1;
+    pcs.push_back(pc);
+  }
+  if (P % 2 == 0) {  // two pipeline stages of P / 2 SP ranks
+    ParallelConfig pc;
+    pc.pp = 2, pc.sp = P / 2, pc.layout = Layout::zigzag, pc.threads = 1;
+    pcs.push_back(pc);
+  }
+  int ran = 0;
+  for (const ParallelConfig& pc : pcs) {
     if (!fits(mc, pc, P)) continue;  // heads or MLP columns do not split this way
     ++ran;
     const RunContext run(world.get(), pc);
     const Model m = lm_model(lm, DType::f32, run);
     LmGenerateOptions o;
     o.new_tokens = new_tokens;
-    EXPECT_EQ(lm_generate(m, run.model_parallel(), prompts, o), want) << name << " at P=" << P << " " << label(pc);
+    EXPECT_EQ(lm_generate(m, run.model_parallel(), prompts, o, pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr), want)
+        << name << " at P=" << P << " " << label(pc);
   }
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
