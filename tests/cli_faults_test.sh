@@ -197,6 +197,8 @@ expect_error "attention --seq -5" 2 "at least 1" "$BIN" attention --seq -5
 expect_error "generate --capacity 0" 2 "at least 1" "$BIN" generate --capacity 0
 expect_error "generate --capacity -5" 2 "at least 1" "$BIN" generate --capacity -5
 expect_error "compare --ranks 0" 2 "at least 1" "$BIN" compare --ranks 0
+expect_error "compare --config with --layers" 2 "excludes" "$BIN" compare --config "$SRC/tests/fixtures/hf/gpt2" --layers 2
+expect_error "compare --config: not a config" 1 "config.json" "$BIN" compare --config "$WORK"
 expect_error "compare --ranks -2" 2 "at least 1" "$BIN" compare --ranks -2
 expect_error "plan --claim nan" 2 "positive, finite" "$BIN" plan --claim nan
 expect_error "plan --nodes 0" 2 "at least 1" "$BIN" plan --nodes 0

@@ -307,6 +307,27 @@ j = json.load(open(sys.argv[1]))
 assert j["prompt_lengths"] == [7, 3, 5] and [len(t) for t in j["new_tokens"]] == [6, 6, 6], j
 EOF
 done
+# compare --config: every method runs the language model whole (ids in, next-token
+# loss out; the tied head copied to PP's last stage) on the same weights and ids,
+# so every method's loss is the same number.
+if "$BIN" compare --config "$SRC/tests/fixtures/hf/llama_tied_llama3" --seq 32 --batch 2 --ranks 2 --new-tokens 3 \
+  --json >compare_lm.json 2>compare_lm.err; then
+  $PY - compare_lm.json <<'EOF' || fail "compare --config: $(head -c 600 compare_lm.json)"
+import json, math, sys
+j = json.load(open(sys.argv[1]))
+assert j["model"]["arch"] == "llama" and j["model"]["vocab"] == 101 and j["model"]["tied"], j["model"]
+ms = j["methods"]
+assert {m["id"] for m in ms} == {"ring", "ulysses", "allgather", "tp", "pp"}, [m["id"] for m in ms]
+losses = [m["loss"] for m in ms]
+assert all(math.isfinite(l) and 3 < l < 6 for l in losses), losses
+assert max(losses) - min(losses) < 1e-5 * losses[0], losses
+for m in ms:
+    assert m["forward_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0 and m["time_per_output_token_ms"] > 0, m
+    assert m["kv_cache_bytes_per_rank"] > 0, m
+EOF
+else
+  fail "compare --config exited non-zero: $(tail -5 compare_lm.err)"
+fi
 # train --config: a byte-level llama from the seed on a text (this repository's
 # README) under mpirun (SP 2, ring), held-out loss falling, --save a checkpoint
 # that forward and generate load.

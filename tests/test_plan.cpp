@@ -93,6 +93,19 @@ Hardware toy(double bandwidth = 1e30, bool overlap = true) {
   return h;
 }
 
+// A language model (llama: SwiGLU's three MLP matrices, an explicit head_dim,
+// the embedding and the LM head) counted by hand.
+TEST(PlanFlops, LanguageModelHandComputed) {
+  Workload w;
+  w.model = tiny(false), w.seq = 4, w.batch = 1;
+  w.model.mlp = Mlp::swiglu, w.model.head_size = 6, w.model.vocab = 50;
+  // per token per layer: 2·(D·C + A·D + D·2F + F·D), C = 3·2·6 = 36, A = 12:
+  // 2·(8·36 + 12·8 + 8·64 + 32·8) = 2304
+  EXPECT_DOUBLE_EQ(forward_flops_per_layer_per_token_gemm(w.model), 2304);
+  // 2 layers × (4 tokens × 2304 + 4·1·2·16·6 = 768) + the head 2·4·8·50
+  EXPECT_DOUBLE_EQ(forward_flops(w), 2 * (4 * 2304 + 768) + 2 * 4 * 8 * 50);
+}
+
 TEST(PlanPredict, SingleDeviceIsFlopsOverRates) {
   Workload w;
   w.model = tiny(false), w.seq = 64, w.batch = 2;
@@ -213,6 +226,32 @@ Hardware gpu_like() {
   h.intra_node = {4e-6, 3.7e11, true};
   h.inter_node = {1e-5, 4.7e10, true};
   return h;
+}
+
+// The LM head and embedding: slower steps, more memory; under PP the busiest
+// stage holds one vocabulary matrix, without PP both (one when tied).
+TEST(PlanPredict, LanguageModelHeadCostsTimeAndMemory) {
+  Workload body = paper_like();
+  Workload lm = body;
+  lm.model.vocab = 128256;
+  const Hardware h = gpu_like();
+  Cluster cl;
+  cl.world = 16;
+  for (const Candidate& c : {Candidate{1, 1, 16, 1}, Candidate{1, 2, 8, 1}, Candidate{1, 1, 2, 8}}) {
+    const Prediction a = predict(body, c, h, cl), b = predict(lm, c, h, cl);
+    ASSERT_EQ(a.invalid, "") << c.name();
+    EXPECT_GT(b.forward_s, a.forward_s) << c.name();
+    EXPECT_GT(b.train_s, a.train_s) << c.name();
+    EXPECT_GT(b.decode_step_s, a.decode_step_s) << c.name();
+    const double table = 128256.0 * body.model.d_model, per_param = 16 + 2;  // fp32 master, grad, AdamW; bf16 copy
+    // the embedding and head tables, and the final norm's gain
+    EXPECT_NEAR(b.peak_train_bytes - a.peak_train_bytes, ((c.pp == 1 ? 2 : 1) * table + body.model.d_model) * per_param,
+                1)
+        << c.name();
+  }
+  lm.model.tied = true;
+  const Prediction t = predict(lm, Candidate{1, 1, 16, 1}, h, cl), u = predict(body, Candidate{1, 1, 16, 1}, h, cl);
+  EXPECT_NEAR(t.peak_train_bytes - u.peak_train_bytes, (128256.0 * body.model.d_model + body.model.d_model) * 18, 1);
 }
 
 TEST(PlanProperties, MoreBandwidthIsNeverSlower) {

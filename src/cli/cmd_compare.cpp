@@ -2,7 +2,11 @@
 // transformer (same weights for every method) run on the local ranks with RA+SP,
 // Ulysses, all-gather KV, TP, PP and TP × PP: forward (prefill) and training-step
 // throughput, time per output token (prefill into a KV cache, then decode: see
-// `ringattn generate`), peak memory and bytes moved per rank, in one table.
+// `ringattn generate`), peak memory and bytes moved per rank, in one table. The
+// model is the vector transformer of --layers/--d-model/..., or with --config a
+// language model's architecture (a Hugging Face config.json; weights from the
+// seed) run whole: token ids in, embedding, layers, final norm, chunked LM head
+// and next-token loss, generation of tokens.
 //
 // `ringattn compare` is a launcher: it starts one `mpirun -np R ringattn compare
 // --method M --json` per method, so every method is measured in fresh processes
@@ -22,6 +26,8 @@
 #include "cli/launch.h"
 #include "ringattn/atomic_file.h"
 #include "ringattn/error.h"
+#include "ringattn/lm.h"
+#include "ringattn/lm_config.h"
 #include "ringattn/memory.h"
 #include "ringattn/model.h"
 #include "ringattn/parallel.h"
@@ -35,7 +41,7 @@ struct CompareArgs {
   ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   int64_t batch = 2, seq = 8192;
   int threads = 1, ranks = 0, reps = 1, new_tokens = 16;
-  std::string dtype = "fp32", json_out, only, method, launcher;
+  std::string dtype = "fp32", json_out, only, method, launcher, config;
   double timeout = 600;
   bool json = false;
 };
@@ -94,6 +100,41 @@ std::string unsupported(const Method& m, const CompareArgs& a) {
   });
 }
 
+// The language model's TPOT column: lm_generate from the batch's prompts (ids
+// [batch, seq]) for new_tokens decode steps after the first token, greedy, no EOS;
+// a short untimed generation warms up first. Each step's time is the slowest
+// rank's; bytes are the busiest rank's per step.
+void measure_lm_generation(RunContext& run, const Model& model, const std::vector<int64_t>& ids, const CompareArgs& a,
+                           Result& r) {
+  Communicator& world = *run.world();
+  const ParallelConfig& pc = run.config();
+  Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
+  const int64_t warm = 2 * pc.sp;  // the shortest prompt every layout splits
+  LmGenerateOptions o;
+  o.new_tokens = 2;
+  lm_generate(model, run.model_parallel(), std::vector<int64_t>(ids.begin(), ids.begin() + warm), 1, warm, o, pp);
+  std::vector<double> steps;
+  double t_last = 0;
+  o.new_tokens = a.new_tokens + 1;
+  o.on_prefilled = [&](const KVCache& cache) { r.cache_bytes = static_cast<double>(cache.bytes()); };
+  o.on_token = [&](std::span<const int64_t>) {
+    const double now = now_seconds();
+    if (t_last > 0)
+      steps.push_back(now - t_last);
+    else
+      run.reset_stats();  // the first token: the prefill is over
+    t_last = now;
+  };
+  world.barrier();
+  lm_generate(model, run.model_parallel(), ids, a.batch, a.seq, o, pp);
+  r.step_bytes = static_cast<double>(run.bytes_sent()) / static_cast<double>(steps.size());
+  world.all_reduce(steps.data(), steps.size(), ReduceOp::max);
+  double maxes[2] = {r.step_bytes, r.cache_bytes};
+  world.all_reduce(maxes, 2, ReduceOp::max);
+  r.step_bytes = maxes[0], r.cache_bytes = maxes[1];
+  r.tpot_s = percentile(steps, 50), r.tpot_p99_s = percentile(steps, 99);
+}
+
 Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   Result r;
   r.name = me.name;
@@ -104,17 +145,38 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   RunContext run(&world, pc);
   const ModelParallel& par = run.model_parallel();
   Mesh& mesh = run.mesh();
-  const int64_t D = a.model.d_model, Ll = a.seq / pc.sp;
-  Tensor x(DType::f32, {a.batch, Ll, D}), t(DType::f32, {a.batch, Ll, D});
-  {
-    std::mt19937_64 rng(a.model.seed + 1);
-    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), x);
-    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), t);
-  }
   Model model = model_for(a.model, run);
   AdamW opt;
   const int micro = pc.pp > 1 ? static_cast<int>(a.batch) : 1;
-  const int64_t count = a.batch * a.seq * D;
+  // One pass over the batch: the forward (train = false) or a training step.
+  std::function<double(bool)> pass;
+  Tensor x, t;
+  std::vector<int64_t> ids;
+  if (a.model.is_lm()) {  // token ids [batch, seq], the same on every rank
+    std::mt19937_64 rng(a.model.seed + 1);
+    ids.resize(static_cast<size_t>(a.batch * a.seq));
+    for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(a.model.vocab));
+    Communicator* pp = pc.pp > 1 ? mesh.pp_comm.get() : nullptr;
+    const int64_t targets = a.batch * (a.seq - 1);
+    pass = [&, pp, targets](bool train) {
+      if (!train) return lm_loss(model, par, ids, a.batch, a.seq, targets, run.replicas(), pp, micro);
+      model.zero_grads();
+      const double loss = lm_loss_backward(model, par, ids, a.batch, a.seq, targets, run.replicas(), pp, micro);
+      if (Communicator* reps = run.replicas()) reps->all_reduce(model.grads(), model.num_params(), ReduceOp::sum);
+      opt.update(model);
+      return loss;
+    };
+  } else {
+    const int64_t D = a.model.d_model, Ll = a.seq / pc.sp, count = a.batch * a.seq * D;
+    x = Tensor(DType::f32, {a.batch, Ll, D}), t = Tensor(DType::f32, {a.batch, Ll, D});
+    std::mt19937_64 rng(a.model.seed + 1);
+    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), x);
+    run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), t);
+    pass = [&, count](bool train) {
+      return pipeline_step(model, train ? &opt : nullptr, x, t, par, *mesh.pp_comm, micro, count, run.replicas(),
+                           train);
+    };
+  }
   world.barrier();
   reset_peak_memory();
   // The first run of each pass warms up (GEMM primitives, pages); the best of the
@@ -125,8 +187,7 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
       world.barrier();
       run.reset_stats();
       const double t0 = now_seconds();
-      r.loss =
-          pipeline_step(model, train ? &opt : nullptr, x, t, par, *mesh.pp_comm, micro, count, run.replicas(), train);
+      r.loss = pass(train);
       double dt = now_seconds() - t0, b = static_cast<double>(run.bytes_sent());
       world.all_reduce(&dt, 1, ReduceOp::max);
       world.all_reduce(&b, 1, ReduceOp::max);
@@ -140,8 +201,13 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
   world.all_reduce(&r.peak_bytes, 1, ReduceOp::max);
   // Inference: prefill the batch's sequences into a KV cache, then decode.
   x = Tensor(), t = Tensor();
+  if (a.model.is_lm()) {
+    measure_lm_generation(run, model, ids, a, r);
+    return r;
+  }
   std::vector<Tensor> prompts;
   {
+    const int64_t D = a.model.d_model;
     std::mt19937_64 rng(a.model.seed + 2);
     for (int64_t b = 0; b < a.batch; ++b) prompts.push_back(random_normal(DType::f32, {1, a.seq, D}, rng));
   }
@@ -197,7 +263,12 @@ void check_no_method_failed(const nlohmann::json& j) {
 }
 
 // The launcher: one mpirun per method, then one table.
-void run(const CompareArgs& a) {
+void run(CompareArgs a) {
+  if (!a.config.empty()) {  // the architecture of a config.json, the run's dtype and seed
+    ModelConfig mc = model_config(load_lm_config(a.config));
+    mc.dtype = a.model.dtype, mc.seed = a.model.seed;
+    a.model = mc;
+  }
   a.model.validate();
   if (!a.method.empty()) {
     check(MpiSession::active(), "--method is the per-method run that `ringattn compare` starts under mpirun");
@@ -209,11 +280,13 @@ void run(const CompareArgs& a) {
   const int P = a.ranks > 0 ? a.ranks : static_cast<int>(std::max(2u, std::thread::hardware_concurrency()));
   const std::string launcher = a.launcher.empty() ? default_launcher(P) : a.launcher;
   const std::string self = self_executable();
-  const std::string common =
-      cat(" compare --json --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ", a.model.heads,
-          " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden(), " --batch ", a.batch, " --seq ", a.seq,
-          " --dtype ", a.dtype, " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens,
-          " --timeout ", a.timeout > 0 ? cat(a.timeout) : std::string("none"));
+  const std::string model_args = a.config.empty()
+                                     ? cat(" --layers ", a.model.layers, " --d-model ", a.model.d_model, " --heads ",
+                                           a.model.heads, " --kv-heads ", a.model.kv(), " --mlp ", a.model.hidden())
+                                     : cat(" --config ", shell_quote(a.config));
+  const std::string common = cat(" compare --json", model_args, " --batch ", a.batch, " --seq ", a.seq, " --dtype ",
+                                 a.dtype, " --threads ", a.threads, " --reps ", a.reps, " --new-tokens ", a.new_tokens,
+                                 " --timeout ", a.timeout > 0 ? cat(a.timeout) : std::string("none"));
   std::vector<Method> methods = methods_for(P);
   if (!a.only.empty())
     std::erase_if(methods, [&](const Method& m) { return m.id != a.only && m.name.find(a.only) == std::string::npos; });
@@ -223,6 +296,11 @@ void run(const CompareArgs& a) {
   j["model"] = {{"layers", a.model.layers},       {"d_model", a.model.d_model}, {"heads", a.model.heads},
                 {"head_dim", a.model.head_dim()}, {"kv_heads", a.model.kv()},   {"mlp_hidden", a.model.hidden()},
                 {"causal", a.model.causal}};
+  if (!a.config.empty()) {
+    const LmConfig lc = load_lm_config(a.config);
+    j["model"]["config"] = a.config, j["model"]["arch"] = arch_name(lc.arch), j["model"]["vocab"] = lc.vocab;
+    j["model"]["tied"] = lc.tie_embeddings, j["model"]["sliding_window"] = lc.sliding_window;
+  }
   j["batch"] = a.batch, j["seq"] = a.seq, j["ranks"] = P, j["threads_per_rank"] = a.threads, j["dtype"] = a.dtype;
   j["launcher"] = launcher;
   j["methods"] = nlohmann::json::array();
@@ -247,8 +325,12 @@ void run(const CompareArgs& a) {
     return check_no_method_failed(j);
   }
   std::printf(
-      "compare  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
+      "compare  %s%lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld; batch %lld x seq %lld; "
       "%d ranks x %d thread(s), %s\n\n",
+      a.config.empty() ? ""
+                       : cat(j["model"]["arch"].get<std::string>(), " (", a.config, ", vocab ", a.model.vocab,
+                             ", weights from the seed): ")
+                             .c_str(),
       static_cast<long long>(a.model.layers), static_cast<long long>(a.model.d_model),
       static_cast<long long>(a.model.heads), static_cast<long long>(a.model.head_dim()),
       static_cast<long long>(a.model.kv()), static_cast<long long>(a.model.hidden()), static_cast<long long>(a.batch),
@@ -287,6 +369,11 @@ void add_compare(CLI::App& app) {
                                  "the paper's comparison on the local ranks: RA+SP vs Ulysses, all-gather, TP, PP, "
                                  "TP x PP (starts mpirun itself, once per method)");
   add_model_options(cmd, a->model);
+  auto* config = cmd->add_option("--config", a->config,
+                                 "a language model's config.json or checkpoint folder (llama, mistral, qwen2, gpt2): "
+                                 "its architecture whole, ids in and next-token loss out, weights from the seed");
+  for (const char* vector_only : {"--layers", "--d-model", "--heads", "--kv-heads", "--mlp"})
+    config->excludes(cmd->get_option(vector_only));
   cmd->add_option("--batch", a->batch, "sequences per step (PP uses one micro-batch per sequence)")
       ->check(positive_count())
       ->capture_default_str();

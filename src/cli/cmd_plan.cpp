@@ -18,6 +18,7 @@
 #include "ringattn/atomic_file.h"
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
+#include "ringattn/lm_config.h"
 #include "ringattn/plan.h"
 
 #ifndef RINGATTN_SOURCE_DIR
@@ -31,7 +32,7 @@ struct PlanArgs {
   ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   int64_t seq = 8192, batch = 2;
   std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep,
-              attention_kernels;
+              attention_kernels, config;
   int world = 2, nodes = 0, top = 15, threads = 1;
   bool json = false, all = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
   double claim = 0;
@@ -40,14 +41,15 @@ struct PlanArgs {
 
 Workload workload(const PlanArgs& a) {
   Workload w;
-  w.model = a.model;
+  w.model = a.config.empty() ? a.model : model_config(load_lm_config(a.config));
   w.model.dtype = parse_dtype(a.dtype);
   w.model.causal = !a.non_causal;
   check(w.model.window == 0 || w.model.causal, "--sliding-window needs causal attention (drop --non-causal)");
   w.seq = a.seq, w.batch = a.batch;
   w.activations = parse_dtype(a.activations);
-  check(w.model.layers >= 1 && w.model.d_model >= 1 && w.model.heads >= 1 && w.model.d_model % w.model.heads == 0 &&
-            w.model.heads % w.model.kv() == 0 && w.model.hidden() >= 1,
+  check(w.model.layers >= 1 && w.model.d_model >= 1 && w.model.heads >= 1 &&
+            (w.model.head_size > 0 || w.model.d_model % w.model.heads == 0) && w.model.heads % w.model.kv() == 0 &&
+            w.model.hidden() >= 1,
         "model: layers, d_model, heads >= 1, d_model divisible by heads, heads by kv-heads");
   check(w.seq >= 1 && w.batch >= 1, "--seq and --batch must be >= 1");
   // The model counts tokens, bytes and FLOPs in 64-bit integers here and there.
@@ -315,6 +317,7 @@ void run_validate(const PlanArgs& a) {
     const auto& jm = j["model"];
     w.model.layers = jm["layers"], w.model.d_model = jm["d_model"], w.model.heads = jm["heads"];
     w.model.kv_heads = jm["kv_heads"], w.model.mlp_hidden = jm["mlp_hidden"], w.model.causal = jm["causal"];
+    if (jm.contains("config")) w.model = model_config(load_lm_config(jm["config"].get<std::string>()));
     w.model.dtype = parse_dtype(j["dtype"].get<std::string>());
     w.seq = j["seq"], w.batch = j["batch"];
     Cluster cl;
@@ -536,8 +539,9 @@ void run(const PlanArgs& a) {
     return check_runnable();
   }
   std::printf(
-      "plan  %lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld, %s; batch %lld x seq "
+      "plan  %s%lld layers, d_model %lld = %lld heads x %lld, kv heads %lld, MLP %lld, %s; batch %lld x seq "
       "%lld%s\n      on %d x %s (%d per node, %d node(s)), ranked by %s tokens/s\n",
+      a.config.empty() ? "" : cat(a.config, ": vocab ", w.model.vocab, w.model.tied ? " (tied), " : ", ").c_str(),
       static_cast<long long>(w.model.layers), static_cast<long long>(w.model.d_model),
       static_cast<long long>(w.model.heads), static_cast<long long>(w.model.head_dim()),
       static_cast<long long>(w.model.kv()), static_cast<long long>(w.model.hidden()), dtype_name(w.model.dtype),
@@ -576,6 +580,9 @@ void add_plan(CLI::App& app) {
       "cluster from a hardware description, rank them; --calibrate measures this machine, --validate checks "
       "the model against measured `compare` runs");
   add_model_options(cmd, a->model);
+  auto* config = cmd->add_option("--config", a->config,
+                                 "a language model's config.json or checkpoint folder (llama, mistral, qwen2, gpt2): "
+                                 "its architecture, embedding and LM head");
   cmd->add_option("--seq", a->seq, "sequence length")->check(positive_count())->capture_default_str();
   cmd->add_option("--batch", a->batch, "sequences per step")->check(positive_count())->capture_default_str();
   cmd->add_option("--dtype", a->dtype, "compute dtype: fp32, bf16, fp16")
@@ -591,6 +598,8 @@ void add_plan(CLI::App& app) {
                   "every layer's query sees its W most recent keys (mistral): attention work, the ring's trips on "
                   "contiguous shards and the KV cache shrink with it")
       ->check(positive_count());
+  for (const char* vector_only : {"--layers", "--d-model", "--heads", "--kv-heads", "--mlp", "--sliding-window"})
+    config->excludes(cmd->get_option(vector_only));
   cmd->add_option("--world", a->world, "devices (ranks)")->check(positive_count())->capture_default_str();
   cmd->add_option("--nodes", a->nodes,
                   "nodes (default: world / devices per node); fewer nodes than needed time-share the devices")

@@ -87,8 +87,9 @@ std::string Candidate::name() const {
 
 double forward_flops_per_layer_per_token_gemm(const ModelConfig& m) {
   const double D = static_cast<double>(m.d_model), C = static_cast<double>(m.qkv_width()),
-               F = static_cast<double>(m.hidden());
-  return 2 * (D * C + D * D + 2 * D * F);
+               F = static_cast<double>(m.hidden()), A = static_cast<double>(m.heads * m.head_dim());
+  const double Fin = (m.mlp == Mlp::swiglu ? 2 : 1) * F;  // W_in: [D, F], or SwiGLU's gate and up [D, 2F]
+  return 2 * (D * C + A * D + D * Fin + F * D);
 }
 
 double forward_flops(const Workload& w) {
@@ -96,7 +97,8 @@ double forward_flops(const Workload& w) {
   const double L = static_cast<double>(w.seq), B = static_cast<double>(w.batch);
   const double pairs = m.causal ? causal_busiest_fraction(Layout::contiguous, 1, w.seq, m.window) * L * L : L * L;
   const double attn = 4 * B * static_cast<double>(m.heads) * pairs * static_cast<double>(m.head_dim());
-  return static_cast<double>(m.layers) * (B * L * forward_flops_per_layer_per_token_gemm(m) + attn);
+  const double head = 2 * B * L * static_cast<double>(m.d_model) * static_cast<double>(m.vocab);  // LM head
+  return static_cast<double>(m.layers) * (B * L * forward_flops_per_layer_per_token_gemm(m) + attn) + head;
 }
 
 // Visible (query, key) pairs of the busiest rank over its (L/P) × L block. Query
@@ -184,7 +186,7 @@ struct Cost {
   double share = 1;  // > 1: ranks time-share a device (applied by predict, not here)
   int ranks_per_node = 1;
   DType dt;
-  double e, ab, L, D, dh, Hl, Hkvl, Fl, A, C, Ls;
+  double e, ab, L, D, dh, Hl, Hkvl, Fl, Fin, A, C, Ls, V;
   int64_t W = 0;                                     // the sliding window of every layer (0: none)
   Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
 
@@ -195,6 +197,7 @@ struct Cost {
     L = static_cast<double>(w.seq), D = static_cast<double>(m.d_model), dh = static_cast<double>(m.head_dim());
     Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
     Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
+    Fin = (m.mlp == Mlp::swiglu ? 2 : 1) * Fl, V = static_cast<double>(m.vocab);
     Ls = static_cast<double>(m.layers / c.pp);
     check(m.window == 0 || std::all_of(m.window_layers.begin(), m.window_layers.end(), [](bool b) { return b; }),
           "the performance model takes a sliding window on every layer or none");
@@ -323,7 +326,7 @@ struct Cost {
   // One layer forward or backward on Bm sequences (N tokens here).
   void layer(Clock& k, double Bm, bool bwd) const {
     const double N = Bm * L / c.sp, x = bwd ? 2 : 1;
-    k.compute += gemm_s(N, D, C, bwd) + gemm_s(N, A, D, bwd) + gemm_s(N, D, Fl, bwd) + gemm_s(N, Fl, D, bwd);
+    k.compute += gemm_s(N, D, C, bwd) + gemm_s(N, A, D, bwd) + gemm_s(N, D, Fin, bwd) + gemm_s(N, Fl, D, bwd);
     // fp32 passes over [N, D]: LayerNorms (read x, write y) and residual adds (2
     // reads, 1 write), under TP the bias adds after the all-reduces; the backward
     // reads x, dy and the saved statistics, writes dx, and sums the bias grads.
@@ -337,8 +340,29 @@ struct Cost {
     for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * ab);  // W_o and W_out outputs / W_qkv and W_in input grads
   }
 
-  // This device's parameters: its layers' LayerNorms, biases and weight slices.
-  double params_local() const { return (4 * D + D * C + C + A * D + 2 * D + D * Fl + Fl + Fl * D) * Ls; }
+  // A language model's ends for one micro-batch of N tokens here (every TP rank
+  // computes the whole head for its tokens): the embedding gather, the final
+  // norm, the LM head GEMM and the softmax cross-entropy over [N, V] (fp32, in
+  // row chunks), forward or backward (dx and dW of the head).
+  void lm_ends(Clock& k, double N, bool bwd) const {
+    if (V == 0) return;
+    k.compute += gemm_s(N, D, V, bwd) + elem_s(N * V * 8) + elem_s(ab * N * D * (bwd ? 10 : 6));
+    k.compute += ops_s(bwd ? 6 : 4);
+  }
+  // The embedding and head matrices the busiest stage holds: both on one stage
+  // (one when tied), else the embedding on the first and the head (or the tied
+  // copy) on the last; gpt2's learned positions beside the embedding.
+  double lm_params() const {
+    const ModelConfig& m = w.model;
+    if (V == 0) return 0;
+    const double pos = static_cast<double>(m.positions) * D, table = V * D;
+    return c.pp == 1 ? (m.tied ? 1 : 2) * table + pos + D : table + pos + D;
+  }
+  // This device's parameters: its layers' norms, biases and weight slices, and a
+  // language model's embedding / head.
+  double params_local() const {
+    return (4 * D + D * C + C + A * D + 2 * D + D * Fin + Fin + Fl * D) * Ls + lm_params();
+  }
 
   // Sequences per micro-batch on this replica.
   double Bm() const { return static_cast<double>(w.batch) / c.dp / c.micro_batches; }
@@ -380,6 +404,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   Clock f, b;
   for (int l = 0; l < md.Ls; ++l) md.layer(f, Bm, false), md.layer(b, Bm, true);
   f.compute += md.elem_s(8 * Nm * md.D);  // the stage's input copy
+  // A language model's head: on the last stage, which sets the pipeline's pace.
+  md.lm_ends(f, Nm, false), md.lm_ends(b, Nm, true);
   const double act_b = Nm * md.D * md.ab;
   const double hop = S > 1 ? cost_send(pp_link, act_b) : 0;
   // 1F1B: the bubble is (p−1) micro-batch slots; a hop per slot boundary.
@@ -449,7 +475,8 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // A window keeps a ring buffer of W + ⌈W/sp⌉ entries per shard (inference.h).
   const double entries = md.W > 0 ? std::min(L / c.sp, static_cast<double>(md.W + (md.W - 1 + c.sp) / c.sp)) : L / c.sp;
   p.kv_cache_bytes = Bd * entries * Hkvl * dh * 2 * cache_e * md.Ls;
-  const double weight_read = params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
+  const double layer_params = params - md.lm_params();
+  const double weight_read = layer_params / md.Ls * (md.dt == DType::f32 ? 4 : 2);
   double stage_s = 0, decode_bytes = 0, decode_waits = S - 1;
   const double decode_bw = h.decode_bandwidth;
   // Weights every rank of the node re-reads each step: from the last-level cache
@@ -460,7 +487,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
       h.cached_weight_bandwidth > 0 && md.share == 1 && weight_read * md.Ls * md.ranks_per_node <= h.llc_bytes;
   const double weight_bw = weights_cached ? h.cached_weight_bandwidth : decode_bw;
   for (int l = 0; l < md.Ls; ++l) {
-    const double flops = 2 * Bd * (params / md.Ls);
+    const double flops = 2 * Bd * (layer_params / md.Ls);
     stage_s += std::max(flops / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), weight_read / weight_bw);
     stage_s += p.kv_cache_bytes / md.Ls / decode_bw + md.ops_s(14);
     if (c.sp > 1) {  // the LSE merge: max, then sums of B·H·(d+1)
@@ -475,8 +502,12 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
       decode_waits += 2;
     }
   }
+  // A language model's head on the last stage: [Bd, D] x [D, V], the fp32 head read once.
+  const double head_s =
+      md.V > 0 ? std::max(2 * Bd * D * md.V / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), 4 * D * md.V / decode_bw) : 0;
   p.decode_step_s =
-      std::max(S * stage_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * stage_s) + tau * decode_waits;
+      std::max(S * stage_s + head_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * (stage_s + head_s)) +
+      tau * decode_waits;
   p.decode_bytes_sent = decode_bytes + (S > 1 ? Bd * D * ab : 0);
   p.peak_inference_bytes =
       params * (md.dt == DType::f32 ? 4 : 6) + p.kv_cache_bytes + Nm * (act_token + ab * (2 * Fl + C)) + attn_bufs / 2;
