@@ -144,7 +144,8 @@ double lm_loss(const Model& m, const ModelParallel& par, std::span<const int64_t
 // count; on_token sees each step's tokens (−1: none from that sequence).
 // Returns each sequence's new tokens. With pp (this rank's model: stage
 // pp->rank()) the first stage embeds, the stages pass the prompt and each step's
-// tokens along (inference.h), and the last stage's logits go to every stage.
+// tokens along (inference.h), and the last stage samples and sends each step's
+// tokens to every stage.
 struct LmGenerateOptions {
   int64_t new_tokens = 16;
   SamplingOptions sampling;

@@ -844,15 +844,12 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   KVCache cache(m, B, capacity, P, p);
   std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
   // Under PP the first stage embeds and the others receive their input from the
-  // stage before (x gives them only its shape); the last stage's logits go to
-  // every stage, which all sample alike.
+  // stage before (x gives them only its shape); the last stage alone has logits,
+  // samples, and sends its picks to every stage.
   DeviceTensor embedded;
   auto embed = [&](std::span<const int64_t> ids, int64_t n, std::span<const int64_t> at) {
     if (m.first_stage()) return (embedded = lm_embed(m, ids, n, at)).view();
     return TensorView(nullptr, DType::f32, {n, static_cast<int64_t>(ids.size()) / n, c.d_model});
-  };
-  auto from_last_stage = [&](float* logits, int64_t n) {
-    if (pp) pp->broadcast(logits, static_cast<size_t>(n * V) * sizeof(float), pp->size() - 1);
   };
 
   // Prefill the first L0 tokens, consecutive sequences of one L0 together; the
@@ -877,7 +874,6 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
       std::copy_n(logits.ptr<float>(), n * V, rows_logits.data());
     }
     if (par.sp && m.last_stage()) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // the owner's
-    from_last_stage(rows_logits.data(), n);
     std::copy(rows_logits.begin(), rows_logits.end(), last.begin() + first * V);
     first += n;
   }
@@ -890,7 +886,6 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     for (int64_t b = 0; b < B; ++b) at[b] = cache.length(b);
     const DeviceTensor yb = decode_step(m, cache, embed(tokens, B, at), par, pp);
     if (m.last_stage()) std::copy_n(lm_head_logits(m, yb).ptr<float>(), B * V, last.data());
-    from_last_stage(last.data(), B);
   };
   // Each step feeds every sequence its next prompt token while it has one, else
   // the token sampled from its newest logits (which it emits until it ends).
@@ -899,14 +894,22 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   std::vector<bool> done(static_cast<size_t>(B), o.new_tokens == 0);
   while (true) {
     std::vector<int64_t> tokens(static_cast<size_t>(B)), shown(static_cast<size_t>(B), -1);
-    bool reading = false, sampled = false;
+    std::vector<bool> from_prompt(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t t = cache.length(b);
-      if (t < static_cast<int64_t>(prompts[b].size())) {
-        tokens[b] = prompts[b][t], reading = true;
+      from_prompt[b] = t < static_cast<int64_t>(prompts[b].size());
+      if (from_prompt[b])
+        tokens[b] = prompts[b][t];
+      else if (m.last_stage())
+        tokens[b] = sample_token(std::span<const float>(last.data() + b * V, static_cast<size_t>(V)), o.sampling, rng);
+    }
+    if (pp) pp->broadcast(tokens.data(), tokens.size() * sizeof(int64_t), pp->size() - 1);
+    bool reading = false, sampled = false;
+    for (int64_t b = 0; b < B; ++b) {
+      if (from_prompt[b]) {
+        reading = true;
         continue;
       }
-      tokens[b] = sample_token(std::span<const float>(last.data() + b * V, static_cast<size_t>(V)), o.sampling, rng);
       if (done[b]) continue;
       out[b].push_back(tokens[b]), shown[b] = tokens[b], sampled = true;
       done[b] = tokens[b] == o.eos || static_cast<int64_t>(out[b].size()) == o.new_tokens;

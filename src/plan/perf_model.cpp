@@ -404,8 +404,10 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   Clock f, b;
   for (int l = 0; l < md.Ls; ++l) md.layer(f, Bm, false), md.layer(b, Bm, true);
   f.compute += md.elem_s(8 * Nm * md.D);  // the stage's input copy
-  // A language model's head: on the last stage, which sets the pipeline's pace.
-  md.lm_ends(f, Nm, false), md.lm_ends(b, Nm, true);
+  // A language model's head: on the last stage, once per micro-batch (not in the
+  // pipeline's bubble, which the other stages' slots fill).
+  Clock hf, hb;
+  md.lm_ends(hf, Nm, false), md.lm_ends(hb, Nm, true);
   const double act_b = Nm * md.D * md.ab;
   const double hop = S > 1 ? cost_send(pp_link, act_b) : 0;
   // 1F1B: the bubble is (p−1) micro-batch slots; a hop per slot boundary.
@@ -417,13 +419,15 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   // Time-shared, every blocking wait may find its peer descheduled: it costs the
   // hardware's timeshare_wait_s on top (hops: one per micro-batch and direction).
   const double tau = share > 1 ? h.timeshare_wait_s : 0, hop_waits = S > 1 ? M : 0;
-  p.forward_s = std::max(slots * (f.total() + hop), share * M * f.total()) + tau * (M * f.waits + hop_waits);
+  p.forward_s = std::max(slots * (f.total() + hop) + M * hf.total(), share * M * (f.total() + hf.total())) +
+                tau * (M * f.waits + hop_waits);
   Clock step;
   const double params = md.params_local();
   md.all_reduce(step, md.replica_g, params * 4);                                           // the weight gradients
   step.compute += md.elem_s(params * (32 + (md.dt != DType::f32 ? 6 : 0))) + md.ops_s(3);  // zero grads, AdamW
-  p.train_s = std::max(slots * (f.total() + b.total() + 2 * hop) + step.total(),
-                       share * (M * (f.total() + b.total()) + step.total())) +
+  const double head = M * (hf.total() + hb.total());
+  p.train_s = std::max(slots * (f.total() + b.total() + 2 * hop) + head + step.total(),
+                       share * (M * (f.total() + b.total()) + head + step.total())) +
               tau * (M * (f.waits + b.waits) + 2 * hop_waits + step.waits);
 
   const double tokens = static_cast<double>(w.batch * w.seq);
