@@ -109,7 +109,7 @@ void measure_lm_generation(RunContext& run, const Model& model, const std::vecto
   Communicator& world = *run.world();
   const ParallelConfig& pc = run.config();
   Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
-  const int64_t warm = 2 * pc.sp;  // the shortest prompt every layout splits
+  const int64_t warm = std::min<int64_t>(a.seq, 2 * pc.sp);  // a short prompt every layout splits
   LmGenerateOptions o;
   o.new_tokens = 2;
   lm_generate(model, run.model_parallel(), std::vector<int64_t>(ids.begin(), ids.begin() + warm), 1, warm, o, pp);
