@@ -238,6 +238,18 @@ expect_error "forward: a token id beyond the vocabulary" 1 "outside the vocabula
   "$BIN" forward --model "$GPT2" --ids bad_ids.npy
 expect_error "forward: not a checkpoint folder" 1 "config.json" "$BIN" forward --model "$WORK" --ids ids.npy
 expect_error "forward --pp 2 on one rank" 1 "must equal the 1 ranks" "$BIN" forward --model "$GPT2" --ids ids.npy --pp 2
+$PY -c "import numpy as np; np.save('pos_out.npy', np.array([3, 12])); np.save('pos_2d.npy', np.zeros((2, 2), np.int64))"
+expect_error "forward --positions beyond the sequence" 1 "position 12 is outside the sequence of 12 tokens" \
+  "$BIN" forward --model "$GPT2" --ids ids.npy --positions pos_out.npy
+expect_error "forward --positions of shape [2, 2]" 1 "positions must be a non-empty [n] array" \
+  "$BIN" forward --model "$GPT2" --ids ids.npy --positions pos_2d.npy
+expect_error "forward --positions is --logits" 1 "--positions" \
+  "$BIN" forward --model "$GPT2" --ids ids.npy --positions pos_out.npy --logits pos_out.npy
+if command -v mpirun >/dev/null; then
+  expect_error "mpirun: forward --positions beyond the sequence (every rank)" 1 "outside the sequence" \
+    "${MPIRUN[@]}" -np 2 "$BIN" forward --model "$GPT2" --ids ids.npy --positions pos_out.npy --threads 1
+  [[ $(grep -c "outside the sequence" err.log) -ge 2 ]] || fail "forward --positions under mpirun: not every rank said so"
+fi
 # train --documents: an EOS token is needed, and one no document contains.
 cat >no_eos.json <<'EOF'
 {"model_type": "llama", "vocab_size": 257, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -231,6 +231,8 @@ if cmd == "ids":
     np.save(sys.argv[3], np.array(ref["ids"], dtype=np.int64)[:, :n])
 else:
     want = safetensors(fixture + "/reference.safetensors")["logits"].astype(np.float64)[:, :n]
+    if len(sys.argv) > 5:  # forward --positions: the rows at these positions
+        want = want[:, np.load(sys.argv[5])]
     got = np.load(sys.argv[3]).astype(np.float64)
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{fixture.split('/')[-1]}: max |ringattn - transformers| / max = {err:.2e}")
@@ -263,6 +265,26 @@ for m in llama_gqa gpt2 mistral_window; do
       $PY hf.py check "$fx" l12_$m.npy 12 || fail "mpirun -np $np forward --model $m $opts: logits differ"
     else
       fail "mpirun -np $np forward --model $m $opts exited non-zero: $(tail -5 forward_mpi.out)"
+    fi
+  done
+done
+# forward --positions: only the logits at chosen positions (any order, repeats),
+# equal to transformers' rows and to scripts/lm_reference.py (float64 NumPy).
+$PY -c 'import numpy as np, sys; np.save(sys.argv[1], np.array([11, 0, 5, 5, 6], dtype=np.int64))' pos.npy
+for m in llama_gqa llama_tied_llama3 qwen2 gpt2 mistral_window qwen2_window; do
+  fx=$SRC/tests/fixtures/hf/$m
+  $PY hf.py ids "$fx" ids12_$m.npy 12 || { fail "could not write the ids of $m"; continue; }
+  for run in "1" "3 --strategy ring --layout striped" "2 --strategy ulysses" "4 --pp 2 --sp 2 --layout zigzag"; do
+    read -r np opts <<<"$run"
+    [[ $np == 1 || $m == llama_gqa || $m == gpt2 ]] || continue
+    # shellcheck disable=SC2086
+    if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --positions pos.npy --logits lp_$m.npy \
+      --threads 1 $opts >forward_pos.out 2>&1; then
+      $PY hf.py check "$fx" lp_$m.npy 12 pos.npy || fail "mpirun -np $np forward --positions --model $m $opts: logits differ"
+      $PY "$SRC/scripts/lm_reference.py" "$fx" ids12_$m.npy pos.npy --check lp_$m.npy >lm_reference.out ||
+        fail "forward --positions --model $m: scripts/lm_reference.py disagrees: $(cat lm_reference.out)"
+    else
+      fail "mpirun -np $np forward --positions --model $m $opts exited non-zero: $(tail -5 forward_pos.out)"
     fi
   done
 done

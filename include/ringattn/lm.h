@@ -62,8 +62,12 @@ LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>
 void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tensor>& tensors, bool grads = false);
 // The inverse: a full Model's parameters (or gradients) as checkpoint tensors.
 std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads = false);
-// This rank's slice (TP, PP) of a checkpoint's model, computing in dtype.
+// This rank's slice (TP, PP) of a checkpoint's model, computing in dtype: made
+// empty and filled from the tensors, so a rank never holds more than its slice.
+// From a checkpoint folder the tensors are read where they are mapped (fp32,
+// bf16 or fp16), only the parts of them this rank holds.
 Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run);
+Model lm_model(const std::string& dir, DType dtype, const RunContext& run);
 // Writes a full (tp = 1, pp = 1) model as a checkpoint folder Hugging Face
 // loads: dir/config.json and dir/model.safetensors (fp32), each atomically; dir
 // is created when missing.
@@ -115,6 +119,12 @@ double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labe
 // stage's logits.
 Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
                   std::span<const std::vector<int32_t>> documents = {}, Communicator* pp = nullptr);
+// The logits [B, n, vocab] at positions at [n] (each in [0, L), any order,
+// repeats allowed) of every row, the same on every rank: the LM head runs on
+// those rows only, so the logits of a long sequence are never held whole.
+Tensor lm_logits_at(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                    std::span<const int64_t> at, std::span<const std::vector<int32_t>> documents = {},
+                    Communicator* pp = nullptr);
 // The causal-LM loss of ids [B, L] (the mean over the global_targets targets of
 // the whole batch, lm_targets, summed over loss_group: the SP group, and the DP
 // group when the batch is split) and this rank's gradients added into m.grads()

@@ -118,8 +118,11 @@ struct LayerWeights {
 // sequence parallelism only (TP and PP move activations through host memory).
 class Model {
  public:
+  // init: the parameters drawn from cfg.seed, or zeros (a model about to be
+  // loaded: no full model is drawn to be cut).
+  enum class Init { seed, zeros };
   explicit Model(const ModelConfig& cfg, int tp = 1, int tp_rank = 0, int pp = 1, int pp_stage = 0,
-                 Device* device = nullptr);
+                 Device* device = nullptr, Init init = Init::seed);
   Model(const Model&) = delete;  // the storage may be a GPU's: no implicit copies
   Model& operator=(const Model&) = delete;
   Model(Model&&) = default;
@@ -134,6 +137,9 @@ class Model {
   int64_t local_kv() const { return cfg_.kv() / tp_; }
   int64_t local_hidden() const { return cfg_.hidden() / tp_; }
   int64_t local_qkv_width() const { return (local_heads() + 2 * local_kv()) * cfg_.head_dim(); }
+  // The full model's column of this slice's column j of W_qkv / W_in.
+  int64_t full_qkv_column(int64_t j) const;
+  int64_t full_mlp_column(int64_t j) const;
   // Copies this rank's slice of `full` (a tp = 1, pp = 1 model of the same
   // config): parameters, or gradients when grads is true. Both on the host.
   void copy_slice_from(const Model& full, bool grads);
@@ -143,8 +149,10 @@ class Model {
   // re-rounded before the next use.
   float* params() { return shadow_stale_ = true, params_.ptr<float>(); }
   const float* params() const { return params_.ptr<float>(); }
-  float* grads() { return grads_.ptr<float>(); }
-  const float* grads() const { return grads_.ptr<float>(); }
+  // The gradients exist from the first use on (zeros): a model only run
+  // forward never holds them.
+  float* grads() { return grads_or_zeros().ptr<float>(); }
+  const float* grads() const { return grads_or_zeros().ptr<float>(); }
   // Host copies of both, from any device.
   std::vector<float> host_params() const;
   std::vector<float> host_grads() const;
@@ -174,7 +182,9 @@ class Model {
   int tp_ = 1, tp_rank_ = 0, num_layers_ = 0, first_layer_ = 0;
   int64_t per_layer_ = 0;
   Device* dev_;
-  DeviceTensor params_, grads_;  // fp32 [num_params] on dev_: the layers, then LmParams
+  const DeviceTensor& grads_or_zeros() const;
+  DeviceTensor params_;          // fp32 [num_params] on dev_: the layers, then LmParams
+  mutable DeviceTensor grads_;   // the same, allocated at the first use of the gradients
   DeviceTensor inv_freq_;        // fp32 [head_dim / 2] (rope)
   mutable DeviceTensor shadow_;  // bf16 copy of params_ (bf16 models)
   mutable bool shadow_stale_ = true;
@@ -196,7 +206,7 @@ struct Activations {
 
 // This rank's slice of the model for a run: its TP and PP indices, on the run's
 // device.
-Model model_for(const ModelConfig& c, const RunContext& run);
+Model model_for(const ModelConfig& c, const RunContext& run, Model::Init init = Model::Init::seed);
 
 // The attention of layer `layer` (index among the layers held here) on this
 // rank's tokens: q [B, Ll, heads, dh], k, v [B, Ll, kv_heads, dh] (local heads

@@ -228,7 +228,7 @@ std::pair<void*, size_t> bytes_of(const nb::ndarray<nb::ro>& a, const char* name
 // A Hugging Face checkpoint as ringattn's model, on this process or sequence
 // parallel over a communicator (which Python keeps alive beside it).
 struct PyLM {
-  LanguageModel lm;
+  LmConfig config;
   std::unique_ptr<RunContext> run;
   std::unique_ptr<Model> model;
 };
@@ -465,16 +465,16 @@ NB_MODULE(_ringattn, m) {
             pc.layout = parse_layout(layout);
             pc.threads = threads;
             nb::gil_scoped_release unlocked;
-            p->lm = LanguageModel::load(dir);
+            p->config = load_lm_config(dir);
             p->run = std::make_unique<RunContext>(comm ? &comm->get() : nullptr,
                                                   pc.for_ranks(comm ? comm->get().size() : 1));
-            p->model = std::make_unique<Model>(lm_model(p->lm, parse_dtype(dtype), *p->run));
+            p->model = std::make_unique<Model>(lm_model(dir, parse_dtype(dtype), *p->run));
             return p.release();
           },
           "dir"_a, "comm"_a.none(), "strategy"_a, "layout"_a, "dtype"_a, "threads"_a, nb::rv_policy::take_ownership)
       .def_prop_ro("config",
                    [](PyLM& p) {
-                     const LmConfig& c = p.lm.config;
+                     const LmConfig& c = p.config;
                      return std::map<std::string, std::string>{{"arch", arch_name(c.arch)},
                                                                {"vocab", std::to_string(c.vocab)},
                                                                {"d_model", std::to_string(c.d_model)},
@@ -504,7 +504,7 @@ NB_MODULE(_ringattn, m) {
             if (temperature) o.sampling.temperature = *temperature;
             o.sampling.top_k = top_k, o.sampling.top_p = top_p;
             o.seed = seed;
-            o.eos = ignore_eos ? -1 : p.lm.config.eos_token;
+            o.eos = ignore_eos ? -1 : p.config.eos_token;
             check_sampling(o.sampling);
             check(new_tokens >= 0, "new_tokens must be >= 0, got ", new_tokens);
             nb::gil_scoped_release unlocked;

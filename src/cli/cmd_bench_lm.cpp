@@ -38,7 +38,7 @@ void run_bench_lm(const BenchLmArgs& a) {
   const RunContext run(nullptr, ParallelConfig{});
   ModelConfig mc = model_config(lc);
   mc.dtype = dt, mc.seed = a.seed;
-  const Model m = a.model.empty() ? Model(mc) : lm_model(LanguageModel::load(a.model), dt, run);
+  const Model m = a.model.empty() ? Model(mc) : lm_model(a.model, dt, run);
   progress("measuring the GEMM rate and the read bandwidth...");
   const double gemm = measure_gemm_gflops(dt, 1024, T), bw = measure_read_bandwidth_gbs(T);
   std::mt19937_64 rng(a.seed);

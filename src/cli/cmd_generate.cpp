@@ -218,12 +218,12 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
           " has ids after its -1 padding (pad only the end of a row)");
     prompts[b].assign(row, pad);
   }
-  const LanguageModel lm = LanguageModel::load(a.lm);
+  const LmConfig lc = load_lm_config(a.lm);
   const RunContext run(&world, pc);
-  const Model m = lm_model(lm, a.model.dtype, run);
+  const Model m = lm_model(a.lm, a.model.dtype, run);
   const bool show = world.rank() == 0 && !a.json;
   LmGenerateOptions o;
-  o.new_tokens = a.new_tokens, o.sampling = s, o.seed = a.model.seed, o.eos = a.ignore_eos ? -1 : lm.config.eos_token;
+  o.new_tokens = a.new_tokens, o.sampling = s, o.seed = a.model.seed, o.eos = a.ignore_eos ? -1 : lc.eos_token;
   std::vector<double> step_times;
   double t_last = now_seconds();
   const double t0 = t_last;
@@ -257,6 +257,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
   if (a.check && world.rank() == 0) {
     check(s.greedy, "--check compares greedy decoding: drop --temperature, --top-k, --top-p");
     mismatches = 0;
+    const LanguageModel lm = LanguageModel::load(a.lm);  // the one-process reference, whole
     for (int64_t b = 0; b < B; ++b) {  // each token against the reference's pick after the same tokens
       std::vector<int64_t> seq = prompts[b];
       for (int64_t t : out[b]) {
@@ -279,7 +280,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
   const double med = tpot.empty() ? 0 : percentile(tpot, 50);
   if (a.json) {
     nlohmann::json j = {{"model", a.lm},
-                        {"arch", arch_name(lm.config.arch)},
+                        {"arch", arch_name(lc.arch)},
                         {"ranks", pc.ranks()},
                         {"pp", pc.pp},
                         {"sp", pc.sp},
@@ -300,7 +301,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     std::fprintf(stderr,
                  "%s, %d rank(s) (pp %d x sp %d x tp %d, %s, %s): prompt %lld x %lld tokens, prefill %.3f s, "
                  "%.2f ms per output token (median), peak %.1f MiB/rank\n",
-                 arch_name(lm.config.arch), pc.ranks(), pc.pp, pc.sp, pc.tp, pc.strategy_label().c_str(),
+                 arch_name(lc.arch), pc.ranks(), pc.pp, pc.sp, pc.tp, pc.strategy_label().c_str(),
                  layout_name(pc.layout), static_cast<long long>(B), static_cast<long long>(L), prefill, med * 1e3,
                  peak / 1048576.0);
     if (a.check)

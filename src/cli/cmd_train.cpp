@@ -128,7 +128,7 @@ void run_lm(const TrainArgs& a) {
   const ModelParallel& par = run.model_parallel();
   ModelConfig mc = model_config(lc);
   mc.dtype = a.model.dtype, mc.seed = a.model.seed;
-  Model model = a.lm.empty() ? model_for(mc, run) : lm_model(LanguageModel::load(a.lm), mc.dtype, run);
+  Model model = a.lm.empty() ? model_for(mc, run) : lm_model(a.lm, mc.dtype, run);
   Communicator* replicas = run.replicas();
   Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
   const int64_t Bl = a.batch / pc.dp, dp0 = run.mesh().dp_index() * Bl;

@@ -81,17 +81,30 @@ Shapes lm_tensor_shapes(const LmConfig& c) {
   return s;
 }
 
+namespace {
+
+// A checkpoint's tensor (memory-mapped, in its stored dtype), checked against
+// the shape config.json implies.
+TensorView checkpoint_tensor(const Checkpoint& ck, const std::string& dir, const LmConfig& c, const std::string& name) {
+  std::vector<int64_t> shape;
+  for (const auto& [n, s] : lm_tensor_shapes(c))
+    if (n == name) shape = s;
+  check(ck.contains(name), dir, ": the ", arch_name(c.arch), " checkpoint has no tensor '", name, "' ",
+        shape_text(shape));
+  const SafetensorsEntry& e = ck.entry(name);
+  check(e.shape == shape, dir, ": tensor '", name, "' is ", shape_text(e.shape), ", config.json implies ",
+        shape_text(shape));
+  return ck.view(name);
+}
+
+}  // namespace
+
 LanguageModel LanguageModel::load(const std::string& dir) {
   LanguageModel m;
   m.config = load_lm_config(dir);
   const Checkpoint ck(dir);
   for (const auto& [name, shape] : lm_tensor_shapes(m.config)) {
-    check(ck.contains(name), dir, ": the ", arch_name(m.config.arch), " checkpoint has no tensor '", name, "' ",
-          shape_text(shape));
-    const SafetensorsEntry& e = ck.entry(name);
-    check(e.shape == shape, dir, ": tensor '", name, "' is ", shape_text(e.shape), ", config.json implies ",
-          shape_text(shape));
-    const TensorView v = ck.view(name);
+    const TensorView v = checkpoint_tensor(ck, dir, m.config, name);
     Tensor t(DType::f32, v.rank, v.shape.data());
     copy_into(t, v);
     m.weights.emplace(name, std::move(t));
@@ -369,114 +382,178 @@ LmLossGrads lm_loss_and_grads(const LanguageModel& m, const std::vector<int64_t>
 namespace ringattn {
 namespace {
 
-// Where one checkpoint tensor lives in a full Model: a block of one of its
-// row-major matrices (leading dimension ld, from column col0). Hugging Face's
-// nn.Linear weights are [out, in] (transpose: ours are [in, out]); gpt2's Conv1D
-// weights, the embeddings and the LM head are stored as we keep them.
+// Where one checkpoint tensor lives in a Model (a full one or a TP/PP slice): a
+// block of one of its row-major matrices, from column col0 of the full matrix.
+// Hugging Face's nn.Linear weights are [out, in] (transpose: ours are [in, out]);
+// gpt2's Conv1D weights, the embeddings and the LM head are stored as we keep
+// them. row / col map the full matrix's rows / columns to this slice's (−1: held
+// by another TP rank; empty: all, unchanged); ld is the slice's row length.
 struct Slot {
   float* base;
   int64_t ld, col0;
   bool transpose;
+  std::vector<int64_t> row, col;
 };
 
-std::map<std::string, Slot> lm_slots(const Model& full, const LmConfig& c, bool grads) {
-  Model& m = const_cast<Model&>(full);  // the slots are written by lm_import only
-  check(full.tp() == 1 && full.num_layers() == c.layers && full.device().is_host(),
-        "checkpoint tensors map onto a full (tp = 1, pp = 1) host model");
+// full index -> slice index for a run of n of the full's indices at lo .. lo + n − 1.
+std::vector<int64_t> run_of(int64_t full, int64_t lo, int64_t n) {
+  std::vector<int64_t> map(static_cast<size_t>(full), -1);
+  for (int64_t i = 0; i < n; ++i) map[lo + i] = i;
+  return map;
+}
+
+// The slots of every checkpoint tensor this model holds part of (by name; a tied
+// head under PP is written twice: the first stage's embedding, the last stage's
+// copy). Tensors of layers on other stages have none.
+std::map<std::string, std::vector<Slot>> lm_slots(const Model& model, const LmConfig& c, bool grads) {
+  Model& m = const_cast<Model&>(model);  // the slots are written by lm_import only
+  check(model.device().is_host(), "checkpoint tensors map onto a host model");
   const int64_t D = c.d_model, A = c.heads * c.head_dim, K = c.kv_heads * c.head_dim, F = c.mlp_hidden;
-  const int64_t C = A + 2 * K;
-  std::map<std::string, Slot> s;
-  auto vec = [](float* p, int64_t col0 = 0) { return Slot{p, 0, col0, false}; };
-  for (int64_t l = 0; l < c.layers; ++l) {
-    const LayerParams p = grads ? m.layer_grads(static_cast<int>(l)) : m.layer(static_cast<int>(l));
+  const int64_t C = A + 2 * K, Cl = m.local_qkv_width(), Al = m.local_heads() * c.head_dim, Fl = m.local_hidden();
+  const int tp = m.tp(), r = m.tp_rank();
+  const bool swiglu = c.arch != Arch::gpt2;
+  std::vector<int64_t> qkv_col(static_cast<size_t>(C), -1), mlp_col(static_cast<size_t>(swiglu ? 2 * F : F), -1);
+  for (int64_t j = 0; j < Cl; ++j) qkv_col[m.full_qkv_column(j)] = j;
+  for (int64_t j = 0; j < (swiglu ? 2 * Fl : Fl); ++j) mlp_col[m.full_mlp_column(j)] = j;
+  const std::vector<int64_t> o_row = tp > 1 ? run_of(A, r * Al, Al) : std::vector<int64_t>();
+  const std::vector<int64_t> out_row = tp > 1 ? run_of(F, r * Fl, Fl) : std::vector<int64_t>();
+  const std::vector<int64_t> all;
+  std::map<std::string, std::vector<Slot>> s;
+  auto put = [&s](const std::string& name, Slot slot) {
+    if (slot.base) s[name].push_back(std::move(slot));
+  };
+  auto vec = [](float* p, int64_t col0 = 0, const std::vector<int64_t>& col = {}) {
+    return Slot{p, 0, col0, false, {}, col};
+  };
+  const std::vector<int64_t>& qc = tp > 1 ? qkv_col : all;
+  const std::vector<int64_t>& mc = tp > 1 ? mlp_col : all;
+  for (int l = 0; l < m.num_layers(); ++l) {
+    const LayerParams p = grads ? m.layer_grads(l) : m.layer(l);
+    const int64_t g = m.first_layer() + l;  // the checkpoint's layer index
     if (c.arch == Arch::gpt2) {
-      const std::string h = cat("transformer.h.", l, ".");
-      s[h + "ln_1.weight"] = vec(p.ln1_g), s[h + "ln_1.bias"] = vec(p.ln1_b);
-      s[h + "attn.c_attn.weight"] = {p.w_qkv, C, 0, false}, s[h + "attn.c_attn.bias"] = vec(p.b_qkv);
-      s[h + "attn.c_proj.weight"] = {p.w_o, D, 0, false}, s[h + "attn.c_proj.bias"] = vec(p.b_o);
-      s[h + "ln_2.weight"] = vec(p.ln2_g), s[h + "ln_2.bias"] = vec(p.ln2_b);
-      s[h + "mlp.c_fc.weight"] = {p.w_in, F, 0, false}, s[h + "mlp.c_fc.bias"] = vec(p.b_in);
-      s[h + "mlp.c_proj.weight"] = {p.w_out, D, 0, false}, s[h + "mlp.c_proj.bias"] = vec(p.b_out);
+      const std::string h = cat("transformer.h.", g, ".");
+      put(h + "ln_1.weight", vec(p.ln1_g)), put(h + "ln_1.bias", vec(p.ln1_b));
+      put(h + "attn.c_attn.weight", {p.w_qkv, Cl, 0, false, {}, qc}), put(h + "attn.c_attn.bias", vec(p.b_qkv, 0, qc));
+      put(h + "attn.c_proj.weight", {p.w_o, D, 0, false, o_row, {}}), put(h + "attn.c_proj.bias", vec(p.b_o));
+      put(h + "ln_2.weight", vec(p.ln2_g)), put(h + "ln_2.bias", vec(p.ln2_b));
+      put(h + "mlp.c_fc.weight", {p.w_in, Fl, 0, false, {}, mc}), put(h + "mlp.c_fc.bias", vec(p.b_in, 0, mc));
+      put(h + "mlp.c_proj.weight", {p.w_out, D, 0, false, out_row, {}}), put(h + "mlp.c_proj.bias", vec(p.b_out));
       continue;
     }
-    const std::string h = cat("model.layers.", l, ".");
-    s[h + "input_layernorm.weight"] = vec(p.ln1_g);
-    s[h + "post_attention_layernorm.weight"] = vec(p.ln2_g);
+    const std::string h = cat("model.layers.", g, ".");
+    put(h + "input_layernorm.weight", vec(p.ln1_g));
+    put(h + "post_attention_layernorm.weight", vec(p.ln2_g));
     const int64_t col[3] = {0, A, A + K};
     const char* qkv[3] = {"q_proj", "k_proj", "v_proj"};
     for (int i = 0; i < 3; ++i) {
-      s[h + "self_attn." + qkv[i] + ".weight"] = {p.w_qkv, C, col[i], true};
-      if (c.qkv_bias) s[h + "self_attn." + qkv[i] + ".bias"] = vec(p.b_qkv, col[i]);
+      put(h + "self_attn." + qkv[i] + ".weight", {p.w_qkv, Cl, col[i], true, {}, qc});
+      if (c.qkv_bias) put(h + "self_attn." + qkv[i] + ".bias", vec(p.b_qkv, col[i], qc));
     }
-    s[h + "self_attn.o_proj.weight"] = {p.w_o, D, 0, true};
-    if (c.o_bias) s[h + "self_attn.o_proj.bias"] = vec(p.b_o);
-    s[h + "mlp.gate_proj.weight"] = {p.w_in, 2 * F, 0, true};
-    s[h + "mlp.up_proj.weight"] = {p.w_in, 2 * F, F, true};
-    s[h + "mlp.down_proj.weight"] = {p.w_out, D, 0, true};
+    put(h + "self_attn.o_proj.weight", {p.w_o, D, 0, true, o_row, {}});
+    if (c.o_bias) put(h + "self_attn.o_proj.bias", vec(p.b_o));
+    put(h + "mlp.gate_proj.weight", {p.w_in, 2 * Fl, 0, true, {}, mc});
+    put(h + "mlp.up_proj.weight", {p.w_in, 2 * Fl, F, true, {}, mc});
+    put(h + "mlp.down_proj.weight", {p.w_out, D, 0, true, out_row, {}});
     if (c.mlp_bias)
-      s[h + "mlp.gate_proj.bias"] = vec(p.b_in), s[h + "mlp.up_proj.bias"] = vec(p.b_in, F),
-            s[h + "mlp.down_proj.bias"] = vec(p.b_out);
+      put(h + "mlp.gate_proj.bias", vec(p.b_in, 0, mc)), put(h + "mlp.up_proj.bias", vec(p.b_in, F, mc)),
+          put(h + "mlp.down_proj.bias", vec(p.b_out));
   }
   const LmParams g = grads ? m.lm_grads() : m.lm();
   const bool gpt2 = c.arch == Arch::gpt2;
-  s[gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight"] = {g.embed, D, 0, false};
-  if (gpt2) s["transformer.wpe.weight"] = {g.pos_embed, D, 0, false};
-  s[gpt2 ? "transformer.ln_f.weight" : "model.norm.weight"] = vec(g.norm_g);
-  if (gpt2) s["transformer.ln_f.bias"] = vec(g.norm_b);
-  if (!c.tie_embeddings) s["lm_head.weight"] = {g.head, D, 0, false};
+  const std::string embed = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
+  put(embed, {g.embed, D, 0, false, {}, {}});
+  if (gpt2) put("transformer.wpe.weight", {g.pos_embed, D, 0, false, {}, {}});
+  put(gpt2 ? "transformer.ln_f.weight" : "model.norm.weight", vec(g.norm_g));
+  if (gpt2) put("transformer.ln_f.bias", vec(g.norm_b));
+  if (g.head != g.embed) put(c.tie_embeddings ? embed : "lm_head.weight", {g.head, D, 0, false, {}, {}});
   return s;
 }
 
-// Element (r, k) of a checkpoint tensor of shape [rows, cols] (or [cols]) in the model.
-float& at(const Slot& s, int64_t rows, int64_t cols, int64_t r, int64_t k) {
-  if (rows == 1) return s.base[s.col0 + k];
-  return s.transpose ? s.base[k * s.ld + s.col0 + r] : s.base[r * s.ld + s.col0 + k];
+// Where element (r, k) of a checkpoint tensor of shape [rows, cols] (or [cols])
+// is in the model, or null where this slice holds none of it.
+float* at(const Slot& s, int64_t rows, int64_t r, int64_t k) {
+  const int64_t i = rows == 1 || s.transpose ? (rows == 1 ? 0 : k) : r;
+  const int64_t j = s.col0 + (rows == 1 || !s.transpose ? k : r);
+  const int64_t il = s.row.empty() ? i : s.row[i], jl = s.col.empty() ? j : s.col[j];
+  return il < 0 || jl < 0 ? nullptr : s.base + il * s.ld + jl;
+}
+
+// A checkpoint's tensors by name, in any of the dtypes a checkpoint stores.
+using TensorSource = std::function<TensorView(const std::string& name)>;
+
+void import_slice(Model& m, const LmConfig& c, const TensorSource& source, bool grads) {
+  const std::map<std::string, std::vector<Slot>> slots = lm_slots(m, c, grads);
+  for (const auto& [name, shape] : lm_tensor_shapes(c)) {
+    const TensorView v = source(name);
+    check(v.is_contiguous() && std::vector<int64_t>(v.shape.begin(), v.shape.begin() + v.rank) == shape, "tensor '",
+          name, "' must be ", shape_text(shape), ", got ", v.shape_str());
+    const auto it = slots.find(name);
+    if (it == slots.end()) continue;  // another stage's
+    const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
+    for (const Slot& s : it->second)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (rows > 1 && s.transpose && !s.col.empty() && s.col[s.col0 + r] < 0) continue;  // another rank's row
+        for (int64_t k = 0; k < cols; ++k)
+          if (float* d = at(s, rows, r, k)) *d = load_as_f32(v.data, v.dtype, r * cols + k);
+      }
+  }
 }
 
 }  // namespace
 
 void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tensor>& tensors, bool grads) {
-  const std::map<std::string, Slot> slots = lm_slots(full, c, grads);
-  for (const auto& [name, shape] : lm_tensor_shapes(c)) {
-    const auto it = tensors.find(name);
-    check(it != tensors.end(), "no tensor '", name, "' to load");
-    const TensorView v = it->second.view();
-    check(v.dtype == DType::f32 && v.is_contiguous() &&
-              std::vector<int64_t>(v.shape.begin(), v.shape.begin() + v.rank) == shape,
-          "tensor '", name, "' must be fp32 ", shape_text(shape), ", got ", v.shape_str());
-    const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
-    const Slot& s = slots.at(name);
-    const float* src = v.ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < cols; ++k) at(s, rows, cols, r, k) = src[r * cols + k];
-  }
+  check(full.tp() == 1 && full.num_layers() == c.layers, "lm_import fills a full (tp = 1, pp = 1) model");
+  import_slice(
+      full, c,
+      [&](const std::string& name) {
+        const auto it = tensors.find(name);
+        check(it != tensors.end(), "no tensor '", name, "' to load");
+        return it->second.view();
+      },
+      grads);
 }
 
 std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads) {
-  const std::map<std::string, Slot> slots = lm_slots(full, c, grads);
+  check(full.tp() == 1 && full.num_layers() == c.layers, "lm_export reads a full (tp = 1, pp = 1) model");
+  const std::map<std::string, std::vector<Slot>> slots = lm_slots(full, c, grads);
   std::map<std::string, Tensor> out;
   for (const auto& [name, shape] : lm_tensor_shapes(c)) {
     Tensor t(DType::f32, static_cast<int>(shape.size()), shape.data());
     const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
-    const Slot& s = slots.at(name);
+    const Slot& s = slots.at(name).front();
     float* dst = t.ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = at(s, rows, cols, r, k);
+      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = *at(s, rows, r, k);
     out.emplace(name, std::move(t));
   }
   return out;
 }
 
-Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run) {
-  ModelConfig cfg = model_config(lm.config);
+namespace {
+
+// This rank's slice, created empty and filled from the tensors: no rank ever
+// holds more of the model than its slice.
+Model sliced_lm_model(const LmConfig& lc, const TensorSource& source, DType dtype, const RunContext& run) {
+  ModelConfig cfg = model_config(lc);
   cfg.dtype = dtype;
   check_model_fits(cfg, run.config());
-  Model full(cfg);
-  lm_import(full, lm.config, lm.weights);
-  if (run.config().tp == 1 && run.config().pp == 1 && !run.device()) return full;
-  Model slice = model_for(cfg, run);
-  slice.copy_slice_from(full, false);
-  return slice;
+  Model m = model_for(cfg, run, Model::Init::zeros);
+  import_slice(m, lc, source, false);
+  return m;
+}
+
+}  // namespace
+
+Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run) {
+  return sliced_lm_model(
+      lm.config, [&](const std::string& name) { return lm.weight(name).view(); }, dtype, run);
+}
+
+Model lm_model(const std::string& dir, DType dtype, const RunContext& run) {
+  const LmConfig c = load_lm_config(dir);
+  const Checkpoint ck(dir);
+  return sliced_lm_model(
+      c, [&](const std::string& name) { return checkpoint_tensor(ck, dir, c, name); }, dtype, run);
 }
 
 void save_lm(const std::string& dir, const Model& full, const LmConfig& c) {
@@ -729,31 +806,82 @@ void sum_tied_grads(Model& m, Communicator& pp, float* g, const std::vector<floa
 
 }  // namespace
 
-Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
-                  std::span<const std::vector<int32_t>> documents, Communicator* pp) {
+namespace {
+
+// The forward of a batch to the last stage's output rows: `rows(b0, y)` sees
+// y [Bm, Ll, D], rows b0 .. b0 + Bm − 1 of this rank's tokens (on the last stage
+// only). With pp the pipeline's forwards, one row per micro-batch.
+void lm_last_rows(const Model& m, const ModelParallel& par, const LocalBatch& lb, int64_t B,
+                  std::span<const std::vector<int32_t>> documents, Communicator* pp,
+                  const std::function<void(int64_t b0, const TensorView& y)>& rows) {
   check(pp || (m.first_stage() && m.last_stage()), "the model holds one pipeline stage: pass its PP group");
-  const LocalBatch lb = local_batch(m, par, ids, B, L, documents);
-  const int64_t V = m.config().vocab;
-  Tensor out(DType::f32, {B, lb.Ll, V});
-  if (pp) {  // the forwards of the pipeline, one row per micro-batch; the last stage's logits to every stage
+  if (pp) {
     // train = false: the pipeline only reads the model.
     Model& stage = const_cast<Model&>(m);
     PipelineEnds ends = lm_pipeline_ends(stage, lb, 1, documents);
     ends.loss = [&](int i, const TensorView& y, const TensorView&) {
-      const Tensor logits = lm_head_logits(m, y);
-      std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>() + i * lb.Ll * V);
+      rows(i, y);
       return 0.0;
     };
     pipeline_run(stage, ends, par, *pp, static_cast<int>(B), 1, lb.Ll, false);
-    pp->broadcast(out.ptr<void>(), out.bytes(), pp->size() - 1);
-    return out;
+    return;
   }
   const DeviceTensor x = lm_embed(m, lb.ids, B, lb.at);
   Activations act;
   act.keep = false;
   const DeviceTensor y = model_forward(m, x, par, act, {}, lb.at, documents);
-  const Tensor logits = lm_head_logits(m, y);
-  std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>());
+  rows(0, y);
+}
+
+}  // namespace
+
+Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                  std::span<const std::vector<int32_t>> documents, Communicator* pp) {
+  const LocalBatch lb = local_batch(m, par, ids, B, L, documents);
+  const int64_t V = m.config().vocab;
+  Tensor out(DType::f32, {B, lb.Ll, V});
+  lm_last_rows(m, par, lb, B, documents, pp, [&](int64_t b0, const TensorView& y) {
+    const Tensor logits = lm_head_logits(m, y);
+    std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>() + b0 * lb.Ll * V);
+  });
+  if (pp) pp->broadcast(out.ptr<void>(), out.bytes(), pp->size() - 1);
+  return out;
+}
+
+// at: [n] positions of a row   y: [Bm, Ll, D] rows of this rank's tokens   out: [B, n, V]
+Tensor lm_logits_at(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B, int64_t L,
+                    std::span<const int64_t> at, std::span<const std::vector<int32_t>> documents, Communicator* pp) {
+  for (int64_t t : at) check(t >= 0 && t < L, "position ", t, " is outside the sequence of ", L, " tokens");
+  const LocalBatch lb = local_batch(m, par, ids, B, L, documents);
+  const int64_t V = m.config().vocab, D = m.config().d_model, n = static_cast<int64_t>(at.size());
+  // (local index j, output index k) for every wanted position this rank holds.
+  std::vector<std::pair<int64_t, int64_t>> wanted(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) wanted[k] = {at[k], k};
+  std::sort(wanted.begin(), wanted.end());
+  std::vector<std::pair<int64_t, int64_t>> mine;
+  for (int64_t j = 0; j < lb.Ll; ++j) {
+    auto [lo, hi] = std::equal_range(wanted.begin(), wanted.end(), std::pair<int64_t, int64_t>{lb.pos[j], -1},
+                                     [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (auto w = lo; w != hi; ++w) mine.push_back({j, w->second});
+  }
+  const int64_t r = static_cast<int64_t>(mine.size());
+  Tensor out(DType::f32, {B, n, V});
+  std::fill_n(out.ptr<float>(), out.numel(), 0.f);
+  lm_last_rows(m, par, lb, B, documents, pp, [&](int64_t b0, const TensorView& y) {
+    if (r == 0) return;
+    const int64_t Bm = y.numel() / (lb.Ll * D);
+    Tensor sel(DType::f32, {Bm * r, D});  // the wanted rows only: the head never sees the others
+    for (int64_t b = 0; b < Bm; ++b)
+      for (int64_t i = 0; i < r; ++i)
+        std::copy_n(y.ptr<float>() + (b * lb.Ll + mine[i].first) * D, D, sel.ptr<float>() + (b * r + i) * D);
+    const Tensor logits = lm_head_logits(m, sel.view());
+    for (int64_t b = 0; b < Bm; ++b)
+      for (int64_t i = 0; i < r; ++i)
+        std::copy_n(logits.ptr<float>() + (b * r + i) * V, V, out.ptr<float>() + ((b0 + b) * n + mine[i].second) * V);
+  });
+  // Each position is one SP rank's: the others add zeros, exactly.
+  if (par.sp && par.sp->size() > 1) par.sp->all_reduce(out.ptr<float>(), out.numel(), ReduceOp::sum);
+  if (pp) pp->broadcast(out.ptr<void>(), out.bytes(), pp->size() - 1);
   return out;
 }
 

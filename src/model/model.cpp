@@ -66,9 +66,9 @@ void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
         "; use --strategy ring or allgather");
 }
 
-Model model_for(const ModelConfig& c, const RunContext& run) {
+Model model_for(const ModelConfig& c, const RunContext& run, Model::Init init) {
   const Mesh& m = run.mesh();
-  return Model(c, run.config().tp, m.tp_index(), run.config().pp, m.pp_index(), run.device());
+  return Model(c, run.config().tp, m.tp_index(), run.config().pp, m.pp_index(), run.device(), init);
 }
 
 // Sizes of one layer's tensors (this rank's slice), in LayerParams order; 0 for
@@ -113,7 +113,7 @@ int64_t mlp_column(const ModelConfig& c, int tp, int r, int64_t col) {
 
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, Device* device)
+Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, Device* device, Init init)
     : cfg_(cfg), tp_(tp), tp_rank_(tp_rank), dev_(&cpu_device()) {
   ParallelConfig split;
   split.pp = pp, split.sp = 1, split.tp = tp;
@@ -135,12 +135,10 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, 
   int64_t total = per_layer_ * num_layers_;
   for (int64_t s : lm_sizes()) total += s;
   params_ = dev_->alloc(DType::f32, {total});
-  grads_ = dev_->alloc(DType::f32, {total});
   dev_->fill(params_, 0.f);
-  dev_->fill(grads_, 0.f);
-  if (tp > 1 || pp > 1)
+  if (init == Init::seed && (tp > 1 || pp > 1))
     copy_slice_from(Model(cfg_), false);
-  else
+  else if (init == Init::seed)
     init_full();
   if (cfg_.rope) {
     const std::vector<float> f = ringattn::rope_inv_freq(cfg_.rope_config, cfg_.head_dim());
@@ -148,7 +146,6 @@ Model::Model(const ModelConfig& cfg, int tp, int tp_rank, int pp, int pp_stage, 
   }
   if (device && device != dev_) {
     params_ = device->upload(params_);
-    grads_ = device->upload(grads_);
     if (cfg_.rope) inv_freq_ = device->upload(inv_freq_);
     dev_ = device;
   }
@@ -181,6 +178,9 @@ void Model::init_full() {
     for (int64_t i = 0; i < V * D; ++i) g.head[i] = normal(rng);
 }
 
+int64_t Model::full_qkv_column(int64_t j) const { return qkv_column(cfg_, tp_, tp_rank_, j); }
+int64_t Model::full_mlp_column(int64_t j) const { return mlp_column(cfg_, tp_, tp_rank_, j); }
+
 void Model::copy_slice_from(const Model& full, bool grads) {
   shadow_stale_ = true;
   check(dev_->is_host() && full.device().is_host(), "copy_slice_from copies between host models");
@@ -191,7 +191,7 @@ void Model::copy_slice_from(const Model& full, bool grads) {
   for (int l = 0; l < num_layers_; ++l) {
     float* fb = const_cast<float*>(grads ? full.grads() : full.params());
     const LayerParams f = full.view(fb, first_layer_ + l);
-    const LayerParams p = view(grads ? grads_.ptr<float>() : params_.ptr<float>(), l);
+    const LayerParams p = view(grads ? this->grads() : params_.ptr<float>(), l);
     auto replicated = [&](const float* from, float* to) {
       if (to) std::copy_n(from, D, to);
     };
@@ -213,7 +213,7 @@ void Model::copy_slice_from(const Model& full, bool grads) {
   }
   if (!c.is_lm()) return;  // the embedding, final norm and head: replicated over TP
   float* fb = const_cast<float*>(grads ? full.grads() : full.params());
-  const LmParams f = full.lm_view(fb), p = lm_view(grads ? grads_.ptr<float>() : params_.ptr<float>());
+  const LmParams f = full.lm_view(fb), p = lm_view(grads ? this->grads() : params_.ptr<float>());
   const std::vector<int64_t> n = lm_sizes();
   if (p.embed) std::copy_n(f.embed, n[0], p.embed);
   if (p.pos_embed) std::copy_n(f.pos_embed, n[1], p.pos_embed);
@@ -266,11 +266,19 @@ std::vector<float> Model::host_params() const {
 
 std::vector<float> Model::host_grads() const {
   std::vector<float> h(static_cast<size_t>(num_params()));
-  dev_->download(TensorView(h.data(), DType::f32, {num_params()}), grads_);
+  dev_->download(TensorView(h.data(), DType::f32, {num_params()}), grads_or_zeros());
   return h;
 }
 
-void Model::zero_grads() { dev_->fill(grads_, 0.f); }
+void Model::zero_grads() { dev_->fill(grads_or_zeros(), 0.f); }
+
+const DeviceTensor& Model::grads_or_zeros() const {
+  if (grads_.view().empty() || grads_.numel() != params_.numel()) {
+    grads_ = dev_->alloc(DType::f32, {params_.numel()});
+    dev_->fill(grads_, 0.f);
+  }
+  return grads_;
+}
 
 namespace {
 

@@ -8,8 +8,11 @@
 // labels shifted before the split are what these catch.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -19,7 +22,9 @@
 
 #include "ringattn/comm.h"
 #include "ringattn/lm.h"
+#include "ringattn/memory.h"
 #include "ringattn/parallel.h"
+#include "ringattn/safetensors.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
@@ -115,7 +120,7 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
     // every stage): this rank's rows against the reference's at the same (row,
     // position).
     Communicator* pp = pc.pp > 1 ? mesh.pp_comm.get() : nullptr;
-    double err[2] = {0, 0};
+    double err[3] = {0, 0, 0};
     {
       const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs, pp);
       const int64_t Ll = logits.dim(1);
@@ -125,6 +130,16 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
         for (int64_t j = 0; j < Ll; ++j)
           std::copy_n(want_logits.ptr<float>() + ((row0 + b) * L + pos[j]) * V, V, ref.ptr<float>() + (b * Ll + j) * V);
       err[0] = max_rel(logits.ptr<float>(), ref.ptr<float>(), ref.numel());
+    }
+    {  // lm_logits_at: a few positions (any order, a repeat), every row, on every rank
+      const std::vector<int64_t> at = {L - 1, 0, L / 2, L / 2, 1};
+      const int64_t n = static_cast<int64_t>(at.size());
+      const Tensor got = lm_logits_at(m, par, my_ids, Bl, L, at, my_docs, pp);
+      Tensor ref(DType::f32, {Bl, n, V});
+      for (int64_t b = 0; b < Bl; ++b)
+        for (int64_t k = 0; k < n; ++k)
+          std::copy_n(want_logits.ptr<float>() + ((row0 + b) * L + at[k]) * V, V, ref.ptr<float>() + (b * n + k) * V);
+      err[2] = max_rel(got.ptr<float>(), ref.ptr<float>(), ref.numel());
     }
 
     // Loss and gradients (under PP: 1F1B over one micro-batch per sequence),
@@ -138,15 +153,16 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
     want_slice.copy_slice_from(want_full, true);
     ASSERT_EQ(want_slice.num_params(), m.num_params());
     err[1] = max_rel(m.grads(), want_slice.grads(), m.num_params());
-    world.all_reduce(err, 2, ReduceOp::max);
+    world.all_reduce(err, 3, ReduceOp::max);
     const std::string at = cat(what, " at P=", P, " ", label(pc));
     EXPECT_LT(err[0], 1e-4) << at << ": logits";
+    EXPECT_LT(err[2], 1e-4) << at << ": lm_logits_at";
     EXPECT_NEAR(loss, want_loss, 1e-5 * want_loss) << at << ": loss";
     EXPECT_EQ(eval_loss, loss) << at << ": the loss without the backward";
     EXPECT_LT(err[1], 1e-4) << at << ": gradients";
     if (world.rank() == 0)
-      std::printf("[lm dist] %s: logits %.2e, loss %.7f (one process %.7f), gradients %.2e\n", at.c_str(), err[0], loss,
-                  want_loss, err[1]);
+      std::printf("[lm dist] %s: logits %.2e (at positions %.2e), loss %.7f (one process %.7f), gradients %.2e\n",
+                  at.c_str(), err[0], err[2], loss, want_loss, err[1]);
   }
   EXPECT_GE(ran, 1) << what << ": no layout fits at P=" << P;
 }
@@ -318,6 +334,64 @@ TEST_P(LmDistributed, PromptsOfDifferentLengthsDecodeTogether) {
     EXPECT_EQ(lm_generate(m, run.model_parallel(), prompts, o, pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr), want)
         << name << " at P=" << P << " " << label(pc);
   }
+  EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
+}
+
+// lm_model(dir) creates each rank's TP/PP slice empty and fills it from the
+// memory-mapped checkpoint: the parameters equal the slice cut from the whole
+// model (copy_slice_from), and no more memory than the slice's parameters is
+// ever held (no gradients until a backward asks for them) — before, every rank
+// built the whole model (and a fp32 copy of every tensor) first. The same from a bf16 copy of the checkpoint
+// (widened element by element while slicing).
+TEST_P(LmDistributed, EachRankLoadsOnlyItsSlice) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const ModelConfig mc = model_config(lm.config);
+  // The same tensors rounded to bf16, in a checkpoint folder of this rank's own.
+  const std::filesystem::path bf16_dir =
+      std::filesystem::temp_directory_path() / cat("ringattn_slice_", ::getpid(), "_", world->rank());
+  std::filesystem::create_directories(bf16_dir);
+  std::filesystem::copy_file(kHf + name + "/config.json", bf16_dir / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::map<std::string, Tensor> rounded;  // fp32 tensors holding the bf16 values
+  {
+    std::vector<Tensor> bf16;
+    std::vector<std::pair<std::string, TensorView>> views;
+    for (const auto& [n, t] : lm.weights) {
+      bf16.emplace_back(DType::bf16, t.rank(), t.view().shape.data());
+      copy_into(bf16.back(), t);
+      views.push_back({n, bf16.back().view()});
+      Tensor back(DType::f32, t.rank(), t.view().shape.data());
+      copy_into(back, bf16.back());
+      rounded.emplace(n, std::move(back));
+    }
+    save_safetensors((bf16_dir / "model.safetensors").string(), views);
+  }
+  int ran = 0;
+  for (ParallelConfig pc : layouts(P)) {
+    if (!fits(mc, pc, P)) continue;
+    ++ran;
+    const RunContext run(world.get(), pc);
+    for (const bool half : {false, true}) {
+      const std::map<std::string, Tensor>& weights = half ? rounded : lm.weights;
+      const std::string dir = half ? bf16_dir.string() : kHf + name;
+      const int64_t before = memory_stats().current_bytes;
+      reset_peak_memory();
+      const Model m = lm_model(dir, DType::f32, run);
+      const int64_t held = memory_stats().peak_bytes - before, slice = m.num_params() * 4;
+      Model full(mc);
+      lm_import(full, lm.config, weights);
+      Model want = model_for(mc, run);
+      want.copy_slice_from(full, false);
+      const std::string at = cat(name, half ? " (bf16 checkpoint)" : "", " at P=", P, " ", label(pc));
+      ASSERT_EQ(want.num_params(), m.num_params()) << at;
+      EXPECT_TRUE(std::equal(m.params(), m.params() + m.num_params(), want.params())) << at << ": parameters";
+      EXPECT_LE(held, slice + 4096) << at << ": loading held " << held << " bytes for a slice of " << slice;
+    }
+  }
+  std::filesystem::remove_all(bf16_dir);
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
 
