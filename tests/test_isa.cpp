@@ -18,6 +18,7 @@
 #include "reference.h"
 #include "ringattn/attention.h"
 #include "ringattn/cpu/features.h"
+#include "ringattn/cpu/gemm.h"
 #include "ringattn/cpu/layers.h"
 #include "ringattn/error.h"
 #include "test_util.h"
@@ -263,6 +264,39 @@ TEST_P(IsaPaths, LayersMatchDouble) {
     EXPECT_NEAR(loss, want_loss, 1e-6 * want_loss);
     EXPECT_LE(compare(d(z), want).err, tol) << "cross-entropy " << compare(d(z), want);
   }
+  // Up to four rows through gemm (the vector GEMV): op(A) and op(B) plain and
+  // transposed, strided, fp32 and bf16, alpha/beta, sizes with vector tails,
+  // small (one thread) and large (rows of B split over the threads, partial sums
+  // added).
+  for (const auto& [K, N] : std::vector<std::pair<int64_t, int64_t>>{{37, 50}, {300, 333}, {1029, 77}})
+    for (const int64_t M : {1, 2, 3, 4})
+      for (const bool trans : {false, true})
+        for (const DType t : {DType::f32, DType::bf16}) {
+          const bool ta = trans && M != 2, tb = trans;  // M = 2: B transposed alone
+          const int64_t lda = (ta ? M : K) + 2, ldb = (tb ? K : N) + 3, ldc = N + 1;
+          std::vector<float> a = randv((ta ? K : M) * lda), b = randv((tb ? N : K) * ldb), c = randv(M * ldc);
+          const std::vector<float> c0 = c;
+          std::vector<uint16_t> a16(a.size()), b16(b.size());
+          if (t == DType::bf16) {  // the operands as bf16, the reference on the same rounded values
+            for (size_t i = 0; i < a.size(); ++i) a16[i] = f32_to_bf16(a[i]), a[i] = bf16_to_f32(a16[i]);
+            for (size_t i = 0; i < b.size(); ++i) b16[i] = f32_to_bf16(b[i]), b[i] = bf16_to_f32(b16[i]);
+          }
+          const void* A = t == DType::bf16 ? static_cast<const void*>(a16.data()) : a.data();
+          const void* B = t == DType::bf16 ? static_cast<const void*>(b16.data()) : b.data();
+          gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 2.f, c.data(), ldc, t);
+          std::vector<double> got, want;
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < N; ++j) {
+              double sum = 0;
+              for (int64_t k = 0; k < K; ++k)
+                sum += double(a[ta ? k * lda + m : m * lda + k]) * b[tb ? j * ldb + k : k * ldb + j];
+              want.push_back(0.5 * sum + 2.0 * c0[m * ldc + j]);
+              got.push_back(c[m * ldc + j]);
+            }
+          EXPECT_LE(compare(got, want).err, 1e-6 * std::sqrt(double(K)))
+              << "gemv M=" << M << " K=" << K << " N=" << N << (ta ? " A^T" : "") << (tb ? " B^T " : " ")
+              << dtype_name(t) << " " << compare(got, want);
+        }
 }
 
 TEST_P(IsaPaths, NameRoundTrips) { EXPECT_EQ(parse_isa(isa_name(GetParam())), GetParam()); }

@@ -1,16 +1,28 @@
 // The GEMM wrapper over oneDNN matmul. Primitives are created once per
 // (shape, strides, dtype, alpha, beta) and cached; execution is thread-safe.
+// Up to four rows (a decode step) go to the vector GEMV of the kernel paths
+// instead: it reads each weight once, near the read bandwidth, where oneDNN's
+// M = 1 path ran at 0.3-0.6 of it (AMD Zen 4, 2 threads).
+#include <omp.h>
+
+#include <algorithm>
 #include <dnnl.hpp>
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "kernels/cpu/kernel_args.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/error.h"
 
 namespace ringattn {
 namespace {
+
+// The most rows the vector GEMV takes (a decode step of up to this many sequences).
+constexpr int64_t kGemvRows = 4;
 
 using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float, int>;
 
@@ -52,6 +64,43 @@ const std::pair<dnnl::matmul, std::string>& primitive(const Key& key) {
   }
 }
 
+// C[M, N] = alpha · op(A)[M, K] · op(B) + beta · C for M <= kGemvRows. Without
+// trans_b the threads take consecutive rows of B (a contiguous stream each) and
+// their partial sums are added in thread order; with trans_b they take rows of
+// Bᵀ (dots).
+void gemv(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
+          const void* B, int64_t ldb, float beta, float* C, int64_t ldc, DType ab_dtype) {
+  const bool bf16 = ab_dtype == DType::bf16;
+  std::vector<float> x(static_cast<size_t>(M * K));  // op(A) in fp32 (exact for bf16)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) x[m * K + k] = load_as_f32(A, ab_dtype, trans_a ? k * lda + m : m * lda + k);
+  const cpu::LayerTable& vec = *cpu::kernels_for(default_isa()).layers;
+  const size_t esize = dtype_size(ab_dtype);
+  const auto* b = static_cast<const unsigned char*>(B);
+  const int64_t work = trans_b ? N : K;
+  const int T = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(omp_get_max_threads(), work / 64), 1, 64));
+  std::vector<float> part(static_cast<size_t>((trans_b ? 1 : T) * M * N));
+#pragma omp parallel num_threads(T) if (T > 1 && K * N >= (1 << 16))
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = work * t / nt, hi = work * (t + 1) / nt;
+    if (trans_b)
+      vec.gemv(M, K, hi - lo, x.data(), K, b + lo * ldb * esize, ldb, bf16, true, part.data() + lo, N);
+    else
+      vec.gemv(M, hi - lo, N, x.data() + lo, K, b + lo * ldb * esize, ldb, bf16, false, part.data() + t * M * N, N);
+#pragma omp barrier
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < N; ++j) {
+        float sum = part[m * N + j];
+        if (!trans_b)
+          for (int u = 1; u < nt; ++u) sum += part[(u * M + m) * N + j];
+        float& c = C[m * ldc + j];
+        c = beta == 0.f ? alpha * sum : alpha * sum + beta * c;
+      }
+  }
+}
+
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
@@ -59,6 +108,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   check(ab_dtype == DType::f32 || ab_dtype == DType::bf16, "gemm supports fp32 and bf16 inputs, got ",
         dtype_name(ab_dtype));
   check(M > 0 && N > 0 && K > 0, "gemm needs positive sizes, got M=", M, " N=", N, " K=", K);
+  if (M <= kGemvRows) return gemv(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ab_dtype);
   const Key key{trans_a, trans_b, M, N, K, lda, ldb, ldc, alpha, beta, static_cast<int>(ab_dtype)};
   const auto& [prim, name] = primitive(key);
   Engine& e = engine();

@@ -74,6 +74,11 @@ struct LayerTable {
   double (*softmax_ce_row)(int64_t V, float* z, int64_t label, float scale);
   // Rotates H heads of d (rows d apart from x) by the token's cos/sin [d/2].
   void (*rope_row)(int64_t H, int64_t d, float* x, const float* cos, const float* sin);
+  // y [M, n] = x [M, K] · W (W [K, n], rows ldw apart) or, dots, y[m, j] =
+  // x[m, :] · W[j, :] (W [n, K]); M <= 4; x, y rows ldx, ldy apart; W fp32 or
+  // bf16 (widened in registers); fp32 sums.
+  void (*gemv)(int64_t M, int64_t K, int64_t n, const float* x, int64_t ldx, const void* W, int64_t ldw, bool bf16,
+               bool dots, float* y, int64_t ldy);
 };
 
 struct KernelTable {

@@ -116,7 +116,8 @@ static inline Vf vsub(Vf a, Vf b) { RA_MAP(a.r[i] - b.r[i]); }
 static inline Vf vmax(Vf a, Vf b) { RA_MAP(a.r[i] > b.r[i] ? a.r[i] : b.r[i]); }
 static inline Vf vmin(Vf a, Vf b) { RA_MAP(a.r[i] < b.r[i] ? a.r[i] : b.r[i]); }
 static inline Vf vdiv(Vf a, Vf b) { RA_MAP(a.r[i] / b.r[i]); }
-static inline Vf vsel_neg(Vf z, Vf a, Vf b) { RA_MAP(__builtin_signbit(z.r[i]) ? a.r[i] : b.r[i]); }
+// (copysign, not signbit: g++ 12 -O3 fails to compile signbit's vectorized shift on this struct)
+static inline Vf vsel_neg(Vf z, Vf a, Vf b) { RA_MAP(__builtin_copysignf(1.f, z.r[i]) < 0.f ? a.r[i] : b.r[i]); }
 static inline float vhmax(Vf a) {
   float m = a.r[0];
   for (int i = 1; i < 4; ++i) m = a.r[i] > m ? a.r[i] : m;
