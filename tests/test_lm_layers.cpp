@@ -6,9 +6,11 @@
 // backward as the exact inverse.
 #include <gtest/gtest.h>
 
+#include <barrier>
 #include <cmath>
 #include <functional>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "ringattn/cpu/layers.h"
@@ -210,6 +212,44 @@ TEST(LmLayers, ChunkedHeadCrossEntropyEqualsTheWholeSoftmax) {
     EXPECT_LT(rel(dh, want_dh), 1e-5) << "chunk " << chunk;  // rows without a target: 0, not the 9 before
     EXPECT_LT(rel(dW, want_dW), 1e-5) << "chunk " << chunk;
   }
+
+  // The vocabulary split in three uneven shards (the vocabulary-parallel head),
+  // each on its own thread, the statistics combined through shared slots: every
+  // shard returns the whole loss, the shards' dh sum to dL/dh, and each shard's
+  // dW is its rows of the whole one.
+  constexpr int S = 3;
+  const int64_t first[S + 1] = {0, 12, 24, V};  // 12, 12 and 13 rows
+  std::barrier sync(S);
+  std::vector<double> slot[S];
+  double loss[S];
+  std::vector<float> dh[S], dW[S];
+  std::vector<std::thread> shards;
+  for (int r = 0; r < S; ++r)
+    shards.emplace_back([&, r] {
+      const int64_t Vl = first[r + 1] - first[r];
+      VocabShard shard{first[r], V, [&, r](double* x, int64_t n, bool max) {
+                         slot[r].assign(x, x + n);
+                         sync.arrive_and_wait();
+                         for (int o = 0; o < S; ++o)
+                           if (o != r)
+                             for (int64_t i = 0; i < n; ++i)
+                               x[i] = max ? std::max(x[i], slot[o][i]) : x[i] + slot[o][i];
+                         sync.arrive_and_wait();
+                       }};
+      dh[r].assign(N * D, 0.f), dW[r].assign(Vl * D, 0.f);
+      loss[r] = lm_head_cross_entropy(N, D, Vl, h.data(), W.data() + first[r] * D, labels.data(), 0.5f, dh[r].data(),
+                                      dW[r].data(), 7, shard);
+    });
+  for (std::thread& t : shards) t.join();
+  std::vector<float> dh_sum(N * D, 0.f), dW_all;
+  for (int r = 0; r < S; ++r) {
+    EXPECT_NEAR(loss[r], want_loss, 1e-5 * want_loss) << "shard " << r;
+    for (int64_t i = 0; i < N * D; ++i) dh_sum[i] += dh[r][i];
+    dW_all.insert(dW_all.end(), dW[r].begin(), dW[r].end());
+  }
+  EXPECT_LT(rel(dh_sum, want_dh), 1e-5);
+  EXPECT_LT(rel(dW_all, want_dW), 1e-5);
+
   labels[3] = V;
   EXPECT_THROW(lm_head_cross_entropy(N, D, V, h.data(), W.data(), labels.data(), 1.f, nullptr, nullptr), Error);
 }

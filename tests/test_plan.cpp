@@ -243,8 +243,9 @@ TEST(PlanPredict, LanguageModelHeadCostsTimeAndMemory) {
     EXPECT_GT(b.forward_s, a.forward_s) << c.name();
     EXPECT_GT(b.train_s, a.train_s) << c.name();
     EXPECT_GT(b.decode_step_s, a.decode_step_s) << c.name();
-    const double table = 128256.0 * body.model.d_model, per_param = 16 + 2;  // fp32 master, grad, AdamW; bf16 copy
-    // the embedding and head tables, and the final norm's gain
+    // fp32 master, grad, AdamW; bf16 copy. The embedding and head tables (the
+    // rank's vocabulary rows under TP), and the final norm's gain.
+    const double table = std::ceil(128256.0 / c.tp) * body.model.d_model, per_param = 16 + 2;
     EXPECT_NEAR(b.peak_train_bytes - a.peak_train_bytes, ((c.pp == 1 ? 2 : 1) * table + body.model.d_model) * per_param,
                 1)
         << c.name();

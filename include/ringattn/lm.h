@@ -97,19 +97,31 @@ std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t 
 std::vector<int64_t> lm_local_ids(std::span<const int64_t> ids, int64_t B, int64_t L,
                                   std::span<const int64_t> positions);
 
+// The vocabulary-parallel ends of the model under TP (Megatron's): a TP rank
+// holds the embedding and head rows of its part of the vocabulary
+// (Model::vocab_first, local_vocab), so neither is ever held whole. Every rank of
+// the TP group calls these together; with tp = 1 no communication.
+//
 // The embedding of ids [B, Ll] at global positions ([Ll] shared by the rows, or
-// [B·Ll]; gpt2 adds its learned positions): x [B, Ll, D].
-DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions);
-// dL/dx [B, Ll, D] into the embedding's (and positions') gradients.
+// [B·Ll]; gpt2 adds its learned positions): x [B, Ll, D], each id's row summed
+// from the TP rank holding it (exact: the others add zeros).
+DeviceTensor lm_embed(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B,
+                      std::span<const int64_t> positions);
+// dL/dx [B, Ll, D] (the same on every TP rank) into the embedding rows held here
+// (and the learned positions' gradients). No communication.
 void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions,
                        const TensorView& dx);
-// logits [N, vocab] = head · norm_f(y) of the last stage's output rows y [N, D].
-Tensor lm_head_logits(const Model& m, const TensorView& y);
+// logits [N, vocab] = head · norm_f(y) of the last stage's output rows y [N, D]
+// (each TP rank computes its vocabulary's columns; all are gathered).
+Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView& y);
 // The summed next-token cross-entropy of rows y [N, D] with labels [N] (−1:
 // none), the head in row chunks; dy := scale · dL/dy and the final norm's and
 // head's gradients added into m.grads() (an empty dy: the loss alone). Returns
-// the unscaled sum.
-double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy);
+// the unscaled sum. Under TP the logits [N, vocab] are never gathered: the
+// softmax's max and sums are reduced over the TP group (VocabShard), and each
+// rank's part of dL/dy is summed.
+double lm_head_loss(Model& m, const ModelParallel& par, const TensorView& y, std::span<const int64_t> labels,
+                    float scale, const TensorView& dy);
 
 // This rank's logits [B, Ll, vocab] of the whole batch's ids [B, L] (every rank
 // passes all of them; each takes its tokens of par's layout). With documents

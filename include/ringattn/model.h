@@ -79,6 +79,9 @@ ModelConfig model_config(const LmConfig& lm);
 // group; hybrid: its Ulysses degree). Throws Error naming the sizes.
 void check_model_fits(const ModelConfig& c, const ParallelConfig& p);
 
+// The first vocabulary row TP rank r of tp holds (r = tp: the vocabulary's end).
+inline int64_t vocab_row(int64_t vocab, int tp, int r) { return r * vocab / tp; }
+
 // One layer's parameters (or gradients): pointers into a flat fp32 array; null
 // for what the architecture has not (norm biases under RMSNorm, the biases a
 // config turns off). W_in is [D, F] (GELU) or [D, 2F] with the gate columns
@@ -91,6 +94,7 @@ struct LayerParams {
 // none: the embedding lives on the first pipeline stage, the final norm and head
 // on the last; head is the embedding when tied; under PP the last stage then
 // holds a copy of it, kept equal by summing both copies' gradients, lm.h).
+// Under TP the embedding and head are the rank's vocabulary rows [local_vocab, D].
 struct LmParams {
   float *embed, *pos_embed, *norm_g, *norm_b, *head;
 };
@@ -107,7 +111,11 @@ struct LayerWeights {
 // Tensor parallelism (Megatron): with tp > 1 the model holds rank tp_rank's
 // slice: heads/tp query heads and kv_heads/tp key/value heads (columns of W_qkv,
 // b_qkv; rows of W_o) and hidden/tp MLP columns (columns of W_in, b_in; rows of
-// W_out). LayerNorms and the biases b_o, b_out are replicated.
+// W_out), and a language model's vocabulary rows vocab_first() ..
+// + local_vocab() − 1 of the embedding and head (the vocabulary-parallel
+// embedding and head: the embedding sums over the TP group, the softmax's
+// statistics and dL/dy of the head are reduced over it). Norms, learned
+// positions and the biases b_o, b_out are replicated.
 // Pipeline parallelism: with pp > 1 the model holds the layers of stage
 // pp_stage only (layers/pp consecutive layers). Slices are cut from the full
 // initialisation.
@@ -137,6 +145,11 @@ class Model {
   int64_t local_kv() const { return cfg_.kv() / tp_; }
   int64_t local_hidden() const { return cfg_.hidden() / tp_; }
   int64_t local_qkv_width() const { return (local_heads() + 2 * local_kv()) * cfg_.head_dim(); }
+  // A language model's vocabulary rows of the embedding and head held here:
+  // vocab_first() .. vocab_first() + local_vocab() − 1 (an even split of any
+  // vocabulary size over tp).
+  int64_t vocab_first() const { return vocab_row(cfg_.vocab, tp_, tp_rank_); }
+  int64_t local_vocab() const { return vocab_row(cfg_.vocab, tp_, tp_rank_ + 1) - vocab_first(); }
   // The full model's column of this slice's column j of W_qkv / W_in.
   int64_t full_qkv_column(int64_t j) const;
   int64_t full_mlp_column(int64_t j) const;

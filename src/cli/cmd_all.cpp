@@ -121,7 +121,8 @@ void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid
                   data_and_hybrid ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
                                   : "sequence-parallel ranks (default: the ranks left by pp x tp)")
       ->check(positive_count());
-  cmd->add_option("--tp", p.tp, "tensor-parallel ranks (Megatron: heads and MLP columns split)")
+  cmd->add_option("--tp", p.tp,
+                  "tensor-parallel ranks (Megatron: heads, MLP columns and a language model's vocabulary split)")
       ->check(positive_count())
       ->capture_default_str();
   std::vector<std::string> strategies = {"ring", "allgather", "ulysses"};

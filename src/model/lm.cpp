@@ -417,6 +417,8 @@ std::map<std::string, std::vector<Slot>> lm_slots(const Model& model, const LmCo
   for (int64_t j = 0; j < (swiglu ? 2 * Fl : Fl); ++j) mlp_col[m.full_mlp_column(j)] = j;
   const std::vector<int64_t> o_row = tp > 1 ? run_of(A, r * Al, Al) : std::vector<int64_t>();
   const std::vector<int64_t> out_row = tp > 1 ? run_of(F, r * Fl, Fl) : std::vector<int64_t>();
+  const std::vector<int64_t> vocab_row =
+      tp > 1 ? run_of(c.vocab, m.vocab_first(), m.local_vocab()) : std::vector<int64_t>();
   const std::vector<int64_t> all;
   std::map<std::string, std::vector<Slot>> s;
   auto put = [&s](const std::string& name, Slot slot) {
@@ -461,11 +463,11 @@ std::map<std::string, std::vector<Slot>> lm_slots(const Model& model, const LmCo
   const LmParams g = grads ? m.lm_grads() : m.lm();
   const bool gpt2 = c.arch == Arch::gpt2;
   const std::string embed = gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight";
-  put(embed, {g.embed, D, 0, false, {}, {}});
+  put(embed, {g.embed, D, 0, false, vocab_row, {}});
   if (gpt2) put("transformer.wpe.weight", {g.pos_embed, D, 0, false, {}, {}});
   put(gpt2 ? "transformer.ln_f.weight" : "model.norm.weight", vec(g.norm_g));
   if (gpt2) put("transformer.ln_f.bias", vec(g.norm_b));
-  if (g.head != g.embed) put(c.tie_embeddings ? embed : "lm_head.weight", {g.head, D, 0, false, {}, {}});
+  if (g.head != g.embed) put(c.tie_embeddings ? embed : "lm_head.weight", {g.head, D, 0, false, vocab_row, {}});
   return s;
 }
 
@@ -648,24 +650,45 @@ std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t 
   return labels;
 }
 
-// ids: [B, Ll]   positions: [Ll]   ->   x: [B, Ll, D]
-DeviceTensor lm_embed(const Model& m, std::span<const int64_t> ids, int64_t B, std::span<const int64_t> positions) {
+namespace {
+
+// The TP group the model's vocabulary is split over (null: one rank holds it).
+Communicator* vocab_group(const Model& m, const ModelParallel& par) {
+  check((par.tp ? par.tp->size() : 1) == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
+        par.tp ? par.tp->size() : 1, " ranks");
+  return m.tp() > 1 ? par.tp : nullptr;
+}
+
+}  // namespace
+
+// ids: [B, Ll]   positions: [Ll] or [B·Ll]   ->   x: [B, Ll, D]
+DeviceTensor lm_embed(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B,
+                      std::span<const int64_t> positions) {
   const ModelConfig& c = m.config();
   const LmParams p = m.lm();
   check(c.is_lm() && p.embed, "lm_embed: the model has no token embedding here (not a language model's first stage)");
   const int64_t N = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(positions.size()), D = c.d_model;
   check(B >= 1 && N % B == 0 && (n == N / B || n == N), "lm_embed: ", N, " ids and ", n, " positions for B=", B);
-  const int64_t Ll = N / B;
+  const int64_t Ll = N / B, v0 = m.vocab_first(), Vl = m.local_vocab();
   for (int64_t id : ids) check(id >= 0 && id < c.vocab, "token id ", id, " is outside the vocabulary of ", c.vocab);
   for (int64_t pos : positions)
     check(!p.pos_embed || (pos >= 0 && pos < c.positions), "position ", pos, " is beyond the model's ", c.positions,
           " learned positions");
+  Communicator* tp = vocab_group(m, par);
   DeviceTensor x = m.device().alloc(DType::f32, {B, Ll, D});
   float* out = x.ptr<float>();
-  for (int64_t t = 0; t < N; ++t)
-    for (int64_t e = 0; e < D; ++e)
-      out[t * D + e] =
-          p.embed[ids[t] * D + e] + (p.pos_embed ? p.pos_embed[positions[n == N ? t : t % Ll] * D + e] : 0.f);
+  // Each id's row from the rank holding it, zeros from the others: the sum is exact.
+  for (int64_t t = 0; t < N; ++t) {
+    const int64_t v = ids[t] - v0;
+    if (v >= 0 && v < Vl)
+      std::copy_n(p.embed + v * D, D, out + t * D);
+    else
+      std::fill_n(out + t * D, D, 0.f);
+  }
+  if (tp) tp->all_reduce(out, N * D, ReduceOp::sum);
+  if (p.pos_embed)
+    for (int64_t t = 0; t < N; ++t)
+      for (int64_t e = 0; e < D; ++e) out[t * D + e] += p.pos_embed[positions[n == N ? t : t % Ll] * D + e];
   return x;
 }
 
@@ -673,45 +696,70 @@ void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::s
                        const TensorView& dx) {
   const LmParams g = m.lm_grads();
   const int64_t N = static_cast<int64_t>(ids.size()), n = static_cast<int64_t>(positions.size());
-  const int64_t D = m.config().d_model, Ll = N / B;
+  const int64_t D = m.config().d_model, Ll = N / B, v0 = m.vocab_first(), Vl = m.local_vocab();
   check(g.embed && dx.numel() == N * D && dx.is_contiguous() && (n == Ll || n == N), "lm_embed_backward: dL/dx ",
         dx.shape_str(), " for ", N, " ids and ", n, " positions");
   const float* d = dx.ptr<float>();
-  for (int64_t t = 0; t < N; ++t)
+  for (int64_t t = 0; t < N; ++t) {
+    const int64_t v = ids[t] - v0;
     for (int64_t e = 0; e < D; ++e) {
-      g.embed[ids[t] * D + e] += d[t * D + e];
+      if (v >= 0 && v < Vl) g.embed[v * D + e] += d[t * D + e];
       if (g.pos_embed) g.pos_embed[positions[n == N ? t : t % Ll] * D + e] += d[t * D + e];
     }
+  }
 }
 
 // y: [N, D]   ->   logits: [N, V]
-Tensor lm_head_logits(const Model& m, const TensorView& y) {
+Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView& y) {
   const ModelConfig& c = m.config();
   const LmParams p = m.lm();
   check(c.is_lm() && p.head, "lm_head_logits: the model has no LM head here (not a language model's last stage)");
-  const int64_t D = c.d_model, N = y.numel() / D, V = c.vocab;
+  const int64_t D = c.d_model, N = y.numel() / D, V = c.vocab, Vl = m.local_vocab();
+  Communicator* tp = vocab_group(m, par);
   std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
   norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
   Tensor logits(DType::f32, {N, V});
-  gemm(false, true, N, V, D, 1.f, a.data(), D, p.head, D, 0.f, logits.ptr<float>(), V);
+  if (!tp) {
+    gemm(false, true, N, V, D, 1.f, a.data(), D, p.head, D, 0.f, logits.ptr<float>(), V);
+    return logits;
+  }
+  // This rank's columns [N, Vl], padded to the widest rank's, gathered over the
+  // TP group and laid side by side.
+  const int T = tp->size();
+  const int64_t Vw = (V + T - 1) / T;
+  std::vector<float> mine(static_cast<size_t>(N * Vw), 0.f), all(static_cast<size_t>(T * N * Vw));
+  gemm(false, true, N, Vl, D, 1.f, a.data(), D, p.head, D, 0.f, mine.data(), Vw);
+  tp->all_gather(mine.data(), all.data(), mine.size() * sizeof(float));
+  for (int r = 0; r < T; ++r) {
+    const int64_t first = vocab_row(V, T, r), n = vocab_row(V, T, r + 1) - first;
+    for (int64_t i = 0; i < N; ++i) std::copy_n(all.data() + (r * N + i) * Vw, n, logits.ptr<float>() + i * V + first);
+  }
   return logits;
 }
 
 // y: [N, D]   labels: [N]   dy: [N, D] or empty (the loss alone)
-double lm_head_loss(Model& m, const TensorView& y, std::span<const int64_t> labels, float scale, const TensorView& dy) {
+double lm_head_loss(Model& m, const ModelParallel& par, const TensorView& y, std::span<const int64_t> labels,
+                    float scale, const TensorView& dy) {
   const ModelConfig& c = m.config();
   const LmParams p = std::as_const(m).lm();
   check(c.is_lm() && p.head, "lm_head_loss: the model has no LM head here (not a language model's last stage)");
-  const int64_t D = c.d_model, N = static_cast<int64_t>(labels.size());
+  const int64_t D = c.d_model, N = static_cast<int64_t>(labels.size()), Vl = m.local_vocab();
   check(y.numel() == N * D && (dy.empty() || dy.numel() == N * D), "lm_head_loss: ", N, " labels for rows ",
         y.shape_str());
   for (int64_t t : labels) check(t >= -1 && t < c.vocab, "label ", t, " is outside the vocabulary of ", c.vocab);
+  Communicator* tp = vocab_group(m, par);
+  VocabShard shard{m.vocab_first(), c.vocab, {}};
+  if (tp)
+    shard.reduce = [tp](double* x, int64_t n, bool max) { tp->all_reduce(x, n, max ? ReduceOp::max : ReduceOp::sum); };
   std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
   norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
-  if (dy.empty()) return lm_head_cross_entropy(N, D, c.vocab, a.data(), p.head, labels.data(), scale, nullptr, nullptr);
+  if (dy.empty())
+    return lm_head_cross_entropy(N, D, Vl, a.data(), p.head, labels.data(), scale, nullptr, nullptr, 256, shard);
   const LmParams g = m.lm_grads();
   std::vector<float> da(static_cast<size_t>(N * D));
-  const double loss = lm_head_cross_entropy(N, D, c.vocab, a.data(), p.head, labels.data(), scale, da.data(), g.head);
+  const double loss =
+      lm_head_cross_entropy(N, D, Vl, a.data(), p.head, labels.data(), scale, da.data(), g.head, 256, shard);
+  if (tp) tp->all_reduce(da.data(), N * D, ReduceOp::sum);  // each rank's vocabulary's part of dL/da
   norm_backward(m.device(), c, N, y.ptr<float>(), p.norm_g, mean.data(), rstd.data(), da.data(), dy.ptr<float>(),
                 g.norm_g, g.norm_b);
   return loss;
@@ -763,7 +811,7 @@ LocalBatch local_batch(const Model& m, const ModelParallel& par, std::span<const
 
 // The pipeline's first end for micro-batches of Bm rows: the embedding of rows
 // i·Bm .. (i + 1)·Bm − 1 and its backward (the caller sets the last end).
-PipelineEnds lm_pipeline_ends(Model& m, const LocalBatch& lb, int64_t Bm,
+PipelineEnds lm_pipeline_ends(Model& m, const ModelParallel& par, const LocalBatch& lb, int64_t Bm,
                               std::span<const std::vector<int32_t>> documents) {
   auto rows = [&lb, Bm](const std::vector<int64_t>& v, int i) {
     return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * lb.Ll), static_cast<size_t>(Bm * lb.Ll));
@@ -772,7 +820,7 @@ PipelineEnds lm_pipeline_ends(Model& m, const LocalBatch& lb, int64_t Bm,
     return documents.empty() ? std::span<const int64_t>(lb.pos) : rows(lb.at, i);
   };
   PipelineEnds ends;
-  ends.input = [&m, &lb, Bm, rows, where](int i) { return lm_embed(m, rows(lb.ids, i), Bm, where(i)); };
+  ends.input = [&m, &par, &lb, Bm, rows, where](int i) { return lm_embed(m, par, rows(lb.ids, i), Bm, where(i)); };
   ends.input_grad = [&m, &lb, Bm, rows, where](int i, const TensorView& dx) {
     lm_embed_backward(m, rows(lb.ids, i), Bm, where(i), dx);
   };
@@ -818,7 +866,7 @@ void lm_last_rows(const Model& m, const ModelParallel& par, const LocalBatch& lb
   if (pp) {
     // train = false: the pipeline only reads the model.
     Model& stage = const_cast<Model&>(m);
-    PipelineEnds ends = lm_pipeline_ends(stage, lb, 1, documents);
+    PipelineEnds ends = lm_pipeline_ends(stage, par, lb, 1, documents);
     ends.loss = [&](int i, const TensorView& y, const TensorView&) {
       rows(i, y);
       return 0.0;
@@ -826,7 +874,7 @@ void lm_last_rows(const Model& m, const ModelParallel& par, const LocalBatch& lb
     pipeline_run(stage, ends, par, *pp, static_cast<int>(B), 1, lb.Ll, false);
     return;
   }
-  const DeviceTensor x = lm_embed(m, lb.ids, B, lb.at);
+  const DeviceTensor x = lm_embed(m, par, lb.ids, B, lb.at);
   Activations act;
   act.keep = false;
   const DeviceTensor y = model_forward(m, x, par, act, {}, lb.at, documents);
@@ -841,7 +889,7 @@ Tensor lm_forward(const Model& m, const ModelParallel& par, std::span<const int6
   const int64_t V = m.config().vocab;
   Tensor out(DType::f32, {B, lb.Ll, V});
   lm_last_rows(m, par, lb, B, documents, pp, [&](int64_t b0, const TensorView& y) {
-    const Tensor logits = lm_head_logits(m, y);
+    const Tensor logits = lm_head_logits(m, par, y);
     std::copy_n(logits.ptr<float>(), logits.numel(), out.ptr<float>() + b0 * lb.Ll * V);
   });
   if (pp) pp->broadcast(out.ptr<void>(), out.bytes(), pp->size() - 1);
@@ -874,7 +922,7 @@ Tensor lm_logits_at(const Model& m, const ModelParallel& par, std::span<const in
     for (int64_t b = 0; b < Bm; ++b)
       for (int64_t i = 0; i < r; ++i)
         std::copy_n(y.ptr<float>() + (b * lb.Ll + mine[i].first) * D, D, sel.ptr<float>() + (b * r + i) * D);
-    const Tensor logits = lm_head_logits(m, sel.view());
+    const Tensor logits = lm_head_logits(m, par, sel.view());
     for (int64_t b = 0; b < Bm; ++b)
       for (int64_t i = 0; i < r; ++i)
         std::copy_n(logits.ptr<float>() + (b * r + i) * V, V, out.ptr<float>() + ((b0 + b) * n + mine[i].second) * V);
@@ -899,27 +947,27 @@ double lm_loss_pass(Model& m, const ModelParallel& par, std::span<const int64_t>
   if (pp) {  // micro-batch i: rows i·Bm .. (i + 1)·Bm − 1 of this rank's tokens
     check(micro_batches >= 1 && B % micro_batches == 0, "the batch of ", B,
           " sequences must be divisible by the micro-batches ", micro_batches);
-    const int64_t Bm = B / micro_batches, n = m.config().vocab * m.config().d_model;
+    const int64_t Bm = B / micro_batches, n = m.local_vocab() * m.config().d_model;
     float* tied = train ? tied_copy_grad(m, pp) : nullptr;
     const std::vector<float> before = tied ? std::vector<float>(tied, tied + n) : std::vector<float>();
-    PipelineEnds ends = lm_pipeline_ends(m, lb, Bm, documents);
+    PipelineEnds ends = lm_pipeline_ends(m, par, lb, Bm, documents);
     ends.loss = [&](int i, const TensorView& y, const TensorView& dy) {
       const std::span<const int64_t> rows(labels.data() + i * Bm * lb.Ll, static_cast<size_t>(Bm * lb.Ll));
-      return lm_head_loss(m, y, rows, scale, train ? dy : TensorView());
+      return lm_head_loss(m, par, y, rows, scale, train ? dy : TensorView());
     };
     loss = pipeline_run(m, ends, par, *pp, micro_batches, Bm, lb.Ll, train);
     if (tied) sum_tied_grads(m, *pp, tied, before);
   } else {
     check(m.first_stage() && m.last_stage(), "the model holds one pipeline stage: pass its PP group");
-    const DeviceTensor x = lm_embed(m, lb.ids, B, lb.at);
+    const DeviceTensor x = lm_embed(m, par, lb.ids, B, lb.at);
     Activations act;
     act.keep = train;
     const DeviceTensor y = model_forward(m, x, par, act, {}, lb.at, documents);
     if (!train) {
-      loss = lm_head_loss(m, y, labels, scale, TensorView());
+      loss = lm_head_loss(m, par, y, labels, scale, TensorView());
     } else {
       DeviceTensor dy = m.device().alloc(DType::f32, {B, lb.Ll, m.config().d_model});
-      loss = lm_head_loss(m, y, labels, scale, dy);
+      loss = lm_head_loss(m, par, y, labels, scale, dy);
       const DeviceTensor dx = model_backward(m, act, dy, par);
       lm_embed_backward(m, lb.ids, B, lb.at, dx);
     }
@@ -976,7 +1024,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   // samples, and sends its picks to every stage.
   DeviceTensor embedded;
   auto embed = [&](std::span<const int64_t> ids, int64_t n, std::span<const int64_t> at) {
-    if (m.first_stage()) return (embedded = lm_embed(m, ids, n, at)).view();
+    if (m.first_stage()) return (embedded = lm_embed(m, par, ids, n, at)).view();
     return TensorView(nullptr, DType::f32, {n, static_cast<int64_t>(ids.size()) / n, c.d_model});
   };
 
@@ -998,7 +1046,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
       Tensor rows(DType::f32, {n, D});
       for (int64_t b = 0; b < n; ++b)
         std::copy_n(y.ptr<float>() + (b * Ll + (j - pos.begin())) * D, D, rows.ptr<float>() + b * D);
-      const Tensor logits = lm_head_logits(m, rows);
+      const Tensor logits = lm_head_logits(m, par, rows);
       std::copy_n(logits.ptr<float>(), n * V, rows_logits.data());
     }
     if (par.sp && m.last_stage()) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // the owner's
@@ -1013,7 +1061,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     std::vector<int64_t> at(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) at[b] = cache.length(b);
     const DeviceTensor yb = decode_step(m, cache, embed(tokens, B, at), par, pp);
-    if (m.last_stage()) std::copy_n(lm_head_logits(m, yb).ptr<float>(), B * V, last.data());
+    if (m.last_stage()) std::copy_n(lm_head_logits(m, par, yb).ptr<float>(), B * V, last.data());
   };
   // Each step feeds every sequence its next prompt token while it has one, else
   // the token sampled from its newest logits (which it emits until it ends).

@@ -59,6 +59,8 @@ void check_model_fits(const ModelConfig& c, const ParallelConfig& p) {
         " and kv_heads=", c.kv(), " must both be divisible by tp=", tp);
   check(c.hidden() % tp == 0, "tensor parallelism splits the MLP: mlp_hidden=", c.hidden(),
         " must be divisible by tp=", tp);
+  check(!c.is_lm() || c.vocab >= tp, "tensor parallelism splits the vocabulary: vocab=", c.vocab,
+        " must be at least tp=", tp);
   const int U = p.strategy == Strategy::ulysses ? p.sp : p.strategy == Strategy::hybrid ? p.ulysses : 1;
   check(c.heads / tp % U == 0 && c.kv() / tp % U == 0, "--strategy ", strategy_name(p.strategy),
         " splits the heads over ", U, " SP ranks: heads=", c.heads, " and kv_heads=", c.kv(),
@@ -85,7 +87,7 @@ std::vector<int64_t> Model::layer_sizes() const {
 std::vector<int64_t> Model::lm_sizes() const {
   const ModelConfig& c = cfg_;
   if (!c.is_lm()) return {0, 0, 0, 0, 0};
-  const int64_t D = c.d_model, V = c.vocab;
+  const int64_t D = c.d_model, V = local_vocab();
   const bool first = first_stage(), last = last_stage();
   // A tied head under PP: the last stage keeps its own copy of the embedding.
   return {first ? V * D : 0, first ? c.positions * D : 0, last ? D : 0, last && c.norm == Norm::layernorm ? D : 0,
@@ -211,15 +213,16 @@ void Model::copy_slice_from(const Model& full, bool grads) {
     }
     std::copy_n(f.w_out + tp_rank_ * Fl * D, Fl * D, p.w_out);  // rows of the local MLP columns
   }
-  if (!c.is_lm()) return;  // the embedding, final norm and head: replicated over TP
+  if (!c.is_lm()) return;  // the embedding and head: rows of the local vocabulary; the rest replicated
   float* fb = const_cast<float*>(grads ? full.grads() : full.params());
   const LmParams f = full.lm_view(fb), p = lm_view(grads ? this->grads() : params_.ptr<float>());
   const std::vector<int64_t> n = lm_sizes();
-  if (p.embed) std::copy_n(f.embed, n[0], p.embed);
+  const int64_t v0 = vocab_first() * D;
+  if (p.embed) std::copy_n(f.embed + v0, n[0], p.embed);
   if (p.pos_embed) std::copy_n(f.pos_embed, n[1], p.pos_embed);
   if (p.norm_g) std::copy_n(f.norm_g, n[2], p.norm_g);
   if (p.norm_b) std::copy_n(f.norm_b, n[3], p.norm_b);
-  if (p.head && p.head != p.embed) std::copy_n(f.head, n[4], p.head);  // a tied one: the embedding
+  if (p.head && p.head != p.embed) std::copy_n(f.head + v0, n[4], p.head);  // a tied one: the embedding
 }
 
 namespace {

@@ -186,8 +186,8 @@ struct Cost {
   double share = 1;  // > 1: ranks time-share a device (applied by predict, not here)
   int ranks_per_node = 1;
   DType dt;
-  double e, ab, L, D, dh, Hl, Hkvl, Fl, Fin, A, C, Ls, V;
-  int64_t W = 0;                                     // the sliding window of every layer (0: none)
+  double e, ab, L, D, dh, Hl, Hkvl, Fl, Fin, A, C, Ls, V, Vl;  // Vl: the widest TP rank's vocabulary rows
+  int64_t W = 0;                                               // the sliding window of every layer (0: none)
   Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
 
   Cost(const Workload& w_, const Candidate& c_, const Hardware& h_, const Cluster& cl) : w(w_), c(c_), h(h_) {
@@ -198,6 +198,7 @@ struct Cost {
     Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
     Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
     Fin = (m.mlp == Mlp::swiglu ? 2 : 1) * Fl, V = static_cast<double>(m.vocab);
+    Vl = std::ceil(V / c.tp);
     Ls = static_cast<double>(m.layers / c.pp);
     check(m.window == 0 || std::all_of(m.window_layers.begin(), m.window_layers.end(), [](bool b) { return b; }),
           "the performance model takes a sliding window on every layer or none");
@@ -340,14 +341,20 @@ struct Cost {
     for (int i = 0; i < 2; ++i) all_reduce(k, tp_g, N * D * ab);  // W_o and W_out outputs / W_qkv and W_in input grads
   }
 
-  // A language model's ends for one micro-batch of N tokens here (every TP rank
-  // computes the whole head for its tokens): the embedding gather, the final
-  // norm, the LM head GEMM and the softmax cross-entropy over [N, V] (fp32, in
-  // row chunks), forward or backward (dx and dW of the head).
+  // A language model's ends for one micro-batch of N tokens here: the embedding
+  // gather, the final norm, the LM head GEMM and the softmax cross-entropy over
+  // [N, Vl] (fp32, in row chunks of 256), forward or backward (dx and dW of the
+  // head). Under TP each rank holds Vl vocabulary rows: the embedding is summed
+  // over the group (fp32), each chunk's softmax max and sums are reduced over it,
+  // and the backward sums dL/dy's parts.
   void lm_ends(Clock& k, double N, bool bwd) const {
     if (V == 0) return;
-    k.compute += gemm_s(N, D, V, bwd) + elem_s(N * V * 8) + elem_s(ab * N * D * (bwd ? 10 : 6));
+    k.compute += gemm_s(N, D, Vl, bwd) + elem_s(N * Vl * 8) + elem_s(ab * N * D * (bwd ? 10 : 6));
     k.compute += ops_s(bwd ? 6 : 4);
+    if (c.tp == 1) return;
+    const double chunks = std::ceil(N / 256), rows = std::min(N, 256.0);
+    all_reduce(k, tp_g, N * D * 4);  // forward: the embedding; backward: dL/dy
+    for (double i = 0; i < chunks; ++i) all_reduce(k, tp_g, rows * 8), all_reduce(k, tp_g, rows * 16);
   }
   // The embedding and head matrices the busiest stage holds: both on one stage
   // (one when tied), else the embedding on the first and the head (or the tied
@@ -355,7 +362,7 @@ struct Cost {
   double lm_params() const {
     const ModelConfig& m = w.model;
     if (V == 0) return 0;
-    const double pos = static_cast<double>(m.positions) * D, table = V * D;
+    const double pos = static_cast<double>(m.positions) * D, table = Vl * D;
     return c.pp == 1 ? (m.tied ? 1 : 2) * table + pos + D : table + pos + D;
   }
   // This device's parameters: its layers' norms, biases and weight slices, and a
@@ -506,9 +513,19 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
       decode_waits += 2;
     }
   }
-  // A language model's head on the last stage: [Bd, D] x [D, V], the fp32 head read once.
-  const double head_s =
-      md.V > 0 ? std::max(2 * Bd * D * md.V / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), 4 * D * md.V / decode_bw) : 0;
+  // A language model's head on the last stage: [Bd, D] x [D, Vl], the fp32 head
+  // rows read once; under TP the logits [Bd, V] gathered and, on the first
+  // stage, the embedding summed over the group.
+  double head_s = 0;
+  if (md.V > 0) {
+    head_s = std::max(2 * Bd * D * md.Vl / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), 4 * D * md.Vl / decode_bw);
+    if (c.tp > 1) {
+      const LinkSpec& tp_link = md.link(md.tp_g);
+      head_s += cost_all_gather(tp_link, c.tp, Bd * md.Vl * c.tp * 4) + cost_all_reduce(tp_link, c.tp, Bd * D * 4);
+      decode_bytes += (c.tp - 1.0) * Bd * md.Vl * 4 + 2.0 * (c.tp - 1) / c.tp * Bd * D * 4;
+      decode_waits += 2;
+    }
+  }
   p.decode_step_s =
       std::max(S * stage_s + head_s + (S - 1) * cost_send(pp_link, Bd * D * ab), share * (stage_s + head_s)) +
       tau * decode_waits;

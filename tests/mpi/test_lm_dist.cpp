@@ -73,6 +73,9 @@ std::vector<ParallelConfig> layouts(int P) {
     ParallelConfig c;
     c.sp = 4, c.strategy = Strategy::hybrid, c.ulysses = 2, c.threads = 1;
     v.push_back(c);
+    ParallelConfig tp_pp;  // the vocabulary split, and a tied head's copy on the last stage
+    tp_pp.sp = 1, tp_pp.tp = 2, tp_pp.pp = 2, tp_pp.threads = 1;
+    v.push_back(tp_pp);
   }
   return v;
 }

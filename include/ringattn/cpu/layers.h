@@ -5,6 +5,7 @@
 // overwritten.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "ringattn/dtype.h"
@@ -67,18 +68,34 @@ void rope_backward(int64_t N, int64_t H, int64_t d, int64_t ld, float* dx, const
 void swiglu_rows_forward(int64_t N, int64_t F, const float* h, float* y);
 void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy, float* dh);
 
-// Softmax and next-token cross-entropy of logit rows z [rows, V], in place: each
-// row with label ≥ 0 becomes scale · (softmax − onehot(label)), a row with −1
-// becomes 0; returns Σ −log softmax(z)[label] (unscaled). Labels are not checked.
-double softmax_cross_entropy_rows(int64_t rows, int64_t V, float* z, const int64_t* labels, float scale);
+// A vocabulary split over processes (the vocabulary-parallel LM head,
+// Megatron's): this one holds logit columns / head rows [first, first + Vl) of
+// a vocabulary of `vocab`, and reduce(x, n, max) combines n per-row statistics
+// over all the shards, in place (their max when max is true, else their sum),
+// the same on every shard. The default is the whole vocabulary on one process.
+struct VocabShard {
+  int64_t first = 0, vocab = 0;  // vocab 0: Vl, the shard is the vocabulary
+  std::function<void(double* x, int64_t n, bool max)> reduce;
+};
+
+// Softmax and next-token cross-entropy of logit rows z [rows, Vl] (this shard's
+// columns), in place: each row with label ≥ 0 (a vocabulary id) becomes
+// scale · (softmax − onehot(label)), a row with −1 becomes 0; returns
+// Σ −log softmax(z)[label] (unscaled), the whole rows' on every shard. The
+// softmax is over the whole vocabulary: lse = M + ln Σ_shards Σ e^(z − M), M the
+// rows' max over all shards. Labels are not checked.
+double softmax_cross_entropy_rows(int64_t rows, int64_t Vl, float* z, const int64_t* labels, float scale,
+                                  const VocabShard& shard = {});
 
 // The LM head and next-token cross-entropy without the whole [N, V] logits:
-// rows are taken `chunk` at a time, logits = h · Wᵀ (W: the head [V, D]), and
-// for every row with label ≥ 0 (−1: no target)
+// rows are taken `chunk` at a time, logits = h · Wᵀ (W: the head [Vl, D], this
+// shard's rows), and for every row with label ≥ 0 (−1: no target)
 //   loss += −log softmax(logits)[label],  dlogits = scale · (softmax − onehot(label)),
 //   dh = dlogits · W (overwritten; rows without a label get 0),  dW += dlogitsᵀ · h.
-// Returns the summed loss (unscaled); dh and dW may be null (forward only).
-double lm_head_cross_entropy(int64_t N, int64_t D, int64_t V, const float* h, const float* W, const int64_t* labels,
-                             float scale, float* dh, float* dW, int64_t chunk = 256);
+// With a vocabulary shard dh is this shard's part (the sum over the shards is
+// dL/dh) and the loss is the whole vocabulary's. Returns the summed loss
+// (unscaled); dh and dW may be null (forward only).
+double lm_head_cross_entropy(int64_t N, int64_t D, int64_t Vl, const float* h, const float* W, const int64_t* labels,
+                             float scale, float* dh, float* dW, int64_t chunk = 256, const VocabShard& shard = {});
 
 }  // namespace ringattn

@@ -70,8 +70,11 @@ struct LayerTable {
   // Its backward: dx, and dgamma_part += dy·x̂, dbeta_part += dy (when not null).
   void (*norm_row_backward)(int64_t C, const float* x, const float* gamma, float mean, float rstd, bool centered,
                             const float* dy, float* dx, float* dgamma_part, float* dbeta_part);
-  // One logit row in place -> scale·(softmax − onehot(label)); returns lse − z[label].
-  double (*softmax_ce_row)(int64_t V, float* z, int64_t label, float scale);
+  // The softmax of a logit row z [V]: m = max z; Σ e^(z − m) (blocks of 256
+  // fp32 terms added in double); in place z <- scale·e^(z − lse).
+  float (*row_max)(int64_t V, const float* z);
+  double (*exp_sum_row)(int64_t V, const float* z, float m);
+  void (*exp_scale_row)(int64_t V, float* z, float lse, float scale);
   // Rotates H heads of d (rows d apart from x) by the token's cos/sin [d/2].
   void (*rope_row)(int64_t H, int64_t d, float* x, const float* cos, const float* sin);
   // y [M, n] = x [M, K] · W (W [K, n], rows ldw apart) or, dots, y[m, j] =

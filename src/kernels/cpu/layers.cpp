@@ -249,35 +249,71 @@ void swiglu_rows_backward(int64_t N, int64_t F, const float* h, const float* dy,
     L.swiglu_backward(F, h + i * 2 * F, h + i * 2 * F + F, dy + i * F, dh + i * 2 * F, dh + i * 2 * F + F);
 }
 
-// z: [rows, V] logits, in place -> scale · (softmax − onehot(label)); labels: [rows]
-double softmax_cross_entropy_rows(int64_t rows, int64_t V, float* z, const int64_t* labels, float scale) {
+// z: [rows, Vl] logits of vocabulary ids first .. first + Vl − 1, in place -> scale · (softmax − onehot(label))
+// labels: [rows]
+double softmax_cross_entropy_rows(int64_t rows, int64_t Vl, float* z, const int64_t* labels, float scale,
+                                  const VocabShard& shard) {
   const cpu::LayerTable& L = vec();
+  auto mine = [&](int64_t i) { return labels[i] >= shard.first && labels[i] < shard.first + Vl; };
+  // lse of row i from its max m and Σ e^(z − m) over the vocabulary: the row's
+  // loss, and z becomes its gradient.
+  auto finish = [&](int64_t i, double m, double sum, double target) {
+    float* zi = z + i * Vl;
+    if (labels[i] < 0) {
+      std::fill(zi, zi + Vl, 0.f);
+      return 0.0;
+    }
+    const double lse = m + std::log(sum);
+    L.exp_scale_row(Vl, zi, static_cast<float>(lse), scale);
+    if (mine(i)) zi[labels[i] - shard.first] -= scale;
+    return lse - target;
+  };
   double loss = 0;
+  if (!shard.reduce) {  // each row's three steps together, while it is in cache
 #pragma omp parallel for schedule(static) reduction(+ : loss)
-  for (int64_t i = 0; i < rows; ++i) {
-    float* zi = z + i * V;
-    if (labels[i] < 0)
-      std::fill(zi, zi + V, 0.f);
-    else
-      loss += L.softmax_ce_row(V, zi, labels[i], scale);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* zi = z + i * Vl;
+      const float m = L.row_max(Vl, zi);
+      const double target = mine(i) ? zi[labels[i] - shard.first] : 0.0;
+      loss += finish(i, m, L.exp_sum_row(Vl, zi, m), target);
+    }
+    return loss;
   }
+  // Over shards: every row's max, combined; then its exp-sum and target logit
+  // (from the shard holding the label; 0 elsewhere), combined.
+  std::vector<double> m(static_cast<size_t>(rows)), st(static_cast<size_t>(2 * rows));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) m[i] = L.row_max(Vl, z + i * Vl);
+  shard.reduce(m.data(), rows, true);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* zi = z + i * Vl;
+    st[2 * i] = L.exp_sum_row(Vl, zi, static_cast<float>(m[i]));
+    st[2 * i + 1] = mine(i) ? zi[labels[i] - shard.first] : 0.0;
+  }
+  shard.reduce(st.data(), 2 * rows, false);
+#pragma omp parallel for schedule(static) reduction(+ : loss)
+  for (int64_t i = 0; i < rows; ++i) loss += finish(i, m[i], st[2 * i], st[2 * i + 1]);
   return loss;
 }
 
-// h: [N, D]   W: [V, D]   labels: [N]   dh: [N, D]   dW: [V, D]
-double lm_head_cross_entropy(int64_t N, int64_t D, int64_t V, const float* h, const float* W, const int64_t* labels,
-                             float scale, float* dh, float* dW, int64_t chunk) {
+// h: [N, D]   W: [Vl, D]   labels: [N]   dh: [N, D]   dW: [Vl, D]
+double lm_head_cross_entropy(int64_t N, int64_t D, int64_t Vl, const float* h, const float* W, const int64_t* labels,
+                             float scale, float* dh, float* dW, int64_t chunk, const VocabShard& shard) {
   check(chunk >= 1, "lm_head_cross_entropy: chunk must be >= 1");
+  const int64_t V = shard.vocab > 0 ? shard.vocab : Vl;
+  check(Vl >= 1 && shard.first >= 0 && shard.first + Vl <= V, "lm_head_cross_entropy: rows ", shard.first, "..",
+        shard.first + Vl - 1, " of the head are not in a vocabulary of ", V);
   for (int64_t i = 0; i < N; ++i)
     check(labels[i] >= -1 && labels[i] < V, "label ", labels[i], " of row ", i, " is outside the vocabulary of ", V);
-  std::vector<float> z(static_cast<size_t>(std::min(chunk, N) * V));  // one chunk of logits, then their gradients
+  std::vector<float> z(static_cast<size_t>(std::min(chunk, N) * Vl));  // one chunk of logits, then their gradients
   double loss = 0;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0);
-    gemm(false, true, rows, V, D, 1.f, h + r0 * D, D, W, D, 0.f, z.data(), V);
-    loss += softmax_cross_entropy_rows(rows, V, z.data(), labels + r0, scale);
-    if (dh) gemm(false, false, rows, D, V, 1.f, z.data(), V, W, D, 0.f, dh + r0 * D, D);
-    if (dW) gemm(true, false, V, D, rows, 1.f, z.data(), V, h + r0 * D, D, 1.f, dW, D);
+    gemm(false, true, rows, Vl, D, 1.f, h + r0 * D, D, W, D, 0.f, z.data(), Vl);
+    loss += softmax_cross_entropy_rows(rows, Vl, z.data(), labels + r0, scale, shard);
+    if (dh) gemm(false, false, rows, D, Vl, 1.f, z.data(), Vl, W, D, 0.f, dh + r0 * D, D);
+    if (dW) gemm(true, false, Vl, D, rows, 1.f, z.data(), Vl, h + r0 * D, D, 1.f, dW, D);
   }
   return loss;
 }
