@@ -63,7 +63,7 @@ TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
           busiest = std::max(busiest, pairs);
         }
         const double expect = busiest / (static_cast<double>(L) / P * static_cast<double>(L));
-        EXPECT_NEAR(causal_busiest_fraction(l, P, L), expect, 1e-12) << layout_name(l) << " P=" << P << " L=" << L;
+        EXPECT_NEAR(busiest_fraction(l, P, L), expect, 1e-12) << layout_name(l) << " P=" << P << " L=" << L;
         // With a sliding window of W keys query i sees min(i + 1, W).
         for (int64_t W : {1, 2, 5, 17, 47, 200}) {
           double most = 0;
@@ -72,10 +72,39 @@ TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
             for (int64_t i : shard_positions(l, L, P, p)) pairs += static_cast<double>(std::min(i + 1, W));
             most = std::max(most, pairs);
           }
-          EXPECT_NEAR(causal_busiest_fraction(l, P, L, W), most / (static_cast<double>(L) / P * static_cast<double>(L)),
+          EXPECT_NEAR(busiest_fraction(l, P, L, true, W), most / (static_cast<double>(L) / P * static_cast<double>(L)),
                       1e-12)
               << layout_name(l) << " P=" << P << " L=" << L << " W=" << W;
         }
+      }
+}
+
+// The same with packed documents (lengths 1, 2, odd, longer than a shard, an
+// empty one), any L (shards of unequal length), causal with and without a
+// window, and full attention: a query sees its own document's keys, positions
+// restarting in each.
+TEST(PlanCosts, DocumentFractionMatchesTheLayouts) {
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (int P : {1, 2, 3, 4, 8})
+      for (int64_t L : {int64_t{61}, int64_t{96}, int64_t{250}}) {
+        const std::vector<int32_t> cu = {
+            0, 1, 3, 10, 10, static_cast<int32_t>(L / 2), static_cast<int32_t>(L - 2), static_cast<int32_t>(L)};
+        for (bool causal : {true, false})
+          for (int64_t W : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{40}}) {
+            if (!causal && W > 0) continue;
+            double most = 0;
+            for (int p = 0; p < P; ++p) {
+              double pairs = 0;
+              for (int64_t i : shard_positions(l, L, P, p)) {
+                const int64_t d = std::upper_bound(cu.begin(), cu.end(), i) - cu.begin() - 1, s = cu[d], e = cu[d + 1];
+                pairs += static_cast<double>(!causal ? e - s : W > 0 ? std::min(i - s + 1, W) : i - s + 1);
+              }
+              most = std::max(most, pairs);
+            }
+            EXPECT_NEAR(busiest_fraction(l, P, L, causal, W, cu),
+                        most / (static_cast<double>(L) / P * static_cast<double>(L)), 1e-12)
+                << layout_name(l) << " P=" << P << " L=" << L << (causal ? " causal" : "") << " W=" << W;
+          }
       }
 }
 
@@ -91,6 +120,32 @@ Hardware toy(double bandwidth = 1e30, bool overlap = true) {
   h.peak["fp32"] = 2e9;
   h.intra_node = h.inter_node = {0, bandwidth, overlap};
   return h;
+}
+
+// The ring's bytes with packed documents on contiguous shards: only the keys of
+// the document crossing a shard's end travel, as far as it reaches; documents
+// that end at the shards' edges send nothing.
+TEST(PlanCosts, RingCarriesOnlyDocumentsThatCrossShards) {
+  Workload w;
+  w.model.layers = 1, w.model.d_model = 64, w.model.heads = 1, w.model.kv_heads = 1;
+  w.seq = 4096, w.batch = 1;
+  Cluster cl;
+  cl.world = 4;
+  Candidate c;
+  c.sp = 4, c.layout = Layout::contiguous;
+  const Hardware h = toy();
+  const double full = predict(w, c, h, cl).forward_bytes_sent;
+  w.cu_seqlens = {0, 1024, 2048, 3072, 4096};  // one document per shard
+  const double none = predict(w, c, h, cl).forward_bytes_sent;
+  // Short documents across each edge: the last 24, 48 and 72 keys of shards
+  // 0, 1, 2 are seen by the next shard only.
+  w.cu_seqlens = {0, 1000, 1100, 2000, 2100, 3000, 3100, 4096};
+  const double some = predict(w, c, h, cl).forward_bytes_sent;
+  // K and V of the 64-wide head, fp32: full causal sends 3 hops of 1024 keys,
+  // the documents 1 hop of 72 (the most any member sends).
+  const double per_key = 2 * 64 * 4;
+  EXPECT_NEAR(full - none, 3 * 1024 * per_key, 1e-6);
+  EXPECT_NEAR(some - none, 72 * per_key, 1e-6);
 }
 
 // A language model (llama: SwiGLU's three MLP matrices, an explicit head_dim,

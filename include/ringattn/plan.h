@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -120,6 +121,10 @@ struct Workload {
   // Storage of the activations between layers and of the TP/PP transfers: fp32 as
   // ringattn keeps them; fp16/bf16 as Megatron-style systems do.
   DType activations = DType::f32;
+  // Packed documents, the same in every sequence: cu_seqlens [n + 1] from 0 to
+  // seq (empty: each sequence is one document). Attention's work and the ring's
+  // trips follow them (busiest_fraction); the rest of the model does not see them.
+  std::vector<int32_t> cu_seqlens;
 };
 
 // One layout of the world: ranks = dp·pp·sp·tp, rank order as in Mesh (tp
@@ -159,10 +164,16 @@ struct Prediction {
 // GEMMs 2·m·n·k each, attention 4·B·H·Lq·Lk·d (causal: visible pairs only).
 double forward_flops(const Workload& w);
 double forward_flops_per_layer_per_token_gemm(const ModelConfig& m);
-// Causal attention pairs visible to the busiest rank, as a fraction of its
-// (L/P) × L block: 1/2 for balanced layouts, 1 − 1/(2P) for contiguous; with a
-// sliding window of W keys (W > 0: query i sees keys i − W + 1 .. i) about W/L.
-double causal_busiest_fraction(Layout l, int P, int64_t L, int64_t window = 0);
+// Attention pairs visible to the busiest of P ranks of layout l, as a fraction
+// of its (L/P) × L block: causal, 1/2 for balanced layouts, 1 − 1/(2P) for
+// contiguous; with a sliding window of W keys (W > 0, causal: query i sees keys
+// i − W + 1 .. i) about W/L; with packed documents (cu_seqlens [n + 1], 0 … L;
+// empty: one) a query sees its own document's keys only, positions restarting
+// in each, so the busiest rank is the one whose documents' parts hold the most
+// pairs (zigzag and contiguous balance one document, not a mix; striped
+// balances any).
+double busiest_fraction(Layout l, int P, int64_t L, bool causal = true, int64_t window = 0,
+                        std::span<const int32_t> cu_seqlens = {});
 double pipeline_bubble(int stages, int micro_batches);  // (p−1)/(m+p−1)
 
 // Collective costs over a group of g devices on `link` (ring algorithms).

@@ -189,6 +189,20 @@ std::vector<int64_t> ids_from_rank0(Communicator* world, int64_t meta[2],
   return ids;
 }
 
+std::vector<int32_t> load_cu_seqlens(const std::string& path, const char* what) {
+  if (path.empty()) return {};
+  std::vector<int64_t> shape;
+  const std::vector<int64_t> v = load_npy_ids(path, &shape);
+  check(shape.size() == 1, what, " (", path, ") must be one-dimensional [n_docs + 1], got ", shape.size(),
+        " dimensions");
+  std::vector<int32_t> cu;
+  for (int64_t x : v) {
+    check(x >= 0 && x <= INT32_MAX, what, " (", path, ") holds ", x, ": offsets must lie in [0, 2^31)");
+    cu.push_back(static_cast<int32_t>(x));
+  }
+  return cu;
+}
+
 std::vector<int64_t> load_batch_ids(const std::string& path, int64_t meta[2]) {
   std::vector<int64_t> shape;
   std::vector<int64_t> ids = load_npy_ids(path, &shape);

@@ -71,22 +71,6 @@ Window parse_window(const std::string& s) {
   return w;
 }
 
-// A cu_seqlens .npy (int32 or int64, one dimension); its values are checked
-// against the sequence length once that is known (check_cu_seqlens).
-std::vector<int32_t> load_cu_seqlens(const std::string& path, const char* what) {
-  if (path.empty()) return {};
-  std::vector<int64_t> shape;
-  const std::vector<int64_t> v = load_npy_ids(path, &shape);
-  check(shape.size() == 1, what, " (", path, ") must be one-dimensional [n_docs + 1], got ", shape.size(),
-        " dimensions");
-  std::vector<int32_t> cu;
-  for (int64_t x : v) {
-    check(x >= 0 && x <= INT32_MAX, what, " (", path, ") holds ", x, ": offsets must lie in [0, 2^31)");
-    cu.push_back(static_cast<int32_t>(x));
-  }
-  return cu;
-}
-
 void read_documents(const AttentionArgs& a, Inputs& in) {
   check(a.cu_seqlens.empty() || (a.cu_seqlens_q.empty() && a.cu_seqlens_k.empty()),
         "--cu-seqlens sets both sides: use it or --cu-seqlens-q with --cu-seqlens-k, not both");

@@ -16,6 +16,7 @@
 #include "cli/commands.h"
 #include "cli/launch.h"
 #include "ringattn/atomic_file.h"
+#include "ringattn/attention.h"
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
 #include "ringattn/lm_config.h"
@@ -32,7 +33,7 @@ struct PlanArgs {
   ModelConfig model;  // 4 layers, d_model 256, 4 heads x 64, MLP 4 x d_model, causal, seed 1
   int64_t seq = 8192, batch = 2;
   std::string dtype = "fp32", activations = "fp32", hardware = "this-machine", objective = "train", out, png, sweep,
-              attention_kernels, config;
+              attention_kernels, config, cu_seqlens;
   int world = 2, nodes = 0, top = 15, threads = 1;
   bool json = false, all = false, calibrate = false, calibrate_rank = false, timeshare_rank = false, non_causal = false;
   double claim = 0;
@@ -52,6 +53,8 @@ Workload workload(const PlanArgs& a) {
             w.model.hidden() >= 1,
         "model: layers, d_model, heads >= 1, d_model divisible by heads, heads by kv-heads");
   check(w.seq >= 1 && w.batch >= 1, "--seq and --batch must be >= 1");
+  w.cu_seqlens = load_cu_seqlens(a.cu_seqlens, "--cu-seqlens");
+  if (!w.cu_seqlens.empty()) check_cu_seqlens(w.cu_seqlens, w.seq, "--cu-seqlens");
   // The model counts tokens, bytes and FLOPs in 64-bit integers here and there.
   check(double(w.seq) * double(w.batch) * double(w.model.d_model) * double(w.model.layers) < 1e17, "--seq ", w.seq,
         " x --batch ", w.batch, " x --d-model x --layers is too large to model");
@@ -532,6 +535,7 @@ void run(const PlanArgs& a) {
                         {"forward_flops", flops},   {"forward_flops_per_token", flops / tokens},
                         {"objective", a.objective}, {"layouts", nlohmann::json::array()}};
     j["sliding_window"] = w.model.window;
+    j["documents"] = w.cu_seqlens.empty() ? 1 : w.cu_seqlens.size() - 1;
     if (!h.attention_kernels_used.empty()) j["attention_kernels"] = h.attention_kernels_used;
     for (const Prediction& p : ps) j["layouts"].push_back(prediction_json(p));
     if (!claim.is_null()) j["claim"] = claim;
@@ -546,7 +550,9 @@ void run(const PlanArgs& a) {
       static_cast<long long>(w.model.heads), static_cast<long long>(w.model.head_dim()),
       static_cast<long long>(w.model.kv()), static_cast<long long>(w.model.hidden()), dtype_name(w.model.dtype),
       static_cast<long long>(w.batch), static_cast<long long>(w.seq),
-      (w.model.causal ? ", causal" + (w.model.window > 0 ? cat(", sliding window ", w.model.window) : "") : "").c_str(),
+      ((w.model.causal ? ", causal" + (w.model.window > 0 ? cat(", sliding window ", w.model.window) : "") : "") +
+       (w.cu_seqlens.empty() ? "" : cat(", ", w.cu_seqlens.size() - 1, " packed documents")))
+          .c_str(),
       a.world, h.name.c_str(), h.devices_per_node, cl.nodes_for(h),
       a.objective == "decode" ? "decode" : a.objective.c_str());
   if (!h.attention_kernels_used.empty())
@@ -598,6 +604,9 @@ void add_plan(CLI::App& app) {
                   "every layer's query sees its W most recent keys (mistral): attention work, the ring's trips on "
                   "contiguous shards and the KV cache shrink with it")
       ->check(positive_count());
+  cmd->add_option("--cu-seqlens", a->cu_seqlens,
+                  "packed documents of every sequence: offsets [n_docs + 1] from 0 to --seq (.npy, as attention takes "
+                  "them); attention's work per rank and the ring's trips follow them");
   for (const char* vector_only : {"--layers", "--d-model", "--heads", "--kv-heads", "--mlp", "--sliding-window"})
     config->excludes(cmd->get_option(vector_only));
   cmd->add_option("--world", a->world, "devices (ranks)")->check(positive_count())->capture_default_str();

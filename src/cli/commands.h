@@ -66,6 +66,10 @@ std::vector<int64_t> ids_from_rank0(Communicator* world, int64_t meta[2],
                                     const std::function<std::vector<int64_t>(int64_t meta[2])>& read);
 // Token ids of a .npy of shape [L] or [B, L] (int64/int32): B and L into meta.
 std::vector<int64_t> load_batch_ids(const std::string& path, int64_t meta[2]);
+// Packed documents' offsets cu_seqlens from a .npy (int32 or int64, one
+// dimension; empty path: none); its values are checked against the sequence
+// length once that is known (check_cu_seqlens). `what` names the option.
+std::vector<int32_t> load_cu_seqlens(const std::string& path, const char* what);
 // The bytes of a text file (`what` names it in the error).
 std::string read_text(const std::string& path, const std::string& what);
 

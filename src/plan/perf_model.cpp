@@ -95,41 +95,80 @@ double forward_flops_per_layer_per_token_gemm(const ModelConfig& m) {
 double forward_flops(const Workload& w) {
   const ModelConfig& m = w.model;
   const double L = static_cast<double>(w.seq), B = static_cast<double>(w.batch);
-  const double pairs = m.causal ? causal_busiest_fraction(Layout::contiguous, 1, w.seq, m.window) * L * L : L * L;
+  const double pairs = busiest_fraction(Layout::contiguous, 1, w.seq, m.causal, m.window, w.cu_seqlens) * L * L;
   const double attn = 4 * B * static_cast<double>(m.heads) * pairs * static_cast<double>(m.head_dim());
   const double head = 2 * B * L * static_cast<double>(m.d_model) * static_cast<double>(m.vocab);  // LM head
   return static_cast<double>(m.layers) * (B * L * forward_flops_per_layer_per_token_gemm(m) + attn) + head;
 }
 
-// Visible (query, key) pairs of the busiest rank over its (L/P) × L block. Query
-// i sees min(i + 1, W) keys (W = L without a window); sums over the intervals of
-// a shard, or the arithmetic progression of a striped one, in closed form.
-double causal_busiest_fraction(Layout l, int P, int64_t L, int64_t window) {
-  const double W = static_cast<double>(window > 0 ? std::min(window, L) : L);
-  auto run = [&](double a, double b) {  // Σ_{i=a}^{b−1} min(i + 1, W)
+namespace {
+
+// The documents of cu_seqlens [n + 1] (empty: one document [0, L)).
+std::vector<int64_t> document_bounds(int64_t L, std::span<const int32_t> cu) {
+  if (cu.empty()) return {0, L};
+  return std::vector<int64_t>(cu.begin(), cu.end());
+}
+
+}  // namespace
+
+// Visible (query, key) pairs of the busiest rank over its (L/P) × L block. A
+// query at offset t of its document sees min(t + 1, W) keys (causal; W = L
+// without a window) or the whole document (not causal): closed-form sums over the
+// documents' parts in each of the rank's intervals (contiguous: one, zigzag:
+// two), or over the arithmetic progression of a striped shard in each document.
+double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window, std::span<const int32_t> cu_seqlens) {
+  const std::vector<int64_t> doc = document_bounds(L, cu_seqlens);
+  const size_t n = doc.size() - 1;
+  const double W = static_cast<double>(causal && window > 0 ? std::min(window, L) : L);
+  auto run = [&](double a, double b) {  // Σ_{t=a}^{b−1} min(t + 1, W)
     const double m = std::clamp(W - 1, a, b);
     return (m * (m + 1) - a * (a + 1)) / 2 + (b - m) * W;
   };
-  const double Ll = static_cast<double>(L) / P, c = static_cast<double>(L) / (2 * P);
+  auto interval = [&](int64_t a, int64_t b) {  // the queries at positions [a, b)
+    double pairs = 0;
+    size_t d = static_cast<size_t>(std::upper_bound(doc.begin(), doc.end(), a) - doc.begin());
+    for (d = d == 0 ? 0 : d - 1; d < n && doc[d] < b; ++d) {
+      const int64_t s = doc[d], e = doc[d + 1], x0 = std::max(a, s) - s, x1 = std::min(b, e) - s;
+      if (x1 > x0)
+        pairs += causal ? run(static_cast<double>(x0), static_cast<double>(x1))
+                        : static_cast<double>(x1 - x0) * static_cast<double>(e - s);
+    }
+    return pairs;
+  };
+  auto striped = [&](int r) {  // queries s + t of each document with s + t ≡ r (mod P)
+    double pairs = 0;
+    for (size_t d = 0; d < n; ++d) {
+      const int64_t s = doc[d], len = doc[d + 1] - s, t0 = ((r - s) % P + P) % P;
+      if (t0 >= len) continue;
+      const double cnt = static_cast<double>((len - 1 - t0) / P + 1);
+      if (!causal) {
+        pairs += cnt * static_cast<double>(len);
+        continue;
+      }
+      // the first K queries see t + 1 < W keys, the others W
+      const double K = W - 2 < t0 ? 0 : std::min(cnt, std::floor((W - 2 - static_cast<double>(t0)) / P) + 1);
+      pairs += K * static_cast<double>(t0 + 1) + P * K * (K - 1) / 2 + (cnt - K) * W;
+    }
+    return pairs;
+  };
+  auto cut = [&](int64_t i, int64_t parts) { return i * L / parts; };
   double busiest = 0;
   for (int r = 0; r < P; ++r) {
     double pairs = 0;
     switch (l) {
       case Layout::contiguous:
-        pairs = run(r * Ll, (r + 1) * Ll);
+        pairs = interval(cut(r, P), cut(r + 1, P));
         break;
       case Layout::zigzag:
-        pairs = run(r * c, (r + 1) * c) + run((2 * P - 1 - r) * c, (2 * P - r) * c);
+        pairs = interval(cut(r, 2 * P), cut(r + 1, 2 * P)) + interval(cut(2 * P - 1 - r, 2 * P), cut(2 * P - r, 2 * P));
         break;
-      case Layout::striped: {  // i = r + kP, k < Ll: i + 1 below W for the first K
-        const double K = W - 2 - r < 0 ? 0 : std::min(Ll, std::floor((W - 2 - r) / P) + 1);
-        pairs = K * (r + 1) + P * K * (K - 1) / 2 + (Ll - K) * W;
+      case Layout::striped:
+        pairs = striped(r);
         break;
-      }
     }
     busiest = std::max(busiest, pairs);
   }
-  return busiest / (Ll * static_cast<double>(L));
+  return busiest / (static_cast<double>(L) / P * static_cast<double>(L));
 }
 
 double pipeline_bubble(int stages, int micro_batches) {
@@ -233,29 +272,51 @@ struct Cost {
   double attn_flops(double Bm, double Hh, double Lq, double Lk, double frac) const {
     return 4 * Bm * Hh * Lq * Lk * dh * frac;
   }
-  double full_frac() const { return w.model.causal ? causal_busiest_fraction(Layout::contiguous, 1, w.seq, W) : 1.0; }
-  double layout_frac(int P) const { return w.model.causal ? causal_busiest_fraction(c.layout, P, w.seq, W) : 1.0; }
-  // The ring's trips under a window W on contiguous shards of Lr tokens: member
-  // s's block is seen by the members up to 1 + (W − 2)/Lr hops on, and only its
-  // last W − 1 keys travel (the ring sends what its receivers see). Other
-  // layouts (and no window) go the whole ring with whole blocks: modelled so,
-  // an upper bound (the ring trims zigzag's and striped blocks a little).
-  int ring_hops(int R, double Lr) const {
-    if (W <= 0 || c.layout != Layout::contiguous) return R - 1;
-    return W < 2 ? 0 : static_cast<int>(std::min<double>(R - 1, 1 + std::floor((static_cast<double>(W) - 2) / Lr)));
-  }
-  double travel_frac(double Lr) const {
-    return W > 0 && c.layout == Layout::contiguous ? std::min(1.0, static_cast<double>(W - 1) / Lr) : 1.0;
+  double full_frac() const { return busiest_fraction(Layout::contiguous, 1, w.seq, w.model.causal, W, w.cu_seqlens); }
+  double layout_frac(int P) const { return busiest_fraction(c.layout, P, w.seq, w.model.causal, W, w.cu_seqlens); }
+  // How far the ring of R members carries a block, and how many of its keys
+  // (the ring sends what its receivers see). On contiguous causal shards a
+  // block's keys are seen further on by the queries of the document that
+  // crosses the shard's end — all of it, or its last W − 1 keys under a window —
+  // up to where that document (or the window) ends: the most hops and keys over
+  // the members. Other layouts and full attention go the whole ring with whole
+  // blocks: modelled so, an upper bound (the ring trims zigzag's and striped
+  // blocks, and documents that span no shard edge shorten it).
+  struct Trip {
+    int hops;
+    double keys;
+  };
+  Trip ring_trip(int R) const {
+    const int64_t Lt = w.seq;
+    if (c.layout != Layout::contiguous || !w.model.causal || (W <= 0 && w.cu_seqlens.empty()))
+      return {R - 1, static_cast<double>(Lt) / R};
+    const std::vector<int64_t> doc = document_bounds(Lt, w.cu_seqlens);
+    const int64_t reach = W > 0 ? W - 1 : Lt;  // a key at j is seen up to j + reach
+    auto member_of = [&](int64_t i) {          // the member holding position i
+      return static_cast<int>(std::min<int64_t>(R - 1, ((i + 1) * R - 1) / Lt));
+    };
+    Trip t{0, 0};
+    for (int r = 0; r + 1 < R; ++r) {
+      const int64_t a = r * Lt / R, b = (r + 1) * Lt / R;  // the member's [a, b)
+      const size_t d = static_cast<size_t>(std::upper_bound(doc.begin(), doc.end(), b - 1) - doc.begin()) - 1;
+      const int64_t end = std::min(doc[d + 1], b - 1 + reach + 1);  // the crossing document's seen end
+      if (end <= b) continue;
+      t.hops = std::max(t.hops, member_of(end - 1) - r);
+      t.keys = std::max(t.keys, static_cast<double>(std::min(b - std::max(a, doc[d]), reach)));
+    }
+    return t;
   }
 
   // The ring over group g of R members (each holding Lr tokens and Hh heads):
   // R stages, the K/V block (and in the backward its fp32 dK/dV) in flight
   // during each stage's attention; the accumulators' last hop home is exposed.
   void ring(Clock& k, const Group& g, double Bm, double Lr, double Hh, double Hkvh, double frac, bool bwd) const {
-    const int R = g.size, hops = ring_hops(R, Lr);  // stages computed: hops + 1
+    const int R = g.size;
+    const Trip trip = ring_trip(R);
+    const int hops = trip.hops;  // stages computed: hops + 1
     const double flops = attn_flops(Bm, Hh, Lr, Lr * R, frac) * (bwd ? 2.5 : 1.0);
     const double stage = attn_s(flops, bwd) / (hops + 1);
-    const double moving = Bm * Lr * travel_frac(Lr) * Hkvh * dh, kv = 2 * moving * e, dkv = 2 * moving * 4;
+    const double moving = Bm * trip.keys * Hkvh * dh, kv = 2 * moving * e, dkv = 2 * moving * 4;
     const LinkSpec& l = link(g);
     const double merge = bwd ? 0 : elem_s(hops * 4 * Bm * Lr * Hh * dh * 4);
     k.compute += (hops + 1) * stage + merge + ops_s(2.0 * (hops + 1));
@@ -578,7 +639,7 @@ std::vector<Prediction> plan(const Workload& w, const Hardware& h, const Cluster
           attn.push_back(base);
         } else {
           for (Layout l : {Layout::zigzag, Layout::striped, Layout::contiguous}) {
-            if (!m.causal && l != Layout::zigzag) continue;  // every layout is balanced
+            if (!m.causal && w.cu_seqlens.empty() && l != Layout::zigzag) continue;  // every layout is balanced
             Candidate r = base;
             r.strategy = Strategy::ring, r.layout = l;
             attn.push_back(r);
