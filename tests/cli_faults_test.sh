@@ -131,6 +131,8 @@ expect_error "--out nodir before a long compute" 1 "does not exist" "$BIN" atten
 expect_error "plan --sliding-window --non-causal" 1 "needs causal attention" \
   "$BIN" plan --hardware h100-sxm --sliding-window 64 --non-causal
 expect_error "plan --calibrate --out nodir/x.json" 1 "does not exist" "$BIN" plan --calibrate --out nodir/x.json
+$PY -c "import numpy as np; np.save('cu_short.npy', np.array([0, 10, 100], np.int32))"
+expect_error "plan --cu-seqlens not ending at --seq" 1 "cu-seqlens" "$BIN" plan --hardware h100-sxm --seq 1000 --cu-seqlens cu_short.npy
 expect_error "compare --json-out nodir/x.json" 1 "does not exist" "$BIN" compare --json-out nodir/x.json
 expect_error "plan --sweep --png nodir/x.png" 1 "does not exist" "$BIN" plan --hardware h100-sxm --sweep 1024 --png nodir/x.png
 

@@ -473,6 +473,22 @@ else
   fail "ringattn plan exited non-zero: $(cat plan.err)"
 fi
 "$BIN" plan "${paper[@]}" --mesh sp=16,layout=striped --mesh tp=8,pp=2 --claim 1.45e6 >plan.txt 2>&1 || fail "plan --mesh: $(cat plan.txt)"
+# Packed documents: short ones make attention cheaper, and the busiest rank of
+# zigzag (balanced for one document, not a mix) slower than striped.
+$PY -c "import numpy as np; np.save('plan_cu.npy', np.array([0, 100, 6000, 6100, 10000], np.int32))"
+"$BIN" plan "${paper[@]}" --mesh sp=16 --mesh sp=16,layout=striped --json >plan_one.json 2>plan.err ||
+  fail "plan --mesh sp=16: $(cat plan.err)"
+"$BIN" plan "${paper[@]}" --mesh sp=16 --mesh sp=16,layout=striped --cu-seqlens plan_cu.npy --json >plan_cu.json 2>plan.err ||
+  fail "plan --cu-seqlens: $(cat plan.err)"
+$PY - plan_one.json plan_cu.json <<'PYEOF' || fail "plan --cu-seqlens: documents do not change the prediction as they should"
+import json, sys
+one, cu = (json.load(open(f)) for f in sys.argv[1:])
+assert one["documents"] == 1 and cu["documents"] == 4, (one["documents"], cu["documents"])
+rate = lambda j, lay: next(l["train_tokens_per_s"] for l in j["layouts"] if l["sequence_layout"] == lay)
+assert rate(cu, "zigzag") > rate(one, "zigzag"), "documents: no less attention work"
+assert rate(cu, "striped") > rate(cu, "zigzag"), "documents: zigzag not the less balanced"
+assert rate(one, "striped") == rate(one, "zigzag"), "one document: both balanced"
+PYEOF
 grep -q "RA+SP(16)" plan.txt && grep -q "TP(8) x PP(2)" plan.txt && grep -q "claim" plan.txt ||
   fail "plan --mesh --claim: missing rows: $(cat plan.txt)"
 expect_error "plan: mesh of the wrong size" "$BIN" plan "${paper[@]}" --mesh sp=8
