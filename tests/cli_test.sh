@@ -371,6 +371,23 @@ EOF
 else
   fail "mpirun -np 2 train --config exited non-zero: $(tail -5 train_lm.out)"
 fi
+# train --save under TP and PP: the slices gathered to rank 0 write the same
+# checkpoint, byte for byte, as one process (a learning rate of 1e-30 leaves the
+# seed's weights as they are; a tied head, so the last stage's copy is skipped).
+sed 's/"num_hidden_layers": 1/"num_hidden_layers": 2, "tie_word_embeddings": true/' byte_llama.json >byte_llama2.json
+save_args=(train --config byte_llama2.json --data "$SRC/README.md" --tokenizer byte --batch 2 --seq 32 --steps 1
+  --lr 1e-30 --threads 1)
+"$BIN" "${save_args[@]}" --save ck_one >save_one.out 2>&1 || fail "train --save (one process): $(tail -3 save_one.out)"
+for mesh in "--sp 1 --tp 2" "--sp 1 --pp 2"; do
+  dir=ck_${mesh//[^a-z0-9]/}
+  # shellcheck disable=SC2086
+  if "${MPIRUN[@]}" -np 2 "$BIN" "${save_args[@]}" $mesh --save "$dir" >save_mesh.out 2>&1; then
+    cmp -s ck_one/model.safetensors "$dir/model.safetensors" ||
+      fail "train $mesh --save: the gathered checkpoint differs from one process's"
+  else
+    fail "mpirun -np 2 train $mesh --save exited non-zero: $(tail -3 save_mesh.out)"
+  fi
+done
 # train --documents: the README's paragraphs (blank-line separated) as packed
 # documents, each followed by the EOS id 256 (a vocabulary of 257 for bytes).
 sed 's/"vocab_size": 256/"vocab_size": 257, "eos_token_id": 256/' byte_llama.json >byte_llama_eos.json

@@ -68,10 +68,16 @@ std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bo
 // bf16 or fp16), only the parts of them this rank holds.
 Model lm_model(const LanguageModel& lm, DType dtype, const RunContext& run);
 Model lm_model(const std::string& dir, DType dtype, const RunContext& run);
-// Writes a full (tp = 1, pp = 1) model as a checkpoint folder Hugging Face
-// loads: dir/config.json and dir/model.safetensors (fp32), each atomically; dir
-// is created when missing.
-void save_lm(const std::string& dir, const Model& full, const LmConfig& c);
+// The whole checkpoint from the ranks' slices of a run (TP, PP; SP and DP
+// ranks hold copies): every tensor of lm_tensor_shapes on rank 0, each element
+// taken from the one rank holding it; an empty map on the other ranks. Every
+// rank calls it. Without a run (null, or one process) m is the full model.
+std::map<std::string, Tensor> lm_gather(const Model& m, const LmConfig& c, const RunContext* run = nullptr);
+// Writes the model (this rank's slice of run, or a full one without a run) as a
+// checkpoint folder Hugging Face loads: rank 0 writes dir/config.json and
+// dir/model.safetensors (fp32), each atomically; dir is created when missing.
+// Every rank calls it.
+void save_lm(const std::string& dir, const Model& m, const LmConfig& c, const RunContext* run = nullptr);
 
 // Packed training rows: documents joined with an end-of-sequence token after
 // each. lm_documents splits every row of ids [B, L] after each `eos` (and at

@@ -68,8 +68,6 @@ void run_lm(const TrainArgs& a) {
   check(a.batch % pc.dp == 0, "--batch ", a.batch, " must be divisible by --dp ", pc.dp);
   check(a.batch / pc.dp % pc.pp == 0, "--batch ", a.batch, " / --dp ", pc.dp, " must be divisible by --pp ", pc.pp,
         " (one micro-batch per pipeline stage)");
-  check(a.save.empty() || (pc.tp == 1 && pc.pp == 1),
-        "--save writes the whole model from rank 0: use --tp 1 --pp 1 (SP and DP ranks hold all of it)");
   check(a.val_fraction > 0 && a.val_fraction < 1, "--val-fraction must be in (0, 1), got ", a.val_fraction);
   pc.check_sequence(a.seq);
   const LmConfig lc = load_lm_config(a.lm.empty() ? a.config : a.lm);
@@ -190,8 +188,8 @@ void run_lm(const TrainArgs& a) {
     log.push_back(row);
   }
   if (show) progress_done();
+  if (!a.save.empty()) save_lm(a.save, model, lc, &run);  // the slices gathered to rank 0
   if (rank != 0) return;
-  if (!a.save.empty()) save_lm(a.save, model, lc);
   const double tokens_per_s = static_cast<double>(a.batch * L) * a.steps / t_total;
   int64_t params = 0;  // the whole model's (this rank holds a TP/PP slice)
   for (const auto& [name, shape] : lm_tensor_shapes(lc)) {

@@ -388,11 +388,14 @@ namespace {
 // gpt2's Conv1D weights, the embeddings and the LM head are stored as we keep
 // them. row / col map the full matrix's rows / columns to this slice's (−1: held
 // by another TP rank; empty: all, unchanged); ld is the slice's row length.
+// canonical: the copy a gathered checkpoint takes (not a replicated tensor on a
+// TP rank > 0, nor a tied head's copy on the last pipeline stage).
 struct Slot {
   float* base;
   int64_t ld, col0;
   bool transpose;
   std::vector<int64_t> row, col;
+  bool canonical = true;
 };
 
 // full index -> slice index for a run of n of the full's indices at lo .. lo + n − 1.
@@ -421,11 +424,12 @@ std::map<std::string, std::vector<Slot>> lm_slots(const Model& model, const LmCo
       tp > 1 ? run_of(c.vocab, m.vocab_first(), m.local_vocab()) : std::vector<int64_t>();
   const std::vector<int64_t> all;
   std::map<std::string, std::vector<Slot>> s;
-  auto put = [&s](const std::string& name, Slot slot) {
+  auto put = [&s, r](const std::string& name, Slot slot) {
+    slot.canonical = slot.canonical && (r == 0 || !slot.row.empty() || !slot.col.empty());
     if (slot.base) s[name].push_back(std::move(slot));
   };
   auto vec = [](float* p, int64_t col0 = 0, const std::vector<int64_t>& col = {}) {
-    return Slot{p, 0, col0, false, {}, col};
+    return Slot{p, 0, col0, false, {}, col, true};
   };
   const std::vector<int64_t>& qc = tp > 1 ? qkv_col : all;
   const std::vector<int64_t>& mc = tp > 1 ? mlp_col : all;
@@ -467,7 +471,8 @@ std::map<std::string, std::vector<Slot>> lm_slots(const Model& model, const LmCo
   if (gpt2) put("transformer.wpe.weight", {g.pos_embed, D, 0, false, {}, {}});
   put(gpt2 ? "transformer.ln_f.weight" : "model.norm.weight", vec(g.norm_g));
   if (gpt2) put("transformer.ln_f.bias", vec(g.norm_b));
-  if (g.head != g.embed) put(c.tie_embeddings ? embed : "lm_head.weight", {g.head, D, 0, false, vocab_row, {}});
+  if (g.head != g.embed)  // tied: the last stage's copy of the embedding
+    put(c.tie_embeddings ? embed : "lm_head.weight", {g.head, D, 0, false, vocab_row, {}, !c.tie_embeddings});
   return s;
 }
 
@@ -515,20 +520,47 @@ void lm_import(Model& full, const LmConfig& c, const std::map<std::string, Tenso
       grads);
 }
 
-std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads) {
-  check(full.tp() == 1 && full.num_layers() == c.layers, "lm_export reads a full (tp = 1, pp = 1) model");
-  const std::map<std::string, std::vector<Slot>> slots = lm_slots(full, c, grads);
+namespace {
+
+// The whole checkpoint's tensors (parameters or gradients) from the slices of a
+// run: lm_gather's, and lm_export's without a run.
+std::map<std::string, Tensor> gather_tensors(const Model& m, const LmConfig& c, const RunContext* run, bool grads) {
+  const Mesh* mesh = run && run->world() ? &run->mesh() : nullptr;
+  check(mesh || (m.tp() == 1 && m.num_layers() == c.layers), "a slice of the model is gathered over its run");
+  // The ranks of data-parallel replica 0 and SP rank 0 hold one whole model
+  // between them: their TP groups sum, then the TP rank 0s' PP group.
+  const bool holder = !mesh || (mesh->dp_index() == 0 && mesh->sp_index() == 0);
   std::map<std::string, Tensor> out;
+  if (!holder) return out;
+  const std::map<std::string, std::vector<Slot>> slots = lm_slots(m, c, grads);
   for (const auto& [name, shape] : lm_tensor_shapes(c)) {
     Tensor t(DType::f32, static_cast<int>(shape.size()), shape.data());
     const int64_t rows = shape.size() == 1 ? 1 : shape[0], cols = shape.back();
-    const Slot& s = slots.at(name).front();
     float* dst = t.ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = *at(s, rows, r, k);
-    out.emplace(name, std::move(t));
+    std::fill_n(dst, t.numel(), 0.f);
+    if (const auto it = slots.find(name); it != slots.end())
+      for (const Slot& sl : it->second)
+        if (sl.canonical)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t k = 0; k < cols; ++k)
+              if (const float* v = at(sl, rows, r, k)) dst[r * cols + k] = *v;
+    // Each element is one rank's (the others add zeros): the sums are exact.
+    if (mesh && mesh->tp > 1) mesh->tp_comm->all_reduce(dst, t.numel(), ReduceOp::sum);
+    if (mesh && mesh->pp > 1 && mesh->tp_index() == 0) mesh->pp_comm->all_reduce(dst, t.numel(), ReduceOp::sum);
+    if (!mesh || mesh->rank() == 0) out.emplace(name, std::move(t));
   }
   return out;
+}
+
+}  // namespace
+
+std::map<std::string, Tensor> lm_export(const Model& full, const LmConfig& c, bool grads) {
+  check(full.tp() == 1 && full.num_layers() == c.layers, "lm_export reads a full (tp = 1, pp = 1) model");
+  return gather_tensors(full, c, nullptr, grads);
+}
+
+std::map<std::string, Tensor> lm_gather(const Model& m, const LmConfig& c, const RunContext* run) {
+  return gather_tensors(m, c, run, false);
 }
 
 namespace {
@@ -558,9 +590,10 @@ Model lm_model(const std::string& dir, DType dtype, const RunContext& run) {
       c, [&](const std::string& name) { return checkpoint_tensor(ck, dir, c, name); }, dtype, run);
 }
 
-void save_lm(const std::string& dir, const Model& full, const LmConfig& c) {
+void save_lm(const std::string& dir, const Model& m, const LmConfig& c, const RunContext* run) {
+  const std::map<std::string, Tensor> t = lm_gather(m, c, run);
+  if (run && run->rank() != 0) return;
   std::filesystem::create_directories(dir);
-  const std::map<std::string, Tensor> t = lm_export(full, c);
   std::vector<std::pair<std::string, TensorView>> views;
   for (const auto& [name, tensor] : t) views.push_back({name, tensor.view()});
   save_safetensors(dir + "/model.safetensors", views);

@@ -392,6 +392,18 @@ TEST_P(LmDistributed, EachRankLoadsOnlyItsSlice) {
       ASSERT_EQ(want.num_params(), m.num_params()) << at;
       EXPECT_TRUE(std::equal(m.params(), m.params() + m.num_params(), want.params())) << at << ": parameters";
       EXPECT_LE(held, slice + 4096) << at << ": loading held " << held << " bytes for a slice of " << slice;
+      // The slices gathered back (save_lm's input): the checkpoint, exactly, on rank 0.
+      const std::map<std::string, Tensor> back = lm_gather(m, lm.config, &run);
+      if (world->rank() != 0) {
+        EXPECT_TRUE(back.empty()) << at;
+        continue;
+      }
+      ASSERT_EQ(back.size(), weights.size()) << at;
+      for (const auto& [n, t] : weights) {
+        const Tensor& g = back.at(n);
+        EXPECT_TRUE(g.numel() == t.numel() && std::equal(t.ptr<float>(), t.ptr<float>() + t.numel(), g.ptr<float>()))
+            << at << ": gathered " << n;
+      }
     }
   }
   std::filesystem::remove_all(bf16_dir);
