@@ -268,6 +268,20 @@ for m in llama_gqa gpt2 mistral_window; do
     fi
   done
 done
+# All 19 tokens (no rank count divides 19): uneven shards, the same logits.
+for m in llama_gqa gpt2; do
+  fx=$SRC/tests/fixtures/hf/$m
+  for run in "3 --strategy ring --layout zigzag" "2 --strategy ulysses" "4 --pp 2 --sp 2 --layout striped"; do
+    read -r np opts <<<"$run"
+    # shellcheck disable=SC2086
+    if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids_$m.npy --logits l19_$m.npy --threads 1 $opts \
+      >forward_mpi.out 2>&1; then
+      $PY hf.py check "$fx" l19_$m.npy || fail "mpirun -np $np forward --model $m $opts (19 tokens): logits differ"
+    else
+      fail "mpirun -np $np forward --model $m $opts (19 tokens) exited non-zero: $(tail -5 forward_mpi.out)"
+    fi
+  done
+done
 # forward --positions: only the logits at chosen positions (any order, repeats),
 # equal to transformers' rows and to scripts/lm_reference.py (float64 NumPy).
 $PY -c 'import numpy as np, sys; np.save(sys.argv[1], np.array([11, 0, 5, 5, 6], dtype=np.int64))' pos.npy

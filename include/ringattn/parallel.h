@@ -70,8 +70,12 @@ struct ParallelConfig {
   // dp·pp·sp·tp = ranks, the strategy's degree and the device (CUDA built, a GPU
   // visible, RA+SP alone). Throws Error naming the option (--dp, --sp, ...).
   ParallelConfig for_ranks(int ranks) const;
-  // A sequence of L tokens splits over the SP ranks in the layout.
+  // A sequence of L tokens splits over the SP ranks in the layout: at least one
+  // token per rank (the language model, attention: shards may be uneven).
   void check_sequence(int64_t L) const;
+  // ... into equal shards (L a multiple of sp): what the vector model's
+  // [B, L/sp, D] activations and generation's prefill take.
+  void check_equal_shards(int64_t L) const;
   int ranks() const { return dp * pp * sp * tp; }
   // The strategy as reports print it: "ring", ..., "hybrid (ulysses 2 x ring)".
   std::string strategy_label() const;

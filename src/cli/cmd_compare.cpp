@@ -96,7 +96,7 @@ std::string unsupported(const Method& m, const CompareArgs& a) {
   if (m.par.pp > 1 && a.batch < m.par.pp) return cat("needs batch >= pp=", m.par.pp, " for micro-batches");
   return error_of([&] {
     check_model_fits(a.model, m.par);
-    m.par.check_sequence(a.seq);
+    m.par.check_equal_shards(a.seq);
   });
 }
 

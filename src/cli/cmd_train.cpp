@@ -245,7 +245,7 @@ void run(const TrainArgs& a) {
   check(a.batch / pc.dp % pc.pp == 0, "--batch ", a.batch, " / --dp ", pc.dp, " must be divisible by --pp ", pc.pp,
         " (one micro-batch per pipeline stage)");
   check_model_fits(a.model, pc);
-  pc.check_sequence(a.seq);
+  pc.check_equal_shards(a.seq);
   RunContext run(world.get(), pc);
   const ModelParallel& par = run.model_parallel();
   const int sp = pc.sp;

@@ -800,10 +800,13 @@ double lm_head_loss(Model& m, const ModelParallel& par, const TensorView& y, std
 
 namespace {
 
-int64_t local_length(const ModelParallel& par, int64_t L) {
+// The global positions of this rank's tokens of a sequence of L: its shard of
+// the SP layout, for any L of at least one token per rank (shards may differ by
+// a token, or two in zigzag; every part of the model takes them).
+std::vector<int64_t> sequence_shard(const ModelParallel& par, int64_t L) {
   const int P = par.sp ? par.sp->size() : 1;
-  if (P > 1) check_even_layout(par.attn.layout, L, P, "the language model");
-  return L / P;
+  check_layout(par.attn.layout, L, P);
+  return shard_positions(par.attn.layout, L, P, par.sp ? par.sp->rank() : 0);
 }
 
 }  // namespace
@@ -824,8 +827,8 @@ void check_batch_ids(const ModelConfig& c, std::span<const int64_t> ids, int64_t
 namespace {
 
 // This rank's view of a batch: the global positions of its tokens [Ll], their ids
-// [B, Ll], and where RoPE / learned positions put them (the positions, or [B·Ll]
-// restarting in each document of packed rows).
+// [B, Ll], and where RoPE / learned positions put them, [B·Ll] (each row the
+// positions, or restarting in each document of packed rows).
 struct LocalBatch {
   std::vector<int64_t> pos, ids, at;
   int64_t Ll = 0;
@@ -834,11 +837,14 @@ LocalBatch local_batch(const Model& m, const ModelParallel& par, std::span<const
                        std::span<const std::vector<int32_t>> documents) {
   check_batch_ids(m.config(), ids, L);
   LocalBatch lb;
-  lb.pos = local_positions(par, local_length(par, L));
+  lb.pos = sequence_shard(par, L);
   lb.ids = lm_local_ids(ids, B, L, lb.pos);
   document_starts(documents, B, L);
-  lb.at = documents.empty() ? lb.pos : lm_document_positions(lb.pos, B, documents);
   lb.Ll = static_cast<int64_t>(lb.pos.size());
+  if (documents.empty())
+    for (int64_t b = 0; b < B; ++b) lb.at.insert(lb.at.end(), lb.pos.begin(), lb.pos.end());
+  else
+    lb.at = lm_document_positions(lb.pos, B, documents);
   return lb;
 }
 
@@ -849,15 +855,13 @@ PipelineEnds lm_pipeline_ends(Model& m, const ModelParallel& par, const LocalBat
   auto rows = [&lb, Bm](const std::vector<int64_t>& v, int i) {
     return std::span<const int64_t>(v).subspan(static_cast<size_t>(i * Bm * lb.Ll), static_cast<size_t>(Bm * lb.Ll));
   };
-  auto where = [&lb, rows, documents](int i) {
-    return documents.empty() ? std::span<const int64_t>(lb.pos) : rows(lb.at, i);
-  };
+  auto where = [&lb, rows](int i) { return rows(lb.at, i); };
   PipelineEnds ends;
   ends.input = [&m, &par, &lb, Bm, rows, where](int i) { return lm_embed(m, par, rows(lb.ids, i), Bm, where(i)); };
   ends.input_grad = [&m, &lb, Bm, rows, where](int i, const TensorView& dx) {
     lm_embed_backward(m, rows(lb.ids, i), Bm, where(i), dx);
   };
-  if (!documents.empty()) ends.positions = lb.at, ends.documents = documents;
+  ends.positions = lb.at, ends.documents = documents;  // the stages' RoPE positions of the shard
   return ends;
 }
 
@@ -1069,7 +1073,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     const int64_t Lp = L0[first];
     std::vector<int64_t> prefix(static_cast<size_t>(n * Lp));
     for (int64_t b = 0; b < n; ++b) std::copy_n(prompts[first + b].begin(), Lp, prefix.begin() + b * Lp);
-    const std::vector<int64_t> pos = local_positions(par, Lp / P);
+    const std::vector<int64_t> pos = sequence_shard(par, Lp);
     const std::vector<int64_t> local = lm_local_ids(prefix, n, Lp, pos);
     const DeviceTensor y = prefill(m, cache, embed(local, n, pos), first, par, pp);
     std::vector<float> rows_logits(static_cast<size_t>(n * V), 0.f);

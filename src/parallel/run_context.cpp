@@ -38,6 +38,11 @@ std::string ParallelConfig::strategy_label() const {
 
 void ParallelConfig::check_sequence(int64_t L) const {
   check(L >= 1, "the sequence length must be >= 1, got ", L);
+  check_layout(layout, L, std::max(sp, 1));
+}
+
+void ParallelConfig::check_equal_shards(int64_t L) const {
+  check(L >= 1, "the sequence length must be >= 1, got ", L);
   if (sp > 1) check_even_layout(layout, L, sp, "the model");  // one shard: every layout is the whole sequence
 }
 

@@ -127,7 +127,9 @@ void expect_every_layout(Communicator& world, const std::string& what, const Lan
     {
       const Tensor logits = lm_forward(m, par, my_ids, Bl, L, my_docs, pp);
       const int64_t Ll = logits.dim(1);
-      const std::vector<int64_t> pos = local_positions(par, Ll);
+      const std::vector<int64_t> pos =
+          shard_positions(par.attn.layout, L, par.sp ? par.sp->size() : 1, par.sp ? par.sp->rank() : 0);
+      ASSERT_EQ(static_cast<int64_t>(pos.size()), Ll);
       Tensor ref(DType::f32, {Bl, Ll, V});
       for (int64_t b = 0; b < Bl; ++b)
         for (int64_t j = 0; j < Ll; ++j)
@@ -187,6 +189,23 @@ TEST_P(LmDistributed, EveryLayoutEqualsOneProcess) {
   Model want_full(model_config(c));
   lm_import(want_full, c, want.grads, true);
   expect_every_layout(*world, name, lm, ids, B, L, {}, want_logits, want.loss, want_full);
+}
+
+// No divisibility rule: a length no rank count divides (25) splits into uneven
+// shards (contiguous and striped differ by a token, zigzag's chunks by one), and
+// every layout still equals one process.
+TEST_P(LmDistributed, UnevenShardsEqualOneProcess) {
+  auto world = mpi_world(60);
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const int64_t B = 2, L = 25;
+  std::mt19937_64 rng(7);
+  std::vector<int64_t> ids(static_cast<size_t>(B * L));
+  for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(lm.config.vocab));
+  const LmLossGrads want = lm_loss_and_grads(lm, ids, B, L);
+  Model want_full(model_config(lm.config));
+  lm_import(want_full, lm.config, want.grads, true);
+  expect_every_layout(*world, name + " L=25", lm, ids, B, L, {}, lm_logits(lm, ids, B, L), want.loss, want_full);
 }
 
 // Packed rows: documents (lengths 1 — just its end-of-sequence token — 2, odd,
