@@ -70,9 +70,12 @@ TEST(ParallelConfig, TheModelMustSplitOverTheMesh) {
   EXPECT_NE(m.find("--strategy ring"), std::string::npos) << m;
   EXPECT_NE(message_of([&] { check_model_fits(c, mesh(1, 1, 1, 2)); }).find("tp=2"), std::string::npos);
   EXPECT_NE(message_of([&] { check_model_fits(c, mesh(1, 3, 1, 1)); }).find("pp=3"), std::string::npos);
-  // The model takes equal shards: 12 over 4 ranks (zigzag chunks of 1 and 2), not 14.
-  EXPECT_NO_THROW(mesh(1, 1, 4, 1).check_sequence(12));
-  EXPECT_NE(message_of([] { mesh(1, 1, 4, 1).check_sequence(14); }).find("equal shards"), std::string::npos);
+  // The vector model takes equal shards: 12 over 4 ranks (zigzag chunks of 1 and
+  // 2), not 14; the language model any length with a token per rank.
+  EXPECT_NO_THROW(mesh(1, 1, 4, 1).check_equal_shards(12));
+  EXPECT_NE(message_of([] { mesh(1, 1, 4, 1).check_equal_shards(14); }).find("equal shards"), std::string::npos);
+  EXPECT_NO_THROW(mesh(1, 1, 4, 1).check_sequence(14));
+  EXPECT_NE(message_of([] { mesh(1, 1, 4, 1).check_sequence(3); }).find("would hold no token"), std::string::npos);
 }
 
 TEST(RunContext, OneProcessIsThePlainRun) {
