@@ -61,7 +61,7 @@ class LM:
 
     def forward(self, ids, *, gather=False):
         """Logits (float32) of token ids [B, L], the whole batch on every rank: this rank's tokens
-        [B, L/P, vocab] (at self.positions(L)), or with gather=True all of them [B, L, vocab] on every rank."""
+        [B, Ll, vocab] (at self.positions(L); any L of at least a token per rank), or with gather=True all of them [B, L, vocab] on every rank."""
         logits = self._impl.forward(self._ids(ids))
         if gather and self._comm is not None:
             logits = _core.unshard(logits, self._comm, layout=self._layout)
