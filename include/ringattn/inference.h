@@ -102,8 +102,9 @@ class KVCache {
 // prompt length L for all of them) and stores every layer's K/V and global
 // positions in the cache (a sliding-window layer's only from position L − W on,
 // what the next token sees); those sequences must be empty.
-//   x: this rank's prompt tokens [Bp, Ll, D]: Ll = L/P in par.attn.layout under SP
-//      (attention by par.attn.strategy), Ll = L otherwise. Under PP (pp = the
+//   x: this rank's prompt tokens [Bp, Ll, D]: its shard of L in par.attn.layout
+//      under SP (any L >= P: shards may differ by a token or two; L is their
+//      sum; attention by par.attn.strategy), Ll = L otherwise. Under PP (pp = the
 //      stages, this rank's model holds stage pp->rank()) stage 0 reads x, the
 //      others receive the previous stage's output (x still gives the shape).
 // x and y are in the model's device memory.

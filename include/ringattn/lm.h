@@ -162,14 +162,16 @@ double lm_loss(const Model& m, const ModelParallel& par, std::span<const int64_t
                std::span<const std::vector<int32_t>> documents = {});
 
 // Generation: the prompts (the same on every rank; their lengths may
-// differ) are prefilled into the sequence-sharded KV cache by par's strategy —
-// each the longest prefix that splits over the SP layout, sequences of one
-// prefix length together; the few tokens left run as decode steps — and only
-// the last position's logits are computed; then up to new_tokens decode steps,
-// each token picked by sample_token (seeded: every rank draws the same). The
-// batch decodes together: a sequence still reading its prompt's last tokens
-// emits nothing that step. A sequence ends at its eos token (kept) or the
-// count; on_token sees each step's tokens (−1: none from that sequence).
+// differ, each at least one token per SP rank) are prefilled into the
+// sequence-sharded KV cache by par's strategy — whole, in uneven shards when
+// the SP ranks do not divide them (a zigzag prompt too short to give every rank
+// a token: its longest prefix that does, the few tokens left as decode steps);
+// sequences of one prefill length together — and only the last position's
+// logits are computed; then up to new_tokens decode steps, each token picked by
+// sample_token (seeded: every rank draws the same). The batch decodes together:
+// a sequence still reading its prompt's last tokens emits nothing that step. A
+// sequence ends at its eos token (kept) or the count; on_token sees each step's
+// tokens (−1: none from that sequence).
 // Returns each sequence's new tokens. With pp (this rank's model: stage
 // pp->rank()) the first stage embeds, the stages pass the prompt and each step's
 // tokens along (inference.h), and the last stage samples and sends each step's

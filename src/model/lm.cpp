@@ -1039,7 +1039,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   check(!prompts.empty(), "generation needs at least one prompt");
   check_sampling(o.sampling);
   const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
-  const int64_t B = static_cast<int64_t>(prompts.size()), V = c.vocab, unit = P;  // equal shards in every layout
+  const int64_t B = static_cast<int64_t>(prompts.size()), V = c.vocab;
   int64_t longest = 0;
   std::vector<int64_t> L0(static_cast<size_t>(B));  // prefilled; the rest of each prompt goes through decode steps
   for (int64_t b = 0; b < B; ++b) {
@@ -1048,12 +1048,22 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     check_batch_ids(c, prompts[b], L);
     check(c.positions == 0 || L + o.new_tokens <= c.positions, "a prompt of ", L, " tokens and ", o.new_tokens,
           " new ones pass the model's ", c.positions, " learned positions");
-    L0[b] = L / unit * unit;
-    check(L0[b] >= 1, "a prompt of ", L, " tokens is shorter than the ", unit, " the ", layout_name(par.attn.layout),
-          " layout splits over ", P, " ranks: use fewer ranks");
+    // The whole prompt when the layout gives every rank a token of it (any L >= P
+    // but a short zigzag one), else the longest prefix that does (a multiple of
+    // P always does).
+    check(L >= P, "a prompt of ", L, " tokens is shorter than the ", P, " ranks the ", layout_name(par.attn.layout),
+          " layout splits it over: use fewer ranks");
+    auto splits = [&](int64_t n) {
+      for (int r = 0; r < P; ++r)
+        if (shard_length(par.attn.layout, n, P, r) == 0) return false;
+      return true;
+    };
+    for (L0[b] = L; !splits(L0[b]);) --L0[b];
     longest = std::max(longest, L);
   }
-  const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 1;
+  // A rank's share: its shard of a prompt (up to two tokens over L/P in zigzag)
+  // and every P-th token after it.
+  const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 2;
   KVCache cache(m, B, capacity, P, p);
   std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
   // Under PP the first stage embeds and the others receive their input from the
@@ -1065,8 +1075,9 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     return TensorView(nullptr, DType::f32, {n, static_cast<int64_t>(ids.size()) / n, c.d_model});
   };
 
-  // Prefill the first L0 tokens, consecutive sequences of one L0 together; the
-  // rank holding position L0 − 1 computes their logits.
+  // Prefill the first L0 tokens (uneven shards when the SP ranks do not divide
+  // them), consecutive sequences of one L0 together; the rank holding position
+  // L0 − 1 computes their logits.
   for (int64_t first = 0; first < B;) {
     int64_t n = 1;
     while (first + n < B && L0[first + n] == L0[first]) ++n;

@@ -245,6 +245,13 @@ TEST_F(Inference, FullCacheAndBadPrefillsThrowOnEveryRank) {
   Tensor big(DType::f32, {1, Ll + 3, D});
   EXPECT_THROW(prefill(m, other, big, 0, spc), Error);  // beyond the capacity
   EXPECT_THROW(prefill(m, other, x, 1, spc), Error);    // no sequence 1
+  if (P > 1) {  // 4P + 1 tokens: striped gives the extra one to rank 0, not to rank 1
+    Tensor x5(DType::f32, {1, Ll + 1, D});
+    for (int64_t i = 0; i < x5.numel(); ++i) x5.ptr<float>()[i] = 0.01f * static_cast<float>(i % 13);
+    EXPECT_THROW(prefill(m, other, world->rank() == 1 ? x5 : x, 0, spc), Error);
+    EXPECT_NO_THROW(prefill(m, other, world->rank() == 0 ? x5 : x, 0, spc));
+    EXPECT_EQ(other.length(0), 4 * P + 1);
+  }
   for (int j = 0; j < 2 * P; ++j) decode_step(m, cache, t, spc);
   try {
     decode_step(m, cache, t, spc);
