@@ -174,6 +174,20 @@ expect_error "compare: every method failed" 1 "methods failed" \
   "$BIN" compare --seq 64 --layers 1 --d-model 32 --heads 2 --launcher /bin/false --only ring
 expect_error "train --lr 1e30 (diverges)" 1 "training diverged" \
   "$BIN" train --lr 1e30 --seq 128 --steps 2 --layers 1 --d-model 32 --heads 2
+# train --save is checked before the first step: a file in the way, or the
+# checkpoint trained from (its files would be replaced).
+printf '%s\n' '{"model_type": "llama", "vocab_size": 256, "hidden_size": 16, "num_hidden_layers": 1,' \
+  '"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32, "max_position_embeddings": 64}' \
+  >tiny_llama.json
+lm_train=(train --data "$SRC/README.md" --tokenizer byte --seq 16 --steps 1 --threads 1)
+"$BIN" "${lm_train[@]}" --config tiny_llama.json --save ck_in >/dev/null 2>&1 || fail "train --config --save failed"
+echo x >save_is_a_file
+expect_error "train --save onto a file" 1 "cannot make the folder" \
+  "$BIN" "${lm_train[@]}" --config tiny_llama.json --save save_is_a_file
+cp ck_in/model.safetensors ck_before.safetensors
+expect_error "train --save into the --model folder" 1 "is the input --model" \
+  "$BIN" "${lm_train[@]}" --model ck_in --save ck_in
+cmp -s ck_in/model.safetensors ck_before.safetensors || fail "train --save into the --model folder changed it"
 expect_error "plan --world 7 (no layout runs)" 1 "no parallel layout" "$BIN" plan --hardware h100-sxm --world 7
 expect_error "plan --mesh that cannot run" 1 "cannot run" \
   "$BIN" plan --hardware h100-sxm --world 2 --heads 3 --d-model 96 --kv-heads 3 --mesh tp=2

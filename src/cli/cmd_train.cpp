@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <random>
@@ -85,7 +86,21 @@ void run_lm(const TrainArgs& a) {
   }
   int64_t meta[2];  // the text's bytes (of the documents), the documents
   const std::vector<int64_t> ids = ids_from_rank0(world.get(), meta, [&](int64_t m[2]) {
-    check_output_paths({{"--log", a.log}}, {{"--data", a.data}});
+    // Every output before any compute: --save's folder is made now, and its two
+    // files must be writable and not the checkpoint trained from.
+    NamedPaths outputs{{"--log", a.log}}, inputs{{"--data", a.data}};
+    if (!a.save.empty()) {
+      std::error_code e;
+      std::filesystem::create_directories(a.save, e);
+      check(!e && std::filesystem::is_directory(a.save), "--save ", a.save, ": cannot make the folder",
+            e ? ": " + e.message() : std::string(" (a file is there)"));
+      outputs.push_back({"--save", a.save + "/model.safetensors"}),
+          outputs.push_back({"--save", a.save + "/config.json"});
+      if (!a.lm.empty())
+        inputs.push_back({"--model", a.lm + "/model.safetensors"}),
+            inputs.push_back({"--model", a.lm + "/config.json"});
+    }
+    check_output_paths(outputs, inputs);
     const std::string text = read_text(a.data, "the training text");
     m[0] = static_cast<int64_t>(text.size()), m[1] = 1;
     if (!packed) return tok->encode(text, false);
