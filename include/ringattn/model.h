@@ -235,6 +235,10 @@ void norm_forward(Device& dev, const ModelConfig& c, int64_t N, const float* x, 
 void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* mean,
                    const float* rstd, const float* dy, float* dx, float* dg, float* db);
 
+// The TP group of par that m is a slice of (null when m holds every head and
+// vocabulary row); Error when the group's size is not m's tp.
+Communicator* tp_group(const Model& m, const ModelParallel& par);
+
 // Global positions of this rank's Ll tokens: those of par's SP layout
 // (0..Ll−1 on one process).
 std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);

@@ -683,17 +683,6 @@ std::vector<int64_t> lm_labels(std::span<const int64_t> ids, int64_t B, int64_t 
   return labels;
 }
 
-namespace {
-
-// The TP group the model's vocabulary is split over (null: one rank holds it).
-Communicator* vocab_group(const Model& m, const ModelParallel& par) {
-  check((par.tp ? par.tp->size() : 1) == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
-        par.tp ? par.tp->size() : 1, " ranks");
-  return m.tp() > 1 ? par.tp : nullptr;
-}
-
-}  // namespace
-
 // ids: [B, Ll]   positions: [Ll] or [B·Ll]   ->   x: [B, Ll, D]
 DeviceTensor lm_embed(const Model& m, const ModelParallel& par, std::span<const int64_t> ids, int64_t B,
                       std::span<const int64_t> positions) {
@@ -707,7 +696,7 @@ DeviceTensor lm_embed(const Model& m, const ModelParallel& par, std::span<const 
   for (int64_t pos : positions)
     check(!p.pos_embed || (pos >= 0 && pos < c.positions), "position ", pos, " is beyond the model's ", c.positions,
           " learned positions");
-  Communicator* tp = vocab_group(m, par);
+  Communicator* tp = tp_group(m, par);
   DeviceTensor x = m.device().alloc(DType::f32, {B, Ll, D});
   float* out = x.ptr<float>();
   // Each id's row from the rank holding it, zeros from the others: the sum is exact.
@@ -748,7 +737,7 @@ Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView
   const LmParams p = m.lm();
   check(c.is_lm() && p.head, "lm_head_logits: the model has no LM head here (not a language model's last stage)");
   const int64_t D = c.d_model, N = y.numel() / D, V = c.vocab, Vl = m.local_vocab();
-  Communicator* tp = vocab_group(m, par);
+  Communicator* tp = tp_group(m, par);
   std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
   norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
   Tensor logits(DType::f32, {N, V});
@@ -780,7 +769,7 @@ double lm_head_loss(Model& m, const ModelParallel& par, const TensorView& y, std
   check(y.numel() == N * D && (dy.empty() || dy.numel() == N * D), "lm_head_loss: ", N, " labels for rows ",
         y.shape_str());
   for (int64_t t : labels) check(t >= -1 && t < c.vocab, "label ", t, " is outside the vocabulary of ", c.vocab);
-  Communicator* tp = vocab_group(m, par);
+  Communicator* tp = tp_group(m, par);
   VocabShard shard{m.vocab_first(), c.vocab, {}};
   if (tp)
     shard.reduce = [tp](double* x, int64_t n, bool max) { tp->all_reduce(x, n, max ? ReduceOp::max : ReduceOp::sum); };

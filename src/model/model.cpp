@@ -398,6 +398,12 @@ void reduce_input_grad(const ModelParallel& par, float* dx, int64_t n) {
 
 }  // namespace
 
+Communicator* tp_group(const Model& m, const ModelParallel& par) {
+  check((par.tp ? par.tp->size() : 1) == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
+        par.tp ? par.tp->size() : 1, " ranks");
+  return m.tp() > 1 ? par.tp : nullptr;
+}
+
 std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll) {
   const int P = par.sp ? par.sp->size() : 1;
   if (P == 1) {  // one shard: every layout is the identity
@@ -449,8 +455,7 @@ DeviceTensor model_forward(const Model& m, const TensorView& x, const ModelParal
   Device& dev = m.device();
   check(x.rank == 3 && x.dim(2) == c.d_model && x.dtype == DType::f32,
         "model input must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
-  check(!par.tp || par.tp->size() == m.tp(), "the model is a slice for tp=", m.tp(), " but the TP group has ",
-        par.tp ? par.tp->size() : 1, " ranks");
+  tp_group(m, par);
   const int64_t B = x.dim(0), Ll = x.dim(1), N = B * Ll, D = c.d_model, C = m.local_qkv_width(), F = m.local_hidden();
   const int64_t A = m.local_heads() * c.head_dim(), Fin = c.mlp == Mlp::swiglu ? 2 * F : F;
   act.B = B, act.Ll = Ll;
