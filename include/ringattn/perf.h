@@ -34,7 +34,11 @@ double measure_fma_peak_gflops(DType dtype, Isa isa, double seconds = 0.2);
 // `bytes` (far larger than the caches): the peak of memory-bound kernels such as
 // decoding.
 double measure_read_bandwidth_gbs(int threads = 1, size_t bytes = size_t{512} << 20, double seconds = 0.3);
-// oneDNN matmul rate on square n×n×n matrices on `threads` threads (0: default).
-double measure_gemm_gflops(DType dtype, int64_t n = 1024, int threads = 1, double seconds = 0.3);
+// oneDNN matmul rate on square n×n×n matrices on `threads` threads (0: default):
+// the best call in `seconds`. On a 2-vCPU Sapphire Rapids VM the AMX GEMM ran at
+// ~700 GFLOP/s with stretches of hundreds of ms at ~330 (the first ~0.2 s, and
+// at random later: the core's AMX unit shared with a neighbour), so a 0.3 s
+// window reported the slow rate in half the runs; 1 s gave 700-800 every time.
+double measure_gemm_gflops(DType dtype, int64_t n = 1024, int threads = 1, double seconds = 1.0);
 
 }  // namespace ringattn

@@ -1,4 +1,4 @@
-// The fused kernels with AMX bf16 tiles for the bf16 forward (see flash_impl.inc).
+// The fused kernels with AMX bf16 tiles for the bf16 forward and backward (see flash_impl.inc).
 #define RA_LEVEL 4
 #define RA_NS isa_amx
 #include "kernels/cpu/flash_impl.inc"
