@@ -1,7 +1,9 @@
-// Byte-level BPE against Hugging Face `tokenizers` (fixtures written by
-// scripts/make_tokenizer_fixtures.py: a GPT-2-style and a Llama-3-style
-// tokenizer.json and their encodings of a multilingual test text), the byte
-// tokenizer, and tokenizer.json features we do not implement refused by name.
+// BPE against Hugging Face `tokenizers` (fixtures written by
+// scripts/make_tokenizer_fixtures.py: GPT-2-, Llama-3- and Qwen2-style byte-level
+// tokenizer.json files, SentencePiece-style ones as Llama 2 and transformers 5
+// write them, and their encodings of a multilingual test text), streaming
+// decode, the byte tokenizer, and tokenizer.json features we do not implement
+// refused by name.
 #include "ringattn/tokenizer.h"
 
 #include <gtest/gtest.h>
@@ -44,6 +46,35 @@ TEST(Tokenizer, Llama3StyleSplitRegexAndTemplateEqualHuggingFace) { expect_like_
 
 TEST(Tokenizer, NfcNormalizerEqualsHuggingFace) { expect_like_hugging_face("nfc_style"); }
 
+// Llama 2 / TinyLlama / Mistral: Prepend + Replace normalizer, the whole text one
+// BPE word, byte fallback, unk_token, a BOS template, Strip decoder.
+TEST(Tokenizer, Llama2StyleSentencePieceEqualsHuggingFace) { expect_like_hugging_face("llama2_style"); }
+TEST(Tokenizer, MetaspaceFirstEqualsHuggingFace) { expect_like_hugging_face("metaspace_style"); }
+// No byte fallback: unknown characters as one fused unk; Metaspace split and decoder.
+TEST(Tokenizer, UnkAndMetaspaceSplitEqualHuggingFace) { expect_like_hugging_face("unk_style"); }
+
+// Streaming: a prefix decoded whole, then each further id by decode_continued,
+// gives the whole decode — at every split that ends on a character.
+TEST(Tokenizer, StreamedDecodeEqualsWholeDecode) {
+  const nlohmann::json e = encodings();
+  for (const char* name : {"gpt2_style", "llama3_style", "llama2_style", "metaspace_style", "unk_style"}) {
+    const auto tok = load_tokenizer(kDir + "/" + std::string(name) + ".json");
+    for (size_t i = 0; i < e["texts"].size(); ++i) {
+      const std::vector<int64_t> ids = e[std::string(name) + "_plain"][i].get<std::vector<int64_t>>();
+      const std::string whole = tok->decode(ids);
+      int splits = 0;
+      for (size_t k = 1; k <= ids.size(); ++k) {
+        std::string text = tok->decode(std::span(ids).first(k));
+        if (whole.compare(0, text.size(), text) != 0) continue;  // k splits a character
+        ++splits;
+        for (size_t t = k; t < ids.size(); ++t) text += tok->decode_continued(std::span(ids).subspan(t, 1));
+        EXPECT_EQ(text, whole) << name << " text " << i << " split at " << k;
+      }
+      EXPECT_TRUE(ids.empty() || splits > 0) << name << " text " << i;
+    }
+  }
+}
+
 TEST(Tokenizer, ByteTokenizerIsTheBytes) {
   const auto tok = byte_tokenizer();
   const std::string text = "a\xC3\xA9\n\x00z";
@@ -83,13 +114,24 @@ TEST_F(TokenizerFile, UnsupportedFeaturesAreRefusedByName) {
        },
        "normalized: true"},
       {[](J& j) { j["model"]["type"] = "WordPiece"; }, "model.type must be BPE"},
-      {[](J& j) { j["model"]["byte_fallback"] = true; }, "byte_fallback"},
+      {[](J& j) { j["model"]["unk_token"] = "<nope>"; }, "model.unk_token '<nope>' is not in the vocabulary"},
+      {[](J& j) {
+         j["model"]["merges"][0] = J::array({"Ġ", "nope"});
+       },
+       "'nope' is not in the vocabulary"},
+      {[](J& j) {
+         j["normalizer"] = {{"type", "Replace"}, {"pattern", {{"Regex", " +"}}}, {"content", " "}};
+       },
+       "Replace supports a {\"String\": ...} pattern"},
+      {[](J& j) {
+         j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "_"}, {"prepend_scheme", "sometimes"}};
+       },
+       "prepend_scheme must be always, first or never"},
       {[](J& j) { j["added_tokens"][0]["lstrip"] = true; }, "uses lstrip"},
       {[](J& j) {
          j["pre_tokenizer"] = {{"type", "Whitespace"}};
        },
        "pre_tokenizer type 'Whitespace'"},
-      {[](J& j) { j["pre_tokenizer"] = nullptr; }, "a byte-level pre_tokenizer is needed"},
       {[](J& j) {
          j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "("}}}, {"behavior", "Isolated"}};
        },
@@ -109,6 +151,15 @@ TEST_F(TokenizerFile, UnsupportedFeaturesAreRefusedByName) {
   std::ofstream(path("tokenizer.json")) << "{";
   EXPECT_NE(message_of([&] { (void)load_tokenizer(dir()); }).find("not valid JSON"), std::string::npos);
   EXPECT_NE(message_of([&] { (void)load_tokenizer(path("none")); }).find("cannot read"), std::string::npos);
+}
+
+TEST_F(TokenizerFile, CharacterWithoutTokenIsAnError) {
+  // No ByteLevel step, no byte fallback, no unk_token: a character outside the
+  // vocabulary has no token (Hugging Face drops it silently).
+  const std::string p = variant([](nlohmann::json& j) { j["pre_tokenizer"] = nullptr; });
+  const auto tok = load_tokenizer(p);
+  const std::string m = message_of([&] { (void)tok->encode("\xE2\x82\xAC"); });
+  EXPECT_NE(m.find("is not in the vocabulary (no byte_fallback, no unk_token)"), std::string::npos) << m;
 }
 
 TEST_F(TokenizerFile, OlderStringMergesReadTheSame) {

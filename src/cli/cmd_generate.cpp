@@ -233,7 +233,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
     t_last = now;
     if (!show) return;
     if (B == 1 && tok) {  // stream the text
-      std::fputs(tok->decode(t).c_str(), stdout);
+      std::fputs(tok->decode_continued(t).c_str(), stdout);
     } else {
       for (int64_t id : t) std::printf(" %lld", static_cast<long long>(id));
       std::printf("\n");
@@ -294,7 +294,7 @@ void run_lm(const GenerateArgs& a, Communicator& world) {
                         {"prefill_seconds", prefill},
                         {"tpot_median_ms", med * 1e3},
                         {"peak_memory_bytes_per_rank", peak}};
-    if (tok && B == 1) j["text"] = tok->decode(out[0]);
+    if (tok && B == 1) j["text"] = tok->decode_continued(out[0]);  // the new text, as streamed
     if (a.check) j["check_mismatches"] = mismatches;
     print_json(j);
   } else {

@@ -1,8 +1,11 @@
-// Byte-level BPE from Hugging Face tokenizer.json, and the byte tokenizer.
+// BPE from Hugging Face tokenizer.json (byte-level, and SentencePiece-style with
+// byte fallback), and the byte tokenizer.
 //
-// encode(text): split on added tokens -> pre-tokens (Split regexes, ByteLevel's
-// GPT-2 regex when use_regex) -> each pre-token's bytes as GPT-2's printable
-// stand-ins (bytes_to_unicode) -> BPE merges by rank -> ids; then the template.
+// encode(text): split on added tokens -> normalizer steps -> pre-tokens (Split
+// regexes, ByteLevel's GPT-2 regex when use_regex, Metaspace) -> with ByteLevel
+// each pre-token's bytes as GPT-2's printable stand-ins (bytes_to_unicode) ->
+// characters to tokens (byte fallback, unk) -> BPE merges by rank -> ids; then
+// the template. decode(ids): the tokens' strings through the decoder steps.
 #include "ringattn/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -12,12 +15,16 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <climits>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <queue>
 #include <sstream>
+#include <string>
 #include <unordered_map>
 
 #include "ringattn/error.h"
@@ -126,7 +133,8 @@ class Normalizer {
          : form == "NFKC" ? unorm2_getNFKCInstance(&e)
          : form == "NFKD" ? unorm2_getNFKDInstance(&e)
                           : nullptr;
-    check(n_ != nullptr && U_SUCCESS(e), where, ": normalizer \"", form, "\" is not supported (NFC, NFD, NFKC, NFKD)");
+    check(n_ != nullptr && U_SUCCESS(e), where, ": normalizer \"", form,
+          "\" is not supported (NFC, NFD, NFKC, NFKD, Prepend, Replace, Sequence)");
   }
   std::string operator()(const std::string& s) const {
     if (s.empty()) return s;
@@ -158,9 +166,82 @@ class Normalizer {
   const UNormalizer2* n_ = nullptr;  // owned by ICU
 };
 
+// Every occurrence of `from` in s replaced by `to`.
+std::string replace_all(const std::string& s, const std::string& from, const std::string& to) {
+  if (from.empty()) return s;
+  std::string r;
+  size_t at = 0;
+  for (size_t hit; (hit = s.find(from, at)) != std::string::npos; at = hit + from.size())
+    r.append(s, at, hit - at) += to;
+  return r.append(s, at);
+}
+
+// A string field of a JSON object, or an error naming it.
+std::string str_field(const json& j, const char* key, const std::string& where) {
+  check(j.is_object() && j.contains(key) && j[key].is_string(), where, ": ", key, " must be a string, in ", j.dump());
+  return j[key].get<std::string>();
+}
+
+// A Replace step's literal pattern ({"String": ...}; regex patterns are refused).
+std::string literal_pattern(const json& step, const std::string& where) {
+  const json& pat = step.value("pattern", json());
+  check(pat.is_object() && pat.contains("String") && pat["String"].is_string(), where, ": Replace supports a ",
+        "{\"String\": ...} pattern, got ", pat.dump());
+  return pat["String"].get<std::string>();
+}
+
+// The steps of a Sequence (its `list` field), or the object itself.
+std::vector<json> steps_of(const json& j, const char* list) {
+  if (j.value("type", "") != "Sequence") return {j};
+  return j.value(list, json::array()).get<std::vector<json>>();
+}
+
+// A normalizer step: a Unicode form, Prepend (to a text that is not empty) or
+// Replace (every occurrence of a literal).
+struct NormStep {
+  std::unique_ptr<Normalizer> unicode;
+  bool prepend = false;
+  std::string from, to;  // Replace; Prepend: `to` is prepended
+  std::string operator()(const std::string& s) const {
+    if (unicode) return (*unicode)(s);
+    if (prepend) return s.empty() ? s : to + s;
+    return replace_all(s, from, to);
+  }
+};
+
+// Metaspace's prepend_scheme: a replacement character put before every piece,
+// before the piece at the start of the text only, or never.
+enum class Prepend { always, first, never };
+
+Prepend prepend_scheme(const json& s, const std::string& where) {
+  if (!s.contains("prepend_scheme")) return s.value("add_prefix_space", true) ? Prepend::always : Prepend::never;
+  const std::string p = str_field(s, "prepend_scheme", where);
+  check(p == "always" || p == "first" || p == "never", where, ": Metaspace prepend_scheme must be always, first or ",
+        "never, got '", p, "'");
+  return p == "always" ? Prepend::always : p == "first" ? Prepend::first : Prepend::never;
+}
+
 struct PreStep {
   std::unique_ptr<Regex> split;  // a Split step, or ByteLevel's regex (may be null)
   bool byte_level = false, add_prefix_space = false;
+  bool metaspace = false, metaspace_split = false;  // Metaspace: spaces become `replacement`
+  std::string replacement;
+  Prepend prepend = Prepend::never;
+};
+
+// A pre-token; at_start: it begins at the first byte of the text (Metaspace's "first").
+struct Piece {
+  std::string text;
+  bool at_start;
+};
+
+// A decoder step, applied to the list of token strings in turn (Hugging Face's decode_chain).
+struct DecodeStep {
+  enum Kind { byte_level, replace, byte_fallback, fuse, strip, metaspace } kind = fuse;
+  std::string from, to;         // replace; metaspace: from = the replacement character
+  std::string content;          // strip: the character removed
+  int64_t start = 0, stop = 0;  // strip: at most this many from the start / the end
+  bool drop_first = false;      // metaspace: replacements in the first token are dropped
 };
 
 class ByteTokenizer final : public Tokenizer {
@@ -177,6 +258,7 @@ class ByteTokenizer final : public Tokenizer {
     }
     return s;
   }
+  std::string decode_continued(std::span<const int64_t> ids) const override { return decode(ids); }
   int64_t vocab_size() const override { return 256; }
   std::string name() const override { return "byte"; }
 };
@@ -188,43 +270,37 @@ class BpeTokenizer final : public Tokenizer {
     const json& m = j.value("model", json());
     check(m.is_object() && m.value("type", "") == "BPE", where, ": model.type must be BPE, got ",
           m.is_object() ? m.value("type", json("none")).dump() : "no model");
-    for (const char* k : {"dropout", "continuing_subword_prefix", "end_of_word_suffix", "unk_token"})
-      check(!m.contains(k) || m[k].is_null(), where, ": model.", k, " is not supported (byte-level BPE needs none)");
-    check(!m.value("byte_fallback", false), where, ": model.byte_fallback is not supported");
+    for (const char* k : {"dropout", "continuing_subword_prefix", "end_of_word_suffix"})
+      check(!m.contains(k) || m[k].is_null(), where, ": model.", k, " is not supported");
+    byte_fallback_ = m.value("byte_fallback", false);
+    fuse_unk_ = m.value("fuse_unk", false);
     ignore_merges_ = m.value("ignore_merges", false);
     check(m.contains("vocab") && m["vocab"].is_object(), where, ": model.vocab must be an object");
     for (const auto& [tok, id] : m["vocab"].items()) {
-      check(id.is_number_integer() && id.get<int64_t>() >= 0, where, ": vocab id of '", tok, "' must be >= 0");
+      check(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < INT32_MAX, where, ": vocab id of '",
+            tok, "' must be in 0 .. 2^31 - 2");
       vocab_[tok] = id.get<int64_t>();
       vocab_size_ = std::max(vocab_size_, id.get<int64_t>() + 1);
     }
-    check(m.contains("merges") && m["merges"].is_array(), where, ": model.merges must be an array");
-    int64_t rank = 0;
-    for (const auto& mg : m["merges"]) {
-      std::string a, b;
-      if (mg.is_string()) {  // "a b" (older files)
-        const std::string s = mg.get<std::string>();
-        const size_t sp = s.find(' ');
-        check(sp != std::string::npos && sp > 0 && sp + 1 < s.size(), where, ": merge '", s, "' is not 'a b'");
-        a = s.substr(0, sp), b = s.substr(sp + 1);
-      } else {
-        check(mg.is_array() && mg.size() == 2 && mg[0].is_string() && mg[1].is_string(), where,
-              ": a merge must be \"a b\" or [\"a\", \"b\"], got ", mg.dump());
-        a = mg[0].get<std::string>(), b = mg[1].get<std::string>();
-      }
-      ranks_.emplace(a + '\0' + b, rank++);
+    if (m.contains("unk_token") && !m["unk_token"].is_null()) {
+      const std::string unk = str_field(m, "unk_token", where + ": model");
+      check(vocab_.count(unk), where, ": model.unk_token '", unk, "' is not in the vocabulary");
+      unk_id_ = vocab_.at(unk);
     }
-    if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-      const json& n = j["normalizer"];
-      check(n.is_object() && n.contains("type"), where, ": normalizer must be an object with a type");
-      normalizer_ = std::make_unique<Normalizer>(n["type"].get<std::string>(), where);
+    for (int b = 0; b < 256; ++b) {  // byte fallback's tokens <0x00> .. <0xFF>
+      char name[8];
+      std::snprintf(name, sizeof name, "<0x%02X>", b);
+      const auto it = vocab_.find(name);
+      byte_id_[b] = it == vocab_.end() ? -1 : it->second;
     }
+    read_merges(m);
+    read_normalizer(j.value("normalizer", json()));
     for (const auto& t : j.value("added_tokens", json::array())) {
       const std::string content = t.value("content", "");
       check(!content.empty() && t.contains("id"), where, ": an added token needs content and id");
       for (const char* k : {"lstrip", "rstrip", "single_word"})
         check(!t.value(k, false), where, ": added token '", content, "' uses ", k, ", which is not supported");
-      check(!normalizer_ || !t.value("normalized", false), where, ": added token '", content,
+      check(norm_.empty() || !t.value("normalized", false), where, ": added token '", content,
             "' is matched after normalization (normalized: true), which is not supported");
       added_[content] = t["id"].get<int64_t>();
       added_text_[t["id"].get<int64_t>()] = content;
@@ -246,7 +322,7 @@ class BpeTokenizer final : public Tokenizer {
     if (add_special) ids.insert(ids.end(), prefix_.begin(), prefix_.end());
     size_t at = 0, plain = 0;
     auto flush = [&](size_t end) {
-      if (end > plain) encode_plain(std::string(text.substr(plain, end - plain)), ids);
+      if (end > plain) encode_plain(std::string(text.substr(plain, end - plain)), plain == 0, ids);
     };
     while (at < text.size()) {
       const std::string* hit = nullptr;
@@ -272,45 +348,60 @@ class BpeTokenizer final : public Tokenizer {
     return ids;
   }
 
-  std::string decode(std::span<const int64_t> ids) const override {
-    if (id_text_.empty()) build_id_text();
-    std::string out;
-    for (int64_t id : ids) {
-      const auto a = added_text_.find(id);
-      if (a != added_text_.end()) {
-        out += a->second;
-        continue;
-      }
-      check(id >= 0 && id < static_cast<int64_t>(id_text_.size()) && !id_text_[static_cast<size_t>(id)].empty(),
-            "tokenizer: id ", id, " is not in the vocabulary of ", vocab_size_);
-      const std::string& t = id_text_[static_cast<size_t>(id)];
-      for (size_t i = 0; i < t.size();) {  // stand-in code points back to bytes
-        const size_t n = utf8_len(static_cast<unsigned char>(t[i]));
-        uint32_t cp = n == 1 ? static_cast<unsigned char>(t[i]) : static_cast<unsigned char>(t[i]) & (0xFF >> (n + 1));
-        for (size_t k = 1; k < n && i + k < t.size(); ++k)
-          cp = (cp << 6) | (static_cast<unsigned char>(t[i + k]) & 0x3F);
-        const auto b = byte_map().to_byte.find(cp);
-        check(b != byte_map().to_byte.end(), "tokenizer: token ", id, " holds a character that is not a byte stand-in");
-        out += static_cast<char>(b->second);
-        i += n;
-      }
-    }
-    return out;
-  }
+  std::string decode(std::span<const int64_t> ids) const override { return decode_chain(ids, false); }
+  std::string decode_continued(std::span<const int64_t> ids) const override { return decode_chain(ids, true); }
 
   int64_t vocab_size() const override { return vocab_size_; }
   std::string name() const override { return where_; }
 
  private:
+  // Merge rules keyed by the id pair: (rank, id of the merged token).
+  static uint64_t pair_key(int64_t a, int64_t b) { return static_cast<uint64_t>(a) << 32 | static_cast<uint64_t>(b); }
+
+  void read_merges(const json& m) {
+    check(m.contains("merges") && m["merges"].is_array(), where_, ": model.merges must be an array");
+    int64_t rank = 0;
+    for (const auto& mg : m["merges"]) {
+      std::string a, b;
+      if (mg.is_string()) {  // "a b" (older files)
+        const std::string s = mg.get<std::string>();
+        const size_t sp = s.find(' ');
+        check(sp != std::string::npos && sp > 0 && sp + 1 < s.size(), where_, ": merge '", s, "' is not 'a b'");
+        a = s.substr(0, sp), b = s.substr(sp + 1);
+      } else {
+        check(mg.is_array() && mg.size() == 2 && mg[0].is_string() && mg[1].is_string(), where_,
+              ": a merge must be \"a b\" or [\"a\", \"b\"], got ", mg.dump());
+        a = mg[0].get<std::string>(), b = mg[1].get<std::string>();
+      }
+      for (const std::string& tok : {a, b, a + b}) {
+        check(vocab_.count(tok), where_, ": merge '", a, " ", b, "': '", tok, "' is not in the vocabulary");
+      }
+      merges_.insert_or_assign(pair_key(vocab_.at(a), vocab_.at(b)), std::pair{rank++, vocab_.at(a + b)});
+    }
+  }
+
+  void read_normalizer(const json& n) {
+    if (n.is_null()) return;
+    check(n.is_object() && n.contains("type"), where_, ": normalizer must be an object with a type");
+    for (const json& s : steps_of(n, "normalizers")) {
+      const std::string type = s.value("type", "");
+      NormStep step;
+      if (type == "Prepend") {
+        step.prepend = true, step.to = str_field(s, "prepend", where_ + ": normalizer Prepend");
+      } else if (type == "Replace") {
+        step.from = literal_pattern(s, where_ + ": normalizer");
+        step.to = str_field(s, "content", where_ + ": normalizer Replace");
+      } else {
+        step.unicode = std::make_unique<Normalizer>(type, where_);
+      }
+      norm_.push_back(std::move(step));
+    }
+  }
+
   void read_pre_tokenizer(const json& p) {
-    check(p.is_object(), where_, ": a byte-level pre_tokenizer is needed, got ", p.dump());
-    std::vector<json> steps;
-    if (p.value("type", "") == "Sequence")
-      for (const auto& s : p.value("pretokenizers", json::array())) steps.push_back(s);
-    else
-      steps.push_back(p);
-    bool byte_level = false;
-    for (const json& s : steps) {
+    if (p.is_null()) return;  // the normalized text is one pre-token
+    check(p.is_object(), where_, ": pre_tokenizer must be an object or null, got ", p.dump());
+    for (const json& s : steps_of(p, "pretokenizers")) {
       const std::string type = s.value("type", "");
       PreStep step;
       if (type == "Split") {
@@ -325,20 +416,55 @@ class BpeTokenizer final : public Tokenizer {
         }
         step.split = std::make_unique<Regex>(re, where_ + ": pre_tokenizer Split");
       } else if (type == "ByteLevel") {
-        step.byte_level = byte_level = true;
+        step.byte_level = byte_level_ = true;
         step.add_prefix_space = s.value("add_prefix_space", false);
         if (s.value("use_regex", true)) step.split = std::make_unique<Regex>(kGpt2Regex, where_ + ": ByteLevel");
+      } else if (type == "Metaspace") {
+        step.metaspace = true;
+        step.replacement = str_field(s, "replacement", where_ + ": pre_tokenizer Metaspace");
+        step.prepend = prepend_scheme(s, where_);
+        step.metaspace_split = s.value("split", true);
       } else {
-        throw Error(cat(where_, ": pre_tokenizer type '", type, "' is not supported (ByteLevel, Split, Sequence)"));
+        throw Error(
+            cat(where_, ": pre_tokenizer type '", type, "' is not supported (ByteLevel, Split, Metaspace, Sequence)"));
       }
       pre_.push_back(std::move(step));
     }
-    check(byte_level, where_, ": the pre_tokenizer has no ByteLevel step (only byte-level BPE is supported)");
   }
 
   void read_decoder(const json& d) {
-    check(d.is_null() || d.value("type", "") == "ByteLevel", where_, ": decoder ", d.dump(),
-          " is not supported (ByteLevel)");
+    if (d.is_null()) return;  // Hugging Face joins the tokens with spaces
+    check(d.is_object(), where_, ": decoder must be an object or null, got ", d.dump());
+    for (const json& s : steps_of(d, "decoders")) {
+      const std::string type = s.value("type", "");
+      DecodeStep step;
+      if (type == "ByteLevel") {
+        step.kind = DecodeStep::byte_level;
+      } else if (type == "Replace") {
+        step.kind = DecodeStep::replace;
+        step.from = literal_pattern(s, where_ + ": decoder");
+        step.to = str_field(s, "content", where_ + ": decoder Replace");
+      } else if (type == "ByteFallback") {
+        step.kind = DecodeStep::byte_fallback;
+      } else if (type == "Fuse") {
+        step.kind = DecodeStep::fuse;
+      } else if (type == "Strip") {
+        step.kind = DecodeStep::strip;
+        step.content = str_field(s, "content", where_ + ": decoder Strip");
+        check(utf8_len(static_cast<unsigned char>(step.content[0])) == step.content.size(), where_,
+              ": decoder Strip content must be one character, got '", step.content, "'");
+        step.start = s.value("start", int64_t{0}), step.stop = s.value("stop", int64_t{0});
+      } else if (type == "Metaspace") {
+        step.kind = DecodeStep::metaspace;
+        step.from = str_field(s, "replacement", where_ + ": decoder Metaspace");
+        step.drop_first = prepend_scheme(s, where_) != Prepend::never;
+      } else {
+        throw Error(cat(where_, ": decoder ", d.dump().substr(0, 200),
+                        " is not supported (ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence)"));
+      }
+      decoders_.push_back(std::move(step));
+    }
+    has_decoder_ = true;
   }
 
   // TemplateProcessing's "single" template: the special tokens before and after $A.
@@ -361,55 +487,238 @@ class BpeTokenizer final : public Tokenizer {
     }
   }
 
-  void encode_plain(const std::string& raw, std::vector<int64_t>& ids) const {
-    std::vector<std::string> pieces{normalizer_ ? (*normalizer_)(raw) : raw}, next;
+  // Metaspace: spaces become the replacement, which is put first as the scheme
+  // says; with split, a piece starts at each replacement (Hugging Face's MergedWithNext).
+  static void metaspace(const PreStep& step, const Piece& piece, std::vector<Piece>& out) {
+    std::string t = replace_all(piece.text, " ", step.replacement);
+    const bool put = step.prepend == Prepend::always || (step.prepend == Prepend::first && piece.at_start);
+    if (put && t.compare(0, step.replacement.size(), step.replacement) != 0) t.insert(0, step.replacement);
+    if (!step.metaspace_split) return out.push_back({std::move(t), piece.at_start});
+    size_t begin = 0;
+    for (size_t hit = t.find(step.replacement, 1); hit != std::string::npos;
+         hit = t.find(step.replacement, hit + step.replacement.size())) {
+      out.push_back({t.substr(begin, hit - begin), piece.at_start && begin == 0});
+      begin = hit;
+    }
+    out.push_back({t.substr(begin), piece.at_start && begin == 0});
+  }
+
+  // A run of text between added tokens: normalize, pre-tokenize, BPE each piece.
+  void encode_plain(const std::string& raw, bool at_start, std::vector<int64_t>& ids) const {
+    std::string text = raw;
+    for (const NormStep& n : norm_) text = n(text);
+    if (text.empty()) return;
+    std::vector<Piece> pieces{{std::move(text), at_start}}, next;
+    std::vector<std::string> split;
     for (const PreStep& step : pre_) {
       next.clear();
-      for (std::string& piece : pieces) {
-        if (step.add_prefix_space && (piece.empty() || piece[0] != ' ')) piece.insert(piece.begin(), ' ');
-        if (step.split)
-          step.split->split(piece, next);
-        else
+      for (Piece& piece : pieces) {
+        if (step.metaspace) {
+          metaspace(step, piece, next);
+          continue;
+        }
+        if (step.add_prefix_space && (piece.text.empty() || piece.text[0] != ' ')) piece.text = " " + piece.text;
+        if (!step.split) {
           next.push_back(std::move(piece));
+          continue;
+        }
+        split.clear();
+        step.split->split(piece.text, split);
+        for (size_t i = 0; i < split.size(); ++i) next.push_back({std::move(split[i]), piece.at_start && i == 0});
       }
       pieces.swap(next);
     }
-    for (const std::string& piece : pieces) {
+    for (const Piece& piece : pieces) {
+      if (!byte_level_) {
+        bpe(piece.text, ids);
+        continue;
+      }
       std::string mapped;
-      for (unsigned char c : piece) mapped += byte_map().to_text[c];
+      for (unsigned char c : piece.text) mapped += byte_map().to_text[c];
       bpe(mapped, ids);
     }
   }
 
-  // Merges by rank (the lowest first, the leftmost on a tie) until no pair has one.
+  // Hugging Face's BPE word: each character its token (if not in the vocabulary:
+  // its bytes' <0xXX> tokens with byte_fallback, else unk_token, runs of unknown
+  // characters fused into one with fuse_unk); then the merges by rank, the lowest
+  // first and the leftmost on a tie, through a priority queue.
   void bpe(const std::string& word, std::vector<int64_t>& ids) const {
     if (word.empty()) return;
     if (ignore_merges_) {
       const auto it = vocab_.find(word);
       if (it != vocab_.end()) return ids.push_back(it->second);
     }
-    std::vector<std::string> sym;
+    std::vector<int64_t> sym;
+    bool unk_open = false;  // the last symbol is an unk that the next unknown character joins
     for (size_t i = 0; i < word.size();) {
-      const size_t n = utf8_len(static_cast<unsigned char>(word[i]));
-      sym.push_back(word.substr(i, n));
+      const size_t n = std::min(utf8_len(static_cast<unsigned char>(word[i])), word.size() - i);
+      const std::string ch = word.substr(i, n);
+      i += n;
+      const auto it = vocab_.find(ch);
+      if (it != vocab_.end()) {
+        sym.push_back(it->second), unk_open = false;
+        continue;
+      }
+      if (byte_fallback_ &&
+          std::all_of(ch.begin(), ch.end(), [&](char c) { return byte_id_[static_cast<unsigned char>(c)] >= 0; })) {
+        for (char c : ch) sym.push_back(byte_id_[static_cast<unsigned char>(c)]);
+        unk_open = false;
+        continue;
+      }
+      check(unk_id_ >= 0, where_, ": the character '", ch,
+            "' is not in the vocabulary (no byte_fallback, no unk_token)");
+      if (!(unk_open && fuse_unk_)) sym.push_back(unk_id_);
+      unk_open = true;
+    }
+    const int64_t n = static_cast<int64_t>(sym.size());
+    std::vector<int64_t> prev(static_cast<size_t>(n)), next(static_cast<size_t>(n));
+    std::vector<bool> gone(static_cast<size_t>(n), false);
+    for (int64_t i = 0; i < n; ++i) prev[i] = i - 1, next[i] = i + 1 < n ? i + 1 : -1;
+    struct Cand {
+      int64_t rank, pos, id;
+    };
+    auto later = [](const Cand& a, const Cand& b) { return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos; };
+    std::priority_queue<Cand, std::vector<Cand>, decltype(later)> queue(later);
+    auto offer = [&](int64_t pos) {  // the pair (pos, next[pos]), if a merge joins it
+      if (pos < 0 || next[pos] < 0) return;
+      const auto m = merges_.find(pair_key(sym[pos], sym[next[pos]]));
+      if (m != merges_.end()) queue.push({m->second.first, pos, m->second.second});
+    };
+    for (int64_t i = 0; i + 1 < n; ++i) offer(i);
+    while (!queue.empty()) {
+      const Cand top = queue.top();
+      queue.pop();
+      const int64_t right = next[top.pos];
+      if (gone[top.pos] || right < 0) continue;
+      const auto m = merges_.find(pair_key(sym[top.pos], sym[right]));
+      if (m == merges_.end() || m->second.second != top.id) continue;  // an expired entry
+      sym[top.pos] = top.id;
+      gone[right] = true;
+      next[top.pos] = next[right];
+      if (next[right] >= 0) prev[next[right]] = top.pos;
+      offer(prev[top.pos]);
+      offer(top.pos);
+    }
+    for (int64_t i = 0; i >= 0; i = next[i]) ids.push_back(sym[i]);
+  }
+
+  // The tokens' strings through the decoder steps (Hugging Face's decode_chain),
+  // joined. continued: the ids follow text already decoded, so the steps that act
+  // on the text's start (Strip's leading cut, Metaspace's first token) are
+  // skipped, and byte-fallback bytes are given as they are even where a
+  // character is split across calls (whole decoding gives U+FFFD for each byte
+  // of a run that is not UTF-8, as Hugging Face does).
+  std::string decode_chain(std::span<const int64_t> ids, bool continued) const {
+    if (id_text_.empty()) build_id_text();
+    std::vector<std::string> toks;
+    for (int64_t id : ids) {
+      const auto a = added_text_.find(id);
+      if (a != added_text_.end()) {
+        toks.push_back(a->second);
+        continue;
+      }
+      check(id >= 0 && id < static_cast<int64_t>(id_text_.size()) && !id_text_[static_cast<size_t>(id)].empty(),
+            "tokenizer: id ", id, " is not in the vocabulary of ", vocab_size_);
+      toks.push_back(id_text_[static_cast<size_t>(id)]);
+    }
+    if (!has_decoder_) {
+      std::string out;
+      for (size_t i = 0; i < toks.size(); ++i) out += (i ? " " : "") + toks[i];
+      return out;
+    }
+    for (const DecodeStep& step : decoders_) toks = apply(step, std::move(toks), continued);
+    std::string out;
+    for (const std::string& t : toks) out += t;
+    return out;
+  }
+
+  static std::vector<std::string> apply(const DecodeStep& step, std::vector<std::string> toks, bool continued) {
+    std::vector<std::string> out;
+    switch (step.kind) {
+      case DecodeStep::byte_level:  // stand-ins back to bytes (a token with other characters stays as it is)
+        for (std::string& t : toks) {
+          std::string bytes;
+          bool all = true;
+          for (size_t i = 0; i < t.size() && all;) {
+            const size_t n = utf8_len(static_cast<unsigned char>(t[i]));
+            uint32_t cp =
+                n == 1 ? static_cast<unsigned char>(t[i]) : static_cast<unsigned char>(t[i]) & (0xFF >> (n + 1));
+            for (size_t k = 1; k < n && i + k < t.size(); ++k)
+              cp = (cp << 6) | (static_cast<unsigned char>(t[i + k]) & 0x3F);
+            const auto b = byte_map().to_byte.find(cp);
+            all = b != byte_map().to_byte.end();
+            if (all) bytes += static_cast<char>(b->second);
+            i += n;
+          }
+          out.push_back(all ? bytes : t);
+        }
+        return out;
+      case DecodeStep::replace:
+        for (std::string& t : toks) out.push_back(replace_all(t, step.from, step.to));
+        return out;
+      case DecodeStep::byte_fallback: {
+        std::string run;  // the bytes of consecutive <0xXX> tokens
+        auto flush = [&] {
+          if (run.empty()) return;
+          if (continued || valid_utf8(run)) {
+            out.push_back(run);
+          } else {
+            for (size_t i = 0; i < run.size(); ++i) out.push_back("\xEF\xBF\xBD");
+          }
+          run.clear();
+        };
+        for (std::string& t : toks) {
+          if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
+              std::isxdigit(static_cast<unsigned char>(t[3])) && std::isxdigit(static_cast<unsigned char>(t[4]))) {
+            run += static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16));
+            continue;
+          }
+          flush();
+          out.push_back(std::move(t));
+        }
+        flush();
+        return out;
+      }
+      case DecodeStep::fuse: {
+        std::string all;
+        for (const std::string& t : toks) all += t;
+        return {all};
+      }
+      case DecodeStep::strip:
+        for (std::string& t : toks) {
+          const size_t c = step.content.size();
+          size_t lo = 0, hi = t.size();
+          for (int64_t k = 0; !continued && k < step.start && lo + c <= hi && t.compare(lo, c, step.content) == 0; ++k)
+            lo += c;
+          for (int64_t k = 0; k < step.stop && hi >= lo + c && t.compare(hi - c, c, step.content) == 0; ++k) hi -= c;
+          out.push_back(t.substr(lo, hi - lo));
+        }
+        return out;
+      case DecodeStep::metaspace:
+        for (size_t i = 0; i < toks.size(); ++i)
+          out.push_back(replace_all(toks[i], step.from, i == 0 && step.drop_first && !continued ? "" : " "));
+        return out;
+    }
+    return out;
+  }
+
+  static bool valid_utf8(const std::string& s) {
+    for (size_t i = 0; i < s.size();) {
+      const auto c = static_cast<unsigned char>(s[i]);
+      const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+      if (n == 0 || i + n > s.size()) return false;
+      uint32_t cp = n == 1 ? c : c & (0xFF >> (n + 1));
+      for (size_t k = 1; k < n; ++k) {
+        const auto b = static_cast<unsigned char>(s[i + k]);
+        if ((b & 0xC0) != 0x80) return false;
+        cp = (cp << 6) | (b & 0x3F);
+      }
+      static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+      if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
       i += n;
     }
-    while (sym.size() > 1) {
-      int64_t best = INT64_MAX;
-      size_t at = 0;
-      for (size_t i = 0; i + 1 < sym.size(); ++i) {
-        const auto it = ranks_.find(sym[i] + '\0' + sym[i + 1]);
-        if (it != ranks_.end() && it->second < best) best = it->second, at = i;
-      }
-      if (best == INT64_MAX) break;
-      sym[at] += sym[at + 1];
-      sym.erase(sym.begin() + static_cast<std::ptrdiff_t>(at) + 1);
-    }
-    for (const std::string& s : sym) {
-      const auto it = vocab_.find(s);
-      check(it != vocab_.end(), where_, ": the piece '", s, "' is not in the vocabulary (no unk_token)");
-      ids.push_back(it->second);
-    }
+    return true;
   }
 
   void build_id_text() const {
@@ -418,16 +727,19 @@ class BpeTokenizer final : public Tokenizer {
   }
 
   std::string where_;
-  std::unordered_map<std::string, int64_t> vocab_, ranks_;
+  std::unordered_map<std::string, int64_t> vocab_;
+  std::unordered_map<uint64_t, std::pair<int64_t, int64_t>> merges_;
+  std::array<int64_t, 256> byte_id_{};  // the id of <0xXX>, or -1
   std::map<std::string, int64_t> added_;
   std::map<int64_t, std::string> added_text_;
   std::vector<std::string> added_by_length_;
   std::array<bool, 256> added_first_{};  // the bytes an added token can start with
-  std::unique_ptr<Normalizer> normalizer_;
+  std::vector<NormStep> norm_;
   std::vector<PreStep> pre_;
+  std::vector<DecodeStep> decoders_;
   std::vector<int64_t> prefix_, suffix_;
-  bool ignore_merges_ = false;
-  int64_t vocab_size_ = 0;
+  bool byte_level_ = false, byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false, has_decoder_ = false;
+  int64_t unk_id_ = -1, vocab_size_ = 0;
   mutable std::vector<std::string> id_text_;
 };
 
