@@ -126,50 +126,64 @@ TEST(MaskDecode, WindowAndDocumentsMatchReference) {
     }
 }
 
+// Short documents with a window, and a long sequence whose query tiles see runs of
+// more than 8 key tiles (the forward's softmax steps over groups of key tiles),
+// broken by documents and ending in a partial tile.
 TEST(MaskIsa, EveryPathMatchesReference) {
   for (Isa isa : supported_isas())
-    for (DType dt : {DType::f32, DType::bf16}) {
-      AttnCase c;
-      c.B = 1, c.Lq = c.Lk = 200, c.H = 4, c.Hkv = 1, c.d = 64, c.causal = true, c.in = c.out = dt;
-      c.cu_q = kDocs, c.window_left = 20;
-      const auto& all = all_isas();
-      c.isa = &*std::find(all.begin(), all.end(), isa);
-      SCOPED_TRACE(cat(isa_name(isa), " ", c.name()));
-      AttnData a = make_data(c, true);
-      run_forward(c, a);
-      check_forward(c, a, tol_for(dt));
-      run_backward(c, a);
-      check_backward(c, a, dt == DType::f32 ? kTolF32 : kTolBf16Bwd);
-    }
+    for (DType dt : {DType::f32, DType::bf16})
+      for (int64_t L : {int64_t{200}, int64_t{1250}}) {
+        AttnCase c;
+        c.B = 1, c.Lq = c.Lk = L, c.H = 4, c.Hkv = 1, c.d = 64, c.causal = true, c.in = c.out = dt;
+        if (L == 200) {
+          c.cu_q = kDocs, c.window_left = 20;
+        } else {
+          c.H = 2, c.causal = false, c.window_left = 700, c.window_right = 100;
+          c.cu_q = std::vector<int32_t>{0, 3, 640, 1250};
+        }
+        const auto& all = all_isas();
+        c.isa = &*std::find(all.begin(), all.end(), isa);
+        SCOPED_TRACE(cat(isa_name(isa), " ", c.name()));
+        AttnData a = make_data(c, true);
+        run_forward(c, a);
+        check_forward(c, a, tol_for(dt));
+        run_backward(c, a);
+        check_backward(c, a, dt == DType::f32 ? kTolF32 : kTolBf16Bwd);
+      }
 }
 
 // Keys of a document without queries are visible to nobody: whole tiles of them
-// (here 256 keys from 256 on) are NaN and the kernels must never read them. (A
-// tile is skipped from its ranges of positions and documents, so the query tiles
-// here hold one document each: 384 = 4 tiles of 96, 6 of 64.)
+// (here 256 keys from 768 on: 4 tiles of 64, one decode chunk of 256) are NaN and
+// the kernels must never read them, on every path. (A tile is skipped from its
+// ranges of positions and documents, so the query tiles here hold one document
+// each: 384 = 4 tiles of 96; the keys are 12 tiles seen, 4 skipped, 12 seen.)
 TEST(MaskSkipping, TilesNoQuerySeesAreNeverRead) {
-  for (int64_t Lq : {int64_t{2}, int64_t{384}}) {  // the decode path and the tiled kernels
-    AttnCase c;
-    c.B = 1, c.Lq = Lq, c.Lk = 768, c.H = 2, c.Hkv = 1, c.d = 32, c.causal = true;
-    const int32_t lq = static_cast<int32_t>(Lq);
-    c.cu_q = std::vector<int32_t>{0, lq / 2, lq / 2, lq};
-    c.cu_k = std::vector<int32_t>{0, 256, 512, 768};
-    SCOPED_TRACE(c.name());
-    AttnData a = make_data(c, true);
-    for (TestTensor* t : {&a.k, &a.v})
-      for (int64_t j = 256; j < 512; ++j)
-        for (int64_t h = 0; h < c.Hkv; ++h)
-          for (int64_t x = 0; x < c.d; ++x) {
-            const int64_t idx[4] = {0, j, h, x};
-            store_from_f32(t->view.data, t->view.dtype, offset_of(t->view, idx), quiet_nan());
-          }
-    run_forward(c, a);
-    EXPECT_FALSE(any_nan(a.o));
-    if (Lq > 2) {
-      run_backward(c, a);
-      EXPECT_FALSE(any_nan(a.dq));
-    }
-  }
+  for (Isa isa : supported_isas())
+    for (DType dt : {DType::f32, DType::bf16})
+      for (int64_t Lq : {int64_t{2}, int64_t{384}}) {  // the decode path and the tiled kernels
+        AttnCase c;
+        c.B = 1, c.Lq = Lq, c.Lk = 1792, c.H = 2, c.Hkv = 1, c.d = 32, c.causal = true, c.in = c.out = dt;
+        const int32_t lq = static_cast<int32_t>(Lq);
+        c.cu_q = std::vector<int32_t>{0, lq / 2, lq / 2, lq};
+        c.cu_k = std::vector<int32_t>{0, 768, 1024, 1792};
+        const auto& all = all_isas();
+        c.isa = &*std::find(all.begin(), all.end(), isa);
+        SCOPED_TRACE(cat(isa_name(isa), " ", c.name()));
+        AttnData a = make_data(c, true);
+        for (TestTensor* t : {&a.k, &a.v})
+          for (int64_t j = 768; j < 1024; ++j)
+            for (int64_t h = 0; h < c.Hkv; ++h)
+              for (int64_t x = 0; x < c.d; ++x) {
+                const int64_t idx[4] = {0, j, h, x};
+                store_from_f32(t->view.data, t->view.dtype, offset_of(t->view, idx), quiet_nan());
+              }
+        run_forward(c, a);
+        EXPECT_FALSE(any_nan(a.o));
+        if (Lq > 2) {
+          run_backward(c, a);
+          EXPECT_FALSE(any_nan(a.dq));
+        }
+      }
 }
 
 TEST(MaskErrors, BadCuSeqlensAndWindowsAreNamed) {

@@ -38,11 +38,9 @@ static inline Vf vsel_neg(Vf z, Vf a, Vf b) {
 static inline float vhmax(Vf a) { return _mm512_reduce_max_ps(a.r); }
 static inline float vhsum(Vf a) { return _mm512_reduce_add_ps(a.r); }
 static inline Vf vround(Vf a) { return {_mm512_roundscale_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-// 2^n for integral n in [-127, 0]: n = -127 gives exactly 0.
-static inline Vf vpow2i(Vf n) {
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n.r), _mm512_set1_epi32(127)), 23);
-  return {_mm512_castsi512_ps(e)};
-}
+// p·2^n for integral n (vscalefps); n = −160 gives 0 for the p of vexp2.
+static inline Vf vscale2(Vf p, Vf n) { return {_mm512_scalef_ps(p.r, n.r)}; }
+inline constexpr float kExp2Lo = -160.f;
 #elif RA_LEVEL == 1
 struct Vf {
   __m256 r;
@@ -79,10 +77,12 @@ static inline float vhsum(Vf a) {
   return _mm_cvtss_f32(m);
 }
 static inline Vf vround(Vf a) { return {_mm256_round_ps(a.r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-static inline Vf vpow2i(Vf n) {
+// p·2^n for integral n in [-127, 0]: n = -127 gives exactly 0 (the exponent field 0).
+static inline Vf vscale2(Vf p, Vf n) {
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.r), _mm256_set1_epi32(127)), 23);
-  return {_mm256_castsi256_ps(e)};
+  return vmul(p, {_mm256_castsi256_ps(e)});
 }
+inline constexpr float kExp2Lo = -127.f;
 #else
 // Plain x86-64: 4-lane arrays the compiler maps onto SSE2.
 struct Vf {
@@ -125,23 +125,26 @@ static inline float vhmax(Vf a) {
 }
 static inline float vhsum(Vf a) { return (a.r[0] + a.r[1]) + (a.r[2] + a.r[3]); }
 static inline Vf vround(Vf a) { RA_MAP(__builtin_nearbyintf(a.r[i])); }
-static inline Vf vpow2i(Vf n) {
+// p·2^n for integral n in [-127, 0]: n = -127 gives exactly 0 (the exponent field 0).
+static inline Vf vscale2(Vf p, Vf n) {
   Vf out;
   for (int i = 0; i < 4; ++i) {
     uint32_t e = static_cast<uint32_t>(static_cast<int32_t>(n.r[i]) + 127) << 23;
     std::memcpy(&out.r[i], &e, 4);
+    out.r[i] *= p.r[i];
   }
   return out;
 }
+inline constexpr float kExp2Lo = -127.f;
 #undef RA_MAP
 #endif
 
 // 2^x for x <= 0 (x = -inf gives 0): x = n + f, |f| <= 1/2, 2^f by its degree-7
 // Taylor series in f·ln2 (relative error < 1e-8, below fp32 rounding). x is
-// clamped to [-127, 0] first, so that a rounding above 0 gives 1 and never an
-// exponent field that overflows (the integer conversion of a large x).
+// clamped to [kExp2Lo, 0] first (kExp2Lo gives exactly 0), so that a rounding
+// above 0 gives 1 and never an exponent field that overflows.
 static inline Vf vexp2(Vf x) {
-  x = vmin(vmax(x, vset1(-127.f)), vzero());
+  x = vmin(vmax(x, vset1(kExp2Lo)), vzero());
   Vf n = vround(x);
   Vf f = vsub(x, n);
   Vf p = vset1(1.5252733804059841e-05f);  // ln2^7/7!
@@ -152,7 +155,7 @@ static inline Vf vexp2(Vf x) {
   p = vfma(p, f, vset1(2.4022650695910071e-01f));
   p = vfma(p, f, vset1(6.9314718055994531e-01f));
   p = vfma(p, f, vset1(1.f));
-  return vmul(p, vpow2i(n));
+  return vscale2(p, n);
 }
 
 // The logistic σ(z) = 1 / (1 + e^−z) for any z, from E = e^−|z| <= 1 (so 2^x
