@@ -173,10 +173,12 @@ run_case   d_     1      1  16  50  8  4   16  4   # Lq < Lk
 $PY -c "import numpy as np; np.save('cu.npy', np.array([0, 1, 3, 10, 41, 64], np.int32))"
 $PY ref.py make w_ 1 64 64 4 4 32 5 || fail "could not create inputs w_"
 for np_ in 1 2 3 4; do  # 64 tokens over 3 ranks: uneven shards (21-22 tokens)
-  for strat in ring ulysses; do
+  for strat in ring ulysses doc-zigzag; do  # doc-zigzag: the ring on that layout
     run=("$BIN" attention)
-    [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$strat" --layout zigzag --threads 1)
-    [[ $np_ -eq 1 && $strat == ulysses ]] && continue
+    lay=zigzag s=$strat
+    [[ $strat == doc-zigzag ]] && lay=doc-zigzag s=ring
+    [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$s" --layout "$lay" --threads 1)
+    [[ $np_ -eq 1 && $strat != ring ]] && continue
     [[ $np_ -eq 3 && $strat == ulysses ]] && continue  # 4 heads do not split over 3 ranks
     if ! "${run[@]}" --q w_q.npy --k w_k.npy --v w_v.npy --dout w_do.npy --out w_o.npy --lse w_lse.npy \
         --dq w_dq.npy --dk w_dk.npy --dv w_dv.npy --causal --window 6,0 --cu-seqlens cu.npy >w.log 2>&1; then

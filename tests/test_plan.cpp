@@ -84,7 +84,7 @@ TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
 // window, and full attention: a query sees its own document's keys, positions
 // restarting in each.
 TEST(PlanCosts, DocumentFractionMatchesTheLayouts) {
-  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
     for (int P : {1, 2, 3, 4, 8})
       for (int64_t L : {int64_t{61}, int64_t{96}, int64_t{250}}) {
         const std::vector<int32_t> cu = {
@@ -95,7 +95,7 @@ TEST(PlanCosts, DocumentFractionMatchesTheLayouts) {
             double most = 0;
             for (int p = 0; p < P; ++p) {
               double pairs = 0;
-              for (int64_t i : shard_positions(l, L, P, p)) {
+              for (int64_t i : shard_positions(l, L, P, p, cu)) {
                 const int64_t d = std::upper_bound(cu.begin(), cu.end(), i) - cu.begin() - 1, s = cu[d], e = cu[d + 1];
                 pairs += static_cast<double>(!causal ? e - s : W > 0 ? std::min(i - s + 1, W) : i - s + 1);
               }

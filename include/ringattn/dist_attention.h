@@ -79,8 +79,9 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
 // The inverse of shard() over the communicator: every rank's `local` shard (its
 // layout shard of dimension seq_dim, of any length the layout gives it) written
 // into `full` at its places, on every rank (one all-gather of shards padded to
-// the longest).
-void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim = 1);
+// the longest). cu: the documents, for the doc-zigzag layout.
+void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim = 1,
+                   std::span<const int32_t> cu = {});
 
 // Exact merge of every rank's partial result for the same queries (decoding
 // against a sequence-sharded KV cache, docs/design.md §8, the §4 merge over P parts at once):

@@ -341,20 +341,21 @@ void check_same_job(Communicator& comm, const AttentionArgs& a, const Inputs& in
       "of q, k, v, dout: start every rank with the same options and --seed)");
 }
 
-Tensor shard_of(const Tensor& full, Layout layout, int P, int p, DType dtype, int seq_dim = 1) {
+Tensor shard_of(const Tensor& full, Layout layout, std::span<const int32_t> cu, int P, int p, DType dtype) {
   std::vector<int64_t> shape(full.view().shape.begin(), full.view().shape.begin() + full.rank());
-  shape[seq_dim] = shard_length(layout, shape[seq_dim], P, p);
+  shape[1] = shard_length(layout, shape[1], P, p, cu);
   Tensor s(dtype, static_cast<int>(shape.size()), shape.data());
-  shard(full, s, layout, P, p, seq_dim);
+  shard(full, s, layout, P, p, 1, cu);
   return s;
 }
 
 // Every rank's shard of x gathered and put back in global order (on every rank).
-Tensor gather_full(Communicator& comm, const Tensor& x, Layout layout, int64_t L, int seq_dim = 1) {
+Tensor gather_full(Communicator& comm, const Tensor& x, Layout layout, std::span<const int32_t> cu, int64_t L,
+                   int seq_dim = 1) {
   std::vector<int64_t> shape(x.view().shape.begin(), x.view().shape.begin() + x.rank());
   shape[seq_dim] = L;
   Tensor full(x.dtype(), static_cast<int>(shape.size()), shape.data());
-  gather_shards(comm, x, full, layout, seq_dim);
+  gather_shards(comm, x, full, layout, seq_dim, cu);
   return full;
 }
 
@@ -387,13 +388,14 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   global.threads = a.threads;
   global.isa = &isa;
   const int64_t B = in.q.dim(0), L = in.q.dim(1), H = in.q.dim(2), d = in.q.dim(3), Hkv = in.k.dim(2);
-  check_layout(opt.layout, L, P);
-  Tensor q = shard_of(in.q, opt.layout, P, p, dtype), k = shard_of(in.k, opt.layout, P, p, dtype),
-         v = shard_of(in.v, opt.layout, P, p, dtype);
-  Tensor dout = in.backward ? shard_of(in.dout, opt.layout, P, p, dtype) : Tensor();
+  check_layout(opt.layout, L, P, cu_seqlens);
+  Tensor q = shard_of(in.q, opt.layout, cu_seqlens, P, p, dtype),
+         k = shard_of(in.k, opt.layout, cu_seqlens, P, p, dtype),
+         v = shard_of(in.v, opt.layout, cu_seqlens, P, p, dtype);
+  Tensor dout = in.backward ? shard_of(in.dout, opt.layout, cu_seqlens, P, p, dtype) : Tensor();
   const bool keep_full = a.check && p == 0;
   if (!keep_full) in = Inputs{Tensor(), Tensor(), Tensor(), Tensor(), in.backward, in.cu_q, in.cu_k};
-  const int64_t Ll = shard_length(opt.layout, L, P, p);
+  const int64_t Ll = shard_length(opt.layout, L, P, p, cu_seqlens);
   Tensor o(DType::f32, {B, Ll, H, d}), lse(DType::f32, {B, H, Ll});
   Tensor dq, dk, dv;
   if (in.backward) dq = like(q, DType::f32), dk = like(k, DType::f32), dv = like(v, DType::f32);
@@ -419,12 +421,13 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
   const bool need_full = a.check || !a.out.empty() || !a.lse.empty() || !a.dq.empty() || !a.dk.empty() || !a.dv.empty();
   nlohmann::json errors;
   if (need_full) {
-    Tensor o_full = gather_full(*comm, o, opt.layout, L), lse_full = gather_full(*comm, lse, opt.layout, L, 2);
+    Tensor o_full = gather_full(*comm, o, opt.layout, cu_seqlens, L),
+           lse_full = gather_full(*comm, lse, opt.layout, cu_seqlens, L, 2);
     Tensor dq_full, dk_full, dv_full;
     if (in.backward) {
-      dq_full = gather_full(*comm, dq, opt.layout, L);
-      dk_full = gather_full(*comm, dk, opt.layout, L);
-      dv_full = gather_full(*comm, dv, opt.layout, L);
+      dq_full = gather_full(*comm, dq, opt.layout, cu_seqlens, L);
+      dk_full = gather_full(*comm, dk, opt.layout, cu_seqlens, L);
+      dv_full = gather_full(*comm, dv, opt.layout, cu_seqlens, L);
     }
     if (p == 0) {
       if (!a.out.empty()) save_npy(a.out, o_full);
@@ -555,8 +558,10 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--threads", a->threads, "threads per process (default: OpenMP's)")->check(thread_count());
   cmd->add_option("--strategy", a->strategy, "distributed strategy under mpirun: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}));
-  cmd->add_option("--layout", a->layout, "sequence layout: contiguous, zigzag, striped")
-      ->check(CLI::IsMember({"contiguous", "zigzag", "striped"}))
+  cmd->add_option("--layout", a->layout,
+                  "sequence layout: contiguous, zigzag, striped, or doc-zigzag (zigzag inside each document of "
+                  "--cu-seqlens)")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped", "doc-zigzag"}))
       ->capture_default_str();
   cmd->add_flag("--check", a->check, "compare the distributed result with one rank's (max relative error)");
   cmd->add_flag("--no-overlap", a->no_overlap, "do not poll communication between compute tiles");

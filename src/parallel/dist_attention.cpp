@@ -113,11 +113,12 @@ struct Call {
         check(all[r * t.size() + i] == lens[r], "shard length mismatch: rank ", r, "'s ", names[i], " shard has ",
               all[r * t.size() + i], " tokens but its q shard ", lens[r],
               " (sequence parallel attention is self-attention)");
-    check_layout(opt.layout, L, P);
+    if (!opt.cu_seqlens.empty()) check_cu_seqlens(opt.cu_seqlens, L, "cu_seqlens");
+    check_layout(opt.layout, L, P, opt.cu_seqlens);
     for (int r = 0; r < P; ++r)
-      check(lens[r] == shard_length(opt.layout, L, P, r), "shard length mismatch: rank ", r, " passes ", lens[r],
-            " tokens but the ", layout_name(opt.layout), " layout of L=", L, " over ", P, " ranks gives it ",
-            shard_length(opt.layout, L, P, r), " (the shards of all ranks add up to L)");
+      check(lens[r] == shard_length(opt.layout, L, P, r, opt.cu_seqlens), "shard length mismatch: rank ", r, " passes ",
+            lens[r], " tokens but the ", layout_name(opt.layout), " layout of L=", L, " over ", P, " ranks gives it ",
+            shard_length(opt.layout, L, P, r, opt.cu_seqlens), " (the shards of all ranks add up to L)");
     AttentionOptions contract;
     contract.scale = opt.scale, contract.causal = opt.causal;
     contract.window_left = opt.window_left, contract.window_right = opt.window_right;
@@ -125,7 +126,6 @@ struct Call {
     B = a.B, Ll = a.Lq, H = a.H, d = a.d, Hkv = a.Hkv;
     dtype = q.dtype;
     if (t.size() > 5) check_attention_grads(q, k, *t[5], *t[6], *t[7], *t[8]);
-    if (!opt.cu_seqlens.empty()) check_cu_seqlens(opt.cu_seqlens, L, "cu_seqlens");
     masked = opt.causal || a.window_left >= 0 || a.window_right >= 0 || !opt.cu_seqlens.empty();
     left = a.window_left, right = a.window_right;
     check(dev.is_host() || (opt.cu_seqlens.empty() && a.window_left < 0 && a.window_right < 0),
@@ -251,11 +251,11 @@ struct InFlight {
   }
 };
 
-std::vector<int64_t> all_positions(Layout l, int64_t L, int P) {
+std::vector<int64_t> all_positions(Layout l, int64_t L, int P, std::span<const int32_t> cu) {
   std::vector<int64_t> pos;
   pos.reserve(static_cast<size_t>(L));
   for (int r = 0; r < P; ++r) {
-    const std::vector<int64_t> s = shard_positions(l, L, P, r);
+    const std::vector<int64_t> s = shard_positions(l, L, P, r, cu);
     pos.insert(pos.end(), s.begin(), s.end());
   }
   return pos;
@@ -336,7 +336,8 @@ struct Ring {
 
 Ring plain_ring(const Call& c) {
   std::vector<Tokens> members;
-  for (int m = 0; m < c.P; ++m) members.push_back(c.tokens(shard_positions(c.opt.layout, c.L, c.P, m)));
+  for (int m = 0; m < c.P; ++m)
+    members.push_back(c.tokens(shard_positions(c.opt.layout, c.L, c.P, m, c.opt.cu_seqlens)));
   return Ring(c, c.comm, std::move(members));
 }
 
@@ -566,8 +567,8 @@ void reduce_scatter_seq(Call& c, const Tensor& full, const TensorView& out) {
 
 void allgather_forward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                        const TensorView& lse) {
-  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p));
-  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P));
+  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p, c.opt.cu_seqlens));
+  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P, c.opt.cu_seqlens));
   Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
   c.timed([&] { attention_forward(q, k_all, v_all, o, lse, c.local(qt, kt)); });
 }
@@ -575,8 +576,8 @@ void allgather_forward(Call& c, const TensorView& q, const TensorView& k, const 
 void allgather_backward(Call& c, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
                         const TensorView& lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
                         const TensorView& dv) {
-  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p));
-  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P));
+  const Tokens qt = c.tokens(shard_positions(c.opt.layout, c.L, c.P, c.p, c.opt.cu_seqlens));
+  const Tokens kt = c.tokens(all_positions(c.opt.layout, c.L, c.P, c.opt.cu_seqlens));
   Tensor k_all = gather_seq(c, k), v_all = gather_seq(c, v);
   Tensor dk_all(DType::f32, {c.B, c.L, c.Hkv, c.d}), dv_all(DType::f32, {c.B, c.L, c.Hkv, c.d});
   c.timed([&] { attention_backward(q, k_all, v_all, o, lse, dout, dq, dk_all, dv_all, c.local(qt, kt)); });
@@ -688,7 +689,7 @@ Ring hybrid_ring(const Call& c) {
   for (int m = 0; m < R; ++m) {
     std::vector<int64_t> pos;
     for (int u = 0; u < U; ++u) {
-      const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u);
+      const std::vector<int64_t> s = shard_positions(c.opt.layout, c.L, c.P, m * U + u, c.opt.cu_seqlens);
       pos.insert(pos.end(), s.begin(), s.end());
     }
     members.push_back(c.tokens(std::move(pos)));
@@ -705,7 +706,7 @@ void forward(Call& c, const TensorView& q, const TensorView& k, const TensorView
       return allgather_forward(c, q, k, v, o, lse);
     case Strategy::ulysses: {
       check_ulysses(c);
-      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P));
+      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P, c.opt.cu_seqlens));
       return ulysses_forward(c, c.comm, q, k, v, o, lse,
                              [&](auto&... t) { c.timed([&] { attention_forward(t..., c.local(all, all)); }); });
     }
@@ -727,7 +728,7 @@ void backward(Call& c, const TensorView& q, const TensorView& k, const TensorVie
       return allgather_backward(c, q, k, v, o, lse, dout, dq, dk, dv);
     case Strategy::ulysses: {
       check_ulysses(c);
-      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P));
+      const Tokens all = c.tokens(all_positions(c.opt.layout, c.L, c.P, c.opt.cu_seqlens));
       return ulysses_backward(c, c.comm, q, k, v, o, lse, dout, dq, dk, dv,
                               [&](auto&... t) { c.timed([&] { attention_backward(t..., c.local(all, all)); }); });
     }
@@ -758,14 +759,15 @@ void dist_attention_backward(Communicator& comm, const TensorView& q, const Tens
   backward(c, q, k, v, o, lse, dout, dq, dk, dv);
 }
 
-void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim) {
+void gather_shards(Communicator& comm, const TensorView& local, const TensorView& full, Layout l, int seq_dim,
+                   std::span<const int32_t> cu) {
   const int P = comm.size();
   check(seq_dim >= 0 && seq_dim < full.rank && local.rank == full.rank, "gather_shards: shard ", local.shape_str(),
         " and full ", full.shape_str(), " along dimension ", seq_dim);
   const int64_t L = full.shape[seq_dim];
-  check_layout(l, L, P);
+  check_layout(l, L, P, cu);
   int64_t Lmax = 0;
-  for (int r = 0; r < P; ++r) Lmax = std::max(Lmax, shard_length(l, L, P, r));
+  for (int r = 0; r < P; ++r) Lmax = std::max(Lmax, shard_length(l, L, P, r, cu));
   std::vector<int64_t> shape(local.shape.begin(), local.shape.begin() + local.rank);
   shape[seq_dim] = Lmax;
   Tensor mine(local.dtype, local.rank, shape.data());
@@ -775,7 +777,7 @@ void gather_shards(Communicator& comm, const TensorView& local, const TensorView
   Tensor blocks(local.dtype, static_cast<int>(shape.size()), shape.data());
   comm.all_gather(mine.ptr<void>(), blocks.ptr<void>(), mine.bytes());
   for (int r = 0; r < P; ++r)
-    unshard(blocks.view().select(0, r).slice(seq_dim, 0, shard_length(l, L, P, r)), full, l, P, r, seq_dim);
+    unshard(blocks.view().select(0, r).slice(seq_dim, 0, shard_length(l, L, P, r, cu)), full, l, P, r, seq_dim, cu);
 }
 
 void dist_merge(Communicator& comm, const TensorView& o, const TensorView& lse) {

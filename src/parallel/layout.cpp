@@ -13,15 +13,17 @@ const char* layout_name(Layout l) {
       return "contiguous";
     case Layout::zigzag:
       return "zigzag";
-    default:
+    case Layout::striped:
       return "striped";
+    default:
+      return "doc-zigzag";
   }
 }
 
 Layout parse_layout(const std::string& s) {
-  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
     if (s == layout_name(l)) return l;
-  throw Error(cat("unknown layout '", s, "': valid layouts are contiguous, zigzag, striped"));
+  throw Error(cat("unknown layout '", s, "': valid layouts are contiguous, zigzag, striped, doc-zigzag"));
 }
 
 namespace {
@@ -29,30 +31,63 @@ namespace {
 // Tokens [lo, hi) of piece c when L is cut into n pieces whose sizes differ by at most one.
 int64_t cut(int64_t L, int64_t n, int64_t c) { return c * L / n; }
 
-}  // namespace
-
-int64_t shard_length(Layout l, int64_t L, int P, int p) {
+// The tokens of rank p as runs [lo, hi) in ascending order, passed to f(lo, hi).
+template <typename F>
+void for_each_run(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu, F f) {
+  const int64_t n2 = 2 * static_cast<int64_t>(P);
   switch (l) {
     case Layout::contiguous:
-      return cut(L, P, p + 1) - cut(L, P, p);
+      f(cut(L, P, p), cut(L, P, p + 1));
+      break;
     case Layout::striped:
-      return p < L ? (L - p + P - 1) / P : 0;
-    default: {
-      const int64_t n = 2 * static_cast<int64_t>(P), q = 2 * static_cast<int64_t>(P) - 1 - p;
-      return cut(L, n, p + 1) - cut(L, n, p) + cut(L, n, q + 1) - cut(L, n, q);
+      for (int64_t i = p; i < L; i += P) f(i, i + 1);
+      break;
+    case Layout::zigzag:
+      for (int64_t c : {static_cast<int64_t>(p), n2 - 1 - p}) f(cut(L, n2, c), cut(L, n2, c + 1));
+      break;
+    case Layout::doc_zigzag: {
+      const size_t nd = cu.empty() ? 1 : cu.size() - 1;
+      for (size_t i = 0; i < nd; ++i) {
+        const int64_t a = cu.empty() ? 0 : cu[i], n = (cu.empty() ? L : cu[i + 1]) - a;
+        for (int64_t c : {static_cast<int64_t>(p), n2 - 1 - p}) f(a + cut(n, n2, c), a + cut(n, n2, c + 1));
+      }
+      break;
     }
   }
 }
 
-void check_layout(Layout l, int64_t L, int P) {
+void check_documents(Layout l, int64_t L, std::span<const int32_t> cu) {
+  if (l != Layout::doc_zigzag || cu.empty()) return;
+  check(cu.size() >= 2 && cu.front() == 0 && cu.back() == L, "the doc-zigzag layout needs cu_seqlens from 0 to L=", L,
+        " (got ", cu.size(), " offsets", cu.empty() ? "" : cat(" from ", cu.front(), " to ", cu.back()), ")");
+  for (size_t i = 1; i < cu.size(); ++i)
+    check(cu[i] >= cu[i - 1], "the doc-zigzag layout needs non-decreasing cu_seqlens: cu_seqlens[", i, "] = ", cu[i],
+          " < cu_seqlens[", i - 1, "] = ", cu[i - 1]);
+}
+
+}  // namespace
+
+int64_t shard_length(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu) {
+  if (l == Layout::striped) return p < L ? (L - p + P - 1) / P : 0;
+  check_documents(l, L, cu);
+  int64_t n = 0;
+  for_each_run(l, L, P, p, cu, [&](int64_t lo, int64_t hi) { n += hi - lo; });
+  return n;
+}
+
+void check_layout(Layout l, int64_t L, int P, std::span<const int32_t> cu) {
   check(P >= 1, "the number of ranks must be >= 1, got ", P);
   check(L >= 1, "the sequence length must be >= 1, got ", L);
   for (int p = 0; p < P; ++p)
-    check(shard_length(l, L, P, p) >= 1, "sequence length L=", L, " cannot be split over ", P, " ranks with the ",
-          layout_name(l), " layout: rank ", p, " would hold no token (L must be at least ", P, ")");
+    check(shard_length(l, L, P, p, cu) >= 1, "sequence length L=", L, " cannot be split over ", P, " ranks with the ",
+          layout_name(l), " layout: rank ", p, " would hold no token (",
+          l == Layout::doc_zigzag && !cu.empty() ? "its documents are too short to give every rank one"
+                                                 : cat("L must be at least ", P),
+          ")");
 }
 
 void check_even_layout(Layout l, int64_t L, int P, const char* what) {
+  check(l != Layout::doc_zigzag, what, " takes the contiguous, zigzag or striped layout, not doc-zigzag");
   check_layout(l, L, P);
   if (L % P == 0) return;  // every layout then gives every rank L/P tokens (zigzag's chunks alternate)
   const int64_t lo = L / P * P, hi = lo + P;
@@ -62,25 +97,14 @@ void check_even_layout(Layout l, int64_t L, int P, const char* what) {
                   " (uneven shards are taken by `ringattn attention` and dist_attention so far)"));
 }
 
-std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p) {
-  check_layout(l, L, P);
+std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu) {
+  check_layout(l, L, P, cu);
   check(p >= 0 && p < P, "rank ", p, " is out of range for ", P, " ranks");
   std::vector<int64_t> pos;
-  pos.reserve(static_cast<size_t>(shard_length(l, L, P, p)));
-  switch (l) {
-    case Layout::contiguous:
-      for (int64_t i = cut(L, P, p); i < cut(L, P, p + 1); ++i) pos.push_back(i);
-      break;
-    case Layout::striped:
-      for (int64_t i = p; i < L; i += P) pos.push_back(i);
-      break;
-    case Layout::zigzag: {
-      const int64_t n = 2 * static_cast<int64_t>(P);
-      for (int64_t c : {static_cast<int64_t>(p), n - 1 - p})
-        for (int64_t i = cut(L, n, c); i < cut(L, n, c + 1); ++i) pos.push_back(i);
-      break;
-    }
-  }
+  pos.reserve(static_cast<size_t>(shard_length(l, L, P, p, cu)));
+  for_each_run(l, L, P, p, cu, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) pos.push_back(i);
+  });
   return pos;
 }
 
@@ -97,29 +121,32 @@ void copy_rows(const TensorView& src, int64_t from, const TensorView& dst, int64
   copy_into(d, s);
 }
 
-void check_pair(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim) {
+void check_pair(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim,
+                std::span<const int32_t> cu) {
   check(seq_dim >= 0 && seq_dim < full.rank, "sequence dimension ", seq_dim, " is out of range for ", full.shape_str());
   check(full.rank == local.rank, "full ", full.shape_str(), " and shard ", local.shape_str(), " differ in rank");
-  check_layout(l, full.shape[seq_dim], P);
+  check_layout(l, full.shape[seq_dim], P, cu);
   for (int i = 0; i < full.rank; ++i) {
-    const int64_t want = i == seq_dim ? shard_length(l, full.shape[i], P, p) : full.shape[i];
+    const int64_t want = i == seq_dim ? shard_length(l, full.shape[i], P, p, cu) : full.shape[i];
     check(local.shape[i] == want, "shard ", local.shape_str(), " does not fit full tensor ", full.shape_str(),
           " split over ", P, " ranks (", layout_name(l), ") along dimension ", seq_dim, ": rank ", p, " holds ",
-          shard_length(l, full.shape[seq_dim], P, p), " tokens");
+          shard_length(l, full.shape[seq_dim], P, p, cu), " tokens");
   }
 }
 
 }  // namespace
 
-void shard(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim) {
-  check_pair(full, local, l, P, p, seq_dim);
-  const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p);
+void shard(const TensorView& full, const TensorView& local, Layout l, int P, int p, int seq_dim,
+           std::span<const int32_t> cu) {
+  check_pair(full, local, l, P, p, seq_dim, cu);
+  const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p, cu);
   for (size_t i = 0; i < pos.size(); ++i) copy_rows(full, pos[i], local, static_cast<int64_t>(i), seq_dim);
 }
 
-void unshard(const TensorView& local, const TensorView& full, Layout l, int P, int p, int seq_dim) {
-  check_pair(full, local, l, P, p, seq_dim);
-  const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p);
+void unshard(const TensorView& local, const TensorView& full, Layout l, int P, int p, int seq_dim,
+             std::span<const int32_t> cu) {
+  check_pair(full, local, l, P, p, seq_dim, cu);
+  const std::vector<int64_t> pos = shard_positions(l, full.shape[seq_dim], P, p, cu);
   for (size_t i = 0; i < pos.size(); ++i) copy_rows(local, static_cast<int64_t>(i), full, pos[i], seq_dim);
 }
 

@@ -115,7 +115,8 @@ std::vector<int64_t> document_bounds(int64_t L, std::span<const int32_t> cu) {
 // query at offset t of its document sees min(t + 1, W) keys (causal; W = L
 // without a window) or the whole document (not causal): closed-form sums over the
 // documents' parts in each of the rank's intervals (contiguous: one, zigzag:
-// two), or over the arithmetic progression of a striped shard in each document.
+// two, doc-zigzag: two per document), or over the arithmetic progression of a
+// striped shard in each document.
 double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window, std::span<const int32_t> cu_seqlens) {
   const std::vector<int64_t> doc = document_bounds(L, cu_seqlens);
   const size_t n = doc.size() - 1;
@@ -164,6 +165,13 @@ double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window,
         break;
       case Layout::striped:
         pairs = striped(r);
+        break;
+      case Layout::doc_zigzag:  // zigzag's two chunks of every document
+        for (size_t d = 0; d < n; ++d) {
+          const int64_t s = doc[d], len = doc[d + 1] - s;
+          for (int64_t c : {static_cast<int64_t>(r), 2 * static_cast<int64_t>(P) - 1 - r})
+            pairs += interval(s + c * len / (2 * P), s + (c + 1) * len / (2 * P));
+        }
         break;
     }
     busiest = std::max(busiest, pairs);

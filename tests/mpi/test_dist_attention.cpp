@@ -118,28 +118,29 @@ std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
 // of `full_shape` (sequence along seq_dim) on every rank. Elements no rank wrote
 // stay NaN.
 TestTensor gather_full(Communicator& comm, const TensorView& local, const std::vector<int64_t>& full_shape, Layout l,
-                       int seq_dim) {
+                       std::span<const int32_t> cu, int seq_dim) {
   TestTensor full = make_tensor(local.dtype, full_shape);
-  gather_shards(comm, local, full, l, seq_dim);
+  gather_shards(comm, local, full, l, seq_dim, cu);
   return full;
 }
 
 // The shard of rank p of a full tensor, in a new (optionally strided, NaN-padded) buffer.
-TestTensor shard_of(const TensorView& full, Layout l, int P, int p, int seq_dim, bool strided) {
+TestTensor shard_of(const TensorView& full, Layout l, std::span<const int32_t> cu, int P, int p, int seq_dim,
+                    bool strided) {
   std::vector<int64_t> shape(full.shape.begin(), full.shape.begin() + full.rank);
-  shape[seq_dim] = shard_length(l, shape[seq_dim], P, p);
+  shape[seq_dim] = shard_length(l, shape[seq_dim], P, p, cu);
   TestTensor t = full.rank == 4 ? make_bshd(full.dtype, shape[0], shape[1], shape[2], shape[3], strided)
                                 : make_bhl(shape[0], shape[1], shape[2], strided);
-  shard(full, t, l, P, p, seq_dim);
+  shard(full, t, l, P, p, seq_dim, cu);
   return t;
 }
 
 // A fresh local output buffer of the shard shape of `full_shape`, pre-filled with
 // garbage so that every element the library should write is checked.
-TestTensor local_out(DType dt, const std::vector<int64_t>& full_shape, Layout l, int P, int p, int seq_dim,
-                     bool strided, float garbage) {
+TestTensor local_out(DType dt, const std::vector<int64_t>& full_shape, Layout l, std::span<const int32_t> cu, int P,
+                     int p, int seq_dim, bool strided, float garbage) {
   std::vector<int64_t> s = full_shape;
-  s[seq_dim] = shard_length(l, s[seq_dim], P, p);
+  s[seq_dim] = shard_length(l, s[seq_dim], P, p, cu);
   TestTensor t = s.size() == 4 ? make_bshd(dt, s[0], s[1], s[2], s[3], strided) : make_bhl(s[0], s[1], s[2], strided);
   fill_value(t, garbage);
   return t;
@@ -165,9 +166,10 @@ struct DistCase {
     std::string mask =
         window_left >= 0 || window_right >= 0 ? cat("_win", side(window_left), "_", side(window_right)) : std::string();
     if (!cu_seqlens.empty()) mask += cat("_docs", cu_seqlens.size() - 1);
-    return cat(strategy_name(strategy), "_", layout_name(layout), causal ? "_causal" : "_full", mask, "_",
-               dtype_name(dt), "_B", B, "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "",
-               overlap ? "" : "_nooverlap");
+    std::string lay = layout_name(layout);
+    std::replace(lay.begin(), lay.end(), '-', '_');  // a test name takes no '-'
+    return cat(strategy_name(strategy), "_", lay, causal ? "_causal" : "_full", mask, "_", dtype_name(dt), "_B", B,
+               "_L", L, "_H", H, "_Hkv", Hkv, "_d", d, strided ? "_strided" : "", overlap ? "" : "_nooverlap");
   }
   DistAttentionOptions dist_options() const {
     DistAttentionOptions o;
@@ -196,9 +198,13 @@ struct DistCase {
   std::vector<int64_t> kv_shape() const { return {B, L, Hkv, d}; }
   std::vector<int64_t> lse_shape() const { return {B, H, L}; }
   // Whether L splits over P ranks in this layout.
-  bool layout_fits(int P) const { return L >= P; }  // every rank holds a token
+  bool layout_fits(int P) const {  // every rank holds a token
+    for (int p = 0; p < P; ++p)
+      if (L < P || shard_length(layout, L, P, p, cu_seqlens) == 0) return false;
+    return true;
+  }
   // Whether every shard holds L/P tokens (the traffic formulas assume it).
-  bool even(int P) const { return L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
+  bool even(int P) const { return layout != Layout::doc_zigzag && L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
   // Whether the strategy must refuse this P (Ulysses: heads not divisible by P).
   bool must_refuse(int P) const { return strategy == Strategy::ulysses && (H % P != 0 || Hkv % P != 0); }
 };
@@ -243,17 +249,17 @@ struct LocalProblem {
 
 LocalProblem make_local(const DistCase& c, const FullProblem& f, int P, int p) {
   LocalProblem s;
-  s.q = shard_of(f.q, c.layout, P, p, 1, c.strided);
-  s.k = shard_of(f.k, c.layout, P, p, 1, c.strided);
-  s.v = shard_of(f.v, c.layout, P, p, 1, c.strided);
-  s.dout = shard_of(f.dout, c.layout, P, p, 1, c.strided);
-  s.o_in = shard_of(f.o, c.layout, P, p, 1, c.strided);
-  s.lse_in = shard_of(f.lse, c.layout, P, p, 2, c.strided);
-  s.o = local_out(c.dt, c.q_shape(), c.layout, P, p, 1, c.strided, quiet_nan());
-  s.lse = local_out(DType::f32, c.lse_shape(), c.layout, P, p, 2, c.strided, quiet_nan());
-  s.dq = local_out(c.dt, c.q_shape(), c.layout, P, p, 1, c.strided, 1234.5f);
-  s.dk = local_out(c.dt, c.kv_shape(), c.layout, P, p, 1, c.strided, -777.f);
-  s.dv = local_out(c.dt, c.kv_shape(), c.layout, P, p, 1, c.strided, 42.f);
+  s.q = shard_of(f.q, c.layout, c.cu_seqlens, P, p, 1, c.strided);
+  s.k = shard_of(f.k, c.layout, c.cu_seqlens, P, p, 1, c.strided);
+  s.v = shard_of(f.v, c.layout, c.cu_seqlens, P, p, 1, c.strided);
+  s.dout = shard_of(f.dout, c.layout, c.cu_seqlens, P, p, 1, c.strided);
+  s.o_in = shard_of(f.o, c.layout, c.cu_seqlens, P, p, 1, c.strided);
+  s.lse_in = shard_of(f.lse, c.layout, c.cu_seqlens, P, p, 2, c.strided);
+  s.o = local_out(c.dt, c.q_shape(), c.layout, c.cu_seqlens, P, p, 1, c.strided, quiet_nan());
+  s.lse = local_out(DType::f32, c.lse_shape(), c.layout, c.cu_seqlens, P, p, 2, c.strided, quiet_nan());
+  s.dq = local_out(c.dt, c.q_shape(), c.layout, c.cu_seqlens, P, p, 1, c.strided, 1234.5f);
+  s.dk = local_out(c.dt, c.kv_shape(), c.layout, c.cu_seqlens, P, p, 1, c.strided, -777.f);
+  s.dv = local_out(c.dt, c.kv_shape(), c.layout, c.cu_seqlens, P, p, 1, c.strided, 42.f);
   return s;
 }
 
@@ -271,12 +277,12 @@ struct Gathered {
 
 Gathered gather_all(Communicator& comm, const DistCase& c, const LocalProblem& s, bool backward) {
   Gathered g;
-  g.o = gather_full(comm, s.o, c.q_shape(), c.layout, 1);
-  g.lse = gather_full(comm, s.lse, c.lse_shape(), c.layout, 2);
+  g.o = gather_full(comm, s.o, c.q_shape(), c.layout, c.cu_seqlens, 1);
+  g.lse = gather_full(comm, s.lse, c.lse_shape(), c.layout, c.cu_seqlens, 2);
   if (backward) {
-    g.dq = gather_full(comm, s.dq, c.q_shape(), c.layout, 1);
-    g.dk = gather_full(comm, s.dk, c.kv_shape(), c.layout, 1);
-    g.dv = gather_full(comm, s.dv, c.kv_shape(), c.layout, 1);
+    g.dq = gather_full(comm, s.dq, c.q_shape(), c.layout, c.cu_seqlens, 1);
+    g.dk = gather_full(comm, s.dk, c.kv_shape(), c.layout, c.cu_seqlens, 1);
+    g.dv = gather_full(comm, s.dv, c.kv_shape(), c.layout, c.cu_seqlens, 1);
   }
   return g;
 }
@@ -393,9 +399,10 @@ std::vector<DistCase> matrix_cases() {
   };
   const std::vector<int32_t> cu = {0, 1, 3, 10, 97, 150, 151, 240};
   for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
       for (Mask m : {Mask{true, 0, -1, false}, Mask{true, 7, -1, false}, Mask{false, 5, 9, false},
                      Mask{true, 500, -1, false}, Mask{true, -1, -1, true}, Mask{false, 16, 16, true}}) {
+        if (l == Layout::doc_zigzag && !m.docs) continue;  // without documents it is zigzag
         DistCase c;
         c.strategy = s, c.layout = l, c.causal = m.causal, c.window_left = m.left, c.window_right = m.right;
         if (m.docs) c.cu_seqlens = cu;
@@ -406,9 +413,10 @@ std::vector<DistCase> matrix_cases() {
   // Uneven shards: lengths divisible by no rank count (37, 241) or by some (50),
   // causal and not, with a window and documents, fp32 and bf16.
   for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
       for (int64_t L : {int64_t{37}, int64_t{50}, int64_t{241}})
         for (int mask = 0; mask < 3; ++mask) {
+          if (l == Layout::doc_zigzag && mask != 2) continue;  // without documents it is zigzag
           DistCase c;
           c.strategy = s, c.layout = l, c.L = L, c.causal = mask != 0, c.seed = ++seed;
           c.B = 2, c.H = s == Strategy::ulysses ? 24 : 4, c.Hkv = s == Strategy::ulysses ? 24 : 2, c.d = 32;
@@ -502,9 +510,10 @@ TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
   for (int U = 1; U <= P; ++U) {
     if (P % U) continue;
     auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
       for (int mask = 0; mask < 4; ++mask)  // causal or not; documents with a window; uneven shards
         for (DType dt : {DType::f32, DType::bf16}) {
+          if (l == Layout::doc_zigzag && mask < 2) continue;  // without documents it is zigzag
           DistCase c;
           c.strategy = Strategy::hybrid, c.layout = l, c.causal = mask != 0, c.dt = dt, c.seed = ++seed;
           c.B = 2, c.L = mask == 3 ? 43 : 48, c.H = 8, c.Hkv = 4, c.d = 32;
@@ -946,6 +955,36 @@ TEST(Layout, UnevenShardsExamples) {
   // The paper's experiment: 10000 tokens on 16 ranks, zigzag, shards of 625 each.
   for (int p = 0; p < 16; ++p) EXPECT_EQ(shard_length(Layout::zigzag, 10000, 16, p), 625);
   EXPECT_EQ(shard_length(Layout::zigzag, 10001, 16, 0) + shard_length(Layout::zigzag, 10001, 16, 15), 1251);
+}
+
+// doc-zigzag: each document cut into 2P chunks, rank p holding chunks p and 2P−1−p
+// of every document; without documents it is zigzag.
+TEST(Layout, DocZigzagExamples) {
+  const std::vector<int32_t> cu = {0, 8, 12};  // documents of 8 and 4 tokens
+  EXPECT_EQ(shard_positions(Layout::doc_zigzag, 12, 2, 0, cu), (std::vector<int64_t>{0, 1, 6, 7, 8, 11}));
+  EXPECT_EQ(shard_positions(Layout::doc_zigzag, 12, 2, 1, cu), (std::vector<int64_t>{2, 3, 4, 5, 9, 10}));
+  for (int p = 0; p < 3; ++p)
+    EXPECT_EQ(shard_positions(Layout::doc_zigzag, 37, 3, p), shard_positions(Layout::zigzag, 37, 3, p));
+  // Over 3 ranks (6 chunks a document) rank 0 holds 3 tokens of the first document
+  // (chunks [0, 1) and [6, 8)) and 1 of the second (its chunk 0 is empty).
+  EXPECT_EQ(shard_length(Layout::doc_zigzag, 12, 3, 0, cu), 4);
+  EXPECT_EQ(shard_length(Layout::doc_zigzag, 12, 3, 1, cu) + shard_length(Layout::doc_zigzag, 12, 3, 2, cu), 8);
+  // Documents too short to give every rank a token, and bad offsets, are named.
+  const std::vector<int32_t> tiny = {0, 1, 2, 3};
+  EXPECT_THROW(
+      {
+        try {
+          check_layout(Layout::doc_zigzag, 3, 2, tiny);
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("documents are too short"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+  const std::vector<int32_t> bad = {0, 9, 8, 12};
+  EXPECT_THROW(shard_length(Layout::doc_zigzag, 12, 2, 0, bad), Error);
+  const std::vector<int32_t> short_cu = {0, 8};
+  EXPECT_THROW(shard_length(Layout::doc_zigzag, 12, 2, 0, short_cu), Error);
 }
 
 TEST(Layout, PositionsPartitionTheSequence) {
