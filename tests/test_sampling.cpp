@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <vector>
@@ -65,6 +66,37 @@ TEST(Sampling, ASeedRepeatsARun) {
   o.greedy = false, o.top_p = 0.9f, o.top_k = 4, o.temperature = 1.3f;
   std::mt19937_64 a(42), b(42);
   for (int i = 0; i < 100; ++i) EXPECT_EQ(sample_token(z, o, a), sample_token(z, o, b));
+}
+
+// A row split into parts (a vocabulary-parallel head): every part's candidates,
+// merged, give sample_token's pick on the whole row and leave the generator in the
+// same state — greedy, top-k, top-p, both, any temperature, ties across parts.
+TEST(Sampling, CandidatesOfPartsPickWhatTheWholeRowPicks) {
+  std::mt19937_64 gen(5);
+  std::uniform_real_distribution<float> u(-3.f, 3.f);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t V = 1 + static_cast<int64_t>(gen() % 40), T = 1 + static_cast<int64_t>(gen() % 5);
+    std::vector<float> z(static_cast<size_t>(V));
+    for (float& x : z) x = trial % 3 == 0 ? static_cast<float>(gen() % 4) : u(gen);  // many ties every third row
+    SamplingOptions o;
+    o.greedy = trial % 5 == 0;
+    o.temperature = 0.5f + static_cast<float>(trial % 4) * 0.4f;
+    o.top_k = static_cast<int64_t>(gen() % 6);
+    o.top_p = trial % 2 ? 1.f : 0.3f + static_cast<float>(trial % 7) * 0.1f;
+    std::vector<Candidate> merged;
+    for (int64_t r = 0; r < T; ++r) {
+      const int64_t a = r * V / T, b = (r + 1) * V / T;
+      const std::vector<Candidate> c =
+          sampling_candidates(std::span<const float>(z.data() + a, static_cast<size_t>(b - a)), a, o);
+      EXPECT_EQ(static_cast<int64_t>(c.size()), candidates_per_part(o, b - a));
+      merged.insert(merged.end(), c.begin(), c.end());
+    }
+    std::sort(merged.begin(), merged.end(), before);
+    std::mt19937_64 r1(trial), r2(trial);
+    EXPECT_EQ(sample_candidates(merged, o, r1), sample_token(z, o, r2))
+        << "trial " << trial << " V=" << V << " T=" << T;
+    EXPECT_EQ(r1(), r2()) << "trial " << trial;
+  }
 }
 
 TEST(Sampling, BadOptionsAreRefusedByName) {

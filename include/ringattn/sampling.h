@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <random>
 #include <span>
+#include <vector>
 
 namespace ringattn {
 
@@ -19,5 +20,26 @@ struct SamplingOptions {
 // top_p outside (0, 1], or logits with a NaN.
 void check_sampling(const SamplingOptions& o);
 int64_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng);
+
+// The same in two steps, for a row of logits split over ranks (a vocabulary-
+// parallel LM head): each part's candidates, then the pick from all parts'
+// candidates merged in `before` order. A token outside its part's candidates
+// can never be picked, so the pick equals sample_token's on the whole row.
+struct Candidate {
+  float logit;
+  int64_t id;
+};
+// Best first: the higher logit, on a tie the lower id.
+inline bool before(const Candidate& a, const Candidate& b) {
+  return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+// How many candidates a part of n logits contributes: 1 greedy, else min(top_k, n), else n.
+int64_t candidates_per_part(const SamplingOptions& o, int64_t n);
+// The candidates of logits[0, n) (token ids first_id + i), sorted by `before`;
+// throws Error for a NaN.
+std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o);
+// The pick from every part's candidates merged and sorted by `before` (a prefix
+// of them is enough: at least candidates_per_part(o, V) of the row's V tokens).
+int64_t sample_candidates(std::span<const Candidate> sorted, const SamplingOptions& o, std::mt19937_64& rng);
 
 }  // namespace ringattn

@@ -732,17 +732,58 @@ void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::s
 }
 
 // y: [N, D]   ->   logits: [N, V]
-Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView& y) {
+namespace {
+
+// This rank's columns of the logits, [N, Vl] for the vocabulary rows
+// vocab_first() .. + local_vocab() of the head (all of them without TP), in rows
+// ld floats apart.
+void lm_head_local_logits(const Model& m, const TensorView& y, float* out, int64_t ld) {
   const ModelConfig& c = m.config();
   const LmParams p = m.lm();
   check(c.is_lm() && p.head, "lm_head_logits: the model has no LM head here (not a language model's last stage)");
-  const int64_t D = c.d_model, N = y.numel() / D, V = c.vocab, Vl = m.local_vocab();
-  Communicator* tp = tp_group(m, par);
+  const int64_t D = c.d_model, N = y.numel() / D;
   std::vector<float> a(static_cast<size_t>(N * D)), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N));
   norm_forward(m.device(), c, N, y.ptr<float>(), p.norm_g, p.norm_b, a.data(), mean.data(), rstd.data());
+  gemm(false, true, N, m.local_vocab(), D, 1.f, a.data(), D, p.head, D, 0.f, out, ld);
+}
+
+// The next token from one row of logits whose vocabulary is split over the TP
+// group (this rank's part: ids v0 .. v0 + part.size()): each rank's candidates
+// (one greedy, top_k, else all) travel, not the row; every rank merges them
+// alike and draws the same pick. A NaN anywhere is an error on every rank.
+int64_t sample_split(Communicator* tp, std::span<const float> part, int64_t v0, int64_t V, const SamplingOptions& o,
+                     std::mt19937_64& rng) {
+  if (!tp) return sample_token(part, o, rng);
+  const int T = tp->size();
+  const int64_t k = candidates_per_part(o, (V + T - 1) / T);  // per rank, padded to the widest part's
+  const bool nan = std::any_of(part.begin(), part.end(), [](float z) { return std::isnan(z); });
+  std::vector<Candidate> mine(static_cast<size_t>(k + 1), Candidate{-std::numeric_limits<float>::infinity(), -1});
+  mine[0].id = nan;  // entry 0: the flag
+  if (!nan) {
+    const std::vector<Candidate> c = sampling_candidates(part, v0, o);
+    std::copy(c.begin(), c.end(), mine.begin() + 1);
+  }
+  std::vector<Candidate> all(static_cast<size_t>(T * (k + 1)));
+  tp->all_gather(mine.data(), all.data(), mine.size() * sizeof(Candidate));
+  std::vector<Candidate> merged;
+  for (int r = 0; r < T; ++r) {
+    check(all[r * (k + 1)].id == 0, "the logits hold a NaN (vocabulary part of TP rank ", r,
+          "): nothing can be sampled");
+    for (int64_t i = 1; i <= k; ++i)
+      if (all[r * (k + 1) + i].id >= 0) merged.push_back(all[r * (k + 1) + i]);
+  }
+  std::sort(merged.begin(), merged.end(), before);
+  return sample_candidates(merged, o, rng);
+}
+
+}  // namespace
+
+Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView& y) {
+  const int64_t N = y.numel() / m.config().d_model, V = m.config().vocab;
+  Communicator* tp = tp_group(m, par);
   Tensor logits(DType::f32, {N, V});
   if (!tp) {
-    gemm(false, true, N, V, D, 1.f, a.data(), D, p.head, D, 0.f, logits.ptr<float>(), V);
+    lm_head_local_logits(m, y, logits.ptr<float>(), V);
     return logits;
   }
   // This rank's columns [N, Vl], padded to the widest rank's, gathered over the
@@ -750,7 +791,7 @@ Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView
   const int T = tp->size();
   const int64_t Vw = (V + T - 1) / T;
   std::vector<float> mine(static_cast<size_t>(N * Vw), 0.f), all(static_cast<size_t>(T * N * Vw));
-  gemm(false, true, N, Vl, D, 1.f, a.data(), D, p.head, D, 0.f, mine.data(), Vw);
+  lm_head_local_logits(m, y, mine.data(), Vw);
   tp->all_gather(mine.data(), all.data(), mine.size() * sizeof(float));
   for (int r = 0; r < T; ++r) {
     const int64_t first = vocab_row(V, T, r), n = vocab_row(V, T, r + 1) - first;
@@ -1054,7 +1095,11 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
   // and every P-th token after it.
   const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 2;
   KVCache cache(m, B, capacity, P, p);
-  std::vector<float> last(static_cast<size_t>(B * V), 0.f);  // the logits of each sequence's newest token
+  // The logits of each sequence's newest token: this rank's vocabulary columns
+  // [B, Vl] (the TP group samples from its parts' candidates, never gathering rows).
+  Communicator* tp = m.last_stage() ? tp_group(m, par) : nullptr;
+  const int64_t Vl = m.last_stage() ? m.local_vocab() : V, v0 = tp ? m.vocab_first() : 0;
+  std::vector<float> last(static_cast<size_t>(B * Vl), 0.f);
   // Under PP the first stage embeds and the others receive their input from the
   // stage before (x gives them only its shape); the last stage alone has logits,
   // samples, and sends its picks to every stage.
@@ -1076,18 +1121,17 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     const std::vector<int64_t> pos = sequence_shard(par, Lp);
     const std::vector<int64_t> local = lm_local_ids(prefix, n, Lp, pos);
     const DeviceTensor y = prefill(m, cache, embed(local, n, pos), first, par, pp);
-    std::vector<float> rows_logits(static_cast<size_t>(n * V), 0.f);
+    std::vector<float> rows_logits(static_cast<size_t>(n * Vl), 0.f);
     const auto j = std::find(pos.begin(), pos.end(), Lp - 1);
     if (m.last_stage() && j != pos.end()) {
       const int64_t Ll = static_cast<int64_t>(pos.size()), D = c.d_model;
       Tensor rows(DType::f32, {n, D});
       for (int64_t b = 0; b < n; ++b)
         std::copy_n(y.ptr<float>() + (b * Ll + (j - pos.begin())) * D, D, rows.ptr<float>() + b * D);
-      const Tensor logits = lm_head_logits(m, par, rows);
-      std::copy_n(logits.ptr<float>(), n * V, rows_logits.data());
+      lm_head_local_logits(m, rows, rows_logits.data(), Vl);
     }
-    if (par.sp && m.last_stage()) par.sp->all_reduce(rows_logits.data(), n * V, ReduceOp::sum);  // the owner's
-    std::copy(rows_logits.begin(), rows_logits.end(), last.begin() + first * V);
+    if (par.sp && m.last_stage()) par.sp->all_reduce(rows_logits.data(), n * Vl, ReduceOp::sum);  // the owner's
+    std::copy(rows_logits.begin(), rows_logits.end(), last.begin() + first * Vl);
     first += n;
   }
 
@@ -1098,7 +1142,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     std::vector<int64_t> at(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) at[b] = cache.length(b);
     const DeviceTensor yb = decode_step(m, cache, embed(tokens, B, at), par, pp);
-    if (m.last_stage()) std::copy_n(lm_head_logits(m, par, yb).ptr<float>(), B * V, last.data());
+    if (m.last_stage()) lm_head_local_logits(m, yb, last.data(), Vl);
   };
   // Each step feeds every sequence its next prompt token while it has one, else
   // the token sampled from its newest logits (which it emits until it ends).
@@ -1114,7 +1158,8 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
       if (from_prompt[b])
         tokens[b] = prompts[b][t];
       else if (m.last_stage())
-        tokens[b] = sample_token(std::span<const float>(last.data() + b * V, static_cast<size_t>(V)), o.sampling, rng);
+        tokens[b] = sample_split(tp, std::span<const float>(last.data() + b * Vl, static_cast<size_t>(Vl)), v0, V,
+                                 o.sampling, rng);
     }
     if (pp) pp->broadcast(tokens.data(), tokens.size() * sizeof(int64_t), pp->size() - 1);
     bool reading = false, sampled = false;

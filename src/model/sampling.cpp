@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 
 #include "ringattn/error.h"
@@ -17,34 +16,50 @@ void check_sampling(const SamplingOptions& o) {
   check(std::isfinite(o.top_p) && o.top_p > 0 && o.top_p <= 1, "--top-p must be in (0, 1], got ", o.top_p);
 }
 
-int64_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
-  const int64_t V = static_cast<int64_t>(logits.size());
-  check(V >= 1, "sampling needs at least one logit");
+int64_t candidates_per_part(const SamplingOptions& o, int64_t n) {
+  return o.greedy ? std::min<int64_t>(1, n) : o.top_k > 0 ? std::min(o.top_k, n) : n;
+}
+
+std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o) {
+  const int64_t n = static_cast<int64_t>(logits.size());
   for (float z : logits) check(!std::isnan(z), "the logits hold a NaN: nothing can be sampled");
-  if (o.greedy) return std::max_element(logits.begin(), logits.end()) - logits.begin();
+  std::vector<Candidate> c(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) c[i] = {logits[i], first_id + i};
+  const auto keep = c.begin() + candidates_per_part(o, n);
+  std::partial_sort(c.begin(), keep, c.end(), before);
+  c.erase(keep, c.end());
+  return c;
+}
+
+int64_t sample_candidates(std::span<const Candidate> sorted, const SamplingOptions& o, std::mt19937_64& rng) {
+  const int64_t n = static_cast<int64_t>(sorted.size());
+  check(n >= 1, "sampling needs at least one logit");
+  if (o.greedy) return sorted[0].id;
   check_sampling(o);
-  // Tokens by decreasing logit (ties: lower id first); the ones top_k and top_p keep.
-  std::vector<int64_t> order(static_cast<size_t>(V));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
-  int64_t keep = o.top_k > 0 ? std::min(o.top_k, V) : V;
-  const double top = logits[order[0]] / o.temperature;
+  // The tokens top_k keeps (the candidates are the best first), then top_p's.
+  int64_t keep = o.top_k > 0 ? std::min(o.top_k, n) : n;
+  const double top = sorted[0].logit / o.temperature;
   std::vector<double> p(static_cast<size_t>(keep));
   double sum = 0;
-  for (int64_t i = 0; i < keep; ++i) sum += p[i] = std::exp(logits[order[i]] / o.temperature - top);
+  for (int64_t i = 0; i < keep; ++i) sum += p[i] = std::exp(sorted[i].logit / o.temperature - top);
   if (o.top_p < 1) {
     double cum = 0;
-    int64_t n = 0;
-    while (n < keep && cum < o.top_p * sum) cum += p[n++];
-    keep = std::max<int64_t>(n, 1);
+    int64_t k = 0;
+    while (k < keep && cum < o.top_p * sum) cum += p[k++];
+    keep = std::max<int64_t>(k, 1);
     sum = cum > 0 ? cum : p[0];
   }
   std::uniform_real_distribution<double> u(0.0, sum);
   const double x = u(rng);
   double acc = 0;
   for (int64_t i = 0; i < keep; ++i)
-    if ((acc += p[i]) > x) return order[i];
-  return order[keep - 1];
+    if ((acc += p[i]) > x) return sorted[i].id;
+  return sorted[keep - 1].id;
+}
+
+int64_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
+  check(!logits.empty(), "sampling needs at least one logit");
+  return sample_candidates(sampling_candidates(logits, 0, o), o, rng);
 }
 
 }  // namespace ringattn

@@ -583,15 +583,16 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
     }
   }
   // A language model's head on the last stage: [Bd, D] x [D, Vl], the fp32 head
-  // rows read once; under TP the logits [Bd, V] gathered and, on the first
+  // rows read once; under TP each rank's greedy candidate gathered (a flag and a
+  // (logit, id) of 16 bytes each per sequence: sample_split) and, on the first
   // stage, the embedding summed over the group.
   double head_s = 0;
   if (md.V > 0) {
     head_s = std::max(2 * Bd * D * md.Vl / h.gemm_rate(md.dt, 1e9, 1e9, 1e9), 4 * D * md.Vl / decode_bw);
     if (c.tp > 1) {
       const LinkSpec& tp_link = md.link(md.tp_g);
-      head_s += cost_all_gather(tp_link, c.tp, Bd * md.Vl * c.tp * 4) + cost_all_reduce(tp_link, c.tp, Bd * D * 4);
-      decode_bytes += (c.tp - 1.0) * Bd * md.Vl * 4 + 2.0 * (c.tp - 1) / c.tp * Bd * D * 4;
+      head_s += cost_all_gather(tp_link, c.tp, Bd * 32 * c.tp) + cost_all_reduce(tp_link, c.tp, Bd * D * 4);
+      decode_bytes += (c.tp - 1.0) * Bd * 32 + 2.0 * (c.tp - 1) / c.tp * Bd * D * 4;
       decode_waits += 2;
     }
   }

@@ -315,6 +315,53 @@ TEST_P(LmDistributed, GreedyContinuationEqualsTransformers) {
   EXPECT_GE(ran, 1) << name << ": no layout fits at P=" << P;
 }
 
+// Sampled decoding (temperature, top-k, top-p, seeded) with the vocabulary split
+// over a TP group picks the tokens one process picks: the TP ranks exchange their
+// parts' candidates (top_k of them, or all for top-p alone), never the rows.
+TEST_P(LmDistributed, SampledContinuationUnderTpEqualsOneProcess) {
+  auto world = mpi_world(60);
+  const int P = world->size();
+  if (P == 1) GTEST_SKIP() << "needs a TP group";
+  const std::string name = GetParam();
+  const LanguageModel lm = LanguageModel::load(kHf + name);
+  const nlohmann::json ref = nlohmann::json::parse(std::ifstream(kHf + name + "/reference.json"));
+  const std::vector<int64_t> prompt = ref["prompt"].get<std::vector<int64_t>>();
+  const ModelConfig mc = model_config(lm.config);
+  std::vector<ParallelConfig> pcs;
+  ParallelConfig tp;
+  tp.sp = 1, tp.tp = P, tp.threads = 1;
+  pcs.push_back(tp);
+  if (P % 2 == 0) {  // TP within each of two pipeline stages
+    ParallelConfig c;
+    c.sp = 1, c.tp = P / 2, c.pp = 2, c.threads = 1;
+    if (P > 2) pcs.push_back(c);
+  }
+  int ran = 0;
+  for (const auto& [top_k, top_p] : std::vector<std::pair<int64_t, float>>{{5, 1.f}, {0, 0.9f}, {3, 0.8f}}) {
+    LmGenerateOptions o;
+    o.new_tokens = 8, o.seed = 17;
+    o.sampling.greedy = false, o.sampling.temperature = 1.3f, o.sampling.top_k = top_k, o.sampling.top_p = top_p;
+    std::vector<std::vector<int64_t>> want;
+    {
+      ParallelConfig one;
+      one.threads = 1;
+      const RunContext solo(nullptr, one);
+      const Model m = lm_model(lm, DType::f32, solo);
+      want = lm_generate(m, solo.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o, nullptr);
+    }
+    for (const ParallelConfig& pc : pcs) {
+      if (!fits(mc, pc, P)) continue;
+      ++ran;
+      const RunContext run(world.get(), pc);
+      const Model m = lm_model(lm, DType::f32, run);
+      Communicator* pp = pc.pp > 1 ? run.mesh().pp_comm.get() : nullptr;
+      EXPECT_EQ(lm_generate(m, run.model_parallel(), prompt, 1, static_cast<int64_t>(prompt.size()), o, pp), want)
+          << name << " at P=" << P << " " << label(pc) << " top_k " << top_k << " top_p " << top_p;
+    }
+  }
+  if (ran == 0) GTEST_SKIP() << name << ": no TP layout fits at P=" << P;
+}
+
 // Prompts of different lengths decode as one batch: lengths 2P + 3, P, P + 1, P
 // prefill 2P, then P, P, P tokens (the last three together) and read the rest
 // in decode steps while the others already emit; every sequence's greedy
