@@ -192,10 +192,18 @@ def _comm(comm):
                     "(wrap an mpi4py communicator: ringattn.Communicator(MPI.COMM_WORLD))")
 
 
+def _layout_docs(layout, cu_seqlens):
+    """cu_seqlens as _offsets gives it; the doc-zigzag layout, which deals each document, needs them."""
+    cu = _offsets(cu_seqlens, "cu_seqlens")
+    if str(layout) == "doc-zigzag" and cu is None:
+        raise ValueError("the doc-zigzag layout deals the documents of cu_seqlens over the ranks: pass cu_seqlens=")
+    return cu
+
+
 def _dist_args(strategy, layout, causal, scale, window, cu_seqlens, ulysses, threads):
     left, right = _window(window)
     return dict(strategy=str(strategy), layout=str(layout), causal=bool(causal), scale=_scale(scale),
-                window_left=left, window_right=right, cu_seqlens=_offsets(cu_seqlens, "cu_seqlens"),
+                window_left=left, window_right=right, cu_seqlens=_layout_docs(layout, cu_seqlens),
                 threads=int(threads), ulysses=int(ulysses or 1))
 
 
@@ -234,10 +242,13 @@ def ring_attention_backward(dout, q, k, v, o, lse, comm, *, strategy="ring", lay
     return dq, dk, dv
 
 
-def positions(L, comm, *, layout="zigzag"):
-    """This rank's global token positions (ascending) for a sequence of L tokens, as int64."""
+def positions(L, comm, *, layout="zigzag", cu_seqlens=None):
+    """This rank's global token positions (ascending) for a sequence of L tokens, as int64.
+
+    cu_seqlens: the packed documents, which the doc-zigzag layout deals (zigzag inside each)."""
     c = _comm(comm)
-    return np.asarray(_ringattn.shard_positions(str(layout), int(L), c.size, c.rank), dtype=np.int64)
+    cu = _layout_docs(layout, cu_seqlens)
+    return np.asarray(_ringattn.shard_positions(str(layout), int(L), c.size, c.rank, cu), dtype=np.int64)
 
 
 def _check_dim(x, dim):
@@ -246,10 +257,10 @@ def _check_dim(x, dim):
     return dim % x.ndim
 
 
-def shard(x, comm, *, layout="zigzag", dim=1):
+def shard(x, comm, *, layout="zigzag", dim=1, cu_seqlens=None):
     """This rank's shard of the full tensor x along dim (a copy; torch: differentiable)."""
     dim = _check_dim(x, dim)
-    pos = positions(x.shape[dim], comm, layout=layout)
+    pos = positions(x.shape[dim], comm, layout=layout, cu_seqlens=cu_seqlens)
     if _is_torch(x):
         import torch
 
@@ -264,7 +275,7 @@ def _gather_bytes(c, flat):
     return out
 
 
-def unshard(x_shard, comm, *, layout="zigzag", dim=1):
+def unshard(x_shard, comm, *, layout="zigzag", dim=1, cu_seqlens=None):
     """The full tensor from every rank's shard along dim, on every rank (collective).
 
     The inverse of shard(); the full length is the sum of the shards'. Torch: the
@@ -273,24 +284,25 @@ def unshard(x_shard, comm, *, layout="zigzag", dim=1):
     """
     c = _comm(comm)
     dim = _check_dim(x_shard, dim)
+    cu = _layout_docs(layout, cu_seqlens)
     n = np.array([x_shard.shape[dim]], np.int64)
     lengths = _gather_bytes(c, n.view(np.uint8)).view(np.int64).reshape(-1)
     L = int(lengths.sum())
-    _ringattn.check_layout(str(layout), L, c.size)
+    _ringattn.check_layout(str(layout), L, c.size, cu)
     for r in range(c.size):
-        want = len(_ringattn.shard_positions(str(layout), L, c.size, r))
+        want = len(_ringattn.shard_positions(str(layout), L, c.size, r, cu))
         if lengths[r] != want:
             raise ValueError(f"rank {r} holds {int(lengths[r])} tokens along dim {dim}; the {layout} layout of "
                              f"{L} tokens over {c.size} ranks gives it {want}")
     if _is_torch(x_shard):
         from . import torch as rt
 
-        return rt.unshard(x_shard, comm, layout=layout, dim=dim, length=L)
+        return rt.unshard(x_shard, comm, layout=layout, dim=dim, length=L, cu_seqlens=cu)
     x = np.ascontiguousarray(_numpy(x_shard, "x_shard"))
-    return _place(c, x, dim, L, layout, lengths)
+    return _place(c, x, dim, L, layout, lengths, cu)
 
 
-def _place(c, x, dim, L, layout, lengths):
+def _place(c, x, dim, L, layout, lengths, cu):
     """The all-gather of numpy shards padded to the longest, each written at its positions."""
     Lmax = int(lengths.max())
     shape = list(x.shape)
@@ -304,7 +316,7 @@ def _place(c, x, dim, L, layout, lengths):
     full_shape[dim] = L
     full = np.empty(full_shape, x.dtype)
     for r in range(c.size):
-        pos = np.asarray(_ringattn.shard_positions(str(layout), L, c.size, r), np.int64)
+        pos = np.asarray(_ringattn.shard_positions(str(layout), L, c.size, r, cu), np.int64)
         src = [slice(None)] * x.ndim
         src[dim] = slice(0, len(pos))
         dst = [slice(None)] * x.ndim

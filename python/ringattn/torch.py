@@ -155,21 +155,22 @@ def _as_numpy_bits(x):
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm, layout, dim, L, lengths):
-        full = _core._place(comm, _as_numpy_bits(x), dim, L, layout, lengths)
-        ctx.comm, ctx.layout, ctx.dim, ctx.L = comm, layout, dim, L
+    def forward(ctx, x, comm, layout, dim, L, lengths, cu):
+        full = _core._place(comm, _as_numpy_bits(x), dim, L, layout, lengths, cu)
+        ctx.comm, ctx.layout, ctx.dim, ctx.L, ctx.cu = comm, layout, dim, L, cu
         return torch.from_numpy(full).view(x.dtype).to(x.device)
 
     @staticmethod
     def backward(ctx, grad):
-        pos = np.asarray(_ringattn.shard_positions(ctx.layout, ctx.L, ctx.comm.size, ctx.comm.rank), np.int64)
-        return grad.index_select(ctx.dim, torch.from_numpy(pos).to(grad.device)), None, None, None, None, None
+        pos = np.asarray(_ringattn.shard_positions(ctx.layout, ctx.L, ctx.comm.size, ctx.comm.rank, ctx.cu), np.int64)
+        return grad.index_select(ctx.dim, torch.from_numpy(pos).to(grad.device)), None, None, None, None, None, None
 
 
-def unshard(x_shard, comm, *, layout="zigzag", dim=1, length=None):
+def unshard(x_shard, comm, *, layout="zigzag", dim=1, length=None, cu_seqlens=None):
     """ringattn.unshard for torch tensors (differentiable: see there)."""
     if length is None:
-        return _core.unshard(x_shard, comm, layout=layout, dim=dim)
+        return _core.unshard(x_shard, comm, layout=layout, dim=dim, cu_seqlens=cu_seqlens)
     c = _core._comm(comm)
-    lengths = np.array([len(_ringattn.shard_positions(str(layout), int(length), c.size, r)) for r in range(c.size)])
-    return _Unshard.apply(x_shard, c, str(layout), dim, int(length), lengths)
+    cu = _core._layout_docs(layout, cu_seqlens)
+    lengths = np.array([len(_ringattn.shard_positions(str(layout), int(length), c.size, r, cu)) for r in range(c.size)])
+    return _Unshard.apply(x_shard, c, str(layout), dim, int(length), lengths, cu)

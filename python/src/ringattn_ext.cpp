@@ -316,13 +316,13 @@ NB_MODULE(_ringattn, m) {
 
   m.def(
       "shard_positions",
-      [](const std::string& layout, int64_t L, int P, int p) {
+      [](const std::string& layout, int64_t L, int P, int p, Offsets cu) {
         const Layout l = parse_layout(layout);
         check(P >= 1 && p >= 0 && p < P, "rank ", p, " of ", P, " ranks");
-        check_layout(l, L, P);
-        return shard_positions(l, L, P, p);
+        check_layout(l, L, P, span_of(cu));
+        return shard_positions(l, L, P, p, span_of(cu));
       },
-      "layout"_a, "L"_a, "P"_a, "p"_a);
+      "layout"_a, "L"_a, "P"_a, "p"_a, "cu_seqlens"_a.none() = nb::none());
 
   // Where the library sees an array's data: the test that nothing was copied on the way in.
   m.def(
@@ -339,7 +339,12 @@ NB_MODULE(_ringattn, m) {
       },
       "dtype"_a);
 
-  m.def("check_layout", [](const std::string& layout, int64_t L, int P) { check_layout(parse_layout(layout), L, P); });
+  m.def(
+      "check_layout",
+      [](const std::string& layout, int64_t L, int P, Offsets cu) {
+        check_layout(parse_layout(layout), L, P, span_of(cu));
+      },
+      "layout"_a, "L"_a, "P"_a, "cu_seqlens"_a.none() = nb::none());
 
   nb::class_<PyComm>(m, "Communicator", nb::is_weak_referenceable())
       .def_static(

@@ -56,6 +56,27 @@ def test_every_strategy_and_layout_equals_one_process(layout, strategy, ulysses,
                                               cu_q=m.get("cu_seqlens"))[0], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("strategy,ulysses", [s for s in strategies() if s[0] != "ulysses"])
+def test_doc_zigzag_deals_every_document_and_equals_one_process(strategy, ulysses):
+    # documents of 1, 2, 13 and 29 tokens: each cut into 2P chunks, rank p holding p and 2P-1-p of every one
+    cu = [0, 1, 3, 16, 45]
+    pos = ringattn.positions(45, COMM, layout="doc-zigzag", cu_seqlens=cu)
+    want = [a + i for a, b in zip(cu, cu[1:]) for c in (COMM.rank, 2 * P - 1 - COMM.rank)
+            for i in range(c * (b - a) // (2 * P), (c + 1) * (b - a) // (2 * P))]
+    assert pos.tolist() == want
+    q, k, v, dout = inputs(2, 45, 4, 2, 16, seed=12)
+    m = dict(causal=True, cu_seqlens=cu)
+    o, lse = ringattn.attention(q, k, v, return_lse=True, **m)
+    opts = dict(strategy=strategy, layout="doc-zigzag", ulysses=ulysses, **m)
+    qs, ks, vs = (ringattn.shard(x, COMM, layout="doc-zigzag", cu_seqlens=cu) for x in (q, k, v))
+    os_ = ringattn.ring_attention(qs, ks, vs, COMM, **opts)
+    np.testing.assert_allclose(ringattn.unshard(os_, COMM, layout="doc-zigzag", cu_seqlens=cu), o, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="doc-zigzag layout deals the documents"):  # on every rank, before any transfer
+        ringattn.shard(q, COMM, layout="doc-zigzag")
+    with pytest.raises(ValueError, match="doc-zigzag layout deals the documents"):
+        ringattn.ring_attention(qs, ks, vs, COMM, strategy=strategy, layout="doc-zigzag", causal=True)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_positions_shard_and_unshard(layout):
     L = 3 * P + 2
