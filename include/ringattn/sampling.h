@@ -35,8 +35,9 @@ inline bool before(const Candidate& a, const Candidate& b) {
 }
 // How many candidates a part of n logits contributes: 1 greedy, else min(top_k, n), else n.
 int64_t candidates_per_part(const SamplingOptions& o, int64_t n);
-// The candidates of logits[0, n) (token ids first_id + i), sorted by `before`;
-// throws Error for a NaN.
+bool has_nan(std::span<const float> logits);
+// The candidates of logits[0, n) (token ids first_id + i; no NaN among them: check
+// has_nan first), sorted by `before`.
 std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o);
 // The pick from every part's candidates merged and sorted by `before` (a prefix
 // of them is enough: at least candidates_per_part(o, V) of the row's V tokens).

@@ -731,7 +731,6 @@ void lm_embed_backward(Model& m, std::span<const int64_t> ids, int64_t B, std::s
   }
 }
 
-// y: [N, D]   ->   logits: [N, V]
 namespace {
 
 // This rank's columns of the logits, [N, Vl] for the vocabulary rows
@@ -756,7 +755,7 @@ int64_t sample_split(Communicator* tp, std::span<const float> part, int64_t v0, 
   if (!tp) return sample_token(part, o, rng);
   const int T = tp->size();
   const int64_t k = candidates_per_part(o, (V + T - 1) / T);  // per rank, padded to the widest part's
-  const bool nan = std::any_of(part.begin(), part.end(), [](float z) { return std::isnan(z); });
+  const bool nan = has_nan(part);
   std::vector<Candidate> mine(static_cast<size_t>(k + 1), Candidate{-std::numeric_limits<float>::infinity(), -1});
   mine[0].id = nan;  // entry 0: the flag
   if (!nan) {
@@ -778,6 +777,7 @@ int64_t sample_split(Communicator* tp, std::span<const float> part, int64_t v0, 
 
 }  // namespace
 
+// y: [N, D]   ->   logits: [N, V]
 Tensor lm_head_logits(const Model& m, const ModelParallel& par, const TensorView& y) {
   const int64_t N = y.numel() / m.config().d_model, V = m.config().vocab;
   Communicator* tp = tp_group(m, par);

@@ -20,9 +20,12 @@ int64_t candidates_per_part(const SamplingOptions& o, int64_t n) {
   return o.greedy ? std::min<int64_t>(1, n) : o.top_k > 0 ? std::min(o.top_k, n) : n;
 }
 
+bool has_nan(std::span<const float> logits) {
+  return std::any_of(logits.begin(), logits.end(), [](float z) { return std::isnan(z); });
+}
+
 std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o) {
   const int64_t n = static_cast<int64_t>(logits.size());
-  for (float z : logits) check(!std::isnan(z), "the logits hold a NaN: nothing can be sampled");
   std::vector<Candidate> c(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) c[i] = {logits[i], first_id + i};
   const auto keep = c.begin() + candidates_per_part(o, n);
@@ -59,6 +62,7 @@ int64_t sample_candidates(std::span<const Candidate> sorted, const SamplingOptio
 
 int64_t sample_token(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
   check(!logits.empty(), "sampling needs at least one logit");
+  check(!has_nan(logits), "the logits hold a NaN: nothing can be sampled");
   return sample_candidates(sampling_candidates(logits, 0, o), o, rng);
 }
 
