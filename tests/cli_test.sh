@@ -173,10 +173,10 @@ run_case   d_     1      1  16  50  8  4   16  4   # Lq < Lk
 $PY -c "import numpy as np; np.save('cu.npy', np.array([0, 1, 3, 10, 41, 64], np.int32))"
 $PY ref.py make w_ 1 64 64 4 4 32 5 || fail "could not create inputs w_"
 for np_ in 1 2 3 4; do  # 64 tokens over 3 ranks: uneven shards (21-22 tokens)
-  for strat in ring ulysses doc-zigzag; do  # doc-zigzag: the ring on that layout
+  for strat in ring ulysses doc-zigzag doc-balanced; do  # doc-*: the ring on that layout
     run=("$BIN" attention)
     lay=zigzag s=$strat
-    [[ $strat == doc-zigzag ]] && lay=doc-zigzag s=ring
+    [[ $strat == doc-* ]] && lay=$strat s=ring
     [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$s" --layout "$lay" --threads 1)
     [[ $np_ -eq 1 && $strat != ring ]] && continue
     [[ $np_ -eq 3 && $strat == ulysses ]] && continue  # 4 heads do not split over 3 ranks

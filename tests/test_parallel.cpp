@@ -49,13 +49,16 @@ TEST(ParallelConfig, TheUlyssesDegreeBelongsToTheHybridStrategy) {
   EXPECT_NE(message_of([&] { (void)p.for_ranks(4); }).find("--strategy hybrid"), std::string::npos);
 }
 
-// doc-zigzag's shards follow one set of documents; the model's packed rows each
-// have their own, so the model refuses it (attention takes it).
-TEST(ParallelConfig, TheModelRefusesTheDocZigzagLayout) {
-  ParallelConfig p = mesh(1, 1, 0, 1);
-  p.layout = Layout::doc_zigzag;
-  EXPECT_NE(message_of([&] { (void)p.for_ranks(2); }).find("doc-zigzag layout is taken by `ringattn attention`"),
-            std::string::npos);
+// The document layouts' shards follow one set of documents; the model's packed
+// rows each have their own, so the model refuses them (attention takes them).
+TEST(ParallelConfig, TheModelRefusesTheDocumentLayouts) {
+  for (Layout l : {Layout::doc_zigzag, Layout::doc_balanced}) {
+    ParallelConfig p = mesh(1, 1, 0, 1);
+    p.layout = l;
+    EXPECT_NE(
+        message_of([&] { (void)p.for_ranks(2); }).find(cat(layout_name(l), " layout is taken by `ringattn attention`")),
+        std::string::npos);
+  }
 }
 
 TEST(ParallelConfig, TheGpuRunsRaSpAloneAndOnlyWhereThereIsOne) {

@@ -84,7 +84,7 @@ TEST(PlanCosts, CausalFractionMatchesTheLayouts) {
 // window, and full attention: a query sees its own document's keys, positions
 // restarting in each.
 TEST(PlanCosts, DocumentFractionMatchesTheLayouts) {
-  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag, Layout::doc_balanced})
     for (int P : {1, 2, 3, 4, 8})
       for (int64_t L : {int64_t{61}, int64_t{96}, int64_t{250}}) {
         const std::vector<int32_t> cu = {
@@ -146,6 +146,30 @@ TEST(PlanCosts, RingCarriesOnlyDocumentsThatCrossShards) {
   const double per_key = 2 * 64 * 4;
   EXPECT_NEAR(full - none, 3 * 1024 * per_key, 1e-6);
   EXPECT_NEAR(some - none, 72 * per_key, 1e-6);
+}
+
+// doc-balanced: documents held whole send nothing; a dealt one's chunks (first in
+// each shard) go the whole ring, with the whole documents between them when
+// several are dealt.
+TEST(PlanCosts, DocBalancedRingCarriesTheDealtDocumentsOnly) {
+  Workload w;
+  w.model.layers = 1, w.model.d_model = 64, w.model.heads = 1, w.model.kv_heads = 1;
+  w.seq = 4096, w.batch = 1;
+  Cluster cl;
+  cl.world = 4;
+  Candidate c;
+  c.sp = 4, c.layout = Layout::doc_balanced;
+  const Hardware h = toy();
+  const double per_key = 2 * 64 * 4;
+  w.cu_seqlens = {0, 1024, 2048, 3072, 4096};  // four equal documents: one whole per rank
+  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{0, 1, 2, 3}));
+  const double none = predict(w, c, h, cl).forward_bytes_sent;
+  // One document of 2048 is more than a rank's share: dealt (chunks of 256, two
+  // per rank); the four of 512 then go whole, one to each rank.
+  w.cu_seqlens = {0, 2048, 2560, 3072, 3584, 4096};
+  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{-1, 0, 1, 2, 3}));
+  const double dealt = predict(w, c, h, cl).forward_bytes_sent;
+  EXPECT_NEAR(dealt - none, 3 * 512 * per_key, 1e-6);
 }
 
 // A language model (llama: SwiGLU's three MLP matrices, an explicit head_dim,

@@ -193,10 +193,10 @@ def _comm(comm):
 
 
 def _layout_docs(layout, cu_seqlens):
-    """cu_seqlens as _offsets gives it; the doc-zigzag layout, which deals each document, needs them."""
+    """cu_seqlens as _offsets gives it; the document layouts (doc-zigzag, doc-balanced) need them."""
     cu = _offsets(cu_seqlens, "cu_seqlens")
-    if str(layout) == "doc-zigzag" and cu is None:
-        raise ValueError("the doc-zigzag layout deals the documents of cu_seqlens over the ranks: pass cu_seqlens=")
+    if str(layout) in ("doc-zigzag", "doc-balanced") and cu is None:
+        raise ValueError(f"the {layout} layout deals the documents of cu_seqlens over the ranks: pass cu_seqlens=")
     return cu
 
 
@@ -243,9 +243,11 @@ def ring_attention_backward(dout, q, k, v, o, lse, comm, *, strategy="ring", lay
 
 
 def positions(L, comm, *, layout="zigzag", cu_seqlens=None):
-    """This rank's global token positions (ascending) for a sequence of L tokens, as int64.
+    """This rank's global token positions for a sequence of L tokens, as int64, in shard order
+    (ascending; doc-balanced: its dealt documents' tokens first, then its whole documents').
 
-    cu_seqlens: the packed documents, which the doc-zigzag layout deals (zigzag inside each)."""
+    cu_seqlens: the packed documents, which the doc-zigzag layout deals (zigzag inside each) and
+    doc-balanced keeps whole where they fit (balanced by causal work)."""
     c = _comm(comm)
     cu = _layout_docs(layout, cu_seqlens)
     return np.asarray(_ringattn.shard_positions(str(layout), int(L), c.size, c.rank, cu), dtype=np.int64)

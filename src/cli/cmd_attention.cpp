@@ -559,9 +559,10 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--strategy", a->strategy, "distributed strategy under mpirun: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}));
   cmd->add_option("--layout", a->layout,
-                  "sequence layout: contiguous, zigzag, striped, or doc-zigzag (zigzag inside each document of "
-                  "--cu-seqlens)")
-      ->check(CLI::IsMember({"contiguous", "zigzag", "striped", "doc-zigzag"}))
+                  "sequence layout: contiguous, zigzag, striped, doc-zigzag (zigzag inside each document of "
+                  "--cu-seqlens) or doc-balanced (documents whole, balanced by causal work; those too long for "
+                  "one rank dealt zigzag)")
+      ->check(CLI::IsMember({"contiguous", "zigzag", "striped", "doc-zigzag", "doc-balanced"}))
       ->capture_default_str();
   cmd->add_flag("--check", a->check, "compare the distributed result with one rank's (max relative error)");
   cmd->add_flag("--no-overlap", a->no_overlap, "do not poll communication between compute tiles");

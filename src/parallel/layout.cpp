@@ -1,6 +1,7 @@
 // Sequence layouts: which global tokens each rank holds (see layout.h).
 #include "ringattn/layout.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "ringattn/error.h"
@@ -15,15 +16,17 @@ const char* layout_name(Layout l) {
       return "zigzag";
     case Layout::striped:
       return "striped";
-    default:
+    case Layout::doc_zigzag:
       return "doc-zigzag";
+    default:
+      return "doc-balanced";
   }
 }
 
 Layout parse_layout(const std::string& s) {
-  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag, Layout::doc_balanced})
     if (s == layout_name(l)) return l;
-  throw Error(cat("unknown layout '", s, "': valid layouts are contiguous, zigzag, striped, doc-zigzag"));
+  throw Error(cat("unknown layout '", s, "': valid layouts are contiguous, zigzag, striped, doc-zigzag, doc-balanced"));
 }
 
 namespace {
@@ -45,27 +48,68 @@ void for_each_run(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu
     case Layout::zigzag:
       for (int64_t c : {static_cast<int64_t>(p), n2 - 1 - p}) f(cut(L, n2, c), cut(L, n2, c + 1));
       break;
-    case Layout::doc_zigzag: {
+    case Layout::doc_zigzag:
+    case Layout::doc_balanced: {
+      // The dealt documents' chunks first, then the documents held whole, each in
+      // document order: what other ranks see then starts the block (the ring
+      // sends one range of it).
       const size_t nd = cu.empty() ? 1 : cu.size() - 1;
-      for (size_t i = 0; i < nd; ++i) {
-        const int64_t a = cu.empty() ? 0 : cu[i], n = (cu.empty() ? L : cu[i + 1]) - a;
-        for (int64_t c : {static_cast<int64_t>(p), n2 - 1 - p}) f(a + cut(n, n2, c), a + cut(n, n2, c + 1));
-      }
+      const std::vector<int> owner =
+          l == Layout::doc_balanced && !cu.empty() ? document_owners(cu, P) : std::vector<int>(nd, -1);
+      auto start = [&](size_t i) -> int64_t { return cu.empty() ? 0 : cu[i]; };
+      auto end = [&](size_t i) -> int64_t { return cu.empty() ? L : cu[i + 1]; };
+      for (size_t i = 0; i < nd; ++i)
+        if (owner[i] < 0)
+          for (int64_t c : {static_cast<int64_t>(p), n2 - 1 - p})
+            f(start(i) + cut(end(i) - start(i), n2, c), start(i) + cut(end(i) - start(i), n2, c + 1));
+      for (size_t i = 0; i < nd; ++i)
+        if (owner[i] == p) f(start(i), end(i));
       break;
     }
   }
 }
 
 void check_documents(Layout l, int64_t L, std::span<const int32_t> cu) {
-  if (l != Layout::doc_zigzag || cu.empty()) return;
-  check(cu.size() >= 2 && cu.front() == 0 && cu.back() == L, "the doc-zigzag layout needs cu_seqlens from 0 to L=", L,
-        " (got ", cu.size(), " offsets", cu.empty() ? "" : cat(" from ", cu.front(), " to ", cu.back()), ")");
+  if (!by_documents(l) || cu.empty()) return;
+  check(cu.size() >= 2 && cu.front() == 0 && cu.back() == L, "the ", layout_name(l),
+        " layout needs cu_seqlens from 0 to L=", L, " (got ", cu.size(), " offsets",
+        cu.empty() ? "" : cat(" from ", cu.front(), " to ", cu.back()), ")");
   for (size_t i = 1; i < cu.size(); ++i)
-    check(cu[i] >= cu[i - 1], "the doc-zigzag layout needs non-decreasing cu_seqlens: cu_seqlens[", i, "] = ", cu[i],
-          " < cu_seqlens[", i - 1, "] = ", cu[i - 1]);
+    check(cu[i] >= cu[i - 1], "the ", layout_name(l), " layout needs non-decreasing cu_seqlens: cu_seqlens[", i,
+          "] = ", cu[i], " < cu_seqlens[", i - 1, "] = ", cu[i - 1]);
 }
 
 }  // namespace
+
+std::vector<int> document_owners(std::span<const int32_t> cu, int P) {
+  check(P >= 1, "the number of ranks must be >= 1, got ", P);
+  check_documents(Layout::doc_balanced, cu.empty() ? 0 : cu.back(), cu);
+  const size_t nd = cu.empty() ? 0 : cu.size() - 1;
+  // Work in units of 1/P pair: a whole document adds w·P to its rank, a dealt one w
+  // to every rank, and a rank's share W is Σw (exact: w <= 2^61, P < 2^31).
+  using Work = __int128;
+  std::vector<Work> w(nd);
+  Work total = 0;
+  for (size_t i = 0; i < nd; ++i) {
+    const Work n = cu[i + 1] - cu[i];
+    total += w[i] = n * (n + 1) / 2;
+  }
+  std::vector<size_t> order(nd);
+  for (size_t i = 0; i < nd; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return w[a] > w[b]; });
+  std::vector<Work> load(static_cast<size_t>(P), 0);
+  std::vector<int> owner(nd, -1);
+  for (size_t i : order) {
+    const auto least = std::min_element(load.begin(), load.end());
+    if (*least + w[i] * P <= total) {
+      *least += w[i] * P;
+      owner[i] = static_cast<int>(least - load.begin());
+    } else {
+      for (Work& x : load) x += w[i];
+    }
+  }
+  return owner;
+}
 
 int64_t shard_length(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu) {
   if (l == Layout::striped) return p < L ? (L - p + P - 1) / P : 0;
@@ -81,13 +125,13 @@ void check_layout(Layout l, int64_t L, int P, std::span<const int32_t> cu) {
   for (int p = 0; p < P; ++p)
     check(shard_length(l, L, P, p, cu) >= 1, "sequence length L=", L, " cannot be split over ", P, " ranks with the ",
           layout_name(l), " layout: rank ", p, " would hold no token (",
-          l == Layout::doc_zigzag && !cu.empty() ? "its documents are too short to give every rank one"
-                                                 : cat("L must be at least ", P),
+          by_documents(l) && !cu.empty() ? "its documents are too short to give every rank one"
+                                         : cat("L must be at least ", P),
           ")");
 }
 
 void check_even_layout(Layout l, int64_t L, int P, const char* what) {
-  check(l != Layout::doc_zigzag, what, " takes the contiguous, zigzag or striped layout, not doc-zigzag");
+  check(!by_documents(l), what, " takes the contiguous, zigzag or striped layout, not ", layout_name(l));
   check_layout(l, L, P);
   if (L % P == 0) return;  // every layout then gives every rank L/P tokens (zigzag's chunks alternate)
   const int64_t lo = L / P * P, hi = lo + P;

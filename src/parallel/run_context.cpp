@@ -28,9 +28,9 @@ ParallelConfig ParallelConfig::for_ranks(int ranks) const {
     check(cuda_device_count() > 0, "--device cuda: no GPU is visible to this process");
   }
   check(threads >= 0, "--threads must be >= 0, got ", threads);
-  check(layout != Layout::doc_zigzag,
-        "the doc-zigzag layout is taken by `ringattn attention` and dist_attention so far; the model runs "
-        "contiguous, zigzag or striped");
+  check(layout != Layout::doc_zigzag && layout != Layout::doc_balanced, "the ", layout_name(layout),
+        " layout is taken by `ringattn attention` and dist_attention so far; the model runs contiguous, zigzag or "
+        "striped");
   return c;
 }
 

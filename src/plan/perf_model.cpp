@@ -115,8 +115,9 @@ std::vector<int64_t> document_bounds(int64_t L, std::span<const int32_t> cu) {
 // query at offset t of its document sees min(t + 1, W) keys (causal; W = L
 // without a window) or the whole document (not causal): closed-form sums over the
 // documents' parts in each of the rank's intervals (contiguous: one, zigzag:
-// two, doc-zigzag: two per document), or over the arithmetic progression of a
-// striped shard in each document.
+// two, doc-zigzag: two per document, doc-balanced: its whole documents and two
+// per dealt one), or over the arithmetic progression of a striped shard in each
+// document.
 double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window, std::span<const int32_t> cu_seqlens) {
   const std::vector<int64_t> doc = document_bounds(L, cu_seqlens);
   const size_t n = doc.size() - 1;
@@ -153,6 +154,15 @@ double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window,
     return pairs;
   };
   auto cut = [&](int64_t i, int64_t parts) { return i * L / parts; };
+  auto chunks = [&](size_t d, int r) {  // zigzag's two chunks of document d
+    const int64_t s = doc[d], len = doc[d + 1] - s;
+    double pairs = 0;
+    for (int64_t c : {static_cast<int64_t>(r), 2 * static_cast<int64_t>(P) - 1 - r})
+      pairs += interval(s + c * len / (2 * P), s + (c + 1) * len / (2 * P));
+    return pairs;
+  };
+  const std::vector<int> owner =
+      l == Layout::doc_balanced && !cu_seqlens.empty() ? document_owners(cu_seqlens, P) : std::vector<int>(n, -1);
   double busiest = 0;
   for (int r = 0; r < P; ++r) {
     double pairs = 0;
@@ -166,12 +176,10 @@ double busiest_fraction(Layout l, int P, int64_t L, bool causal, int64_t window,
       case Layout::striped:
         pairs = striped(r);
         break;
-      case Layout::doc_zigzag:  // zigzag's two chunks of every document
-        for (size_t d = 0; d < n; ++d) {
-          const int64_t s = doc[d], len = doc[d + 1] - s;
-          for (int64_t c : {static_cast<int64_t>(r), 2 * static_cast<int64_t>(P) - 1 - r})
-            pairs += interval(s + c * len / (2 * P), s + (c + 1) * len / (2 * P));
-        }
+      case Layout::doc_zigzag:
+      case Layout::doc_balanced:
+        for (size_t d = 0; d < n; ++d)
+          pairs += owner[d] < 0 ? chunks(d, r) : owner[d] == r ? interval(doc[d], doc[d + 1]) : 0;
         break;
     }
     busiest = std::max(busiest, pairs);
@@ -287,15 +295,34 @@ struct Cost {
   // block's keys are seen further on by the queries of the document that
   // crosses the shard's end — all of it, or its last W − 1 keys under a window —
   // up to where that document (or the window) ends: the most hops and keys over
-  // the members. Other layouts and full attention go the whole ring with whole
-  // blocks: modelled so, an upper bound (the ring trims zigzag's and striped
-  // blocks, and documents that span no shard edge shorten it).
+  // the members. On doc-balanced shards only the dealt documents span members:
+  // with any, a block's part from its first dealt token to its last goes the
+  // whole ring (what the ring sends), and without, nothing moves. Other layouts
+  // and full attention go the whole ring with whole blocks: modelled so, an upper
+  // bound (the ring trims zigzag's and striped blocks, and documents that span no
+  // shard edge shorten it).
   struct Trip {
     int hops;
     double keys;
   };
   Trip ring_trip(int R) const {
     const int64_t Lt = w.seq;
+    if (c.layout == Layout::doc_balanced && !w.cu_seqlens.empty()) {
+      const std::vector<int> owner = document_owners(w.cu_seqlens, R);
+      Trip t{0, 0};
+      for (int r = 0; r < R; ++r) {
+        const std::vector<int64_t> pos = shard_positions(c.layout, Lt, R, r, w.cu_seqlens);
+        int64_t lo = -1, hi = -1;
+        for (size_t i = 0, d = 0; i < pos.size(); ++i) {
+          while (w.cu_seqlens[d + 1] <= pos[i]) ++d;
+          if (owner[d] >= 0) continue;
+          if (lo < 0) lo = static_cast<int64_t>(i);
+          hi = static_cast<int64_t>(i);
+        }
+        if (lo >= 0) t.hops = R - 1, t.keys = std::max(t.keys, static_cast<double>(hi - lo + 1));
+      }
+      return t;
+    }
     if (c.layout != Layout::contiguous || !w.model.causal || (W <= 0 && w.cu_seqlens.empty()))
       return {R - 1, static_cast<double>(Lt) / R};
     const std::vector<int64_t> doc = document_bounds(Lt, w.cu_seqlens);

@@ -204,7 +204,7 @@ struct DistCase {
     return true;
   }
   // Whether every shard holds L/P tokens (the traffic formulas assume it).
-  bool even(int P) const { return layout != Layout::doc_zigzag && L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
+  bool even(int P) const { return !by_documents(layout) && L % (layout == Layout::zigzag ? 2 * P : P) == 0; }
   // Whether the strategy must refuse this P (Ulysses: heads not divisible by P).
   bool must_refuse(int P) const { return strategy == Strategy::ulysses && (H % P != 0 || Hkv % P != 0); }
 };
@@ -399,10 +399,10 @@ std::vector<DistCase> matrix_cases() {
   };
   const std::vector<int32_t> cu = {0, 1, 3, 10, 97, 150, 151, 240};
   for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag, Layout::doc_balanced})
       for (Mask m : {Mask{true, 0, -1, false}, Mask{true, 7, -1, false}, Mask{false, 5, 9, false},
                      Mask{true, 500, -1, false}, Mask{true, -1, -1, true}, Mask{false, 16, 16, true}}) {
-        if (l == Layout::doc_zigzag && !m.docs) continue;  // without documents it is zigzag
+        if (by_documents(l) && !m.docs) continue;  // without documents it is zigzag
         DistCase c;
         c.strategy = s, c.layout = l, c.causal = m.causal, c.window_left = m.left, c.window_right = m.right;
         if (m.docs) c.cu_seqlens = cu;
@@ -413,10 +413,10 @@ std::vector<DistCase> matrix_cases() {
   // Uneven shards: lengths divisible by no rank count (37, 241) or by some (50),
   // causal and not, with a window and documents, fp32 and bf16.
   for (Strategy s : {Strategy::ring, Strategy::allgather, Strategy::ulysses})
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag, Layout::doc_balanced})
       for (int64_t L : {int64_t{37}, int64_t{50}, int64_t{241}})
         for (int mask = 0; mask < 3; ++mask) {
-          if (l == Layout::doc_zigzag && mask != 2) continue;  // without documents it is zigzag
+          if (by_documents(l) && mask != 2) continue;  // without documents it is zigzag
           DistCase c;
           c.strategy = s, c.layout = l, c.L = L, c.causal = mask != 0, c.seed = ++seed;
           c.B = 2, c.H = s == Strategy::ulysses ? 24 : 4, c.Hkv = s == Strategy::ulysses ? 24 : 2, c.d = 32;
@@ -510,10 +510,10 @@ TEST(DistAttention, HybridUlyssesRingMatchesSingleRank) {
   for (int U = 1; U <= P; ++U) {
     if (P % U) continue;
     auto ug = comm->split(p / U, p % U), rg = comm->split(p % U, p / U);
-    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag})
+    for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped, Layout::doc_zigzag, Layout::doc_balanced})
       for (int mask = 0; mask < 4; ++mask)  // causal or not; documents with a window; uneven shards
         for (DType dt : {DType::f32, DType::bf16}) {
-          if (l == Layout::doc_zigzag && mask < 2) continue;  // without documents it is zigzag
+          if (by_documents(l) && mask < 2) continue;  // without documents it is zigzag
           DistCase c;
           c.strategy = Strategy::hybrid, c.layout = l, c.causal = mask != 0, c.dt = dt, c.seed = ++seed;
           c.B = 2, c.L = mask == 3 ? 43 : 48, c.H = 8, c.Hkv = 4, c.d = 32;
@@ -985,6 +985,49 @@ TEST(Layout, DocZigzagExamples) {
   EXPECT_THROW(shard_length(Layout::doc_zigzag, 12, 2, 0, bad), Error);
   const std::vector<int32_t> short_cu = {0, 8};
   EXPECT_THROW(shard_length(Layout::doc_zigzag, 12, 2, 0, short_cu), Error);
+}
+
+// doc-balanced: documents whole where they fit, longest first onto the least
+// loaded rank, dealt zigzag-wise (first in each shard) where they do not; without
+// documents it is zigzag.
+TEST(Layout, DocBalancedExamples) {
+  // Documents of 6, 5, 4, 3 tokens: causal work 21, 15, 10, 6 (52, 26 a rank).
+  // 6 goes to rank 0 (21), 5 and 4 to rank 1 (25); 3 fits neither (21 + 6 > 26
+  // on the least loaded) and is dealt: chunks [0,0) [0,1) [1,2) [2,3) of it.
+  const std::vector<int32_t> cu = {0, 6, 11, 15, 18};
+  EXPECT_EQ(document_owners(cu, 2), (std::vector<int>{0, 1, 1, -1}));
+  EXPECT_EQ(shard_positions(Layout::doc_balanced, 18, 2, 0, cu), (std::vector<int64_t>{17, 0, 1, 2, 3, 4, 5}));
+  EXPECT_EQ(shard_positions(Layout::doc_balanced, 18, 2, 1, cu),
+            (std::vector<int64_t>{15, 16, 6, 7, 8, 9, 10, 11, 12, 13, 14}));
+  for (int p = 0; p < 3; ++p)
+    EXPECT_EQ(shard_positions(Layout::doc_balanced, 37, 3, p), shard_positions(Layout::zigzag, 37, 3, p));
+  // One document longer than a rank's share is dealt, the others fill up.
+  EXPECT_EQ(document_owners(std::vector<int32_t>{0, 100, 104, 108}, 2), (std::vector<int>{-1, 0, 1}));
+  EXPECT_EQ(document_owners(std::vector<int32_t>{0, 100, 104, 108}, 1), (std::vector<int>{0, 0, 0}));
+  // Documents too short to give every rank a token (rank 1 of 3 gets an empty
+  // chunk of each), and bad offsets, are named.
+  EXPECT_THROW(
+      {
+        try {
+          check_layout(Layout::doc_balanced, 3, 3, std::vector<int32_t>{0, 2, 3});
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("documents are too short"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+  const std::vector<int32_t> bad = {0, 9, 8, 12};
+  EXPECT_THROW(
+      {
+        try {
+          (void)shard_length(Layout::doc_balanced, 12, 2, 0, bad);
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("doc-balanced layout needs non-decreasing"), std::string::npos)
+              << e.what();
+          throw;
+        }
+      },
+      Error);
 }
 
 TEST(Layout, PositionsPartitionTheSequence) {
