@@ -165,9 +165,10 @@ TEST(PlanCosts, DocBalancedRingCarriesTheDealtDocumentsOnly) {
   EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{0, 1, 2, 3}));
   const double none = predict(w, c, h, cl).forward_bytes_sent;
   // One document of 2048 is more than a rank's share: dealt (chunks of 256, two
-  // per rank); the four of 512 then go whole, one to each rank.
-  w.cu_seqlens = {0, 2048, 2560, 3072, 3584, 4096};
-  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{-1, 0, 1, 2, 3}));
+  // per rank, ahead of the whole documents before it in the sequence); the four
+  // of 512 then go whole, one to each rank.
+  w.cu_seqlens = {0, 512, 1024, 1536, 2048, 4096};
+  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{0, 1, 2, 3, -1}));
   const double dealt = predict(w, c, h, cl).forward_bytes_sent;
   EXPECT_NEAR(dealt - none, 3 * 512 * per_key, 1e-6);
 }

@@ -313,9 +313,9 @@ struct Cost {
       for (int r = 0; r < R; ++r) {
         const std::vector<int64_t> pos = shard_positions(c.layout, Lt, R, r, w.cu_seqlens);
         int64_t lo = -1, hi = -1;
-        for (size_t i = 0, d = 0; i < pos.size(); ++i) {
-          while (w.cu_seqlens[d + 1] <= pos[i]) ++d;
-          if (owner[d] >= 0) continue;
+        for (size_t i = 0; i < pos.size(); ++i) {
+          const auto d = std::upper_bound(w.cu_seqlens.begin(), w.cu_seqlens.end(), pos[i]) - w.cu_seqlens.begin() - 1;
+          if (owner[static_cast<size_t>(d)] >= 0) continue;
           if (lo < 0) lo = static_cast<int64_t>(i);
           hi = static_cast<int64_t>(i);
         }
