@@ -319,9 +319,10 @@ struct Ring {
   int64_t length(int member) const { return static_cast<int64_t>(tokens[member].pos.size()); }
   int64_t moving_length(int member) const { return travel[member].second - travel[member].first; }
   bool trimmed(int member) const { return moving_length(member) < length(member); }
-  int64_t longest() const {
+  // The most tokens of a block that travel: what the ring's buffers hold.
+  int64_t longest_moving() const {
     int64_t n = 0;
-    for (const Tokens& t : tokens) n = std::max(n, static_cast<int64_t>(t.pos.size()));
+    for (int s = 0; s < P(); ++s) n = std::max(n, moving_length(s));
     return n;
   }
   // The local attention of this member's queries against member src's block:
@@ -341,18 +342,29 @@ Ring plain_ring(const Call& c) {
   return Ring(c, c.comm, std::move(members));
 }
 
-// Our K/V block as it leaves us, [2, B, n, Hkv, d]: `whole` when all of it
-// travels, else the travel range of k, v copied into `keep`.
-TensorView leaving(const Ring& ring, const TensorView& k, const TensorView& v, DeviceTensor& keep,
-                   const TensorView& whole) {
-  if (!ring.trimmed(ring.p()) || ring.reach[ring.p()] == 0) return whole;  // all of it, or nothing, travels
-  const int64_t lo = ring.travel[ring.p()].first, n = ring.moving_length(ring.p());
-  keep = ring.dev.alloc(k.dtype, {2, k.dim(0), n, k.dim(2), k.dim(3)});
-  if (n > 0) {
-    ring.dev.copy(kv_half(keep.view(), 0), k.slice(1, lo, n));
-    ring.dev.copy(kv_half(keep.view(), 1), v.slice(1, lo, n));
+// Our K/V block at stage 0 (k, v) and as it leaves us (out, [2, B, n, Hkv, d]):
+// when all of it travels, stacked into the ring buffer `first` and read from
+// there; else k and v are read in place and the travel range is stacked into
+// `keep`. So the ring's buffers hold what travels, longest_moving() tokens.
+struct OwnBlock {
+  TensorView k, v, out;
+};
+OwnBlock own_block(const Ring& ring, const TensorView& k, const TensorView& v, const DeviceTensor& first,
+                   DeviceTensor& keep) {
+  Device& dev = ring.dev;
+  if (!ring.trimmed(ring.p())) {
+    const TensorView whole = kv_block(first, k.dim(1));
+    dev.copy(kv_half(whole, 0), k);
+    dev.copy(kv_half(whole, 1), v);
+    return {kv_half(whole, 0), kv_half(whole, 1), whole};
   }
-  return keep.view();
+  const int64_t lo = ring.travel[ring.p()].first, n = ring.moving_length(ring.p());
+  keep = dev.alloc(k.dtype, {2, k.dim(0), n, k.dim(2), k.dim(3)});
+  if (n > 0) {
+    dev.copy(kv_half(keep.view(), 0), k.slice(1, lo, n));
+    dev.copy(kv_half(keep.view(), 1), v.slice(1, lo, n));
+  }
+  return {k, v, keep.view()};
 }
 
 // Stage t: rank p attends to the K/V block of src = (p − t) mod P while sending
@@ -363,13 +375,11 @@ TensorView leaving(const Ring& ring, const TensorView& k, const TensorView& v, D
 void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorView& k, const TensorView& v,
                   const TensorView& o, const TensorView& lse) {
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
-  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), Lmax = ring.longest();
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), M = ring.longest_moving();
   Device& dev = ring.dev;
-  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, Lmax, Hkv, d}), dev.alloc(c.dtype, {2, B, Lmax, Hkv, d})};
-  dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
-  dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
-  DeviceTensor out_buf;
-  const TensorView out = leaving(ring, k, v, out_buf, kv_block(kv[0], Lr));
+  DeviceTensor kv[2] = {dev.alloc(c.dtype, {2, B, M, Hkv, d}), dev.alloc(c.dtype, {2, B, M, Hkv, d})};
+  DeviceTensor keep;
+  const OwnBlock own = own_block(ring, k, v, kv[0], keep);
   DeviceTensor o_acc = dev.alloc(DType::f32, {B, Lr, H, d}), lse_acc = dev.alloc(DType::f32, {B, H, Lr});
   DeviceTensor o_part = dev.alloc(DType::f32, {B, Lr, H, d}), lse_part = dev.alloc(DType::f32, {B, H, Lr});
   dev.fill(o_acc, 0.f);
@@ -379,18 +389,19 @@ void ring_forward(Call& c, const Ring& ring, const TensorView& q, const TensorVi
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;  // next: the block p−1 holds now
     // Stage 0 holds our whole block and sends what travels; later stages hold a
     // travelled part.
-    const TensorView block = kv_block(kv[cur], t == 0 ? Lr : ring.moving_length(src));
-    const TensorView sent = t == 0 ? out : block, incoming = kv_block(kv[1 - cur], ring.moving_length(next));
+    const TensorView block = t == 0 ? own.out : kv_block(kv[cur], ring.moving_length(src));
+    const TensorView keys = t == 0 ? own.k : kv_half(block, 0), values = t == 0 ? own.v : kv_half(block, 1);
+    const TensorView incoming = kv_block(kv[1 - cur], ring.moving_length(next));
     Request send, recv;
     InFlight guard{ring.comm, {&send, &recv}};
-    if (t < ring.reach[src]) send = ring.comm.isend(sent.data, bytes_of(sent), right, t);
+    if (t < ring.reach[src]) send = ring.comm.isend(block.data, bytes_of(block), right, t);
     if (t < ring.reach[next]) recv = ring.comm.irecv(incoming.data, bytes_of(incoming), left, t);
     ring.comm.progress();                          // start them (a stream-ordered backend launches what was posted)
     if (t > ring.reach[src] || !ring.seen[src]) {  // past the block's reach, or it hides from us
       if (c.out) ++c.out->stages_skipped;
     } else {
       c.timed([&] {
-        dev.attention_forward(q, kv_half(block, 0), kv_half(block, 1), o_part, lse_part, ring.local(c, src, t == 0));
+        dev.attention_forward(q, keys, values, o_part, lse_part, ring.local(c, src, t == 0));
         dev.attention_merge(o_acc, lse_acc, o_part, lse_part, c.opt.threads);
       });
     }
@@ -408,19 +419,17 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
                    const TensorView& o, const TensorView& lse, const TensorView& dout, const TensorView& dq,
                    const TensorView& dk, const TensorView& dv) {
   const int P = ring.P(), p = ring.p(), right = (p + 1) % P, left = (p - 1 + P) % P;
-  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), Lmax = ring.longest();
+  const int64_t B = q.dim(0), Lr = q.dim(1), H = q.dim(2), d = q.dim(3), Hkv = k.dim(2), M = ring.longest_moving();
   Communicator& comm = ring.comm;
   Device& dev = ring.dev;
-  const std::initializer_list<int64_t> kv_shape = {2, B, Lmax, Hkv, d};
+  const std::initializer_list<int64_t> kv_shape = {2, B, M, Hkv, d};
   DeviceTensor kv[2] = {dev.alloc(c.dtype, kv_shape), dev.alloc(c.dtype, kv_shape)};
   DeviceTensor dkv[2] = {dev.alloc(DType::f32, kv_shape), dev.alloc(DType::f32, kv_shape)};
   DeviceTensor dkv_part = dev.alloc(DType::f32, kv_shape);
   DeviceTensor dq_acc = dev.alloc(DType::f32, {B, Lr, H, d}), dq_part = dev.alloc(DType::f32, {B, Lr, H, d});
   dev.fill(dq_acc, 0.f);
-  dev.copy(kv_half(kv_block(kv[0], Lr), 0), k);
-  dev.copy(kv_half(kv_block(kv[0], Lr), 1), v);
-  DeviceTensor out_buf;
-  const TensorView out = leaving(ring, k, v, out_buf, kv_block(kv[0], Lr));
+  DeviceTensor keep;
+  const OwnBlock ours = own_block(ring, k, v, kv[0], keep);
   // When only part of our block travels, our own stage's dK/dV stays here (own)
   // and the travelling accumulator starts at zero; else it travels with them.
   const bool trimmed = ring.trimmed(p);
@@ -442,25 +451,29 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
   int cur = 0;
   for (int t = 0; t < P; ++t) {
     const int src = (p - t + P) % P, next = (src - 1 + P) % P;
-    const bool holding = t <= ring.reach[src];                // the block reached us
-    const int64_t n = t == 0 ? Lr : ring.moving_length(src);  // the keys held now
-    const TensorView block = kv_block(kv[cur], n), incoming = kv_block(kv[1 - cur], ring.moving_length(next));
-    const TensorView sent = t == 0 ? out : block;
-    const TensorView acc = kv_block(dkv[cur], ring.moving_length(src)), part = kv_block(dkv_part, n);
+    const bool holding = t <= ring.reach[src];  // the block reached us
+    // The block held now (stage 0: ours, as it leaves us), its keys and values, and
+    // where its dK/dV go: the travelling accumulator acc; at stage 0 our own dK/dV
+    // straight into own when only part of the block travels, else into acc.
+    const TensorView block = t == 0 ? ours.out : kv_block(kv[cur], ring.moving_length(src));
+    const TensorView keys = t == 0 ? ours.k : kv_half(block, 0), values = t == 0 ? ours.v : kv_half(block, 1);
+    const TensorView incoming = kv_block(kv[1 - cur], ring.moving_length(next));
+    const TensorView acc = kv_block(dkv[cur], ring.moving_length(src));
+    const TensorView part = t > 0 ? kv_block(dkv_part, ring.moving_length(src)) : trimmed ? own.view() : acc;
     Request kv_send, kv_recv, dkv_recv;
     InFlight guard{comm, {&kv_send, &kv_recv, &dkv_recv}};
     // Receives are posted in the order p−1 sends (its dK/dV of the last stage,
     // then this stage's K/V): NCCL pairs point-to-point calls by order, not tag.
     if (dkv_send[cur].pending()) comm.wait(dkv_send[cur]);  // buffer sent two stages ago
     if (t > 0 && holding) dkv_recv = comm.irecv(acc.data, bytes_of(acc), left, 2 * t + dkv_tag);
-    if (t < ring.reach[src]) kv_send = comm.isend(sent.data, bytes_of(sent), right, 2 * t + kv_tag);
+    if (t < ring.reach[src]) kv_send = comm.isend(block.data, bytes_of(block), right, 2 * t + kv_tag);
     if (t < ring.reach[next]) kv_recv = comm.irecv(incoming.data, bytes_of(incoming), left, 2 * t + kv_tag);
     comm.progress();
     const bool visible = holding && ring.seen[src];
     if (visible) {
       c.timed([&] {
-        dev.attention_backward(q, kv_half(block, 0), kv_half(block, 1), o, lse, dout, dq_part, kv_half(part, 0),
-                               kv_half(part, 1), ring.local(c, src, t == 0));
+        dev.attention_backward(q, keys, values, o, lse, dout, dq_part, kv_half(part, 0), kv_half(part, 1),
+                               ring.local(c, src, t == 0));
         dev.add(dq_acc, dq_part, c.opt.threads);
       });
     } else if (c.out) {
@@ -470,15 +483,10 @@ void ring_backward(Call& c, const Ring& ring, const TensorView& q, const TensorV
       if (t > 0) {
         comm.wait(dkv_recv);
         if (visible) c.timed([&] { dev.add(acc, part, c.opt.threads); });
-      } else if (trimmed) {
-        if (visible)
-          dev.copy(own, part);
-        else
-          dev.fill(own, 0.f);
+      } else if (trimmed) {  // part is own
+        if (!visible) dev.fill(own, 0.f);
         dev.fill(acc, 0.f);
-      } else if (visible) {
-        dev.copy(acc, part);
-      } else {
+      } else if (!visible) {  // part is acc
         dev.fill(acc, 0.f);
       }
       // To p+1, the block's next holder; from its last holder, home to its owner.
