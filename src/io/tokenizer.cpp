@@ -26,6 +26,7 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "ringattn/error.h"
 
@@ -55,6 +56,24 @@ std::string utf8(uint32_t cp) {
 
 // The length of the UTF-8 sequence starting with byte c (1 for a stray byte).
 size_t utf8_len(unsigned char c) { return c < 0xC0 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
+
+// The code point of the UTF-8 sequence at s[i] and its length, or length 0
+// where none starts there well formed (a stray or continuation byte, a cut or
+// overlong sequence, a surrogate, past U+10FFFF).
+std::pair<uint32_t, size_t> code_point(const std::string& s, size_t i) {
+  const auto c = static_cast<unsigned char>(s[i]);
+  const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+  if (n == 0 || i + n > s.size()) return {0, 0};
+  uint32_t cp = n == 1 ? c : c & (0xFF >> (n + 1));
+  for (size_t k = 1; k < n; ++k) {
+    const auto b = static_cast<unsigned char>(s[i + k]);
+    if ((b & 0xC0) != 0x80) return {0, 0};
+    cp = (cp << 6) | (b & 0x3F);
+  }
+  static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return {0, 0};
+  return {cp, n};
+}
 
 // GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for
 // code points 256, 257, ... in byte order.
@@ -641,13 +660,9 @@ class BpeTokenizer final : public Tokenizer {
           std::string bytes;
           bool all = true;
           for (size_t i = 0; i < t.size() && all;) {
-            const size_t n = utf8_len(static_cast<unsigned char>(t[i]));
-            uint32_t cp =
-                n == 1 ? static_cast<unsigned char>(t[i]) : static_cast<unsigned char>(t[i]) & (0xFF >> (n + 1));
-            for (size_t k = 1; k < n && i + k < t.size(); ++k)
-              cp = (cp << 6) | (static_cast<unsigned char>(t[i + k]) & 0x3F);
+            const auto [cp, n] = code_point(t, i);
             const auto b = byte_map().to_byte.find(cp);
-            all = b != byte_map().to_byte.end();
+            all = n > 0 && b != byte_map().to_byte.end();
             if (all) bytes += static_cast<char>(b->second);
             i += n;
           }
@@ -705,17 +720,8 @@ class BpeTokenizer final : public Tokenizer {
 
   static bool valid_utf8(const std::string& s) {
     for (size_t i = 0; i < s.size();) {
-      const auto c = static_cast<unsigned char>(s[i]);
-      const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-      if (n == 0 || i + n > s.size()) return false;
-      uint32_t cp = n == 1 ? c : c & (0xFF >> (n + 1));
-      for (size_t k = 1; k < n; ++k) {
-        const auto b = static_cast<unsigned char>(s[i + k]);
-        if ((b & 0xC0) != 0x80) return false;
-        cp = (cp << 6) | (b & 0x3F);
-      }
-      static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
-      if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+      const size_t n = code_point(s, i).second;
+      if (n == 0) return false;
       i += n;
     }
     return true;
