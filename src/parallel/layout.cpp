@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <queue>
+#include <utility>
 
 #include "ringattn/error.h"
 
@@ -84,6 +87,11 @@ void check_documents(Layout l, int64_t L, std::span<const int32_t> cu) {
 std::vector<int> document_owners(std::span<const int32_t> cu, int P) {
   check(P >= 1, "the number of ranks must be >= 1, got ", P);
   check_documents(Layout::doc_balanced, cu.empty() ? 0 : cu.back(), cu);
+  // Every rank asks for every rank's shard: the last answer is kept per thread.
+  thread_local std::vector<int32_t> last_cu;
+  thread_local int last_P = 0;
+  thread_local std::vector<int> last_owner;
+  if (P == last_P && std::equal(cu.begin(), cu.end(), last_cu.begin(), last_cu.end())) return last_owner;
   const size_t nd = cu.empty() ? 0 : cu.size() - 1;
   // Work in units of 1/P pair: a whole document adds w·P to its rank, a dealt one w
   // to every rank, and a rank's share W is Σw (exact: w <= 2^61, P < 2^31).
@@ -97,17 +105,24 @@ std::vector<int> document_owners(std::span<const int32_t> cu, int P) {
   std::vector<size_t> order(nd);
   for (size_t i = 0; i < nd; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return w[a] > w[b]; });
-  std::vector<Work> load(static_cast<size_t>(P), 0);
+  // The ranks by their whole documents' work (then rank), least first; the dealt
+  // documents add the same to every rank, kept apart in `dealt`.
+  using Load = std::pair<Work, int>;
+  std::priority_queue<Load, std::vector<Load>, std::greater<Load>> least;
+  for (int r = 0; r < P; ++r) least.push({0, r});
+  Work dealt = 0;
   std::vector<int> owner(nd, -1);
   for (size_t i : order) {
-    const auto least = std::min_element(load.begin(), load.end());
-    if (*least + w[i] * P <= total) {
-      *least += w[i] * P;
-      owner[i] = static_cast<int>(least - load.begin());
+    const auto [whole, r] = least.top();
+    if (whole + dealt + w[i] * P <= total) {
+      least.pop();
+      least.push({whole + w[i] * P, r});
+      owner[i] = r;
     } else {
-      for (Work& x : load) x += w[i];
+      dealt += w[i];
     }
   }
+  last_cu.assign(cu.begin(), cu.end()), last_P = P, last_owner = owner;
   return owner;
 }
 
