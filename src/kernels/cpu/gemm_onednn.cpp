@@ -21,8 +21,11 @@
 namespace ringattn {
 namespace {
 
-// The most rows the vector GEMV takes (a decode step of up to this many sequences).
-constexpr int64_t kGemvRows = 4;
+// The most rows the vector GEMV takes (a decode step of up to this many
+// sequences): 4, where it streams the weights faster than oneDNN's matmul, but
+// for bf16 weights on AMX 1, oneDNN's AMX kernels winning from 2 rows on
+// (docs/benchmarks.md, "Decode GEMMs on AMX").
+int64_t gemv_rows(DType ab_dtype) { return ab_dtype == DType::bf16 && default_isa() == Isa::amx_bf16 ? 1 : 4; }
 
 using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float, int>;
 
@@ -64,7 +67,7 @@ const std::pair<dnnl::matmul, std::string>& primitive(const Key& key) {
   }
 }
 
-// C[M, N] = alpha · op(A)[M, K] · op(B) + beta · C for M <= kGemvRows. Without
+// C[M, N] = alpha · op(A)[M, K] · op(B) + beta · C for M <= gemv_rows(). Without
 // trans_b the threads take consecutive rows of B (a contiguous stream each) and
 // their partial sums are added in thread order; with trans_b they take rows of
 // Bᵀ (dots).
@@ -108,7 +111,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   check(ab_dtype == DType::f32 || ab_dtype == DType::bf16, "gemm supports fp32 and bf16 inputs, got ",
         dtype_name(ab_dtype));
   check(M > 0 && N > 0 && K > 0, "gemm needs positive sizes, got M=", M, " N=", N, " K=", K);
-  if (M <= kGemvRows) return gemv(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ab_dtype);
+  if (M <= gemv_rows(ab_dtype)) return gemv(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ab_dtype);
   const Key key{trans_a, trans_b, M, N, K, lda, ldb, ldc, alpha, beta, static_cast<int>(ab_dtype)};
   const auto& [prim, name] = primitive(key);
   Engine& e = engine();
