@@ -4,21 +4,30 @@
 // stream from memory, for M = 1..12 rows of x, fp32 and bf16 weights, best of 5.
 // Build and run: run.sh.
 #include <chrono>
-#include <cstdio>
-#include <vector>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <vector>
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/dtype.h"
 using namespace ringattn;
 int main() {
-  struct S { int64_t K, N; bool tb; };
-  std::vector<S> shapes = {{1024, 1536, false}, {1024, 1024, false}, {1024, 5632, false}, {2816, 1024, false}, {1024, 32000, true}};
+  struct S {
+    int64_t K, N;
+    bool tb;
+  };
+  std::vector<S> shapes = {
+      {1024, 1536, false}, {1024, 1024, false}, {1024, 5632, false}, {2816, 1024, false}, {1024, 32000, true}};
   for (DType dt : {DType::f32, DType::bf16}) {
     const size_t es = dt == DType::f32 ? 4 : 2;
     std::vector<std::vector<char>> W;
-    for (auto& s : shapes) for (int c = 0; c < 4; ++c) { W.emplace_back(s.K * s.N * es); std::memset(W.back().data(), 0x3c, W.back().size()); }
-    std::vector<char> A(16 * 4096 * es); std::memset(A.data(), 0x3c, A.size());
+    for (auto& s : shapes)
+      for (int c = 0; c < 4; ++c) {
+        W.emplace_back(s.K * s.N * es);
+        std::memset(W.back().data(), 0x3c, W.back().size());
+      }
+    std::vector<char> A(16 * 4096 * es);
+    std::memset(A.data(), 0x3c, A.size());
     std::vector<float> C(16 * 32000);
     for (int M = 1; M <= 12; ++M) {
       double best = 1e9;
@@ -32,7 +41,8 @@ int main() {
           }
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 4);
       }
-      double bytes = 0; for (auto& s : shapes) bytes += s.K * s.N * es;
+      double bytes = 0;
+      for (auto& s : shapes) bytes += s.K * s.N * es;
       printf("%s M=%2d  %.3f ms  %.1f GB/s\n", dt == DType::f32 ? "fp32" : "bf16", M, best * 1e3, bytes / best / 1e9);
     }
   }
