@@ -122,55 +122,48 @@ Hardware toy(double bandwidth = 1e30, bool overlap = true) {
   return h;
 }
 
+// The forward bytes one device sends: one layer, one 64-wide head, 4096 tokens
+// over RA+SP(4) in `layout`, the documents cu (empty: none), causal.
+double ring_bytes(Layout layout, std::vector<int32_t> cu) {
+  Workload w;
+  w.model.layers = 1, w.model.d_model = 64, w.model.heads = 1, w.model.kv_heads = 1;
+  w.seq = 4096, w.batch = 1, w.cu_seqlens = std::move(cu);
+  Cluster cl;
+  cl.world = 4;
+  Candidate c;
+  c.sp = 4, c.layout = layout;
+  return predict(w, c, toy(), cl).forward_bytes_sent;
+}
+constexpr double kPerKey = 2 * 64 * 4;  // K and V of the 64-wide head, fp32
+
 // The ring's bytes with packed documents on contiguous shards: only the keys of
 // the document crossing a shard's end travel, as far as it reaches; documents
 // that end at the shards' edges send nothing.
 TEST(PlanCosts, RingCarriesOnlyDocumentsThatCrossShards) {
-  Workload w;
-  w.model.layers = 1, w.model.d_model = 64, w.model.heads = 1, w.model.kv_heads = 1;
-  w.seq = 4096, w.batch = 1;
-  Cluster cl;
-  cl.world = 4;
-  Candidate c;
-  c.sp = 4, c.layout = Layout::contiguous;
-  const Hardware h = toy();
-  const double full = predict(w, c, h, cl).forward_bytes_sent;
-  w.cu_seqlens = {0, 1024, 2048, 3072, 4096};  // one document per shard
-  const double none = predict(w, c, h, cl).forward_bytes_sent;
+  const double full = ring_bytes(Layout::contiguous, {});
+  const double none = ring_bytes(Layout::contiguous, {0, 1024, 2048, 3072, 4096});  // one document per shard
   // Short documents across each edge: the last 24, 48 and 72 keys of shards
   // 0, 1, 2 are seen by the next shard only.
-  w.cu_seqlens = {0, 1000, 1100, 2000, 2100, 3000, 3100, 4096};
-  const double some = predict(w, c, h, cl).forward_bytes_sent;
-  // K and V of the 64-wide head, fp32: full causal sends 3 hops of 1024 keys,
-  // the documents 1 hop of 72 (the most any member sends).
-  const double per_key = 2 * 64 * 4;
-  EXPECT_NEAR(full - none, 3 * 1024 * per_key, 1e-6);
-  EXPECT_NEAR(some - none, 72 * per_key, 1e-6);
+  const double some = ring_bytes(Layout::contiguous, {0, 1000, 1100, 2000, 2100, 3000, 3100, 4096});
+  // Full causal sends 3 hops of 1024 keys, the documents 1 hop of 72 (the most
+  // any member sends).
+  EXPECT_NEAR(full - none, 3 * 1024 * kPerKey, 1e-6);
+  EXPECT_NEAR(some - none, 72 * kPerKey, 1e-6);
 }
 
 // doc-balanced: documents held whole send nothing; a dealt one's chunks (first in
 // each shard) go the whole ring, with the whole documents between them when
 // several are dealt.
 TEST(PlanCosts, DocBalancedRingCarriesTheDealtDocumentsOnly) {
-  Workload w;
-  w.model.layers = 1, w.model.d_model = 64, w.model.heads = 1, w.model.kv_heads = 1;
-  w.seq = 4096, w.batch = 1;
-  Cluster cl;
-  cl.world = 4;
-  Candidate c;
-  c.sp = 4, c.layout = Layout::doc_balanced;
-  const Hardware h = toy();
-  const double per_key = 2 * 64 * 4;
-  w.cu_seqlens = {0, 1024, 2048, 3072, 4096};  // four equal documents: one whole per rank
-  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{0, 1, 2, 3}));
-  const double none = predict(w, c, h, cl).forward_bytes_sent;
+  const std::vector<int32_t> equal = {0, 1024, 2048, 3072, 4096};  // four equal documents: one whole per rank
+  EXPECT_EQ(document_owners(equal, 4), (std::vector<int>{0, 1, 2, 3}));
+  EXPECT_EQ(ring_bytes(Layout::doc_balanced, equal), 0);
   // One document of 2048 is more than a rank's share: dealt (chunks of 256, two
   // per rank, ahead of the whole documents before it in the sequence); the four
   // of 512 then go whole, one to each rank.
-  w.cu_seqlens = {0, 512, 1024, 1536, 2048, 4096};
-  EXPECT_EQ(document_owners(w.cu_seqlens, 4), (std::vector<int>{0, 1, 2, 3, -1}));
-  const double dealt = predict(w, c, h, cl).forward_bytes_sent;
-  EXPECT_NEAR(dealt - none, 3 * 512 * per_key, 1e-6);
+  const std::vector<int32_t> dealt = {0, 512, 1024, 1536, 2048, 4096};
+  EXPECT_EQ(document_owners(dealt, 4), (std::vector<int>{0, 1, 2, 3, -1}));
+  EXPECT_NEAR(ring_bytes(Layout::doc_balanced, dealt), 3 * 512 * kPerKey, 1e-6);
 }
 
 // A language model (llama: SwiGLU's three MLP matrices, an explicit head_dim,

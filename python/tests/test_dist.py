@@ -31,41 +31,6 @@ def inputs(B, L, H, Hkv, d, seed):
                                                                 (B, L, H, d))]
 
 
-def balanced_positions(cu, P, p):
-    """doc-balanced's shard of rank p, written out here: documents longest first (by causal pairs) whole onto
-    the least loaded rank while it stays within the mean, else dealt zigzag-wise; dealt chunks first."""
-    n = [b - a for a, b in zip(cu, cu[1:])]
-    w = [x * (x + 1) // 2 for x in n]
-    load, owner = [0] * P, [-1] * len(n)
-    for i in sorted(range(len(n)), key=lambda i: (-w[i], i)):
-        r = min(range(P), key=lambda r: (load[r], r))
-        if load[r] + w[i] * P <= sum(w):
-            load[r] += w[i] * P
-            owner[i] = r
-        else:
-            load = [x + w[i] for x in load]
-    dealt = [cu[i] + j for i in range(len(n)) if owner[i] < 0 for c in (p, 2 * P - 1 - p)
-             for j in range(c * n[i] // (2 * P), (c + 1) * n[i] // (2 * P))]
-    return dealt + [j for i in range(len(n)) if owner[i] == p for j in range(cu[i], cu[i + 1])]
-
-
-@pytest.mark.parametrize("strategy,ulysses", [s for s in strategies() if s[0] != "ulysses"])
-def test_doc_balanced_keeps_documents_whole_and_equals_one_process(strategy, ulysses):
-    # documents of 30, 9, 8, 2, 7 and 1 tokens: the longest dealt, the others whole where they fit
-    cu = [0, 30, 39, 47, 49, 56, 57]
-    pos = ringattn.positions(57, COMM, layout="doc-balanced", cu_seqlens=cu)
-    assert pos.tolist() == balanced_positions(cu, P, COMM.rank)
-    q, k, v, dout = inputs(2, 57, 4, 2, 16, seed=13)
-    m = dict(causal=True, cu_seqlens=cu)
-    o, lse = ringattn.attention(q, k, v, return_lse=True, **m)
-    opts = dict(strategy=strategy, layout="doc-balanced", ulysses=ulysses, **m)
-    qs, ks, vs = (ringattn.shard(x, COMM, layout="doc-balanced", cu_seqlens=cu) for x in (q, k, v))
-    os_ = ringattn.ring_attention(qs, ks, vs, COMM, **opts)
-    np.testing.assert_allclose(ringattn.unshard(os_, COMM, layout="doc-balanced", cu_seqlens=cu), o, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="doc-balanced layout deals the documents"):
-        ringattn.shard(q, COMM, layout="doc-balanced")
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("strategy,ulysses", strategies())
 @pytest.mark.parametrize("m", MASKS)
@@ -91,25 +56,44 @@ def test_every_strategy_and_layout_equals_one_process(layout, strategy, ulysses,
                                               cu_q=m.get("cu_seqlens"))[0], atol=2e-6, rtol=0)
 
 
+def document_positions(cu, P, p, layout):
+    """Rank p's shard under a document layout, written out here. A dealt document gives rank p its chunks p and
+    2P-1-p of 2P; doc-zigzag deals every document, doc-balanced takes them longest first (by causal pairs) whole
+    onto the least loaded rank while it stays within the mean and deals the rest, the dealt chunks first."""
+    n = [b - a for a, b in zip(cu, cu[1:])]
+    w = [x * (x + 1) // 2 for x in n]
+    load, owner = [0] * P, [-1] * len(n)
+    for i in sorted(range(len(n)), key=lambda i: (-w[i], i)) if layout == "doc-balanced" else []:
+        r = min(range(P), key=lambda r: (load[r], r))
+        if load[r] + w[i] * P <= sum(w):
+            load[r] += w[i] * P
+            owner[i] = r
+        else:
+            load = [x + w[i] for x in load]
+    dealt = [cu[i] + j for i in range(len(n)) if owner[i] < 0 for c in (p, 2 * P - 1 - p)
+             for j in range(c * n[i] // (2 * P), (c + 1) * n[i] // (2 * P))]
+    return dealt + [j for i in range(len(n)) if owner[i] == p for j in range(cu[i], cu[i + 1])]
+
+
+# doc-zigzag: documents of 1, 2, 13 and 29 tokens; doc-balanced: of 30, 9, 8, 2, 7 and 1 (the longest dealt, the
+# others whole where they fit)
+@pytest.mark.parametrize("layout,cu", [("doc-zigzag", [0, 1, 3, 16, 45]), ("doc-balanced", [0, 30, 39, 47, 49, 56, 57])])
 @pytest.mark.parametrize("strategy,ulysses", [s for s in strategies() if s[0] != "ulysses"])
-def test_doc_zigzag_deals_every_document_and_equals_one_process(strategy, ulysses):
-    # documents of 1, 2, 13 and 29 tokens: each cut into 2P chunks, rank p holding p and 2P-1-p of every one
-    cu = [0, 1, 3, 16, 45]
-    pos = ringattn.positions(45, COMM, layout="doc-zigzag", cu_seqlens=cu)
-    want = [a + i for a, b in zip(cu, cu[1:]) for c in (COMM.rank, 2 * P - 1 - COMM.rank)
-            for i in range(c * (b - a) // (2 * P), (c + 1) * (b - a) // (2 * P))]
-    assert pos.tolist() == want
-    q, k, v, dout = inputs(2, 45, 4, 2, 16, seed=12)
+def test_document_layouts_deal_the_documents_and_equal_one_process(layout, cu, strategy, ulysses):
+    L = cu[-1]
+    assert ringattn.positions(L, COMM, layout=layout, cu_seqlens=cu).tolist() == \
+        document_positions(cu, P, COMM.rank, layout)
+    q, k, v, dout = inputs(2, L, 4, 2, 16, seed=12)
     m = dict(causal=True, cu_seqlens=cu)
     o, lse = ringattn.attention(q, k, v, return_lse=True, **m)
-    opts = dict(strategy=strategy, layout="doc-zigzag", ulysses=ulysses, **m)
-    qs, ks, vs = (ringattn.shard(x, COMM, layout="doc-zigzag", cu_seqlens=cu) for x in (q, k, v))
+    opts = dict(strategy=strategy, layout=layout, ulysses=ulysses, **m)
+    qs, ks, vs = (ringattn.shard(x, COMM, layout=layout, cu_seqlens=cu) for x in (q, k, v))
     os_ = ringattn.ring_attention(qs, ks, vs, COMM, **opts)
-    np.testing.assert_allclose(ringattn.unshard(os_, COMM, layout="doc-zigzag", cu_seqlens=cu), o, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="doc-zigzag layout deals the documents"):  # on every rank, before any transfer
-        ringattn.shard(q, COMM, layout="doc-zigzag")
-    with pytest.raises(ValueError, match="doc-zigzag layout deals the documents"):
-        ringattn.ring_attention(qs, ks, vs, COMM, strategy=strategy, layout="doc-zigzag", causal=True)
+    np.testing.assert_allclose(ringattn.unshard(os_, COMM, layout=layout, cu_seqlens=cu), o, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=f"{layout} layout deals the documents"):  # on every rank, before any transfer
+        ringattn.shard(q, COMM, layout=layout)
+    with pytest.raises(ValueError, match=f"{layout} layout deals the documents"):
+        ringattn.ring_attention(qs, ks, vs, COMM, strategy=strategy, layout=layout, causal=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
