@@ -4,7 +4,9 @@
 # earlier, fixed, kept so they stay fixed), then fuzzing from fuzz/corpus/<target>/
 # for FUZZ_SECONDS per target (default 300). Exit 77 (skipped) without clang's
 # libFuzzer. The test suite runs it with FUZZ_SECONDS=5 (a smoke run: the build,
-# the regressions, a few thousand inputs); long fuzzing is this script by hand:
+# the regressions, a few thousand inputs) built at FUZZ_OPT=-O0, which halves
+# the compile (the CLI sources take 20 s each at -O1 under the sanitizers); long
+# fuzzing is this script by hand, at the default -O1:
 #   FUZZ_SECONDS=3600 fuzz/run.sh build/fuzz build/release
 # The command-line target (fuzz_cli) links the release build's libraries, so it
 # is built only when RELEASE_BUILD_DIR (with `ringattn` built) is given. Sources
@@ -21,7 +23,7 @@ echo 'extern "C" int LLVMFuzzerTestOneInput(const char*, unsigned long) { return
 if ! "$CXX" -fsanitize=fuzzer "$out/probe.cpp" -o "$out/probe" 2>/dev/null; then
   echo "fuzz: skipped: $CXX cannot link -fsanitize=fuzzer (libFuzzer missing)"; exit 77
 fi
-flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+flags=(-std=c++20 "${FUZZ_OPT:--O1}" -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I"$src/include" -I"$src/src")
 jobs=${FUZZ_JOBS:-$(nproc)}
 
