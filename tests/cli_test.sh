@@ -202,6 +202,25 @@ else
   fail "ringattn info --json exited non-zero: $(cat info.err)"
 fi
 
+# Ranks started together divide the machine's CPUs unless OMP_NUM_THREADS chose.
+threads_per_rank() {  # NP [VAR=VALUE...]: each rank's OpenMP threads (`info`), OMP_NUM_THREADS unset unless given
+  rm -rf ranks_out
+  env -u OMP_NUM_THREADS "${@:2}" mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader \
+    --output-filename ranks_out -np "$1" "$BIN" info --no-measure --json >/dev/null || return
+  for f in ranks_out/1/rank.*/stdout; do
+    $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["omp_threads"], end=" ")' "$f"
+  done
+}
+ncpu=$(nproc --all)
+for np_ in 2 4; do
+  want=$(( ncpu / np_ > 1 ? ncpu / np_ : 1 ))
+  got=$(threads_per_rank $np_)
+  [[ $got == "$(printf "$want %.0s" $(seq $np_))" ]] ||
+    fail "mpirun -np $np_ info: OpenMP threads per rank '$got', want $want each ($ncpu CPUs shared)"
+  got=$(threads_per_rank $np_ OMP_NUM_THREADS=3)
+  [[ $got == "$(printf "3 %.0s" $(seq $np_))" ]] || fail "mpirun -np $np_ info, OMP_NUM_THREADS=3: threads per rank '$got'"
+done
+
 for sub in "train" "compare" "generate" "bench kernel" "bench layers"; do
   out=$("$BIN" $sub --help 2>&1) || fail "ringattn $sub --help exited non-zero"
   grep -q -- "--json" <<<"$out" || fail "ringattn $sub --help does not list --json"

@@ -350,6 +350,37 @@ TEST(Isa, CpuFeaturesAreSane) {
   }
 }
 
+// Ranks on one machine divide its CPUs: unbound ranks share them all, ranks the
+// launcher bound to distinct cores or sockets share only their own set.
+TEST(Threads, RanksOnOneMachineDivideItsCpus) {
+  EXPECT_EQ(threads_sharing_cpus(16, 16, 1), 16);
+  EXPECT_EQ(threads_sharing_cpus(16, 16, 4), 4);  // unbound: 4 ranks share 16 CPUs
+  EXPECT_EQ(threads_sharing_cpus(16, 16, 3), 5);  // 16 / 3, rounded down
+  EXPECT_EQ(threads_sharing_cpus(2, 2, 8), 1);    // more ranks than CPUs: one thread each
+  EXPECT_EQ(threads_sharing_cpus(1, 16, 2), 1);   // bound to a core each
+  EXPECT_EQ(threads_sharing_cpus(8, 16, 2), 8);   // bound to a socket each
+  EXPECT_EQ(threads_sharing_cpus(8, 16, 4), 4);   // two ranks per socket
+  EXPECT_EQ(threads_sharing_cpus(8, 16, 3), 4);   // a socket holds two of the three
+  EXPECT_THROW(threads_sharing_cpus(0, 16, 2), Error);
+  EXPECT_THROW(threads_sharing_cpus(4, 2, 2), Error);
+  EXPECT_THROW(threads_sharing_cpus(4, 4, 0), Error);
+}
+
+TEST(Threads, LauncherLocalRanksReadsTheLauncherAndRejectsGarbage) {
+  const char* saved = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+  const std::string keep = saved ? saved : "";
+  setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3", 1);
+  EXPECT_EQ(launcher_local_ranks(), 3);
+  setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "3x", 1);
+  EXPECT_THROW(launcher_local_ranks(), Error);
+  setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "0", 1);
+  EXPECT_THROW(launcher_local_ranks(), Error);
+  if (saved)
+    setenv("OMPI_COMM_WORLD_LOCAL_SIZE", keep.c_str(), 1);
+  else
+    unsetenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+}
+
 TEST(Isa, UnsupportedPathIsAnErrorNotAFallback) {
   for (Isa i : all_isas()) {
     if (isa_supported(i)) continue;

@@ -148,7 +148,9 @@ void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid
          "cpu, or cuda: one GPU per rank, RA+SP over NCCL, bf16 (the GPU kernels take bf16/fp16)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->default_str("cpu");
-  cmd->add_option("--threads", p.threads, "threads per rank for every kernel (default: OpenMP's)")
+  cmd->add_option(
+         "--threads", p.threads,
+         "threads per rank for every kernel (default: OpenMP's, its CPUs divided among the ranks on one machine)")
       ->check(thread_count());
 }
 

@@ -555,7 +555,9 @@ void add_attention(CLI::App& app) {
   cmd->add_option("--scale", a->scale, "softmax scale (default 1/sqrt(d))")->check(positive_finite());
   cmd->add_option("--dtype", a->dtype, "storage dtype for the computation: fp32, bf16 or fp16")->capture_default_str();
   cmd->add_option("--isa", a->isa, "kernel path: generic, avx2, avx512, avx512_bf16, amx_bf16 (default: best)");
-  cmd->add_option("--threads", a->threads, "threads per process (default: OpenMP's)")->check(thread_count());
+  cmd->add_option("--threads", a->threads,
+                  "threads per process (default: OpenMP's, its CPUs divided among the ranks on one machine)")
+      ->check(thread_count());
   cmd->add_option("--strategy", a->strategy, "distributed strategy under mpirun: ring, allgather, ulysses")
       ->check(CLI::IsMember({"ring", "allgather", "ulysses"}));
   cmd->add_option("--layout", a->layout,

@@ -1,6 +1,7 @@
 // `ringattn info`: what this machine is and what it can do, measured.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "cli/commands.h"
@@ -39,6 +40,7 @@ void add_info(CLI::App& app) {
     j["kernel_paths"] = isas;
     j["default_path"] = isa_name(default_isa());
     j["omp_threads"] = omp_get_max_threads();
+    j["local_ranks"] = std::max(1, launcher_local_ranks());
     if (!*quick) {
       if (!*json) progress("measuring FMA peaks and GEMM rates...");
       const Isa isa = default_isa();
@@ -52,8 +54,11 @@ void add_info(CLI::App& app) {
       if (!*json) progress_done();
     }
     if (*json) return print_json(j);
-    std::printf("CPU            %s (%s), %d logical CPUs, %d OpenMP threads\n", f.model.c_str(), f.vendor.c_str(),
+    std::printf("CPU            %s (%s), %d logical CPUs, %d OpenMP threads", f.model.c_str(), f.vendor.c_str(),
                 f.logical_cpus, omp_get_max_threads());
+    if (j["local_ranks"].get<int>() > 1)
+      std::printf(" (this rank's; %d ranks on this machine)", j["local_ranks"].get<int>());
+    std::printf("\n");
     std::printf("features      ");
     for (auto& [k, v] : j["features"].items())
       if (v.get<bool>()) std::printf(" %s", k.c_str());

@@ -47,9 +47,11 @@ int main(int argc, char** argv) {
   // GPU runs load every kernel when CUDA starts, not at its first launch, so no
   // timed step pays for a kernel the warm-up did not use (unless the user chose).
   if (wants_cuda(argc, argv)) setenv("CUDA_MODULE_LOADING", "EAGER", 0);
-  // Before the OpenMP runtime starts a thread (an absurd count crashes it).
+  // Before the OpenMP runtime starts a thread (an absurd count crashes it); ranks
+  // started together on one machine divide its CPUs unless OMP_NUM_THREADS says.
   try {
     ringattn::check_omp_num_threads_env();
+    ringattn::share_cpus_with_local_ranks();
   } catch (const ringattn::Error& e) {
     std::fprintf(stderr, "ringattn: error: %s\n", e.what());
     return 2;

@@ -1,11 +1,14 @@
 // CPU feature detection (CPUID + XGETBV) and the choice of kernel path.
 #include "ringattn/cpu/features.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #if defined(__linux__)
+#include <omp.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -206,6 +209,41 @@ Isa default_isa() {
 int max_threads() {
   const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
   return 16 * static_cast<int>(n > 0 ? n : 1);
+}
+
+int threads_sharing_cpus(int affinity_cpus, int online_cpus, int local_ranks) {
+  check(affinity_cpus >= 1 && online_cpus >= affinity_cpus && local_ranks >= 1,
+        "threads_sharing_cpus: need 1 <= affinity CPUs (", affinity_cpus, ") <= online CPUs (", online_cpus,
+        ") and at least one local rank (", local_ranks, ")");
+  // Ranks per affinity set when the launcher spread them evenly: ceil(local × aff / online).
+  const long long sharing = (static_cast<long long>(local_ranks) * affinity_cpus + online_cpus - 1) / online_cpus;
+  return std::max(1, static_cast<int>(affinity_cpus / sharing));
+}
+
+int launcher_local_ranks() {
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE"}) {
+    const char* env = std::getenv(v);
+    if (!env || !*env) continue;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    check(*end == '\0' && n >= 1, v, " (set by the launcher) must be a rank count, got '", env, "'");
+    return static_cast<int>(std::min<long>(n, 1 << 20));
+  }
+  return 0;
+}
+
+int share_cpus_with_local_ranks() {
+  const char* chosen = std::getenv("OMP_NUM_THREADS");
+  if (chosen && *chosen) return 0;
+  const int local = launcher_local_ranks();
+  if (local <= 1) return 0;
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  const long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+  if (online < 1 || ::sched_getaffinity(0, sizeof mask, &mask) != 0) return 0;
+  const int affinity = std::min(CPU_COUNT(&mask), static_cast<int>(online));
+  omp_set_num_threads(threads_sharing_cpus(std::max(affinity, 1), static_cast<int>(online), local));
+  return local;
 }
 
 void check_thread_count(long long n, const std::string& what) {

@@ -27,6 +27,21 @@ void check_thread_count(long long n, const std::string& what);
 // as above before the OpenMP runtime starts any thread.
 void check_omp_num_threads_env();
 
+// Ranks that a launcher (mpirun, mpiexec) started on one machine share its CPUs,
+// but OpenMP's default team is one thread per CPU the process may run on: 4
+// unbound ranks on 16 CPUs would run 64 threads, each spinning at its barriers.
+// The team one rank should run: the CPUs it may run on (`affinity_cpus`), divided
+// by the ranks that share them (`local_ranks` spread evenly over the machine's
+// `online_cpus`: ranks bound to distinct cores or sockets share nothing); >= 1.
+int threads_sharing_cpus(int affinity_cpus, int online_cpus, int local_ranks);
+// The launcher's count of ranks on this machine (OMPI_COMM_WORLD_LOCAL_SIZE,
+// MPI_LOCALNRANKS, MV2_COMM_WORLD_LOCAL_SIZE); 0 when not started by one.
+int launcher_local_ranks();
+// Unless OMP_NUM_THREADS chose, sets OpenMP's default team to
+// threads_sharing_cpus for this process (nothing outside a launcher). Returns the
+// local rank count it divided by (0: left as it was). Call before any parallel region.
+int share_cpus_with_local_ranks();
+
 // Kernel paths, from least to most capable.
 enum class Isa { generic, avx2, avx512, avx512_bf16, amx_bf16 };
 const char* isa_name(Isa i);
