@@ -23,6 +23,7 @@
 #include "ringattn/attention.h"
 #include "ringattn/comm.h"
 #include "ringattn/cpu/attention.h"
+#include "ringattn/cpu/features.h"
 #include "ringattn/dist_attention.h"
 #include "ringattn/error.h"
 #include "ringattn/layout.h"
@@ -276,6 +277,8 @@ NB_MODULE(_ringattn, m) {
   // the interpreter is torn down, which nanobind would report as leaks at exit;
   // their MPI resources are released before MPI_Finalize (ringattn/_core.py).
   nb::set_leak_warnings(false);
+  // Under mpirun, ranks on one machine divide its CPUs (threads=0), as the command's do.
+  ringattn::share_cpus_with_local_ranks();
 
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
