@@ -171,7 +171,7 @@ case $mode in
     step "configure + build (release)" bash -c 'cmake --preset release >/dev/null && cmake --build --preset release -j "$(nproc)"'
     if [ "$mode" = smoke ]; then
       step "ring attention, 2 ranks, --check" mpirun --allow-run-as-root --oversubscribe --bind-to none \
-        --mca btl self,vader -np 2 ./build/release/ringattn attention --strategy ring --layout zigzag \
+        --mca pml ob1 --mca btl self,vader -np 2 ./build/release/ringattn attention --strategy ring --layout zigzag \
         --seq 1024 --heads 4 --dim 64 --causal --backward --check --threads 1
     else
       step ./test.sh ./test.sh

@@ -20,7 +20,7 @@ cat >"$out/config.json" <<'JSON'
  "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 1024, "rope_theta": 10000,
  "rms_norm_eps": 1e-5}
 JSON
-mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
+mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader -np 2 \
   "$bin" train --config "$out/config.json" --data "$corpus" --tokenizer byte --batch 8 --seq 256 \
   --steps "$steps" --eval-every 50 --eval-windows 64 --lr 2e-3 --threads 1 --strategy ring --layout zigzag \
   --log "$out/train_log.json" --save /tmp/fortunes_ck | tee "$out/train.txt"

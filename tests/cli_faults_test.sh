@@ -17,7 +17,7 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ringattn_faults.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK" || exit 1
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader)
 LIMIT=60  # seconds any one case may take: more is a hang
 
 failures=0 cases=0

@@ -177,7 +177,7 @@ for np_ in 1 2 3 4; do  # 64 tokens over 3 ranks: uneven shards (21-22 tokens)
     run=("$BIN" attention)
     lay=zigzag s=$strat
     [[ $strat == doc-* ]] && lay=$strat s=ring
-    [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$s" --layout "$lay" --threads 1)
+    [[ $np_ -gt 1 ]] && run=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader -np "$np_" "$BIN" attention --strategy "$s" --layout "$lay" --threads 1)
     [[ $np_ -eq 1 && $strat != ring ]] && continue
     [[ $np_ -eq 3 && $strat == ulysses ]] && continue  # 4 heads do not split over 3 ranks
     if ! "${run[@]}" --q w_q.npy --k w_k.npy --v w_v.npy --dout w_do.npy --out w_o.npy --lse w_lse.npy \
@@ -205,7 +205,7 @@ fi
 # Ranks started together divide the machine's CPUs unless OMP_NUM_THREADS chose.
 threads_per_rank() {  # NP [VAR=VALUE...]: each rank's OpenMP threads (`info`), OMP_NUM_THREADS unset unless given
   rm -rf ranks_out
-  env -u OMP_NUM_THREADS "${@:2}" mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader \
+  env -u OMP_NUM_THREADS "${@:2}" mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader \
     --output-filename ranks_out -np "$1" "$BIN" info --no-measure --json >/dev/null || return
   for f in ranks_out/1/rank.*/stdout; do
     $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["omp_threads"], end=" ")' "$f"
@@ -271,7 +271,7 @@ done
 # Under mpirun, the first 12 of the 19 tokens (12 splits over 2, 3 and 4 ranks in
 # every layout): ring, all-gather, Ulysses, TP, PP (gpt2's tied head copied to
 # the last stage) — rank 0 gathers and writes.
-MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader)
 for m in llama_gqa gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY hf.py ids "$fx" ids12_$m.npy 12 || { fail "could not write the ids of $m"; continue; }

@@ -13,7 +13,7 @@ test -f "$work/prefix/include/ringattn/version.h"
 cmake -S "$src/examples/ring_attention" -B "$work/example" -DCMAKE_PREFIX_PATH="$work/prefix" \
   -DCMAKE_BUILD_TYPE=Release >"$work/configure.log" 2>&1 || { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/example" -j "$(nproc)" >"$work/build.log" || { cat "$work/build.log"; exit 1; }
-mpirun=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader)
+mpirun=(mpirun --allow-run-as-root --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader)
 for n in 1 2; do
   "${mpirun[@]}" -np $n "$work/example/ring_attention"
 done

@@ -12,7 +12,7 @@
 namespace ringattn::cli {
 
 std::string default_launcher(int ranks) {
-  std::string l = "mpirun --bind-to none --mca btl self,vader";
+  std::string l = "mpirun --bind-to none --mca pml ob1 --mca btl self,vader";
   if (geteuid() == 0) l += " --allow-run-as-root";
   if (ranks > static_cast<int>(std::thread::hardware_concurrency())) l += " --oversubscribe";
   return l;

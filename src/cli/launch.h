@@ -6,7 +6,7 @@
 
 namespace ringattn::cli {
 
-// "mpirun --bind-to none --mca btl self,vader", plus --allow-run-as-root as root
+// "mpirun --bind-to none --mca pml ob1 --mca btl self,vader", plus --allow-run-as-root as root
 // and --oversubscribe when ranks exceed the CPUs.
 std::string default_launcher(int ranks);
 std::string self_executable();  // the running ringattn binary, for the launched ranks

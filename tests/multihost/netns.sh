@@ -89,7 +89,7 @@ launcher() {
     " --mca mpi_yield_when_idle 1" \
     " --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 --mca oob_tcp_keepalive_probes 3" \
     " --mca plm_rsh_agent '$here/netns.sh agent'" \
-    " --mca btl tcp,self --mca btl_tcp_if_include 10.${NET}.0.0/24 --mca oob_tcp_if_include 10.${NET}.0.0/24" \
+    " --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include 10.${NET}.0.0/24 --mca oob_tcp_if_include 10.${NET}.0.0/24" \
     " -x RA_NET=$NET${RINGATTN_TIMEOUT:+ -x RINGATTN_TIMEOUT}${OMP_NUM_THREADS:+ -x OMP_NUM_THREADS}"
 }
 
