@@ -390,9 +390,10 @@ void add_compare(CLI::App& app) {
       ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--ranks", a->ranks, "ranks per method (default: the number of CPUs)")->check(positive_count());
-  cmd->add_option("--launcher", a->launcher,
-                  "the mpirun command line before -np (default: mpirun --bind-to none --mca pml ob1 --mca btl self,vader, plus "
-                  "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
+  cmd->add_option(
+      "--launcher", a->launcher,
+      "the mpirun command line before -np (default: mpirun --bind-to none --mca pml ob1 --mca btl self,vader, plus "
+      "--allow-run-as-root as root and --oversubscribe beyond the CPU count)");
   cmd->add_option("--method", a->method,
                   "measure one method under mpirun: ring, ulysses, allgather, tp, "
                   "pp, tpxpp, hybrid")
