@@ -211,9 +211,10 @@ threads_per_rank() {  # NP [VAR=VALUE...]: each rank's OpenMP threads (`info`), 
     $PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["omp_threads"], end=" ")' "$f"
   done
 }
-ncpu=$(nproc --all)
+ncpu=$(nproc --all) mine=$(env -u OMP_NUM_THREADS nproc)  # online CPUs; those this process may run on
 for np_ in 2 4; do
-  want=$(( ncpu / np_ > 1 ? ncpu / np_ : 1 ))
+  sharing=$(( (np_ * mine + ncpu - 1) / ncpu ))  # ranks per set of `mine` CPUs, spread evenly
+  want=$(( mine / sharing > 1 ? mine / sharing : 1 ))
   got=$(threads_per_rank $np_)
   [[ $got == "$(printf "$want %.0s" $(seq $np_))" ]] ||
     fail "mpirun -np $np_ info: OpenMP threads per rank '$got', want $want each ($ncpu CPUs shared)"
