@@ -348,6 +348,47 @@ TEST(Memory, PeakAccountingFollowsBuffers) {
   EXPECT_GT(peak_rss_bytes(), 0);
 }
 
+TEST(Memory, FreedLargeBlocksAreKeptForReuseWithinThePeak) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "the block cache is off under AddressSanitizer";
+#endif
+  reset_peak_memory();
+  EXPECT_EQ(memory_stats().cached_bytes, 0);
+  constexpr size_t kMiB = size_t{1} << 20;
+  void* first = nullptr;
+  {
+    Buffer a(4 * kMiB);
+    first = a.data();
+  }
+  EXPECT_EQ(memory_stats().cached_bytes, static_cast<int64_t>(4 * kMiB));
+  {
+    Buffer again(4 * kMiB);  // the same size: the kept block
+    EXPECT_EQ(again.data(), first);
+    EXPECT_EQ(memory_stats().cached_bytes, 0);
+    Buffer small(64 * 1024);  // below 1 MiB: never kept
+  }
+  EXPECT_EQ(memory_stats().cached_bytes, static_cast<int64_t>(4 * kMiB));
+  {
+    Buffer b(2 * kMiB);  // a new size: keeping the 4 MiB block would take held + kept over the peak
+    const MemoryStats s = memory_stats();
+    EXPECT_EQ(s.cached_bytes, 0);
+    EXPECT_LE(s.current_bytes + s.cached_bytes, s.peak_bytes);
+  }
+  EXPECT_EQ(memory_stats().cached_bytes, static_cast<int64_t>(2 * kMiB));
+  MemoryStats s;
+  {
+    Buffer big(8 * kMiB);  // a new peak: everything kept is released first
+    s = memory_stats();
+    EXPECT_EQ(s.cached_bytes, 0);
+    EXPECT_LE(s.current_bytes + s.cached_bytes, s.peak_bytes);
+  }
+  EXPECT_EQ(memory_stats().cached_bytes, static_cast<int64_t>(8 * kMiB));
+  reset_peak_memory();  // the bound moves down to what is held: nothing kept
+  s = memory_stats();
+  EXPECT_EQ(s.cached_bytes, 0);
+  EXPECT_EQ(s.peak_bytes, s.current_bytes);
+}
+
 TEST(Memory, ZeroByteBufferIsEmpty) {
   const int64_t cur = memory_stats().current_bytes;
   {

@@ -10,15 +10,20 @@ namespace ringattn {
 
 inline constexpr size_t kAlignment = 64;  // one cache line / one zmm register
 
+// Blocks of 1 MiB and more are kept after their free for the next request of the
+// same size (fresh pages fault and are zeroed on first touch), while held plus
+// kept bytes stay within the peak held since the last reset.
 void* aligned_alloc_tracked(size_t bytes);  // throws Error on failure
 void aligned_free_tracked(void* p, size_t bytes) noexcept;
+void release_cached_memory() noexcept;  // returns the kept blocks to the C library
 
 struct MemoryStats {
   int64_t current_bytes;  // bytes held in Buffers now
   int64_t peak_bytes;     // most ever held at once since the last reset
+  int64_t cached_bytes;   // freed blocks kept for reuse (held + cached <= peak)
 };
 MemoryStats memory_stats();
-void reset_peak_memory();          // peak := current
+void reset_peak_memory();          // peak := current (and the kept blocks released)
 int64_t peak_rss_bytes();          // the process's peak resident set (getrusage)
 int64_t available_memory_bytes();  // MemAvailable of /proc/meminfo (-1: unknown)
 // Throws Error "<what> needs at least X GiB but this machine has Y GiB available"
