@@ -149,8 +149,9 @@ int64_t available_memory_bytes() {
 }
 
 void check_fits_in_memory(double bytes, const std::string& what) {
-  const int64_t avail = available_memory_bytes();
-  if (avail < 0) return;  // unknown: let the allocations decide
+  int64_t avail = available_memory_bytes();
+  if (avail < 0) return;                 // unknown: let the allocations decide
+  avail += memory_stats().cached_bytes;  // kept blocks give way to new sizes
   constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
   check(bytes <= static_cast<double>(avail), what, " needs at least ", bytes / kGiB, " GiB but this machine has ",
         static_cast<double>(avail) / kGiB, " GiB available: use a smaller size or more ranks");
