@@ -162,6 +162,21 @@ static inline Vf vexp2(Vf x) {
   return vscale2(p, n);
 }
 
+// 2^x for x <= 0 to a relative error of 3e-6 (degree 4, coefficients fitted for
+// the least maximum relative error on [-1/2, 1/2], 2^0 = 1 exact): for p that is
+// rounded to bf16 (2^-9) next, three multiply-adds fewer than vexp2.
+static inline Vf vexp2_bf16(Vf x) {
+  x = vmin(vmax(x, vset1(kExp2Lo)), vzero());
+  Vf n = vround(x);
+  Vf f = vsub(x, n);
+  Vf p = vset1(9.582852944731712e-03f);
+  p = vfma(p, f, vset1(5.5906426161527634e-02f));
+  p = vfma(p, f, vset1(2.4024099111557007e-01f));
+  p = vfma(p, f, vset1(6.931241750717163e-01f));
+  p = vfma(p, f, vset1(1.f));
+  return vscale2(p, n);
+}
+
 // The logistic σ(z) = 1 / (1 + e^−z) for any z, from E = e^−|z| <= 1 (so 2^x
 // only sees x <= 0): σ = 1 / (1 + E) for z >= 0 and E / (1 + E) below.
 static inline Vf vsigmoid(Vf z) {
