@@ -143,38 +143,38 @@ static inline Vf vscale2(Vf p, Vf n) {
 // vscale2's lowest exponent, which gives 0.
 inline constexpr float kExp2Lo = -127.f;
 
-// 2^x for x <= 0 (x = -inf gives 0): x = n + f, |f| <= 1/2, 2^f by its degree-7
-// Taylor series in f·ln2 (relative error < 1e-8, below fp32 rounding). x is
-// clamped to [kExp2Lo, 0] first (kExp2Lo gives exactly 0), so that a rounding
-// above 0 gives 1 and never an exponent field that overflows.
-static inline Vf vexp2(Vf x) {
+// 2^x for x <= 0 (x = -inf gives 0): x = n + f, |f| <= 1/2, 2^f by the
+// polynomial c[0] + c[1]·f + ... (Horner). x is clamped to [kExp2Lo, 0] first
+// (kExp2Lo gives exactly 0), so that a rounding above 0 gives 1 and never an
+// exponent field that overflows.
+template <int D>
+static inline Vf vexp2_poly(Vf x, const float (&c)[D]) {
   x = vmin(vmax(x, vset1(kExp2Lo)), vzero());
-  Vf n = vround(x);
-  Vf f = vsub(x, n);
-  Vf p = vset1(1.5252733804059841e-05f);  // ln2^7/7!
-  p = vfma(p, f, vset1(1.5403530393381609e-04f));
-  p = vfma(p, f, vset1(1.3333558146428443e-03f));
-  p = vfma(p, f, vset1(9.6181291076284772e-03f));
-  p = vfma(p, f, vset1(5.5504108664821580e-02f));
-  p = vfma(p, f, vset1(2.4022650695910071e-01f));
-  p = vfma(p, f, vset1(6.9314718055994531e-01f));
-  p = vfma(p, f, vset1(1.f));
+  const Vf n = vround(x), f = vsub(x, n);
+  Vf p = vset1(c[D - 1]);
+  for (int k = D - 2; k >= 0; --k) p = vfma(p, f, vset1(c[k]));
   return vscale2(p, n);
 }
-
-// 2^x for x <= 0 to a relative error of 3e-6 (degree 4, coefficients fitted for
-// the least maximum relative error on [-1/2, 1/2], 2^0 = 1 exact): for p that is
-// rounded to bf16 (2^-9) next, three multiply-adds fewer than vexp2.
+// 2^f by its degree-7 Taylor series in f·ln2 (ln2^k/k!; relative error < 1e-8,
+// below fp32 rounding).
+static inline Vf vexp2(Vf x) {
+  static constexpr float c[] = {1.f,
+                                6.9314718055994531e-01f,
+                                2.4022650695910071e-01f,
+                                5.5504108664821580e-02f,
+                                9.6181291076284772e-03f,
+                                1.3333558146428443e-03f,
+                                1.5403530393381609e-04f,
+                                1.5252733804059841e-05f};
+  return vexp2_poly(x, c);
+}
+// 2^f to a relative error of 3e-6 (degree 4, fitted for the least maximum
+// relative error on [-1/2, 1/2], 2^0 = 1 exact): for p that is rounded to bf16
+// (2^-9) next, three multiply-adds fewer than vexp2.
 static inline Vf vexp2_bf16(Vf x) {
-  x = vmin(vmax(x, vset1(kExp2Lo)), vzero());
-  Vf n = vround(x);
-  Vf f = vsub(x, n);
-  Vf p = vset1(9.582852944731712e-03f);
-  p = vfma(p, f, vset1(5.5906426161527634e-02f));
-  p = vfma(p, f, vset1(2.4024099111557007e-01f));
-  p = vfma(p, f, vset1(6.931241750717163e-01f));
-  p = vfma(p, f, vset1(1.f));
-  return vscale2(p, n);
+  static constexpr float c[] = {1.f, 6.931241750717163e-01f, 2.4024099111557007e-01f, 5.5906426161527634e-02f,
+                                9.582852944731712e-03f};
+  return vexp2_poly(x, c);
 }
 
 // The logistic σ(z) = 1 / (1 + e^−z) for any z, from E = e^−|z| <= 1 (so 2^x
