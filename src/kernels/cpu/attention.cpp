@@ -130,6 +130,8 @@ void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const T
   float* la = lse_acc.ptr<float>();
   const float* lp = lse_part.ptr<float>();
   check(threads >= 0, "threads must be >= 0, got ", threads);
+  // fp32 rows with unit stride: the loop over c vectorizes
+  const bool rows_f32 = o_part.dtype == DType::f32 && o_acc.strides[3] == 1 && o_part.strides[3] == 1;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < L; ++i)
@@ -137,16 +139,22 @@ void attention_merge(const TensorView& o_acc, const TensorView& lse_acc, const T
         const int64_t ia = b * lse_acc.strides[0] + h * lse_acc.strides[1] + i * lse_acc.strides[2];
         const int64_t ip = b * lse_part.strides[0] + h * lse_part.strides[1] + i * lse_part.strides[2];
         const float l1 = la[ia], l2 = lp[ip];
+        if (l2 == -INFINITY) continue;  // the part saw no key: w1 = 1, w2 = 0, o_acc and lse_acc stay
         const float m = std::fmax(l1, l2);
-        if (m == -INFINITY) continue;  // neither side saw a key: o stays 0, lse -inf
         const float lse = m + std::log(std::exp(l1 - m) + std::exp(l2 - m));
         const float w1 = std::exp(l1 - lse), w2 = std::exp(l2 - lse);
         const int64_t oo = b * o_acc.strides[0] + i * o_acc.strides[1] + h * o_acc.strides[2];
         const int64_t op = b * o_part.strides[0] + i * o_part.strides[1] + h * o_part.strides[2];
-        for (int64_t c = 0; c < d; ++c) {
-          const float x1 = oa[oo + c * o_acc.strides[3]];
-          const float x2 = load_as_f32(o_part.data, o_part.dtype, op + c * o_part.strides[3]);
-          oa[oo + c * o_acc.strides[3]] = w1 * x1 + w2 * x2;
+        if (rows_f32) {
+          float* x1 = oa + oo;
+          const float* x2 = o_part.ptr<float>() + op;
+          for (int64_t c = 0; c < d; ++c) x1[c] = w1 * x1[c] + w2 * x2[c];
+        } else {
+          for (int64_t c = 0; c < d; ++c) {
+            const float x1 = oa[oo + c * o_acc.strides[3]];
+            const float x2 = load_as_f32(o_part.data, o_part.dtype, op + c * o_part.strides[3]);
+            oa[oo + c * o_acc.strides[3]] = w1 * x1 + w2 * x2;
+          }
         }
         la[ia] = lse;
       }
