@@ -143,7 +143,7 @@ if __name__ == "__main__":
         np.save(sys.argv[3], k[..., : k.shape[-1] - 1])
 EOF
 
-# run_case PREFIX CAUSAL(0/1) B Lq Lk H Hkv d SEED
+# run_case PREFIX CAUSAL(0/1) B Lq Lk H Hkv d SEED (the backward run repeats each pass: --reps 2)
 run_case() {
   local p=$1 causal=$2
   shift 2
@@ -156,7 +156,7 @@ run_case() {
   fi
   $PY ref.py check "$p" "$causal" o,lse || fail "forward $p (causal=$causal) differs from the reference"
   if ! "$BIN" attention --q "${p}q.npy" --k "${p}k.npy" --v "${p}v.npy" --out "${p}o.npy" --lse "${p}lse.npy" \
-      "${cflag[@]}" --dout "${p}do.npy" --dq "${p}dq.npy" --dk "${p}dk.npy" --dv "${p}dv.npy" \
+      "${cflag[@]}" --dout "${p}do.npy" --dq "${p}dq.npy" --dk "${p}dk.npy" --dv "${p}dv.npy" --reps 2 \
       >"${p}bwd.log" 2>&1; then
     fail "backward $p (causal=$causal) exited non-zero:"; cat "${p}bwd.log"; return
   fi
@@ -181,7 +181,7 @@ for np_ in 1 2 3 4; do  # 64 tokens over 3 ranks: uneven shards (21-22 tokens)
     [[ $np_ -eq 1 && $strat != ring ]] && continue
     [[ $np_ -eq 3 && $strat == ulysses ]] && continue  # 4 heads do not split over 3 ranks
     if ! "${run[@]}" --q w_q.npy --k w_k.npy --v w_v.npy --dout w_do.npy --out w_o.npy --lse w_lse.npy \
-        --dq w_dq.npy --dk w_dk.npy --dv w_dv.npy --causal --window 6,0 --cu-seqlens cu.npy >w.log 2>&1; then
+        --dq w_dq.npy --dk w_dk.npy --dv w_dv.npy --causal --window 6,0 --cu-seqlens cu.npy --reps 2 >w.log 2>&1; then
       fail "attention --window 6,0 --cu-seqlens on $np_ rank(s) ($strat) exited non-zero: $(cat w.log)"
       continue
     fi
