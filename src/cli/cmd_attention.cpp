@@ -193,12 +193,7 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
   // Each pass --reps times, the best time reported (the first repetition also pays
   // for its buffers' first touch, which a training step's later ones do not).
   reset_peak_memory();
-  double t_fwd = 1e300;
-  for (int r = 0; r < a.reps; ++r) {
-    const double t0 = now_seconds();
-    attention_forward(q, k, v, o, lse, opt);
-    t_fwd = std::min(t_fwd, now_seconds() - t0);
-  }
+  const double t_fwd = best_seconds(a.reps, [&] { attention_forward(q, k, v, o, lse, opt); });
   const double flops = attention_forward_flops(B, H, Lq, Lk, d, opt);
 
   nlohmann::json j;
@@ -214,12 +209,7 @@ void run_local(const AttentionArgs& a, Inputs& in, DType dtype) {
   if (in.backward) {
     Tensor dout = convert(in.dout, dtype);
     Tensor dq = like(in.q, DType::f32), dk = like(in.k, DType::f32), dv = like(in.v, DType::f32);
-    double t_bwd = 1e300;
-    for (int r = 0; r < a.reps; ++r) {
-      const double t0 = now_seconds();
-      attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt);
-      t_bwd = std::min(t_bwd, now_seconds() - t0);
-    }
+    const double t_bwd = best_seconds(a.reps, [&] { attention_backward(q, k, v, o, lse, dout, dq, dk, dv, opt); });
     j["backward"] = {{"seconds", t_bwd}, {"gflops", 2.5 * flops / t_bwd * 1e-9}};
     if (!a.dq.empty()) save_npy(a.dq, dq);
     if (!a.dk.empty()) save_npy(a.dk, dk);
@@ -429,7 +419,8 @@ void run_distributed(const AttentionArgs& a, Inputs& in, DType dtype) {
         peak,        double(fwd.stages_skipped)};
     comm->all_gather(mine, rep_rows.data(), sizeof(mine));
     double slowest = 0;
-    for (int q = 0; q < P; ++q) slowest = std::max(slowest, rep_rows[q * kCols] + rep_rows[q * kCols + 5]);
+    for (int rank = 0; rank < P; ++rank)
+      slowest = std::max(slowest, rep_rows[rank * kCols] + rep_rows[rank * kCols + 5]);
     if (slowest < best) best = slowest, rows = rep_rows;
   }
 
