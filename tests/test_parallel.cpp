@@ -3,6 +3,7 @@
 // or device exists; on one process it is the plain single-rank run.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <functional>
 #include <random>
 #include <string>
@@ -69,6 +70,16 @@ TEST(ParallelConfig, TheGpuRunsRaSpAloneAndOnlyWhereThereIsOne) {
   if (!cuda_built() || cuda_device_count() == 0) {
     EXPECT_NE(message_of([&] { (void)p.for_ranks(2); }).find("--device cuda"), std::string::npos);
   }
+}
+
+// cuBLAS is opened when a CUDA device is made (src/kernels/cuda/cublas_loader.h),
+// never at process start: linked, its initialisers cost every process (each MPI
+// rank, each CPU run) ~0.1 s of CPU and ~100 MB of touched pages.
+TEST(CudaPath, CublasIsNotLoadedAtProcessStart) {
+  std::ifstream maps("/proc/self/maps");
+  ASSERT_TRUE(maps.good());
+  std::string line;
+  while (std::getline(maps, line)) EXPECT_EQ(line.find("libcublas"), std::string::npos) << line;
 }
 
 TEST(ParallelConfig, TheModelMustSplitOverTheMesh) {

@@ -7,11 +7,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 #include <mutex>
 #include <numeric>
 #include <vector>
 
 #include "cuda/gpu_test_util.h"
+#include "kernels/cuda/cublas_loader.h"
 #include "reference.h"
 #include "ringattn/cuda.h"
 #include "ringattn/dist_attention.h"
@@ -74,6 +76,25 @@ std::vector<Case> cases() {
 }
 
 class CudaKernel : public ::testing::TestWithParam<Case> {};
+
+bool cublas_mapped() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.find("libcublas") != std::string::npos) return true;
+  return false;
+}
+
+// No GPU needed: the library opens on first use and has every entry point the
+// CUDA path calls (CTest runs this case on machines without a GPU too).
+TEST(CublasLoader, OpensTheLibraryOnFirstUse) {
+  EXPECT_FALSE(cublas_mapped());
+  const cuda::Cublas& blas = cuda::cublas();
+  EXPECT_TRUE(cublas_mapped());
+  EXPECT_TRUE(blas.create && blas.destroy && blas.set_stream && blas.gemm_ex && blas.status_string);
+  EXPECT_STREQ(blas.status_string(CUBLAS_STATUS_NOT_INITIALIZED), "the library was not initialized");
+  EXPECT_EQ(&cuda::cublas(), &blas);  // resolved once
+}
 
 TEST_P(CudaKernel, ForwardAndBackwardMatchReference) {
   REQUIRE_GPU();

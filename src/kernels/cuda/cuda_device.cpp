@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernels/cuda/cublas_loader.h"
 #include "kernels/cuda/kernels.h"
 #include "ringattn/cuda.h"
 #include "ringattn/error.h"
@@ -109,6 +110,7 @@ struct CudaDevice::Pool {
 };
 
 CudaDevice::CudaDevice(int ordinal, bool cache) : ordinal_(ordinal) {
+  const Cublas& blas = cublas();  // loaded before anything here needs freeing
   int n = 0;
   check(cudaGetDeviceCount(&n), "counting GPUs");
   ringattn::check(ordinal >= 0 && ordinal < n, "GPU ", ordinal, " does not exist: this process sees ", n, " GPU(s)");
@@ -116,8 +118,8 @@ CudaDevice::CudaDevice(int ordinal, bool cache) : ordinal_(ordinal) {
   check(cudaGetDeviceProperties(&props_, ordinal), "reading the GPU's properties");
   check(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "creating the compute stream");
   check(cudaStreamCreateWithFlags(&comm_, cudaStreamNonBlocking), "creating the communication stream");
-  if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS || cublasSetStream(blas_, compute_) != CUBLAS_STATUS_SUCCESS) {
-    if (blas_) cublasDestroy(blas_);
+  if (blas.create(&blas_) != CUBLAS_STATUS_SUCCESS || blas.set_stream(blas_, compute_) != CUBLAS_STATUS_SUCCESS) {
+    if (blas_) blas.destroy(blas_);
     cudaStreamDestroy(comm_);
     cudaStreamDestroy(compute_);
     throw Error(cat("cuBLAS could not be initialised on GPU ", ordinal));
@@ -133,7 +135,7 @@ CudaDevice::~CudaDevice() {
   cudaStreamSynchronize(comm_);
   cudaStreamSynchronize(compute_);
   if (pool_) pool_->release(/*close=*/true);  // blocks still held are freed directly when they go
-  cublasDestroy(blas_);
+  cublas().destroy(blas_);
   cudaStreamDestroy(comm_);
   cudaStreamDestroy(compute_);
 }
@@ -321,11 +323,11 @@ void CudaDevice::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
   if (M == 0 || N == 0) return;
   const float alpha = 1.f;
   const cudaDataType t = ab == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  const cublasStatus_t st = cublasGemmEx(
+  const cublasStatus_t st = cublas().gemm_ex(
       blas_, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, int(M), int(N), int(K), &alpha,
       A, t, int(lda), B, t, int(ldb), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   if (st != CUBLAS_STATUS_SUCCESS)
-    throw Error(cat("cuBLAS GEMM ", M, " x ", N, " x ", K, " (", dtype_name(ab), "): ", cublasGetStatusString(st)));
+    throw Error(cat("cuBLAS GEMM ", M, " x ", N, " x ", K, " (", dtype_name(ab), "): ", cublas().status_string(st)));
 }
 
 // Row-major y[N, Cout] = x[N, Cin]·W[Cin, Cout] is column-major yᵀ = Wᵀ·xᵀ, where

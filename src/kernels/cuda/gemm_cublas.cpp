@@ -1,10 +1,9 @@
 // The GPU's matrix ceiling: cuBLAS bf16 GEMM (fp32 accumulation) timed with
 // CUDA events on random data, the rate the attention kernels are compared to.
-#include <cublas_v2.h>
-
 #include <algorithm>
 #include <vector>
 
+#include "kernels/cuda/cublas_loader.h"
 #include "kernels/cuda/cuda_device.h"
 #include "kernels/cuda/kernels.h"
 #include "ringattn/cuda.h"
@@ -20,19 +19,20 @@ double cublas_bf16_gemm_tflops(Device& dev, int64_t size, int reps) {
                c = dev.alloc(DType::bf16, {size, size});
   cuda::fill_uniform(a, 1, -1.f, 1.f, cd.compute());
   cuda::fill_uniform(b, 2, -1.f, 1.f, cd.compute());
+  const cuda::Cublas& blas = cuda::cublas();
   cublasHandle_t h = nullptr;
   auto ok = [&](cublasStatus_t s, const char* what) {
     if (s != CUBLAS_STATUS_SUCCESS) {
-      if (h) cublasDestroy(h);
-      throw Error(cat("cuBLAS ", what, ": ", cublasGetStatusString(s)));
+      if (h) blas.destroy(h);
+      throw Error(cat("cuBLAS ", what, ": ", blas.status_string(s)));
     }
   };
-  ok(cublasCreate(&h), "creating a handle");
-  ok(cublasSetStream(h, cd.compute()), "setting the stream");
+  ok(blas.create(&h), "creating a handle");
+  ok(blas.set_stream(h, cd.compute()), "setting the stream");
   const float alpha = 1.f, beta = 0.f;
   const int n = static_cast<int>(size);
   auto gemm = [&] {
-    ok(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.ptr<void>(), CUDA_R_16BF, n, b.ptr<void>(),
+    ok(blas.gemm_ex(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.ptr<void>(), CUDA_R_16BF, n, b.ptr<void>(),
                     CUDA_R_16BF, n, &beta, c.ptr<void>(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
        "bf16 GEMM");
   };
@@ -52,7 +52,7 @@ double cublas_bf16_gemm_tflops(Device& dev, int64_t size, int reps) {
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
-  cublasDestroy(h);
+  blas.destroy(h);
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return 2.0 * double(size) * double(size) * double(size) / (ms[ms.size() / 2] * 1e-3) / 1e12;
 }
