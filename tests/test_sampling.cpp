@@ -83,10 +83,10 @@ TEST(Sampling, CandidatesOfPartsPickWhatTheWholeRowPicks) {
     o.temperature = 0.5f + static_cast<float>(trial % 4) * 0.4f;
     o.top_k = static_cast<int64_t>(gen() % 6);
     o.top_p = trial % 2 ? 1.f : 0.3f + static_cast<float>(trial % 7) * 0.1f;
-    std::vector<Candidate> merged;
+    std::vector<TokenCandidate> merged;
     for (int64_t r = 0; r < T; ++r) {
       const int64_t a = r * V / T, b = (r + 1) * V / T;
-      const std::vector<Candidate> c =
+      const std::vector<TokenCandidate> c =
           sampling_candidates(std::span<const float>(z.data() + a, static_cast<size_t>(b - a)), a, o);
       EXPECT_EQ(static_cast<int64_t>(c.size()), candidates_per_part(o, b - a));
       merged.insert(merged.end(), c.begin(), c.end());

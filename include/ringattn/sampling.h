@@ -25,12 +25,12 @@ int64_t sample_token(std::span<const float> logits, const SamplingOptions& o, st
 // parallel LM head): each part's candidates, then the pick from all parts'
 // candidates merged in `before` order. A token outside its part's candidates
 // can never be picked, so the pick equals sample_token's on the whole row.
-struct Candidate {
+struct TokenCandidate {
   float logit;
   int64_t id;
 };
 // Best first: the higher logit, on a tie the lower id.
-inline bool before(const Candidate& a, const Candidate& b) {
+inline bool before(const TokenCandidate& a, const TokenCandidate& b) {
   return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
 }
 // How many candidates a part of n logits contributes: 1 greedy, else min(top_k, n), else n.
@@ -38,9 +38,10 @@ int64_t candidates_per_part(const SamplingOptions& o, int64_t n);
 bool has_nan(std::span<const float> logits);
 // The candidates of logits[0, n) (token ids first_id + i; no NaN among them: check
 // has_nan first), sorted by `before`.
-std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o);
+std::vector<TokenCandidate> sampling_candidates(std::span<const float> logits, int64_t first_id,
+                                                const SamplingOptions& o);
 // The pick from every part's candidates merged and sorted by `before` (a prefix
 // of them is enough: at least candidates_per_part(o, V) of the row's V tokens).
-int64_t sample_candidates(std::span<const Candidate> sorted, const SamplingOptions& o, std::mt19937_64& rng);
+int64_t sample_candidates(std::span<const TokenCandidate> sorted, const SamplingOptions& o, std::mt19937_64& rng);
 
 }  // namespace ringattn

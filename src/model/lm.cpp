@@ -756,15 +756,16 @@ int64_t sample_split(Communicator* tp, std::span<const float> part, int64_t v0, 
   const int T = tp->size();
   const int64_t k = candidates_per_part(o, (V + T - 1) / T);  // per rank, padded to the widest part's
   const bool nan = has_nan(part);
-  std::vector<Candidate> mine(static_cast<size_t>(k + 1), Candidate{-std::numeric_limits<float>::infinity(), -1});
+  std::vector<TokenCandidate> mine(static_cast<size_t>(k + 1),
+                                   TokenCandidate{-std::numeric_limits<float>::infinity(), -1});
   mine[0].id = nan;  // entry 0: the flag
   if (!nan) {
-    const std::vector<Candidate> c = sampling_candidates(part, v0, o);
+    const std::vector<TokenCandidate> c = sampling_candidates(part, v0, o);
     std::copy(c.begin(), c.end(), mine.begin() + 1);
   }
-  std::vector<Candidate> all(static_cast<size_t>(T * (k + 1)));
-  tp->all_gather(mine.data(), all.data(), mine.size() * sizeof(Candidate));
-  std::vector<Candidate> merged;
+  std::vector<TokenCandidate> all(static_cast<size_t>(T * (k + 1)));
+  tp->all_gather(mine.data(), all.data(), mine.size() * sizeof(TokenCandidate));
+  std::vector<TokenCandidate> merged;
   for (int r = 0; r < T; ++r) {
     check(all[r * (k + 1)].id == 0, "the logits hold a NaN (vocabulary part of TP rank ", r,
           "): nothing can be sampled");

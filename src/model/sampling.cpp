@@ -24,9 +24,10 @@ bool has_nan(std::span<const float> logits) {
   return std::any_of(logits.begin(), logits.end(), [](float z) { return std::isnan(z); });
 }
 
-std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_t first_id, const SamplingOptions& o) {
+std::vector<TokenCandidate> sampling_candidates(std::span<const float> logits, int64_t first_id,
+                                                const SamplingOptions& o) {
   const int64_t n = static_cast<int64_t>(logits.size());
-  std::vector<Candidate> c(static_cast<size_t>(n));
+  std::vector<TokenCandidate> c(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) c[i] = {logits[i], first_id + i};
   const auto keep = c.begin() + candidates_per_part(o, n);
   std::partial_sort(c.begin(), keep, c.end(), before);
@@ -34,7 +35,7 @@ std::vector<Candidate> sampling_candidates(std::span<const float> logits, int64_
   return c;
 }
 
-int64_t sample_candidates(std::span<const Candidate> sorted, const SamplingOptions& o, std::mt19937_64& rng) {
+int64_t sample_candidates(std::span<const TokenCandidate> sorted, const SamplingOptions& o, std::mt19937_64& rng) {
   const int64_t n = static_cast<int64_t>(sorted.size());
   check(n >= 1, "sampling needs at least one logit");
   if (o.greedy) return sorted[0].id;
