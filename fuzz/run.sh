@@ -51,8 +51,15 @@ if [ -n "$link" ] && [ -f "$link" ] && [ -f "$release/libringattn_core.a" ]; the
   # The CLI sources compiled (and instrumented) here, everything below them from
   # the release build: its link line after `-o ringattn`, its libraries by path.
   libs=$(sed -e 's/.* -o ringattn //' -e "s#\(^\| \)\(libringattn_[a-z]*\.a\)#\1$release/\2#g" "$link")
-  cli_objs=$(compile "$src/fuzz/fuzz_cli.cpp" "$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" \
-    "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp") || exit 1
+  # The CLI sources in $jobs unity files (as CMake builds `ringattn`): each source
+  # alone compiles CLI11's and nlohmann-json's inline code again.
+  cli_sources=("$src"/src/cli/cmd_*.cpp "$src/src/cli/generation.cpp" "$src/src/cli/output.cpp" "$src/src/cli/launch.cpp")
+  unity=()
+  for ((u = 0; u < jobs; ++u)); do
+    unity+=("$out/cli_unity_$u.cpp")
+    for ((i = u; i < ${#cli_sources[@]}; i += jobs)); do echo "#include \"${cli_sources[i]}\""; done >"${unity[u]}"
+  done
+  cli_objs=$(compile "$src/fuzz/fuzz_cli.cpp" "${unity[@]}") || exit 1
   # shellcheck disable=SC2086
   "$CXX" "${flags[@]}" $cli_objs $libs -o "$out/fuzz_cli" || exit 1
   targets+=(cli)
