@@ -3,13 +3,33 @@
 #include <gtest/gtest.h>
 
 #include <initializer_list>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "ringattn/comm.h"
 #include "ringattn/error.h"
 #include "test_util.h"
 
 namespace ringattn::testing {
+
+// Bounded waits: a mistake in a test or the library fails in a minute, not hangs.
+constexpr double kCommTimeout = 60;
+
+// This process's world rank, once world() has run (for rank-0-only printing).
+inline int g_rank = -1;
+
+inline std::unique_ptr<Communicator> world() {
+  auto c = mpi_world(kCommTimeout);
+  g_rank = c->rank();
+  return c;
+}
+
+// Max of each entry over all ranks (so every rank decides the same).
+inline std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
+  comm.all_reduce(v.data(), static_cast<int64_t>(v.size()), ReduceOp::max);
+  return v;
+}
 
 // Every rank expects `f` to throw ringattn::Error whose message contains any of
 // `needles`; the ranks compare notes, so a rank that went on alone fails too.

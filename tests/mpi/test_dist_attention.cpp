@@ -63,17 +63,6 @@ constexpr double kMaxBf16Ulps = 1.0;  // bf16 dq, dk, dv: at most one rounding f
 // (plus kGrowthSlack, normalized) relative to the single-rank kernel's own error.
 constexpr double kGrowthFactor = 1.5;
 constexpr double kGrowthSlack = 1e-7;
-// Bounded waits: a mistake in the test or the library fails in a minute, not hangs.
-constexpr double kCommTimeout = 60;
-
-int g_rank = -1;  // this process's world rank (for rank-0-only printing)
-
-std::unique_ptr<Communicator> world() {
-  auto c = mpi_world(kCommTimeout);
-  g_rank = c->rank();
-  return c;
-}
-
 bool verbose() { return std::getenv("RINGATTN_TEST_VERBOSE") != nullptr; }
 
 // ---- running maxima of the matrix test, printed once at the end on rank 0 ------------
@@ -84,7 +73,7 @@ struct ErrSummary {
   std::string fwd_where[2], bwd_where[2];
   int cases = 0;
 };
-ErrSummary& summary() {
+ErrSummary& dist_summary() {
   static ErrSummary s;
   return s;
 }
@@ -92,7 +81,7 @@ ErrSummary& summary() {
 class DistErrorSummary : public ::testing::Environment {
  public:
   void TearDown() override {
-    const ErrSummary& s = summary();
+    const ErrSummary& s = dist_summary();
     if (g_rank != 0 || s.cases == 0) return;
     std::printf("[dist summary] %d distributed cases vs the single-rank kernel, max normalized error:\n", s.cases);
     for (int i = 0; i < 2; ++i)
@@ -107,12 +96,6 @@ class DistErrorSummary : public ::testing::Environment {
     ::testing::AddGlobalTestEnvironment(new DistErrorSummary);
 
 // ---- helpers ------------------------------------------------------------------------
-
-// Max of each entry over all ranks (so every rank decides the same).
-std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
-  comm.all_reduce(v.data(), static_cast<int64_t>(v.size()), ReduceOp::max);
-  return v;
-}
 
 // Gathers every rank's `local` shard (any strides) and reassembles the full tensor
 // of `full_shape` (sequence along seq_dim) on every rank. Elements no rank wrote
@@ -482,11 +465,11 @@ TEST_P(DistMatrix, MatchesSingleRankKernels) {
     ulps = max_over_ranks(*comm, ulps);
     for (int i = 1; i < 4; ++i) {
       EXPECT_LE(ulps[i], kMaxBf16Ulps) << names[i] << " at P=" << P << ": bf16 ulps apart from the single-rank kernel";
-      summary().max_ulps = std::max(summary().max_ulps, ulps[i]);
+      dist_summary().max_ulps = std::max(dist_summary().max_ulps, ulps[i]);
     }
-    summary().o_ulps = std::max(summary().o_ulps, ulps[0]);
+    dist_summary().o_ulps = std::max(dist_summary().o_ulps, ulps[0]);
   }
-  ErrSummary& sum = summary();
+  ErrSummary& sum = dist_summary();
   const int di = c.dt == DType::f32 ? 0 : 1;
   const double fwd = std::max(all[0], all[1]), bwd = std::max({all[2], all[3], all[4]});
   if (fwd > sum.fwd[di]) sum.fwd[di] = fwd, sum.fwd_where[di] = c.name();

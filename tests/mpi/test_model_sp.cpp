@@ -67,16 +67,7 @@ namespace {
 constexpr double kTolSp = 1e-5;       // y, loss, dx, gradients, and parameters after a step
 constexpr double kTolSpBf16 = 2e-2;   // bf16 mixed precision: RA+SP vs one process in bf16
 constexpr double kSteadyGrad = 1e-5;  // |g| above which an AdamW step-1 update is well-conditioned
-constexpr double kCommTimeout = 60;
-constexpr int64_t kB = 2, kL = 48;  // L = 48 splits in every layout for P in {1, 2, 3, 4, 8}
-
-int g_rank = -1;
-
-std::unique_ptr<Communicator> world() {
-  auto c = mpi_world(kCommTimeout);
-  g_rank = c->rank();
-  return c;
-}
+constexpr int64_t kB = 2, kL = 48;    // L = 48 splits in every layout for P in {1, 2, 3, 4, 8}
 
 // One OpenMP thread per rank for the duration of a test (8 ranks on 2 cores).
 class ModelSp : public ::testing::Test {
@@ -90,21 +81,21 @@ class ModelSp : public ::testing::Test {
 };
 
 // ---- summary of measured errors, printed on rank 0 at the end -------------------------
-struct Summary {
+struct SpSummary {
   double loss = 0, y = 0, dx = 0, grads = 0, step_params = 0, step_all = 0, sensitive_lr = 0;
   int64_t sensitive = 0, sensitive_params = 0;
   double dpsp_loss = 0, dpsp_grads = 0, dpsp_params = 0, dpsp_sensitive_lr = 0;
   int cases = 0, dpsp_cases = 0;
   std::string where_grads, where_dx;
 };
-Summary& summary() {
-  static Summary s;
+SpSummary& sp_summary() {
+  static SpSummary s;
   return s;
 }
 class ModelSpSummary : public ::testing::Environment {
  public:
   void TearDown() override {
-    const Summary& s = summary();
+    const SpSummary& s = sp_summary();
     if (g_rank != 0 || s.cases == 0) return;
     std::printf("[model sp summary] %d SP cases vs the single-process model, max normalized error:\n", s.cases);
     std::printf("[model sp summary]   loss %.3g  y %.3g  dx %.3g (%s)  grads %.3g (%s)\n", s.loss, s.y, s.dx,
@@ -125,11 +116,6 @@ class ModelSpSummary : public ::testing::Environment {
 [[maybe_unused]] ::testing::Environment* const g_env = ::testing::AddGlobalTestEnvironment(new ModelSpSummary);
 
 // ---- helpers ------------------------------------------------------------------------------
-
-std::vector<double> max_over_ranks(Communicator& comm, std::vector<double> v) {
-  comm.all_reduce(v.data(), static_cast<int64_t>(v.size()), ReduceOp::max);
-  return v;
-}
 
 std::vector<float> randn(size_t n, uint32_t seed, float sigma = 1.f) {
   std::mt19937 rng(seed);
@@ -328,7 +314,7 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
                         << "explains (worst " << e2[4] << " lr)";
   EXPECT_EQ(os.step, 1);
 
-  Summary& s = summary();
+  SpSummary& s = sp_summary();
   ++s.cases;
   s.loss = std::max(s.loss, std::max(e[0], e2[0]));
   s.y = std::max(s.y, e[1]);
@@ -465,7 +451,7 @@ TEST_F(ModelSp, DataTimesModelParallelMatchesSingleProcess) {
     EXPECT_LE(e[2], kTolSp) << name << " parameters after one step (|g| >= " << kSteadyGrad << ")";
     EXPECT_LE(e[3], 0.0) << name << " a near-zero-gradient parameter moved more than its gradient difference "
                          << "explains (worst " << e[4] << " lr)";
-    Summary& s = summary();
+    SpSummary& s = sp_summary();
     ++s.dpsp_cases;
     s.dpsp_loss = std::max(s.dpsp_loss, e[0]);
     s.dpsp_grads = std::max(s.dpsp_grads, e[1]);
