@@ -365,6 +365,31 @@ TEST(PlanProperties, MoreSequenceRanksNeverNeedMoreMemory) {
   }
 }
 
+// Any length with a token per SP rank is a valid plan (shards differ by a token
+// or two): one token more costs about 1/L more, never less; fewer tokens than
+// ranks is refused, naming the rule.
+TEST(PlanPredict, UnevenShardsArePlanned) {
+  Workload w = paper_like();
+  const Hardware h = gpu_like();
+  Cluster cl;
+  cl.world = 16;
+  for (Layout l : {Layout::contiguous, Layout::zigzag, Layout::striped}) {
+    Candidate c;
+    c.sp = 16, c.layout = l;
+    w.seq = 10000;
+    const Prediction even = predict(w, c, h, cl);
+    w.seq = 10001;
+    const Prediction odd = predict(w, c, h, cl);
+    ASSERT_EQ(odd.invalid, "") << layout_name(l);
+    EXPECT_GE(odd.forward_s, even.forward_s) << layout_name(l);
+    EXPECT_GE(odd.train_s, even.train_s) << layout_name(l);
+    EXPECT_LE(odd.train_s, even.train_s * 1.002) << layout_name(l);
+    EXPECT_GE(odd.peak_train_bytes, even.peak_train_bytes) << layout_name(l);
+    w.seq = 15;
+    EXPECT_NE(predict(w, c, h, cl).invalid.find("would hold no token"), std::string::npos) << layout_name(l);
+  }
+}
+
 TEST(PlanEnumerate, EveryLayoutIsValidAndRanked) {
   const Workload w = paper_like();
   Cluster cl;

@@ -35,11 +35,6 @@ Layout parse_layout(const std::string& s);  // throws Error listing the valid na
 // Throws Error when some rank would hold no token (L < P, or for the document
 // layouts documents too short to give every rank a token).
 void check_layout(Layout l, int64_t L, int P, std::span<const int32_t> cu = {});
-// The same, and that every shard is L/P tokens (L a multiple of P, in every
-// layout: zigzag's chunks then alternate ⌊L/2P⌋ and ⌈L/2P⌉ and pair up),
-// naming `what` needs it and the nearest lengths that work: for the parts that
-// take equal shards only (the model, generation).
-void check_even_layout(Layout l, int64_t L, int P, const char* what);
 // doc-balanced's documents: owner[i] = the rank that holds document i whole, or
 // −1 for a document dealt zigzag over every rank. Documents are taken longest
 // first (ties: the earlier); with w = n(n+1)/2 the causal pairs of a document of

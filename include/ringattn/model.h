@@ -239,8 +239,9 @@ void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x,
 // vocabulary row); Error when the group's size is not m's tp.
 Communicator* tp_group(const Model& m, const ModelParallel& par);
 
-// Global positions of this rank's Ll tokens: those of par's SP layout
-// (0..Ll−1 on one process).
+// Global positions of this rank's Ll tokens: those of par's SP layout over the
+// sum of the SP ranks' shards (one all-gather; Error, on every rank, when a
+// shard is not what the layout gives its rank), 0..Ll−1 on one process.
 std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
 
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.

@@ -71,11 +71,8 @@ struct ParallelConfig {
   // visible, RA+SP alone). Throws Error naming the option (--dp, --sp, ...).
   ParallelConfig for_ranks(int ranks) const;
   // A sequence of L tokens splits over the SP ranks in the layout: at least one
-  // token per rank (the language model, attention: shards may be uneven).
+  // token per rank (shards may differ by a token or two).
   void check_sequence(int64_t L) const;
-  // ... into equal shards (L a multiple of sp): what the vector model's
-  // [B, L/sp, D] activations and generation's prefill take.
-  void check_equal_shards(int64_t L) const;
   int ranks() const { return dp * pp * sp * tp; }
   // The strategy as reports print it: "ring", ..., "hybrid (ulysses 2 x ring)".
   std::string strategy_label() const;
@@ -102,8 +99,10 @@ class RunContext {
   // The group that sums gradients: the replica group (the world when tp = pp =
   // 1), nullptr for one process.
   Communicator* replicas() const;
+  // How many of a sequence's L tokens this rank holds (its SP shard).
+  int64_t shard_length(int64_t L) const;
   // This rank's part of a global [B, L, ...] tensor: rows of its DP group, then
-  // its tokens of the SP layout (out: [B/dp, L/sp, ...]).
+  // its tokens of the SP layout (out: [B/dp, shard_length(L), ...]).
   void shard_batch(const TensorView& full, const TensorView& out) const;
   // Bytes this rank sent over the run's groups since reset_stats().
   int64_t bytes_sent() const;

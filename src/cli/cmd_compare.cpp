@@ -96,7 +96,7 @@ std::string unsupported(const Method& m, const CompareArgs& a) {
   if (m.par.pp > 1 && a.batch < m.par.pp) return cat("needs batch >= pp=", m.par.pp, " for micro-batches");
   return error_of([&] {
     check_model_fits(a.model, m.par);
-    m.par.check_equal_shards(a.seq);
+    m.par.check_sequence(a.seq);
   });
 }
 
@@ -167,7 +167,7 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
       return loss;
     };
   } else {
-    const int64_t D = a.model.d_model, Ll = a.seq / pc.sp, count = a.batch * a.seq * D;
+    const int64_t D = a.model.d_model, Ll = run.shard_length(a.seq), count = a.batch * a.seq * D;
     x = Tensor(DType::f32, {a.batch, Ll, D}), t = Tensor(DType::f32, {a.batch, Ll, D});
     std::mt19937_64 rng(a.model.seed + 1);
     run.shard_batch(random_normal(DType::f32, {a.batch, a.seq, D}, rng), x);

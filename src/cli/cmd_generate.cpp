@@ -92,7 +92,7 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   check(a.batch == 0 || lens.size() == 1 || static_cast<int64_t>(lens.size()) == a.batch, "--batch ", a.batch,
         " and the ", lens.size(), " prompt lengths of --prompt-len differ");
   if (lens.size() == 1 && a.batch > 1) lens.assign(static_cast<size_t>(a.batch), lens[0]);
-  for (int64_t L : lens) pc.check_equal_shards(L);
+  for (int64_t L : lens) pc.check_sequence(L);
   const int64_t B = static_cast<int64_t>(lens.size()), D = a.model.d_model;
   const int64_t longest = *std::max_element(lens.begin(), lens.end());
   const int64_t capacity = a.capacity > 0 ? a.capacity : needed_capacity(longest, a.new_tokens, sp);

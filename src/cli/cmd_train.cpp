@@ -260,11 +260,11 @@ void run(const TrainArgs& a) {
   check(a.batch / pc.dp % pc.pp == 0, "--batch ", a.batch, " / --dp ", pc.dp, " must be divisible by --pp ", pc.pp,
         " (one micro-batch per pipeline stage)");
   check_model_fits(a.model, pc);
-  pc.check_equal_shards(a.seq);
+  pc.check_sequence(a.seq);
   RunContext run(world.get(), pc);
   const ModelParallel& par = run.model_parallel();
   const int sp = pc.sp;
-  const int64_t D = a.model.d_model, Bl = a.batch / pc.dp, Ll = a.seq / sp;
+  const int64_t D = a.model.d_model, Bl = a.batch / pc.dp, Ll = run.shard_length(a.seq);
 
   // The same global data on every rank; each keeps its batch rows and tokens.
   std::mt19937_64 rng(a.model.seed + 1);

@@ -11,7 +11,7 @@
 namespace ringattn::cli {
 
 int64_t needed_capacity(int64_t longest_prompt, int steps, int sp) {
-  return longest_prompt / sp + (steps + sp - 1) / sp;
+  return (longest_prompt + steps + sp - 1) / sp + 2;
 }
 
 double percentile(std::vector<double> xs, double p) {
@@ -38,7 +38,7 @@ Pass prefill_all(Communicator& world, const Mesh& mesh, const Model& m, const Mo
   Device& dev = m.device();
   Pass s{KVCache(m, B, capacity, P, p), dev.alloc(DType::f32, {B, 1, D})};
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = prompts[static_cast<size_t>(b)].dim(1), Ll = L / P;
+    const int64_t L = prompts[static_cast<size_t>(b)].dim(1), Ll = shard_length(par.attn.layout, L, P, p);
     Tensor x(DType::f32, {1, Ll, D});
     shard(prompts[static_cast<size_t>(b)], x, par.attn.layout, P, p);
     const DeviceTensor y = prefill(m, s.cache, dev.upload(x), b, par, pp);

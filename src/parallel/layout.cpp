@@ -145,17 +145,6 @@ void check_layout(Layout l, int64_t L, int P, std::span<const int32_t> cu) {
           ")");
 }
 
-void check_even_layout(Layout l, int64_t L, int P, const char* what) {
-  check(!by_documents(l), what, " takes the contiguous, zigzag or striped layout, not ", layout_name(l));
-  check_layout(l, L, P);
-  if (L % P == 0) return;  // every layout then gives every rank L/P tokens (zigzag's chunks alternate)
-  const int64_t lo = L / P * P, hi = lo + P;
-  throw Error(cat(what, " needs equal shards: sequence length L=", L, " over ", P, " ranks (", layout_name(l),
-                  ") must be a multiple of ", P, "; the nearest that work are ",
-                  lo > 0 ? cat(lo, " and ") : std::string(), hi,
-                  " (uneven shards are taken by `ringattn attention` and dist_attention so far)"));
-}
-
 std::vector<int64_t> shard_positions(Layout l, int64_t L, int P, int p, std::span<const int32_t> cu) {
   check_layout(l, L, P, cu);
   check(p >= 0 && p < P, "rank ", p, " is out of range for ", P, " ranks");

@@ -44,11 +44,6 @@ void ParallelConfig::check_sequence(int64_t L) const {
   check_layout(layout, L, std::max(sp, 1));
 }
 
-void ParallelConfig::check_equal_shards(int64_t L) const {
-  check(L >= 1, "the sequence length must be >= 1, got ", L);
-  if (sp > 1) check_even_layout(layout, L, sp, "the model");  // one shard: every layout is the whole sequence
-}
-
 RunContext::RunContext(Communicator* world, const ParallelConfig& cfg)
     : cfg_(cfg.for_ranks(world ? world->size() : 1)), world_(world) {
   if (world_) mesh_ = Mesh::build(*world_, cfg_.dp, cfg_.sp, cfg_.tp, cfg_.pp, cfg_.ulysses);
@@ -69,6 +64,10 @@ RunContext::RunContext(Communicator* world, const ParallelConfig& cfg)
 Communicator* RunContext::replicas() const {
   if (gpu_) return nccl_.get();
   return world_ && world_->size() > 1 ? mesh_.replica_comm.get() : nullptr;
+}
+
+int64_t RunContext::shard_length(int64_t L) const {
+  return ringattn::shard_length(cfg_.layout, L, cfg_.sp, mesh_.sp_index());
 }
 
 void RunContext::shard_batch(const TensorView& full, const TensorView& out) const {

@@ -242,7 +242,8 @@ struct Cost {
   int ranks_per_node = 1;
   DType dt;
   double e, ab, L, D, dh, Hl, Hkvl, Fl, Fin, A, C, Ls, V, Vl;  // Vl: the widest TP rank's vocabulary rows
-  int64_t W = 0;                                               // the sliding window of every layer (0: none)
+  double Lb;      // the busiest SP rank's tokens (shards may differ by a token or two)
+  int64_t W = 0;  // the sliding window of every layer (0: none)
   Group tp_g, sp_g, uly_g, ring_g, pp_g, replica_g;  // replica: same pp and tp index (sp members, dp replicas)
 
   Cost(const Workload& w_, const Candidate& c_, const Hardware& h_, const Cluster& cl) : w(w_), c(c_), h(h_) {
@@ -250,6 +251,9 @@ struct Cost {
     dt = m.dtype;
     e = dbytes(dt), ab = dbytes(w.activations);
     L = static_cast<double>(w.seq), D = static_cast<double>(m.d_model), dh = static_cast<double>(m.head_dim());
+    Lb = 0;
+    for (int r = 0; r < c.sp; ++r)
+      Lb = std::max(Lb, static_cast<double>(shard_length(c.layout, w.seq, c.sp, r, w.cu_seqlens)));
     Hl = static_cast<double>(m.heads / c.tp), Hkvl = static_cast<double>(m.kv() / c.tp);
     Fl = static_cast<double>(m.hidden() / c.tp), A = Hl * dh, C = (Hl + 2 * Hkvl) * dh;
     Fin = (m.mlp == Mlp::swiglu ? 2 : 1) * Fl, V = static_cast<double>(m.vocab);
@@ -379,14 +383,16 @@ struct Cost {
     collective(k, g, cost_all_reduce(link(g), g.size, bytes), 2.0 * (g.size - 1) / g.size * bytes);
   }
 
-  // One layer's attention, forward or backward, for Bm sequences on this device.
+  // One layer's attention, forward or backward, for Bm sequences on this device:
+  // the busiest rank's visible pairs (busiest_fraction, relative to L/sp queries)
+  // and its tokens' bytes.
   void attention(Clock& k, double Bm, bool bwd) const {
     const double Ll = L / c.sp, mult = bwd ? 2.5 : 1.0;
     if (c.sp == 1) {
       k.compute += attn_s(attn_flops(Bm, Hl, L, L, full_frac()) * mult, bwd) + ops_s(1);
       return;
     }
-    const double qkv_b = Bm * Ll * C * e, o_b = Bm * Ll * A * ab, lse_b = Bm * Ll * Hl * 4;
+    const double qkv_b = Bm * Lb * C * e, o_b = Bm * Lb * A * ab, lse_b = Bm * Lb * Hl * 4;
     switch (c.strategy) {
       case Strategy::ring:
         ring(k, sp_g, Bm, Ll, Hl, Hkvl, layout_frac(c.sp), bwd);
@@ -414,7 +420,7 @@ struct Cost {
           k.compute += attn_s(attn_flops(Bm, Hl / U, L, L, full_frac()) * mult, bwd) + ops_s(1);
         else
           ring(k, ring_g, Bm, Ll * U, Hl / U, Hkvl / U, layout_frac(ring_g.size), bwd);
-        all_to_all(k, uly_g, bwd ? Bm * Ll * C * ab : o_b + lse_b);
+        all_to_all(k, uly_g, bwd ? Bm * Lb * C * ab : o_b + lse_b);
         break;
       }
     }
@@ -422,7 +428,7 @@ struct Cost {
 
   // One layer forward or backward on Bm sequences (N tokens here).
   void layer(Clock& k, double Bm, bool bwd) const {
-    const double N = Bm * L / c.sp, x = bwd ? 2 : 1;
+    const double N = Bm * Lb, x = bwd ? 2 : 1;
     k.compute += gemm_s(N, D, C, bwd) + gemm_s(N, A, D, bwd) + gemm_s(N, D, Fin, bwd) + gemm_s(N, Fl, D, bwd);
     // fp32 passes over [N, D]: LayerNorms (read x, write y) and residual adds (2
     // reads, 1 write), under TP the bias adds after the all-reduces; the backward
@@ -489,8 +495,11 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   if (w.batch % c.dp) return invalid(cat("batch not divisible by dp=", c.dp));
   if ((w.batch / c.dp) % c.micro_batches)
     return invalid(cat("batch/dp not divisible by ", c.micro_batches, " micro-batches"));
-  if (c.sp > 1 && w.seq % c.sp)  // the model's shards are equal (zigzag's chunks may alternate by one)
-    return invalid(cat("seq not divisible by sp=", c.sp, " (the model needs equal shards)"));
+  try {  // any split that gives every SP rank a token (shards may differ by a token or two)
+    check_layout(c.layout, w.seq, c.sp, w.cu_seqlens);
+  } catch (const Error& e) {
+    return invalid(e.what());
+  }
   if (c.sp > 1 && c.strategy == Strategy::ulysses && ((m.heads / c.tp) % c.sp || (m.kv() / c.tp) % c.sp))
     return invalid(cat("heads/tp not divisible by sp=", c.sp));
   if (c.strategy == Strategy::hybrid &&
@@ -499,7 +508,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
 
   const Cost md(w, c, h, cl);
   const double Bm = md.Bm(), M = c.micro_batches, S = c.pp;
-  const double Nm = Bm * md.L / c.sp;  // tokens of one micro-batch here
+  const double Nm = Bm * md.Lb;  // tokens of one micro-batch here
   const bool pp_inter = md.inter(md.pp_g);
   const LinkSpec& pp_link = md.link(md.pp_g);
 
@@ -548,7 +557,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   p.comm_hidden_s = slots * (f.hidden + b.hidden);
 
   // Memory per device (the busiest stage, 0, holds min(m, p) micro-batches in flight).
-  const double D = md.D, A = md.A, C = md.C, Fl = md.Fl, Hl = md.Hl, Hkvl = md.Hkvl, dh = md.dh, L = md.L;
+  const double D = md.D, A = md.A, C = md.C, Fl = md.Fl, Hl = md.Hl, Hkvl = md.Hkvl, dh = md.dh;
   const double weights = params * (16 + (md.dt != DType::f32 ? 2 : 0));
   const double ab = md.ab, act_token = ab * (4 * D + A + 2 * Fl) + 4 * (4 + Hl) + C * md.e;
   const double in_flight = S > 1 ? std::min(M, S) : 1;
@@ -580,7 +589,7 @@ Prediction predict(const Workload& w, const Candidate& c, const Hardware& h, con
   const double Bd = static_cast<double>(w.batch) / c.dp;
   const double cache_e = md.e;
   // A window keeps a ring buffer of W + ⌈W/sp⌉ entries per shard (inference.h).
-  const double entries = md.W > 0 ? std::min(L / c.sp, static_cast<double>(md.W + (md.W - 1 + c.sp) / c.sp)) : L / c.sp;
+  const double entries = md.W > 0 ? std::min(md.Lb, static_cast<double>(md.W + (md.W - 1 + c.sp) / c.sp)) : md.Lb;
   p.kv_cache_bytes = Bd * entries * Hkvl * dh * 2 * cache_e * md.Ls;
   const double layer_params = params - md.lm_params();
   const double weight_read = layer_params / md.Ls * (md.dt == DType::f32 ? 4 : 2);

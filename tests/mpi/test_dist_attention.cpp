@@ -1082,23 +1082,7 @@ TEST(Layout, CheckLayoutErrors) {
   }
   EXPECT_NO_THROW(check_layout(Layout::zigzag, 10, 4));  // uneven shards
   EXPECT_NO_THROW(check_layout(Layout::contiguous, 4, 4));
-  // What still needs equal shards says so and names the nearest lengths.
-  try {
-    check_even_layout(Layout::zigzag, 10, 4, "the model");
-    ADD_FAILURE() << "L=10 over 4 ranks zigzag was accepted as even";
-  } catch (const Error& e) {
-    const std::string m = e.what();
-    EXPECT_NE(m.find("the model needs equal shards"), std::string::npos) << m;
-    EXPECT_NE(m.find("multiple of 4"), std::string::npos) << m;
-    EXPECT_NE(m.find("8 and 12"), std::string::npos) << "should name the nearest valid lengths: " << m;
-  }
-  EXPECT_NO_THROW(check_even_layout(Layout::zigzag, 10000, 16, "the paper's run"));  // 625 tokens each
-  try {
-    check_even_layout(Layout::contiguous, 10, 4, "prefill");
-    ADD_FAILURE() << "L=10 over 4 ranks contiguous was accepted as even";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("8 and 12"), std::string::npos) << e.what();
-  }
+  EXPECT_NO_THROW(check_layout(Layout::zigzag, 10001, 16));  // 625 or 626 tokens each
   EXPECT_NO_THROW(check_layout(Layout::zigzag, 16, 4));
   EXPECT_NO_THROW(check_layout(Layout::striped, 12, 3));
   EXPECT_THROW(check_layout(Layout::striped, 12, 0), Error);

@@ -335,6 +335,84 @@ TEST_P(ModelSpMatrix, MatchesSingleProcess) {
 INSTANTIATE_TEST_SUITE_P(All, ModelSpMatrix, ::testing::ValuesIn(sp_cases()),
                          [](const ::testing::TestParamInfo<SpCase>& i) { return i.param.name(); });
 
+// Uneven shards: L = 25 over every rank count (shards differ by a token or two),
+// every strategy, the model with RoPE too (its positions then come from the SP
+// ranks' shard lengths: local_positions), through model_forward / mse_loss /
+// model_backward and one train_step, against one process. Each rank's shard is
+// gathered by placing it in a zero tensor and summing over the ranks.
+TEST_F(ModelSp, UnevenShardsMatchSingleProcess) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  constexpr int64_t L = 25;
+  int cases = 0;
+  for (const SpCase& c :
+       {SpCase{Strategy::ring, Layout::contiguous, 2, true}, SpCase{Strategy::ring, Layout::zigzag, 2, true},
+        SpCase{Strategy::ring, Layout::striped, 4, false}, SpCase{Strategy::allgather, Layout::zigzag, 2, true},
+        SpCase{Strategy::ulysses, Layout::contiguous, 4, true}})
+    for (bool rope : {false, true}) {
+      if (c.strategy == Strategy::ulysses && (c.heads % P || c.kv % P)) continue;
+      ModelConfig cfg = config(c.kv, c.causal, c.heads);
+      if (rope) cfg.norm = Norm::rmsnorm, cfg.mlp = Mlp::swiglu, cfg.rope = true, cfg.rope_config.theta = 100;
+      const int64_t D = cfg.d_model, count = kB * L * D;
+      Tensor x(DType::f32, {kB, L, D}), t(DType::f32, {kB, L, D});
+      fill_normal(x, 300), fill_normal(t, 301);
+      ModelParallel one;
+      one.attn.threads = 1;
+      const Result ref = run(cfg, x, t, one, count);
+      const int64_t Ll = shard_length(c.layout, L, P, p);
+      Tensor xl(DType::f32, {kB, Ll, D}), tl(DType::f32, {kB, Ll, D});
+      shard(x, xl, c.layout, P, p, 1), shard(t, tl, c.layout, P, p, 1);
+      const ModelParallel sp = sp_of(comm.get(), c);
+      const Result got = run(cfg, xl, tl, sp, count);
+      auto gathered = [&](const TensorView& local) {
+        Tensor full(DType::f32, {kB, L, D});
+        fill_value(full, 0.f);
+        unshard(local, full, c.layout, P, p, 1);
+        comm->all_reduce(full.ptr<float>(), full.numel(), ReduceOp::sum);
+        return full;
+      };
+      const Tensor y = gathered(got.y), dx = gathered(got.dx);
+      const ErrReport ry = compare(y, ref.y), rdx = compare(dx, ref.dx);
+      const ErrReport rg =
+          compare(as_double(got.grads.data(), got.grads.size()), as_double(ref.grads.data(), ref.grads.size()));
+      auto ms = make_model(cfg), mr = make_model(cfg);
+      AdamW os, orf;
+      const double ls = train_step(*ms, os, xl, tl, sp, count, comm.get());
+      const double lr = train_step(*mr, orf, x, t, one, count, nullptr);
+      const StepErr se = step_error(ms->params(), mr->params(), ms->grads(), mr->grads(), ms->num_params(), os);
+      const std::vector<double> e =
+          max_over_ranks(*comm, {std::abs(got.loss - ref.loss) / std::abs(ref.loss), ry.err, rdx.err, rg.err,
+                                 std::abs(ls - lr) / std::abs(lr), se.steady});
+      const std::string name = cat(c.name(), rope ? "_rope" : "", " L=", L, " P=", P);
+      EXPECT_LE(e[0], kTolSp) << name << " loss " << got.loss << " vs " << ref.loss;
+      EXPECT_LE(e[1], kTolSp) << name << " y: " << ry;
+      EXPECT_LE(e[2], kTolSp) << name << " dx: " << rdx;
+      EXPECT_LE(e[3], kTolSp) << name << " grads: " << rg;
+      EXPECT_LE(e[4], kTolSp) << name << " train_step loss " << ls << " vs " << lr;
+      EXPECT_LE(e[5], kTolSp) << name << " parameters after one step";
+      ++cases;
+    }
+  EXPECT_GE(cases, 8);
+}
+
+// A shard that is not what the layout gives its rank fails on every rank, naming it.
+TEST_F(ModelSp, ShardNotOfTheLayoutThrowsEverywhere) {
+  auto comm = world();
+  const int P = comm->size(), p = comm->rank();
+  if (P < 2) GTEST_SKIP() << "needs two ranks";
+  ModelConfig cfg = config(2, true);
+  cfg.norm = Norm::rmsnorm, cfg.mlp = Mlp::swiglu, cfg.rope = true;
+  auto m = make_model(cfg);
+  const int64_t Ll = p == 0 ? 5 : 3;  // 5 + 3·(P−1) tokens: contiguous shards differ by at most one
+  Tensor x(DType::f32, {1, Ll, cfg.d_model});
+  fill_normal(x, 5);
+  Activations act;
+  const std::string msg = message_of([&] {
+    model_forward(*m, x, sp_of(comm.get(), {Strategy::ring, Layout::contiguous, 2, true}), act);
+  });
+  EXPECT_NE(msg.find("SP rank 0 holds 5 tokens"), std::string::npos) << msg;
+}
+
 // bf16 mixed precision: RA+SP equals one process computing in bf16 (the same
 // roundings of the same values; only fp32 summation orders differ, which can move
 // a bf16 rounding by one step), and stays near the fp32 model.
