@@ -441,7 +441,7 @@ for m in llama_gqa gpt2 mistral_window; do
   for run in "2 --strategy ring --layout zigzag" "3 --strategy ring --layout striped" \
     "4 --strategy ring --layout zigzag" \
     "2 --strategy allgather --layout contiguous" "2 --strategy ulysses" "2 --sp 1 --tp 2" "2 --pp 2" \
-    "4 --pp 2 --sp 2 --layout zigzag"; do
+    "4 --pp 2 --sp 2 --layout zigzag" "4 --strategy hybrid --ulysses 2 --layout zigzag"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
     if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids12_$m.npy --logits l12_$m.npy --threads 1 $opts \
@@ -456,7 +456,8 @@ done
 for m in llama_gqa gpt2; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY hf.py ids "$fx" ids_$m.npy || { fail "could not write the ids of $m"; continue; }
-  for run in "3 --strategy ring --layout zigzag" "2 --strategy ulysses" "4 --pp 2 --sp 2 --layout striped"; do
+  for run in "3 --strategy ring --layout zigzag" "2 --strategy ulysses" "4 --pp 2 --sp 2 --layout striped" \
+    "4 --strategy hybrid --ulysses 2 --layout contiguous"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
     if "${MPIRUN[@]}" -np "$np" "$BIN" forward --model "$fx" --ids ids_$m.npy --logits l19_$m.npy --threads 1 $opts \
@@ -493,7 +494,7 @@ for m in llama_tied_llama3 gpt2 mistral_window; do
   fx=$SRC/tests/fixtures/hf/$m
   $PY greedy.py prompt "$fx" prompt_$m.npy
   for run in "1" "2 --strategy ring" "3 --strategy ring --layout striped" "2 --strategy ulysses" "2 --sp 1 --tp 2" \
-    "2 --pp 2" "4 --pp 2 --sp 2 --layout striped"; do
+    "2 --pp 2" "4 --pp 2 --sp 2 --layout striped" "4 --strategy hybrid --ulysses 2"; do
     read -r np opts <<<"$run"
     # shellcheck disable=SC2086
     if "${MPIRUN[@]}" -np "$np" "$BIN" generate --model "$fx" --prompt-ids prompt_$m.npy --new-tokens 10 --threads 1 \
@@ -535,8 +536,13 @@ EOF
     fail "mpirun -np $np train --seq 25 $opts exited non-zero: $(tail -3 train_vec.err)"
   fi
 done
-"${MPIRUN[@]}" -np 3 "$BIN" generate --prompt-len 25,17 --new-tokens 5 --layers 2 --d-model 32 --heads 4 --kv-heads 2 \
-  --threads 1 --check >gen_vec.out 2>&1 || fail "mpirun -np 3 generate --prompt-len 25,17 --check: $(tail -3 gen_vec.out)"
+for opts in "3 --strategy ring" "4 --strategy hybrid --ulysses 2"; do
+  read -r np opts <<<"$opts"
+  # shellcheck disable=SC2086
+  "${MPIRUN[@]}" -np "$np" "$BIN" generate --prompt-len 25,17 --new-tokens 5 --layers 2 --d-model 32 --heads 4 \
+    --kv-heads 2 --threads 1 --check $opts >gen_vec.out 2>&1 ||
+    fail "mpirun -np $np generate --prompt-len 25,17 --check $opts: $(tail -3 gen_vec.out)"
+done
 # compare --config: every method runs the language model whole (ids in, next-token
 # loss out; the tied head copied to PP's last stage) on the same weights and ids,
 # so every method's loss is the same number.

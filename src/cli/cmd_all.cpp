@@ -109,8 +109,8 @@ void add_model_dtype_option(CLI::App* cmd, ModelConfig& m, std::string& name, co
       ->capture_default_str();
 }
 
-void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid) {
-  if (data_and_hybrid)
+void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool with_dp) {
+  if (with_dp)
     cmd->add_option("--dp", p.dp, "data-parallel groups (the batch split)")
         ->check(positive_count())
         ->capture_default_str();
@@ -118,26 +118,22 @@ void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid
       ->check(positive_count())
       ->capture_default_str();
   cmd->add_option("--sp", p.sp,
-                  data_and_hybrid ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
-                                  : "sequence-parallel ranks (default: the ranks left by pp x tp)")
+                  with_dp ? "sequence-parallel ranks (default: the ranks left by dp x pp x tp)"
+                          : "sequence-parallel ranks (default: the ranks left by pp x tp)")
       ->check(positive_count());
   cmd->add_option("--tp", p.tp,
                   "tensor-parallel ranks (Megatron: heads, MLP columns and a language model's vocabulary split)")
       ->check(positive_count())
       ->capture_default_str();
-  std::vector<std::string> strategies = {"ring", "allgather", "ulysses"};
-  if (data_and_hybrid) strategies.push_back("hybrid");
   cmd->add_option_function<std::string>(
          "--strategy", [&p](const std::string& s) { p.strategy = parse_strategy(s); },
-         data_and_hybrid ? "attention across the SP group: ring (RA+SP), allgather, ulysses, or hybrid (Ulysses "
-                           "inside groups of --ulysses ranks, the ring across them)"
-                         : "attention across the SP group: ring (RA+SP), allgather, ulysses")
-      ->check(CLI::IsMember(strategies))
+         "attention across the SP group: ring (RA+SP), allgather, ulysses, or hybrid (Ulysses inside groups of "
+         "--ulysses ranks, the ring across them)")
+      ->check(CLI::IsMember({"ring", "allgather", "ulysses", "hybrid"}))
       ->default_str(strategy_name(p.strategy));
-  if (data_and_hybrid)
-    cmd->add_option("--ulysses", p.ulysses, "--strategy hybrid: the Ulysses degree (SP ranks per all-to-all group)")
-        ->check(positive_count())
-        ->capture_default_str();
+  cmd->add_option("--ulysses", p.ulysses, "--strategy hybrid: the Ulysses degree (SP ranks per all-to-all group)")
+      ->check(positive_count())
+      ->capture_default_str();
   cmd->add_option_function<std::string>(
          "--layout", [&p](const std::string& s) { p.layout = parse_layout(s); },
          "sequence layout over the SP ranks: contiguous, zigzag, striped")

@@ -34,10 +34,10 @@ void add_model_options(CLI::App* cmd, ModelConfig& m);
 // in fp32); sets m.dtype, `name` keeps the spelling for reports.
 void add_model_dtype_option(CLI::App* cmd, ModelConfig& m, std::string& name, const std::string& help);
 
-// A parallel run's options, one vocabulary for train and generate: --pp --sp
-// --tp --strategy --layout --device --threads, and with data_and_hybrid --dp,
-// --ulysses and --strategy hybrid. ParallelConfig::for_ranks checks them.
-void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool data_and_hybrid);
+// A parallel run's options, one vocabulary for train, forward and generate: --pp
+// --sp --tp --strategy (ring, allgather, ulysses, hybrid) --ulysses --layout
+// --device --threads, and with_dp --dp. ParallelConfig::for_ranks checks them.
+void add_parallel_options(CLI::App* cmd, ParallelConfig& p, bool with_dp);
 
 // Option checks shared by every subcommand: one vocabulary, one message style,
 // and every bad value refused when parsed (exit 2), before anything runs.
