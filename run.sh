@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command on a fresh Debian 12 machine: install what is missing, build, and run
-# the main job: the paper's comparison (`ringattn compare`: RA+SP vs Ulysses,
-# all-gather, TP, PP on the local ranks) with its chart. Extra arguments go to
-# `ringattn compare` (e.g. ./run.sh --seq 16384 --ranks 4).
+# the main job: the paper's comparison on a language model (`ringattn compare
+# --config examples/llama_compare.json`: RA+SP vs Ulysses, all-gather, TP, PP on
+# the local ranks, ids in, next-token loss out) with its chart. Extra arguments go
+# to `ringattn compare` (e.g. ./run.sh --seq 16384 --ranks 4).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/install_deps.sh
@@ -21,7 +22,7 @@ echo "== a Hugging Face checkpoint (tests/fixtures/hf/llama_gqa, tiny random lla
 mpirun --allow-run-as-root --oversubscribe --bind-to none --mca btl self,vader -np 2 \
   ./build/release/ringattn generate --model tests/fixtures/hf/llama_gqa --prompt-ids build/prompt.npy \
   --new-tokens 10 --ignore-eos --check --threads 1
-echo "== the comparison: 4-layer dense transformer, d_model 256 (4 heads x 64), MLP 1024, batch 2 x seq 8192 =="
-./build/release/ringattn compare --seq 8192 --json-out build/compare.json "$@"
+echo "== the comparison: a llama of 4 layers, d_model 256 (4 heads x 64, 2 kv heads), SwiGLU 688, vocabulary 32000, batch 2 x seq 8192 =="
+./build/release/ringattn compare --config examples/llama_compare.json --seq 8192 --json-out build/compare.json "$@"
 /usr/bin/python3 scripts/plot_compare.py build/compare.json build/compare.png >/dev/null
 echo "chart written to $(pwd)/build/compare.png"

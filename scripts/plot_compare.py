@@ -39,7 +39,8 @@ def main():
         ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
         ax.bar_label(bars, labels=[f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values], fontsize=7)
     mdl = j["model"]
-    fig.suptitle(f"ringattn compare: {mdl['layers']} layers, d_model {mdl['d_model']}, batch {j['batch']} x seq "
+    lm = f"{mdl['arch']} (vocabulary {mdl['vocab']}), " if "arch" in mdl else ""
+    fig.suptitle(f"ringattn compare: {lm}{mdl['layers']} layers, d_model {mdl['d_model']}, batch {j['batch']} x seq "
                  f"{j['seq']}, {j['ranks']} ranks, {j['dtype']}")
     fig.tight_layout()
     fig.savefig(sys.argv[2], dpi=110)
