@@ -192,7 +192,7 @@ using SaveLm = ScratchDir;
 
 // save_lm writes config.json and model.safetensors that load back to the same
 // architecture and bit-identical weights (transformers loading them is checked
-// by scripts/check_hf_roundtrip.py).
+// by the CTest hf_roundtrip: tests/hf_roundtrip.sh).
 TEST_F(SaveLm, CheckpointRoundTrips) {
   for (const char* name : {"llama_gqa", "llama_tied_llama3", "qwen2", "gpt2", "mistral_window", "qwen2_window"}) {
     const LanguageModel lm = LanguageModel::load(kHf + name);
