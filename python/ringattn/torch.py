@@ -87,6 +87,9 @@ def _check_tensors(names, tensors):
     for n, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{n} must be a torch tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":  # before DLPack, which fails on some devices (meta) with a C++ trace
+            raise TypeError(f"{n} is a {t.device.type} tensor; the Python package computes on host memory "
+                            "(move it with .cpu())")
 
 
 class _KernelAttention(torch.autograd.Function):

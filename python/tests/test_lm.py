@@ -3,6 +3,7 @@ own, greedy decoding equals the recorded Hugging Face tokens; under mpirun the s
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -64,3 +65,24 @@ def test_bad_input_raises():
         lm.forward(np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError, match="config.json|No such|not found|cannot"):
         ringattn.LM.from_pretrained(os.path.join(FIXTURES, "no_such_model"), COMM)
+
+
+def test_text_through_the_checkpoints_tokenizer(tmp_path):
+    """A tokenizer.json in the checkpoint folder is picked up: text in, text out, the same tokens as ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    name = "llama_gqa"
+    with open(os.path.join(FIXTURES, name, "config.json")) as f:
+        vocab = {f"w{i}": i for i in range(json.load(f)["vocab_size"])}  # one word per id
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / name
+    shutil.copytree(os.path.join(FIXTURES, name), folder)
+    tok.save(str(folder / "tokenizer.json"))
+    lm = ringattn.LM.from_pretrained(str(folder), COMM)
+    text = "w5 w17 w3 w99 w42 w8 w61 w23"
+    ids = tok.encode(text).ids
+    assert ids == [5, 17, 3, 99, 42, 8, 61, 23]
+    want = lm.generate([ids], 6, ignore_eos=True)[0]
+    got = lm.generate(text, 6, ignore_eos=True)
+    assert got == [tok.decode(want)] and got[0].split() == [f"w{i}" for i in want]

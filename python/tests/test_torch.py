@@ -106,3 +106,5 @@ def test_bad_tensors_raise():
         rt.attention(q, k.detach().numpy(), v)
     with pytest.raises(ValueError, match="scale"):
         rt.attention(q, k, v, scale=0.0)
+    with pytest.raises(TypeError, match="k is a meta tensor; .*host memory"):
+        rt.attention(q, k.to("meta"), v)
