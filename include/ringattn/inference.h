@@ -42,6 +42,10 @@ class KVCache {
   // W + 1 tokens (all on one rank in the contiguous layout) and its share of the
   // decoded ones among them (the token at t goes to rank t mod P).
   static int64_t window_slots(int64_t window_left, int P) { return window_left + 1 + (window_left + P) / P; }
+  // The capacity per rank that holds a prompt of `prompt` tokens and `steps`
+  // decoded ones: its shard (up to two tokens over prompt/P in zigzag) and every
+  // P-th token after it.
+  static int64_t capacity_for(int64_t prompt, int64_t steps, int P) { return (prompt + steps + P - 1) / P + 2; }
 
   int64_t batch() const { return batch_; }
   int64_t capacity() const { return capacity_; }

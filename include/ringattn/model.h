@@ -239,9 +239,14 @@ void norm_backward(Device& dev, const ModelConfig& c, int64_t N, const float* x,
 // vocabulary row); Error when the group's size is not m's tp.
 Communicator* tp_group(const Model& m, const ModelParallel& par);
 
-// Global positions of this rank's Ll tokens: those of par's SP layout over the
-// sum of the SP ranks' shards (one all-gather; Error, on every rank, when a
-// shard is not what the layout gives its rank), 0..Ll−1 on one process.
+// The sequence the SP group's shards make: every SP rank's Ll gathered (one
+// all-gather) and summed, after checking that each is what par's layout gives
+// its rank (else Error, on every rank, "<what>: SP rank r holds n tokens, but
+// ..."); Ll on one process. Shards may differ by a token or two.
+int64_t sp_sequence_length(const ModelParallel& par, int64_t Ll, const char* what);
+
+// Global positions of this rank's Ll tokens: those of par's SP layout over
+// sp_sequence_length, 0..Ll−1 on one process.
 std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll);
 
 // x: [B, Ll, D] -> y: [B, Ll, D] (this rank's tokens), both on the model's device.

@@ -212,7 +212,7 @@ Result measure(Communicator& world, const CompareArgs& a, const Method& me) {
     for (int64_t b = 0; b < a.batch; ++b) prompts.push_back(random_normal(DType::f32, {1, a.seq, D}, rng));
   }
   const GenerationRun g =
-      run_generation(run, model, prompts, a.new_tokens, needed_capacity(a.seq, a.new_tokens, pc.sp));
+      run_generation(run, model, prompts, a.new_tokens, KVCache::capacity_for(a.seq, a.new_tokens, pc.sp));
   r.tpot_s = percentile(g.step_seconds, 50), r.tpot_p99_s = percentile(g.step_seconds, 99);
   r.step_bytes = g.step_bytes, r.cache_bytes = g.cache_bytes;
   return r;

@@ -95,7 +95,7 @@ void run_on(const GenerateArgs& a, Communicator& world) {
   for (int64_t L : lens) pc.check_sequence(L);
   const int64_t B = static_cast<int64_t>(lens.size()), D = a.model.d_model;
   const int64_t longest = *std::max_element(lens.begin(), lens.end());
-  const int64_t capacity = a.capacity > 0 ? a.capacity : needed_capacity(longest, a.new_tokens, sp);
+  const int64_t capacity = a.capacity > 0 ? a.capacity : KVCache::capacity_for(longest, a.new_tokens, sp);
   // The KV cache of this rank: K and V of its layers, sequences, entries and kv heads.
   const ModelConfig& mc = a.model;
   const int64_t slots = mc.window > 0 ? std::min(capacity, KVCache::window_slots(mc.window - 1, sp)) : capacity;

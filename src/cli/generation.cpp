@@ -10,10 +10,6 @@
 
 namespace ringattn::cli {
 
-int64_t needed_capacity(int64_t longest_prompt, int steps, int sp) {
-  return (longest_prompt + steps + sp - 1) / sp + 2;
-}
-
 double percentile(std::vector<double> xs, double p) {
   if (xs.empty()) return 0;
   std::sort(xs.begin(), xs.end());
@@ -79,7 +75,7 @@ GenerationRun run_generation(RunContext& run, const Model& m, const std::vector<
       short_prompts.emplace_back(DType::f32, std::initializer_list<int64_t>{1, Lw, D});
       copy_into(short_prompts.back(), prompts[static_cast<size_t>(b)].view().slice(1, 0, Lw));
     }
-    Pass w = prefill_all(world, mesh, m, par, short_prompts, needed_capacity(Lw, 2, mesh.sp));
+    Pass w = prefill_all(world, mesh, m, par, short_prompts, KVCache::capacity_for(Lw, 2, mesh.sp));
     for (int j = 0; j < 2; ++j) w.x = decode_step(m, w.cache, w.x, par, pp);
   }
   GenerationRun r;

@@ -29,11 +29,6 @@ struct GenerationRun {
 GenerationRun run_generation(RunContext& run, const Model& m, const std::vector<Tensor>& prompts, int steps,
                              int64_t capacity, const std::function<void(int)>& tick = {});
 
-// A per-rank capacity that holds prompt_len + steps tokens of each sequence: a
-// prompt's shards differ by up to two tokens (zigzag) and decode steps go round
-// the ranks (token t to rank t mod sp), so ⌈(prompt + steps) / sp⌉ + 2.
-int64_t needed_capacity(int64_t longest_prompt, int steps, int sp);
-
 // Median and 99th percentile (nearest rank) of xs.
 double percentile(std::vector<double> xs, double p);
 

@@ -118,29 +118,19 @@ DeviceTensor prefill(const Model& m, KVCache& cache, const TensorView& x, int64_
         "the prompt must be fp32 [B, L, d_model=", c.d_model, "], got ", x.shape_str());
   const int64_t Bp = x.dim(0), Ll = x.dim(1);
   const int P = par.sp ? par.sp->size() : 1, p = par.sp ? par.sp->rank() : 0;
-  // Every SP rank's shard of the prompt (they may differ by a token or two): the
-  // prompt is their sum, and each must be what the layout gives that rank.
-  std::vector<int64_t> lens(static_cast<size_t>(P), Ll);
-  if (par.sp) par.sp->all_gather(&Ll, lens.data(), sizeof(int64_t));
-  int64_t L = 0;
-  for (int64_t n : lens) L += n;
+  // The ranks of one SP index hold the same shard (checked first, so that every
+  // SP group then sees the same shard lengths and fails or passes together).
+  for (Communicator* c : {par.tp, pp})
+    if (c) check_same_on_all_ranks(*c, std::span<const int64_t>(&Ll, 1), "the prefill's shard length");
+  const int64_t L = sp_sequence_length(par, Ll, "prefill");  // the prompt: its shards' sum
   const int64_t agreed[] = {Bp, L, first};
   agree(par, pp, agreed, "the prefill's batch, prompt length or first sequence");
-  for (Communicator* c : {par.tp, pp})  // the ranks of one SP index hold the same shard
-    if (c) check_same_on_all_ranks(*c, std::span<const int64_t>(&Ll, 1), "the prefill's shard length");
   check(cache.ranks() == P && cache.rank() == p, "the KV cache is for rank ", cache.rank(), " of ", cache.ranks(),
         " but the SP group has this rank as ", p, " of ", P);
   check(first >= 0 && first + Bp <= cache.batch(), "sequences ", first, "..", first + Bp - 1,
         " are outside the cache's batch of ", cache.batch());
   for (int64_t b = first; b < first + Bp; ++b)
     check(cache.length(b) == 0, "sequence ", b, " already holds ", cache.length(b), " tokens; prefill an empty one");
-  if (par.sp) {
-    check_layout(par.attn.layout, L, P);
-    for (int r = 0; r < P; ++r)
-      check(lens[r] == shard_length(par.attn.layout, L, P, r), "prefill: SP rank ", r, " holds ", lens[r],
-            " prompt tokens, but the ", layout_name(par.attn.layout), " layout of ", L, " tokens over ", P,
-            " ranks gives it ", shard_length(par.attn.layout, L, P, r));
-  }
   // Every rank's positions (each in increasing order), so every rank checks every
   // rank's slots. A layer of window W keeps its shard's suffix from L − W on.
   std::vector<std::vector<int64_t>> pos_of(static_cast<size_t>(P));

@@ -1092,9 +1092,7 @@ std::vector<std::vector<int64_t>> lm_generate(const Model& m, const ModelParalle
     for (L0[b] = L; !splits(L0[b]);) --L0[b];
     longest = std::max(longest, L);
   }
-  // A rank's share: its shard of a prompt (up to two tokens over L/P in zigzag)
-  // and every P-th token after it.
-  const int64_t capacity = (longest + o.new_tokens + P - 1) / P + 2;
+  const int64_t capacity = KVCache::capacity_for(longest, o.new_tokens, P);
   KVCache cache(m, B, capacity, P, p);
   // The logits of each sequence's newest token: this rank's vocabulary columns
   // [B, Vl] (the TP group samples from its parts' candidates, never gathering rows).

@@ -404,25 +404,29 @@ Communicator* tp_group(const Model& m, const ModelParallel& par) {
   return m.tp() > 1 ? par.tp : nullptr;
 }
 
-std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll) {
+int64_t sp_sequence_length(const ModelParallel& par, int64_t Ll, const char* what) {
   const int P = par.sp ? par.sp->size() : 1;
-  if (P == 1) {  // one shard: every layout is the identity
-    std::vector<int64_t> pos(static_cast<size_t>(Ll));
-    for (int64_t i = 0; i < Ll; ++i) pos[i] = i;
-    return pos;
-  }
-  // Shards may differ by a token or two: the sequence is their sum, and each must
-  // be what the layout gives its rank.
+  if (P == 1) return Ll;
   std::vector<int64_t> lens(static_cast<size_t>(P));
   par.sp->all_gather(&Ll, lens.data(), sizeof(int64_t));
   int64_t L = 0;
   for (int64_t n : lens) L += n;
   check_layout(par.attn.layout, L, P);
   for (int r = 0; r < P; ++r)
-    check(lens[r] == shard_length(par.attn.layout, L, P, r), "SP rank ", r, " holds ", lens[r], " tokens, but the ",
-          layout_name(par.attn.layout), " layout of ", L, " tokens over ", P, " ranks gives it ",
+    check(lens[r] == shard_length(par.attn.layout, L, P, r), what, ": SP rank ", r, " holds ", lens[r],
+          " tokens, but the ", layout_name(par.attn.layout), " layout of ", L, " tokens over ", P, " ranks gives it ",
           shard_length(par.attn.layout, L, P, r));
-  return shard_positions(par.attn.layout, L, P, par.sp->rank());
+  return L;
+}
+
+std::vector<int64_t> local_positions(const ModelParallel& par, int64_t Ll) {
+  if (!par.sp || par.sp->size() == 1) {  // one shard: every layout is the identity
+    std::vector<int64_t> pos(static_cast<size_t>(Ll));
+    for (int64_t i = 0; i < Ll; ++i) pos[i] = i;
+    return pos;
+  }
+  const int64_t L = sp_sequence_length(par, Ll, "the model's input");
+  return shard_positions(par.attn.layout, L, par.sp->size(), par.sp->rank());
 }
 
 void norm_forward(Device& dev, const ModelConfig& c, int64_t N, const float* x, const float* g, const float* b,
