@@ -3,9 +3,14 @@
 // Up to four rows (a decode step) go to the vector GEMV of the kernel paths
 // instead: it reads each weight once, near the read bandwidth, where oneDNN's
 // M = 1 path ran at 0.3-0.6 of it (AMD Zen 4, 2 threads).
+// oneDNN serves bf16 matmuls only where the CPU has bf16 instructions (AVX-512
+// or AVX2-VNNI-2); elsewhere (AMD Zen 3: AVX2 only) bf16 operands are widened to
+// fp32 (exactly: a bf16 is the top half of an fp32) and multiplied in fp32.
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <dnnl.hpp>
 #include <map>
 #include <mutex>
@@ -104,6 +109,33 @@ void gemv(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   }
 }
 
+// Whether oneDNN has a bf16 matmul on this CPU: asked once, of a small one.
+bool onednn_bf16() {
+  static const bool ok = [] {
+    using dt = dnnl::memory::data_type;
+    const dnnl::memory::desc md({16, 16}, dt::bf16, dnnl::memory::dims{16, 1});
+    const dnnl::memory::desc c_md({16, 16}, dt::f32, dnnl::memory::dims{16, 1});
+    try {
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(md, md, c_md), engine().eng);
+      return true;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// X[rows, cols] bf16 with rows ld apart -> fp32, rows cols apart.
+std::vector<float> widen_bf16(const void* X, int64_t rows, int64_t cols, int64_t ld) {
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  const auto* x = static_cast<const uint16_t*>(X);
+  float* o = out.data();
+#pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = std::bit_cast<float>(uint32_t{x[r * ld + c]} << 16);
+  return out;
+}
+
 }  // namespace
 
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A, int64_t lda,
@@ -112,6 +144,12 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
         dtype_name(ab_dtype));
   check(M > 0 && N > 0 && K > 0, "gemm needs positive sizes, got M=", M, " N=", N, " K=", K);
   if (M <= gemv_rows(ab_dtype)) return gemv(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ab_dtype);
+  if (ab_dtype == DType::bf16 && !onednn_bf16()) {  // stored A is [M, K] or [K, M], B [K, N] or [N, K]
+    const std::vector<float> a = trans_a ? widen_bf16(A, K, M, lda) : widen_bf16(A, M, K, lda);
+    const std::vector<float> b = trans_b ? widen_bf16(B, N, K, ldb) : widen_bf16(B, K, N, ldb);
+    return gemm(trans_a, trans_b, M, N, K, alpha, a.data(), trans_a ? M : K, b.data(), trans_b ? K : N, beta, C, ldc,
+                DType::f32);
+  }
   const Key key{trans_a, trans_b, M, N, K, lda, ldb, ldc, alpha, beta, static_cast<int>(ab_dtype)};
   const auto& [prim, name] = primitive(key);
   Engine& e = engine();
@@ -127,9 +165,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   strm.wait();
 }
 
-const char* gemm_impl_name(int64_t n, DType ab_dtype) {
-  const Key key{false, false, n, n, n, n, n, n, 1.f, 0.f, static_cast<int>(ab_dtype)};
-  return primitive(key).second.c_str();
+std::string gemm_impl_name(int64_t n, DType ab_dtype) {
+  const bool widened = ab_dtype == DType::bf16 && !onednn_bf16();
+  const Key key{false, false, n, n, n, n, n, n, 1.f, 0.f, static_cast<int>(widened ? DType::f32 : ab_dtype)};
+  return widened ? primitive(key).second + " (bf16 widened to fp32)" : primitive(key).second;
 }
 
 }  // namespace ringattn
