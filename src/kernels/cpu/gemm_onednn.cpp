@@ -22,6 +22,7 @@
 #include "ringattn/cpu/features.h"
 #include "ringattn/cpu/gemm.h"
 #include "ringattn/error.h"
+#include "ringattn/tensor.h"
 
 namespace ringattn {
 namespace {
@@ -125,11 +126,11 @@ bool onednn_bf16() {
   return ok;
 }
 
-// X[rows, cols] bf16 with rows ld apart -> fp32, rows cols apart.
-std::vector<float> widen_bf16(const void* X, int64_t rows, int64_t cols, int64_t ld) {
-  std::vector<float> out(static_cast<size_t>(rows * cols));
+// X[rows, cols] bf16 with rows ld apart -> fp32, rows cols apart (counted memory).
+Tensor widen_bf16(const void* X, int64_t rows, int64_t cols, int64_t ld) {
+  Tensor out(DType::f32, {rows, cols});
   const auto* x = static_cast<const uint16_t*>(X);
-  float* o = out.data();
+  float* o = out.ptr<float>();
 #pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = std::bit_cast<float>(uint32_t{x[r * ld + c]} << 16);
@@ -145,10 +146,10 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   check(M > 0 && N > 0 && K > 0, "gemm needs positive sizes, got M=", M, " N=", N, " K=", K);
   if (M <= gemv_rows(ab_dtype)) return gemv(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ab_dtype);
   if (ab_dtype == DType::bf16 && !onednn_bf16()) {  // stored A is [M, K] or [K, M], B [K, N] or [N, K]
-    const std::vector<float> a = trans_a ? widen_bf16(A, K, M, lda) : widen_bf16(A, M, K, lda);
-    const std::vector<float> b = trans_b ? widen_bf16(B, N, K, ldb) : widen_bf16(B, K, N, ldb);
-    return gemm(trans_a, trans_b, M, N, K, alpha, a.data(), trans_a ? M : K, b.data(), trans_b ? K : N, beta, C, ldc,
-                DType::f32);
+    const Tensor a = trans_a ? widen_bf16(A, K, M, lda) : widen_bf16(A, M, K, lda);
+    const Tensor b = trans_b ? widen_bf16(B, N, K, ldb) : widen_bf16(B, K, N, ldb);
+    return gemm(trans_a, trans_b, M, N, K, alpha, a.ptr<float>(), trans_a ? M : K, b.ptr<float>(), trans_b ? K : N,
+                beta, C, ldc, DType::f32);
   }
   const Key key{trans_a, trans_b, M, N, K, lda, ldb, ldc, alpha, beta, static_cast<int>(ab_dtype)};
   const auto& [prim, name] = primitive(key);
