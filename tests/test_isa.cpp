@@ -27,6 +27,41 @@
 namespace ringattn::testing {
 namespace {
 
+// C = 0.5·op(A)·op(B) + beta·C through gemm against double: A, B, C strided
+// (lda, ldb, ldc past their rows), bf16 operands rounded first and the reference
+// on the rounded values.
+void check_gemm(int64_t M, int64_t N, int64_t K, bool ta, bool tb, DType t, float beta, std::mt19937_64& rng) {
+  std::normal_distribution<float> nd;
+  auto randv = [&](int64_t n) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = nd(rng);
+    return v;
+  };
+  const int64_t lda = (ta ? M : K) + 2, ldb = (tb ? K : N) + 3, ldc = N + 1;
+  std::vector<float> a = randv((ta ? K : M) * lda), b = randv((tb ? N : K) * ldb), c = randv(M * ldc);
+  const std::vector<float> c0 = c;
+  std::vector<uint16_t> a16(a.size()), b16(b.size());
+  if (t == DType::bf16) {
+    for (size_t i = 0; i < a.size(); ++i) a16[i] = f32_to_bf16(a[i]), a[i] = bf16_to_f32(a16[i]);
+    for (size_t i = 0; i < b.size(); ++i) b16[i] = f32_to_bf16(b[i]), b[i] = bf16_to_f32(b16[i]);
+  }
+  const void* A = t == DType::bf16 ? static_cast<const void*>(a16.data()) : a.data();
+  const void* B = t == DType::bf16 ? static_cast<const void*>(b16.data()) : b.data();
+  gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, beta, c.data(), ldc, t);
+  std::vector<double> got, want;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < N; ++j) {
+      double sum = 0;
+      for (int64_t k = 0; k < K; ++k)
+        sum += double(a[ta ? k * lda + m : m * lda + k]) * b[tb ? j * ldb + k : k * ldb + j];
+      want.push_back(0.5 * sum + double(beta) * c0[m * ldc + j]);
+      got.push_back(c[m * ldc + j]);
+    }
+  EXPECT_LE(compare(got, want).err, 1e-6 * std::sqrt(double(K)))
+      << "gemm M=" << M << " K=" << K << " N=" << N << (ta ? " A^T" : "") << (tb ? " B^T " : " ") << dtype_name(t)
+      << " " << compare(got, want);
+}
+
 // Stable storage for the Isa values AttentionOptions::isa points to.
 const Isa* isa_ptr(Isa i) {
   const auto& v = all_isas();
@@ -274,29 +309,7 @@ TEST_P(IsaPaths, LayersMatchDouble) {
       for (const bool trans : {false, true})
         for (const DType t : {DType::f32, DType::bf16}) {
           const bool ta = trans && M != 2, tb = trans;  // M = 2: B transposed alone
-          const int64_t lda = (ta ? M : K) + 2, ldb = (tb ? K : N) + 3, ldc = N + 1;
-          std::vector<float> a = randv((ta ? K : M) * lda), b = randv((tb ? N : K) * ldb), c = randv(M * ldc);
-          const std::vector<float> c0 = c;
-          std::vector<uint16_t> a16(a.size()), b16(b.size());
-          if (t == DType::bf16) {  // the operands as bf16, the reference on the same rounded values
-            for (size_t i = 0; i < a.size(); ++i) a16[i] = f32_to_bf16(a[i]), a[i] = bf16_to_f32(a16[i]);
-            for (size_t i = 0; i < b.size(); ++i) b16[i] = f32_to_bf16(b[i]), b[i] = bf16_to_f32(b16[i]);
-          }
-          const void* A = t == DType::bf16 ? static_cast<const void*>(a16.data()) : a.data();
-          const void* B = t == DType::bf16 ? static_cast<const void*>(b16.data()) : b.data();
-          gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 2.f, c.data(), ldc, t);
-          std::vector<double> got, want;
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < N; ++j) {
-              double sum = 0;
-              for (int64_t k = 0; k < K; ++k)
-                sum += double(a[ta ? k * lda + m : m * lda + k]) * b[tb ? j * ldb + k : k * ldb + j];
-              want.push_back(0.5 * sum + 2.0 * c0[m * ldc + j]);
-              got.push_back(c[m * ldc + j]);
-            }
-          EXPECT_LE(compare(got, want).err, 1e-6 * std::sqrt(double(K)))
-              << "gemv M=" << M << " K=" << K << " N=" << N << (ta ? " A^T" : "") << (tb ? " B^T " : " ")
-              << dtype_name(t) << " " << compare(got, want);
+          check_gemm(M, N, K, ta, tb, t, 2.f, rng);
         }
 }
 
@@ -305,40 +318,10 @@ TEST_P(IsaPaths, LayersMatchDouble) {
 // transposed, strided, alpha/beta, fp32 and bf16, sizes off every block.
 TEST(Gemm, MatchesDoubleForEveryOperandLayout) {
   std::mt19937_64 rng(11);
-  std::normal_distribution<float> nd;
-  auto randv = [&](int64_t n) {
-    std::vector<float> v(static_cast<size_t>(n));
-    for (float& x : v) x = nd(rng);
-    return v;
-  };
   for (const auto& [M, N, K] : std::vector<std::array<int64_t, 3>>{{5, 7, 3}, {37, 50, 129}, {130, 33, 64}})
     for (const bool ta : {false, true})
       for (const bool tb : {false, true})
-        for (const DType t : {DType::f32, DType::bf16}) {
-          const int64_t lda = (ta ? M : K) + 2, ldb = (tb ? K : N) + 3, ldc = N + 1;
-          std::vector<float> a = randv((ta ? K : M) * lda), b = randv((tb ? N : K) * ldb), c = randv(M * ldc);
-          const std::vector<float> c0 = c;
-          std::vector<uint16_t> a16(a.size()), b16(b.size());
-          if (t == DType::bf16) {  // the operands as bf16, the reference on the same rounded values
-            for (size_t i = 0; i < a.size(); ++i) a16[i] = f32_to_bf16(a[i]), a[i] = bf16_to_f32(a16[i]);
-            for (size_t i = 0; i < b.size(); ++i) b16[i] = f32_to_bf16(b[i]), b[i] = bf16_to_f32(b16[i]);
-          }
-          const void* A = t == DType::bf16 ? static_cast<const void*>(a16.data()) : a.data();
-          const void* B = t == DType::bf16 ? static_cast<const void*>(b16.data()) : b.data();
-          gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, -1.5f, c.data(), ldc, t);
-          std::vector<double> got, want;
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < N; ++j) {
-              double sum = 0;
-              for (int64_t k = 0; k < K; ++k)
-                sum += double(a[ta ? k * lda + m : m * lda + k]) * b[tb ? j * ldb + k : k * ldb + j];
-              want.push_back(0.5 * sum - 1.5 * c0[m * ldc + j]);
-              got.push_back(c[m * ldc + j]);
-            }
-          EXPECT_LE(compare(got, want).err, 1e-6 * std::sqrt(double(K)))
-              << "gemm M=" << M << " K=" << K << " N=" << N << (ta ? " A^T" : "") << (tb ? " B^T " : " ")
-              << dtype_name(t) << " " << compare(got, want);
-        }
+        for (const DType t : {DType::f32, DType::bf16}) check_gemm(M, N, K, ta, tb, t, -1.5f, rng);
   EXPECT_NE(gemm_impl_name(64, DType::bf16), "");
 }
 
