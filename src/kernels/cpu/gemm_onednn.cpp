@@ -9,7 +9,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <dnnl.hpp>
 #include <map>
@@ -133,7 +132,7 @@ Tensor widen_bf16(const void* X, int64_t rows, int64_t cols, int64_t ld) {
   float* o = out.ptr<float>();
 #pragma omp parallel for schedule(static) if (rows * cols >= (1 << 16))
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = std::bit_cast<float>(uint32_t{x[r * ld + c]} << 16);
+    for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = bf16_to_f32(x[r * ld + c]);
   return out;
 }
 
